@@ -1,0 +1,4 @@
+"""Functional interface (``pyseg.nn.functional``), mirroring ``torch.nn.functional``."""
+from ..ops.patchwise_conv2d import patchwise_conv2d
+
+__all__ = ["patchwise_conv2d"]

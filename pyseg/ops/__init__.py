@@ -1,0 +1,5 @@
+"""Operators: public functions over the compiled, Triton and reference backends."""
+from . import reference
+from .patchwise_conv2d import patchwise_conv2d
+
+__all__ = ["reference", "patchwise_conv2d"]
