@@ -1,0 +1,1 @@
+"""Imports every built-in model module so that their ``register_model`` calls run."""

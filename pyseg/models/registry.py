@@ -1,0 +1,51 @@
+"""Model registry: names such as ``hyperseg-m`` map to a builder and a config (plain data)."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+__all__ = ["register_model", "create_model", "list_models", "get_config"]
+
+
+@dataclass
+class _Entry:
+    builder: Callable[..., Any]
+    config: dict = field(default_factory=dict)
+    description: str = ""
+
+
+_REGISTRY: dict[str, _Entry] = {}
+
+
+def register_model(name: str, builder: Callable[..., Any], config: dict | None = None, description: str = ""):
+    """Register ``name``; ``create_model(name, **overrides)`` calls ``builder(**{**config, **overrides})``."""
+    if name in _REGISTRY:
+        raise ValueError(f"model {name!r} is already registered")
+    _REGISTRY[name] = _Entry(builder, dict(config or {}), description)
+
+
+def _load_builtin():
+    # importing the model modules registers their configs
+    from . import _builtin  # noqa: F401
+
+
+def list_models() -> list[str]:
+    """Names accepted by :func:`create_model`, sorted."""
+    _load_builtin()
+    return sorted(_REGISTRY)
+
+
+def get_config(name: str) -> dict:
+    """A copy of the registered config of ``name``."""
+    _load_builtin()
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown model {name!r}; available: {', '.join(sorted(_REGISTRY))}")
+    return copy.deepcopy(_REGISTRY[name].config)
+
+
+def create_model(name: str, **overrides):
+    """Build the registered model ``name``; keyword arguments override its config."""
+    cfg = get_config(name)
+    cfg.update(overrides)
+    return _REGISTRY[name].builder(**cfg)
