@@ -1,5 +1,6 @@
 """Modules (``pyseg.nn``): drop-in layers built on pyseg's ops."""
 from . import functional
+from .meta_block import MetaBlock
 from .patchwise_conv import PatchWiseConv2d
 
-__all__ = ["functional", "PatchWiseConv2d"]
+__all__ = ["functional", "MetaBlock", "PatchWiseConv2d"]

@@ -1,4 +1,5 @@
 """Functional interface (``pyseg.nn.functional``), mirroring ``torch.nn.functional``."""
+from ..ops.meta_block import meta_block, pointwise_block
 from ..ops.patchwise_conv2d import patchwise_conv2d
 
-__all__ = ["patchwise_conv2d"]
+__all__ = ["patchwise_conv2d", "meta_block", "pointwise_block"]

@@ -3,6 +3,7 @@
 They are written the way a user would write them with stock PyTorch ops (F.unfold,
 F.conv2d, F.interpolate), are differentiable through autograd, and accept float64.
 """
-from .patchwise_conv2d import patchwise_conv2d, patch_index
+from . import meta_block
+from .patchwise_conv2d import patch_index, patchwise_conv2d
 
-__all__ = ["patchwise_conv2d", "patch_index"]
+__all__ = ["patchwise_conv2d", "patch_index", "meta_block"]
