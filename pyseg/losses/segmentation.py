@@ -34,7 +34,8 @@ class CrossEntropy(nn.Module):
         target = target.long()
         if not bool((target != self.ignore_index).any()):
             return logits.sum() * 0.0
-        return F.cross_entropy(logits.float(), target, weight=self.weight, ignore_index=self.ignore_index)
+        logits = logits if logits.dtype == torch.float64 else logits.float()
+        return F.cross_entropy(logits, target, weight=self.weight, ignore_index=self.ignore_index)
 
 
 def bootstrapped_cross_entropy(logits, target, k: int = 4096, thresh: float = 0.3, ignore_index: int = 255):
@@ -53,7 +54,8 @@ def bootstrapped_cross_entropy(logits, target, k: int = 4096, thresh: float = 0.
     target = target.long()
     valid = (target != ignore_index).reshape(b, -1)
     tgt = target.masked_fill(target == ignore_index, 0)
-    pix = F.cross_entropy(logits.float(), tgt, reduction="none").reshape(b, -1)
+    logits = logits if logits.dtype == torch.float64 else logits.float()
+    pix = F.cross_entropy(logits, tgt, reduction="none").reshape(b, -1)
     hard = valid & (pix > -math.log(thresh))
     kk = min(k, pix.shape[1])
     ranked = pix.detach().masked_fill(~valid, float("-inf"))
@@ -113,10 +115,11 @@ def rmi_loss(logits, target, num_classes: int | None = None, radius: int = 3, po
         raise ValueError(f"num_classes={num_classes} but logits have {c} channels")
     target = target.long()
     valid = (target != ignore_index) & (target >= 0) & (target < c)
-    onehot = F.one_hot(target.masked_fill(~valid, 0), c).permute(0, 3, 1, 2).to(torch.float32)
-    vmask = valid.unsqueeze(1).to(torch.float32)
+    dt = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    logits = logits.to(dt)
+    onehot = F.one_hot(target.masked_fill(~valid, 0), c).permute(0, 3, 1, 2).to(dt)
+    vmask = valid.unsqueeze(1).to(dt)
     onehot = onehot * vmask
-    logits = logits.float()
     bce = F.binary_cross_entropy_with_logits(logits, onehot, weight=vmask.expand_as(logits), reduction="sum")
     bce = bce / (vmask.sum() + 1.0)
 
@@ -136,7 +139,7 @@ def rmi_loss(logits, target, num_classes: int | None = None, radius: int = 3, po
     v = cov_y - cov_yp @ torch.linalg.solve(cov_p + pos_alpha * eye, cov_yp.transpose(-1, -2))
     chol = torch.linalg.cholesky(v + pos_alpha * eye)
     half_logdet = torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)  # = ½ log det
-    rmi = (half_logdet.mean(dim=0) / d).sum().float()
+    rmi = (half_logdet.mean(dim=0) / d).sum().to(dt)
     return bce_weight * bce + (1.0 - bce_weight) * rmi
 
 
