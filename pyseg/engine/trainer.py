@@ -200,6 +200,11 @@ def _train(cfg, device, rank, world) -> dict:
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
+    autocast_context(device, cfg.amp)  # validates --amp for this device before any work
+    if cfg.scale_p > 0 and cfg.crop_size is None and cfg.batch_size > 1:
+        raise ValueError("random resizing (--scale-p > 0) gives images of different sizes: set --crop-size to batch "
+                         "them, or --scale-p 0, or --batch-size 1")
+
     # --- data
     train_tf = build_train_transform(cfg.crop_size, cfg.scale_range, cfg.scale_p, cfg.hflip, cfg.color_jitter,
                                      cfg.noise_std)
@@ -220,6 +225,8 @@ def _train(cfg, device, rank, world) -> dict:
         if main and (missing or unexpected):
             print(f"--init {cfg.init}: missing {len(missing)} keys, unexpected {len(unexpected)} keys")
     frozen = apply_freeze(model, cfg.freeze)
+    if cfg.sync_bn and world > 1 and device.type == "cpu":
+        raise ValueError("--sync-bn needs CUDA devices: torch.nn.SyncBatchNorm has no CPU implementation")
     if cfg.sync_bn and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
