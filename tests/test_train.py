@@ -36,7 +36,7 @@ def synth(tmp_path_factory):
 def _train_args(data, out, *extra, epochs=2, model="test-tiny"):
     return ["--import", TINY, "--model", model, "--dataset", "folder", "--data-root", str(data),
             "--output-dir", str(out), "--epochs", str(epochs), "--batch-size", "4", "--workers", "0",
-            "--no-progress", "--lr", "0.02", "--bootstrap-k", "1024", "--log-every", "1", *extra]
+            "--no-progress", "--lr", "0.02", "--bootstrap-k", "1024", "--log-every", "1", "--scale-p", "0", *extra]
 
 
 def _records(out, kind):
