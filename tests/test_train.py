@@ -221,28 +221,27 @@ def _torchrun(args, nproc=2, timeout=300):
 @pytest.mark.slow
 def test_torchrun_two_cpu_processes_match_one(synth, tmp_path):
     # no BN (per-rank batch statistics would differ) and no augmentation: 2 ranks × batch 2 see exactly the
-    # samples of 1 process × batch 4, the gradients average to the same values
-    common = ["--model-arg", "norm='none'", "--scale-p", "0", "--hflip", "0", "--loss", "ce", "--val-every", "1"]
+    # samples of 1 process × batch 4 and their averaged gradients equal the single process's
+    common = ["--model-arg", "norm='none'", "--hflip", "0", "--loss", "ce", "--val-every", "1"]
     one = tmp_path / "one"
-    train_cli.main(_train_args(synth, one, *common, epochs=2))
+    train_cli.main(_train_args(synth, one, *common, epochs=1))
     two = tmp_path / "two"
-    args = _train_args(synth, two, *common, epochs=2)
+    args = _train_args(synth, two, *common, epochs=1)
     args[args.index("--batch-size") + 1] = "2"
     r = _torchrun(["pyseg.train", *args])
-    assert "world size 2" in r.stdout
+    assert "world size 2" in r.stdout and r.stdout.count("val mIoU") == 1  # rank 0 prints
     w1, w2 = load_file(one / "last.safetensors"), load_file(two / "last.safetensors")
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5, msg=k)
     l1, l2 = _records(one, "train"), _records(two, "train")
     assert [x["loss"] for x in l1] == pytest.approx([x["loss"] for x in l2], rel=1e-4)
     v1, v2 = _records(one, "val"), _records(two, "val")
-    assert [v["pixels"] for v in v2] == [7 * 64 * 64] * 2  # every val image exactly once over both ranks
+    assert v2[-1]["pixels"] == 7 * 64 * 64  # every val image exactly once over both ranks (7 is odd)
     assert v1[-1]["miou"] == pytest.approx(v2[-1]["miou"], abs=2e-3)
-    # evaluation of one checkpoint: identical confusion-matrix metrics with 1 and 2 processes
-    ev = ["--import", TINY, "--checkpoint", str(one / "last.safetensors"), "--dataset", "folder", "--data-root",
-          str(synth), "--workers", "0", "--no-progress"]
-    single = eval_cli.main(ev + ["--json", str(tmp_path / "e1.json")])
-    _torchrun(["pyseg.cli.eval", *ev, "--json", str(tmp_path / "e2.json")])
-    e2 = json.loads((tmp_path / "e2.json").read_text())
-    assert e2["pixels"] == single["pixels"]
-    assert e2["miou"] == pytest.approx(single["miou"], abs=1e-12)
+    # the 2-process validation (sharded, all-reduced) equals a 1-process evaluation of the same weights
+    single = eval_cli.main(["--import", TINY, "--checkpoint", str(two / "last.safetensors"), "--dataset", "folder",
+                            "--data-root", str(synth), "--workers", "0", "--no-progress"])
+    assert single["pixels"] == v2[-1]["pixels"]
+    assert single["miou"] == pytest.approx(v2[-1]["miou"], abs=1e-12)
+    assert single["iou"] == pytest.approx(v2[-1]["iou"], abs=1e-12)
+
