@@ -286,6 +286,13 @@ class HyperSeg(nn.Module):
             logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
         return logits
 
+    def set_backend(self, backend: str) -> "HyperSeg":
+        """Switch the dynamic ops of every decoder block to ``backend`` (same weights). Returns self."""
+        self.backend = backend
+        for block in self.decoder:
+            block.backend = backend
+        return self
+
     # ------------------------------------------------------------------------------------------
     def decoder_macs(self, height: int, width: int, batch: int = 1) -> Dict[str, int]:
         """Multiply-accumulates of the dynamic decoder layers, counted analytically (the custom ops are

@@ -31,8 +31,10 @@ def divide_channels(channels: int, weight_counts: Sequence[int], unit: int) -> L
             feed a grouped convolution.
 
     Returns:
-        Channels per layer (multiples of ``unit``, summing to ``channels``), in the order of
-        ``weight_counts``.
+        Channels per layer (multiples of ``unit``), in the order of ``weight_counts``. They sum to
+        ``channels`` except when the last group has several members and the remaining units do not
+        split evenly among them: the leftover units (fewer than that group's size) stay unassigned,
+        as in the public implementation.
 
     Example (HyperSeg-M): ``divide_channels(1280, [5248, 3008, 704, 2352, 4216], 32)``
     -> ``[416, 224, 128, 192, 320]``.
