@@ -17,7 +17,8 @@ it) analytically (``HyperSeg.decoder_macs``). Element-wise ops, BN and resamplin
 GMACs are what the HyperSeg paper calls "GFLOPs"; GFLOPs = 2 x GMACs.
 
 ``--compare-reference`` times the same weights with ``backend="reference"`` (the pure-PyTorch ops)
-in the same run and prints the speed-up and the maximum output difference.
+in the same run (iterations interleaved with the pyseg ones) and prints the speed-up and the maximum
+output difference.
 """
 from __future__ import annotations
 
@@ -96,17 +97,21 @@ def _runner(model, x, device, cuda_graph):
     return run
 
 
-def _time(run, device, iters, warmup):
+def _time(runners, device, iters, warmup):
+    """Latencies per runner. Variants are interleaved iteration by iteration, so that a change in
+    machine load (shared CPUs, GPU clocks) affects them alike and their ratio stays fair."""
     for _ in range(warmup):
-        run()
+        for run in runners.values():
+            run()
     _sync(device)
-    lat = []
+    lat = {name: [] for name in runners}
     for _ in range(iters):
-        _sync(device)
-        t0 = time.perf_counter()
-        run()
-        _sync(device)
-        lat.append(time.perf_counter() - t0)
+        for name, run in runners.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            run()
+            _sync(device)
+            lat[name].append(time.perf_counter() - t0)
     return lat
 
 
@@ -221,9 +226,9 @@ def main(argv=None):
             iters = int(max(3, min(200, (args.budget - warmup * per) / max(per, 1e-6))))
             notes.append(f"CPU: {iters} timed iterations chosen for a ~{args.budget:.0f} s budget "
                          f"(one iteration of all variants took {per:.2f} s)")
+        lats = _time(runners, device, iters, warmup)
         for name, run in runners.items():
-            lat = _time(run, device, iters, warmup)
-            results[name] = _stats(lat, args.batch)
+            results[name] = _stats(lats[name], args.batch)
             outputs[name] = run().float().clone()
 
     max_diff = None
