@@ -227,16 +227,6 @@ def _grads(model, x):
     return {n: p.grad for n, p in model.named_parameters()}
 
 
-def test_disjoint_slicing_every_mapper_parameter_gets_gradient():
-    m = _fresh("hyperseg-m")
-    grads = _grads(m, torch.randn(2, 3, 64, 128))
-    for n, p in m.named_parameters():
-        if n.startswith(("weight_mapper.", "context_head.")):
-            g = grads[n]
-            assert g is not None and torch.isfinite(g).all(), n
-            assert g.abs().sum() > 0, f"{n} received no gradient"
-
-
 def test_public_prefix_slicing_leaves_context_half_unused():
     """The public v1_0 quirk: every generator reads a prefix of phi shorter than the in_conv half, so
     the context branch (down/up blocks) never affects the output."""
@@ -260,23 +250,29 @@ def test_bad_input_size_raises():
         v(torch.randn(1, 3, 64, 128))
 
 
-def test_training_step_reduces_loss():
+def test_training_step_and_disjoint_slicing_gradients():
+    """Two gradient steps on one batch lower its loss; grads are finite; with the default disjoint
+    slicing every weight-mapper and context-head parameter receives a non-zero gradient."""
     m = _fresh("hyperseg-m", num_classes=5)
+    assert m.signal_slicing == "disjoint"
     x = torch.randn(2, 3, 64, 128)
     target = torch.randint(0, 5, (2, 64, 128))
     target[:, :8] = 255
-    opt = torch.optim.Adam(m.parameters(), lr=1e-3, betas=(0.5, 0.999))
+    # plain gradient descent with a small step: the same batch's loss must go down (first order);
+    # train-mode BN makes most layers scale-invariant, so their gradients are large
+    opt = torch.optim.SGD(m.parameters(), lr=1e-5)
     m.train()
     losses = []
-    for _ in range(2):
+    for step in range(2):
         opt.zero_grad()
         out = m(x)
         assert out.shape == (2, 5, 64, 128)
         loss = F.cross_entropy(out, target, ignore_index=255)
         loss.backward()
         for n, p in m.named_parameters():
-            assert p.grad is None or torch.isfinite(p.grad).all(), n
-        assert all(p.grad is not None for p in m.decoder.parameters())
+            assert p.grad is not None and torch.isfinite(p.grad).all(), n
+            if step == 0 and n.startswith(("weight_mapper.", "context_head.")):
+                assert p.grad.abs().sum() > 0, f"{n} received no gradient"
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0], losses
