@@ -250,6 +250,7 @@ def test_bad_input_size_raises():
         v(torch.randn(1, 3, 64, 128))
 
 
+@pytest.mark.slow
 def test_training_step_and_disjoint_slicing_gradients():
     """Two gradient steps on one batch lower its loss; grads are finite; with the default disjoint
     slicing every weight-mapper and context-head parameter receives a non-zero gradient."""
