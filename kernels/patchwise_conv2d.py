@@ -222,19 +222,20 @@ def _dx_kernel(
                 oj_hi = tl.where(bw >= 0, tl.minimum(tl.maximum(bw, 0) // SW, Wout - 1), -1)
                 pc_lo = tl.minimum(oj_lo, Wout - 1) * GW // Wout
                 pc_hi = tl.where(oj_hi >= oj_lo, tl.maximum(oj_hi, 0) * GW // Wout, pc_lo - 1)
-                for ppr in range(pr_lo, pr_hi + 1):
-                    for ppc in range(pc_lo, pc_hi + 1):
-                        m = valid & (opr == ppr) & (opc == ppc)
-                        patch = ppr * GW + ppc
-                        for co0 in range(0, Og, BLOCK_CO):
-                            co = co0 + tl.arange(0, BLOCK_CO)
-                            com = co < Og
-                            got = tl.load(go_ptr + go_base + co.to(tl.int64)[:, None] * Hout * Wout
-                                          + o_off[None, :], mask=com[:, None] & m[None, :], other=0.0)
-                            woff = (((wb + co.to(tl.int64)[None, :] * Cg + ci[:, None]) * (KH * KW) + tapoff)
-                                    * npatch + patch)
-                            wt = tl.load(w_ptr + woff, mask=cimask[:, None] & com[None, :], other=0.0)
-                            acc = tl.dot(wt, got, acc, input_precision=PRECISION, out_dtype=acc_dtype)
+                for co0 in range(0, Og, BLOCK_CO):
+                    co = co0 + tl.arange(0, BLOCK_CO)
+                    com = co < Og
+                    got = tl.load(go_ptr + go_base + co.to(tl.int64)[:, None] * Hout * Wout + o_off[None, :],
+                                  mask=com[:, None] & valid[None, :], other=0.0)
+                    wrow = ((wb + co.to(tl.int64)[None, :] * Cg + ci[:, None]) * (KH * KW) + tapoff) * npatch
+                    wmask = cimask[:, None] & com[None, :]
+                    # one masked GEMM per output patch this tap reaches (usually one, two at borders)
+                    for ppr in range(pr_lo, pr_hi + 1):
+                        for ppc in range(pc_lo, pc_hi + 1):
+                            m = (opr == ppr) & (opc == ppc)
+                            gm = tl.where(m[None, :], got, tl.zeros_like(got))
+                            wt = tl.load(w_ptr + wrow + (ppr * GW + ppc), mask=wmask, other=0.0)
+                            acc = tl.dot(wt, gm, acc, input_precision=PRECISION, out_dtype=acc_dtype)
             else:
                 pp = opr * GW + opc
                 for co0 in range(0, Og, BLOCK_CO):
@@ -422,7 +423,7 @@ def _tuned(name, dot):
     if (name, dot) not in _TUNED:
         blocks, key, dims = _gpu_space(name, dot)
         _TUNED[(name, dot)] = triton.autotune(
-            configs=_cfgs(blocks), key=key,
+            configs=_cfgs(blocks, stages=(2, 3) if dot else (2,)), key=key,
             prune_configs_by={"early_config_prune": _prune(dims, 16 if dot else 1)})(_KERNELS[name])
     return _TUNED[(name, dot)]
 
