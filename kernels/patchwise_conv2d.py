@@ -45,7 +45,8 @@ def _interpreting() -> bool:
 # shared index helpers
 # --------------------------------------------------------------------------------------------
 def _region_starts(out, grid, S, P, halo, size) -> List[int]:
-    """Host copy of ``_region_start`` for p = 0..grid (used to size the dX launch grid)."""
+    """Start of the dX region of every patch p = 0..grid along one axis (host copy of the
+    computation in ``_dx_kernel``, used to size its launch grid)."""
     res = []
     for p in range(grid + 1):
         s = ((p * out + grid - 1) // grid) * S - P + halo
@@ -66,7 +67,7 @@ def _fwd_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr,
     Cin, H, W, Cout, Hout, Wout, GH, GW, G, Cg, Og, K,
     SH, SW, PT, PL, DH, DW,
-    NPIX,  # largest patch pixel count (autotune key only)
+    NPIX,  # largest patch pixel count (sizes the grid; autotune key)
     KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr,
     ACC_F64: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_CO: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -74,8 +75,11 @@ def _fwd_kernel(
     acc_dtype: tl.constexpr = tl.float64 if ACC_F64 else tl.float32
     npatch = GH * GW
     n_co_blocks = tl.cdiv(Og, BLOCK_CO)
-    pid0 = tl.program_id(0).to(tl.int64)
-    pid_p = tl.program_id(1)
+    # 1-D grid (axis 0 allows 2**31 - 1 programs): pixel block fastest, then patch, ...
+    n_p_blocks = tl.cdiv(NPIX, BLOCK_P)
+    pid = tl.program_id(0).to(tl.int64)
+    pid_p = (pid % n_p_blocks).to(tl.int32)
+    pid0 = pid // n_p_blocks
     patch = (pid0 % npatch).to(tl.int32)
     rest = pid0 // npatch
     cob = (rest % n_co_blocks).to(tl.int32)
@@ -140,7 +144,7 @@ def _dx_kernel(
     go_ptr, w_ptr, gx_ptr,
     Cin, H, W, Cout, Hout, Wout, GH, GW, G, Cg, Og,
     SH, SW, PT, PL, DH, DW, HALO_H, HALO_W,
-    NPIX,  # largest region pixel count (autotune key only)
+    NPIX,  # largest region pixel count (sizes the grid; autotune key)
     KH: tl.constexpr, KW: tl.constexpr, USE_DOT: tl.constexpr,
     ACC_F64: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -148,8 +152,10 @@ def _dx_kernel(
     acc_dtype: tl.constexpr = tl.float64 if ACC_F64 else tl.float32
     npatch = GH * GW
     n_ci_blocks = tl.cdiv(Cg, BLOCK_CI)
-    pid0 = tl.program_id(0).to(tl.int64)
-    pid_p = tl.program_id(1)
+    n_p_blocks = tl.cdiv(NPIX, BLOCK_P)
+    pid = tl.program_id(0).to(tl.int64)
+    pid_p = (pid % n_p_blocks).to(tl.int32)
+    pid0 = pid // n_p_blocks
     region = (pid0 % npatch).to(tl.int32)
     rest = pid0 // npatch
     cib = (rest % n_ci_blocks).to(tl.int32)
@@ -407,7 +413,8 @@ def _gpu_space(name, dot):
         key = ["Og", "K", "NPIX", "KH", "KW"] + (["COMPUTE_W"] if name == "dw" else [])
         return blocks, key, {"BLOCK_CO": "Og", "BLOCK_K": "K", "BLOCK_P": "NPIX"}
     if dot:
-        blocks = [dict(BLOCK_CI=ci, BLOCK_CO=co, BLOCK_P=p) for ci in (16, 32, 64) for co in (16, 32) for p in (64, 128)]
+        blocks = [dict(BLOCK_CI=ci, BLOCK_CO=co, BLOCK_P=p)
+                  for ci in (16, 32, 64) for co in (16, 32) for p in (64, 128)]
     else:
         blocks = [dict(BLOCK_CI=ci, BLOCK_CO=co, BLOCK_P=p) for ci in (1, 2, 4, 8) for co in (1, 4, 8)
                   for p in (64, 128, 256) if ci * co * p <= 8192]
@@ -486,11 +493,11 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                   PRECISION=_precision(x.dtype))
     if _interpreting():
         meta = _fwd_meta_interp(use_dot, Og, K, npix)
-        grid = (B * G * triton.cdiv(Og, meta["BLOCK_CO"]) * GH * GW, triton.cdiv(npix, meta["BLOCK_P"]))
+        grid = (B * G * triton.cdiv(Og, meta["BLOCK_CO"]) * GH * GW * triton.cdiv(npix, meta["BLOCK_P"]),)
         _fwd_kernel[grid](*args, **common, **meta)
     else:
         def grid(meta):
-            return (B * G * triton.cdiv(Og, meta["BLOCK_CO"]) * GH * GW, triton.cdiv(npix, meta["BLOCK_P"]))
+            return (B * G * triton.cdiv(Og, meta["BLOCK_CO"]) * GH * GW * triton.cdiv(npix, meta["BLOCK_P"]),)
 
         with torch.cuda.device(x.device):
             _tuned("fwd", bool(use_dot))[grid](*args, **common)
@@ -542,11 +549,11 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stri
         common = dict(KH=KH, KW=KW, USE_DOT=bool(dot), ACC_F64=acc64, PRECISION=prec)
         if interp:
             meta = _dx_meta_interp(dot, Cg, Og, rpix)
-            grid = (B * G * triton.cdiv(Cg, meta["BLOCK_CI"]) * npatch, triton.cdiv(rpix, meta["BLOCK_P"]))
+            grid = (B * G * triton.cdiv(Cg, meta["BLOCK_CI"]) * npatch * triton.cdiv(rpix, meta["BLOCK_P"]),)
             _dx_kernel[grid](*args, **common, **meta)
         else:
             def grid(meta):
-                return (B * G * triton.cdiv(Cg, meta["BLOCK_CI"]) * npatch, triton.cdiv(rpix, meta["BLOCK_P"]))
+                return (B * G * triton.cdiv(Cg, meta["BLOCK_CI"]) * npatch * triton.cdiv(rpix, meta["BLOCK_P"]),)
 
             with ctx:
                 _tuned("dx", bool(dot))[grid](*args, **common)

@@ -157,6 +157,22 @@ def test_wide_channels_and_tiny_patches(poisoned, use_dot):
         torch.testing.assert_close(got.double().cpu(), ref, **tol)
 
 
+@pytest.mark.parametrize("use_dot", [True, False], ids=["dot", "fallback"])
+def test_several_pixel_blocks_per_patch(poisoned, use_dot):
+    """Patches larger than one pixel block (interpreter blocks: 128 pixels, 64 in dW)."""
+    mod = poisoned
+    c = dict(B=1, Cin=2, Cout=3, H=15, W=19, kh=3, kw=3, gh=1, gw=1, stride=(1, 1), padding=(1, 1, 1, 1),
+             dilation=(1, 1), groups=1, bias=True)
+    x, w, b = _make(c, 17)
+    y_ref, go, gx_ref, gw_ref, gb_ref = _reference(c, x, w, b)
+    args = (c["stride"], c["padding"], c["dilation"], c["groups"])
+    f = lambda t: t.to(DEV, torch.float32)  # noqa: E731
+    y = mod.forward(f(x), f(w), f(b), *args, use_dot=use_dot)
+    gx, gw, gb = mod.backward(f(go), f(x), f(w), *args, [True, True, True], use_dot=use_dot)
+    for got, ref in ((y, y_ref), (gx, gx_ref), (gw, gw_ref), (gb, gb_ref)):
+        torch.testing.assert_close(got.double().cpu(), ref, rtol=1e-4, atol=5e-4)
+
+
 @pytest.mark.parametrize("mask", [[True, False, False], [False, True, False], [False, False, True],
                                   [False, True, True]], ids=str)
 def test_output_mask(poisoned, mask):
