@@ -46,7 +46,6 @@ PYSEG_HD int64_t out_from_in(int64_t in, int64_t tap, int64_t stride, int64_t di
 }
 
 // ---- host-side argument checks (TORCH_CHECK; the ops can be called directly via torch.ops) ----
-#ifndef __CUDA_ARCH__
 inline PwConvShape pw_check_args(const char* op, const at::Tensor& x, const at::Tensor& weight,
                                  at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                  int64_t groups) {
@@ -129,6 +128,5 @@ inline void pw_check_grad_out(const char* op, const PwConvShape& s, const at::Te
               " but x has dtype ", x.scalar_type());
   TORCH_CHECK(g.device() == x.device(), op, ": grad_out is on ", g.device(), " but x is on ", x.device());
 }
-#endif  // __CUDA_ARCH__
 
 }  // namespace pyseg
