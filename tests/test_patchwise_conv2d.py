@@ -358,7 +358,7 @@ def test_module_weight_numel_flat_weights_and_repr():
     w = torch.randn(2, conv.weight_numel, 2, 3, dtype=torch.float64)
     b = torch.randn(2, 4, 2, 3, dtype=torch.float64)
     y = conv(x, w, b)
-    expected = oracle(x, w.view(2, 4, 3, 3, 3, 2, 3), b, (1, 1), (1, 1, 2, 2), (1, 2), 2)
+    expected = oracle(x, w.view(2, 4, 3, 3, 3, 2, 3), b, (1, 1), (1, 1, 1, 1), (1, 2), 2)
     torch.testing.assert_close(y, expected)
     with pytest.raises(ValueError, match="weight_numel=108"):
         conv(x, w[:, :-1])
