@@ -22,6 +22,7 @@ except ImportError as e:  # not built, or built against another torch
     _C_ERROR = str(e)
 
 
+@torch.compiler.assume_constant_result  # registrations do not change while running; lets dynamo trace it
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """True when ``torch.ops.pyseg.<op>`` has a compiled kernel for ``dispatch_key``."""
     if not HAS_C:
