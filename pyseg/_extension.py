@@ -78,5 +78,5 @@ def triton_usable(device: torch.device) -> bool:
     if triton_kernels() is None:
         return False
     if device.type == "cuda":
-        return True
+        return torch.cuda.is_available()
     return device.type == "cpu" and triton_interpreted()
