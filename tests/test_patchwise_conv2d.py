@@ -399,7 +399,20 @@ def test_gradcheck(backend, case):
                                 case["groups"], backend=backend)
 
     inputs = (x, w) + ((b,) if b is not None else ())
-    assert torch.autograd.gradcheck(f, inputs)
+    assert torch.autograd.gradcheck(f, inputs, fast_mode=True)
+
+
+@pytest.mark.parametrize("backend", backends_for("cpu"))
+def test_gradcheck_exhaustive_tiny(backend):
+    """Slow-mode (every input element) gradcheck on a tiny case with a grid that does not divide."""
+    _skip_unavailable(backend)
+    if backend == "triton":
+        pytest.skip("covered by tests/test_triton_patchwise_conv2d.py")
+    x = torch.randn(1, 2, 5, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(1, 2, 2, 2, 2, 2, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(1, 2, 2, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: patchwise_conv2d(x, w, b, 1, 1, 1, 1, backend=backend), (x, w, b))
 
 
 def _opcheck_args(requires_grad=True, dtype=torch.float64):
