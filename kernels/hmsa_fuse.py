@@ -180,7 +180,7 @@ def forward(logits, attentions, scales, out_size, labels: bool):
         raise ValueError(f"the Triton hmsa_fuse kernel supports up to {MAX_HIGH} scales above 1.0 and "
                          f"{MAX_LOW} below, got {n_high} above and {n_low} below")
     p = [t.contiguous() for t in logits]
-    a = [None if t is None else t.contiguous() for t in attentions]
+    a = [None if k == 0 else t.contiguous() for k, t in enumerate(attentions)]
     B, C = p[0].shape[:2]
     OH, OW = int(out_size[0]), int(out_size[1])
     dummy = p[0]

@@ -14,7 +14,7 @@ namespace pyseg {
 // Checks the op's contract (the Python front end gives friendlier messages first) and returns
 // contiguous copies; `one` is set to the index of scale 1.0.
 inline void hmsa_check(const std::vector<at::Tensor>& logits,
-                       const std::vector<c10::optional<at::Tensor>>& attentions,
+                       const std::vector<at::Tensor>& attentions,
                        const std::vector<double>& scales, at::IntArrayRef out_size, int* one,
                        std::vector<at::Tensor>* p, std::vector<at::Tensor>* a) {
   const int64_t n = static_cast<int64_t>(logits.size());
@@ -42,9 +42,8 @@ inline void hmsa_check(const std::vector<at::Tensor>& logits,
       a->push_back(at::Tensor());
       continue;
     }
-    TORCH_CHECK(attentions[k].has_value() && attentions[k]->defined(), "hmsa_fuse: attentions[", k,
-                "] is required (only the top scale's attention may be None)");
-    const at::Tensor& at_ = *attentions[k];
+    TORCH_CHECK(attentions[k].defined(), "hmsa_fuse: attentions[", k, "] is undefined");
+    const at::Tensor& at_ = attentions[k];
     TORCH_CHECK(at_.dim() == 4 && at_.size(0) == p0.size(0) && at_.size(1) == 1 && at_.size(2) > 0 &&
                     at_.size(3) > 0,
                 "hmsa_fuse: attentions[", k, "] must be (B, 1, h, w)");

@@ -22,11 +22,10 @@ inline bool better(acc_t v, acc_t best) {
   return v > best || (std::isnan(static_cast<double>(v)) && !std::isnan(static_cast<double>(best)));
 }
 
-at::Tensor hmsa_fuse_cpu(at::TensorList logits, const c10::List<c10::optional<at::Tensor>>& attentions,
+at::Tensor hmsa_fuse_cpu(at::TensorList logits, at::TensorList attentions,
                          at::ArrayRef<double> scales, at::IntArrayRef out_size, bool labels) {
   std::vector<at::Tensor> lg(logits.begin(), logits.end());
-  std::vector<c10::optional<at::Tensor>> att;
-  for (const c10::optional<at::Tensor>& t : attentions) att.push_back(t);
+  std::vector<at::Tensor> att(attentions.begin(), attentions.end());
   std::vector<double> sc(scales.begin(), scales.end());
   int one = -1;
   std::vector<at::Tensor> p, a;

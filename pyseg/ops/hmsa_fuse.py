@@ -167,7 +167,7 @@ if _extension.HAS_C:
 
 
 @torch.library.custom_op("pyseg::hmsa_fuse_triton", mutates_args=())
-def _triton_forward(logits: List[Tensor], attentions: List[Optional[Tensor]], scales: List[float],
+def _triton_forward(logits: List[Tensor], attentions: List[Tensor], scales: List[float],
                     out_size: List[int], labels: bool) -> Tensor:
     return _extension.triton_kernels().hmsa_fuse.forward(logits, attentions, scales, out_size, labels)
 
@@ -220,7 +220,10 @@ def hmsa_fuse(logits: Sequence[Tensor], attentions: Sequence[Optional[Tensor]], 
         be = "reference"
     if be == "reference":
         return reference.hmsa_fuse(lg, at, sc, out_size, output)
-    args = ([t.contiguous() for t in lg], [None if t is None else t.contiguous() for t in at], sc,
+    # the op takes a plain Tensor[] (the top's entry is ignored): a list holding None would hide
+    # the attention tensors from autograd
+    placeholder = lg[0].new_empty(0)
+    args = ([t.contiguous() for t in lg], [placeholder if t is None else t.contiguous() for t in at], sc,
             list(out_size), labels)
     if be == "triton":
         return torch.ops.pyseg.hmsa_fuse_triton(*args)
