@@ -1,5 +1,6 @@
 """Modules (``pyseg.nn``): drop-in layers built on pyseg's ops."""
 from . import functional
 from .patchwise_conv import PatchWiseConv2d
+from .hmsa import AttentionHead, MultiScaleAttention, set_training_stage
 
-__all__ = ["functional", "PatchWiseConv2d"]
+__all__ = ["functional", "PatchWiseConv2d", "AttentionHead", "MultiScaleAttention", "set_training_stage"]
