@@ -1,6 +1,6 @@
 // Hierarchical multi-scale attention fusion, C++ CPU kernels.
 // One pass over the output pixels: each pixel builds its exact stencil (common/hmsa.h) by
-// sampling every scale's attention on the fly, then loops over the classes with a gather-dot;
+// sampling every scale's attention on the fly, then the classes are evaluated with a gather-dot;
 // with labels=true only the running argmax is kept, so no (B, C, out_h, out_w) logits exist.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -8,6 +8,7 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -41,30 +42,55 @@ at::Tensor hmsa_fuse_cpu(at::TensorList logits, at::TensorList attentions,
     scalar_t* out_v = labels ? nullptr : out.data_ptr<scalar_t>();
     int64_t* out_l = labels ? out.data_ptr<int64_t>() : nullptr;
     const int64_t oplane = OH * OW;
-    at::parallel_for(0, B * OH, 1, [&](int64_t begin, int64_t end) {
+    // Work unit: a tile of up to TILE pixels of one output row. The stencils of the whole tile
+    // are built first (flattened to pointer/stride/coef), then classes are the outer loop and
+    // pixels the inner one, so that for a fixed class every scale is read and the output written
+    // along rows (streaming access) instead of jumping between C class planes per pixel.
+    constexpr int64_t TILE = 64;
+    const int64_t tiles_per_row = (OW + TILE - 1) / TILE;
+    at::parallel_for(0, B * OH * tiles_per_row, 1, [&](int64_t begin, int64_t end) {
       std::vector<HmsaTerm<acc_t>> terms(static_cast<size_t>(max_terms));
-      for (int64_t row = begin; row < end; ++row) {
-        const int64_t b = row / OH, oy = row % OH;
-        for (int64_t ox = 0; ox < OW; ++ox) {
-          const int64_t nt = hmsa_build_stencil<acc_t>(A, b, oy, ox, terms.data());
-          const int64_t pix = oy * OW + ox;
-          if (labels) {
-            // compare in the output dtype, as argmax of the materialised logits would
-            acc_t best = static_cast<acc_t>(static_cast<scalar_t>(hmsa_eval<acc_t>(A, b, 0, terms.data(), nt)));
-            int64_t arg = 0;
-            for (int64_t c = 1; c < C; ++c) {
-              const acc_t v = static_cast<acc_t>(static_cast<scalar_t>(hmsa_eval<acc_t>(A, b, c, terms.data(), nt)));
-              if (better(v, best)) {
-                best = v;
-                arg = c;
-              }
-            }
-            out_l[b * oplane + pix] = arg;
-          } else {
-            for (int64_t c = 0; c < C; ++c)
-              out_v[(b * C + c) * oplane + pix] = static_cast<scalar_t>(hmsa_eval<acc_t>(A, b, c, terms.data(), nt));
+      std::vector<const scalar_t*> ptr(static_cast<size_t>(max_terms * TILE));
+      std::vector<int64_t> stride(static_cast<size_t>(max_terms * TILE));
+      std::vector<acc_t> coef(static_cast<size_t>(max_terms * TILE));
+      std::vector<int64_t> first(TILE + 1), arg(TILE);
+      std::vector<acc_t> best(TILE);
+      for (int64_t unit = begin; unit < end; ++unit) {
+        const int64_t row = unit / tiles_per_row, x0 = (unit % tiles_per_row) * TILE;
+        const int64_t b = row / OH, oy = row % OH, nx = std::min<int64_t>(TILE, OW - x0);
+        int64_t n = 0;
+        for (int64_t i = 0; i < nx; ++i) {
+          first[i] = n;
+          const int64_t nt = hmsa_build_stencil<acc_t>(A, b, oy, x0 + i, terms.data());
+          for (int64_t j = 0; j < nt; ++j, ++n) {
+            const int k = terms[j].k;
+            const int64_t plane = A.h[k] * A.w[k];
+            ptr[n] = A.p[k] + b * A.C * plane + terms[j].off;
+            stride[n] = plane;
+            coef[n] = terms[j].coef;
           }
         }
+        first[nx] = n;
+        const int64_t obase = b * (labels ? 1 : C) * oplane + oy * OW + x0;
+        for (int64_t c = 0; c < C; ++c) {
+          for (int64_t i = 0; i < nx; ++i) {
+            acc_t acc = 0;
+            for (int64_t j = first[i]; j < first[i + 1]; ++j) acc += coef[j] * static_cast<acc_t>(ptr[j][0]);
+            if (labels) {
+              // compare in the output dtype, as argmax of the materialised logits would
+              const acc_t v = static_cast<acc_t>(static_cast<scalar_t>(acc));
+              if (c == 0 || better(v, best[i])) {
+                best[i] = v;
+                arg[i] = c;
+              }
+            } else {
+              out_v[obase + c * oplane + i] = static_cast<scalar_t>(acc);
+            }
+          }
+          for (int64_t j = 0; j < n; ++j) ptr[j] += stride[j];  // next class plane
+        }
+        if (labels)
+          for (int64_t i = 0; i < nx; ++i) out_l[obase + i] = arg[i];
       }
     });
   });

@@ -177,6 +177,19 @@ if _extension.HAS_C:
     torch.library.register_autograd("pyseg::hmsa_fuse_triton", _backward, setup_context=_setup_context)
 
 
+#: per-thread stencil capacity of the CUDA kernel (csrc/cuda/hmsa_fuse.cu HMSA_CUDA_MAX_TERMS)
+CUDA_MAX_TERMS = 160
+
+
+def stencil_terms(scales) -> int:
+    """Upper bound on the per-output-pixel stencil length (csrc/common/hmsa.h hmsa_max_terms)."""
+    one = list(scales).index(1.0)
+    high = 1
+    for _ in range(one):
+        high = 1 + 4 * high
+    return 4 * (high + 4 * (len(scales) - 1 - one))
+
+
 def _triton_supports(scales):
     one = scales.index(1.0)
     return one <= 2 and len(scales) - 1 - one <= 3
@@ -217,6 +230,10 @@ def hmsa_fuse(logits: Sequence[Tensor], attentions: Sequence[Optional[Tensor]], 
     if be != "reference" and len(sc) > MAX_SCALES:
         if backend != "auto":
             raise ValueError(f"the fused hmsa_fuse kernels take at most {MAX_SCALES} scales, got {len(sc)}")
+        be = "reference"
+    if be == "cuda" and stencil_terms(sc) > CUDA_MAX_TERMS:
+        if backend == "cuda":
+            raise ValueError(f"backend='cuda' supports up to 2 scales above 1.0 and 4 below, got scales {sc}")
         be = "reference"
     if be == "reference":
         return reference.hmsa_fuse(lg, at, sc, out_size, output)
