@@ -22,6 +22,7 @@ except ImportError as e:  # not built, or built against another torch
     _C_ERROR = str(e)
 
 
+@torch.compiler.assume_constant_result  # registrations do not change while running; lets dynamo trace it
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """True when ``torch.ops.pyseg.<op>`` has a compiled kernel for ``dispatch_key``."""
     if not HAS_C:
@@ -77,5 +78,5 @@ def triton_usable(device: torch.device) -> bool:
     if triton_kernels() is None:
         return False
     if device.type == "cuda":
-        return True
+        return torch.cuda.is_available()
     return device.type == "cpu" and triton_interpreted()

@@ -1,2 +1,3 @@
 """Imports every built-in model module so that their ``register_model`` calls run."""
-from . import deeplab  # noqa: F401
+from . import hyperseg  # noqa: F401,E402
+from . import deeplab  # noqa: F401,E402

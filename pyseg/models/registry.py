@@ -44,8 +44,15 @@ def get_config(name: str) -> dict:
     return copy.deepcopy(_REGISTRY[name].config)
 
 
-def create_model(name: str, **overrides):
-    """Build the registered model ``name``; keyword arguments override its config."""
+def create_model(name: str, num_classes: int | None = None, backbone_weights: str | None = None, **overrides):
+    """Build the registered model ``name``; keyword arguments override its config.
+
+    ``num_classes=None`` keeps the config's; ``backbone_weights`` is a local checkpoint of the backbone
+    (never downloaded)."""
     cfg = get_config(name)
     cfg.update(overrides)
+    if num_classes is not None:
+        cfg["num_classes"] = num_classes
+    if backbone_weights is not None:
+        cfg["backbone_weights"] = backbone_weights
     return _REGISTRY[name].builder(**cfg)

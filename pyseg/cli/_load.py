@@ -1,0 +1,24 @@
+"""Build a model from a checkpoint written by ``pyseg-train`` (its metadata names the model)."""
+from __future__ import annotations
+
+from ..engine.checkpoint import load_weights, read_metadata
+from ..engine.trainer import build_model, import_extra, resolve_device
+
+
+def load_model_from_args(args):
+    """(model in eval mode on its device, metadata, device) from ``--checkpoint`` and optional overrides."""
+    import_extra(args.imports)
+    meta = read_metadata(args.checkpoint)
+    name = args.model or meta.get("model")
+    if not name:
+        raise SystemExit(f"{args.checkpoint} does not name its model; pass --model")
+    num_classes = args.num_classes or meta.get("num_classes")
+    if not num_classes:
+        raise SystemExit(f"{args.checkpoint} does not record num_classes; pass --num-classes")
+    kwargs = dict(meta.get("model_kwargs") or {})
+    kwargs.update(args.model_kwargs)
+    model = build_model(name, int(num_classes), kwargs)
+    load_weights(model, args.checkpoint)
+    device = resolve_device(args.device)
+    model.to(device).eval()
+    return model, meta, device

@@ -1,0 +1,147 @@
+"""Encoders (the hypernetwork's trunk) built from timm models.
+
+:class:`TimmEncoder` returns the features at strides 2, 4, 8, 16, 32 (optionally reduced by 1x1
+conv + BN "reducers") and the signal source at stride 32. For EfficientNet-family models (timm's
+``EfficientNet`` class: ``efficientnet_b*``, ``tf_efficientnet_b*``, ``mobilenetv2_*``...) the signal
+source is the backbone's head conv (``conv_head`` + ``bn2``: 1280 ch for B1, 1536 for B3), which timm's
+``features_only`` mode drops, so the full model is built (without classifier) and walked stage by stage.
+Other models (``resnet18``...) use ``features_only`` and their last feature map is the signal source.
+
+Weights are never downloaded: ``weights=path`` loads a local ImageNet checkpoint (safetensors or a
+torch file holding a timm state dict; classifier entries are ignored).
+"""
+from __future__ import annotations
+
+import os
+from typing import List, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["TimmEncoder", "load_state_dict_file"]
+
+_CLASSIFIER_PREFIXES = ("classifier.", "fc.", "head.", "last_linear.")
+
+
+def load_state_dict_file(path: str) -> dict:
+    """A state dict from a ``.safetensors`` file or a torch checkpoint (optionally wrapped in
+    ``state_dict`` / ``model``; a ``module.`` prefix is stripped)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"backbone weights file not found: {path!r}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        sd = load_file(path, device="cpu")
+    else:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+        for key in ("state_dict", "model"):
+            if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+                sd = sd[key]
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path!r} does not hold a state dict")
+    return {(k[7:] if k.startswith("module.") else k): v for k, v in sd.items()}
+
+
+def _scales(out_feat_scale, n) -> List[float]:
+    if isinstance(out_feat_scale, (list, tuple)):
+        if len(out_feat_scale) != n:
+            raise ValueError(f"out_feat_scale must have {n} entries (one per stride), got {list(out_feat_scale)}")
+        return [float(s) for s in out_feat_scale]
+    return [float(out_feat_scale)] * n
+
+
+class TimmEncoder(nn.Module):
+    """Features at strides 2..32 + the stride-32 signal source, from a timm model.
+
+    Args:
+        name: timm model name.
+        out_feat_scale: per-stride (or one) channel scale of the skip features; a stride whose scale is
+            not 1 gets a 1x1 conv + BN reducer to ``round(channels * scale)`` channels.
+        weights: optional local checkpoint of the timm model (ImageNet weights).
+        drop_path_rate: stochastic depth of the trunk (training only).
+
+    ``forward(x) -> (features, signal)``: ``features`` a list of 5 maps (strides 2, 4, 8, 16, 32) with
+    :attr:`feature_channels`, ``signal`` (B, :attr:`signal_channels`, H/32, W/32).
+    """
+
+    def __init__(self, name: str = "efficientnet_b1", out_feat_scale: Union[float, Sequence[float]] = 1.0,
+                 weights: str = None, drop_path_rate: float = 0.0):
+        super().__init__()
+        import timm
+
+        self.name = name
+        probe = timm.create_model(name, pretrained=False, num_classes=0, drop_path_rate=drop_path_rate)
+        info = [f for f in probe.feature_info if f["reduction"] in (2, 4, 8, 16, 32)]
+        # the last stage of each stride
+        by_red = {}
+        for f in info:
+            by_red[f["reduction"]] = f
+        if sorted(by_red) != [2, 4, 8, 16, 32]:
+            raise ValueError(f"timm model {name!r} does not expose features at strides 2, 4, 8, 16, 32")
+        info = [by_red[r] for r in (2, 4, 8, 16, 32)]
+        self.has_head_conv = hasattr(probe, "conv_head") and hasattr(probe, "blocks")
+        if self.has_head_conv:
+            self.trunk = probe
+            self._stage_taps = [int(f["module"].split(".")[1]) for f in info]
+            self.signal_channels = probe.conv_head.out_channels
+        else:
+            del probe
+            self.trunk = timm.create_model(name, pretrained=False, features_only=True,
+                                           drop_path_rate=drop_path_rate)
+            reds = self.trunk.feature_info.reduction()
+            self._feature_indices = [reds.index(r) for r in (2, 4, 8, 16, 32)]
+            self.signal_channels = info[-1]["num_chs"]
+        trunk_channels = [f["num_chs"] for f in info]
+        if weights is not None:
+            self.load_trunk_weights(weights)
+        scales = _scales(out_feat_scale, 5)
+        self.reducers = nn.ModuleList()
+        self.feature_channels = []
+        for c, s in zip(trunk_channels, scales):
+            if s == 1.0:
+                self.reducers.append(nn.Identity())
+                self.feature_channels.append(c)
+            else:
+                # Python's round(), as the public implementation (round(24 * 0.166) = 4)
+                out = int(round(c * s))
+                if out < 1:
+                    raise ValueError(f"out_feat_scale {s} leaves no channels of {c}")
+                self.reducers.append(nn.Sequential(nn.Conv2d(c, out, 1, bias=False), nn.BatchNorm2d(out)))
+                self.feature_channels.append(out)
+        self.trunk_channels = trunk_channels
+
+    def load_trunk_weights(self, path: str):
+        """Load a local timm checkpoint into the trunk (classifier entries ignored; anything else that
+        does not match raises)."""
+        sd = load_state_dict_file(path)
+        own = self.trunk.state_dict()
+        sd = {k: v for k, v in sd.items() if not (k.startswith(_CLASSIFIER_PREFIXES) and k not in own)}
+        missing = sorted(set(own) - set(sd))
+        unexpected = sorted(set(sd) - set(own))
+        if missing or unexpected:
+            raise ValueError(f"backbone weights {path!r} do not match timm model {self.name!r}: "
+                             f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+        bad = [k for k in own if tuple(own[k].shape) != tuple(sd[k].shape)]
+        if bad:
+            raise ValueError(f"backbone weights {path!r}: shape mismatch for {bad[:5]} "
+                             f"(e.g. {bad[0]}: file {tuple(sd[bad[0]].shape)}, model {tuple(own[bad[0]].shape)})")
+        self.trunk.load_state_dict(sd, strict=True)
+
+    def forward(self, x: Tensor) -> Tuple[List[Tensor], Tensor]:
+        if self.has_head_conv:
+            t = self.trunk
+            y = t.bn1(t.conv_stem(x))
+            feats = []
+            taps = self._stage_taps
+            for i, stage in enumerate(t.blocks):
+                y = stage(y)
+                if i in taps:
+                    feats.append(y)
+            signal = t.bn2(t.conv_head(y))
+        else:
+            outs = self.trunk(x)
+            feats = [outs[i] for i in self._feature_indices]
+            signal = feats[-1]
+        feats = [r(f) for r, f in zip(self.reducers, feats)]
+        return feats, signal

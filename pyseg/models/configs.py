@@ -1,0 +1,60 @@
+"""HyperSeg model configurations (plain data).
+
+Keys (see :class:`pyseg.models.hyperseg.HyperSeg` for their meaning): ``backbone`` (timm name),
+``num_classes``, ``input_size`` (H, W: the evaluation resolution), ``out_feat_scale`` (per-stride skip
+reduction, strides 2..32), ``kernel_sizes`` / ``level_channels`` (per decoder level, stride 32 first;
+``level_channels=None`` = each level outputs its skip's channels), ``weight_groups`` (per generator),
+``signal_unit`` (slice granularity; None = max(weight_groups)), ``expand_ratio``, ``context_head``
+(``"v1_0"`` or ``"v0_1"``), ``context_levels``, ``decoder`` (``"v1_0"``: fused meta blocks;
+``"v0_1"``: three chained patch-wise convs per block), ``unify_level`` (public HyperSeg-S: 1-based
+level from which one generator serves all remaining levels), ``round_weight_counts`` (divide phi by
+padded generator widths, v0_1), ``public_signal_layout`` (what ``signal_slicing="public"`` means for
+this model: ``"prefix"`` for the public v1_0 code, ``"disjoint"`` for v1_0_unify and v0_1), and the
+expected trainable-parameter count of the public implementation (``public_params``).
+"""
+
+HYPERSEG_CONFIGS = {
+    "hyperseg-m": dict(
+        dataset="cityscapes", num_classes=19, input_size=(512, 1024), backbone="efficientnet_b1",
+        out_feat_scale=[1.0, 0.25, 0.25, 0.25, 0.25], kernel_sizes=[1, 1, 1, 3, 3],
+        level_channels=[64, 32, 16, 16, 16], weight_groups=[32, 16, 8, 16, 4], signal_unit=None,
+        expand_ratio=2, context_head="v1_0", context_levels=2, decoder="v1_0", unify_level=None,
+        round_weight_counts=False, public_signal_layout="prefix", public_params=10_311_214,
+    ),
+    "hyperseg-s": dict(
+        dataset="cityscapes", num_classes=19, input_size=(768, 1536), backbone="efficientnet_b1",
+        out_feat_scale=[1.0, 0.166, 0.2, 0.25, 0.4], kernel_sizes=[1, 1, 1, 3, 3],
+        level_channels=[32, 16, 8, 8, 8], weight_groups=[32, 16, 8, 16, 4], signal_unit=None,
+        expand_ratio=2, context_head="v1_0", context_levels=2, decoder="v1_0", unify_level=4,
+        round_weight_counts=False, public_signal_layout="disjoint", public_params=10_041_398,
+    ),
+    "hyperseg-s-camvid": dict(
+        dataset="camvid", num_classes=12, input_size=(576, 768), backbone="efficientnet_b1",
+        out_feat_scale=0.25, kernel_sizes=[1, 1, 1, 3, 3],
+        level_channels=[64, 32, 16, 16, 16], weight_groups=[64, 32, 32, 16, 8], signal_unit=None,
+        expand_ratio=2, context_head="v1_0", context_levels=2, decoder="v1_0", unify_level=None,
+        round_weight_counts=False, public_signal_layout="prefix", public_params=9_949_064,
+    ),
+    "hyperseg-l-camvid": dict(
+        dataset="camvid", num_classes=12, input_size=(768, 1024), backbone="efficientnet_b1",
+        out_feat_scale=0.25, kernel_sizes=[1, 1, 1, 3, 3, 3],
+        level_channels=[64, 32, 16, 16, 16, 16], weight_groups=[64, 32, 32, 16, 8, 8], signal_unit=None,
+        expand_ratio=2, context_head="v1_0", context_levels=2, decoder="v1_0", unify_level=None,
+        round_weight_counts=False, public_signal_layout="prefix", public_params=9_969_104,
+    ),
+    "hyperseg-l-voc": dict(
+        dataset="voc", num_classes=21, input_size=(512, 512), backbone="efficientnet_b3",
+        out_feat_scale=0.25, kernel_sizes=[1, 1, 3, 3, 3, 3],
+        level_channels=None, weight_groups=16, signal_unit=16,
+        expand_ratio=2, context_head="v0_1", context_levels=3, decoder="v0_1", unify_level=None,
+        round_weight_counts=True, public_signal_layout="disjoint", public_params=39_680_458,
+    ),
+}
+
+DESCRIPTIONS = {
+    "hyperseg-m": "HyperSeg-M, Cityscapes (19 classes), EfficientNet-B1, 1024x512",
+    "hyperseg-s": "HyperSeg-S, Cityscapes (19 classes), EfficientNet-B1, 1536x768, unified generator for levels 3-4",
+    "hyperseg-s-camvid": "HyperSeg-S, CamVid (12 classes), EfficientNet-B1, 768x576",
+    "hyperseg-l-camvid": "HyperSeg-L, CamVid (12 classes), EfficientNet-B1, 1024x768, 6 levels to stride 1",
+    "hyperseg-l-voc": "HyperSeg-L, PASCAL VOC (21 classes), EfficientNet-B3, 512x512, v0_1 head and decoder",
+}

@@ -1,0 +1,345 @@
+"""HyperSeg (Nirkin, Wolf, Hassner, CVPR 2021): a hypernetwork encoder and a dynamic patch-wise decoder.
+
+Pipeline (``HyperSeg.forward``):
+
+1. encoder (:class:`~pyseg.models.backbones.TimmEncoder`): skip features at strides 2..32 (reduced by
+   ``out_feat_scale``) and the signal source at stride 32 (EfficientNet's head conv);
+2. context head (:mod:`~pyseg.models.context_head`): signal source -> phi (C channels, stride 32);
+3. weight mapper (:mod:`~pyseg.models.weight_mapper`): slices of phi -> per-level weights, one weight
+   vector per sample and per patch of the (H/32) x (W/32) grid;
+4. dynamic decoder, stride 32 first: level input = cat(x-coord, y-coord, skip, bilinearly upsampled
+   previous output); kernel-1 levels are patch-wise 1x1 conv -> BN -> ReLU, kernel-3 levels are meta
+   blocks (:class:`pyseg.nn.MetaBlock`, v1_0) or three chained patch-wise convs (v0_1, VOC); the last
+   level outputs the logits (its BN output);
+5. bilinear upsampling (align_corners=False) of the logits to the input size when the decoder ends
+   above stride 1.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..nn import MetaBlock
+from ..nn.meta_block import _bn_affine
+from ..ops.patchwise_conv2d import patchwise_conv2d
+from .backbones import TimmEncoder
+from .configs import DESCRIPTIONS, HYPERSEG_CONFIGS
+from .context_head import ContextHead, ContextHeadV01
+from .registry import register_model
+from .weight_mapper import WeightMapper
+
+__all__ = ["HyperSeg", "ChainedMetaBlock", "image_coordinates", "hyperseg"]
+
+
+def image_coordinates(ref: Tensor) -> Tensor:
+    """(B, 2, h, w) positional embedding for ``ref`` (B, C, h, w): channel 0 = x = linspace(-1, 1, w)
+    along the width, channel 1 = y = linspace(-1, 1, h) along the height."""
+    b, _, h, w = ref.shape
+    xs = torch.linspace(-1, 1, w, device=ref.device, dtype=ref.dtype)
+    ys = torch.linspace(-1, 1, h, device=ref.device, dtype=ref.dtype)
+    grid = torch.stack((xs.view(1, w).expand(h, w), ys.view(h, 1).expand(h, w)))
+    return grid.unsqueeze(0).expand(b, 2, h, w)
+
+
+class ChainedMetaBlock(nn.Module):
+    """The v0_1 (PASCAL VOC) dynamic inverted residual: three chained patch-wise convolutions
+
+    pw1 (1x1, Cin -> hid) -> BN -> ReLU6 -> depthwise 3x3 (reflect padding at image borders; inside the
+    image the halo reads the *neighbouring patches'* pw1 outputs) -> BN -> ReLU6 -> pw2 (1x1,
+    hid -> Cout) -> BN.
+
+    Same flat weight layout as :class:`pyseg.nn.MetaBlock` ([W1 hid x Cin | W2 hid x 3 x 3 |
+    W3 Cout x hid]). In eval mode every BN is folded into the per-patch weights (scale) and a per-patch
+    bias (shift), so each stage is one patch-wise conv.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, expand_ratio: float = 2, backend: str = "auto"):
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.hidden_channels = int(round(in_channels * expand_ratio))
+        self.backend = backend
+        self.kernel_size = 3
+        self.bn1 = nn.BatchNorm2d(self.hidden_channels)
+        self.bn2 = nn.BatchNorm2d(self.hidden_channels)
+        self.bn3 = nn.BatchNorm2d(out_channels)
+
+    @property
+    def weight_numel(self) -> int:
+        hid = self.hidden_channels
+        return hid * self.in_channels + hid * 9 + self.out_channels * hid
+
+    def _stage(self, x, w, bn, cout, k, groups, act):
+        B, _, gh, gw = w.shape
+        kw = dict(kernel_size=k, padding=k // 2, groups=groups, backend=self.backend,
+                  padding_mode="reflect" if k > 1 else "zeros")
+        if self.training or not bn.track_running_stats or bn.running_mean is None:
+            y = bn(patchwise_conv2d(x, w, None, **kw))
+        else:
+            scale, shift = _bn_affine(bn)
+            w = (w.view(B, cout, -1, gh, gw) * scale.to(w.dtype).view(1, cout, 1, 1, 1)).reshape(B, -1, gh, gw)
+            bias = shift.to(w.dtype).view(1, cout, 1, 1).expand(B, cout, gh, gw)
+            y = patchwise_conv2d(x, w, bias, **kw)
+        return F.relu6(y) if act else y
+
+    def forward(self, x: Tensor, weight: Tensor) -> Tensor:
+        if weight.dim() != 4 or weight.shape[1] != self.weight_numel:
+            raise ValueError(f"weight must have shape (B, weight_numel={self.weight_numel}, gh, gw) for {self}, "
+                             f"got {tuple(weight.shape)}")
+        hid, cin, cout = self.hidden_channels, self.in_channels, self.out_channels
+        w1, w2, w3 = torch.split(weight, [hid * cin, hid * 9, cout * hid], dim=1)
+        y = self._stage(x, w1, self.bn1, hid, 1, 1, True)
+        y = self._stage(y, w2, self.bn2, hid, 3, hid, True)
+        return self._stage(y, w3, self.bn3, cout, 1, 1, False)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, hidden_channels={self.hidden_channels}"
+
+
+class HyperSeg(nn.Module):
+    """HyperSeg segmentation model (see the module docstring for the pipeline).
+
+    Args:
+        num_classes: output classes.
+        backbone: timm model name (``efficientnet_b1``/``efficientnet_b3`` in the paper;
+            ``mobilenetv2_100``, ``resnet18``... also work).
+        out_feat_scale: per-stride channel scale of the skip features (strides 2..32), or one scale.
+        kernel_sizes: per decoder level (stride 32 first): 1 (patch-wise 1x1 level) or 3 (meta block).
+            5 levels end at stride 2, 6 at stride 1 (the image itself is the last skip).
+        level_channels: per-level output channels (the last level's is ``num_classes``); None = the
+            level's skip channels (v0_1).
+        weight_groups: groups of each generator's grouped 1x1 conv (list per generator, or one int).
+        signal_unit: slice granularity of phi (default max(weight_groups)).
+        expand_ratio: meta block expansion (hid = round(expand_ratio * Cin)).
+        context_head / context_levels: ``"v1_0"`` or ``"v0_1"`` head and its number of levels.
+        decoder: ``"v1_0"`` (fused :class:`pyseg.nn.MetaBlock`) or ``"v0_1"`` (:class:`ChainedMetaBlock`).
+        unify_level: 1-based level from which one generator serves all remaining levels (HyperSeg-S).
+        round_weight_counts: divide phi by padded generator widths (v0_1).
+        signal_slicing: ``"disjoint"`` (default; Algorithm 1: every generator reads its own slice of
+            phi) or ``"public"`` (the slice layout of the public implementation of this model:
+            ``public_signal_layout``, which is ``"prefix"`` -- every slice starts at channel 0 -- for
+            the public v1_0 models HyperSeg-M and the CamVid models).
+        public_signal_layout: see ``signal_slicing``.
+        backbone_weights: local ImageNet checkpoint of the timm backbone (never downloaded).
+        backbone_drop_path_rate: stochastic depth in the trunk (training).
+        backend: backend of the dynamic ops (``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"``,
+            ``"triton"``).
+        in_channels: image channels.
+        input_size: (H, W) the model is meant to run at (metadata, default of benchmarks).
+        name: registry name (metadata, used in messages).
+
+    Inputs must have height and width divisible by :attr:`input_multiple` (64 for the v1_0 head with
+    2 levels, 128 for VOC's 3-level head).
+    """
+
+    def __init__(self, num_classes: int, backbone: str = "efficientnet_b1", out_feat_scale=0.25,
+                 kernel_sizes: Sequence[int] = (1, 1, 1, 3, 3), level_channels: Optional[Sequence[int]] = None,
+                 weight_groups=1, signal_unit: Optional[int] = None, expand_ratio: float = 2,
+                 context_head: str = "v1_0", context_levels: int = 2, decoder: str = "v1_0",
+                 unify_level: Optional[int] = None, round_weight_counts: bool = False,
+                 signal_slicing: str = "disjoint", public_signal_layout: str = "prefix",
+                 backbone_weights: Optional[str] = None, backbone_drop_path_rate: float = 0.0,
+                 backend: str = "auto", in_channels: int = 3, input_size: Optional[Tuple[int, int]] = None,
+                 name: str = "hyperseg"):
+        super().__init__()
+        if signal_slicing not in ("disjoint", "public"):
+            raise ValueError(f"signal_slicing must be 'disjoint' or 'public', got {signal_slicing!r}")
+        if public_signal_layout not in ("disjoint", "prefix"):
+            raise ValueError(f"public_signal_layout must be 'disjoint' or 'prefix', got {public_signal_layout!r}")
+        if context_head not in ("v1_0", "v0_1"):
+            raise ValueError(f"context_head must be 'v1_0' or 'v0_1', got {context_head!r}")
+        if decoder not in ("v1_0", "v0_1"):
+            raise ValueError(f"decoder must be 'v1_0' or 'v0_1', got {decoder!r}")
+        levels = len(kernel_sizes)
+        if not 1 <= levels <= 6:
+            raise ValueError(f"kernel_sizes must have 1..6 entries (decoder levels), got {list(kernel_sizes)}")
+        if level_channels is not None and len(level_channels) != levels:
+            raise ValueError(f"level_channels must have {levels} entries, got {list(level_channels)}")
+        self.name = name
+        self.num_classes = num_classes
+        self.in_channels = in_channels
+        self.input_size = tuple(input_size) if input_size is not None else None
+        self.backend = backend
+        self.signal_slicing = signal_slicing
+
+        self.encoder = TimmEncoder(backbone, out_feat_scale, weights=backbone_weights,
+                                   drop_path_rate=backbone_drop_path_rate)
+        C = self.encoder.signal_channels
+        if context_head == "v1_0":
+            self.context_head = ContextHead(C, context_levels)
+        else:
+            self.context_head = ContextHeadV01(C, context_levels)
+
+        # decoder: stride 32 first; skips = image (stride 1) + encoder features (strides 2..32)
+        skip_channels = ([in_channels] + list(self.encoder.feature_channels))[::-1]
+        self.level_strides = [32 // 2 ** i for i in range(levels)]
+        blocks = []
+        prev = 0
+        for level, k in enumerate(kernel_sizes):
+            cin = prev + skip_channels[level] + 2
+            if level == levels - 1:
+                cout = num_classes
+            else:
+                cout = level_channels[level] if level_channels is not None else skip_channels[level]
+            if k == 3 and decoder == "v0_1":
+                blocks.append(ChainedMetaBlock(cin, cout, expand_ratio, backend=backend))
+            elif k in (1, 3):
+                blocks.append(MetaBlock(cin, cout, expand_ratio=expand_ratio, kernel_size=k, backend=backend))
+            else:
+                raise ValueError(f"kernel_sizes entries must be 1 or 3, got {k} at level {level}")
+            prev = cout
+        self.decoder = nn.ModuleList(blocks)
+        # public v1_0 adds a residual when a meta block keeps the channel count (never in the configs)
+        self._residual = [b.kernel_size == 3 and b.in_channels == b.out_channels for b in blocks]
+
+        layout = "disjoint" if signal_slicing == "disjoint" else public_signal_layout
+        unify_from = None if unify_level is None else unify_level - 1
+        self.weight_mapper = WeightMapper(self.context_head.out_channels, [b.weight_numel for b in blocks],
+                                          weight_groups, unit=signal_unit, slicing=layout, unify_from=unify_from,
+                                          round_counts=round_weight_counts)
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def input_multiple(self) -> int:
+        """Height and width of inputs must be multiples of this (the context head halves the
+        stride-32 map ``context_levels - 1`` times)."""
+        return self.context_head.input_multiple
+
+    @property
+    def output_stride(self) -> int:
+        """Stride of the decoder's last level (2 for 5 levels, 1 for 6)."""
+        return self.level_strides[-1]
+
+    @property
+    def attn_channels(self) -> int:
+        """Channels of the ``attn_features`` of :meth:`forward_features_and_logits`."""
+        return self.decoder[self._attn_level()].in_channels
+
+    def _attn_level(self) -> int:
+        strides = self.level_strides
+        return strides.index(4) if 4 in strides else len(strides) - 1
+
+    def check_input(self, x: Tensor):
+        if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] != self.in_channels:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"{self.name}: input must be a (B, {self.in_channels}, H, W) tensor, got {shape}")
+        H, W = x.shape[-2:]
+        m = self.input_multiple
+        if H % m or W % m or H == 0 or W == 0:
+            raise ValueError(f"{self.name}: input size {H}x{W} (HxW) is not supported: height and width must be "
+                             f"multiples of {m} (patch grid H/32 x W/32, and the context head halves it "
+                             f"{int(math.log2(m // 32))} time(s)); pad or resize, e.g. to "
+                             f"{-(-H // m) * m}x{-(-W // m) * m}")
+
+    # ------------------------------------------------------------------------------------------
+    def generate_weights(self, x: Tensor):
+        """Encoder + context head + weight mapper: (skip features, per-level weights, phi)."""
+        feats, signal = self.encoder(x)
+        phi = self.context_head(signal)
+        return feats, self.weight_mapper(phi), phi
+
+    def _decode(self, x: Tensor, feats: List[Tensor], weights: List[Tensor], attn_level: int = -1):
+        skips = [x] + list(feats)
+        p = None
+        attn = None
+        for level, block in enumerate(self.decoder):
+            s = skips[-level - 1]
+            if p is None:
+                p = s
+            else:
+                if p.shape[-2:] != s.shape[-2:]:
+                    p = F.interpolate(p, size=s.shape[-2:], mode="bilinear", align_corners=False)
+                p = torch.cat((s, p), 1)
+            p = torch.cat((image_coordinates(p), p), 1)
+            if level == attn_level:
+                attn = p
+            y = block(p, weights[level])
+            p = p + y if self._residual[level] else y
+        return p, attn
+
+    def forward_features_and_logits(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        """For multi-scale attention (HMSA) wrappers.
+
+        Returns ``(logits, attn_features)``:
+
+        * ``logits``: (B, num_classes, H/s, W/s), the decoder's output *before* the final bilinear
+          upsampling, at the model's :attr:`output_stride` s (2 for the 5-level models, 1 -- i.e. full
+          resolution -- for the 6-level CamVid-L and VOC models);
+        * ``attn_features``: the decoder's level input at stride 4 (B, :attr:`attn_channels`, H/4, W/4):
+          cat(x-coord, y-coord, encoder stride-4 skip, upsampled decoder state); a cheap feature map for
+          an attention head.
+        """
+        self.check_input(x)
+        feats, weights, _ = self.generate_weights(x)
+        return self._decode(x, feats, weights, attn_level=self._attn_level())
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, in_channels, H, W) -> logits (B, num_classes, H, W)."""
+        self.check_input(x)
+        feats, weights, _ = self.generate_weights(x)
+        logits, _ = self._decode(x, feats, weights)
+        if logits.shape[-2:] != x.shape[-2:]:
+            logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return logits
+
+    def set_backend(self, backend: str) -> "HyperSeg":
+        """Switch the dynamic ops of every decoder block to ``backend`` (same weights). Returns self."""
+        self.backend = backend
+        for block in self.decoder:
+            block.backend = backend
+        return self
+
+    # ------------------------------------------------------------------------------------------
+    def decoder_macs(self, height: int, width: int, batch: int = 1) -> Dict[str, int]:
+        """Multiply-accumulates of the dynamic decoder layers, counted analytically (the custom ops are
+        invisible to ``torch.utils.flop_counter``). A v1_0 meta block's pw1 runs on every patch's
+        1-pixel halo as well; v0_1 / 1x1 levels run on the pixels once."""
+        out = {}
+        gh, gw = height // 32, width // 32
+        for level, (block, s) in enumerate(zip(self.decoder, self.level_strides)):
+            h, w = height // s, width // s
+            cin, cout = block.in_channels, block.out_channels
+            if block.kernel_size == 1:
+                macs = cin * cout * h * w
+            else:
+                hid = block.hidden_channels
+                ph, pw = h // gh, w // gw
+                pw1_pixels = gh * gw * (ph + 2) * (pw + 2) if isinstance(block, MetaBlock) else h * w
+                macs = hid * cin * pw1_pixels + hid * 9 * h * w + cout * hid * h * w
+            out[f"decoder.{level}"] = batch * macs
+        return out
+
+    @torch.no_grad()
+    def fuse(self, example: Optional[Tensor] = None) -> "HyperSeg":
+        """Fold every static BatchNorm that directly follows a convolution (encoder, reducers, context
+        head) into the convolution, in place, for inference; the decoder's BatchNorms are folded by the
+        meta blocks themselves in eval mode. Puts the model in eval mode; verified on ``example`` (or a
+        random input at the smallest legal size). Returns self."""
+        from ._fuse import fold_conv_bn
+
+        self.eval()
+        if example is None:
+            m = self.input_multiple
+            p = next(self.parameters())
+            example = torch.randn(1, self.in_channels, m, 2 * m, device=p.device, dtype=p.dtype)
+        fold_conv_bn(self, example, skip=(self.decoder,))
+        return self
+
+
+# ----------------------------------------------------------------------------------------------
+def hyperseg(num_classes: Optional[int] = None, backbone_weights: Optional[str] = None, **config) -> HyperSeg:
+    """Build a HyperSeg from a config dict (see :mod:`pyseg.models.configs`)."""
+    config = dict(config)
+    for meta in ("dataset", "public_params", "description"):
+        config.pop(meta, None)
+    if num_classes is None:
+        raise ValueError("num_classes is required")
+    return HyperSeg(num_classes=num_classes, backbone_weights=backbone_weights, **config)
+
+
+for _name, _cfg in HYPERSEG_CONFIGS.items():
+    register_model(_name, hyperseg, dict(_cfg, name=_name), DESCRIPTIONS.get(_name, ""))

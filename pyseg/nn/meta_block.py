@@ -1,0 +1,123 @@
+"""``MetaBlock``: HyperSeg's dynamic decoder block with its BatchNorm layers."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..ops.meta_block import meta_block, meta_weight_numel, normalize_meta_args, pointwise_block
+from ..ops.reference import meta_block as _ref
+
+
+def _bn_affine(bn: nn.BatchNorm2d):
+    """Eval-mode BatchNorm as (scale, shift)."""
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shift = -bn.running_mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    return scale, shift
+
+
+def _bn_batch_stats(bn: nn.BatchNorm2d):
+    """A norm callable (see pyseg.ops.reference.meta_block.Norm) applying training-mode BatchNorm whose
+    statistics are taken over the patch pixels (``center``) and applied to every value (halo included)."""
+
+    def f(t, center, cdim):
+        dims = [d for d in range(center.dim()) if d != cdim]
+        mean = center.mean(dims)
+        var = center.var(dims, unbiased=False)
+        if bn.track_running_stats and bn.running_mean is not None:
+            with torch.no_grad():
+                n = center.numel() // center.shape[cdim]
+                bn.num_batches_tracked.add_(1)
+                m = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+                unbiased = var.detach() * (n / max(n - 1, 1))
+                bn.running_mean.lerp_(mean.detach().to(bn.running_mean.dtype), m)
+                bn.running_var.lerp_(unbiased.to(bn.running_var.dtype), m)
+        shape = [1] * t.dim()
+        shape[cdim] = -1
+        y = (t - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + bn.eps)
+        if bn.weight is not None:
+            y = y * bn.weight.reshape(shape) + bn.bias.reshape(shape)
+        return y
+
+    return f
+
+
+class MetaBlock(nn.Module):
+    """HyperSeg decoder block with per-sample, per-patch weights from a hypernetwork.
+
+    ``kernel_size=3``: the v1_0 inverted residual (pw1 on patch + halo -> BN -> ReLU6 -> depthwise 3x3 ->
+    BN -> ReLU6 -> pw2 -> BN), hid = round(expand_ratio * in_channels).
+    ``kernel_size=1``: the 1x1 level (patch-wise 1x1 conv -> BN -> ReLU).
+
+    The block owns its BatchNorm layers (shared by every patch); the dynamic weights are the
+    ``weight`` argument of :meth:`forward`, flat (B, weight_numel, gh, gw).
+
+    * Eval mode (or BN without batch statistics): BN folds into per-channel affines and the fused
+      kernel runs (``backend``).
+    * Training mode with batch statistics: an unfused, differentiable composition. Its BN statistics
+      are computed over the patch pixels only; the public HyperSeg code computes the first BN's
+      statistics over the haloed patches (patch + 1-pixel ring, counting ring pixels once per patch
+      that reads them). The running statistics therefore differ slightly from the public code for
+      tiny patches; the eval-mode arithmetic is identical.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, expand_ratio: float = 2, kernel_size: int = 3,
+                 backend: str = "auto", eps: float = 1e-5, momentum: float = 0.1):
+        super().__init__()
+        if kernel_size not in (1, 3):
+            raise ValueError(f"kernel_size must be 1 (pointwise level) or 3 (meta block), got {kernel_size}")
+        if in_channels <= 0 or out_channels <= 0:
+            raise ValueError(f"in_channels and out_channels must be positive, got {in_channels}, {out_channels}")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = kernel_size
+        self.expand_ratio = expand_ratio
+        self.backend = backend
+        if kernel_size == 3:
+            self.hidden_channels = int(round(in_channels * expand_ratio))
+            self.bn1 = nn.BatchNorm2d(self.hidden_channels, eps=eps, momentum=momentum)
+            self.bn2 = nn.BatchNorm2d(self.hidden_channels, eps=eps, momentum=momentum)
+            self.bn3 = nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum)
+        else:
+            self.hidden_channels = 0
+            self.bn = nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum)
+
+    @property
+    def weight_numel(self) -> int:
+        """Dynamic weights per patch the hypernetwork must produce."""
+        if self.kernel_size == 1:
+            return self.out_channels * self.in_channels
+        return meta_weight_numel(self.in_channels, self.hidden_channels, self.out_channels)
+
+    def _uses_batch_stats(self, bn):
+        return self.training or not bn.track_running_stats or bn.running_mean is None
+
+    def forward(self, x: Tensor, weight: Tensor) -> Tensor:
+        if weight.dim() != 4 or weight.shape[1] != self.weight_numel:
+            raise ValueError(f"weight must have shape (B, weight_numel={self.weight_numel}, gh, gw) for {self}, "
+                             f"got {tuple(weight.shape)}")
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"x must have shape (B, {self.in_channels}, H, W) for {self}, got {tuple(x.shape)}")
+        if self.kernel_size == 1:
+            if self._uses_batch_stats(self.bn):
+                from ..ops.patchwise_conv2d import patchwise_conv2d
+
+                y = patchwise_conv2d(x, weight, None, backend=self.backend, kernel_size=1)
+                return torch.relu(self.bn(y))
+            return pointwise_block(x, weight, _bn_affine(self.bn), backend=self.backend)
+        if any(self._uses_batch_stats(bn) for bn in (self.bn1, self.bn2, self.bn3)):
+            w1, w2, w3 = normalize_meta_args(x, weight, self.hidden_channels, self.out_channels)
+            norms = [_bn_batch_stats(bn) if self._uses_batch_stats(bn) else _ref.affine_norm(*_bn_affine(bn))
+                     for bn in (self.bn1, self.bn2, self.bn3)]
+            return _ref.meta_block_staged(x, w1, w2, w3, *norms)
+        return meta_block(x, weight, self.hidden_channels, self.out_channels, _bn_affine(self.bn1),
+                              _bn_affine(self.bn2), _bn_affine(self.bn3), backend=self.backend)
+
+    def extra_repr(self) -> str:
+        s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}"
+        if self.kernel_size == 3:
+            s += f", hidden_channels={self.hidden_channels}"
+        return s

@@ -1,0 +1,147 @@
+"""HyperSeg meta block (fused pw-dw-pw per patch) and the 1x1 level block: public functions.
+
+See :mod:`pyseg.ops.reference.meta_block` for the exact semantics.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from .._backends import resolve_backend
+from . import reference
+from ._utils import check_same, check_tensor
+
+__all__ = ["meta_block", "pointwise_block", "normalize_meta_args", "meta_weight_numel"]
+
+OP = "meta_block"
+
+Affine = Optional[Tuple[Optional[Tensor], Optional[Tensor]]]
+
+
+def meta_weight_numel(in_channels: int, hidden_channels: int, out_channels: int) -> int:
+    """Weights per patch of a 3x3 meta block: hid*Cin + 9*hid + Cout*hid."""
+    return hidden_channels * in_channels + 9 * hidden_channels + out_channels * hidden_channels
+
+
+def _check_affine(affine, name, channels, x):
+    if affine is None:
+        return None, None
+    if not isinstance(affine, (tuple, list)) or len(affine) != 2:
+        raise TypeError(f"{name} must be a (scale, shift) pair of ({channels},) tensors or None")
+    out = []
+    for t, part in zip(affine, ("scale", "shift")):
+        if t is None:
+            out.append(None)
+            continue
+        check_tensor(t, f"{name} {part}", ndim=1)
+        check_same(x, "x", t, f"{name} {part}")
+        if t.shape[0] != channels:
+            raise ValueError(f"{name} {part} must have shape ({channels},), got {tuple(t.shape)}")
+        out.append(t)
+    return tuple(out)
+
+
+def normalize_meta_args(x, weight, hidden_channels=None, out_channels=None):
+    """Validate x and the weights; returns (w1, w2, w3) views of shapes
+    (B, hid, Cin, gh, gw), (B, hid, 3, 3, gh, gw), (B, Cout, hid, gh, gw)."""
+    check_tensor(x, "x", ndim=4)
+    B, Cin, H, W = x.shape
+    if B == 0:
+        raise ValueError("x has an empty batch (shape[0] == 0)")
+    if min(Cin, H, W) <= 0:
+        raise ValueError(f"x must have non-empty channel and spatial dims, got shape {tuple(x.shape)}")
+    if isinstance(weight, (tuple, list)):
+        if len(weight) != 3:
+            raise ValueError("weight as a sequence must be (w1, w2, w3)")
+        w1, w2, w3 = weight
+        for t, n, nd in ((w1, "w1", 5), (w2, "w2", 6), (w3, "w3", 5)):
+            check_tensor(t, n, ndim=nd)
+            check_same(x, "x", t, n)
+        hid, Cout = w1.shape[1], w3.shape[1]
+        gh, gw = w1.shape[-2:]
+        if tuple(w1.shape) != (B, hid, Cin, gh, gw):
+            raise ValueError(f"w1 must have shape (B={B}, hid, Cin={Cin}, gh, gw), got {tuple(w1.shape)}")
+        if tuple(w2.shape) != (B, hid, 3, 3, gh, gw):
+            raise ValueError(f"w2 must have shape {(B, hid, 3, 3, gh, gw)}, got {tuple(w2.shape)}")
+        if tuple(w3.shape) != (B, Cout, hid, gh, gw):
+            raise ValueError(f"w3 must have shape (B={B}, Cout, hid={hid}, gh={gh}, gw={gw}), got {tuple(w3.shape)}")
+    else:
+        check_tensor(weight, "weight", ndim=4)
+        check_same(x, "x", weight, "weight")
+        Bw, N, gh, gw = weight.shape
+        if Bw != B:
+            raise ValueError(f"weight has batch {Bw} but x has batch {B}")
+        if hidden_channels is None and out_channels is None:
+            hidden_channels = int(round(2 * Cin))
+        if hidden_channels is None:
+            hidden_channels, rem = divmod(N, Cin + 9 + out_channels)
+            if rem:
+                raise ValueError(f"flat weight has {N} values per patch; not hid*(Cin+9+Cout) for Cin={Cin}, "
+                                 f"Cout={out_channels}")
+        hid = hidden_channels
+        if out_channels is None:
+            out_channels, rem = divmod(N - hid * (Cin + 9), hid)
+            if rem or out_channels <= 0:
+                raise ValueError(f"flat weight has {N} values per patch; expected hid*Cin + 9*hid + Cout*hid "
+                                 f"with Cin={Cin}, hid={hid}")
+        Cout = out_channels
+        if N != meta_weight_numel(Cin, hid, Cout):
+            raise ValueError(f"weight must have shape (B, {meta_weight_numel(Cin, hid, Cout)}, gh, gw) for "
+                             f"Cin={Cin}, hid={hid}, Cout={Cout}, got {tuple(weight.shape)}")
+        w1, w2, w3 = reference.meta_block.split_meta_weight(weight, Cin, hid, Cout)
+    if gh > H or gw > W:
+        raise ValueError(f"weight grid {gh}x{gw} is larger than the input {H}x{W}")
+    if H < 2 or W < 2:
+        raise ValueError(f"the meta block's reflect padding needs H, W >= 2, got {H}x{W}")
+    return w1, w2, w3
+
+
+def meta_block(x: Tensor, weight: Union[Tensor, Sequence[Tensor]], hidden_channels: Optional[int] = None,
+               out_channels: Optional[int] = None, affine1: Affine = None, affine2: Affine = None,
+               affine3: Affine = None, backend: str = "auto") -> Tensor:
+    """HyperSeg meta block: per patch pw1 (on patch + 1-px halo) -> affine -> ReLU6 -> depthwise 3x3 ->
+    affine -> ReLU6 -> pw2 -> affine.
+
+    Args:
+        x: (B, Cin, H, W).
+        weight: flat (B, hid*Cin + 9*hid + Cout*hid, gh, gw) laid out [W1 hid x Cin | W2 hid x 3 x 3 |
+            W3 Cout x hid] (what a hypernetwork emits), or a tuple (w1, w2, w3) of shapes
+            (B, hid, Cin, gh, gw), (B, hid, 3, 3, gh, gw), (B, Cout, hid, gh, gw).
+        hidden_channels, out_channels: needed to split a flat weight (hid defaults to round(2*Cin)).
+        affine1, affine2, affine3: (scale, shift) per channel after each stage (folded eval BatchNorm),
+            shapes (hid,), (hid,), (Cout,); None = identity.
+        backend: "auto", "reference", "cpu", "cuda" or "triton".
+    Returns:
+        (B, Cout, H, W).
+    """
+    w1, w2, w3 = normalize_meta_args(x, weight, hidden_channels, out_channels)
+    hid, Cout = w1.shape[1], w3.shape[1]
+    a1 = _check_affine(affine1, "affine1", hid, x)
+    a2 = _check_affine(affine2, "affine2", hid, x)
+    a3 = _check_affine(affine3, "affine3", Cout, x)
+    be = resolve_backend(backend, x.device, OP)
+    if be == "reference":
+        return reference.meta_block.meta_block(x, w1, w2, w3, *a1, *a2, *a3)
+    raise RuntimeError(f"meta_block backend {be!r} is not implemented")
+
+
+def pointwise_block(x: Tensor, weight: Tensor, affine: Affine = None, backend: str = "auto") -> Tensor:
+    """HyperSeg's 1x1 level: patch-wise 1x1 conv -> per-channel affine -> ReLU.
+
+    weight: flat (B, Cout*Cin, gh, gw) or (B, Cout, Cin, gh, gw); affine: (scale, shift) of (Cout,).
+    """
+    from .patchwise_conv2d import patchwise_conv2d
+
+    check_tensor(x, "x", ndim=4)
+    check_tensor(weight, "weight", ndim=(4, 5))
+    Cin = x.shape[1]
+    if weight.dim() == 5:
+        weight = weight.reshape(weight.shape[0], -1, *weight.shape[-2:])
+    if weight.shape[1] % Cin:
+        raise ValueError(f"weight must have shape (B, Cout*Cin, gh, gw) with Cin={Cin}, got {tuple(weight.shape)}")
+    Cout = weight.shape[1] // Cin
+    scale, shift = _check_affine(affine, "affine", Cout, x) if affine is not None else (None, None)
+    y = patchwise_conv2d(x, weight, None, backend=backend, kernel_size=1)
+    return torch.relu(reference.meta_block.affine_norm(scale, shift)(y, y, 1))
