@@ -356,3 +356,19 @@ def test_deeplab_pretrained_path(tmp_path):
 def test_wrapper_rejects_models_without_protocol():
     with pytest.raises(TypeError, match="forward_features_and_logits"):
         pyseg.nn.MultiScaleAttention(torch.nn.Conv2d(3, 3, 1))
+
+
+def test_hmsa_hyperseg_m_wrapper():
+    from pyseg.models import create_model, list_models
+
+    assert "hmsa-hyperseg-m" in list_models()
+    m = create_model("hmsa-hyperseg-m", attn_mid_channels=8)
+    m.eval()
+    assert m.scaled_size((64, 128), 0.5) == (64, 64) and m.scaled_size((128, 128), 2.0) == (256, 256)
+    m.set_scales((0.5, 1.0))
+    with torch.no_grad():
+        y = m(torch.randn(1, 3, 128, 128))
+    assert y.shape == (1, 19, 128, 128) and torch.isfinite(y).all()
+    groups = m.set_stage(2)
+    assert [g["name"] for g in groups] == ["attention"]
+    assert not any(p.requires_grad for p in m.model.encoder.parameters())

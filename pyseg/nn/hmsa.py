@@ -7,11 +7,14 @@ Protocol for a wrapped segmentation model (any ``nn.Module``):
   they may differ in resolution: the attention is resized to the logit grid by the fusion op);
 * ``attn_channels`` (int): F, the channels of ``attn_features``
   (or pass ``attn_in_channels=`` to :class:`MultiScaleAttention`);
-* ``trunk`` (nn.Module): the backbone, for the staged training helpers; every parameter of the
-  model outside ``trunk`` counts as the segmentation head. A model may instead define
-  ``trunk_parameters()`` and ``head_parameters()``.
+* ``trunk`` (or ``encoder``) (nn.Module): the backbone, for the staged training helpers; every
+  parameter of the model outside it counts as the segmentation head. A model may instead define
+  ``trunk_parameters()`` and ``head_parameters()``;
+* optional ``input_multiple`` (int): input height/width must be multiples of it (HyperSeg); the
+  per-scale input sizes are then rounded to the nearest multiple (at least one multiple).
 
 Each scale s runs the wrapped model on the input bilinearly resized to (round(H*s), round(W*s))
+(or the nearest multiple of ``input_multiple``)
 (align_corners=False, no antialias); the attention head gives a_s = sigmoid(head(features)); the
 per-scale logits and attention maps are fused by :func:`pyseg.nn.functional.hmsa_fuse` straight to
 the input resolution (the fused kernels never build per-scale full-resolution logits).
@@ -99,13 +102,19 @@ class MultiScaleAttention(nn.Module):
     def active_scales(self):
         return self.train_scales if self.training else self.scales
 
+    def scaled_size(self, size, s):
+        """Input size of scale s for an input of ``size`` (H, W)."""
+        m = getattr(self.model, "input_multiple", None)
+        m = m if isinstance(m, int) and m > 1 else 1
+        return tuple(max(m, m * round(v * s / m)) for v in size)
+
     def _per_scale(self, x, scales):
-        H, W = x.shape[-2:]
         top = max(scales)
         logits, attns = [], []
         for s in scales:
-            xs = x if s == 1.0 else F.interpolate(
-                x, size=(max(1, round(H * s)), max(1, round(W * s))), mode="bilinear", align_corners=False)
+            size = self.scaled_size(x.shape[-2:], s)
+            xs = x if tuple(x.shape[-2:]) == size else F.interpolate(
+                x, size=size, mode="bilinear", align_corners=False)
             lg, feats = self.model.forward_features_and_logits(xs)
             logits.append(lg)
             attns.append(None if s == top else self.attention(feats))  # the top's attention is unused
@@ -132,7 +141,9 @@ class MultiScaleAttention(nn.Module):
             return list(self.model.trunk_parameters())
         trunk = getattr(self.model, "trunk", None)
         if not isinstance(trunk, nn.Module):
-            raise TypeError(f"{type(self.model).__name__} has no `trunk` module nor trunk_parameters(); "
+            trunk = getattr(self.model, "encoder", None)
+        if not isinstance(trunk, nn.Module):
+            raise TypeError(f"{type(self.model).__name__} has no `trunk`/`encoder` module nor trunk_parameters(); "
                             "staged training needs one")
         return list(trunk.parameters())
 
