@@ -2,5 +2,6 @@
 from . import reference
 from .meta_block import meta_block, pointwise_block
 from .patchwise_conv2d import patchwise_conv2d
+from .hmsa_fuse import hmsa_fuse
 
-__all__ = ["reference", "patchwise_conv2d", "meta_block", "pointwise_block"]
+__all__ = ["reference", "patchwise_conv2d", "meta_block", "pointwise_block", "hmsa_fuse"]

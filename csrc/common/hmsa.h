@@ -1,0 +1,245 @@
+// Hierarchical multi-scale attention (HMSA) fusion: per-pixel math shared by the CPU and CUDA
+// kernels (all __host__ __device__). See pyseg/ops/hmsa_fuse.py for the semantics.
+#pragma once
+
+#include <cstdint>
+
+#include "common/bilinear.h"
+
+namespace pyseg {
+
+// ---------------------------------------------------------------------------------------------
+// Hierarchical multi-scale attention: the per-output-pixel stencil.
+//
+// Bilinear resampling is linear and the HMSA recurrence is linear in the logits with
+// coefficients that depend only on the attention maps, so every fused output value is
+//   out[b, c, oy, ox] = sum_j coef_j * p_{k_j}[b, c, off_j]
+// with (k_j, off_j, coef_j) independent of the class c. hmsa_build_stencil computes this list
+// exactly (the composition of the bilinear samplers of the recurrence); the kernels then loop
+// over classes with a gather-dot. Taps of weight exactly 0 are skipped (identical for finite
+// inputs).
+// ---------------------------------------------------------------------------------------------
+constexpr int HMSA_MAX_SCALES = 8;
+
+template <typename scalar_t>
+struct HmsaArgs {
+  // scales sorted strictly descending; index `one` holds scale 1.0. Pointers are to sample 0.
+  const scalar_t* p[HMSA_MAX_SCALES];  // logits (B, C, h, w) contiguous
+  const scalar_t* a[HMSA_MAX_SCALES];  // attention (B, 1, ha, wa) contiguous; unused for k = 0
+  int64_t h[HMSA_MAX_SCALES], w[HMSA_MAX_SCALES], ha[HMSA_MAX_SCALES], wa[HMSA_MAX_SCALES];
+  int n, one;
+  int64_t B, C, out_h, out_w;
+};
+
+template <typename acc_t>
+struct HmsaTerm {
+  int k;        // scale index
+  int64_t off;  // y * w_k + x within one class plane of sample b
+  acc_t coef;
+};
+
+// Upper bound on the stencil length for n scales with 1.0 at index `one`.
+PYSEG_HD int64_t hmsa_max_terms(int n, int one) {
+  int64_t high = 1;  // terms of the chain top..one: t(0) = 1, t(k) = 1 + 4 t(k-1)
+  for (int k = 1; k <= one; ++k) high = 1 + 4 * high;
+  return 4 * (high + 4 * static_cast<int64_t>(n - 1 - one));
+}
+
+// Attention of scale k (sample b) at pixel (y, x) of its logit grid.
+template <typename acc_t, typename scalar_t>
+PYSEG_HD acc_t hmsa_att(const HmsaArgs<scalar_t>& A, int k, int64_t b, int64_t y, int64_t x) {
+  const scalar_t* m = A.a[k] + b * A.ha[k] * A.wa[k];
+  return bilinear_sample<acc_t>(m, A.ha[k], A.wa[k], A.h[k], A.w[k], y, x);
+}
+
+// Append the terms of the 1.0-resolution prediction at pixel (y, x) times `coef` to t[*n_terms..].
+template <typename acc_t, typename scalar_t>
+PYSEG_HD void hmsa_add_r1(const HmsaArgs<scalar_t>& A, int64_t b, int64_t y, int64_t x, acc_t coef,
+                          HmsaTerm<acc_t>* t, int64_t* n_terms) {
+  const int one = A.one;
+  const int64_t h1 = A.h[one], w1 = A.w[one];
+  // low scales, innermost (applied last) first: pred = U(a p) + (1 - U(a)) pred
+  acc_t g = coef;
+  for (int l = A.n - 1; l > one; --l) {
+    const LinearTap<acc_t> ty = linear_tap<acc_t>(y, A.h[l], h1);
+    const LinearTap<acc_t> tx = linear_tap<acc_t>(x, A.w[l], w1);
+    const int64_t ys[2] = {ty.i0, ty.i1};
+    const int64_t xs[2] = {tx.i0, tx.i1};
+    const acc_t wy[2] = {ty.l0, ty.l1};
+    const acc_t wx[2] = {tx.l0, tx.l1};
+    acc_t ua = 0;
+    for (int i = 0; i < 2; ++i) {
+      acc_t row = 0;
+      for (int j = 0; j < 2; ++j) {
+        const acc_t att = hmsa_att<acc_t>(A, l, b, ys[i], xs[j]);
+        row += wx[j] * att;
+        const acc_t wgt = wy[i] * wx[j];
+        if (wgt != static_cast<acc_t>(0)) {
+          t[*n_terms].k = l;
+          t[*n_terms].off = ys[i] * A.w[l] + xs[j];
+          t[*n_terms].coef = g * (wgt * att);
+          ++*n_terms;
+        }
+      }
+      ua += wy[i] * row;
+    }
+    g = g * (static_cast<acc_t>(1) - ua);
+  }
+  // chain of scales >= 1, breadth first, in place: pred_k = a_k p_k + (1 - a_k) D(pred_{k-1})
+  int64_t seg_begin = *n_terms;
+  t[*n_terms].k = one;
+  t[*n_terms].off = y * w1 + x;
+  t[*n_terms].coef = g;
+  ++*n_terms;
+  for (int k = one; k >= 1; --k) {
+    const int64_t seg_end = *n_terms;
+    for (int64_t i = seg_begin; i < seg_end; ++i) {
+      const int64_t yy = t[i].off / A.w[k], xx = t[i].off % A.w[k];
+      const acc_t c = t[i].coef;
+      const acc_t att = hmsa_att<acc_t>(A, k, b, yy, xx);
+      t[i].coef = c * att;
+      const acc_t c2 = c * (static_cast<acc_t>(1) - att);
+      const LinearTap<acc_t> ty = linear_tap<acc_t>(yy, A.h[k - 1], A.h[k]);
+      const LinearTap<acc_t> tx = linear_tap<acc_t>(xx, A.w[k - 1], A.w[k]);
+      const int64_t ys[2] = {ty.i0, ty.i1};
+      const int64_t xs[2] = {tx.i0, tx.i1};
+      const acc_t wy[2] = {ty.l0, ty.l1};
+      const acc_t wx[2] = {tx.l0, tx.l1};
+      for (int p = 0; p < 2; ++p)
+        for (int q = 0; q < 2; ++q) {
+          const acc_t wgt = wy[p] * wx[q];
+          if (wgt == static_cast<acc_t>(0)) continue;
+          t[*n_terms].k = k - 1;
+          t[*n_terms].off = ys[p] * A.w[k - 1] + xs[q];
+          t[*n_terms].coef = c2 * wgt;
+          ++*n_terms;
+        }
+    }
+    seg_begin = seg_end;
+  }
+}
+
+// The full stencil of output pixel (oy, ox) of sample b; returns its length.
+template <typename acc_t, typename scalar_t>
+PYSEG_HD int64_t hmsa_build_stencil(const HmsaArgs<scalar_t>& A, int64_t b, int64_t oy, int64_t ox,
+                                    HmsaTerm<acc_t>* t) {
+  const int64_t h1 = A.h[A.one], w1 = A.w[A.one];
+  const LinearTap<acc_t> ty = linear_tap<acc_t>(oy, h1, A.out_h);
+  const LinearTap<acc_t> tx = linear_tap<acc_t>(ox, w1, A.out_w);
+  const int64_t ys[2] = {ty.i0, ty.i1};
+  const int64_t xs[2] = {tx.i0, tx.i1};
+  const acc_t wy[2] = {ty.l0, ty.l1};
+  const acc_t wx[2] = {tx.l0, tx.l1};
+  int64_t n_terms = 0;
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 2; ++j) {
+      const acc_t wgt = wy[i] * wx[j];
+      if (wgt == static_cast<acc_t>(0)) continue;
+      hmsa_add_r1<acc_t>(A, b, ys[i], xs[j], wgt, t, &n_terms);
+    }
+  return n_terms;
+}
+
+// Value of class c for a stencil of sample b.
+template <typename acc_t, typename scalar_t>
+PYSEG_HD acc_t hmsa_eval(const HmsaArgs<scalar_t>& A, int64_t b, int64_t c, const HmsaTerm<acc_t>* t,
+                         int64_t n_terms) {
+  acc_t acc = 0;
+  for (int64_t j = 0; j < n_terms; ++j) {
+    const int k = t[j].k;
+    const int64_t plane = A.h[k] * A.w[k];
+    acc += t[j].coef * static_cast<acc_t>(A.p[k][(b * A.C + c) * plane + t[j].off]);
+  }
+  return acc;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward of the two-scale training form, scales (s, 1.0) with s < 1 (HmsaArgs with n = 2,
+// one = 0, index 1 = the low scale):
+//   Al = R(a) (attention at the low logit grid), m = Al * pl, UA = U(Al),
+//   P = U(m) + (1 - UA) * p1,  out = F(P)  (F: 1.0 grid -> out_size).
+// Adjoints are gathers (CSR per axis, see linear_adjoint_csr), so there are no atomics and the
+// result is deterministic. Three pixel passes:
+//   r1 pass  (1.0 grid):  gP = F^T g;  g_p1 = (1 - UA) gP;  gUA = -sum_c p1 gP
+//   low pass (low grid):  gm = U^T gP;  g_pl = Al gm;  gAl = sum_c pl gm + U^T gUA
+//   att pass (raw attention grid): g_a = R^T gAl
+// ---------------------------------------------------------------------------------------------
+template <typename acc_t>
+struct AxisCsr {
+  const int64_t* ptr;  // (in + 1)
+  const int64_t* idx;  // output coordinates
+  const acc_t* wt;
+};
+
+template <typename acc_t, typename src_t>
+PYSEG_HD acc_t csr_gather_2d(const src_t* grad, int64_t grad_w, const AxisCsr<acc_t>& ch,
+                             const AxisCsr<acc_t>& cw, int64_t y, int64_t x) {
+  return adjoint_gather_2d<acc_t>(grad, grad_w, ch.ptr, ch.idx, ch.wt, cw.ptr, cw.idx, cw.wt, y, x);
+}
+
+// UA = U(Al) at 1.0-grid pixel (y, x) of sample b.
+template <typename acc_t, typename scalar_t>
+PYSEG_HD acc_t hmsa2_ua(const HmsaArgs<scalar_t>& A, int64_t b, int64_t y, int64_t x) {
+  const LinearTap<acc_t> ty = linear_tap<acc_t>(y, A.h[1], A.h[0]);
+  const LinearTap<acc_t> tx = linear_tap<acc_t>(x, A.w[1], A.w[0]);
+  const acc_t r0 = tx.l0 * hmsa_att<acc_t>(A, 1, b, ty.i0, tx.i0) + tx.l1 * hmsa_att<acc_t>(A, 1, b, ty.i0, tx.i1);
+  const acc_t r1 = tx.l0 * hmsa_att<acc_t>(A, 1, b, ty.i1, tx.i0) + tx.l1 * hmsa_att<acc_t>(A, 1, b, ty.i1, tx.i1);
+  return ty.l0 * r0 + ty.l1 * r1;
+}
+
+// r1 pass for 1.0-grid pixel (y, x) of sample b. gP: (B, C, h1, w1) acc scratch; g_p1 like p1;
+// g_ua: (B, h1, w1) acc scratch. csr_h / csr_w: adjoint of the 1.0 grid -> out_size resize.
+template <typename acc_t, typename scalar_t>
+PYSEG_HD void hmsa2_bwd_r1_pixel(const HmsaArgs<scalar_t>& A, const scalar_t* grad_out,
+                                 const AxisCsr<acc_t>& csr_h, const AxisCsr<acc_t>& csr_w, int64_t b,
+                                 int64_t y, int64_t x, acc_t* gP, scalar_t* g_p1, acc_t* g_ua) {
+  const int64_t h1 = A.h[0], w1 = A.w[0], plane = h1 * w1, oplane = A.out_h * A.out_w;
+  const acc_t keep = static_cast<acc_t>(1) - hmsa2_ua<acc_t>(A, b, y, x);
+  acc_t gu = 0;
+  for (int64_t c = 0; c < A.C; ++c) {
+    const int64_t bc = b * A.C + c;
+    const acc_t g = csr_gather_2d<acc_t>(grad_out + bc * oplane, A.out_w, csr_h, csr_w, y, x);
+    const int64_t o = bc * plane + y * w1 + x;
+    gP[o] = g;
+    g_p1[o] = static_cast<scalar_t>(keep * g);
+    gu -= static_cast<acc_t>(A.p[0][o]) * g;
+  }
+  g_ua[b * plane + y * w1 + x] = gu;
+}
+
+// low pass for low-grid pixel (y, x) of sample b. csr_h / csr_w: adjoint of low -> 1.0 grid.
+// g_al_grid: (B, hl, wl) acc scratch (gradient of Al).
+template <typename acc_t, typename scalar_t>
+PYSEG_HD void hmsa2_bwd_low_pixel(const HmsaArgs<scalar_t>& A, const acc_t* gP, const acc_t* g_ua,
+                                  const AxisCsr<acc_t>& csr_h, const AxisCsr<acc_t>& csr_w, int64_t b,
+                                  int64_t y, int64_t x, scalar_t* g_pl, acc_t* g_al_grid) {
+  const int64_t h1 = A.h[0], w1 = A.w[0], plane1 = h1 * w1;
+  const int64_t wl = A.w[1], planel = A.h[1] * wl;
+  const acc_t al = hmsa_att<acc_t>(A, 1, b, y, x);
+  acc_t ga = csr_gather_2d<acc_t>(g_ua + b * plane1, w1, csr_h, csr_w, y, x);
+  for (int64_t c = 0; c < A.C; ++c) {
+    const int64_t bc = b * A.C + c;
+    const acc_t gm = csr_gather_2d<acc_t>(gP + bc * plane1, w1, csr_h, csr_w, y, x);
+    const int64_t o = bc * planel + y * wl + x;
+    g_pl[o] = static_cast<scalar_t>(al * gm);
+    ga += static_cast<acc_t>(A.p[1][o]) * gm;
+  }
+  g_al_grid[b * planel + y * wl + x] = ga;
+}
+
+// att pass for raw attention pixel (y, x) of sample b. csr_h / csr_w: adjoint of the raw
+// attention -> low logit grid resize (identity when the sizes agree).
+template <typename acc_t, typename scalar_t>
+PYSEG_HD void hmsa2_bwd_att_pixel(const HmsaArgs<scalar_t>& A, const acc_t* g_al_grid,
+                                  const AxisCsr<acc_t>& csr_h, const AxisCsr<acc_t>& csr_w, int64_t b,
+                                  int64_t y, int64_t x, scalar_t* g_a) {
+  const int64_t hl = A.h[1], wl = A.w[1], ha = A.ha[1], wa = A.wa[1];
+  acc_t v;
+  if (ha == hl && wa == wl)
+    v = g_al_grid[b * hl * wl + y * wl + x];
+  else
+    v = csr_gather_2d<acc_t>(g_al_grid + b * hl * wl, wl, csr_h, csr_w, y, x);
+  g_a[b * ha * wa + y * wa + x] = static_cast<scalar_t>(v);
+}
+
+}  // namespace pyseg

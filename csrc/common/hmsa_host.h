@@ -1,0 +1,129 @@
+// Host-side helpers of the hmsa_fuse op shared by csrc/cpu/hmsa_fuse.cpp and
+// csrc/cuda/hmsa_fuse.cu: argument checks, packing into HmsaArgs, adjoint CSR tables.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <vector>
+
+#include "common/hmsa.h"
+
+namespace pyseg {
+
+// Checks the op's contract (the Python front end gives friendlier messages first) and returns
+// contiguous copies; `one` is set to the index of scale 1.0.
+inline void hmsa_check(const std::vector<at::Tensor>& logits,
+                       const std::vector<at::Tensor>& attentions,
+                       const std::vector<double>& scales, at::IntArrayRef out_size, int* one,
+                       std::vector<at::Tensor>* p, std::vector<at::Tensor>* a) {
+  const int64_t n = static_cast<int64_t>(logits.size());
+  TORCH_CHECK(n >= 1 && n <= HMSA_MAX_SCALES, "hmsa_fuse: 1 to ", HMSA_MAX_SCALES, " scales, got ", n);
+  TORCH_CHECK(static_cast<int64_t>(attentions.size()) == n && static_cast<int64_t>(scales.size()) == n,
+              "hmsa_fuse: logits, attentions and scales must have the same length");
+  TORCH_CHECK(out_size.size() == 2 && out_size[0] > 0 && out_size[1] > 0, "hmsa_fuse: bad out_size");
+  *one = -1;
+  for (int64_t k = 0; k < n; ++k) {
+    if (scales[k] == 1.0) *one = static_cast<int>(k);
+    if (k > 0) TORCH_CHECK(scales[k] < scales[k - 1], "hmsa_fuse: scales must be sorted strictly descending");
+  }
+  TORCH_CHECK(*one >= 0, "hmsa_fuse: scales must contain 1.0");
+  const at::Tensor& p0 = logits[0];
+  TORCH_CHECK(p0.dim() == 4, "hmsa_fuse: logits must be (B, C, h, w)");
+  for (int64_t k = 0; k < n; ++k) {
+    const at::Tensor& t = logits[k];
+    TORCH_CHECK(t.dim() == 4 && t.size(0) == p0.size(0) && t.size(1) == p0.size(1) && t.size(2) > 0 &&
+                    t.size(3) > 0,
+                "hmsa_fuse: logits[", k, "] must be (B, C, h, w) with the batch and classes of logits[0]");
+    TORCH_CHECK(t.dtype() == p0.dtype() && t.device() == p0.device(),
+                "hmsa_fuse: all logits must share dtype and device");
+    p->push_back(t.contiguous());
+    if (k == 0) {
+      a->push_back(at::Tensor());
+      continue;
+    }
+    TORCH_CHECK(attentions[k].defined(), "hmsa_fuse: attentions[", k, "] is undefined");
+    const at::Tensor& at_ = attentions[k];
+    TORCH_CHECK(at_.dim() == 4 && at_.size(0) == p0.size(0) && at_.size(1) == 1 && at_.size(2) > 0 &&
+                    at_.size(3) > 0,
+                "hmsa_fuse: attentions[", k, "] must be (B, 1, h, w)");
+    TORCH_CHECK(at_.dtype() == p0.dtype() && at_.device() == p0.device(),
+                "hmsa_fuse: attentions must share the logits' dtype and device");
+    a->push_back(at_.contiguous());
+  }
+}
+
+template <typename scalar_t>
+inline HmsaArgs<scalar_t> hmsa_pack(const std::vector<at::Tensor>& p, const std::vector<at::Tensor>& a, int one,
+                                    int64_t out_h, int64_t out_w) {
+  HmsaArgs<scalar_t> A{};
+  A.n = static_cast<int>(p.size());
+  A.one = one;
+  A.B = p[0].size(0);
+  A.C = p[0].size(1);
+  A.out_h = out_h;
+  A.out_w = out_w;
+  for (int k = 0; k < A.n; ++k) {
+    A.p[k] = p[k].data_ptr<scalar_t>();
+    A.h[k] = p[k].size(2);
+    A.w[k] = p[k].size(3);
+    if (a[k].defined()) {
+      A.a[k] = a[k].data_ptr<scalar_t>();
+      A.ha[k] = a[k].size(2);
+      A.wa[k] = a[k].size(3);
+    } else {
+      A.a[k] = nullptr;
+      A.ha[k] = A.h[k];
+      A.wa[k] = A.w[k];
+    }
+  }
+  return A;
+}
+
+// Adjoint of resizing an axis of `in_size` samples to `out_size` as CSR over input indices:
+// (ptr int64 [in+1], idx int64 [nnz], wt acc dtype [nnz]) on the CPU; deterministic order.
+template <typename acc_t>
+inline std::vector<at::Tensor> linear_adjoint_csr(int64_t in_size, int64_t out_size, at::ScalarType acc_type) {
+  std::vector<int64_t> count(in_size + 1, 0);
+  for (int64_t j = 0; j < out_size; ++j) {
+    const LinearTap<acc_t> t = linear_tap<acc_t>(j, in_size, out_size);
+    ++count[t.i0 + 1];
+    ++count[t.i1 + 1];
+  }
+  for (int64_t i = 0; i < in_size; ++i) count[i + 1] += count[i];
+  at::Tensor ptr = at::empty({in_size + 1}, at::kLong);
+  at::Tensor idx = at::empty({2 * out_size}, at::kLong);
+  at::Tensor wt = at::empty({2 * out_size}, at::TensorOptions().dtype(acc_type));
+  int64_t* P = ptr.data_ptr<int64_t>();
+  int64_t* I = idx.data_ptr<int64_t>();
+  acc_t* W = wt.data_ptr<acc_t>();
+  std::vector<int64_t> fill(count.begin(), count.end() - 1);
+  for (int64_t i = 0; i <= in_size; ++i) P[i] = count[i];
+  for (int64_t j = 0; j < out_size; ++j) {
+    const LinearTap<acc_t> t = linear_tap<acc_t>(j, in_size, out_size);
+    I[fill[t.i0]] = j;
+    W[fill[t.i0]++] = t.l0;
+    I[fill[t.i1]] = j;
+    W[fill[t.i1]++] = t.l1;
+  }
+  return {ptr, idx, wt};
+}
+
+template <typename acc_t>
+inline AxisCsr<acc_t> axis_csr(const std::vector<at::Tensor>& t) {
+  return AxisCsr<acc_t>{t[0].data_ptr<int64_t>(), t[1].data_ptr<int64_t>(), t[2].data_ptr<acc_t>()};
+}
+
+inline void hmsa2_check_backward(const at::Tensor& grad_out, const at::Tensor& p1, const at::Tensor& pl,
+                                 const at::Tensor& al) {
+  TORCH_CHECK(grad_out.dim() == 4 && p1.dim() == 4 && pl.dim() == 4 && al.dim() == 4,
+              "hmsa_fuse_backward: 4-D tensors expected");
+  TORCH_CHECK(grad_out.size(0) == p1.size(0) && grad_out.size(1) == p1.size(1) && pl.size(0) == p1.size(0) &&
+                  pl.size(1) == p1.size(1) && al.size(0) == p1.size(0) && al.size(1) == 1,
+              "hmsa_fuse_backward: batch/classes mismatch");
+  for (const at::Tensor* t : {&grad_out, &pl, &al})
+    TORCH_CHECK(t->dtype() == p1.dtype() && t->device() == p1.device(),
+                "hmsa_fuse_backward: dtype/device mismatch");
+}
+
+}  // namespace pyseg

@@ -1,0 +1,155 @@
+// Hierarchical multi-scale attention fusion, C++ CPU kernels.
+// One pass over the output pixels: each pixel builds its exact stencil (common/hmsa.h) by
+// sampling every scale's attention on the fly, then the classes are evaluated with a gather-dot;
+// with labels=true only the running argmax is kept, so no (B, C, out_h, out_w) logits exist.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "common/hmsa_host.h"
+
+namespace pyseg {
+namespace {
+
+template <typename acc_t>
+inline bool better(acc_t v, acc_t best) {
+  // torch.argmax: NaN is the maximum; ties keep the first index
+  return v > best || (std::isnan(static_cast<double>(v)) && !std::isnan(static_cast<double>(best)));
+}
+
+at::Tensor hmsa_fuse_cpu(at::TensorList logits, at::TensorList attentions,
+                         at::ArrayRef<double> scales, at::IntArrayRef out_size, bool labels) {
+  std::vector<at::Tensor> lg(logits.begin(), logits.end());
+  std::vector<at::Tensor> att(attentions.begin(), attentions.end());
+  std::vector<double> sc(scales.begin(), scales.end());
+  int one = -1;
+  std::vector<at::Tensor> p, a;
+  hmsa_check(lg, att, sc, out_size, &one, &p, &a);
+  for (const at::Tensor& t : p) TORCH_CHECK(t.device().is_cpu(), "hmsa_fuse (CPU): tensors must be on the CPU");
+  const int64_t B = p[0].size(0), C = p[0].size(1), OH = out_size[0], OW = out_size[1];
+  at::Tensor out = labels ? at::empty({B, OH, OW}, p[0].options().dtype(at::kLong))
+                          : at::empty({B, C, OH, OW}, p[0].options());
+  const int64_t max_terms = hmsa_max_terms(static_cast<int>(p.size()), one);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p[0].scalar_type(), "hmsa_fuse_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const HmsaArgs<scalar_t> A = hmsa_pack<scalar_t>(p, a, one, OH, OW);
+    scalar_t* out_v = labels ? nullptr : out.data_ptr<scalar_t>();
+    int64_t* out_l = labels ? out.data_ptr<int64_t>() : nullptr;
+    const int64_t oplane = OH * OW;
+    // Work unit: a tile of up to TILE pixels of one output row. The stencils of the whole tile
+    // are built first (flattened to pointer/stride/coef), then classes are the outer loop and
+    // pixels the inner one, so that for a fixed class every scale is read and the output written
+    // along rows (streaming access) instead of jumping between C class planes per pixel.
+    constexpr int64_t TILE = 64;
+    const int64_t tiles_per_row = (OW + TILE - 1) / TILE;
+    at::parallel_for(0, B * OH * tiles_per_row, 1, [&](int64_t begin, int64_t end) {
+      std::vector<HmsaTerm<acc_t>> terms(static_cast<size_t>(max_terms));
+      std::vector<const scalar_t*> ptr(static_cast<size_t>(max_terms * TILE));
+      std::vector<int64_t> stride(static_cast<size_t>(max_terms * TILE));
+      std::vector<acc_t> coef(static_cast<size_t>(max_terms * TILE));
+      std::vector<int64_t> first(TILE + 1), arg(TILE);
+      std::vector<acc_t> best(TILE);
+      for (int64_t unit = begin; unit < end; ++unit) {
+        const int64_t row = unit / tiles_per_row, x0 = (unit % tiles_per_row) * TILE;
+        const int64_t b = row / OH, oy = row % OH, nx = std::min<int64_t>(TILE, OW - x0);
+        int64_t n = 0;
+        for (int64_t i = 0; i < nx; ++i) {
+          first[i] = n;
+          const int64_t nt = hmsa_build_stencil<acc_t>(A, b, oy, x0 + i, terms.data());
+          for (int64_t j = 0; j < nt; ++j, ++n) {
+            const int k = terms[j].k;
+            const int64_t plane = A.h[k] * A.w[k];
+            ptr[n] = A.p[k] + b * A.C * plane + terms[j].off;
+            stride[n] = plane;
+            coef[n] = terms[j].coef;
+          }
+        }
+        first[nx] = n;
+        const int64_t obase = b * (labels ? 1 : C) * oplane + oy * OW + x0;
+        for (int64_t c = 0; c < C; ++c) {
+          for (int64_t i = 0; i < nx; ++i) {
+            acc_t acc = 0;
+            for (int64_t j = first[i]; j < first[i + 1]; ++j) acc += coef[j] * static_cast<acc_t>(ptr[j][0]);
+            if (labels) {
+              // compare in the output dtype, as argmax of the materialised logits would
+              const acc_t v = static_cast<acc_t>(static_cast<scalar_t>(acc));
+              if (c == 0 || better(v, best[i])) {
+                best[i] = v;
+                arg[i] = c;
+              }
+            } else {
+              out_v[obase + c * oplane + i] = static_cast<scalar_t>(acc);
+            }
+          }
+          for (int64_t j = 0; j < n; ++j) ptr[j] += stride[j];  // next class plane
+        }
+        if (labels)
+          for (int64_t i = 0; i < nx; ++i) out_l[obase + i] = arg[i];
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> hmsa_fuse_backward_cpu(const at::Tensor& grad_out_,
+                                                                      const at::Tensor& logits_one,
+                                                                      const at::Tensor& logits_low,
+                                                                      const at::Tensor& attention_low) {
+  hmsa2_check_backward(grad_out_, logits_one, logits_low, attention_low);
+  const at::Tensor g = grad_out_.contiguous();
+  std::vector<at::Tensor> p = {logits_one.contiguous(), logits_low.contiguous()};
+  std::vector<at::Tensor> a = {at::Tensor(), attention_low.contiguous()};
+  const int64_t B = p[0].size(0), C = p[0].size(1);
+  const int64_t h1 = p[0].size(2), w1 = p[0].size(3), hl = p[1].size(2), wl = p[1].size(3);
+  const int64_t ha = a[1].size(2), wa = a[1].size(3), OH = g.size(2), OW = g.size(3);
+  at::Tensor g_p1 = at::empty_like(p[0]), g_pl = at::empty_like(p[1]), g_a = at::empty_like(a[1]);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p[0].scalar_type(), "hmsa_fuse_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const at::ScalarType acc_type = c10::CppTypeToScalarType<acc_t>::value;
+    const HmsaArgs<scalar_t> A = hmsa_pack<scalar_t>(p, a, 0, OH, OW);
+    const auto fh = linear_adjoint_csr<acc_t>(h1, OH, acc_type), fw = linear_adjoint_csr<acc_t>(w1, OW, acc_type);
+    const auto uh = linear_adjoint_csr<acc_t>(hl, h1, acc_type), uw = linear_adjoint_csr<acc_t>(wl, w1, acc_type);
+    const auto rh = linear_adjoint_csr<acc_t>(ha, hl, acc_type), rw = linear_adjoint_csr<acc_t>(wa, wl, acc_type);
+    at::Tensor gP = at::empty({B, C, h1, w1}, p[0].options().dtype(acc_type));
+    at::Tensor g_ua = at::empty({B, h1, w1}, p[0].options().dtype(acc_type));
+    at::Tensor g_al = at::empty({B, hl, wl}, p[0].options().dtype(acc_type));
+    const scalar_t* gv = g.data_ptr<scalar_t>();
+    acc_t* gPv = gP.data_ptr<acc_t>();
+    acc_t* guav = g_ua.data_ptr<acc_t>();
+    acc_t* galv = g_al.data_ptr<acc_t>();
+    scalar_t* gp1v = g_p1.data_ptr<scalar_t>();
+    scalar_t* gplv = g_pl.data_ptr<scalar_t>();
+    scalar_t* gav = g_a.data_ptr<scalar_t>();
+    const AxisCsr<acc_t> Fh = axis_csr<acc_t>(fh), Fw = axis_csr<acc_t>(fw);
+    const AxisCsr<acc_t> Uh = axis_csr<acc_t>(uh), Uw = axis_csr<acc_t>(uw);
+    const AxisCsr<acc_t> Rh = axis_csr<acc_t>(rh), Rw = axis_csr<acc_t>(rw);
+    at::parallel_for(0, B * h1, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r)
+        for (int64_t x = 0; x < w1; ++x) hmsa2_bwd_r1_pixel<acc_t>(A, gv, Fh, Fw, r / h1, r % h1, x, gPv, gp1v, guav);
+    });
+    at::parallel_for(0, B * hl, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r)
+        for (int64_t x = 0; x < wl; ++x) hmsa2_bwd_low_pixel<acc_t>(A, gPv, guav, Uh, Uw, r / hl, r % hl, x, gplv, galv);
+    });
+    at::parallel_for(0, B * ha, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r)
+        for (int64_t x = 0; x < wa; ++x) hmsa2_bwd_att_pixel<acc_t>(A, galv, Rh, Rw, r / ha, r % ha, x, gav);
+    });
+  });
+  return {g_p1, g_pl, g_a};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyseg, CPU, m) {
+  m.impl("hmsa_fuse", &hmsa_fuse_cpu);
+  m.impl("hmsa_fuse_backward", &hmsa_fuse_backward_cpu);
+}
+
+}  // namespace pyseg

@@ -1,0 +1,210 @@
+"""Triton kernels of the hierarchical multi-scale attention fusion (``pyseg::hmsa_fuse_triton``).
+
+One program per block of output pixels of one sample; the recurrence is evaluated on the fly for
+every class (each class re-samples the attention maps: simple, and the logits gathers dominate).
+Supported structures: up to 2 scales above 1.0 and up to 3 below (the compiled C++/CUDA kernels
+take any set of up to 8 scales). Forward only; autograd uses the compiled backward op.
+
+Slots: H0 = scale 1.0, H1 = the next scale above it, H2 = the one above H1 (top of chain when
+N_HIGH == 2); L0, L1, L2 = the scales below 1.0 in processing order (largest first).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_HIGH = 2
+MAX_LOW = 3
+
+
+@triton.jit
+def _tap(dst, in_size, out_size, ACC: tl.constexpr):
+    # PyTorch's bilinear source index, align_corners=False (see csrc/common/bilinear.h)
+    scale = in_size.to(ACC) / out_size.to(ACC)
+    src = scale * (dst.to(ACC) + 0.5) - 0.5
+    src = tl.maximum(src, 0.0)
+    i0 = tl.minimum(src.to(tl.int32), in_size - 1)
+    i1 = tl.where(i0 < in_size - 1, i0 + 1, i0)
+    l1 = tl.minimum(tl.maximum(src - i0.to(ACC), 0.0), 1.0)
+    return i0, i1, 1.0 - l1, l1
+
+
+@triton.jit
+def _att(a_ptr, b, y, x, ha, wa, h, w, mask, ACC: tl.constexpr):
+    # attention of sample b at pixel (y, x) of the h x w logit grid, resampled from ha x wa
+    y0, y1, ly0, ly1 = _tap(y, ha, h, ACC)
+    x0, x1, lx0, lx1 = _tap(x, wa, w, ACC)
+    base = a_ptr + b * ha * wa
+    v00 = tl.load(base + y0 * wa + x0, mask=mask, other=0.0).to(ACC)
+    v01 = tl.load(base + y0 * wa + x1, mask=mask, other=0.0).to(ACC)
+    v10 = tl.load(base + y1 * wa + x0, mask=mask, other=0.0).to(ACC)
+    v11 = tl.load(base + y1 * wa + x1, mask=mask, other=0.0).to(ACC)
+    return ly0 * (lx0 * v00 + lx1 * v01) + ly1 * (lx0 * v10 + lx1 * v11)
+
+
+@triton.jit
+def _logit(p_ptr, b, c, C, y, x, h, w, mask, ACC: tl.constexpr):
+    return tl.load(p_ptr + ((b * C + c) * h + y) * w + x, mask=mask, other=0.0).to(ACC)
+
+
+@triton.jit
+def _down(p_ptr, b, c, C, y, x, h_in, w_in, h, w, mask, ACC: tl.constexpr):
+    # bilinear sample of a top-of-chain logit map (h_in x w_in) at pixel (y, x) of an h x w grid
+    y0, y1, ly0, ly1 = _tap(y, h_in, h, ACC)
+    x0, x1, lx0, lx1 = _tap(x, w_in, w, ACC)
+    v00 = _logit(p_ptr, b, c, C, y0, x0, h_in, w_in, mask, ACC)
+    v01 = _logit(p_ptr, b, c, C, y0, x1, h_in, w_in, mask, ACC)
+    v10 = _logit(p_ptr, b, c, C, y1, x0, h_in, w_in, mask, ACC)
+    v11 = _logit(p_ptr, b, c, C, y1, x1, h_in, w_in, mask, ACC)
+    return ly0 * (lx0 * v00 + lx1 * v01) + ly1 * (lx0 * v10 + lx1 * v11)
+
+
+@triton.jit
+def _blend_h1(b, c, C, y, x, mask,
+              PH1, AH1, hh1, wh1, hah1, wah1, PH2, hh2, wh2, ACC: tl.constexpr):
+    # pred at the H1 grid when H1 is below the top H2: a p + (1 - a) D(p_H2)
+    a = _att(AH1, b, y, x, hah1, wah1, hh1, wh1, mask, ACC)
+    return a * _logit(PH1, b, c, C, y, x, hh1, wh1, mask, ACC) + \
+        (1.0 - a) * _down(PH2, b, c, C, y, x, hh2, wh2, hh1, wh1, mask, ACC)
+
+
+@triton.jit
+def _pred_h1(b, c, C, y, x, mask, PH1, AH1, hh1, wh1, hah1, wah1, PH2, hh2, wh2, h0, w0,
+             N_HIGH: tl.constexpr, ACC: tl.constexpr):
+    # D(pred_H1) at pixel (y, x) of the H0 (1.0) grid
+    y0, y1, ly0, ly1 = _tap(y, hh1, h0, ACC)
+    x0, x1, lx0, lx1 = _tap(x, wh1, w0, ACC)
+    if N_HIGH == 1:
+        v00 = _logit(PH1, b, c, C, y0, x0, hh1, wh1, mask, ACC)
+        v01 = _logit(PH1, b, c, C, y0, x1, hh1, wh1, mask, ACC)
+        v10 = _logit(PH1, b, c, C, y1, x0, hh1, wh1, mask, ACC)
+        v11 = _logit(PH1, b, c, C, y1, x1, hh1, wh1, mask, ACC)
+    else:
+        v00 = _blend_h1(b, c, C, y0, x0, mask, PH1, AH1, hh1, wh1, hah1, wah1, PH2, hh2, wh2, ACC)
+        v01 = _blend_h1(b, c, C, y0, x1, mask, PH1, AH1, hh1, wh1, hah1, wah1, PH2, hh2, wh2, ACC)
+        v10 = _blend_h1(b, c, C, y1, x0, mask, PH1, AH1, hh1, wh1, hah1, wah1, PH2, hh2, wh2, ACC)
+        v11 = _blend_h1(b, c, C, y1, x1, mask, PH1, AH1, hh1, wh1, hah1, wah1, PH2, hh2, wh2, ACC)
+    return ly0 * (lx0 * v00 + lx1 * v01) + ly1 * (lx0 * v10 + lx1 * v11)
+
+
+@triton.jit
+def _low(pred, b, c, C, y, x, mask, PL, AL, hl, wl, hal, wal, h0, w0, ACC: tl.constexpr):
+    # pred = U(a p) + (1 - U(a)) pred at pixel (y, x) of the 1.0 grid (gate before upsampling)
+    y0, y1, ly0, ly1 = _tap(y, hl, h0, ACC)
+    x0, x1, lx0, lx1 = _tap(x, wl, w0, ACC)
+    a00 = _att(AL, b, y0, x0, hal, wal, hl, wl, mask, ACC)
+    a01 = _att(AL, b, y0, x1, hal, wal, hl, wl, mask, ACC)
+    a10 = _att(AL, b, y1, x0, hal, wal, hl, wl, mask, ACC)
+    a11 = _att(AL, b, y1, x1, hal, wal, hl, wl, mask, ACC)
+    m00 = a00 * _logit(PL, b, c, C, y0, x0, hl, wl, mask, ACC)
+    m01 = a01 * _logit(PL, b, c, C, y0, x1, hl, wl, mask, ACC)
+    m10 = a10 * _logit(PL, b, c, C, y1, x0, hl, wl, mask, ACC)
+    m11 = a11 * _logit(PL, b, c, C, y1, x1, hl, wl, mask, ACC)
+    um = ly0 * (lx0 * m00 + lx1 * m01) + ly1 * (lx0 * m10 + lx1 * m11)
+    ua = ly0 * (lx0 * a00 + lx1 * a01) + ly1 * (lx0 * a10 + lx1 * a11)
+    return um + (1.0 - ua) * pred
+
+
+@triton.jit
+def _pred_r1(b, c, C, y, x, mask,
+             P0, A0, h0, w0, ha0, wa0, PH1, AH1, hh1, wh1, hah1, wah1, PH2, hh2, wh2,
+             PL0, AL0, hl0, wl0, hal0, wal0, PL1, AL1, hl1, wl1, hal1, wal1,
+             PL2, AL2, hl2, wl2, hal2, wal2,
+             N_HIGH: tl.constexpr, N_LOW: tl.constexpr, ACC: tl.constexpr):
+    p = _logit(P0, b, c, C, y, x, h0, w0, mask, ACC)
+    if N_HIGH == 0:
+        pred = p
+    else:
+        a = _att(A0, b, y, x, ha0, wa0, h0, w0, mask, ACC)
+        d = _pred_h1(b, c, C, y, x, mask, PH1, AH1, hh1, wh1, hah1, wah1, PH2, hh2, wh2, h0, w0, N_HIGH, ACC)
+        pred = a * p + (1.0 - a) * d
+    if N_LOW >= 1:
+        pred = _low(pred, b, c, C, y, x, mask, PL0, AL0, hl0, wl0, hal0, wal0, h0, w0, ACC)
+    if N_LOW >= 2:
+        pred = _low(pred, b, c, C, y, x, mask, PL1, AL1, hl1, wl1, hal1, wal1, h0, w0, ACC)
+    if N_LOW >= 3:
+        pred = _low(pred, b, c, C, y, x, mask, PL2, AL2, hl2, wl2, hal2, wal2, h0, w0, ACC)
+    return pred
+
+
+@triton.jit
+def _hmsa_fwd_kernel(out_ptr, C, OH, OW,
+                     P0, A0, h0, w0, ha0, wa0, PH1, AH1, hh1, wh1, hah1, wah1, PH2, hh2, wh2,
+                     PL0, AL0, hl0, wl0, hal0, wal0, PL1, AL1, hl1, wl1, hal1, wal1,
+                     PL2, AL2, hl2, wl2, hal2, wal2,
+                     N_HIGH: tl.constexpr, N_LOW: tl.constexpr, LABELS: tl.constexpr,
+                     ACC: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    b = tl.program_id(1)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < OH * OW
+    oy = offs // OW
+    ox = offs % OW
+    y0, y1, ly0, ly1 = _tap(oy, h0, OH, ACC)
+    x0, x1, lx0, lx1 = _tap(ox, w0, OW, ACC)
+    best = tl.zeros([BLOCK], dtype=ACC)
+    arg = tl.zeros([BLOCK], dtype=tl.int64)
+    for c in range(0, C):
+        v00 = _pred_r1(b, c, C, y0, x0, mask, P0, A0, h0, w0, ha0, wa0, PH1, AH1, hh1, wh1, hah1, wah1,
+                       PH2, hh2, wh2, PL0, AL0, hl0, wl0, hal0, wal0, PL1, AL1, hl1, wl1, hal1, wal1,
+                       PL2, AL2, hl2, wl2, hal2, wal2, N_HIGH, N_LOW, ACC)
+        v01 = _pred_r1(b, c, C, y0, x1, mask, P0, A0, h0, w0, ha0, wa0, PH1, AH1, hh1, wh1, hah1, wah1,
+                       PH2, hh2, wh2, PL0, AL0, hl0, wl0, hal0, wal0, PL1, AL1, hl1, wl1, hal1, wal1,
+                       PL2, AL2, hl2, wl2, hal2, wal2, N_HIGH, N_LOW, ACC)
+        v10 = _pred_r1(b, c, C, y1, x0, mask, P0, A0, h0, w0, ha0, wa0, PH1, AH1, hh1, wh1, hah1, wah1,
+                       PH2, hh2, wh2, PL0, AL0, hl0, wl0, hal0, wal0, PL1, AL1, hl1, wl1, hal1, wal1,
+                       PL2, AL2, hl2, wl2, hal2, wal2, N_HIGH, N_LOW, ACC)
+        v11 = _pred_r1(b, c, C, y1, x1, mask, P0, A0, h0, w0, ha0, wa0, PH1, AH1, hh1, wh1, hah1, wah1,
+                       PH2, hh2, wh2, PL0, AL0, hl0, wl0, hal0, wal0, PL1, AL1, hl1, wl1, hal1, wal1,
+                       PL2, AL2, hl2, wl2, hal2, wal2, N_HIGH, N_LOW, ACC)
+        v = ly0 * (lx0 * v00 + lx1 * v01) + ly1 * (lx0 * v10 + lx1 * v11)
+        if LABELS:
+            v = v.to(P0.dtype.element_ty).to(ACC)  # compare in the logits dtype
+        if LABELS:
+            take = (v > best) | ((v != v) & (best == best)) | (c == 0)
+            best = tl.where(take, v, best)
+            arg = tl.where(take, c, arg)
+        else:
+            tl.store(out_ptr + ((b * C + c) * OH + oy) * OW + ox, v.to(out_ptr.dtype.element_ty), mask=mask)
+    if LABELS:
+        tl.store(out_ptr + b * OH * OW + offs, arg, mask=mask)
+
+
+def forward(logits, attentions, scales, out_size, labels: bool):
+    """Launcher: ``scales`` sorted strictly descending, containing 1.0 (validated by the caller)."""
+    n = len(scales)
+    one = [float(s) for s in scales].index(1.0)
+    n_high, n_low = one, n - 1 - one
+    if n_high > MAX_HIGH or n_low > MAX_LOW:
+        raise ValueError(f"the Triton hmsa_fuse kernel supports up to {MAX_HIGH} scales above 1.0 and "
+                         f"{MAX_LOW} below, got {n_high} above and {n_low} below")
+    p = [t.contiguous() for t in logits]
+    a = [None if k == 0 else t.contiguous() for k, t in enumerate(attentions)]
+    B, C = p[0].shape[:2]
+    OH, OW = int(out_size[0]), int(out_size[1])
+    dummy = p[0]
+
+    def slot(k, need_att):
+        if k is None:
+            return [dummy, dummy, 1, 1, 1, 1]
+        h, w = p[k].shape[-2:]
+        if need_att:
+            return [p[k], a[k], h, w, a[k].shape[-2], a[k].shape[-1]]
+        return [p[k], dummy, h, w, h, w]
+
+    s0 = slot(one, n_high >= 1)
+    sh1 = slot(one - 1 if n_high >= 1 else None, n_high >= 2)
+    sh2 = slot(one - 2 if n_high >= 2 else None, False)
+    lows = [slot(one + 1 + i if i < n_low else None, True) for i in range(MAX_LOW)]
+    args = s0 + sh1 + [sh2[0], sh2[2], sh2[3]] + lows[0] + lows[1] + lows[2]
+    if labels:
+        out = torch.empty(B, OH, OW, device=p[0].device, dtype=torch.int64)
+    else:
+        out = torch.empty(B, C, OH, OW, device=p[0].device, dtype=p[0].dtype)
+    acc = tl.float64 if p[0].dtype == torch.float64 else tl.float32
+    BLOCK = 128
+    grid = (triton.cdiv(OH * OW, BLOCK), B)
+    _hmsa_fwd_kernel[grid](out, C, OH, OW, *args, N_HIGH=n_high, N_LOW=n_low, LABELS=labels, ACC=acc,
+                           BLOCK=BLOCK)
+    return out

@@ -1,0 +1,136 @@
+"""DeepLabV3+ (ASPP + decoder) on timm trunks, with the HMSA protocol.
+
+Built from timm ``features_only`` trunks (``pretrained=False``: weights are never downloaded;
+pass ``pretrained_path`` to load a local timm state dict, ``.pth``/``.pt``/``.safetensors``).
+
+Registered names:
+    deeplabv3p-mobilenetv2, deeplabv3p-resnet50            plain DeepLabV3+
+    hmsa-deeplabv3p-mobilenetv2, hmsa-deeplabv3p-resnet50  wrapped in pyseg.nn.MultiScaleAttention
+
+The model implements the multi-scale attention protocol (see :class:`pyseg.nn.MultiScaleAttention`):
+``forward_features_and_logits(x) -> (logits, attn_features)``, both at stride 4 (the decoder
+resolution), ``attn_channels`` (channels of attn_features) and ``trunk`` (the timm backbone module;
+every other parameter belongs to the segmentation head).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .registry import register_model
+
+__all__ = ["ASPP", "DeepLabV3Plus", "deeplabv3p", "hmsa_deeplabv3p", "load_trunk_weights"]
+
+
+def _conv_bn_relu(cin, cout, k=1, dilation=1):
+    pad = dilation * (k - 1) // 2
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=pad, dilation=dilation, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class ASPP(nn.Module):
+    """Atrous spatial pyramid pooling: 1x1, three dilated 3x3 and an image-pooling branch."""
+
+    def __init__(self, in_channels: int, out_channels: int = 256, rates=(6, 12, 18), dropout: float = 0.1):
+        super().__init__()
+        self.branches = nn.ModuleList([_conv_bn_relu(in_channels, out_channels, 1)] +
+                                      [_conv_bn_relu(in_channels, out_channels, 3, r) for r in rates])
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(in_channels, out_channels, 1, bias=False),
+                                  nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+        self.project = nn.Sequential(_conv_bn_relu(out_channels * (len(rates) + 2), out_channels, 1),
+                                     nn.Dropout(dropout))
+
+    def forward(self, x):
+        outs = [b(x) for b in self.branches]
+        pooled = self.pool(x)
+        outs.append(pooled.expand(-1, -1, x.shape[-2], x.shape[-1]))
+        return self.project(torch.cat(outs, 1))
+
+
+def load_trunk_weights(trunk: nn.Module, path: str) -> None:
+    """Load a local timm checkpoint into a features_only trunk (classifier keys are ignored)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"pretrained_path {path!r} does not exist (weights are never downloaded)")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        for key in ("state_dict", "model"):
+            if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+                state = state[key]
+    result = trunk.load_state_dict(state, strict=False)
+    if result.missing_keys:
+        raise ValueError(f"pretrained_path {path!r} does not fit the trunk: {len(result.missing_keys)} missing "
+                         f"keys, e.g. {result.missing_keys[:5]}")
+
+
+class DeepLabV3Plus(nn.Module):
+    """DeepLabV3+ on a timm trunk (low-level features at stride 4, ASPP at ``output_stride``).
+
+    ``forward(x)`` returns logits at the input resolution; ``forward_features_and_logits(x)``
+    returns (stride-4 logits, stride-4 decoder features) for multi-scale attention.
+    """
+
+    def __init__(self, backbone: str = "mobilenetv2_100", num_classes: int = 19, output_stride: int = 16,
+                 aspp_channels: int = 256, aspp_rates=None, low_level_channels: int = 48,
+                 decoder_channels: int = 256, dropout: float = 0.1, pretrained_path: str | None = None,
+                 in_chans: int = 3):
+        super().__init__()
+        import timm
+
+        if output_stride not in (8, 16, 32):
+            raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
+        self.trunk = timm.create_model(backbone, pretrained=False, features_only=True, out_indices=(1, 4),
+                                       output_stride=output_stride, in_chans=in_chans)
+        if pretrained_path:
+            load_trunk_weights(self.trunk, pretrained_path)
+        low_ch, high_ch = self.trunk.feature_info.channels()
+        if tuple(self.trunk.feature_info.reduction()) != (4, output_stride):
+            raise ValueError(f"{backbone} features_only does not give strides (4, {output_stride})")
+        if aspp_rates is None:
+            aspp_rates = {8: (12, 24, 36), 16: (6, 12, 18), 32: (3, 6, 9)}[output_stride]
+        self.num_classes = num_classes
+        self.aspp = ASPP(high_ch, aspp_channels, tuple(aspp_rates), dropout)
+        self.low_proj = _conv_bn_relu(low_ch, low_level_channels, 1)
+        self.decoder = nn.Sequential(_conv_bn_relu(aspp_channels + low_level_channels, decoder_channels, 3),
+                                     _conv_bn_relu(decoder_channels, decoder_channels, 3))
+        self.classifier = nn.Conv2d(decoder_channels, num_classes, 1)
+        self.attn_channels = decoder_channels
+
+    def forward_features_and_logits(self, x):
+        low, high = self.trunk(x)
+        y = self.aspp(high)
+        y = F.interpolate(y, size=low.shape[-2:], mode="bilinear", align_corners=False)
+        feats = self.decoder(torch.cat([y, self.low_proj(low)], 1))
+        return self.classifier(feats), feats
+
+    def forward(self, x):
+        logits, _ = self.forward_features_and_logits(x)
+        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def deeplabv3p(**cfg):
+    return DeepLabV3Plus(**cfg)
+
+
+def hmsa_deeplabv3p(train_scales=(0.5, 1.0), infer_scales=(0.5, 1.0, 2.0), attn_mid_channels: int = 256,
+                    backend: str = "auto", **cfg):
+    from ..nn.hmsa import MultiScaleAttention
+
+    return MultiScaleAttention(DeepLabV3Plus(**cfg), train_scales=train_scales, infer_scales=infer_scales,
+                               attn_mid_channels=attn_mid_channels, backend=backend)
+
+
+for _name, _bb in (("mobilenetv2", "mobilenetv2_100"), ("resnet50", "resnet50")):
+    register_model(f"deeplabv3p-{_name}", deeplabv3p,
+                   {"backbone": _bb, "num_classes": 19, "output_stride": 16},
+                   f"DeepLabV3+ on timm {_bb} (output stride 16)")
+    register_model(f"hmsa-deeplabv3p-{_name}", hmsa_deeplabv3p,
+                   {"backbone": _bb, "num_classes": 19, "output_stride": 16, "train_scales": (0.5, 1.0),
+                    "infer_scales": (0.5, 1.0, 2.0), "attn_mid_channels": 256},
+                   f"Hierarchical multi-scale attention over DeepLabV3+ / {_bb}")

@@ -1,0 +1,28 @@
+"""HMSA-wrapped models other than DeepLabV3+ (which registers its own in deeplab.py).
+
+``hmsa-hyperseg-m``: HyperSeg-M (pyseg.models.hyperseg) inside :class:`pyseg.nn.MultiScaleAttention`.
+HyperSeg exposes the protocol: ``forward_features_and_logits`` (stride-2 logits, stride-4 decoder
+level input as attention features), ``attn_channels``, ``encoder`` (the trunk for staged training)
+and ``input_multiple`` (per-scale input sizes are rounded to it).
+"""
+from __future__ import annotations
+
+from .registry import create_model, register_model
+
+__all__ = ["hmsa_wrap"]
+
+
+def hmsa_wrap(base: str, train_scales=(0.5, 1.0), infer_scales=(0.5, 1.0, 2.0), attn_mid_channels: int = 256,
+              backend: str = "auto", return_aux: bool = False, **overrides):
+    """Build registered model ``base`` (with ``overrides``) wrapped in MultiScaleAttention."""
+    from ..nn.hmsa import MultiScaleAttention
+
+    return MultiScaleAttention(create_model(base, **overrides), train_scales=train_scales,
+                               infer_scales=infer_scales, attn_mid_channels=attn_mid_channels, backend=backend,
+                               return_aux=return_aux)
+
+
+register_model("hmsa-hyperseg-m", hmsa_wrap,
+               {"base": "hyperseg-m", "train_scales": (0.5, 1.0), "infer_scales": (0.5, 1.0, 2.0),
+                "attn_mid_channels": 256},
+               "Hierarchical multi-scale attention over HyperSeg-M")

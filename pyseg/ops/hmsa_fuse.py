@@ -1,0 +1,247 @@
+"""Hierarchical multi-scale attention (HMSA) fusion: public function, validation, backends, autograd.
+
+Semantics (Tao, Sapra, Catanzaro 2020; SPEC section 4). Inputs per scale s: logits p_s
+(B, C, h_s, w_s) and an attention map a_s (B, 1, h'_s, w'_s) in [0, 1]. Resampling is bilinear,
+align_corners=False, no antialias, always to an explicit size.
+
+1. Each attention map is first resized bilinearly to its own scale's logit grid (h_s, w_s)
+   (a no-op when the sizes agree), e.g. a stride-4 attention for full-resolution logits.
+2. Scales are processed from the highest down: ``pred = p_top``; for s >= 1 below the top,
+   ``pred = a_s * p_s + (1 - a_s) * D(pred)`` on s's logit grid (D resizes pred to it); for s < 1,
+   ``pred = U(a_s * p_s) + (1 - U(a_s)) * pred`` on pred's grid (which is the 1.0 logit grid;
+   gate before upsampling). The top scale's attention is unused (may be None).
+3. ``pred`` (on the 1.0 logit grid) is resized to ``out_size``; ``output="labels"`` gives its
+   argmax over classes (int64, first index on ties).
+
+Fused kernels (C++ CPU, CUDA, Triton) never materialise per-scale or full-resolution logits: the
+recurrence is linear in the logits with attention-only coefficients, so each output value is an
+exact weighted sum over a few pixels of every scale (a per-pixel stencil built from the composed
+bilinear samplers, csrc/common/hmsa.h), evaluated class by class; labels keep a running argmax.
+
+Autograd: the compiled op has a fused backward (``pyseg::hmsa_fuse_backward``, CPU and CUDA) for
+the two-scale training form, scales (s, 1.0) with s < 1, output="logits". Any other configuration
+that needs gradients runs the reference (autograd through F.interpolate) instead.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .. import _extension
+from .._backends import resolve_backend
+from . import reference
+from ._utils import FLOAT_DTYPES, pair
+
+__all__ = ["hmsa_fuse", "normalize_hmsa_args", "MAX_SCALES"]
+
+OP = "hmsa_fuse"
+#: Most scales the compiled kernels take (csrc/common/hmsa.h HMSA_MAX_SCALES).
+MAX_SCALES = 8
+
+
+# --------------------------------------------------------------------------------------------
+# argument handling
+# --------------------------------------------------------------------------------------------
+def normalize_hmsa_args(logits, attentions, scales, out_size, output="logits"):
+    """Validate and sort by scale, highest first.
+
+    Returns ``(logits, attentions, scales, out_size)`` as lists sorted strictly descending by
+    scale (attention of the top scale set to None). Raises TypeError/ValueError naming the argument.
+    """
+    if isinstance(logits, Tensor) or not isinstance(logits, (list, tuple)):
+        raise TypeError(f"logits must be a list/tuple of tensors (one per scale), got {type(logits).__name__}")
+    if isinstance(attentions, Tensor) or not isinstance(attentions, (list, tuple)):
+        raise TypeError(f"attentions must be a list/tuple of tensors or None (one per scale), "
+                        f"got {type(attentions).__name__}")
+    if isinstance(scales, (str, bytes)) or not isinstance(scales, (list, tuple)):
+        raise TypeError(f"scales must be a sequence of numbers, got {scales!r}")
+    n = len(scales)
+    if n == 0:
+        raise ValueError("scales is empty; it must contain 1.0")
+    if len(logits) != n or len(attentions) != n:
+        raise ValueError(f"logits ({len(logits)}), attentions ({len(attentions)}) and scales ({n}) "
+                         "must have one entry per scale")
+    for i, s in enumerate(scales):
+        if isinstance(s, bool) or not isinstance(s, numbers.Real) or not s > 0:
+            raise ValueError(f"scales[{i}] must be a positive number, got {s!r}")
+    fs = [float(s) for s in scales]
+    if 1.0 not in fs:
+        raise ValueError(f"scales must contain 1.0 (the scale whose logit grid the fusion runs on), got {list(scales)}")
+    if len(set(fs)) != n:
+        raise ValueError(f"scales must be distinct, got {list(scales)}")
+    if output not in ("logits", "labels"):
+        raise ValueError(f"output must be 'logits' or 'labels', got {output!r}")
+    out_size = pair(out_size, "out_size", minimum=1)
+
+    ref = None
+    for i, p in enumerate(logits):
+        if not isinstance(p, Tensor):
+            raise TypeError(f"logits[{i}] must be a torch.Tensor, got {type(p).__name__}")
+        if p.dim() != 4:
+            raise ValueError(f"logits[{i}] must be (B, C, h, w), got shape {tuple(p.shape)}")
+        if p.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"logits[{i}] must have a floating dtype, got {p.dtype}")
+        if min(p.shape) <= 0:
+            raise ValueError(f"logits[{i}] has an empty dimension: {tuple(p.shape)}")
+        if ref is None:
+            ref = p
+            continue
+        if p.shape[0] != ref.shape[0]:
+            raise ValueError(f"logits[{i}] has batch {p.shape[0]} but logits[0] has batch {ref.shape[0]}")
+        if p.shape[1] != ref.shape[1]:
+            raise ValueError(f"logits[{i}] has {p.shape[1]} classes but logits[0] has {ref.shape[1]}; "
+                             "every scale must predict the same classes")
+        if p.device != ref.device:
+            raise ValueError(f"logits[{i}] is on {p.device} but logits[0] is on {ref.device}")
+        if p.dtype != ref.dtype:
+            raise TypeError(f"logits[{i}] has dtype {p.dtype} but logits[0] has {ref.dtype}; they must match")
+    order = sorted(range(n), key=lambda i: -fs[i])
+    top = order[0]
+    for i, a in enumerate(attentions):
+        if a is None:
+            if i != top:
+                raise ValueError(f"attentions[{i}] (scale {fs[i]}) is None; only the top scale's attention "
+                                 "(unused) may be None")
+            continue
+        if not isinstance(a, Tensor):
+            raise TypeError(f"attentions[{i}] must be a torch.Tensor or None, got {type(a).__name__}")
+        if i == top:
+            continue  # unused
+        if a.dim() != 4 or a.shape[1] != 1:
+            raise ValueError(f"attentions[{i}] must have shape (B, 1, h, w) (one channel), got {tuple(a.shape)}")
+        if a.shape[0] != ref.shape[0]:
+            raise ValueError(f"attentions[{i}] has batch {a.shape[0]} but the logits have batch {ref.shape[0]}")
+        if min(a.shape) <= 0:
+            raise ValueError(f"attentions[{i}] has an empty dimension: {tuple(a.shape)}")
+        if a.device != ref.device:
+            raise ValueError(f"attentions[{i}] is on {a.device} but the logits are on {ref.device}")
+        if a.dtype != ref.dtype:
+            raise TypeError(f"attentions[{i}] has dtype {a.dtype} but the logits have {ref.dtype}; they must match")
+    lg = [logits[i] for i in order]
+    at = [None if i == top else attentions[i] for i in order]
+    return lg, at, [fs[i] for i in order], out_size
+
+
+def _is_training_form(scales):
+    return len(scales) == 2 and scales[0] == 1.0 and scales[1] < 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# fake kernels and autograd
+# --------------------------------------------------------------------------------------------
+def _fake_forward(logits, attentions, scales, out_size, labels):
+    B, C = logits[0].shape[:2]
+    if labels:
+        return logits[0].new_empty(B, out_size[0], out_size[1], dtype=torch.int64)
+    return logits[0].new_empty(B, C, out_size[0], out_size[1])
+
+
+def _fake_backward(grad_out, logits_one, logits_low, attention_low):
+    return torch.empty_like(logits_one), torch.empty_like(logits_low), torch.empty_like(attention_low)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, attentions, scales, out_size, labels = inputs
+    ctx.n_logits = len(logits)
+    ctx.form_ok = _is_training_form(scales) and not labels
+    if ctx.form_ok:
+        ctx.save_for_backward(logits[0], logits[1], attentions[1])
+
+
+def _backward(ctx, grad):
+    if not ctx.form_ok:
+        raise RuntimeError("pyseg::hmsa_fuse has a fused backward only for scales (s, 1.0) with s < 1 and "
+                           "labels=False; use pyseg.nn.functional.hmsa_fuse, which falls back to the reference")
+    p1, pl, al = ctx.saved_tensors
+    g1, gl, ga = torch.ops.pyseg.hmsa_fuse_backward(grad.contiguous(), p1, pl, al)
+    return [g1, gl], [None, ga], None, None, None
+
+
+if _extension.HAS_C:
+    torch.library.register_fake("pyseg::hmsa_fuse")(_fake_forward)
+    torch.library.register_fake("pyseg::hmsa_fuse_backward")(_fake_backward)
+    torch.library.register_autograd("pyseg::hmsa_fuse", _backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("pyseg::hmsa_fuse_triton", mutates_args=())
+def _triton_forward(logits: List[Tensor], attentions: List[Tensor], scales: List[float],
+                    out_size: List[int], labels: bool) -> Tensor:
+    return _extension.triton_kernels().hmsa_fuse.forward(logits, attentions, scales, out_size, labels)
+
+
+torch.library.register_fake("pyseg::hmsa_fuse_triton")(_fake_forward)
+if _extension.HAS_C:
+    torch.library.register_autograd("pyseg::hmsa_fuse_triton", _backward, setup_context=_setup_context)
+
+
+#: per-thread stencil capacity of the CUDA kernel (csrc/cuda/hmsa_fuse.cu HMSA_CUDA_MAX_TERMS)
+CUDA_MAX_TERMS = 160
+
+
+def stencil_terms(scales) -> int:
+    """Upper bound on the per-output-pixel stencil length (csrc/common/hmsa.h hmsa_max_terms)."""
+    one = list(scales).index(1.0)
+    high = 1
+    for _ in range(one):
+        high = 1 + 4 * high
+    return 4 * (high + 4 * (len(scales) - 1 - one))
+
+
+def _triton_supports(scales):
+    one = scales.index(1.0)
+    return one <= 2 and len(scales) - 1 - one <= 3
+
+
+# --------------------------------------------------------------------------------------------
+# public function
+# --------------------------------------------------------------------------------------------
+def hmsa_fuse(logits: Sequence[Tensor], attentions: Sequence[Optional[Tensor]], scales: Sequence[float],
+              out_size, output: str = "logits", backend: str = "auto") -> Tensor:
+    """Fuse per-scale logits with hierarchical multi-scale attention (see the module docstring).
+
+    Args:
+        logits: one (B, C, h_s, w_s) tensor per scale (any resolutions; same B, C, dtype, device).
+        attentions: one (B, 1, h'_s, w'_s) map per scale, values in [0, 1] (e.g. after a sigmoid);
+            each is bilinearly resized to its scale's logit grid first. The top scale's is unused
+            and may be None.
+        scales: the scale of each entry (any order, distinct, must contain 1.0).
+        out_size: (H, W) of the result (e.g. the input image size).
+        output: ``"logits"`` -> (B, C, H, W) in the logits' dtype; ``"labels"`` -> (B, H, W) int64
+            argmax, fused (no full-resolution logits are materialised by the fused backends).
+        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
+
+    Gradients: fused for scales (s, 1.0), s < 1 (the training form); other configurations with
+    ``requires_grad`` inputs use the reference path (autograd through ``F.interpolate``).
+    """
+    lg, at, sc, out_size = normalize_hmsa_args(logits, attentions, scales, out_size, output)
+    labels = output == "labels"
+    be = resolve_backend(backend, lg[0].device, OP)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in list(lg) + list(at))
+    if be != "reference" and needs_grad and not labels and not _is_training_form(sc):
+        be = "reference"  # documented fallback: fused backward only for the 2-scale training form
+    if be == "triton" and not _triton_supports(sc):
+        if backend == "triton":
+            raise ValueError(f"backend='triton' supports up to 2 scales above 1.0 and 3 below, got scales {sc}")
+        be = "reference"
+    if be != "reference" and len(sc) > MAX_SCALES:
+        if backend != "auto":
+            raise ValueError(f"the fused hmsa_fuse kernels take at most {MAX_SCALES} scales, got {len(sc)}")
+        be = "reference"
+    if be == "cuda" and stencil_terms(sc) > CUDA_MAX_TERMS:
+        if backend == "cuda":
+            raise ValueError(f"backend='cuda' supports up to 2 scales above 1.0 and 4 below, got scales {sc}")
+        be = "reference"
+    if be == "reference":
+        return reference.hmsa_fuse(lg, at, sc, out_size, output)
+    # the op takes a plain Tensor[] (the top's entry is ignored): a list holding None would hide
+    # the attention tensors from autograd
+    placeholder = lg[0].new_empty(0)
+    args = ([t.contiguous() for t in lg], [placeholder if t is None else t.contiguous() for t in at], sc,
+            list(out_size), labels)
+    if be == "triton":
+        return torch.ops.pyseg.hmsa_fuse_triton(*args)
+    return torch.ops.pyseg.hmsa_fuse(*args)

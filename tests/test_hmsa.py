@@ -1,0 +1,374 @@
+"""Hierarchical multi-scale attention: fusion op (every backend), autograd, validation, models."""
+import math
+import os
+
+import pytest
+import torch
+
+import pyseg
+from pyseg import _extension
+from pyseg.nn.functional import hmsa_fuse
+from pyseg.ops import reference
+
+from conftest import CUDA_OK, DEVICES, backends_for
+
+OP = "hmsa_fuse"
+HAS_CPU_KERNEL = _extension.has_kernel(OP, "CPU")
+
+
+# ------------------------------------------------------------------------------------------
+# independent oracle: explicit float64 interpolation matrices + the SPEC section 4 recurrence
+# ------------------------------------------------------------------------------------------
+def interp_matrix(out_size, in_size):
+    """(out, in) matrix of 1-D bilinear resampling, align_corners=False, written from the formula."""
+    m = torch.zeros(out_size, in_size, dtype=torch.float64)
+    scale = in_size / out_size
+    for j in range(out_size):
+        src = max(scale * (j + 0.5) - 0.5, 0.0)
+        i0 = min(int(math.floor(src)), in_size - 1)
+        i1 = min(i0 + 1, in_size - 1)
+        lam = src - i0
+        m[j, i0] += 1.0 - lam
+        m[j, i1] += lam
+    return m
+
+
+def resize(x, size):
+    x = x.double()
+    mh = interp_matrix(size[0], x.shape[-2]).to(x.device)
+    mw = interp_matrix(size[1], x.shape[-1]).to(x.device)
+    return torch.einsum("oh,bchw,pw->bcop", mh, x, mw)
+
+
+def oracle(logits, attentions, scales, out_size):
+    items = sorted(zip(scales, logits, attentions), key=lambda t: -t[0])
+    pred = items[0][1].double()
+    for s, p, a in items[1:]:
+        p = p.double()
+        a = resize(a, p.shape[-2:])  # attention on its own logit grid
+        if s >= 1:
+            pred = a * p + (1 - a) * resize(pred, p.shape[-2:])
+        else:
+            size = pred.shape[-2:]
+            pred = resize(a * p, size) + (1 - resize(a, size)) * pred
+    return resize(pred, out_size)
+
+
+SCALE_SETS = [(0.5, 1.0), (1.0, 2.0), (0.5, 1.0, 2.0), (0.25, 0.5, 1.0, 2.0), (1.0, 1.5, 2.0),
+              (0.5, 1.0, 1.5, 2.0), (1.0,), (0.75, 1.0)]
+
+
+def make_inputs(scales, base, C=3, B=2, att_stride=1, dtype=torch.float64, device="cpu", gen=None):
+    logits, atts = [], []
+    for s in scales:
+        h, w = max(1, round(base[0] * s)), max(1, round(base[1] * s))
+        logits.append(torch.randn(B, C, h, w, dtype=dtype, device=device, generator=gen))
+        ha, wa = max(1, -(-h // att_stride)), max(1, -(-w // att_stride))
+        atts.append(torch.rand(B, 1, ha, wa, dtype=dtype, device=device, generator=gen))
+    return logits, atts
+
+
+def _dtype_for(backend):
+    # the Triton interpreter runs fp32 only; compiled kernels and the reference take float64
+    return torch.float32 if backend == "triton" else torch.float64
+
+
+@pytest.mark.parametrize("scales", SCALE_SETS, ids=lambda s: "-".join(map(str, s)))
+@pytest.mark.parametrize("device,backend", [
+    pytest.param(d, b.values[0] if not isinstance(b, str) else b,
+                 marks=(list(b.marks) if not isinstance(b, str) else []) +
+                 ([pytest.mark.skipif(not CUDA_OK, reason="no CUDA device visible")] if d == "cuda" else []),
+                 id=f"{d}-{b if isinstance(b, str) else b.values[0]}")
+    for d in ["cpu", "cuda"] for b in backends_for(d, OP)])
+def test_forward_matches_oracle(device, backend, scales):
+    gen = torch.Generator().manual_seed(hash(scales) % 1000)
+    cases = [((7, 9), 1, (7, 9), 2, 3), ((9, 5), 2, (13, 11), 2, 3), ((6, 11), 3, (4, 5), 1, 4)]
+    if backend == "triton" and device == "cpu":
+        # the interpreter is slow: one small case (attention at another resolution, upsampled output)
+        cases = [((9, 5), 2, (13, 11), 1, 2)]
+    for base, att_stride, out_size, B, C in cases:
+        dtype = _dtype_for(backend) if device == "cpu" else torch.float32
+        lg, at = make_inputs(scales, base, C=C, B=B, att_stride=att_stride, dtype=dtype, gen=gen)
+        lg = [t.to(device) for t in lg]
+        at = [t.to(device) for t in at]
+        # reversed order: the op sorts scales itself
+        order = list(range(len(scales)))[::-1]
+        args = ([lg[i] for i in order], [at[i] for i in order], [scales[i] for i in order], out_size)
+        want = oracle([t.cpu() for t in lg], [t.cpu() for t in at], scales, out_size)
+        got = hmsa_fuse(*args, backend=backend)
+        assert got.dtype == dtype and got.shape == want.shape
+        tol = 1e-5 if dtype == torch.float32 else 1e-10
+        torch.testing.assert_close(got.cpu().double(), want, rtol=tol, atol=tol, msg=f"{backend} {base} {out_size}")
+        lab = hmsa_fuse(*args, output="labels", backend=backend)
+        assert lab.dtype == torch.int64 and lab.shape == (want.shape[0],) + tuple(out_size)
+        assert torch.equal(lab, got.argmax(1)), backend
+        top2 = want.topk(2, dim=1).values
+        safe = (top2[:, 0] - top2[:, 1]) > 1e-4
+        assert torch.equal(lab.cpu()[safe], want.argmax(1)[safe])
+
+
+def test_reference_matches_oracle_float32_and_top_attention_ignored():
+    lg, at = make_inputs((0.5, 1.0, 2.0), (11, 7), dtype=torch.float32)
+    want = oracle(lg, at, (0.5, 1.0, 2.0), (15, 9))
+    got = reference.hmsa_fuse(lg, at, (0.5, 1.0, 2.0), (15, 9))
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    # the top scale's attention is unused: None and garbage give the same result
+    for backend in ["reference"] + (["cpu"] if HAS_CPU_KERNEL else []):
+        a = hmsa_fuse(lg, at[:2] + [None], (0.5, 1.0, 2.0), (15, 9), backend=backend)
+        b = hmsa_fuse(lg, at[:2] + [torch.full_like(at[2], float("nan"))], (0.5, 1.0, 2.0), (15, 9),
+                      backend=backend)
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not HAS_CPU_KERNEL, reason="pyseg._C CPU kernel not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cpu_low_precision(dtype):
+    lg, at = make_inputs((0.5, 1.0, 2.0), (9, 13), dtype=torch.float32)
+    want = oracle(lg, at, (0.5, 1.0, 2.0), (10, 14))
+    got = hmsa_fuse([t.to(dtype) for t in lg], [t.to(dtype) for t in at], (0.5, 1.0, 2.0), (10, 14), backend="cpu")
+    assert got.dtype == dtype
+    tol = {torch.float32: 1e-5, torch.bfloat16: 5e-2, torch.float16: 1e-2}[dtype]
+    # inputs were rounded to dtype: compare with the oracle of the rounded inputs
+    want = oracle([t.to(dtype) for t in lg], [t.to(dtype) for t in at], (0.5, 1.0, 2.0), (10, 14))
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+    lab = hmsa_fuse([t.to(dtype) for t in lg], [t.to(dtype) for t in at], (0.5, 1.0, 2.0), (10, 14),
+                    output="labels", backend="cpu")
+    assert torch.equal(lab, got.argmax(1))
+
+
+# ------------------------------------------------------------------------------------------
+# autograd
+# ------------------------------------------------------------------------------------------
+def _train_form(hl, wl, h1, w1, ha, wa, B=2, C=3, device="cpu"):
+    g = torch.Generator().manual_seed(h1 * 100 + w1)
+    p1 = torch.randn(B, C, h1, w1, dtype=torch.float64, generator=g).to(device).requires_grad_()
+    pl = torch.randn(B, C, hl, wl, dtype=torch.float64, generator=g).to(device).requires_grad_()
+    al = torch.rand(B, 1, ha, wa, dtype=torch.float64, generator=g).to(device).requires_grad_()
+    return p1, pl, al
+
+
+TRAIN_CASES = [((3, 4), (5, 7), (3, 4), (9, 6)), ((2, 3), (5, 6), (4, 2), (5, 6)), ((3, 3), (6, 5), (2, 2), (4, 11))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", TRAIN_CASES)
+def test_gradcheck_two_scale(device, case):
+    (hl, wl), (h1, w1), (ha, wa), out = case
+    if not _extension.has_kernel(OP, "CUDA" if device == "cuda" else "CPU"):
+        pytest.skip("compiled kernel not built")
+    p1, pl, al = _train_form(hl, wl, h1, w1, ha, wa, device=device)
+
+    def f(p1, pl, al):
+        return hmsa_fuse([pl, p1], [al, None], [0.5, 1.0], out, backend=device)
+
+    assert torch.autograd.gradcheck(f, (p1, pl, al))
+    # and the fused gradients equal the reference's autograd gradients
+    y = f(p1, pl, al)
+    gy = torch.randn_like(y)
+    got = torch.autograd.grad(y, (p1, pl, al), gy)
+    want = torch.autograd.grad(reference.hmsa_fuse([pl, p1], [al, None], [0.5, 1.0], out), (p1, pl, al), gy)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_gradients_fallback_for_more_scales():
+    lg, at = make_inputs((0.5, 1.0, 2.0), (5, 6))
+    for t in lg + at:
+        t.requires_grad_()
+    y = hmsa_fuse(lg, at, (0.5, 1.0, 2.0), (7, 5))
+    torch.autograd.gradcheck(lambda *ts: hmsa_fuse(list(ts[:3]), list(ts[3:]), (0.5, 1.0, 2.0), (7, 5)),
+                             tuple(lg + at[:2]) + (at[2],))
+    gy = torch.randn_like(y)
+    got = torch.autograd.grad(y, lg + at[:2], gy)
+    want = torch.autograd.grad(oracle(lg, at, (0.5, 1.0, 2.0), (7, 5)), lg + at[:2], gy)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.skipif(not HAS_CPU_KERNEL, reason="pyseg._C CPU kernel not built")
+@pytest.mark.parametrize("labels", [False, True])
+def test_opcheck(labels):
+    p1, pl, al = _train_form(3, 4, 5, 7, 2, 3)
+    torch.library.opcheck(torch.ops.pyseg.hmsa_fuse.default,
+                          ([p1, pl], [p1.new_empty(0), al], [1.0, 0.5], [9, 6], labels))
+    lg, at = make_inputs((0.5, 1.0, 2.0), (5, 7), att_stride=2)
+    lg, at = lg[::-1], at[::-1]
+    torch.library.opcheck(torch.ops.pyseg.hmsa_fuse.default, (lg, at, [2.0, 1.0, 0.5], [6, 8], labels))
+    g = torch.randn(2, 3, 9, 6, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.pyseg.hmsa_fuse_backward.default, (g, p1.detach(), pl.detach(), al.detach()))
+
+
+@pytest.mark.skipif(not _extension.triton_usable(torch.device("cpu")) and not CUDA_OK, reason="no triton")
+def test_opcheck_triton():
+    dev = "cuda" if CUDA_OK else "cpu"
+    lg, at = make_inputs((0.5, 1.0, 2.0), (5, 7), att_stride=2, dtype=torch.float32, device=dev)
+    lg, at = lg[::-1], at[::-1]
+    torch.library.opcheck(torch.ops.pyseg.hmsa_fuse_triton.default, (lg, at, [2.0, 1.0, 0.5], [6, 8], False),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+# ------------------------------------------------------------------------------------------
+# validation
+# ------------------------------------------------------------------------------------------
+def test_bad_inputs():
+    lg, at = make_inputs((0.5, 1.0), (6, 8))
+    ok = dict(logits=lg, attentions=at, scales=(0.5, 1.0), out_size=(6, 8))
+
+    def call(**kw):
+        return hmsa_fuse(**{**ok, **kw})
+
+    with pytest.raises(ValueError, match="must contain 1.0"):
+        call(scales=(0.5, 2.0))
+    with pytest.raises(ValueError, match="distinct"):
+        call(scales=(1.0, 1.0))
+    with pytest.raises(ValueError, match=r"scales\[0\] must be a positive number"):
+        call(scales=(-0.5, 1.0))
+    with pytest.raises(ValueError, match="one entry per scale"):
+        call(scales=(0.5, 1.0, 2.0))
+    with pytest.raises(ValueError, match=r"logits\[1\] has 4 classes but logits\[0\] has 3"):
+        call(logits=[lg[0], torch.randn(2, 4, 6, 8, dtype=torch.float64)])
+    with pytest.raises(ValueError, match=r"logits\[1\] has batch 1"):
+        call(logits=[lg[0], torch.randn(1, 3, 6, 8, dtype=torch.float64)])
+    with pytest.raises(ValueError, match=r"attentions\[0\] must have shape \(B, 1, h, w\) \(one channel\)"):
+        call(attentions=[torch.rand(2, 2, 3, 4, dtype=torch.float64), None])
+    with pytest.raises(ValueError, match=r"attentions\[0\] has batch 3"):
+        call(attentions=[torch.rand(3, 1, 3, 4, dtype=torch.float64), None])
+    with pytest.raises(ValueError, match=r"attentions\[0\] \(scale 0.5\) is None"):
+        call(attentions=[None, at[1]])
+    with pytest.raises(TypeError, match=r"attentions\[0\] has dtype torch.float32"):
+        call(attentions=[at[0].float(), None])
+    with pytest.raises(TypeError, match=r"logits\[1\] has dtype torch.float32"):
+        call(logits=[lg[0], lg[1].float()])
+    with pytest.raises(ValueError, match=r"logits\[0\] must be \(B, C, h, w\)"):
+        call(logits=[lg[0][0], lg[1]])
+    with pytest.raises(TypeError, match="logits must be a list"):
+        call(logits=lg[0])
+    with pytest.raises(ValueError, match="out_size must be >= 1"):
+        call(out_size=(0, 4))
+    with pytest.raises(ValueError, match="output must be 'logits' or 'labels'"):
+        call(output="probs")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        call(backend="fast")
+
+
+# ------------------------------------------------------------------------------------------
+# models
+# ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def msa():
+    from pyseg.models import create_model
+
+    torch.manual_seed(0)
+    return create_model("hmsa-deeplabv3p-mobilenetv2", num_classes=5, attn_mid_channels=16,
+                        aspp_channels=32, decoder_channels=32, low_level_channels=8)
+
+
+def test_registry_names():
+    from pyseg.models import list_models
+
+    names = list_models()
+    for n in ["hmsa-deeplabv3p-mobilenetv2", "hmsa-deeplabv3p-resnet50", "deeplabv3p-mobilenetv2",
+              "deeplabv3p-resnet50"]:
+        assert n in names
+
+
+def test_multiscale_attention_train_eval(msa):
+    x = torch.randn(2, 3, 32, 48)
+    msa.train()
+    assert msa.active_scales == (0.5, 1.0)
+    y = msa(x)
+    assert y.shape == (2, 5, 32, 48)
+    y.square().mean().backward()
+    assert msa.attention.body[0].weight.grad is not None and msa.attention.body[0].weight.grad.abs().sum() > 0
+    msa.zero_grad()
+    msa.eval()
+    assert msa.active_scales == (0.5, 1.0, 2.0)
+    with torch.no_grad():
+        y = msa(x)
+        # the wrapper's fused output equals the reference fusion of the same per-scale outputs
+        logits, attns = msa._per_scale(x, msa.scales)
+        want = reference.hmsa_fuse(logits, attns, msa.scales, (32, 48))
+    assert y.shape == (2, 5, 32, 48)
+    torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-5)
+    lab = msa.predict(x)
+    assert lab.shape == (2, 32, 48) and lab.dtype == torch.int64
+    msa.set_scales([1.0, 0.5])
+    assert msa.scales == (0.5, 1.0)
+    assert msa(x).shape == (2, 5, 32, 48)
+    with pytest.raises(ValueError, match="containing 1.0"):
+        msa.set_scales([0.5, 2.0])
+    msa.set_scales((0.5, 1.0, 2.0))
+
+
+def test_staged_training(msa):
+    trunk = {id(p) for p in msa.model.trunk.parameters()}
+    attn = {id(p) for p in msa.attention.parameters()}
+    head = {id(p) for p in msa.model.parameters()} - trunk
+    expected = {1: {"trunk", "seg_head"}, 2: {"attention"}, 3: {"trunk", "seg_head"}}
+    for stage in (1, 2, 3, 2):
+        groups = msa.set_stage(stage)
+        assert {g["name"] for g in groups} == expected[stage]
+        trainable = {id(p) for p in msa.parameters() if p.requires_grad}
+        want = set()
+        for g in groups:
+            want |= {id(p) for p in g["params"]}
+        assert trainable == want
+        assert (trunk <= trainable) == (stage != 2) and (attn <= trainable) == (stage == 2)
+        assert (head <= trainable) == (stage != 2)
+    # stage 2 trains only the attention head
+    msa.train()
+    opt = torch.optim.SGD(msa.set_stage(2), lr=0.1)
+    before = {n: p.detach().clone() for n, p in msa.named_parameters()}
+    msa(torch.randn(2, 3, 32, 32)).square().mean().backward()
+    opt.step()
+    for n, p in msa.named_parameters():
+        changed = not torch.equal(before[n], p.detach())
+        if n.startswith("attention.body.6") or n.startswith("model."):
+            assert changed == n.startswith("attention."), n
+    with pytest.raises(ValueError, match="stage must be 1, 2 or 3"):
+        msa.set_stage(4)
+    msa.set_stage(1)
+    msa.zero_grad()
+
+
+def test_deeplab_pretrained_path(tmp_path):
+    from pyseg.models.deeplab import DeepLabV3Plus
+
+    kw = dict(num_classes=3, aspp_channels=16, decoder_channels=16, low_level_channels=8)
+    a = DeepLabV3Plus(**kw)
+    path = str(tmp_path / "trunk.pth")
+    torch.save({"state_dict": dict(a.trunk.state_dict(), **{"classifier.weight": torch.zeros(2)})}, path)
+    b = DeepLabV3Plus(pretrained_path=path, **kw)
+    for (n, p), (_, q) in zip(a.trunk.state_dict().items(), b.trunk.state_dict().items()):
+        assert torch.equal(p, q), n
+    with pytest.raises(FileNotFoundError, match="never downloaded"):
+        DeepLabV3Plus(pretrained_path=str(tmp_path / "missing.pth"), **kw)
+    torch.save({"conv.weight": torch.zeros(1)}, path)
+    with pytest.raises(ValueError, match="does not fit the trunk"):
+        DeepLabV3Plus(pretrained_path=path, **kw)
+    x = torch.randn(1, 3, 32, 32)
+    a.eval()
+    assert a(x).shape == (1, 3, 32, 32)
+    lg, feats = a.forward_features_and_logits(x)
+    assert lg.shape == (1, 3, 8, 8) and feats.shape == (1, a.attn_channels, 8, 8)
+
+
+def test_wrapper_rejects_models_without_protocol():
+    with pytest.raises(TypeError, match="forward_features_and_logits"):
+        pyseg.nn.MultiScaleAttention(torch.nn.Conv2d(3, 3, 1))
+
+
+def test_hmsa_hyperseg_m_wrapper():
+    from pyseg.models import create_model, list_models
+
+    assert "hmsa-hyperseg-m" in list_models()
+    m = create_model("hmsa-hyperseg-m", attn_mid_channels=8)
+    m.eval()
+    assert m.scaled_size((64, 128), 0.5) == (64, 64) and m.scaled_size((128, 128), 2.0) == (256, 256)
+    m.set_scales((0.5, 1.0))
+    with torch.no_grad():
+        y = m(torch.randn(1, 3, 128, 128))
+    assert y.shape == (1, 19, 128, 128) and torch.isfinite(y).all()
+    groups = m.set_stage(2)
+    assert [g["name"] for g in groups] == ["attention"]
+    assert not any(p.requires_grad for p in m.model.encoder.parameters())
