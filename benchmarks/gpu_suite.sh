@@ -64,7 +64,14 @@ fi
 if stage bench; then
   for b in benchmarks/bench_*.py; do
     n="$(basename "$b" .py)"
-    run "$n" "$PY" "$b" --device "$DEVICE" $QUICK_FLAG --json "$RES/$n.json"
+    case "$n" in
+      bench_hmsa)  # fusion stage: per-scale logits at full scale resolution, and at stride 4
+        run "$n" "$PY" "$b" --device "$DEVICE" $QUICK_FLAG --layout both --json "$RES/$n.json" ;;
+      *)           # op benchmarks: every float dtype the op runs in
+        for dt in float32 bfloat16 float16; do
+          run "${n}_${dt}" "$PY" "$b" --device "$DEVICE" --dtype "$dt" $QUICK_FLAG --json "$RES/${n}_${dt}.json"
+        done ;;
+    esac
   done
 fi
 
