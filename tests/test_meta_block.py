@@ -264,6 +264,7 @@ PW_CONFIGS = [(2, 3, 4, 8, 12, 2, 3), (1, 5, 3, 7, 9, 3, 4), (3, 2, 6, 16, 32, 1
 @pytest.mark.parametrize("cfg", PW_CONFIGS, ids=lambda c: "B{}_Cin{}_Cout{}_{}x{}_g{}x{}".format(*c))
 def test_pointwise_block(backend, cfg):
     B, Cin, Cout, H, W, gh, gw = cfg
+    skip_slow_interpreter(backend, B * gh * gw)
     g = torch.Generator().manual_seed(sum(cfg))
     x = torch.randn(B, Cin, H, W, generator=g, dtype=torch.float64)
     w = torch.randn(B, Cout * Cin, gh, gw, generator=g, dtype=torch.float64)
