@@ -29,6 +29,25 @@ TORCH_LIBRARY(pyseg, m) {
       "int[4] padding, int[2] dilation, int groups, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 
   // ---- meta_block ---------------------------------------------------------------------
+  // Fused HyperSeg v1_0 meta block (see csrc/common/meta_block.h and pyseg/ops/meta_block.py):
+  // per patch, pw1 (hid x Cin, on the patch and its 1-px halo, reflect at image borders only)
+  // -> affine -> ReLU6 -> depthwise 3x3 valid -> affine -> ReLU6 -> pw2 (Cout x hid) -> affine.
+  // x: (B, Cin, H, W) contiguous; weight: (B, hid*Cin + 9*hid + Cout*hid, gh, gw) contiguous,
+  // per patch [W1 (hid, Cin) | W2 (hid, 3, 3) | W3 (Cout, hid)] row-major; scale, shift:
+  // (2*hid + Cout,) = [stage 1 (hid) | stage 2 (hid) | stage 3 (Cout)]. Output (B, Cout, H, W);
+  // pixel (i, j) belongs to patch (i*gh/H, j*gw/W) (sizes need not divide). H, W >= 2.
+  m.def("meta_block(Tensor x, Tensor weight, Tensor scale, Tensor shift, int hidden, int out_channels) -> Tensor");
+  // Returns (grad_x, grad_weight, grad_scale, grad_shift); entries whose output_mask is false are
+  // empty. Deterministic (no atomics); forward intermediates are recomputed per patch.
+  m.def(
+      "meta_block_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor scale, Tensor shift, "
+      "int hidden, int out_channels, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+  // HyperSeg's 1x1 level: patch-wise 1x1 conv -> affine -> ReLU. x: (B, Cin, H, W) contiguous;
+  // weight: (B, Cout*Cin, gh, gw) contiguous, per patch (Cout, Cin) row-major; scale, shift: (Cout,).
+  m.def("pointwise_block(Tensor x, Tensor weight, Tensor scale, Tensor shift) -> Tensor");
+  m.def(
+      "pointwise_block_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor scale, Tensor shift, "
+      "bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
 
   // ---- hmsa_fuse ----------------------------------------------------------------------
   // logits[k]: (B, C, h_k, w_k); attentions[k]: (B, 1, ha_k, wa_k); attentions[0] (the top

@@ -4,11 +4,12 @@ See :mod:`pyseg.ops.reference.meta_block` for the exact semantics.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
+from .. import _extension
 from .._backends import resolve_backend
 from . import reference
 from ._utils import check_same, check_tensor
@@ -98,6 +99,117 @@ def normalize_meta_args(x, weight, hidden_channels=None, out_channels=None):
     return w1, w2, w3
 
 
+# --------------------------------------------------------------------------------------------
+# fake kernels and autograd, shared by the compiled ops and the Triton ops
+# --------------------------------------------------------------------------------------------
+def _fake_meta_forward(x, weight, scale, shift, hidden, out_channels):
+    B, _, H, W = x.shape
+    return x.new_empty(B, out_channels, H, W)
+
+
+def _fake_meta_backward(grad_out, x, weight, scale, shift, hidden, out_channels, output_mask):
+    return (torch.empty_like(x) if output_mask[0] else x.new_empty(0),
+            torch.empty_like(weight) if output_mask[1] else weight.new_empty(0),
+            torch.empty_like(scale) if output_mask[2] else scale.new_empty(0),
+            torch.empty_like(shift) if output_mask[3] else shift.new_empty(0))
+
+
+def _fake_pw_forward(x, weight, scale, shift):
+    B, Cin, H, W = x.shape
+    return x.new_empty(B, weight.shape[1] // Cin, H, W)
+
+
+def _fake_pw_backward(grad_out, x, weight, scale, shift, output_mask):
+    return _fake_meta_backward(grad_out, x, weight, scale, shift, 0, 0, output_mask)
+
+
+def _register_meta(forward_name: str, backward_op):
+    torch.library.register_fake(forward_name)(_fake_meta_forward)
+
+    def setup_context(ctx, inputs, output):
+        x, weight, scale, shift, hidden, out_channels = inputs
+        ctx.save_for_backward(x, weight, scale, shift)
+        ctx.conf = (hidden, out_channels)
+
+    def backward(ctx, grad):
+        x, weight, scale, shift = ctx.saved_tensors
+        mask = [bool(m) for m in ctx.needs_input_grad[:4]]
+        if not any(mask):
+            return None, None, None, None, None, None
+        grads = backward_op(grad.contiguous(), x, weight, scale, shift, *ctx.conf, mask)
+        return tuple(g if m else None for g, m in zip(grads, mask)) + (None, None)
+
+    torch.library.register_autograd(forward_name, backward, setup_context=setup_context)
+
+
+def _register_pw(forward_name: str, backward_op):
+    torch.library.register_fake(forward_name)(_fake_pw_forward)
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def backward(ctx, grad):
+        x, weight, scale, shift = ctx.saved_tensors
+        mask = [bool(m) for m in ctx.needs_input_grad[:4]]
+        if not any(mask):
+            return None, None, None, None
+        grads = backward_op(grad.contiguous(), x, weight, scale, shift, mask)
+        return tuple(g if m else None for g, m in zip(grads, mask))
+
+    torch.library.register_autograd(forward_name, backward, setup_context=setup_context)
+
+
+if _extension.HAS_C and hasattr(torch.ops.pyseg, "meta_block"):
+    torch.library.register_fake("pyseg::meta_block_backward")(_fake_meta_backward)
+    _register_meta("pyseg::meta_block", torch.ops.pyseg.meta_block_backward)
+    torch.library.register_fake("pyseg::pointwise_block_backward")(_fake_pw_backward)
+    _register_pw("pyseg::pointwise_block", torch.ops.pyseg.pointwise_block_backward)
+
+
+@torch.library.custom_op("pyseg::meta_block_triton_backward", mutates_args=())
+def _meta_triton_backward(grad_out: Tensor, x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, hidden: int,
+                          out_channels: int, output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _extension.triton_kernels().meta_block.backward(grad_out, x, weight, scale, shift, hidden, out_channels,
+                                                           output_mask)
+
+
+@torch.library.custom_op("pyseg::meta_block_triton", mutates_args=())
+def _meta_triton_forward(x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, hidden: int,
+                         out_channels: int) -> Tensor:
+    return _extension.triton_kernels().meta_block.forward(x, weight, scale, shift, hidden, out_channels)
+
+
+torch.library.register_fake("pyseg::meta_block_triton_backward")(_fake_meta_backward)
+_register_meta("pyseg::meta_block_triton", _meta_triton_backward)
+
+
+@torch.library.custom_op("pyseg::pointwise_block_triton_backward", mutates_args=())
+def _pw_triton_backward(grad_out: Tensor, x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor,
+                        output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _extension.triton_kernels().meta_block.pointwise_backward(grad_out, x, weight, scale, shift, output_mask)
+
+
+@torch.library.custom_op("pyseg::pointwise_block_triton", mutates_args=())
+def _pw_triton_forward(x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    return _extension.triton_kernels().meta_block.pointwise_forward(x, weight, scale, shift)
+
+
+torch.library.register_fake("pyseg::pointwise_block_triton_backward")(_fake_pw_backward)
+_register_pw("pyseg::pointwise_block_triton", _pw_triton_backward)
+
+
+def _affine_vector(affines, channels, x):
+    """(scale, shift) of every stage concatenated; None entries become identity (ones / zeros)."""
+    scales, shifts = [], []
+    for (s, t), c in zip(affines, channels):
+        scales.append(s if s is not None else x.new_ones(c))
+        shifts.append(t if t is not None else x.new_zeros(c))
+    return torch.cat(scales).contiguous(), torch.cat(shifts).contiguous()
+
+
+# --------------------------------------------------------------------------------------------
+# public functions
+# --------------------------------------------------------------------------------------------
 def meta_block(x: Tensor, weight: Union[Tensor, Sequence[Tensor]], hidden_channels: Optional[int] = None,
                out_channels: Optional[int] = None, affine1: Affine = None, affine2: Affine = None,
                affine3: Affine = None, backend: str = "auto") -> Tensor:
@@ -105,16 +217,17 @@ def meta_block(x: Tensor, weight: Union[Tensor, Sequence[Tensor]], hidden_channe
     affine -> ReLU6 -> pw2 -> affine.
 
     Args:
-        x: (B, Cin, H, W).
+        x: (B, Cin, H, W), float16/bfloat16/float32/float64; H, W >= 2.
         weight: flat (B, hid*Cin + 9*hid + Cout*hid, gh, gw) laid out [W1 hid x Cin | W2 hid x 3 x 3 |
             W3 Cout x hid] (what a hypernetwork emits), or a tuple (w1, w2, w3) of shapes
             (B, hid, Cin, gh, gw), (B, hid, 3, 3, gh, gw), (B, Cout, hid, gh, gw).
         hidden_channels, out_channels: needed to split a flat weight (hid defaults to round(2*Cin)).
         affine1, affine2, affine3: (scale, shift) per channel after each stage (folded eval BatchNorm),
-            shapes (hid,), (hid,), (Cout,); None = identity.
-        backend: "auto", "reference", "cpu", "cuda" or "triton".
+            shapes (hid,), (hid,), (Cout,); None (or a None entry) = identity.
+        backend: "auto", "reference", "cpu", "cuda" or "triton". The fused backends run the whole block
+            per patch on chip; "triton" has no backward (raises NotImplementedError when differentiated).
     Returns:
-        (B, Cout, H, W).
+        (B, Cout, H, W). Pixel (i, j) belongs to patch (floor(i*gh/H), floor(j*gw/W)).
     """
     w1, w2, w3 = normalize_meta_args(x, weight, hidden_channels, out_channels)
     hid, Cout = w1.shape[1], w3.shape[1]
@@ -124,24 +237,58 @@ def meta_block(x: Tensor, weight: Union[Tensor, Sequence[Tensor]], hidden_channe
     be = resolve_backend(backend, x.device, OP)
     if be == "reference":
         return reference.meta_block.meta_block(x, w1, w2, w3, *a1, *a2, *a3)
-    raise RuntimeError(f"meta_block backend {be!r} is not implemented")
+    B, gh, gw = x.shape[0], w1.shape[-2], w1.shape[-1]
+    if isinstance(weight, (tuple, list)):
+        flat = torch.cat([w1.reshape(B, -1, gh, gw), w2.reshape(B, -1, gh, gw), w3.reshape(B, -1, gh, gw)], 1)
+    else:
+        flat = weight.contiguous()
+    scale, shift = _affine_vector((a1, a2, a3), (hid, hid, Cout), x)
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    args = (x.contiguous(), flat, scale, shift, int(hid), int(Cout))
+    if be == "triton":
+        y = torch.ops.pyseg.meta_block_triton(*args)
+    else:
+        y = torch.ops.pyseg.meta_block(*args)
+    if channels_last:
+        y = y.contiguous(memory_format=torch.channels_last)
+    return y
 
 
 def pointwise_block(x: Tensor, weight: Tensor, affine: Affine = None, backend: str = "auto") -> Tensor:
     """HyperSeg's 1x1 level: patch-wise 1x1 conv -> per-channel affine -> ReLU.
 
-    weight: flat (B, Cout*Cin, gh, gw) or (B, Cout, Cin, gh, gw); affine: (scale, shift) of (Cout,).
+    Args:
+        x: (B, Cin, H, W).
+        weight: flat (B, Cout*Cin, gh, gw) (row-major over Cout, Cin) or (B, Cout, Cin, gh, gw).
+        affine: (scale, shift) of (Cout,) (folded eval BatchNorm); None = identity.
+        backend: "auto", "reference", "cpu", "cuda" or "triton".
+    Returns:
+        (B, Cout, H, W).
     """
-    from .patchwise_conv2d import patchwise_conv2d
-
     check_tensor(x, "x", ndim=4)
     check_tensor(weight, "weight", ndim=(4, 5))
-    Cin = x.shape[1]
+    check_same(x, "x", weight, "weight")
+    B, Cin, H, W = x.shape
+    if B == 0 or min(Cin, H, W) <= 0:
+        raise ValueError(f"x must be non-empty, got shape {tuple(x.shape)}")
     if weight.dim() == 5:
+        if weight.shape[2] != Cin:
+            raise ValueError(f"weight must have shape (B, Cout, Cin={Cin}, gh, gw), got {tuple(weight.shape)}")
         weight = weight.reshape(weight.shape[0], -1, *weight.shape[-2:])
-    if weight.shape[1] % Cin:
+    if weight.shape[0] != B:
+        raise ValueError(f"weight has batch {weight.shape[0]} but x has batch {B}")
+    if weight.shape[1] % Cin or weight.shape[1] == 0:
         raise ValueError(f"weight must have shape (B, Cout*Cin, gh, gw) with Cin={Cin}, got {tuple(weight.shape)}")
+    gh, gw = weight.shape[-2:]
+    if gh > H or gw > W:
+        raise ValueError(f"weight grid {gh}x{gw} is larger than the input {H}x{W}")
     Cout = weight.shape[1] // Cin
-    scale, shift = _check_affine(affine, "affine", Cout, x) if affine is not None else (None, None)
-    y = patchwise_conv2d(x, weight, None, backend=backend, kernel_size=1)
-    return torch.relu(reference.meta_block.affine_norm(scale, shift)(y, y, 1))
+    scale, shift = _check_affine(affine, "affine", Cout, x)
+    be = resolve_backend(backend, x.device, "pointwise_block")
+    if be == "reference":
+        return reference.meta_block.pointwise_block(x, weight.reshape(B, Cout, Cin, gh, gw), scale, shift)
+    scale, shift = _affine_vector(((scale, shift),), (Cout,), x)
+    args = (x.contiguous(), weight.contiguous(), scale, shift)
+    if be == "triton":
+        return torch.ops.pyseg.pointwise_block_triton(*args)
+    return torch.ops.pyseg.pointwise_block(*args)
