@@ -9,7 +9,7 @@ from torch import nn
 from conftest import backends_for
 from pyseg import _extension
 from pyseg.nn import MetaBlock
-from pyseg.nn.meta_block import _bn_affine
+from pyseg.nn.meta_block import bn_affine
 from pyseg.ops import meta_block, pointwise_block
 from pyseg.ops.meta_block import meta_weight_numel
 from pyseg.ops.reference import meta_block as R
@@ -399,7 +399,7 @@ def test_metablock_1x1_eval_equals_conv_bn_relu(backend):
     with torch.no_grad():
         y = m(x, w)
         z = R.pointwise_block(x, w.view(2, 5, 3, 3, 4))  # identity affine: conv + relu
-        z = R.pointwise_block(x, w.view(2, 5, 3, 3, 4), *_bn_affine(m.bn))
+        z = R.pointwise_block(x, w.view(2, 5, 3, 3, 4), *bn_affine(m.bn))
     torch.testing.assert_close(y, z, rtol=2e-5, atol=2e-5)
 
 

@@ -6,6 +6,8 @@ import copy
 import torch
 from torch import nn
 
+from ..nn.meta_block import bn_affine
+
 __all__ = ["fold_conv_bn"]
 
 
@@ -61,12 +63,7 @@ def fold_conv_bn(model: nn.Module, example: torch.Tensor, skip=(), rtol: float =
     backup = copy.deepcopy(model.state_dict()), {b: model.get_submodule(b) for _, b in pairs}
     for conv_name, bn_name in pairs:
         conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
-        scale = torch.rsqrt(bn.running_var + bn.eps)
-        if bn.weight is not None:
-            scale = scale * bn.weight
-        shift = -bn.running_mean * scale
-        if bn.bias is not None:
-            shift = shift + bn.bias
+        scale, shift = bn_affine(bn)
         w = conv.weight * scale.to(conv.weight.dtype).view(-1, 1, 1, 1)
         b = shift if conv.bias is None else conv.bias * scale + shift
         conv.weight.copy_(w)

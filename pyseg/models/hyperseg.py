@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn import MetaBlock
-from ..nn.meta_block import _bn_affine
+from ..nn.meta_block import bn_affine
 from ..ops.patchwise_conv2d import patchwise_conv2d
 from .backbones import TimmEncoder
 from .configs import DESCRIPTIONS, HYPERSEG_CONFIGS
@@ -80,7 +80,7 @@ class ChainedMetaBlock(nn.Module):
         if self.training or not bn.track_running_stats or bn.running_mean is None:
             y = bn(patchwise_conv2d(x, w, None, **kw))
         else:
-            scale, shift = _bn_affine(bn)
+            scale, shift = bn_affine(bn)
             w = (w.view(B, cout, -1, gh, gw) * scale.to(w.dtype).view(1, cout, 1, 1, 1)).reshape(B, -1, gh, gw)
             bias = shift.to(w.dtype).view(1, cout, 1, 1).expand(B, cout, gh, gw)
             y = patchwise_conv2d(x, w, bias, **kw)

@@ -8,7 +8,7 @@ from ..ops.meta_block import meta_block, meta_weight_numel, normalize_meta_args,
 from ..ops.reference import meta_block as _ref
 
 
-def _bn_affine(bn: nn.BatchNorm2d):
+def bn_affine(bn: nn.BatchNorm2d):
     """Eval-mode BatchNorm as (scale, shift)."""
     scale = torch.rsqrt(bn.running_var + bn.eps)
     if bn.weight is not None:
@@ -107,14 +107,14 @@ class MetaBlock(nn.Module):
 
                 y = patchwise_conv2d(x, weight, None, backend=self.backend, kernel_size=1)
                 return torch.relu(self.bn(y))
-            return pointwise_block(x, weight, _bn_affine(self.bn), backend=self.backend)
+            return pointwise_block(x, weight, bn_affine(self.bn), backend=self.backend)
         if any(self._uses_batch_stats(bn) for bn in (self.bn1, self.bn2, self.bn3)):
             w1, w2, w3 = normalize_meta_args(x, weight, self.hidden_channels, self.out_channels)
-            norms = [_bn_batch_stats(bn) if self._uses_batch_stats(bn) else _ref.affine_norm(*_bn_affine(bn))
+            norms = [_bn_batch_stats(bn) if self._uses_batch_stats(bn) else _ref.affine_norm(*bn_affine(bn))
                      for bn in (self.bn1, self.bn2, self.bn3)]
             return _ref.meta_block_staged(x, w1, w2, w3, *norms)
-        return meta_block(x, weight, self.hidden_channels, self.out_channels, _bn_affine(self.bn1),
-                              _bn_affine(self.bn2), _bn_affine(self.bn3), backend=self.backend)
+        return meta_block(x, weight, self.hidden_channels, self.out_channels, bn_affine(self.bn1),
+                              bn_affine(self.bn2), bn_affine(self.bn3), backend=self.backend)
 
     def extra_repr(self) -> str:
         s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}"
