@@ -74,3 +74,22 @@ def test_demo_generate_train_eval_predict(tmp_path, capsys):
     acc = np.mean([(np.array(Image.open(pred / f"{i:06d}_labels.png")) == read_mask(data / f"masks/val/{i:06d}.png"))
                    .mean() for i in range(8)])
     assert acc == pytest.approx(res["pixel_acc"], abs=1e-3)
+
+
+def test_threads_option():
+    from argparse import Namespace
+
+    from pyseg.cli._common import apply_threads
+
+    before = torch.get_num_threads()
+    try:
+        apply_threads(Namespace(threads=1))
+        assert torch.get_num_threads() == 1
+        apply_threads(Namespace(threads=None))  # not given: unchanged
+        assert torch.get_num_threads() == 1
+        with pytest.raises(SystemExit, match="--threads must be >= 1"):
+            apply_threads(Namespace(threads=0))
+        assert train_cli.parse_args(["--model", "m", "--dataset", "folder", "--data-root", "d", "--output-dir", "o",
+                                     "--threads", "2"]).threads == 2
+    finally:
+        torch.set_num_threads(before)
