@@ -72,3 +72,17 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"),
                    help="autocast dtype (fp16 only on CUDA, with a gradient scaler)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
+    g.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads of torch's intra-op pool (torch.set_num_threads; default: torch's choice)")
+
+
+def apply_threads(args) -> None:
+    """``torch.set_num_threads(args.threads)`` when ``--threads`` was given."""
+    n = getattr(args, "threads", None)
+    if n is None:
+        return
+    if n < 1:
+        raise SystemExit(f"--threads must be >= 1, got {n}")
+    import torch
+
+    torch.set_num_threads(n)

@@ -16,7 +16,7 @@ import json
 import torch
 from torch.utils.data import DataLoader
 
-from ._common import add_data_args, add_model_args, add_runtime_args, float_list, key_values
+from ._common import add_data_args, add_model_args, add_runtime_args, apply_threads, float_list, key_values
 
 
 def build_parser():
@@ -43,6 +43,7 @@ def main(argv=None) -> dict:
 
     p = build_parser()
     args = p.parse_args(argv)
+    apply_threads(args)
     args.model_kwargs = key_values(args.model_arg)
     model, meta, device = load_model_from_args(args)
     _, world, local = init_distributed(device)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ._common import add_model_args, add_runtime_args, float_list, key_values, size_hw
+from ._common import add_model_args, add_runtime_args, apply_threads, float_list, key_values, size_hw
 
 
 def build_parser():
@@ -45,6 +45,7 @@ def main(argv=None) -> list[Path]:
     from ._load import load_model_from_args
 
     args = build_parser().parse_args(argv)
+    apply_threads(args)
     args.model_kwargs = key_values(args.model_arg)
     src = Path(args.input)
     if src.is_dir():

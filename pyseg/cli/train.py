@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ._common import add_data_args, add_model_args, add_runtime_args, key_values, size_hw
+from ._common import add_data_args, add_model_args, add_runtime_args, apply_threads, key_values, size_hw
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,6 +88,7 @@ def main(argv=None) -> dict:
     from ..engine.trainer import train
 
     args = parse_args(argv)
+    apply_threads(args)
     summary = train(args)
     if summary.get("rank", 0) == 0 and summary.get("best_miou") is not None:
         print(json.dumps({"best_miou": summary["best_miou"], "epochs_done": summary["epochs_done"]}))

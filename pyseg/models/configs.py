@@ -10,7 +10,8 @@ reduction, strides 2..32), ``kernel_sizes`` / ``level_channels`` (per decoder le
 level from which one generator serves all remaining levels), ``round_weight_counts`` (divide phi by
 padded generator widths, v0_1), ``public_signal_layout`` (what ``signal_slicing="public"`` means for
 this model: ``"prefix"`` for the public v1_0 code, ``"disjoint"`` for v1_0_unify and v0_1), and the
-expected trainable-parameter count of the public implementation (``public_params``).
+expected trainable-parameter count of the public implementation (``public_params``; None for configs that
+are not from the paper).
 """
 
 HYPERSEG_CONFIGS = {
@@ -49,6 +50,17 @@ HYPERSEG_CONFIGS = {
         expand_ratio=2, context_head="v0_1", context_levels=3, decoder="v0_1", unify_level=None,
         round_weight_counts=True, public_signal_layout="disjoint", public_params=39_680_458,
     ),
+    # Not from the paper: a small HyperSeg for CPU training demos and tests (the generated dataset of
+    # pyseg.data.synthetic, 4 classes). Same structure as HyperSeg-M (v1_0 head, three 1x1 levels, two meta
+    # blocks, output stride 2) on a width-0.5 MobileNetV2 (randomly initialised: no downloaded weights),
+    # full-width skips (8, 16, 16, 48, 160 channels) and narrow decoder levels.
+    "hyperseg-tiny": dict(
+        dataset="synthetic", num_classes=4, input_size=(128, 256), backbone="mobilenetv2_050",
+        out_feat_scale=1.0, kernel_sizes=[1, 1, 1, 3, 3],
+        level_channels=[32, 16, 16, 8, 8], weight_groups=[16, 8, 4, 8, 4], signal_unit=None,
+        expand_ratio=2, context_head="v1_0", context_levels=2, decoder="v1_0", unify_level=None,
+        round_weight_counts=False, public_signal_layout="disjoint", public_params=None,
+    ),
 }
 
 DESCRIPTIONS = {
@@ -57,4 +69,6 @@ DESCRIPTIONS = {
     "hyperseg-s-camvid": "HyperSeg-S, CamVid (12 classes), EfficientNet-B1, 768x576",
     "hyperseg-l-camvid": "HyperSeg-L, CamVid (12 classes), EfficientNet-B1, 1024x768, 6 levels to stride 1",
     "hyperseg-l-voc": "HyperSeg-L, PASCAL VOC (21 classes), EfficientNet-B3, 512x512, v0_1 head and decoder",
+    "hyperseg-tiny": "small HyperSeg for CPU demos (not from the paper): MobileNetV2-0.5 (random init), 256x128, "
+                     "4 classes (pyseg.data.synthetic)",
 }
