@@ -48,12 +48,12 @@ def test_demo_generate_train_eval_predict(tmp_path, capsys):
     # one thread: the test's cost stays the same on a crowded CI machine (no oversubscribed thread pool)
     common = ["--dataset", "folder", "--data-root", str(data), "--workers", "0", "--no-progress", "--threads", "1",
               "--size-divisor", "64"]
-    summary = train_cli.main(["--model", "hyperseg-tiny", *common, "--output-dir", str(out), "--epochs", "10",
+    summary = train_cli.main(["--model", "hyperseg-tiny", *common, "--output-dir", str(out), "--epochs", "16",
                               "--batch-size", "8", "--lr", "2e-2", "--loss", "ce", "--scale-p", "0",
-                              "--val-every", "5"])
+                              "--val-every", "4"])
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if r["type"] == "train"]
-    assert len(losses) == 10
+    assert len(losses) == 16
     assert losses[-1] < 0.6 * losses[0], losses
     baseline = _majority_miou(data)
     assert 0.1 < baseline < 0.3  # background is the majority: its IoU = its share, the other classes 0
