@@ -230,6 +230,45 @@ def test_half_precision_cpu(dtype):
 
 
 @needs_cpu
+@pytest.mark.parametrize("isa", ["default", "base"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_cpu_isa_builds(isa, dtype, monkeypatch):
+    """Both builds of the CPU kernels (AVX2+FMA where the CPU has it, and the baseline ISA that
+    PYSEG_CPU_ISA=base forces) on shapes that exercise full 16-column GEMM tiles, column tails,
+    row remainders (hid, Cout not multiples of 4), equal and unequal patch widths and 1-wide patches."""
+    if isa == "base":
+        monkeypatch.setenv("PYSEG_CPU_ISA", "base")
+    tol = {torch.float32: 3e-5, torch.float64: 1e-10, torch.bfloat16: 3e-2}[dtype]
+    for cfg in [(2, 5, 7, 3, 18, 37, 2, 3), (1, 6, 9, 5, 24, 40, 3, 2), (1, 3, 5, 6, 8, 16, 8, 16)]:
+        B, Cin, hid, Cout, H, W, gh, gw = cfg
+        x, w, aff = make_inputs(*cfg)
+        xr, wr = x.to(dtype).double(), w.to(dtype).double()
+        affr = [(s.to(dtype).double(), t.to(dtype).double()) for s, t in aff]
+        ref = ref_forward(xr, wr, hid, Cout, affr)
+        y = meta_block(x.to(dtype), w.to(dtype), hid, Cout, *[(s.to(dtype), t.to(dtype)) for s, t in aff],
+                       backend="cpu")
+        torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+        if dtype != torch.bfloat16:
+            gy = torch.randn_like(y)
+            _, g = _all_grads("cpu", x.to(dtype), w.to(dtype), [(s.to(dtype), t.to(dtype)) for s, t in aff],
+                              hid, Cout, gy)
+            _, gr = _all_grads("per_pixel", xr, wr, affr, hid, Cout, gy.double())
+            for a, b in zip(g, gr):
+                torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol * max(b.abs().max().item(), 1))
+    g = torch.Generator().manual_seed(1)
+    for B, Cin, Cout, H, W, gh, gw in [(2, 7, 5, 6, 40, 3, 20), (1, 9, 6, 5, 37, 5, 37), (1, 5, 3, 7, 37, 2, 5)]:
+        x = torch.randn(B, Cin, H, W, generator=g, dtype=torch.float64)
+        w = torch.randn(B, Cout * Cin, gh, gw, generator=g, dtype=torch.float64)
+        s, t = torch.rand(Cout, generator=g, dtype=torch.float64) + 0.5, torch.randn(Cout, generator=g,
+                                                                                     dtype=torch.float64)
+        xr, wr, sr, tr = (v.to(dtype).double() for v in (x, w, s, t))
+        ref = R.pointwise_block(xr, wr.view(B, Cout, Cin, gh, gw), sr, tr)
+        y = pointwise_block(x.to(dtype), w.to(dtype), (s.to(dtype), t.to(dtype)), backend="cpu")
+        assert y.dtype == dtype
+        torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+
+
+@needs_cpu
 def test_weight_as_tuple_and_identity_affines():
     cfg = (2, 3, 5, 4, 8, 6, 2, 3)
     x, w, _ = make_inputs(*cfg)

@@ -1,15 +1,19 @@
 // C++ CPU kernels of the fused HyperSeg meta block and the 1x1 level block.
 //
-// One work item = one (sample, patch). A work item loads its patch plus a 1-pixel halo of x
-// (reflected at image borders only), runs pw1 -> affine -> ReLU6 on every haloed pixel, the
+// Meta block: one work item = one (sample, patch). A work item loads its patch plus a 1-pixel halo
+// of x (reflected at image borders only), runs pw1 -> affine -> ReLU6 on every haloed pixel, the
 // depthwise 3x3 -> affine -> ReLU6 and pw2 -> affine on the patch pixels, all in small per-thread
-// buffers (the working set of one patch stays in cache), and writes only the output.
-// Half/bfloat16 compute in float; float64 in double.
+// buffers (the working set of one patch stays in cache), and writes only the output. The two
+// pointwise convolutions are register-tiled GEMMs. Half/bfloat16 compute in float; float64 in double.
 //
-// Backward recomputes the forward intermediates per patch. Weight gradients are per (sample, patch)
-// (no races); the affine gradients are per-work-item partials summed in a fixed order; grad_x is
-// written by each work item into its own haloed buffer, then gathered per input pixel in a fixed
-// order (halo_readers in csrc/common/meta_block.h): deterministic, no atomics.
+// Backward recomputes the forward intermediates per patch (the same meta_stages as the forward).
+// Weight gradients are per (sample, patch) (no races); the affine gradients are per-work-item
+// partials summed in a fixed order; grad_x is written by each work item into its own haloed buffer,
+// then gathered per input pixel in a fixed order (halo_readers in csrc/common/meta_block.h):
+// deterministic, no atomics.
+//
+// The per-item compute lives in meta_block_patch.h, compiled for the baseline ISA and for AVX2+FMA
+// (cpu_isa.h picks one at run time). This file holds the work split, scratch and reductions.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -18,10 +22,12 @@
 
 #include <algorithm>
 #include <array>
+#include <type_traits>
 #include <vector>
 
 #include "common/meta_block.h"
 #include "common/meta_block_host.h"
+#include "cpu/cpu_isa.h"
 
 namespace pyseg {
 namespace {
@@ -44,136 +50,140 @@ struct PatchGeom {
   }
 };
 
-template <typename scalar_t, typename acc_t>
-void gather_weights(const scalar_t* weight, int64_t N, int64_t G, int64_t b, int64_t patch, acc_t* w) {
-  const scalar_t* src = weight + b * N * G + patch;
-  for (int64_t n = 0; n < N; ++n) w[n] = static_cast<acc_t>(src[n * G]);
-}
+inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
-// x's patch + halo of channel-major (Cin, hh, hw); reflect at the image borders.
-template <typename scalar_t, typename acc_t>
-void load_haloed(const scalar_t* x, int64_t Cin, int64_t H, int64_t W, const PatchGeom& g, acc_t* xh,
-                 int64_t* colidx) {
-  for (int64_t bb = 0; bb < g.hw; ++bb) colidx[bb] = reflect_index(g.c0 - 1 + bb, W);
-  const int64_t hp = g.hh * g.hw;
-  for (int64_t c = 0; c < Cin; ++c) {
-    const scalar_t* xc = x + (g.b * Cin + c) * H * W;
-    for (int64_t a = 0; a < g.hh; ++a) {
-      const scalar_t* row = xc + reflect_index(g.r0 - 1 + a, H) * W;
-      acc_t* dst = xh + c * hp + a * g.hw;
-      dst[0] = static_cast<acc_t>(row[colidx[0]]);
-      for (int64_t bb = 1; bb + 1 < g.hw; ++bb) dst[bb] = static_cast<acc_t>(row[g.c0 - 1 + bb]);
-      dst[g.hw - 1] = static_cast<acc_t>(row[colidx[g.hw - 1]]);
-    }
+// Meta block work items gather the weights of up to this many consecutive patches at once.
+constexpr int64_t kWeightBlock = 16;
+
+// Runs fn(item, w) for every item of [begin, end) in blocks of consecutive patches of one sample,
+// w being the item's weight vector (gathered in acc_t by `gather(b, p0, cnt, wblock)`).
+template <typename acc_t, typename Gather, typename Fn>
+void for_each_item_blocked(int64_t begin, int64_t end, int64_t G, int64_t N, acc_t* wblock, Gather&& gather,
+                           Fn&& fn) {
+  for (int64_t item = begin; item < end;) {
+    const int64_t p0 = item % G;
+    const int64_t cnt = std::min({kWeightBlock, end - item, G - p0});
+    gather(item / G, p0, cnt, wblock);
+    for (int64_t q = 0; q < cnt; ++q) fn(item + q, wblock + q * N);
+    item += cnt;
   }
 }
 
-// out (M, P) = A (M, K) @ in (K, P), A row-major with row stride lda; in/out rows contiguous.
-// Four output rows at a time so every input row is streamed once per four outputs.
+// Read-only arguments of a meta block work item.
 template <typename acc_t>
-void small_gemm(const acc_t* A, int64_t lda, const acc_t* in, acc_t* out, int64_t M, int64_t K, int64_t P) {
-  int64_t m = 0;
-  for (; m + 4 <= M; m += 4) {
-    acc_t* o0 = out + m * P;
-    acc_t* o1 = o0 + P;
-    acc_t* o2 = o1 + P;
-    acc_t* o3 = o2 + P;
-    std::fill(o0, o0 + 4 * P, acc_t(0));
-    for (int64_t k = 0; k < K; ++k) {
-      const acc_t a0 = A[m * lda + k], a1 = A[(m + 1) * lda + k], a2 = A[(m + 2) * lda + k],
-                  a3 = A[(m + 3) * lda + k];
-      const acc_t* r = in + k * P;
-      for (int64_t p = 0; p < P; ++p) {
-        const acc_t v = r[p];
-        o0[p] += a0 * v;
-        o1[p] += a1 * v;
-        o2[p] += a2 * v;
-        o3[p] += a3 * v;
-      }
-    }
-  }
-  for (; m < M; ++m) {
-    acc_t* o = out + m * P;
-    std::fill(o, o + P, acc_t(0));
-    for (int64_t k = 0; k < K; ++k) {
-      const acc_t a = A[m * lda + k];
-      const acc_t* r = in + k * P;
-      for (int64_t p = 0; p < P; ++p) o[p] += a * r[p];
-    }
-  }
-}
-
-// Depthwise 3x3 valid conv of one channel: in (hh, hw) -> out (hh-2, hw-2).
-template <typename acc_t>
-void dw3x3(const acc_t* w9, const acc_t* in, int64_t hh, int64_t hw, acc_t* out) {
-  const int64_t ph = hh - 2, pw = hw - 2;
-  std::fill(out, out + ph * pw, acc_t(0));
-  for (int64_t i = 0; i < ph; ++i) {
-    acc_t* o = out + i * pw;
-    for (int64_t di = 0; di < 3; ++di) {
-      const acc_t* r = in + (i + di) * hw;
-      const acc_t w0 = w9[di * 3], w1 = w9[di * 3 + 1], w2 = w9[di * 3 + 2];
-      for (int64_t j = 0; j < pw; ++j) o[j] += w0 * r[j] + w1 * r[j + 1] + w2 * r[j + 2];
-    }
-  }
-}
-
-// Per-thread scratch of one work item, sized for the largest patch.
-template <typename acc_t>
-struct Scratch {
-  std::vector<acc_t> w, xh, z1, z2, z3, h1, h2, g3, g2, g1, gx;
-  std::vector<int64_t> colidx;
+struct ItemArgs {
+  WeightLayout L;
+  int64_t H, W, gh, gw, PH, PW;  // PH, PW: largest patch
+  const acc_t* sc;               // scale, shift (2*hid + Cout,) in acc_t
+  const acc_t* sh;
 };
+
+// Per-thread scratch of meta block work items, sized for the largest patch (rows padded).
+template <typename acc_t>
+struct ItemScratch {
+  std::vector<acc_t> w, xh, z1, h1, g1, z2, h2, g2, z3, g3, gw, gx;
+  ItemScratch(const WeightLayout& L, int64_t PH, int64_t PW, int64_t nr, bool backward) {
+    const int64_t lh = round_up((PH + 2) * (PW + 2), nr), ln = round_up(PH * PW, nr);
+    w.resize(kWeightBlock * L.numel());
+    xh.resize(L.cin * lh);
+    h1.resize(L.hid * lh);
+    h2.resize(L.hid * ln);
+    z3.resize(L.cout * ln);
+    if (backward) {
+      z1.resize(L.hid * lh);
+      g1.resize(L.hid * lh);
+      z2.resize(L.hid * ln);
+      g2.resize(L.hid * ln);
+      g3.resize(L.cout * ln);
+      gw.resize(L.numel());
+      gx.resize(L.cin * lh);
+    }
+  }
+};
+
+// Arguments and scratch of pointwise_block work items.
+struct PwArgs {
+  int64_t cin, cout, H, W, gh, gw;
+  int64_t pw;           // forward: the patch width when all are equal (W % gw == 0), else 0
+  const int64_t* colb;  // forward: (gw + 1,) first image column of every patch column, then W
+};
+
+template <typename acc_t>
+struct PwScratch {
+  std::vector<acc_t> wexp, acc, w, wt, gwacc, xr, z, gz, gxr;
+  PwScratch(int64_t cin, int64_t cout, int64_t W, int64_t PW, int64_t nr, bool backward) {
+    if (!backward) {
+      wexp.resize(cin * W);
+      acc.resize(W);
+      return;
+    }
+    const int64_t lp = round_up(PW, nr);
+    w.resize(cin * cout);
+    wt.resize(cin * cout);
+    gwacc.resize(cin * cout);
+    xr.resize(cin * lp);
+    z.resize(cout * lp);
+    gz.resize(cout * lp);
+    gxr.resize(cin * lp);
+  }
+};
+
+// The per-item compute, compiled for the baseline ISA and, on x86-64 with GCC/Clang, for
+// AVX2 + FMA (chosen at run time by use_avx2()).
+#define PYSEG_VEC_BYTES 16
+namespace isa_base {
+#include "cpu/meta_block_patch.h"
+}  // namespace isa_base
+#undef PYSEG_VEC_BYTES
+#if PYSEG_CPU_AVX2
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#define PYSEG_VEC_BYTES 32
+namespace isa_avx2 {
+#include "cpu/meta_block_patch.h"
+}  // namespace isa_avx2
+#undef PYSEG_VEC_BYTES
+#pragma GCC pop_options
+#endif
+
+constexpr int64_t kNR = isa_base::kNR;
+
+// Calls the AVX2 or the baseline build of a per-item function.
+#if PYSEG_CPU_AVX2
+#define PYSEG_ISA_CALL(avx2, fn, ...) ((avx2) ? isa_avx2::fn(__VA_ARGS__) : isa_base::fn(__VA_ARGS__))
+#else
+#define PYSEG_ISA_CALL(avx2, fn, ...) isa_base::fn(__VA_ARGS__)
+#endif
+
+template <typename scalar_t, typename acc_t>
+std::vector<acc_t> to_acc(const at::Tensor& t) {
+  std::vector<acc_t> v(t.numel());
+  const scalar_t* p = t.const_data_ptr<scalar_t>();
+  for (int64_t i = 0; i < t.numel(); ++i) v[i] = static_cast<acc_t>(p[i]);
+  return v;
+}
 
 template <typename scalar_t>
 void meta_forward_kernel(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
                          const at::Tensor& shift, const WeightLayout L, at::Tensor& y) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t B = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3);
-  const int64_t gh = weight.size(2), gw = weight.size(3), G = gh * gw, N = L.numel();
-  const int64_t hid = L.hid, Cout = L.cout;
-  const int64_t PH = meta::max_patch_size(H, gh), PW = meta::max_patch_size(W, gw);
-  const int64_t HP = (PH + 2) * (PW + 2), NP = PH * PW;
+  const int64_t B = x.size(0), H = x.size(2), W = x.size(3);
+  const int64_t gh = weight.size(2), gw = weight.size(3);
+  const std::vector<acc_t> sc = to_acc<scalar_t, acc_t>(scale), sh = to_acc<scalar_t, acc_t>(shift);
+  const ItemArgs<acc_t> A{L, H, W, gh, gw, meta::max_patch_size(H, gh), meta::max_patch_size(W, gw), sc.data(),
+                          sh.data()};
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   const scalar_t* wp = weight.const_data_ptr<scalar_t>();
   scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-  std::vector<acc_t> sc(L.affine_numel()), sh(L.affine_numel());
-  for (int64_t i = 0; i < L.affine_numel(); ++i) {
-    sc[i] = static_cast<acc_t>(scale.const_data_ptr<scalar_t>()[i]);
-    sh[i] = static_cast<acc_t>(shift.const_data_ptr<scalar_t>()[i]);
-  }
-  at::parallel_for(0, B * G, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> w(N), xh(Cin * HP), h1(hid * HP), h2(hid * NP), out(Cout * NP);
-    std::vector<int64_t> colidx(PW + 2);
-    for (int64_t item = begin; item < end; ++item) {
-      const PatchGeom g(item, gh, gw, H, W);
-      const int64_t hp = g.hh * g.hw, np = g.ph * g.pw;
-      gather_weights(wp, N, G, g.b, item % G, w.data());
-      load_haloed(xp, Cin, H, W, g, xh.data(), colidx.data());
-      // pw1 on patch + halo -> affine -> ReLU6
-      small_gemm(w.data() + L.w1(), Cin, xh.data(), h1.data(), hid, Cin, hp);
-      for (int64_t k = 0; k < hid; ++k) {
-        const acc_t s = sc[L.a1() + k], t = sh[L.a1() + k];
-        acc_t* r = h1.data() + k * hp;
-        for (int64_t p = 0; p < hp; ++p) r[p] = meta::relu6(r[p] * s + t);
-      }
-      // depthwise 3x3 -> affine -> ReLU6
-      for (int64_t k = 0; k < hid; ++k) {
-        acc_t* r = h2.data() + k * np;
-        dw3x3(w.data() + L.w2() + 9 * k, h1.data() + k * hp, g.hh, g.hw, r);
-        const acc_t s = sc[L.a2() + k], t = sh[L.a2() + k];
-        for (int64_t p = 0; p < np; ++p) r[p] = meta::relu6(r[p] * s + t);
-      }
-      // pw2 -> affine -> store
-      small_gemm(w.data() + L.w3(), hid, h2.data(), out.data(), Cout, hid, np);
-      for (int64_t o = 0; o < Cout; ++o) {
-        const acc_t s = sc[L.a3() + o], t = sh[L.a3() + o];
-        const acc_t* r = out.data() + o * np;
-        scalar_t* dst = yp + ((g.b * Cout + o) * H + g.r0) * W + g.c0;
-        for (int64_t i = 0; i < g.ph; ++i)
-          for (int64_t j = 0; j < g.pw; ++j) dst[i * W + j] = static_cast<scalar_t>(r[i * g.pw + j] * s + t);
-      }
-    }
+  const bool avx2 = use_avx2();
+  at::parallel_for(0, B * gh * gw, 1, [&](int64_t begin, int64_t end) {
+    ItemScratch<acc_t> S(L, A.PH, A.PW, kNR, false);
+    for_each_item_blocked(
+        begin, end, gh * gw, L.numel(), S.w.data(),
+        [&](int64_t b, int64_t p0, int64_t cnt, acc_t* w) {
+          PYSEG_ISA_CALL(avx2, gather_weights, wp, L.numel(), gh * gw, b, p0, cnt, w);
+        },
+        [&](int64_t item, const acc_t* w) { PYSEG_ISA_CALL(avx2, meta_forward_item, A, xp, w, item, S, yp); });
   });
 }
 
@@ -184,178 +194,46 @@ void meta_backward_kernel(const at::Tensor& grad_out, const at::Tensor& x, const
                           at::Tensor& gscale, at::Tensor& gshift) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3);
-  const int64_t gh = weight.size(2), gw = weight.size(3), G = gh * gw, N = L.numel();
-  const int64_t hid = L.hid, Cout = L.cout, A = L.affine_numel();
+  const int64_t gh = weight.size(2), gw = weight.size(3), G = gh * gw;
+  const int64_t A_n = L.affine_numel();
   const int64_t PH = meta::max_patch_size(H, gh), PW = meta::max_patch_size(W, gw);
-  const int64_t HP = (PH + 2) * (PW + 2), NP = PH * PW;
+  const int64_t HP = (PH + 2) * (PW + 2);
+  const std::vector<acc_t> sc = to_acc<scalar_t, acc_t>(scale), sh = to_acc<scalar_t, acc_t>(shift);
+  const ItemArgs<acc_t> A{L, H, W, gh, gw, PH, PW, sc.data(), sh.data()};
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   const scalar_t* wp = weight.const_data_ptr<scalar_t>();
   const scalar_t* gyp = grad_out.const_data_ptr<scalar_t>();
   scalar_t* gwp = need_w ? gwt.mutable_data_ptr<scalar_t>() : nullptr;
-  std::vector<acc_t> sc(A), sh(A);
-  for (int64_t i = 0; i < A; ++i) {
-    sc[i] = static_cast<acc_t>(scale.const_data_ptr<scalar_t>()[i]);
-    sh[i] = static_cast<acc_t>(shift.const_data_ptr<scalar_t>()[i]);
-  }
   // Per work item: haloed grad_x buffer (Cin, PH+2, PW+2) and affine partials (2, A).
   std::vector<acc_t> gxbuf(need_x ? B * G * Cin * HP : 0);
-  std::vector<acc_t> partial(need_affine ? B * G * 2 * A : 0);
-
+  std::vector<acc_t> partial(need_affine ? B * G * 2 * A_n : 0);
+  const bool avx2 = use_avx2();
   at::parallel_for(0, B * G, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> w(N), xh(Cin * HP), z1(hid * HP), h1(hid * HP), g1(hid * HP), z2(hid * NP),
-        h2(hid * NP), g2(hid * NP), z3(Cout * NP), g3(Cout * NP), gw_(N), gxh(Cin * HP);
-    std::vector<int64_t> colidx(PW + 2);
-    for (int64_t item = begin; item < end; ++item) {
-      const PatchGeom g(item, gh, gw, H, W);
-      const int64_t hp = g.hh * g.hw, np = g.ph * g.pw;
-      gather_weights(wp, N, G, g.b, item % G, w.data());
-      load_haloed(xp, Cin, H, W, g, xh.data(), colidx.data());
-      // ---- recompute the forward pass, keeping pre-affine values z1, z2, z3 ----
-      small_gemm(w.data() + L.w1(), Cin, xh.data(), z1.data(), hid, Cin, hp);
-      for (int64_t k = 0; k < hid; ++k) {
-        const acc_t s = sc[L.a1() + k], t = sh[L.a1() + k];
-        for (int64_t p = 0; p < hp; ++p) h1[k * hp + p] = meta::relu6(z1[k * hp + p] * s + t);
-      }
-      for (int64_t k = 0; k < hid; ++k) {
-        dw3x3(w.data() + L.w2() + 9 * k, h1.data() + k * hp, g.hh, g.hw, z2.data() + k * np);
-        const acc_t s = sc[L.a2() + k], t = sh[L.a2() + k];
-        for (int64_t p = 0; p < np; ++p) h2[k * np + p] = meta::relu6(z2[k * np + p] * s + t);
-      }
-      small_gemm(w.data() + L.w3(), hid, h2.data(), z3.data(), Cout, hid, np);
-      acc_t* ps = need_affine ? partial.data() + item * 2 * A : nullptr;
-      acc_t* pt = need_affine ? ps + A : nullptr;
-      // ---- stage 3: y = s3*z3 + t3 ----
-      for (int64_t o = 0; o < Cout; ++o) {
-        const scalar_t* src = gyp + ((g.b * Cout + o) * H + g.r0) * W + g.c0;
-        const acc_t s = sc[L.a3() + o];
-        acc_t sum_g = 0, sum_gz = 0;
-        for (int64_t i = 0; i < g.ph; ++i)
-          for (int64_t j = 0; j < g.pw; ++j) {
-            const acc_t gy = static_cast<acc_t>(src[i * W + j]);
-            sum_g += gy;
-            sum_gz += gy * z3[o * np + i * g.pw + j];
-            g3[o * np + i * g.pw + j] = gy * s;
-          }
-        if (ps) {
-          ps[L.a3() + o] = sum_gz;
-          pt[L.a3() + o] = sum_g;
-        }
-      }
-      // grad W3[o, k] = sum_p g3[o, p] h2[k, p]
-      for (int64_t o = 0; o < Cout; ++o)
-        for (int64_t k = 0; k < hid; ++k) {
-          acc_t acc = 0;
-          const acc_t* a = g3.data() + o * np;
-          const acc_t* b = h2.data() + k * np;
-          for (int64_t p = 0; p < np; ++p) acc += a[p] * b[p];
-          gw_[L.w3() + o * hid + k] = acc;
-        }
-      // ---- stage 2: gh2 = W3^T g3; gu2 = gh2 * relu6'(u2); g2 = s2 * gu2 ----
-      std::fill(g2.begin(), g2.begin() + hid * np, acc_t(0));
-      for (int64_t o = 0; o < Cout; ++o)
-        for (int64_t k = 0; k < hid; ++k) {
-          const acc_t a = w[L.w3() + o * hid + k];
-          acc_t* dst = g2.data() + k * np;
-          const acc_t* src = g3.data() + o * np;
-          for (int64_t p = 0; p < np; ++p) dst[p] += a * src[p];
-        }
-      for (int64_t k = 0; k < hid; ++k) {
-        const acc_t s = sc[L.a2() + k], t = sh[L.a2() + k];
-        acc_t sum_g = 0, sum_gz = 0;
-        for (int64_t p = 0; p < np; ++p) {
-          const acc_t z = z2[k * np + p];
-          const acc_t gu = meta::relu6_passes(z * s + t) ? g2[k * np + p] : acc_t(0);
-          sum_g += gu;
-          sum_gz += gu * z;
-          g2[k * np + p] = gu * s;
-        }
-        if (ps) {
-          ps[L.a2() + k] = sum_gz;
-          pt[L.a2() + k] = sum_g;
-        }
-      }
-      // grad W2 and gh1 (full correlation of g2 with W2)
-      for (int64_t k = 0; k < hid; ++k) {
-        const acc_t* gk = g2.data() + k * np;
-        const acc_t* hk = h1.data() + k * hp;
-        acc_t* g1k = g1.data() + k * hp;
-        std::fill(g1k, g1k + hp, acc_t(0));
-        for (int64_t di = 0; di < 3; ++di)
-          for (int64_t dj = 0; dj < 3; ++dj) {
-            const acc_t wv = w[L.w2() + 9 * k + di * 3 + dj];
-            acc_t acc = 0;
-            for (int64_t i = 0; i < g.ph; ++i) {
-              const acc_t* gr = gk + i * g.pw;
-              const acc_t* hr = hk + (i + di) * g.hw + dj;
-              acc_t* g1r = g1k + (i + di) * g.hw + dj;
-              for (int64_t j = 0; j < g.pw; ++j) {
-                acc += gr[j] * hr[j];
-                g1r[j] += wv * gr[j];
-              }
-            }
-            gw_[L.w2() + 9 * k + di * 3 + dj] = acc;
-          }
-      }
-      // ---- stage 1: gu1 = gh1 * relu6'(u1); g1 = s1 * gu1 ----
-      for (int64_t k = 0; k < hid; ++k) {
-        const acc_t s = sc[L.a1() + k], t = sh[L.a1() + k];
-        acc_t sum_g = 0, sum_gz = 0;
-        for (int64_t p = 0; p < hp; ++p) {
-          const acc_t z = z1[k * hp + p];
-          const acc_t gu = meta::relu6_passes(z * s + t) ? g1[k * hp + p] : acc_t(0);
-          sum_g += gu;
-          sum_gz += gu * z;
-          g1[k * hp + p] = gu * s;
-        }
-        if (ps) {
-          ps[L.a1() + k] = sum_gz;
-          pt[L.a1() + k] = sum_g;
-        }
-      }
-      // grad W1[k, c] = sum_q g1[k, q] xh[c, q]
-      for (int64_t k = 0; k < hid; ++k)
-        for (int64_t c = 0; c < Cin; ++c) {
-          acc_t acc = 0;
-          const acc_t* a = g1.data() + k * hp;
-          const acc_t* b = xh.data() + c * hp;
-          for (int64_t p = 0; p < hp; ++p) acc += a[p] * b[p];
-          gw_[L.w1() + k * Cin + c] = acc;
-        }
-      if (gwp) {
-        scalar_t* dst = gwp + g.b * N * G + item % G;
-        for (int64_t n = 0; n < N; ++n) dst[n * G] = static_cast<scalar_t>(gw_[n]);
-      }
-      // haloed grad_x of this patch: gxh[c, q] = sum_k W1[k, c] g1[k, q]
-      if (need_x) {
-        acc_t* dst = gxbuf.data() + item * Cin * HP;
-        for (int64_t c = 0; c < Cin; ++c) std::fill(gxh.data() + c * hp, gxh.data() + (c + 1) * hp, acc_t(0));
-        for (int64_t k = 0; k < hid; ++k)
-          for (int64_t c = 0; c < Cin; ++c) {
-            const acc_t a = w[L.w1() + k * Cin + c];
-            const acc_t* src = g1.data() + k * hp;
-            acc_t* d = gxh.data() + c * hp;
-            for (int64_t p = 0; p < hp; ++p) d[p] += a * src[p];
-          }
-        // stored with the fixed pitch (PH+2, PW+2) so the gather can address any patch
-        for (int64_t c = 0; c < Cin; ++c)
-          for (int64_t a = 0; a < g.hh; ++a)
-            std::copy(gxh.data() + c * hp + a * g.hw, gxh.data() + c * hp + (a + 1) * g.hw,
-                      dst + c * HP + a * (PW + 2));
-      }
-    }
+    ItemScratch<acc_t> S(L, PH, PW, kNR, true);
+    for_each_item_blocked(
+        begin, end, G, L.numel(), S.w.data(),
+        [&](int64_t b, int64_t p0, int64_t cnt, acc_t* w) {
+          PYSEG_ISA_CALL(avx2, gather_weights, wp, L.numel(), G, b, p0, cnt, w);
+        },
+        [&](int64_t item, const acc_t* w) {
+          acc_t* ps = need_affine ? partial.data() + item * 2 * A_n : nullptr;
+          acc_t* pt = need_affine ? ps + A_n : nullptr;
+          acc_t* gxh = need_x ? gxbuf.data() + item * Cin * HP : nullptr;
+          PYSEG_ISA_CALL(avx2, meta_backward_item, A, xp, w, gyp, item, S, gwp, ps, pt, gxh);
+        });
   });
 
   if (need_affine) {
     // fixed-order sum of the per-item partials, in double
-    std::vector<double> s(A, 0.0), t(A, 0.0);
+    std::vector<double> s(A_n, 0.0), t(A_n, 0.0);
     for (int64_t item = 0; item < B * G; ++item)
-      for (int64_t a = 0; a < A; ++a) {
-        s[a] += static_cast<double>(partial[item * 2 * A + a]);
-        t[a] += static_cast<double>(partial[item * 2 * A + A + a]);
+      for (int64_t a = 0; a < A_n; ++a) {
+        s[a] += static_cast<double>(partial[item * 2 * A_n + a]);
+        t[a] += static_cast<double>(partial[item * 2 * A_n + A_n + a]);
       }
     scalar_t* gs = gscale.mutable_data_ptr<scalar_t>();
     scalar_t* gt = gshift.mutable_data_ptr<scalar_t>();
-    for (int64_t a = 0; a < A; ++a) {
+    for (int64_t a = 0; a < A_n; ++a) {
       gs[a] = static_cast<scalar_t>(s[a]);
       gt[a] = static_cast<scalar_t>(t[a]);
     }
@@ -423,42 +301,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> meta_block_backward_c
 }
 
 // ------------------------------------------------------------------------------------------------
-// pointwise_block: patch-wise 1x1 conv -> affine -> ReLU; one work item per (sample, patch).
+// pointwise_block: patch-wise 1x1 conv -> affine -> ReLU (per-item compute in meta_block_patch.h).
 // ------------------------------------------------------------------------------------------------
 template <typename scalar_t>
 void pointwise_forward_kernel(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
                               const at::Tensor& shift, int64_t Cout, at::Tensor& y) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3);
-  const int64_t gh = weight.size(2), gw = weight.size(3), G = gh * gw, N = Cout * Cin;
-  const int64_t PW = meta::max_patch_size(W, gw);
-  const scalar_t* xp = x.const_data_ptr<scalar_t>();
-  const scalar_t* wp = weight.const_data_ptr<scalar_t>();
+  const int64_t gh = weight.size(2), gw = weight.size(3);
+  std::vector<int64_t> colb(gw + 1);
+  for (int64_t j = 0; j <= gw; ++j) colb[j] = patch_begin(j, gw, W);
+  const int64_t pw = W % gw == 0 ? W / gw : 0;
+  const PwArgs A{Cin, Cout, H, W, gh, gw, pw, colb.data()};
+  const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+  // x as (B, H, Cin, pw, gw) (equal patch widths) or (B, H, Cin, W); weights in acc_t
+  const at::Tensor xt = (pw > 0 ? x.view({B, Cin, H, gw, pw}).permute({0, 2, 1, 4, 3}) : x.transpose(1, 2))
+                            .to(acc_type)
+                            .contiguous();
+  const at::Tensor wt = weight.to(acc_type).contiguous();
+  const acc_t* xtp = xt.const_data_ptr<acc_t>();
+  const acc_t* wp = wt.const_data_ptr<acc_t>();
   const scalar_t* scp = scale.const_data_ptr<scalar_t>();
   const scalar_t* shp = shift.const_data_ptr<scalar_t>();
   scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-  at::parallel_for(0, B * G, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> w(N), xr(Cin * PW), out(Cout * PW);
-    for (int64_t item = begin; item < end; ++item) {
-      const PatchGeom g(item, gh, gw, H, W);
-      gather_weights(wp, N, G, g.b, item % G, w.data());
-      for (int64_t i = 0; i < g.ph; ++i) {
-        const int64_t r = g.r0 + i;
-        for (int64_t c = 0; c < Cin; ++c) {
-          const scalar_t* src = xp + ((g.b * Cin + c) * H + r) * W + g.c0;
-          for (int64_t j = 0; j < g.pw; ++j) xr[c * g.pw + j] = static_cast<acc_t>(src[j]);
-        }
-        small_gemm(w.data(), Cin, xr.data(), out.data(), Cout, Cin, g.pw);
-        for (int64_t o = 0; o < Cout; ++o) {
-          const acc_t s = static_cast<acc_t>(scp[o]), t = static_cast<acc_t>(shp[o]);
-          scalar_t* dst = yp + ((g.b * Cout + o) * H + r) * W + g.c0;
-          for (int64_t j = 0; j < g.pw; ++j) {
-            const acc_t u = out[o * g.pw + j] * s + t;
-            dst[j] = static_cast<scalar_t>(u > acc_t(0) ? u : acc_t(0));
-          }
-        }
-      }
-    }
+  const bool avx2 = use_avx2();
+  at::parallel_for(0, B * Cout, 1, [&](int64_t begin, int64_t end) {
+    PwScratch<acc_t> S(Cin, Cout, W, 0, kNR, false);
+    for (int64_t item = begin; item < end; ++item)
+      PYSEG_ISA_CALL(avx2, pointwise_forward_item, A, xtp, wp, scp, shp, item, S, yp);
   });
 }
 
@@ -469,8 +339,9 @@ void pointwise_backward_kernel(const at::Tensor& grad_out, const at::Tensor& x, 
                                at::Tensor& gt) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3);
-  const int64_t gh = weight.size(2), gw = weight.size(3), G = gh * gw, N = Cout * Cin;
+  const int64_t gh = weight.size(2), gw = weight.size(3), G = gh * gw;
   const int64_t PW = meta::max_patch_size(W, gw);
+  const PwArgs A{Cin, Cout, H, W, gh, gw, 0, nullptr};
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   const scalar_t* wp = weight.const_data_ptr<scalar_t>();
   const scalar_t* gyp = grad_out.const_data_ptr<scalar_t>();
@@ -479,56 +350,12 @@ void pointwise_backward_kernel(const at::Tensor& grad_out, const at::Tensor& x, 
   scalar_t* gxp = need_x ? gx.mutable_data_ptr<scalar_t>() : nullptr;
   scalar_t* gwp = need_w ? gwt.mutable_data_ptr<scalar_t>() : nullptr;
   std::vector<acc_t> partial(need_affine ? B * G * 2 * Cout : 0);
+  const bool avx2 = use_avx2();
   at::parallel_for(0, B * G, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> w(N), gwacc(N), xr(Cin * PW), z(Cout * PW), gz(Cout * PW), gxr(Cin * PW), wt(N);
+    PwScratch<acc_t> S(Cin, Cout, W, PW, kNR, true);
     for (int64_t item = begin; item < end; ++item) {
-      const PatchGeom g(item, gh, gw, H, W);
-      gather_weights(wp, N, G, g.b, item % G, w.data());
-      for (int64_t o = 0; o < Cout; ++o)
-        for (int64_t c = 0; c < Cin; ++c) wt[c * Cout + o] = w[o * Cin + c];
-      std::fill(gwacc.begin(), gwacc.end(), acc_t(0));
       acc_t* ps = need_affine ? partial.data() + item * 2 * Cout : nullptr;
-      if (ps) std::fill(ps, ps + 2 * Cout, acc_t(0));
-      for (int64_t i = 0; i < g.ph; ++i) {
-        const int64_t r = g.r0 + i;
-        for (int64_t c = 0; c < Cin; ++c) {
-          const scalar_t* src = xp + ((g.b * Cin + c) * H + r) * W + g.c0;
-          for (int64_t j = 0; j < g.pw; ++j) xr[c * g.pw + j] = static_cast<acc_t>(src[j]);
-        }
-        small_gemm(w.data(), Cin, xr.data(), z.data(), Cout, Cin, g.pw);
-        for (int64_t o = 0; o < Cout; ++o) {
-          const acc_t s = static_cast<acc_t>(scp[o]), t = static_cast<acc_t>(shp[o]);
-          const scalar_t* src = gyp + ((g.b * Cout + o) * H + r) * W + g.c0;
-          acc_t sum_g = 0, sum_gz = 0;
-          for (int64_t j = 0; j < g.pw; ++j) {
-            const acc_t zz = z[o * g.pw + j];
-            const acc_t gu = (zz * s + t > acc_t(0)) ? static_cast<acc_t>(src[j]) : acc_t(0);
-            sum_g += gu;
-            sum_gz += gu * zz;
-            gz[o * g.pw + j] = gu * s;
-          }
-          if (ps) {
-            ps[o] += sum_gz;
-            ps[Cout + o] += sum_g;
-          }
-          for (int64_t c = 0; c < Cin; ++c) {
-            acc_t acc = 0;
-            for (int64_t j = 0; j < g.pw; ++j) acc += gz[o * g.pw + j] * xr[c * g.pw + j];
-            gwacc[o * Cin + c] += acc;
-          }
-        }
-        if (gxp) {
-          small_gemm(wt.data(), Cout, gz.data(), gxr.data(), Cin, Cout, g.pw);
-          for (int64_t c = 0; c < Cin; ++c) {
-            scalar_t* dst = gxp + ((g.b * Cin + c) * H + r) * W + g.c0;
-            for (int64_t j = 0; j < g.pw; ++j) dst[j] = static_cast<scalar_t>(gxr[c * g.pw + j]);
-          }
-        }
-      }
-      if (gwp) {
-        scalar_t* dst = gwp + g.b * N * G + item % G;
-        for (int64_t n = 0; n < N; ++n) dst[n * G] = static_cast<scalar_t>(gwacc[n]);
-      }
+      PYSEG_ISA_CALL(avx2, pointwise_backward_item, A, xp, wp, scp, shp, gyp, item, S, gxp, gwp, ps);
     }
   });
   if (need_affine) {

@@ -1,0 +1,415 @@
+// Per-(sample, patch) compute of the CPU meta block and 1x1 level block kernels.
+//
+// csrc/cpu/meta_block.cpp includes this file twice, each time inside its own namespace: once for
+// the baseline ISA and once under `#pragma GCC target("avx2,fma")`, and picks one at run time
+// (cpu_isa.h). There is deliberately no include guard, and no #include: everything it uses
+// (PatchGeom, ItemArgs, meta::relu6, std::fill...) is declared by meta_block.cpp before the
+// includes.
+//
+// Buffers hold one channel per row; rows are padded to a multiple of kNR columns (ItemArgs::lh for
+// haloed maps, ::ln for patch maps) so the GEMM micro-kernel needs no column tail. Padding columns
+// hold stale but finite values; every column of a GEMM is independent, so they never reach the
+// valid columns, and all reductions stop at the valid width.
+
+constexpr int64_t kNR = 16;  // columns of a GEMM micro-tile
+
+// Native vector of T (GCC/Clang vector extension) of PYSEG_VEC_BYTES bytes, which the includer
+// defines (16 for the baseline ISA, 32 under AVX2); loaded and stored unaligned.
+template <typename T>
+struct VecN {
+  typedef T type __attribute__((vector_size(PYSEG_VEC_BYTES), aligned(sizeof(T))));
+  static constexpr int kLanes = PYSEG_VEC_BYTES / sizeof(T);
+};
+
+// out[i, 0:P) = sum_k A[i*lda + k] * in[k*ld + 0:P) for MR rows; P is a multiple of kNR. The
+// MR x kNR accumulator tile stays in registers while k runs over the whole depth.
+template <int MR, typename T>
+inline void gemm_rows(const T* A, int64_t lda, const T* in, int64_t ld, T* out, int64_t K, int64_t P) {
+  using V = typename VecN<T>::type;
+  constexpr int NV = kNR / VecN<T>::kLanes;
+  for (int64_t p = 0; p < P; p += kNR) {
+    V acc[MR][NV];
+    for (int i = 0; i < MR; ++i)
+      for (int v = 0; v < NV; ++v) acc[i][v] = V{};
+    const T* col = in + p;
+    for (int64_t k = 0; k < K; ++k, col += ld) {
+      V r[NV];
+      for (int v = 0; v < NV; ++v) r[v] = *reinterpret_cast<const V*>(col + v * VecN<T>::kLanes);
+      for (int i = 0; i < MR; ++i) {
+        const T a = A[i * lda + k];
+        for (int v = 0; v < NV; ++v) acc[i][v] += a * r[v];
+      }
+    }
+    for (int i = 0; i < MR; ++i)
+      for (int v = 0; v < NV; ++v) *reinterpret_cast<V*>(out + i * ld + p + v * VecN<T>::kLanes) = acc[i][v];
+  }
+}
+
+// out (M, P) = A (M, K) @ in (K, P); A row-major with row stride lda, in/out with row stride ld.
+template <typename T>
+inline void gemm(const T* A, int64_t lda, const T* in, int64_t ld, T* out, int64_t M, int64_t K, int64_t P) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) gemm_rows<4>(A + m * lda, lda, in, ld, out + m * ld, K, P);
+  switch (M - m) {
+    case 3: gemm_rows<3>(A + m * lda, lda, in, ld, out + m * ld, K, P); break;
+    case 2: gemm_rows<2>(A + m * lda, lda, in, ld, out + m * ld, K, P); break;
+    case 1: gemm_rows<1>(A + m * lda, lda, in, ld, out + m * ld, K, P); break;
+    default: break;
+  }
+}
+
+// The weight vectors of `cnt` consecutive patches p0.. of sample b: w[q*N + n] = weight[b, n, p0+q]
+// (a blocked transpose: each weight plane is read in contiguous runs of cnt values).
+template <typename scalar_t, typename acc_t>
+inline void gather_weights(const scalar_t* weight, int64_t N, int64_t G, int64_t b, int64_t p0, int64_t cnt,
+                           acc_t* w) {
+  const scalar_t* src = weight + b * N * G + p0;
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t q = 0; q < cnt; ++q) w[q * N + n] = static_cast<acc_t>(src[n * G + q]);
+}
+
+// x's patch + halo, channel rows of pitch lh, (hh, hw) each; reflected at the image borders.
+template <typename scalar_t, typename acc_t>
+inline void load_haloed(const scalar_t* x, int64_t Cin, int64_t H, int64_t W, const PatchGeom& g, int64_t lh,
+                        acc_t* xh) {
+  const int64_t cl = reflect_index(g.c0 - 1, W), cr = reflect_index(g.c0 + g.pw, W);
+  for (int64_t c = 0; c < Cin; ++c) {
+    const scalar_t* xc = x + (g.b * Cin + c) * H * W;
+    for (int64_t a = 0; a < g.hh; ++a) {
+      const scalar_t* row = xc + reflect_index(g.r0 - 1 + a, H) * W;
+      acc_t* dst = xh + c * lh + a * g.hw;
+      dst[0] = static_cast<acc_t>(row[cl]);
+      for (int64_t j = 0; j < g.pw; ++j) dst[1 + j] = static_cast<acc_t>(row[g.c0 + j]);
+      dst[g.hw - 1] = static_cast<acc_t>(row[cr]);
+    }
+  }
+}
+
+// Depthwise 3x3 valid conv of one channel: in (hh, hw) -> out (hh-2, hw-2), both tight.
+template <typename acc_t>
+inline void dw3x3(const acc_t* w9, const acc_t* in, int64_t hh, int64_t hw, acc_t* out) {
+  const int64_t ph = hh - 2, pw = hw - 2;
+  for (int64_t i = 0; i < ph; ++i) {
+    acc_t* o = out + i * pw;
+    const acc_t* r0 = in + i * hw;
+    const acc_t* r1 = r0 + hw;
+    const acc_t* r2 = r1 + hw;
+    for (int64_t j = 0; j < pw; ++j)
+      o[j] = w9[0] * r0[j] + w9[1] * r0[j + 1] + w9[2] * r0[j + 2] + w9[3] * r1[j] + w9[4] * r1[j + 1] +
+             w9[5] * r1[j + 2] + w9[6] * r2[j] + w9[7] * r2[j + 1] + w9[8] * r2[j + 2];
+  }
+}
+
+// dst[0:n) = relu6(src[0:n) * s + t); dst may equal src.
+template <typename acc_t>
+inline void affine_relu6(const acc_t* src, acc_t s, acc_t t, int64_t n, acc_t* dst) {
+  for (int64_t p = 0; p < n; ++p) dst[p] = meta::relu6(src[p] * s + t);
+}
+
+// The meta block's forward on one work item, from xh and w (already loaded):
+//   z1 = W1 xh, h1 = relu6(s1 z1 + t1) on the haloed map; z2 = dw3x3(h1), h2 = relu6(s2 z2 + t2);
+//   z3 = W3 h2 (pre-affine output).
+// With keep_pre = false the activations overwrite the pre-activations (h1 == z1, h2 == z2 may be
+// the same buffers); backward passes separate buffers to keep both.
+template <typename acc_t>
+inline void meta_stages(const ItemArgs<acc_t>& A, const PatchGeom& g, const acc_t* w, const acc_t* xh, acc_t* z1,
+                        acc_t* h1, acc_t* z2, acc_t* h2, acc_t* z3) {
+  const meta::WeightLayout& L = A.L;
+  const int64_t hp = g.hh * g.hw, np = g.ph * g.pw;
+  const int64_t lh = round_up(hp, kNR), ln = round_up(np, kNR);
+  gemm(w + L.w1(), L.cin, xh, lh, z1, L.hid, L.cin, lh);
+  for (int64_t k = 0; k < L.hid; ++k)
+    affine_relu6(z1 + k * lh, A.sc[L.a1() + k], A.sh[L.a1() + k], hp, h1 + k * lh);
+  for (int64_t k = 0; k < L.hid; ++k) {
+    dw3x3(w + L.w2() + 9 * k, h1 + k * lh, g.hh, g.hw, z2 + k * ln);
+    affine_relu6(z2 + k * ln, A.sc[L.a2() + k], A.sh[L.a2() + k], np, h2 + k * ln);
+  }
+  gemm(w + L.w3(), L.hid, h2, ln, z3, L.cout, L.hid, ln);
+}
+
+// Forward of one work item: y's patch = s3 * z3 + t3.
+// Forward of one work item whose weight vector (gather_weights) is w.
+template <typename scalar_t, typename acc_t>
+void meta_forward_item(const ItemArgs<acc_t>& A, const scalar_t* x, const acc_t* w, int64_t item,
+                       ItemScratch<acc_t>& S, scalar_t* y) {
+  const meta::WeightLayout& L = A.L;
+  const PatchGeom g(item, A.gh, A.gw, A.H, A.W);
+  const int64_t ln = round_up(g.ph * g.pw, kNR);
+  load_haloed(x, L.cin, A.H, A.W, g, round_up(g.hh * g.hw, kNR), S.xh.data());
+  meta_stages(A, g, w, S.xh.data(), S.h1.data(), S.h1.data(), S.h2.data(), S.h2.data(), S.z3.data());
+  for (int64_t o = 0; o < L.cout; ++o) {
+    const acc_t s = A.sc[L.a3() + o], t = A.sh[L.a3() + o];
+    const acc_t* r = S.z3.data() + o * ln;
+    scalar_t* dst = y + ((g.b * L.cout + o) * A.H + g.r0) * A.W + g.c0;
+    for (int64_t i = 0; i < g.ph; ++i)
+      for (int64_t j = 0; j < g.pw; ++j) dst[i * A.W + j] = static_cast<scalar_t>(r[i * g.pw + j] * s + t);
+  }
+}
+
+// Backward of one work item with weight vector w (recomputes the forward). Writes the item's weight gradient (when
+// gw != nullptr), its affine partials ps/pt (when non-null, (A,) each) and its haloed grad_x with
+// the fixed pitch (PH+2, PW+2) into gxh_out (when non-null).
+template <typename scalar_t, typename acc_t>
+void meta_backward_item(const ItemArgs<acc_t>& A, const scalar_t* x, const acc_t* w, const scalar_t* grad_out,
+                        int64_t item, ItemScratch<acc_t>& S, scalar_t* gw, acc_t* ps, acc_t* pt, acc_t* gxh_out) {
+  const meta::WeightLayout& L = A.L;
+  const int64_t hid = L.hid, Cin = L.cin, Cout = L.cout, G = A.gh * A.gw, N = L.numel();
+  const PatchGeom g(item, A.gh, A.gw, A.H, A.W);
+  const int64_t hp = g.hh * g.hw, np = g.ph * g.pw;
+  const int64_t lh = round_up(hp, kNR), ln = round_up(np, kNR);
+  acc_t *xh = S.xh.data(), *z1 = S.z1.data(), *h1 = S.h1.data(), *g1 = S.g1.data();
+  acc_t *z2 = S.z2.data(), *h2 = S.h2.data(), *g2 = S.g2.data(), *z3 = S.z3.data(), *g3 = S.g3.data();
+  acc_t* gwa = S.gw.data();
+  load_haloed(x, Cin, A.H, A.W, g, lh, xh);
+  meta_stages(A, g, w, xh, z1, h1, z2, h2, z3);
+  // ---- stage 3: y = s3*z3 + t3 ----
+  for (int64_t o = 0; o < Cout; ++o) {
+    const scalar_t* src = grad_out + ((g.b * Cout + o) * A.H + g.r0) * A.W + g.c0;
+    const acc_t s = A.sc[L.a3() + o];
+    acc_t sum_g = 0, sum_gz = 0;
+    for (int64_t i = 0; i < g.ph; ++i)
+      for (int64_t j = 0; j < g.pw; ++j) {
+        const acc_t gy = static_cast<acc_t>(src[i * A.W + j]);
+        sum_g += gy;
+        sum_gz += gy * z3[o * ln + i * g.pw + j];
+        g3[o * ln + i * g.pw + j] = gy * s;
+      }
+    if (ps) {
+      ps[L.a3() + o] = sum_gz;
+      pt[L.a3() + o] = sum_g;
+    }
+  }
+  // grad W3[o, k] = sum_p g3[o, p] h2[k, p]
+  for (int64_t o = 0; o < Cout; ++o)
+    for (int64_t k = 0; k < hid; ++k) {
+      acc_t acc = 0;
+      const acc_t* a = g3 + o * ln;
+      const acc_t* b = h2 + k * ln;
+      for (int64_t p = 0; p < np; ++p) acc += a[p] * b[p];
+      gwa[L.w3() + o * hid + k] = acc;
+    }
+  // ---- stage 2: gh2 = W3^T g3; gu2 = gh2 * relu6'(u2); g2 = s2 * gu2 ----
+  std::fill(g2, g2 + hid * ln, acc_t(0));
+  for (int64_t o = 0; o < Cout; ++o)
+    for (int64_t k = 0; k < hid; ++k) {
+      const acc_t a = w[L.w3() + o * hid + k];
+      acc_t* dst = g2 + k * ln;
+      const acc_t* src = g3 + o * ln;
+      for (int64_t p = 0; p < np; ++p) dst[p] += a * src[p];
+    }
+  for (int64_t k = 0; k < hid; ++k) {
+    const acc_t s = A.sc[L.a2() + k], t = A.sh[L.a2() + k];
+    acc_t sum_g = 0, sum_gz = 0;
+    for (int64_t p = 0; p < np; ++p) {
+      const acc_t z = z2[k * ln + p];
+      const acc_t gu = meta::relu6_passes(z * s + t) ? g2[k * ln + p] : acc_t(0);
+      sum_g += gu;
+      sum_gz += gu * z;
+      g2[k * ln + p] = gu * s;
+    }
+    if (ps) {
+      ps[L.a2() + k] = sum_gz;
+      pt[L.a2() + k] = sum_g;
+    }
+  }
+  // grad W2 and gh1 (full correlation of g2 with W2)
+  for (int64_t k = 0; k < hid; ++k) {
+    const acc_t* gk = g2 + k * ln;
+    const acc_t* hk = h1 + k * lh;
+    acc_t* g1k = g1 + k * lh;
+    std::fill(g1k, g1k + hp, acc_t(0));
+    for (int64_t di = 0; di < 3; ++di)
+      for (int64_t dj = 0; dj < 3; ++dj) {
+        const acc_t wv = w[L.w2() + 9 * k + di * 3 + dj];
+        acc_t acc = 0;
+        for (int64_t i = 0; i < g.ph; ++i) {
+          const acc_t* gr = gk + i * g.pw;
+          const acc_t* hr = hk + (i + di) * g.hw + dj;
+          acc_t* g1r = g1k + (i + di) * g.hw + dj;
+          for (int64_t j = 0; j < g.pw; ++j) {
+            acc += gr[j] * hr[j];
+            g1r[j] += wv * gr[j];
+          }
+        }
+        gwa[L.w2() + 9 * k + di * 3 + dj] = acc;
+      }
+  }
+  // ---- stage 1: gu1 = gh1 * relu6'(u1); g1 = s1 * gu1 ----
+  for (int64_t k = 0; k < hid; ++k) {
+    const acc_t s = A.sc[L.a1() + k], t = A.sh[L.a1() + k];
+    acc_t sum_g = 0, sum_gz = 0;
+    for (int64_t p = 0; p < hp; ++p) {
+      const acc_t z = z1[k * lh + p];
+      const acc_t gu = meta::relu6_passes(z * s + t) ? g1[k * lh + p] : acc_t(0);
+      sum_g += gu;
+      sum_gz += gu * z;
+      g1[k * lh + p] = gu * s;
+    }
+    if (ps) {
+      ps[L.a1() + k] = sum_gz;
+      pt[L.a1() + k] = sum_g;
+    }
+  }
+  // grad W1[k, c] = sum_q g1[k, q] xh[c, q]
+  for (int64_t k = 0; k < hid; ++k)
+    for (int64_t c = 0; c < Cin; ++c) {
+      acc_t acc = 0;
+      const acc_t* a = g1 + k * lh;
+      const acc_t* b = xh + c * lh;
+      for (int64_t p = 0; p < hp; ++p) acc += a[p] * b[p];
+      gwa[L.w1() + k * Cin + c] = acc;
+    }
+  if (gw) {
+    scalar_t* dst = gw + g.b * N * G + item % G;
+    for (int64_t n = 0; n < N; ++n) dst[n * G] = static_cast<scalar_t>(gwa[n]);
+  }
+  // haloed grad_x of this patch: gxh[c, q] = sum_k W1[k, c] g1[k, q]
+  if (gxh_out) {
+    acc_t* gxh = S.gx.data();
+    for (int64_t c = 0; c < Cin; ++c) std::fill(gxh + c * lh, gxh + c * lh + hp, acc_t(0));
+    for (int64_t k = 0; k < hid; ++k)
+      for (int64_t c = 0; c < Cin; ++c) {
+        const acc_t a = w[L.w1() + k * Cin + c];
+        const acc_t* src = g1 + k * lh;
+        acc_t* d = gxh + c * lh;
+        for (int64_t p = 0; p < hp; ++p) d[p] += a * src[p];
+      }
+    // stored with the fixed pitch (PH+2, PW+2) so the gather can address any patch
+    const int64_t HP = (A.PH + 2) * (A.PW + 2);
+    for (int64_t c = 0; c < Cin; ++c)
+      for (int64_t a = 0; a < g.hh; ++a)
+        std::copy(gxh + c * lh + a * g.hw, gxh + c * lh + (a + 1) * g.hw, gxh_out + c * HP + a * (A.PW + 2));
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// pointwise_block (patch-wise 1x1 conv -> affine -> ReLU). Forward: one work item = one (sample,
+// output channel). The weights of a patch row are expanded along the image columns
+// (wexp[c, col] = W[o, c] of col's patch) and reused for every row of the patch row, so the inner
+// loops run over contiguous columns with the accumulators in registers.
+// ------------------------------------------------------------------------------------------------
+// acc[0:n) = sum_c w[c*ws + 0:n) * x[c*xs + 0:n): one output row of a 1x1 conv whose weights vary
+// along the row. Column blocks of kNR accumulate in registers over all channels.
+template <typename acc_t>
+inline void row_dot(const acc_t* w, int64_t ws, const acc_t* x, int64_t xs, int64_t C, int64_t n, acc_t* acc) {
+  using V = typename VecN<acc_t>::type;
+  constexpr int L = VecN<acc_t>::kLanes, NV = kNR / L;
+  int64_t col = 0;
+  for (; col + kNR <= n; col += kNR) {
+    V s[NV];
+    for (int v = 0; v < NV; ++v) s[v] = V{};
+    for (int64_t c = 0; c < C; ++c)
+      for (int v = 0; v < NV; ++v)
+        s[v] += *reinterpret_cast<const V*>(w + c * ws + col + v * L) *
+                *reinterpret_cast<const V*>(x + c * xs + col + v * L);
+    for (int v = 0; v < NV; ++v) *reinterpret_cast<V*>(acc + col + v * L) = s[v];
+  }
+  if (col < n) {
+    std::fill(acc + col, acc + n, acc_t(0));
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t j = col; j < n; ++j) acc[j] += w[c * ws + j] * x[c * xs + j];
+  }
+}
+
+// Forward of one (sample, output channel) work item over the whole image; the weights of output
+// channel o (B, Cout*Cin, gh, gw, in acc_t) are read in memory order, one patch row at a time.
+// With equal patch widths (A.pw > 0) xt is x as (B, H, Cin, pw, gw): column q of every patch is a
+// contiguous "phase" row whose weights are exactly the patch row's weights, so no expansion is
+// needed. Otherwise xt is (B, H, Cin, W) and the weights are expanded along the image columns
+// (wexp[c, col] = W[o, c] of col's patch), once per patch row.
+template <typename scalar_t, typename acc_t>
+void pointwise_forward_item(const PwArgs& A, const acc_t* xt, const acc_t* weight, const scalar_t* scale,
+                            const scalar_t* shift, int64_t item, PwScratch<acc_t>& S, scalar_t* y) {
+  const int64_t Cin = A.cin, Cout = A.cout, H = A.H, W = A.W, gh = A.gh, gw = A.gw, pw = A.pw;
+  const int64_t b = item / Cout, o = item % Cout;
+  const acc_t s = static_cast<acc_t>(scale[o]), t = static_cast<acc_t>(shift[o]);
+  const acc_t* wo = weight + (b * Cout + o) * Cin * gh * gw;
+  acc_t* acc = S.acc.data();
+  for (int64_t gi = 0; gi < gh; ++gi) {
+    const int64_t r0 = patch_begin(gi, gh, H), r1 = patch_begin(gi + 1, gh, H);
+    if (pw > 0) {
+      for (int64_t r = r0; r < r1; ++r) {
+        scalar_t* dst = y + ((b * Cout + o) * H + r) * W;
+        for (int64_t q = 0; q < pw; ++q) {
+          row_dot(wo + gi * gw, gh * gw, xt + ((b * H + r) * Cin * pw + q) * gw, pw * gw, Cin, gw, acc);
+          for (int64_t j = 0; j < gw; ++j) {
+            const acc_t u = acc[j] * s + t;
+            dst[j * pw + q] = static_cast<scalar_t>(u > acc_t(0) ? u : acc_t(0));
+          }
+        }
+      }
+      continue;
+    }
+    for (int64_t c = 0; c < Cin; ++c) {
+      const acc_t* src = wo + (c * gh + gi) * gw;
+      acc_t* dst = S.wexp.data() + c * W;
+      for (int64_t j = 0; j < gw; ++j)
+        for (int64_t col = A.colb[j]; col < A.colb[j + 1]; ++col) dst[col] = src[j];
+    }
+    for (int64_t r = r0; r < r1; ++r) {
+      row_dot(S.wexp.data(), W, xt + (b * H + r) * Cin * W, W, Cin, W, acc);
+      scalar_t* dst = y + ((b * Cout + o) * H + r) * W;
+      for (int64_t col = 0; col < W; ++col) {
+        const acc_t u = acc[col] * s + t;
+        dst[col] = static_cast<scalar_t>(u > acc_t(0) ? u : acc_t(0));
+      }
+    }
+  }
+}
+
+// Backward of one (sample, patch) work item of pointwise_block (recomputes z = W x per row).
+template <typename scalar_t, typename acc_t>
+void pointwise_backward_item(const PwArgs& A, const scalar_t* x, const scalar_t* weight, const scalar_t* scale,
+                             const scalar_t* shift, const scalar_t* grad_out, int64_t item, PwScratch<acc_t>& S,
+                             scalar_t* gx, scalar_t* gw, acc_t* ps) {
+  const int64_t Cin = A.cin, Cout = A.cout, H = A.H, W = A.W, G = A.gh * A.gw, N = Cout * Cin;
+  const PatchGeom g(item, A.gh, A.gw, H, W);
+  const int64_t lp = round_up(g.pw, kNR);
+  acc_t *w = S.w.data(), *wt = S.wt.data(), *gwacc = S.gwacc.data();
+  acc_t *xr = S.xr.data(), *z = S.z.data(), *gz = S.gz.data(), *gxr = S.gxr.data();
+  gather_weights(weight, N, G, g.b, item % G, 1, w);
+  for (int64_t o = 0; o < Cout; ++o)
+    for (int64_t c = 0; c < Cin; ++c) wt[c * Cout + o] = w[o * Cin + c];
+  std::fill(gwacc, gwacc + N, acc_t(0));
+  if (ps) std::fill(ps, ps + 2 * Cout, acc_t(0));
+  for (int64_t i = 0; i < g.ph; ++i) {
+    const int64_t r = g.r0 + i;
+    for (int64_t c = 0; c < Cin; ++c) {
+      const scalar_t* src = x + ((g.b * Cin + c) * H + r) * W + g.c0;
+      for (int64_t j = 0; j < g.pw; ++j) xr[c * lp + j] = static_cast<acc_t>(src[j]);
+    }
+    gemm(w, Cin, xr, lp, z, Cout, Cin, lp);
+    for (int64_t o = 0; o < Cout; ++o) {
+      const acc_t s = static_cast<acc_t>(scale[o]), t = static_cast<acc_t>(shift[o]);
+      const scalar_t* src = grad_out + ((g.b * Cout + o) * H + r) * W + g.c0;
+      acc_t sum_g = 0, sum_gz = 0;
+      for (int64_t j = 0; j < g.pw; ++j) {
+        const acc_t zz = z[o * lp + j];
+        const acc_t gu = (zz * s + t > acc_t(0)) ? static_cast<acc_t>(src[j]) : acc_t(0);
+        sum_g += gu;
+        sum_gz += gu * zz;
+        gz[o * lp + j] = gu * s;
+      }
+      if (ps) {
+        ps[o] += sum_gz;
+        ps[Cout + o] += sum_g;
+      }
+      for (int64_t c = 0; c < Cin; ++c) {
+        acc_t acc = 0;
+        for (int64_t j = 0; j < g.pw; ++j) acc += gz[o * lp + j] * xr[c * lp + j];
+        gwacc[o * Cin + c] += acc;
+      }
+    }
+    if (gx) {
+      gemm(wt, Cout, gz, lp, gxr, Cin, Cout, lp);
+      for (int64_t c = 0; c < Cin; ++c) {
+        scalar_t* dst = gx + ((g.b * Cin + c) * H + r) * W + g.c0;
+        for (int64_t j = 0; j < g.pw; ++j) dst[j] = static_cast<scalar_t>(gxr[c * lp + j]);
+      }
+    }
+  }
+  if (gw) {
+    scalar_t* dst = gw + g.b * N * G + item % G;
+    for (int64_t n = 0; n < N; ++n) dst[n * G] = static_cast<scalar_t>(gwacc[n]);
+  }
+}
