@@ -38,34 +38,25 @@ import torch
 import triton
 import triton.language as tl
 
+from ._index import patch_rect as _patch_rect
+from ._index import reflect as _reflect
+
 __all__ = ["forward", "backward", "pointwise_forward", "pointwise_backward"]
-
-
-@triton.jit
-def _reflect(i, n):
-    i = tl.where(i < 0, -i, i)
-    return tl.where(i >= n, 2 * (n - 1) - i, i)
-
-
-@triton.jit
-def _patch_rect(patch, gh, gw, H, W):
-    """(first row, rows, first column, columns) of patch (patch // gw, patch % gw): cell g of an axis
-    of n pixels covers [ceil(g*n/grid), ceil((g+1)*n/grid))."""
-    gi = patch // gw
-    gj = patch % gw
-    r0 = (gi * H + gh - 1) // gh
-    ph = ((gi + 1) * H + gh - 1) // gh - r0
-    c0 = (gj * W + gw - 1) // gw
-    pw = ((gj + 1) * W + gw - 1) // gw - c0
-    return r0, ph, c0, pw
 
 
 @triton.jit
 def _tap_rows_cols(r, c, H, W):
     """Row offsets (times W) and columns of the 3x3 neighbourhood of pixels (r, c), reflected at the
     image borders: tap d of pixel (r, c) is at row offset [ro0, ro1, ro2][d // 3] plus column
-    [co0, co1, co2][d % 3]."""
+    [co0, co1, co2][d % 3] (_tap_offset). Shared by the forward and backward kernels."""
     return _reflect(r - 1, H) * W, r * W, _reflect(r + 1, H) * W, _reflect(c - 1, W), c, _reflect(c + 1, W)
+
+
+@triton.jit
+def _tap_offset(ro0, ro1, ro2, co0, co1, co2, d: tl.constexpr):
+    """Offset of depthwise tap d (row d // 3 - 1, column d % 3 - 1) from _tap_rows_cols' values."""
+    return (ro0 if d // 3 == 0 else (ro1 if d // 3 == 1 else ro2)) + \
+        (co0 if d % 3 == 0 else (co1 if d % 3 == 1 else co2))
 
 
 @triton.jit
@@ -78,12 +69,7 @@ def _meta_fwd_kernel(x_ptr, w_ptr, sc_ptr, sh_ptr, y_ptr,
     G = gh * gw
     patch = item % G
     b = item // G
-    gi = patch // gw
-    gj = patch % gw
-    r0 = (gi * H + gh - 1) // gh
-    ph = ((gi + 1) * H + gh - 1) // gh - r0
-    c0 = (gj * W + gw - 1) // gw
-    pw = ((gj + 1) * W + gw - 1) // gw - c0
+    r0, ph, c0, pw = _patch_rect(patch, gh, gw, H, W)
 
     p = chunk * BLOCK_P + tl.arange(0, BLOCK_P)
     pmask = p < ph * pw
@@ -97,10 +83,9 @@ def _meta_fwd_kernel(x_ptr, w_ptr, sc_ptr, sh_ptr, y_ptr,
     s1 = tl.load(sc_ptr + k, mask=kmask, other=0.0).to(acc_dtype)
     t1 = tl.load(sh_ptr + k, mask=kmask, other=0.0).to(acc_dtype)
     h2 = tl.zeros((HID_BLOCK, BLOCK_P), dtype=acc_dtype)
+    ro0, ro1, ro2, co0, co1, co2 = _tap_rows_cols(r0 + i, c0 + j, H, W)
     for d in tl.static_range(9):
-        rr = _reflect(r0 + i + (d // 3) - 1, H)
-        cc = _reflect(c0 + j + (d % 3) - 1, W)
-        off = rr * W + cc
+        off = _tap_offset(ro0, ro1, ro2, co0, co1, co2, d)
         z1 = tl.zeros((HID_BLOCK, BLOCK_P), dtype=acc_dtype)
         for c in range(0, Cin):
             xv = tl.load(xbase + c * H * W + off, mask=pmask, other=0.0).to(acc_dtype)
@@ -133,12 +118,7 @@ def _pw_fwd_kernel(x_ptr, w_ptr, sc_ptr, sh_ptr, y_ptr, Cin, H, W, gh, gw, Cout,
     G = gh * gw
     patch = item % G
     b = item // G
-    gi = patch // gw
-    gj = patch % gw
-    r0 = (gi * H + gh - 1) // gh
-    ph = ((gi + 1) * H + gh - 1) // gh - r0
-    c0 = (gj * W + gw - 1) // gw
-    pw = ((gj + 1) * W + gw - 1) // gw - c0
+    r0, ph, c0, pw = _patch_rect(patch, gh, gw, H, W)
     p = chunk * BLOCK_P + tl.arange(0, BLOCK_P)
     pmask = p < ph * pw
     off = (r0 + p // pw) * W + (c0 + p % pw)
@@ -219,8 +199,7 @@ def _meta_bwd_stage23_kernel(x_ptr, w_ptr, sc_ptr, sh_ptr, gy_ptr, g2_ptr, gw_pt
         ro0, ro1, ro2, co0, co1, co2 = _tap_rows_cols(r0 + i, c0 + j, H, W)
         z2 = tl.zeros((HID_BLOCK, BLOCK_P), dtype=acc_dtype)
         for d in tl.static_range(9):
-            off = (ro0 if d // 3 == 0 else (ro1 if d // 3 == 1 else ro2)) + \
-                (co0 if d % 3 == 0 else (co1 if d % 3 == 1 else co2))
+            off = _tap_offset(ro0, ro1, ro2, co0, co1, co2, d)
             xt = tl.load(xrows + off[None, :], mask=cmask[:, None] & pmask[None, :], other=0.0).to(acc_dtype)
             z1 = tl.dot(w1, xt, input_precision="ieee")
             h1 = tl.minimum(tl.maximum(z1 * s1[:, None] + t1[:, None], 0.0), 6.0)
