@@ -17,6 +17,10 @@ writes JSON (--json).
 
     python benchmarks/bench_meta_block.py --device cpu --threads 2
     python benchmarks/bench_meta_block.py --device cuda --dtype fp32 --json out.json
+    python benchmarks/bench_meta_block.py --device cuda --backend triton --backward --json out_bwd.json
+
+``--backward`` times forward + backward (autograd.grad of x, the weights and the affines) for every
+column instead of the forward; the bytes/roofline columns still count the forward's traffic only.
 """
 from __future__ import annotations
 
@@ -121,6 +125,8 @@ def main(argv=None):
     p.add_argument("--models", default="hyperseg-m,hyperseg-s")
     p.add_argument("--backend", default=None, help="fused backend (default: cpu on CPU, cuda on GPU)")
     p.add_argument("--no-chain", action="store_true", help="skip the chain-of-ops baseline")
+    p.add_argument("--backward", action="store_true",
+                   help="time forward + backward (gradients of x, the weights and the affines) instead of the forward")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
 
@@ -176,11 +182,17 @@ def main(argv=None):
             if not args.no_chain:
                 runs["chain"] = lambda: chain_1x1(x, w, a)
             flops = 2 * B * H * W * Cin * Cout
+        if args.backward:  # forward + autograd.grad w.r.t. every input
+            pairs = aff if kind == "meta" else [a]
+            leaves = [x.requires_grad_(), w.requires_grad_()] + [t.requires_grad_() for pr in pairs for t in pr]
+            gy = torch.randn(B, Cout, H, W, generator=g).to(device, dtype)
+            runs = {k: (lambda f=f, leaves=leaves, gy=gy: torch.autograd.grad(f(), leaves, gy))
+                    for k, f in runs.items()}
         esize = x.element_size()
         nbytes = (x.numel() + w.numel() + B * Cout * H * W) * esize
         row = {"model": model, "level": level, "kind": kind, "B": B, "Cin": Cin, "hid": hid, "Cout": Cout,
                "H": H, "W": W, "gh": gh, "gw": gw, "bytes": nbytes, "flops": flops}
-        with torch.no_grad():
+        with torch.enable_grad() if args.backward else torch.no_grad():
             for name, fn in runs.items():
                 try:
                     ms = time_fn(fn, device, warmup, iters)
@@ -201,6 +213,7 @@ def main(argv=None):
            f"{'ref ms':>10}{'chain ms':>10}{'x ref':>7}{'x chain':>8}{'GB/s':>8}" + ("  %copy" if bw else ""))
     print(f"device={device} ({torch.cuda.get_device_name() if device.type == 'cuda' else platform.processor()}) "
           f"dtype={args.dtype} batch={args.batch} threads={torch.get_num_threads()} fused={fused} "
+          f"mode={'forward+backward' if args.backward else 'forward'} "
           f"torch={torch.__version__}" + (f" copy_bw={bw:.0f} GB/s" if bw else ""))
     print(hdr)
     f = lambda r, k, fmt: format(r[k], fmt) if k in r else "-"  # noqa: E731
@@ -215,7 +228,7 @@ def main(argv=None):
     result = {
         "benchmark": "meta_block", "device": str(device),
         "device_name": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor(),
-        "dtype": args.dtype, "batch": args.batch, "threads": torch.get_num_threads(), "quick": args.quick,
+        "mode": "forward+backward" if args.backward else "forward", "dtype": args.dtype, "batch": args.batch, "threads": torch.get_num_threads(), "quick": args.quick,
         "iters": iters, "warmup": warmup, "fused_backend": fused, "torch": torch.__version__,
         "pyseg": pyseg.__version__, "copy_bandwidth_GBps": bw, "eval_mode_bn_folded": True, "rows": rows,
     }

@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._index import patch_rect as _patch_rect
+
 __all__ = ["forward", "backward", "choose_dot"]
 
 
@@ -87,14 +89,8 @@ def _fwd_kernel(
     g = rest % G
     b = rest // G
 
-    pr = patch // GW
-    pc = patch % GW
-    r0 = (pr * Hout + GH - 1) // GH  # ceil(p * out / grid)
-    r1 = ((pr + 1) * Hout + GH - 1) // GH  # ceil(p * out / grid)
-    c0 = (pc * Wout + GW - 1) // GW  # ceil(p * out / grid)
-    c1 = ((pc + 1) * Wout + GW - 1) // GW  # ceil(p * out / grid)
-    pw = c1 - c0
-    npx = (r1 - r0) * pw
+    r0, ph, c0, pw = _patch_rect(patch, GH, GW, Hout, Wout)  # the patch's output rect
+    npx = ph * pw
 
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     pmask = offs_p < npx
@@ -167,8 +163,7 @@ def _dx_kernel(
     rc = region % GW
     # dX region of patch p along an axis: starts at its first output's input position plus half
     # the dilated kernel, clamped; region 0 starts at 0 and the last ends at the input size, so the
-    # regions partition the input (host copy: _region_starts). Inlined: nested jit calls are slow
-    # under the interpreter.
+    # regions partition the input (host copy: _region_starts).
     y0 = tl.minimum(tl.maximum((rr * Hout + GH - 1) // GH * SH - PT + HALO_H, 0), H)
     y0 = tl.where(rr == 0, 0, y0)
     y1 = tl.minimum(tl.maximum(((rr + 1) * Hout + GH - 1) // GH * SH - PT + HALO_H, 0), H)
@@ -289,14 +284,8 @@ def _dw_kernel(
     g = rest % G
     b = rest // G
 
-    pr = patch // GW
-    pc = patch % GW
-    r0 = (pr * Hout + GH - 1) // GH  # ceil(p * out / grid)
-    r1 = ((pr + 1) * Hout + GH - 1) // GH  # ceil(p * out / grid)
-    c0 = (pc * Wout + GW - 1) // GW  # ceil(p * out / grid)
-    c1 = ((pc + 1) * Wout + GW - 1) // GW  # ceil(p * out / grid)
-    pw = c1 - c0
-    npx = (r1 - r0) * pw
+    r0, ph, c0, pw = _patch_rect(patch, GH, GW, Hout, Wout)  # the patch's output rect
+    npx = ph * pw
 
     co = cob * BLOCK_CO + tl.arange(0, BLOCK_CO)
     comask = co < Og

@@ -180,14 +180,12 @@ def test_backward_vs_reference(backend, cfg):
     x, w, aff = make_inputs(*cfg, seed=7 + hash(cfg) % 1000)
     gy = torch.randn(B, Cout, H, W, dtype=torch.float64)
     _, ref = _all_grads("per_pixel", x, w, aff, hid, Cout, gy)
-    if backend == "triton":
-        skip_slow_interpreter(backend, B * gh * gw)
-        with pytest.raises(NotImplementedError, match="Triton meta_block has no backward"):
-            _all_grads("triton", x.float(), w.float(), [(s.float(), t.float()) for s, t in aff], hid, Cout,
-                       gy.float())
-        return
+    skip_slow_interpreter(backend, B * gh * gw)
+    if backend == "triton" and INTERPRETED and B * gh * gw > 12:
+        pytest.skip("Triton interpreter: backward grids kept <= 12 programs (tests/test_triton_meta_block.py "
+                    "covers more small configurations)")
     names = ["x", "weight", "scale1", "shift1", "scale2", "shift2", "scale3", "shift3"]
-    for dt in ((torch.float32,) if backend == "reference" else (torch.float64, torch.float32)):
+    for dt in ((torch.float32,) if backend in ("reference", "triton") else (torch.float64, torch.float32)):
         _, got = _all_grads(backend, x.to(dt), w.to(dt), [(s.to(dt), t.to(dt)) for s, t in aff], hid, Cout,
                             gy.to(dt))
         rtol, atol = _tol(dt)
@@ -323,15 +321,13 @@ def test_pointwise_block(backend, cfg):
     leaves = [u.clone().requires_grad_() for u in (x, w, s, t)]
     gr = torch.autograd.grad(R.pointwise_block(leaves[0], leaves[1].view(B, Cout, Cin, gh, gw), *leaves[2:]),
                              leaves, gy)
-    if backend == "triton":
-        lv = [u.float().clone().requires_grad_() for u in (x, w, s, t)]
-        with pytest.raises(NotImplementedError, match="no backward"):
-            torch.autograd.grad(pointwise_block(lv[0], lv[1], (lv[2], lv[3]), backend="triton"), lv, gy.float())
-        return
-    lv = [u.clone().requires_grad_() for u in (x, w, s, t)]
-    got = torch.autograd.grad(pointwise_block(lv[0], lv[1], (lv[2], lv[3]), backend=backend), lv, gy)
-    for a, b in zip(got, gr):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    for dt in dts:
+        lv = [u.to(dt).clone().requires_grad_() for u in (x, w, s, t)]
+        got = torch.autograd.grad(pointwise_block(lv[0], lv[1], (lv[2], lv[3]), backend=backend), lv, gy.to(dt))
+        rtol, atol = _tol(dt)
+        for a, b in zip(got, gr):
+            assert a.dtype == dt
+            torch.testing.assert_close(a.double(), b, rtol=rtol * 10, atol=atol * 10 * max(b.abs().max().item(), 1))
 
 
 @needs_cpu
@@ -381,13 +377,16 @@ def test_opcheck_compiled_ops():
 
 @pytest.mark.skipif(not TRITON_CPU, reason="triton cannot run here")
 def test_opcheck_triton_ops():
-    x, w, scale, shift = _op_args(torch.float32, requires_grad=False)
-    torch.library.opcheck(torch.ops.pyseg.meta_block_triton.default, (x, w, scale, shift, 5, 2),
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
-    xp = torch.randn(2, 3, 5, 7)
-    wp = torch.randn(2, 4 * 3, 2, 3)
-    torch.library.opcheck(torch.ops.pyseg.pointwise_block_triton.default, (xp, wp, torch.rand(4), torch.randn(4)),
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    # every opcheck utility, autograd included (the backward ops themselves: tests/test_triton_meta_block.py)
+    x, w, aff = make_inputs(1, 3, 5, 2, 5, 4, 2, 1, dtype=torch.float32)
+    scale = torch.cat([s for s, _ in aff]).requires_grad_()
+    shift = torch.cat([t for _, t in aff]).requires_grad_()
+    torch.library.opcheck(torch.ops.pyseg.meta_block_triton.default,
+                          (x.requires_grad_(), w.requires_grad_(), scale, shift, 5, 2))
+    xp = torch.randn(2, 3, 5, 7, requires_grad=True)
+    wp = torch.randn(2, 4 * 3, 2, 3, requires_grad=True)
+    torch.library.opcheck(torch.ops.pyseg.pointwise_block_triton.default,
+                          (xp, wp, torch.rand(4, requires_grad=True), torch.randn(4, requires_grad=True)))
 
 
 # --------------------------------------------------------------------------------------------

@@ -225,7 +225,8 @@ def meta_block(x: Tensor, weight: Union[Tensor, Sequence[Tensor]], hidden_channe
         affine1, affine2, affine3: (scale, shift) per channel after each stage (folded eval BatchNorm),
             shapes (hid,), (hid,), (Cout,); None (or a None entry) = identity.
         backend: "auto", "reference", "cpu", "cuda" or "triton". The fused backends run the whole block
-            per patch on chip; "triton" has no backward (raises NotImplementedError when differentiated).
+            per patch on chip and are differentiable (deterministic backward that recomputes the
+            forward intermediates per patch).
     Returns:
         (B, Cout, H, W). Pixel (i, j) belongs to patch (floor(i*gh/H), floor(j*gw/W)).
     """
