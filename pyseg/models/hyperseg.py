@@ -247,7 +247,8 @@ class HyperSeg(nn.Module):
         p = None
         attn = None
         for level, block in enumerate(self.decoder):
-            s = skips[-level - 1]
+            # the dynamic ops work on contiguous (NCHW) maps; convert a channels_last skip once here
+            s = skips[-level - 1].contiguous()
             if p is None:
                 p = s
             else:
