@@ -1,7 +1,8 @@
 // Hierarchical multi-scale attention fusion, CUDA kernels.
 // Forward: one thread per output pixel builds the exact per-pixel stencil (common/hmsa.h) in
-// local memory, then loops over the classes (gather-dot); labels keep a running argmax, so no
-// per-scale or (B, C, out_h, out_w) intermediate exists. Backward (two-scale training form):
+// local memory, then loops over the classes (gather-dot; scales whose stored logits differ from
+// their grid (scale_sizes) are read through a bilinear sample, hmsa_storage_taps); labels keep a
+// running argmax, so no per-scale or (B, C, out_h, out_w) intermediate exists. Backward (two-scale training form):
 // three gather passes over CSR adjoint tables, one thread per pixel, no atomics (deterministic).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -62,13 +63,14 @@ inline int blocks_for(int64_t n) {
 }
 
 at::Tensor hmsa_fuse_cuda(at::TensorList logits, at::TensorList attentions, at::ArrayRef<double> scales,
-                          at::IntArrayRef out_size, bool labels) {
+                          at::IntArrayRef out_size, bool labels, at::OptionalIntArrayRef scale_sizes_opt) {
+  const at::IntArrayRef scale_sizes = scale_sizes_opt.has_value() ? *scale_sizes_opt : at::IntArrayRef();
   std::vector<at::Tensor> lg(logits.begin(), logits.end());
   std::vector<at::Tensor> att(attentions.begin(), attentions.end());
   std::vector<double> sc(scales.begin(), scales.end());
   int one = -1;
   std::vector<at::Tensor> p, a;
-  hmsa_check(lg, att, sc, out_size, &one, &p, &a);
+  hmsa_check(lg, att, sc, out_size, scale_sizes, &one, &p, &a);
   TORCH_CHECK(p[0].is_cuda(), "hmsa_fuse (CUDA): tensors must be on a CUDA device");
   const int64_t need = hmsa_max_terms(static_cast<int>(p.size()), one);
   TORCH_CHECK(need <= HMSA_CUDA_MAX_TERMS, "hmsa_fuse (CUDA): this scale set needs a stencil of ", need,
@@ -82,7 +84,7 @@ at::Tensor hmsa_fuse_cuda(at::TensorList logits, at::TensorList attentions, at::
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p[0].scalar_type(), "hmsa_fuse_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const HmsaArgs<scalar_t> A = hmsa_pack<scalar_t>(p, a, one, OH, OW);
+    const HmsaArgs<scalar_t> A = hmsa_pack<scalar_t>(p, a, one, OH, OW, scale_sizes);
     hmsa_fuse_kernel<scalar_t, acc_t><<<blocks_for(total), THREADS, 0, stream>>>(
         A, labels ? nullptr : out.data_ptr<scalar_t>(), labels ? out.data_ptr<int64_t>() : nullptr, labels);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
