@@ -187,7 +187,8 @@ PYSEG_HD int hmsa_storage_taps(const HmsaArgs<scalar_t>& A, int k, int64_t off, 
 }
 
 // Value of class c for a stencil of sample b (terms on the scale grids; storage read through
-// hmsa_storage_taps, each tap weighted by coef * wt exactly as the CPU kernel's flattened list).
+// hmsa_storage_taps, each tap weighted by coef * wt; the CPU kernel flattens the same taps once
+// per pixel and merges repeated storage pixels, which only changes the rounding).
 template <typename acc_t, typename scalar_t>
 PYSEG_HD acc_t hmsa_eval(const HmsaArgs<scalar_t>& A, int64_t b, int64_t c, const HmsaTerm<acc_t>* t,
                          int64_t n_terms) {

@@ -69,17 +69,37 @@ at::Tensor hmsa_fuse_cpu(at::TensorList logits, at::TensorList attentions,
         for (int64_t i = 0; i < nx; ++i) {
           first[i] = n;
           const int64_t nt = hmsa_build_stencil<acc_t>(A, b, oy, x0 + i, terms.data());
+          int64_t run = n;  // first tap of the current run of terms of one resampled scale
           for (int64_t j = 0; j < nt; ++j) {
             // flatten to storage taps: the same products coef * wt as hmsa_eval
             const int k = terms[j].k;
             const int64_t plane = A.ph[k] * A.pw[k];
+            if (!hmsa_resampled(A, k)) {
+              ptr[n] = A.p[k] + b * A.C * plane + terms[j].off;
+              stride[n] = plane;
+              coef[n] = terms[j].coef;
+              run = ++n;
+              continue;
+            }
+            if (j > 0 && terms[j - 1].k != k) run = n;
             int64_t soff[4];
             acc_t wt[4];
             const int ns = hmsa_storage_taps<acc_t>(A, k, terms[j].off, soff, wt);
-            for (int s = 0; s < ns; ++s, ++n) {
-              ptr[n] = A.p[k] + b * A.C * plane + soff[s];
+            for (int s = 0; s < ns; ++s) {
+              // neighbouring grid terms of an upsampled scale share storage pixels: merge the taps
+              // of one run (consecutive terms of scale k), so each storage pixel is read once
+              const scalar_t* q = A.p[k] + b * A.C * plane + soff[s];
+              const acc_t v = terms[j].coef * wt[s];
+              int64_t m = run;
+              while (m < n && ptr[m] != q) ++m;
+              if (m < n) {
+                coef[m] += v;
+                continue;
+              }
+              ptr[n] = q;
               stride[n] = plane;
-              coef[n] = terms[j].coef * wt[s];  // wt = 1 exactly without resampling
+              coef[n] = v;
+              ++n;
             }
           }
         }
