@@ -186,9 +186,58 @@ PYSEG_HD int hmsa_storage_taps(const HmsaArgs<scalar_t>& A, int k, int64_t off, 
   return n;
 }
 
-// Value of class c for a stencil of sample b (terms on the scale grids; storage read through
-// hmsa_storage_taps, each tap weighted by coef * wt; the CPU kernel flattens the same taps once
-// per pixel and merges repeated storage pixels, which only changes the rounding).
+// Lowers a grid stencil t[0..n) to storage taps out[0..returned): out[i].off is an offset in the
+// stored (ph, pw) plane of scale out[i].k. Terms of scales that are not resampled are copied
+// unchanged; a resampled term expands into its storage taps (hmsa_storage_taps, weights coef *
+// wt), and since neighbouring grid pixels of an upsampled scale share storage pixels, repeated
+// taps within a run of consecutive terms of one scale are merged (each storage pixel is then read
+// once per class). `out` needs room for 4 * n terms.
+template <typename acc_t, typename scalar_t>
+PYSEG_HD int64_t hmsa_lower_stencil(const HmsaArgs<scalar_t>& A, const HmsaTerm<acc_t>* t, int64_t n,
+                                    HmsaTerm<acc_t>* out) {
+  int64_t m = 0, run = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const int k = t[j].k;
+    if (j == 0 || t[j - 1].k != k) run = m;
+    if (!hmsa_resampled(A, k)) {
+      out[m++] = t[j];
+      continue;
+    }
+    int64_t soff[4];
+    acc_t wt[4];
+    const int ns = hmsa_storage_taps<acc_t>(A, k, t[j].off, soff, wt);
+    for (int s = 0; s < ns; ++s) {
+      const acc_t v = t[j].coef * wt[s];
+      int64_t i = run;
+      while (i < m && out[i].off != soff[s]) ++i;  // same run: same scale k
+      if (i < m) {
+        out[i].coef += v;
+        continue;
+      }
+      out[m].k = k;
+      out[m].off = soff[s];
+      out[m].coef = v;
+      ++m;
+    }
+  }
+  return m;
+}
+
+// Value of class c for a lowered stencil (hmsa_lower_stencil: offsets into the stored planes).
+template <typename acc_t, typename scalar_t>
+PYSEG_HD acc_t hmsa_eval_storage(const HmsaArgs<scalar_t>& A, int64_t b, int64_t c, const HmsaTerm<acc_t>* t,
+                                 int64_t n_terms) {
+  acc_t acc = 0;
+  for (int64_t j = 0; j < n_terms; ++j) {
+    const int k = t[j].k;
+    acc += t[j].coef * static_cast<acc_t>(A.p[k][(b * A.C + c) * (A.ph[k] * A.pw[k]) + t[j].off]);
+  }
+  return acc;
+}
+
+// Value of class c for a grid stencil of sample b (terms on the scale grids; the storage of a
+// resampled scale is read through hmsa_storage_taps per class: no extra room needed, but the
+// taps are recomputed for every class; hmsa_lower_stencil + hmsa_eval_storage do it once).
 template <typename acc_t, typename scalar_t>
 PYSEG_HD acc_t hmsa_eval(const HmsaArgs<scalar_t>& A, int64_t b, int64_t c, const HmsaTerm<acc_t>* t,
                          int64_t n_terms) {

@@ -1,6 +1,7 @@
 // Hierarchical multi-scale attention fusion, C++ CPU kernels.
 // One pass over the output pixels: each pixel builds its exact stencil (common/hmsa.h) by
-// sampling every scale's attention on the fly, then the classes are evaluated with a gather-dot;
+// sampling every scale's attention on the fly (with scale_sizes, lowered to taps of the stored
+// logits, hmsa_lower_stencil), then the classes are evaluated with a gather-dot;
 // with labels=true only the running argmax is kept, so no (B, C, out_h, out_w) logits exist.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -57,6 +58,7 @@ at::Tensor hmsa_fuse_cpu(at::TensorList logits, at::TensorList attentions,
     const int64_t tiles_per_row = (OW + TILE - 1) / TILE;
     at::parallel_for(0, B * OH * tiles_per_row, 1, [&](int64_t begin, int64_t end) {
       std::vector<HmsaTerm<acc_t>> terms(static_cast<size_t>(max_terms));
+      std::vector<HmsaTerm<acc_t>> lowered(static_cast<size_t>(any_resampled ? max_taps : 0));
       std::vector<const scalar_t*> ptr(static_cast<size_t>(max_taps * TILE));
       std::vector<int64_t> stride(static_cast<size_t>(max_taps * TILE));
       std::vector<acc_t> coef(static_cast<size_t>(max_taps * TILE));
@@ -68,39 +70,18 @@ at::Tensor hmsa_fuse_cpu(at::TensorList logits, at::TensorList attentions,
         int64_t n = 0;
         for (int64_t i = 0; i < nx; ++i) {
           first[i] = n;
-          const int64_t nt = hmsa_build_stencil<acc_t>(A, b, oy, x0 + i, terms.data());
-          int64_t run = n;  // first tap of the current run of terms of one resampled scale
-          for (int64_t j = 0; j < nt; ++j) {
-            // flatten to storage taps: the same products coef * wt as hmsa_eval
-            const int k = terms[j].k;
+          int64_t nt = hmsa_build_stencil<acc_t>(A, b, oy, x0 + i, terms.data());
+          const HmsaTerm<acc_t>* src = terms.data();
+          if (any_resampled) {  // storage taps, computed once per pixel for all classes
+            nt = hmsa_lower_stencil<acc_t>(A, terms.data(), nt, lowered.data());
+            src = lowered.data();
+          }
+          for (int64_t j = 0; j < nt; ++j, ++n) {
+            const int k = src[j].k;
             const int64_t plane = A.ph[k] * A.pw[k];
-            if (!hmsa_resampled(A, k)) {
-              ptr[n] = A.p[k] + b * A.C * plane + terms[j].off;
-              stride[n] = plane;
-              coef[n] = terms[j].coef;
-              run = ++n;
-              continue;
-            }
-            if (j > 0 && terms[j - 1].k != k) run = n;
-            int64_t soff[4];
-            acc_t wt[4];
-            const int ns = hmsa_storage_taps<acc_t>(A, k, terms[j].off, soff, wt);
-            for (int s = 0; s < ns; ++s) {
-              // neighbouring grid terms of an upsampled scale share storage pixels: merge the taps
-              // of one run (consecutive terms of scale k), so each storage pixel is read once
-              const scalar_t* q = A.p[k] + b * A.C * plane + soff[s];
-              const acc_t v = terms[j].coef * wt[s];
-              int64_t m = run;
-              while (m < n && ptr[m] != q) ++m;
-              if (m < n) {
-                coef[m] += v;
-                continue;
-              }
-              ptr[n] = q;
-              stride[n] = plane;
-              coef[n] = v;
-              ++n;
-            }
+            ptr[n] = A.p[k] + b * A.C * plane + src[j].off;
+            stride[n] = plane;
+            coef[n] = src[j].coef;
           }
         }
         first[nx] = n;
