@@ -1,8 +1,17 @@
 """Benchmark of the HMSA fusion stage: fused kernels vs the eager PyTorch reference.
 
-Per-scale inputs for an H x W image with C classes: logits p_s at (H*s, W*s) (the public method's
-per-scale full-resolution logits; ``--layout stride4`` puts them at stride 4 instead) and attention
-maps at stride 4 of each scale; the fusion resamples everything to (H, W). Reported per variant:
+Per-scale inputs for an H x W image with C classes, scale s's image being (H*s, W*s); two layouts:
+
+* ``full``: logits p_s already at (H*s, W*s) (the public method's per-scale full-resolution
+  logits, handed over as inputs), attention maps at stride 4 of each scale; no ``scale_sizes``
+  (each scale's grid is its logits' size).
+* ``native``: the public pipeline from the network outputs: logits AND attention maps at stride 4
+  of each scale's image (what the network produces), ``scale_sizes`` = each scale's image size.
+  The fusion resizes both to the scale's resolution first: the reference materialises those
+  per-scale full-resolution logits (as the public implementation does: 19x2048x4096 fp32 = 638 MB
+  at scale 2 of a 1024x2048 image), the fused kernels sample the stride-4 logits on the fly.
+
+Either way the result is (H, W) logits or labels. Reported per variant:
 median time and the peak memory the call adds above its inputs (CPU: the process' peak RSS, reset
 via /proc/self/clear_refs, each variant in its own subprocess; GPU: torch.cuda.max_memory_allocated
 minus memory_allocated before the call). Ratios are fused / reference, measured in the same run.
@@ -10,6 +19,7 @@ minus memory_allocated before the call). Ratios are fused / reference, measured 
     python benchmarks/bench_hmsa.py                 # CPU, 1024x2048, 19 classes
     python benchmarks/bench_hmsa.py --device cuda --json out.json
     python benchmarks/bench_hmsa.py --quick         # small smoke run (CI)
+    python benchmarks/bench_hmsa.py --layout both --threads 2 --json native.json
 """
 from __future__ import annotations
 
@@ -29,17 +39,23 @@ if ROOT not in sys.path:
 SCALE_SETS = {"0.5,1,2": (0.5, 1.0, 2.0), "0.25,0.5,1,2": (0.25, 0.5, 1.0, 2.0)}
 
 
+LAYOUTS = {"full": "inputs already at each scale's resolution (s*H, s*W)",
+           "native": "stride-4 network outputs, resized to each scale's resolution inside the fusion"}
+
+
 def make_inputs(scales, H, W, C, B, layout, device, dtype):
+    """Per-scale logits, attention maps and scale_sizes (None for the full layout)."""
     import torch
 
     g = torch.Generator(device="cpu").manual_seed(0)
-    logits, atts = [], []
+    logits, atts, sizes = [], [], []
     for s in scales:
         hs, ws = max(1, round(H * s)), max(1, round(W * s))
+        sizes.append((hs, ws))
         lh, lw = (hs, ws) if layout == "full" else (max(1, -(-hs // 4)), max(1, -(-ws // 4)))
         logits.append(torch.randn(B, C, lh, lw, generator=g, dtype=dtype).to(device))
         atts.append(torch.rand(B, 1, max(1, -(-hs // 4)), max(1, -(-ws // 4)), generator=g, dtype=dtype).to(device))
-    return logits, atts
+    return logits, atts, (sizes if layout == "native" else None)
 
 
 def _status_kb(field):
@@ -68,13 +84,14 @@ def run_variant(cfg):
     device = cfg["device"]
     torch.set_num_threads(cfg["threads"]) if cfg.get("threads") else None
     scales = tuple(cfg["scales"])
-    logits, atts = make_inputs(scales, cfg["H"], cfg["W"], cfg["C"], cfg["B"], cfg["layout"], device, torch.float32)
+    logits, atts, sizes = make_inputs(scales, cfg["H"], cfg["W"], cfg["C"], cfg["B"], cfg["layout"], device,
+                                      torch.float32)
     input_mb = sum(t.numel() * t.element_size() for t in logits + atts) / 2**20
 
     def call():
         with torch.no_grad():
             return hmsa_fuse(logits, atts, scales, (cfg["H"], cfg["W"]), output=cfg["output"],
-                             backend=cfg["backend"])
+                             backend=cfg["backend"], scale_sizes=sizes)
 
     def sync():
         if device == "cuda":
@@ -136,8 +153,10 @@ def main(argv=None):
     ap.add_argument("--classes", type=int, default=19)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--scales", default="all", help="'all' or one of " + ", ".join(SCALE_SETS))
-    ap.add_argument("--layout", default="full", choices=["full", "stride4", "both"],
-                    help="per-scale logits at full scale resolution (default) or at stride 4")
+    ap.add_argument("--layout", default="full", choices=["full", "native", "both", "stride4"],
+                    help="full: inputs already at each scale's resolution (default); native: stride-4 "
+                         "network outputs resized to each scale's resolution inside the fusion (the public "
+                         "pipeline); both; stride4: alias of native")
     ap.add_argument("--backends", default=None, help="comma list; default: fused backends of the device")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
@@ -165,10 +184,12 @@ def main(argv=None):
     else:
         fused = [b for b in (["cpu"] if args.device == "cpu" else ["cuda", "triton"]) if avail[b]["available"]]
     sets = SCALE_SETS if args.scales == "all" else {args.scales: SCALE_SETS[args.scales]}
-    layouts = ["full", "stride4"] if args.layout == "both" else [args.layout]
+    layouts = ["full", "native"] if args.layout == "both" else ["native" if args.layout == "stride4" else args.layout]
     results = []
     print(f"HMSA fusion {H}x{W}, {args.classes} classes, batch {args.batch}, device {args.device}; "
           f"fused backends {fused}")
+    for lay in layouts:
+        print(f"  layout {lay}: {LAYOUTS[lay]}")
     head = f"{'scales':<14}{'layout':<9}{'output':<8}{'backend':<10}{'time ms':>10}{'peak+ MB':>10}" \
            f"{'t/ref':>8}{'mem/ref':>9}"
     print(head)
@@ -193,7 +214,7 @@ def main(argv=None):
     meta = {"torch": torch.__version__, "pyseg": pyseg.__version__, "python": platform.python_version(),
             "machine": platform.machine(), "cpu_count": os.cpu_count(),
             "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
-            "quick": args.quick}
+            "quick": args.quick, "threads": args.threads, "layouts": {k: LAYOUTS[k] for k in layouts}}
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"benchmark": "hmsa_fuse", "meta": meta, "results": results}, f, indent=1)

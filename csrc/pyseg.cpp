@@ -51,12 +51,14 @@ TORCH_LIBRARY(pyseg, m) {
 
   // ---- hmsa_fuse ----------------------------------------------------------------------
   // logits[k]: (B, C, h_k, w_k); attentions[k]: (B, 1, ha_k, wa_k); attentions[0] (the top
-  // scale's) is ignored, pass any tensor (a plain Tensor[] keeps autograd over the list); scales sorted strictly descending and containing 1.0. Each attention is bilinearly
-  // resized to its own logit grid; fusion per SPEC section 4; the result is resized to out_size.
+  // scale's) is ignored, pass any tensor (a plain Tensor[] keeps autograd over the list); scales sorted strictly descending and containing 1.0.
+  // scale_sizes: None (scale k's grid is its logits' size) or flat (gh_0, gw_0, gh_1, gw_1, ...):
+  // scale k's logits and attention are bilinearly resized to its grid (gh_k, gw_k) (sampled on the
+  // fly, never stored); fusion per SPEC section 4 on the grids; the result is resized to out_size.
   // labels=false: (B, C, out_h, out_w) logits; labels=true: (B, out_h, out_w) int64 argmax.
   m.def(
-      "hmsa_fuse(Tensor[] logits, Tensor[] attentions, float[] scales, int[2] out_size, bool labels) "
-      "-> Tensor");
+      "hmsa_fuse(Tensor[] logits, Tensor[] attentions, float[] scales, int[2] out_size, bool labels, "
+      "int[]? scale_sizes=None) -> Tensor");
   // Backward of the two-scale training form, scales (s, 1.0) with s < 1; grad_out (B, C, out_h, out_w).
   // Returns (grad_logits_one, grad_logits_low, grad_attention_low).
   m.def(

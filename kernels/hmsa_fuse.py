@@ -7,6 +7,11 @@ take any set of up to 8 scales). Forward only; autograd uses the compiled backwa
 
 Slots: H0 = scale 1.0, H1 = the next scale above it, H2 = the one above H1 (top of chain when
 N_HIGH == 2); L0, L1, L2 = the scales below 1.0 in processing order (largest first).
+
+Every slot has a grid (h, w) on which the recurrence runs (``scale_sizes``, by default the
+logits' size) and the stored logits' size (ph, pw); a slot whose constexpr ``RS_*`` flag is set
+reads its logits through a bilinear sample of the storage at the grid pixel (``_logit``), so the
+grid-resolution logits are never stored. Attention maps are sampled from their raw size onto the grid.
 """
 from __future__ import annotations
 
@@ -44,52 +49,74 @@ def _att(a_ptr, b, y, x, ha, wa, h, w, mask, ACC: tl.constexpr):
 
 
 @triton.jit
-def _logit(p_ptr, b, c, C, y, x, h, w, mask, ACC: tl.constexpr):
-    return tl.load(p_ptr + ((b * C + c) * h + y) * w + x, mask=mask, other=0.0).to(ACC)
+def _load(p_ptr, b, c, C, y, x, ph, pw, mask, ACC: tl.constexpr):
+    return tl.load(p_ptr + ((b * C + c) * ph + y) * pw + x, mask=mask, other=0.0).to(ACC)
 
 
 @triton.jit
-def _down(p_ptr, b, c, C, y, x, h_in, w_in, h, w, mask, ACC: tl.constexpr):
-    # bilinear sample of a top-of-chain logit map (h_in x w_in) at pixel (y, x) of an h x w grid
+def _logit(p_ptr, b, c, C, y, x, h, w, ph, pw, mask, RS: tl.constexpr, ACC: tl.constexpr):
+    # logit of class c at pixel (y, x) of the h x w grid; RS: the storage is ph x pw, resampled
+    # bilinearly onto the grid on the fly (else ph, pw == h, w)
+    if RS:
+        y0, y1, ly0, ly1 = _tap(y, ph, h, ACC)
+        x0, x1, lx0, lx1 = _tap(x, pw, w, ACC)
+        v00 = _load(p_ptr, b, c, C, y0, x0, ph, pw, mask, ACC)
+        v01 = _load(p_ptr, b, c, C, y0, x1, ph, pw, mask, ACC)
+        v10 = _load(p_ptr, b, c, C, y1, x0, ph, pw, mask, ACC)
+        v11 = _load(p_ptr, b, c, C, y1, x1, ph, pw, mask, ACC)
+        return ly0 * (lx0 * v00 + lx1 * v01) + ly1 * (lx0 * v10 + lx1 * v11)
+    else:
+        return _load(p_ptr, b, c, C, y, x, ph, pw, mask, ACC)
+
+
+@triton.jit
+def _down(p_ptr, b, c, C, y, x, h_in, w_in, ph, pw, h, w, mask, RS: tl.constexpr, ACC: tl.constexpr):
+    # bilinear sample of a top-of-chain logit map (grid h_in x w_in) at pixel (y, x) of an h x w grid
     y0, y1, ly0, ly1 = _tap(y, h_in, h, ACC)
     x0, x1, lx0, lx1 = _tap(x, w_in, w, ACC)
-    v00 = _logit(p_ptr, b, c, C, y0, x0, h_in, w_in, mask, ACC)
-    v01 = _logit(p_ptr, b, c, C, y0, x1, h_in, w_in, mask, ACC)
-    v10 = _logit(p_ptr, b, c, C, y1, x0, h_in, w_in, mask, ACC)
-    v11 = _logit(p_ptr, b, c, C, y1, x1, h_in, w_in, mask, ACC)
+    v00 = _logit(p_ptr, b, c, C, y0, x0, h_in, w_in, ph, pw, mask, RS, ACC)
+    v01 = _logit(p_ptr, b, c, C, y0, x1, h_in, w_in, ph, pw, mask, RS, ACC)
+    v10 = _logit(p_ptr, b, c, C, y1, x0, h_in, w_in, ph, pw, mask, RS, ACC)
+    v11 = _logit(p_ptr, b, c, C, y1, x1, h_in, w_in, ph, pw, mask, RS, ACC)
     return ly0 * (lx0 * v00 + lx1 * v01) + ly1 * (lx0 * v10 + lx1 * v11)
 
 
 @triton.jit
 def _blend_h1(b, c, C, y, x, mask,
-              PH1, AH1, hh1, wh1, hah1, wah1, PH2, hh2, wh2, ACC: tl.constexpr):
+              PH1, AH1, hh1, wh1, hah1, wah1, phh1, pwh1, PH2, hh2, wh2, phh2, pwh2,
+              RS_H1: tl.constexpr, RS_H2: tl.constexpr, ACC: tl.constexpr):
     # pred at the H1 grid when H1 is below the top H2: a p + (1 - a) D(p_H2)
     a = _att(AH1, b, y, x, hah1, wah1, hh1, wh1, mask, ACC)
-    return a * _logit(PH1, b, c, C, y, x, hh1, wh1, mask, ACC) + \
-        (1.0 - a) * _down(PH2, b, c, C, y, x, hh2, wh2, hh1, wh1, mask, ACC)
+    return a * _logit(PH1, b, c, C, y, x, hh1, wh1, phh1, pwh1, mask, RS_H1, ACC) + \
+        (1.0 - a) * _down(PH2, b, c, C, y, x, hh2, wh2, phh2, pwh2, hh1, wh1, mask, RS_H2, ACC)
 
 
 @triton.jit
-def _pred_h1(b, c, C, y, x, mask, PH1, AH1, hh1, wh1, hah1, wah1, PH2, hh2, wh2, h0, w0,
-             N_HIGH: tl.constexpr, ACC: tl.constexpr):
+def _pred_h1(b, c, C, y, x, mask, PH1, AH1, hh1, wh1, hah1, wah1, phh1, pwh1, PH2, hh2, wh2, phh2, pwh2,
+             h0, w0, N_HIGH: tl.constexpr, RS_H1: tl.constexpr, RS_H2: tl.constexpr, ACC: tl.constexpr):
     # D(pred_H1) at pixel (y, x) of the H0 (1.0) grid
     y0, y1, ly0, ly1 = _tap(y, hh1, h0, ACC)
     x0, x1, lx0, lx1 = _tap(x, wh1, w0, ACC)
     if N_HIGH == 1:
-        v00 = _logit(PH1, b, c, C, y0, x0, hh1, wh1, mask, ACC)
-        v01 = _logit(PH1, b, c, C, y0, x1, hh1, wh1, mask, ACC)
-        v10 = _logit(PH1, b, c, C, y1, x0, hh1, wh1, mask, ACC)
-        v11 = _logit(PH1, b, c, C, y1, x1, hh1, wh1, mask, ACC)
+        v00 = _logit(PH1, b, c, C, y0, x0, hh1, wh1, phh1, pwh1, mask, RS_H1, ACC)
+        v01 = _logit(PH1, b, c, C, y0, x1, hh1, wh1, phh1, pwh1, mask, RS_H1, ACC)
+        v10 = _logit(PH1, b, c, C, y1, x0, hh1, wh1, phh1, pwh1, mask, RS_H1, ACC)
+        v11 = _logit(PH1, b, c, C, y1, x1, hh1, wh1, phh1, pwh1, mask, RS_H1, ACC)
     else:
-        v00 = _blend_h1(b, c, C, y0, x0, mask, PH1, AH1, hh1, wh1, hah1, wah1, PH2, hh2, wh2, ACC)
-        v01 = _blend_h1(b, c, C, y0, x1, mask, PH1, AH1, hh1, wh1, hah1, wah1, PH2, hh2, wh2, ACC)
-        v10 = _blend_h1(b, c, C, y1, x0, mask, PH1, AH1, hh1, wh1, hah1, wah1, PH2, hh2, wh2, ACC)
-        v11 = _blend_h1(b, c, C, y1, x1, mask, PH1, AH1, hh1, wh1, hah1, wah1, PH2, hh2, wh2, ACC)
+        v00 = _blend_h1(b, c, C, y0, x0, mask, PH1, AH1, hh1, wh1, hah1, wah1, phh1, pwh1, PH2, hh2, wh2,
+                        phh2, pwh2, RS_H1, RS_H2, ACC)
+        v01 = _blend_h1(b, c, C, y0, x1, mask, PH1, AH1, hh1, wh1, hah1, wah1, phh1, pwh1, PH2, hh2, wh2,
+                        phh2, pwh2, RS_H1, RS_H2, ACC)
+        v10 = _blend_h1(b, c, C, y1, x0, mask, PH1, AH1, hh1, wh1, hah1, wah1, phh1, pwh1, PH2, hh2, wh2,
+                        phh2, pwh2, RS_H1, RS_H2, ACC)
+        v11 = _blend_h1(b, c, C, y1, x1, mask, PH1, AH1, hh1, wh1, hah1, wah1, phh1, pwh1, PH2, hh2, wh2,
+                        phh2, pwh2, RS_H1, RS_H2, ACC)
     return ly0 * (lx0 * v00 + lx1 * v01) + ly1 * (lx0 * v10 + lx1 * v11)
 
 
 @triton.jit
-def _low(pred, b, c, C, y, x, mask, PL, AL, hl, wl, hal, wal, h0, w0, ACC: tl.constexpr):
+def _low(pred, b, c, C, y, x, mask, PL, AL, hl, wl, hal, wal, phl, pwl, h0, w0, RS: tl.constexpr,
+         ACC: tl.constexpr):
     # pred = U(a p) + (1 - U(a)) pred at pixel (y, x) of the 1.0 grid (gate before upsampling)
     y0, y1, ly0, ly1 = _tap(y, hl, h0, ACC)
     x0, x1, lx0, lx1 = _tap(x, wl, w0, ACC)
@@ -97,44 +124,51 @@ def _low(pred, b, c, C, y, x, mask, PL, AL, hl, wl, hal, wal, h0, w0, ACC: tl.co
     a01 = _att(AL, b, y0, x1, hal, wal, hl, wl, mask, ACC)
     a10 = _att(AL, b, y1, x0, hal, wal, hl, wl, mask, ACC)
     a11 = _att(AL, b, y1, x1, hal, wal, hl, wl, mask, ACC)
-    m00 = a00 * _logit(PL, b, c, C, y0, x0, hl, wl, mask, ACC)
-    m01 = a01 * _logit(PL, b, c, C, y0, x1, hl, wl, mask, ACC)
-    m10 = a10 * _logit(PL, b, c, C, y1, x0, hl, wl, mask, ACC)
-    m11 = a11 * _logit(PL, b, c, C, y1, x1, hl, wl, mask, ACC)
+    m00 = a00 * _logit(PL, b, c, C, y0, x0, hl, wl, phl, pwl, mask, RS, ACC)
+    m01 = a01 * _logit(PL, b, c, C, y0, x1, hl, wl, phl, pwl, mask, RS, ACC)
+    m10 = a10 * _logit(PL, b, c, C, y1, x0, hl, wl, phl, pwl, mask, RS, ACC)
+    m11 = a11 * _logit(PL, b, c, C, y1, x1, hl, wl, phl, pwl, mask, RS, ACC)
     um = ly0 * (lx0 * m00 + lx1 * m01) + ly1 * (lx0 * m10 + lx1 * m11)
     ua = ly0 * (lx0 * a00 + lx1 * a01) + ly1 * (lx0 * a10 + lx1 * a11)
     return um + (1.0 - ua) * pred
 
 
+# per-slot argument groups: (P, A, h, w, ha, wa, ph, pw) for H0, H1, L0..L2; (P, h, w, ph, pw) for H2
 @triton.jit
 def _pred_r1(b, c, C, y, x, mask,
-             P0, A0, h0, w0, ha0, wa0, PH1, AH1, hh1, wh1, hah1, wah1, PH2, hh2, wh2,
-             PL0, AL0, hl0, wl0, hal0, wal0, PL1, AL1, hl1, wl1, hal1, wal1,
-             PL2, AL2, hl2, wl2, hal2, wal2,
-             N_HIGH: tl.constexpr, N_LOW: tl.constexpr, ACC: tl.constexpr):
-    p = _logit(P0, b, c, C, y, x, h0, w0, mask, ACC)
+             P0, A0, h0, w0, ha0, wa0, ph0, pw0, PH1, AH1, hh1, wh1, hah1, wah1, phh1, pwh1,
+             PH2, hh2, wh2, phh2, pwh2,
+             PL0, AL0, hl0, wl0, hal0, wal0, phl0, pwl0, PL1, AL1, hl1, wl1, hal1, wal1, phl1, pwl1,
+             PL2, AL2, hl2, wl2, hal2, wal2, phl2, pwl2,
+             N_HIGH: tl.constexpr, N_LOW: tl.constexpr, RS_H0: tl.constexpr, RS_H1: tl.constexpr,
+             RS_H2: tl.constexpr, RS_L0: tl.constexpr, RS_L1: tl.constexpr, RS_L2: tl.constexpr,
+             ACC: tl.constexpr):
+    p = _logit(P0, b, c, C, y, x, h0, w0, ph0, pw0, mask, RS_H0, ACC)
     if N_HIGH == 0:
         pred = p
     else:
         a = _att(A0, b, y, x, ha0, wa0, h0, w0, mask, ACC)
-        d = _pred_h1(b, c, C, y, x, mask, PH1, AH1, hh1, wh1, hah1, wah1, PH2, hh2, wh2, h0, w0, N_HIGH, ACC)
+        d = _pred_h1(b, c, C, y, x, mask, PH1, AH1, hh1, wh1, hah1, wah1, phh1, pwh1, PH2, hh2, wh2, phh2, pwh2,
+                     h0, w0, N_HIGH, RS_H1, RS_H2, ACC)
         pred = a * p + (1.0 - a) * d
     if N_LOW >= 1:
-        pred = _low(pred, b, c, C, y, x, mask, PL0, AL0, hl0, wl0, hal0, wal0, h0, w0, ACC)
+        pred = _low(pred, b, c, C, y, x, mask, PL0, AL0, hl0, wl0, hal0, wal0, phl0, pwl0, h0, w0, RS_L0, ACC)
     if N_LOW >= 2:
-        pred = _low(pred, b, c, C, y, x, mask, PL1, AL1, hl1, wl1, hal1, wal1, h0, w0, ACC)
+        pred = _low(pred, b, c, C, y, x, mask, PL1, AL1, hl1, wl1, hal1, wal1, phl1, pwl1, h0, w0, RS_L1, ACC)
     if N_LOW >= 3:
-        pred = _low(pred, b, c, C, y, x, mask, PL2, AL2, hl2, wl2, hal2, wal2, h0, w0, ACC)
+        pred = _low(pred, b, c, C, y, x, mask, PL2, AL2, hl2, wl2, hal2, wal2, phl2, pwl2, h0, w0, RS_L2, ACC)
     return pred
 
 
 @triton.jit
 def _hmsa_fwd_kernel(out_ptr, C, OH, OW,
-                     P0, A0, h0, w0, ha0, wa0, PH1, AH1, hh1, wh1, hah1, wah1, PH2, hh2, wh2,
-                     PL0, AL0, hl0, wl0, hal0, wal0, PL1, AL1, hl1, wl1, hal1, wal1,
-                     PL2, AL2, hl2, wl2, hal2, wal2,
-                     N_HIGH: tl.constexpr, N_LOW: tl.constexpr, LABELS: tl.constexpr,
-                     ACC: tl.constexpr, BLOCK: tl.constexpr):
+                     P0, A0, h0, w0, ha0, wa0, ph0, pw0, PH1, AH1, hh1, wh1, hah1, wah1, phh1, pwh1,
+                     PH2, hh2, wh2, phh2, pwh2,
+                     PL0, AL0, hl0, wl0, hal0, wal0, phl0, pwl0, PL1, AL1, hl1, wl1, hal1, wal1, phl1, pwl1,
+                     PL2, AL2, hl2, wl2, hal2, wal2, phl2, pwl2,
+                     N_HIGH: tl.constexpr, N_LOW: tl.constexpr, RS_H0: tl.constexpr, RS_H1: tl.constexpr,
+                     RS_H2: tl.constexpr, RS_L0: tl.constexpr, RS_L1: tl.constexpr, RS_L2: tl.constexpr,
+                     LABELS: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     b = tl.program_id(1)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
@@ -146,18 +180,22 @@ def _hmsa_fwd_kernel(out_ptr, C, OH, OW,
     best = tl.zeros([BLOCK], dtype=ACC)
     arg = tl.zeros([BLOCK], dtype=tl.int64)
     for c in range(0, C):
-        v00 = _pred_r1(b, c, C, y0, x0, mask, P0, A0, h0, w0, ha0, wa0, PH1, AH1, hh1, wh1, hah1, wah1,
-                       PH2, hh2, wh2, PL0, AL0, hl0, wl0, hal0, wal0, PL1, AL1, hl1, wl1, hal1, wal1,
-                       PL2, AL2, hl2, wl2, hal2, wal2, N_HIGH, N_LOW, ACC)
-        v01 = _pred_r1(b, c, C, y0, x1, mask, P0, A0, h0, w0, ha0, wa0, PH1, AH1, hh1, wh1, hah1, wah1,
-                       PH2, hh2, wh2, PL0, AL0, hl0, wl0, hal0, wal0, PL1, AL1, hl1, wl1, hal1, wal1,
-                       PL2, AL2, hl2, wl2, hal2, wal2, N_HIGH, N_LOW, ACC)
-        v10 = _pred_r1(b, c, C, y1, x0, mask, P0, A0, h0, w0, ha0, wa0, PH1, AH1, hh1, wh1, hah1, wah1,
-                       PH2, hh2, wh2, PL0, AL0, hl0, wl0, hal0, wal0, PL1, AL1, hl1, wl1, hal1, wal1,
-                       PL2, AL2, hl2, wl2, hal2, wal2, N_HIGH, N_LOW, ACC)
-        v11 = _pred_r1(b, c, C, y1, x1, mask, P0, A0, h0, w0, ha0, wa0, PH1, AH1, hh1, wh1, hah1, wah1,
-                       PH2, hh2, wh2, PL0, AL0, hl0, wl0, hal0, wal0, PL1, AL1, hl1, wl1, hal1, wal1,
-                       PL2, AL2, hl2, wl2, hal2, wal2, N_HIGH, N_LOW, ACC)
+        v00 = _pred_r1(b, c, C, y0, x0, mask, P0, A0, h0, w0, ha0, wa0, ph0, pw0, PH1, AH1, hh1, wh1, hah1, wah1,
+                       phh1, pwh1, PH2, hh2, wh2, phh2, pwh2, PL0, AL0, hl0, wl0, hal0, wal0, phl0, pwl0,
+                       PL1, AL1, hl1, wl1, hal1, wal1, phl1, pwl1, PL2, AL2, hl2, wl2, hal2, wal2, phl2, pwl2,
+                       N_HIGH, N_LOW, RS_H0, RS_H1, RS_H2, RS_L0, RS_L1, RS_L2, ACC)
+        v01 = _pred_r1(b, c, C, y0, x1, mask, P0, A0, h0, w0, ha0, wa0, ph0, pw0, PH1, AH1, hh1, wh1, hah1, wah1,
+                       phh1, pwh1, PH2, hh2, wh2, phh2, pwh2, PL0, AL0, hl0, wl0, hal0, wal0, phl0, pwl0,
+                       PL1, AL1, hl1, wl1, hal1, wal1, phl1, pwl1, PL2, AL2, hl2, wl2, hal2, wal2, phl2, pwl2,
+                       N_HIGH, N_LOW, RS_H0, RS_H1, RS_H2, RS_L0, RS_L1, RS_L2, ACC)
+        v10 = _pred_r1(b, c, C, y1, x0, mask, P0, A0, h0, w0, ha0, wa0, ph0, pw0, PH1, AH1, hh1, wh1, hah1, wah1,
+                       phh1, pwh1, PH2, hh2, wh2, phh2, pwh2, PL0, AL0, hl0, wl0, hal0, wal0, phl0, pwl0,
+                       PL1, AL1, hl1, wl1, hal1, wal1, phl1, pwl1, PL2, AL2, hl2, wl2, hal2, wal2, phl2, pwl2,
+                       N_HIGH, N_LOW, RS_H0, RS_H1, RS_H2, RS_L0, RS_L1, RS_L2, ACC)
+        v11 = _pred_r1(b, c, C, y1, x1, mask, P0, A0, h0, w0, ha0, wa0, ph0, pw0, PH1, AH1, hh1, wh1, hah1, wah1,
+                       phh1, pwh1, PH2, hh2, wh2, phh2, pwh2, PL0, AL0, hl0, wl0, hal0, wal0, phl0, pwl0,
+                       PL1, AL1, hl1, wl1, hal1, wal1, phl1, pwl1, PL2, AL2, hl2, wl2, hal2, wal2, phl2, pwl2,
+                       N_HIGH, N_LOW, RS_H0, RS_H1, RS_H2, RS_L0, RS_L1, RS_L2, ACC)
         v = ly0 * (lx0 * v00 + lx1 * v01) + ly1 * (lx0 * v10 + lx1 * v11)
         if LABELS:
             v = v.to(P0.dtype.element_ty).to(ACC)  # compare in the logits dtype
@@ -171,8 +209,11 @@ def _hmsa_fwd_kernel(out_ptr, C, OH, OW,
         tl.store(out_ptr + b * OH * OW + offs, arg, mask=mask)
 
 
-def forward(logits, attentions, scales, out_size, labels: bool):
-    """Launcher: ``scales`` sorted strictly descending, containing 1.0 (validated by the caller)."""
+def forward(logits, attentions, scales, out_size, labels: bool, scale_sizes=None):
+    """Launcher: ``scales`` sorted strictly descending, containing 1.0 (validated by the caller).
+
+    ``scale_sizes``: None or flat (h_0, w_0, h_1, w_1, ...), the grid of each scale (same order).
+    """
     n = len(scales)
     one = [float(s) for s in scales].index(1.0)
     n_high, n_low = one, n - 1 - one
@@ -184,20 +225,29 @@ def forward(logits, attentions, scales, out_size, labels: bool):
     B, C = p[0].shape[:2]
     OH, OW = int(out_size[0]), int(out_size[1])
     dummy = p[0]
+    if scale_sizes is None:
+        grid_hw = [tuple(int(v) for v in t.shape[-2:]) for t in p]
+    else:
+        if len(scale_sizes) != 2 * n or min(scale_sizes) <= 0:
+            raise ValueError(f"scale_sizes must hold 2 positive ints per scale, got {list(scale_sizes)}")
+        grid_hw = [(int(scale_sizes[2 * k]), int(scale_sizes[2 * k + 1])) for k in range(n)]
 
     def slot(k, need_att):
+        # (P, A, h, w, ha, wa, ph, pw), resampled?
         if k is None:
-            return [dummy, dummy, 1, 1, 1, 1]
-        h, w = p[k].shape[-2:]
+            return [dummy, dummy, 1, 1, 1, 1, 1, 1], False
+        h, w = grid_hw[k]
+        ph, pw = p[k].shape[-2:]
+        rs = (ph, pw) != (h, w)
         if need_att:
-            return [p[k], a[k], h, w, a[k].shape[-2], a[k].shape[-1]]
-        return [p[k], dummy, h, w, h, w]
+            return [p[k], a[k], h, w, a[k].shape[-2], a[k].shape[-1], ph, pw], rs
+        return [p[k], dummy, h, w, h, w, ph, pw], rs
 
-    s0 = slot(one, n_high >= 1)
-    sh1 = slot(one - 1 if n_high >= 1 else None, n_high >= 2)
-    sh2 = slot(one - 2 if n_high >= 2 else None, False)
+    s0, rs0 = slot(one, n_high >= 1)
+    sh1, rsh1 = slot(one - 1 if n_high >= 1 else None, n_high >= 2)
+    sh2, rsh2 = slot(one - 2 if n_high >= 2 else None, False)
     lows = [slot(one + 1 + i if i < n_low else None, True) for i in range(MAX_LOW)]
-    args = s0 + sh1 + [sh2[0], sh2[2], sh2[3]] + lows[0] + lows[1] + lows[2]
+    args = s0 + sh1 + [sh2[0], sh2[2], sh2[3], sh2[6], sh2[7]] + lows[0][0] + lows[1][0] + lows[2][0]
     if labels:
         out = torch.empty(B, OH, OW, device=p[0].device, dtype=torch.int64)
     else:
@@ -205,6 +255,7 @@ def forward(logits, attentions, scales, out_size, labels: bool):
     acc = tl.float64 if p[0].dtype == torch.float64 else tl.float32
     BLOCK = 128
     grid = (triton.cdiv(OH * OW, BLOCK), B)
-    _hmsa_fwd_kernel[grid](out, C, OH, OW, *args, N_HIGH=n_high, N_LOW=n_low, LABELS=labels, ACC=acc,
-                           BLOCK=BLOCK)
+    _hmsa_fwd_kernel[grid](out, C, OH, OW, *args, N_HIGH=n_high, N_LOW=n_low, RS_H0=rs0, RS_H1=rsh1,
+                           RS_H2=rsh2, RS_L0=lows[0][1], RS_L1=lows[1][1], RS_L2=lows[2][1], LABELS=labels,
+                           ACC=acc, BLOCK=BLOCK)
     return out

@@ -40,12 +40,16 @@ def resize(x, size):
     return torch.einsum("oh,bchw,pw->bcop", mh, x, mw)
 
 
-def oracle(logits, attentions, scales, out_size):
+def oracle(logits, attentions, scales, out_size, scale_sizes=None):
+    """SPEC section 4; with scale_sizes, logits and attention are first resized to each scale's grid."""
+    if scale_sizes is None:
+        scale_sizes = [p.shape[-2:] for p in logits]
+    logits = [resize(p, hw) for p, hw in zip(logits, scale_sizes)]
     items = sorted(zip(scales, logits, attentions), key=lambda t: -t[0])
     pred = items[0][1].double()
     for s, p, a in items[1:]:
         p = p.double()
-        a = resize(a, p.shape[-2:])  # attention on its own logit grid
+        a = resize(a, p.shape[-2:])  # attention straight from its raw size to the scale's grid
         if s >= 1:
             pred = a * p + (1 - a) * resize(pred, p.shape[-2:])
         else:
@@ -137,6 +141,108 @@ def test_cpu_low_precision(dtype):
 
 
 # ------------------------------------------------------------------------------------------
+# scale_sizes: each scale's prediction formed on its own grid (the public method's input sizes)
+# ------------------------------------------------------------------------------------------
+def make_native(scales, base, C=3, B=2, stride=4, att_stride=None, dtype=torch.float64, device="cpu", gen=None):
+    """Logits (and attention) at ~stride `stride` of each scale's grid; returns them and the grids."""
+    att_stride = stride if att_stride is None else att_stride
+    logits, atts, grids = [], [], []
+    for s in scales:
+        h, w = max(1, round(base[0] * s)), max(1, round(base[1] * s))
+        grids.append((h, w))
+        logits.append(torch.randn(B, C, max(1, -(-h // stride)), max(1, -(-w // stride)), dtype=dtype,
+                                  generator=gen).to(device))
+        atts.append(torch.rand(B, 1, max(1, -(-h // att_stride)), max(1, -(-w // att_stride)), dtype=dtype,
+                               generator=gen).to(device))
+    return logits, atts, grids
+
+
+# (scales, base grid of scale 1.0, logit stride, attention stride, out_size): odd sizes, strides
+# that do not divide, a grid smaller than its storage (stride 0.5 -> downsampling), mixed scales
+SIZES_CASES = [
+    ((0.5, 1.0, 2.0), (13, 9), 4, 4, (13, 9)),
+    ((0.5, 1.0), (11, 7), 3, 2, (15, 6)),
+    ((1.0, 2.0), (7, 10), 4, 1, (9, 11)),
+    ((0.25, 0.5, 1.0, 2.0), (17, 13), 4, 4, (17, 13)),
+    ((0.75, 1.0, 1.5), (9, 11), 3, 4, (10, 12)),
+]
+
+
+def _sizes_cases_for(backend, device):
+    if backend == "triton" and device == "cpu":
+        return [SIZES_CASES[0], SIZES_CASES[4]]  # the interpreter is slow
+    return SIZES_CASES
+
+
+@pytest.mark.parametrize("device,backend", [
+    pytest.param(d, b.values[0] if not isinstance(b, str) else b,
+                 marks=(list(b.marks) if not isinstance(b, str) else []) +
+                 ([pytest.mark.skipif(not CUDA_OK, reason="no CUDA device visible")] if d == "cuda" else []),
+                 id=f"{d}-{b if isinstance(b, str) else b.values[0]}")
+    for d in ["cpu", "cuda"] for b in backends_for(d, OP)])
+def test_scale_sizes_matches_oracle(device, backend):
+    gen = torch.Generator().manual_seed(5)
+    for scales, base, stride, att_stride, out_size in _sizes_cases_for(backend, device):
+        dtype = _dtype_for(backend) if device == "cpu" else torch.float32
+        B, C = (1, 2) if backend == "triton" and device == "cpu" else (2, 3)
+        lg, at, grids = make_native(scales, base, C=C, B=B, stride=stride, att_stride=att_stride, dtype=dtype,
+                                    gen=gen)
+        if stride == 3:
+            grids[0] = (max(1, lg[0].shape[-2] // 2), lg[0].shape[-1] + 3)  # grid below / above its storage
+        want = oracle(lg, at, scales, out_size, scale_sizes=grids)
+        lg = [t.to(device) for t in lg]
+        at = [t.to(device) for t in at]
+        order = list(range(len(scales)))[::-1]  # the op sorts scales (and scale_sizes) itself
+        args = ([lg[i] for i in order], [at[i] for i in order], [scales[i] for i in order], out_size)
+        kw = dict(backend=backend, scale_sizes=[grids[i] for i in order])
+        got = hmsa_fuse(*args, **kw)
+        assert got.dtype == dtype and got.shape == want.shape
+        tol = 1e-5 if dtype == torch.float32 else 1e-10
+        torch.testing.assert_close(got.cpu().double(), want, rtol=tol, atol=tol, msg=f"{backend} {scales} {base}")
+        lab = hmsa_fuse(*args, output="labels", **kw)
+        assert lab.dtype == torch.int64 and lab.shape == (want.shape[0],) + tuple(out_size)
+        assert torch.equal(lab, got.argmax(1)), backend
+        top2 = want.topk(2, dim=1).values
+        safe = (top2[:, 0] - top2[:, 1]) > 1e-4
+        assert torch.equal(lab.cpu()[safe], want.argmax(1)[safe])
+        # the result really depends on the grids (scale_sizes is not ignored)
+        plain = hmsa_fuse(*args, backend=backend)
+        assert not torch.allclose(plain.cpu().double(), want, rtol=1e-3, atol=1e-3)
+
+
+def test_scale_sizes_reference_is_public_method():
+    """The reference with scale_sizes == explicit F.interpolate of logits and attention, then fusion."""
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(11)
+    scales = (0.5, 1.0, 2.0)
+    lg, at, grids = make_native(scales, (15, 11), stride=4, dtype=torch.float32, gen=gen)
+    up = [F.interpolate(t, size=g, mode="bilinear", align_corners=False) for t, g in zip(lg, grids)]
+    ua = [F.interpolate(t, size=g, mode="bilinear", align_corners=False) for t, g in zip(at, grids)]
+    # the public recurrence, written out (nscale_forward of the public code)
+    pred = up[2]
+    pred = ua[1] * up[1] + (1 - ua[1]) * F.interpolate(pred, size=grids[1], mode="bilinear", align_corners=False)
+    low = F.interpolate(ua[0] * up[0], size=grids[1], mode="bilinear", align_corners=False)
+    pred = low + (1 - F.interpolate(ua[0], size=grids[1], mode="bilinear", align_corners=False)) * pred
+    want = F.interpolate(pred, size=(15, 11), mode="bilinear", align_corners=False)
+    got = reference.hmsa_fuse(lg, at, scales, (15, 11), scale_sizes=grids)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + (["cpu"] if HAS_CPU_KERNEL else []))
+def test_scale_sizes_equal_to_storage_is_default(backend):
+    lg, at = make_inputs((0.5, 1.0, 2.0), (9, 7), att_stride=2)
+    sizes = [tuple(t.shape[-2:]) for t in lg]
+    a = hmsa_fuse(lg, at, (0.5, 1.0, 2.0), (10, 8), backend=backend)
+    b = hmsa_fuse(lg, at, (0.5, 1.0, 2.0), (10, 8), backend=backend, scale_sizes=sizes)
+    assert torch.equal(a, b)
+    if backend == "cpu":  # also through the op with explicit sizes (the kernel's no-resample path)
+        c = torch.ops.pyseg.hmsa_fuse(lg[::-1], [lg[0].new_empty(0)] + at[::-1][1:], [2.0, 1.0, 0.5], [10, 8],
+                                      False, [v for hw in sizes[::-1] for v in hw])
+        assert torch.equal(a, c)
+
+
+# ------------------------------------------------------------------------------------------
 # autograd
 # ------------------------------------------------------------------------------------------
 def _train_form(hl, wl, h1, w1, ha, wa, B=2, C=3, device="cpu"):
@@ -171,6 +277,32 @@ def test_gradcheck_two_scale(device, case):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck_two_scale_scale_sizes(device):
+    if not _extension.has_kernel(OP, "CUDA" if device == "cuda" else "CPU"):
+        pytest.skip("compiled kernel not built")
+    # native-resolution logits (stride ~3) and attention, grids at the scales' input sizes
+    p1, pl, al = _train_form(2, 3, 3, 4, 2, 2, C=2, device=device)
+    grids = [(4, 5), (7, 9)]
+    out = (7, 9)
+
+    def f(p1, pl, al):
+        return hmsa_fuse([pl, p1], [al, None], [0.5, 1.0], out, backend=device, scale_sizes=grids)
+
+    assert torch.autograd.gradcheck(f, (p1, pl, al))
+    y = f(p1, pl, al)
+    gy = torch.randn_like(y)
+    got = torch.autograd.grad(y, (p1, pl, al), gy)
+    want = torch.autograd.grad(oracle([pl, p1], [al, None], [0.5, 1.0], out, scale_sizes=grids), (p1, pl, al), gy)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    # more scales: the reference fallback, also exact
+    lg, at, g3 = make_native((0.5, 1.0, 2.0), (5, 6), C=2, B=1, stride=2)
+    ts = [t.requires_grad_() for t in lg + at[:2]]
+    assert torch.autograd.gradcheck(
+        lambda *ts: hmsa_fuse(list(ts[:3]), list(ts[3:]) + [None], (0.5, 1.0, 2.0), (6, 5), scale_sizes=g3), ts)
+
+
 def test_gradients_fallback_for_more_scales():
     lg, at = make_inputs((0.5, 1.0, 2.0), (5, 6))
     for t in lg + at:
@@ -194,6 +326,12 @@ def test_opcheck(labels):
     lg, at = make_inputs((0.5, 1.0, 2.0), (5, 7), att_stride=2)
     lg, at = lg[::-1], at[::-1]
     torch.library.opcheck(torch.ops.pyseg.hmsa_fuse.default, (lg, at, [2.0, 1.0, 0.5], [6, 8], labels))
+    torch.library.opcheck(torch.ops.pyseg.hmsa_fuse.default,
+                          (lg, at, [2.0, 1.0, 0.5], [6, 8], labels, [9, 15, 5, 7, 4, 3]))
+    # the training form with grids other than the stored sizes (autograd: no fused adjoint)
+    torch.library.opcheck(torch.ops.pyseg.hmsa_fuse.default,
+                          ([p1.detach(), pl.detach()], [p1.new_empty(0), al.detach()], [1.0, 0.5], [9, 6], labels,
+                           [9, 6, 4, 5]))
     g = torch.randn(2, 3, 9, 6, dtype=torch.float64)
     torch.library.opcheck(torch.ops.pyseg.hmsa_fuse_backward.default, (g, p1.detach(), pl.detach(), al.detach()))
 
@@ -204,6 +342,9 @@ def test_opcheck_triton():
     lg, at = make_inputs((0.5, 1.0, 2.0), (5, 7), att_stride=2, dtype=torch.float32, device=dev)
     lg, at = lg[::-1], at[::-1]
     torch.library.opcheck(torch.ops.pyseg.hmsa_fuse_triton.default, (lg, at, [2.0, 1.0, 0.5], [6, 8], False),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.pyseg.hmsa_fuse_triton.default,
+                          (lg, at, [2.0, 1.0, 0.5], [6, 8], True, [9, 15, 5, 7, 4, 3]),
                           test_utils=("test_schema", "test_faketensor"))
 
 
@@ -249,6 +390,23 @@ def test_bad_inputs():
         call(output="probs")
     with pytest.raises(ValueError, match="backend must be one of"):
         call(backend="fast")
+    with pytest.raises(ValueError, match=r"scale_sizes must have one \(h, w\) entry per scale: got 1 entries for 2"):
+        call(scale_sizes=[(6, 8)])
+    with pytest.raises(ValueError, match=r"scale_sizes\[1\] must be positive"):
+        call(scale_sizes=[(6, 8), (0, 8)])
+    with pytest.raises(TypeError, match=r"scale_sizes\[0\] must be a pair of ints \(h, w\), got \(6.0, 8\)"):
+        call(scale_sizes=[(6.0, 8), (6, 8)])
+    with pytest.raises(TypeError, match=r"scale_sizes\[1\] must be a pair of ints"):
+        call(scale_sizes=[(6, 8), (6, 8, 1)])
+    with pytest.raises(TypeError, match=r"scale_sizes\[0\] must be a pair of ints"):
+        call(scale_sizes=[True, (6, 8)])
+    with pytest.raises(TypeError, match="scale_sizes must be a list/tuple"):
+        call(scale_sizes=torch.tensor([[6, 8], [6, 8]]))
+    if HAS_CPU_KERNEL:  # the op's own checks
+        with pytest.raises(RuntimeError, match="scale_sizes must hold 2 ints"):
+            torch.ops.pyseg.hmsa_fuse(lg[::-1], [lg[0].new_empty(0), at[0]], [1.0, 0.5], [6, 8], False, [6, 8, 3])
+        with pytest.raises(RuntimeError, match="scale_sizes entries must be positive"):
+            torch.ops.pyseg.hmsa_fuse(lg[::-1], [lg[0].new_empty(0), at[0]], [1.0, 0.5], [6, 8], False, [6, 8, 3, 0])
 
 
 # ------------------------------------------------------------------------------------------
@@ -285,13 +443,23 @@ def test_multiscale_attention_train_eval(msa):
     assert msa.active_scales == (0.5, 1.0, 2.0)
     with torch.no_grad():
         y = msa(x)
-        # the wrapper's fused output equals the reference fusion of the same per-scale outputs
-        logits, attns = msa._per_scale(x, msa.scales)
-        want = reference.hmsa_fuse(logits, attns, msa.scales, (32, 48))
+        # the wrapper's fused output is the public method on the same per-scale outputs: native
+        # stride-4 logits and attention upsampled to each scale's input size, then fused
+        logits, attns, sizes = msa._per_scale(x, msa.scales)
+        assert sizes == [(16, 24), (32, 48), (64, 96)] and logits[1].shape[-2:] == (8, 12)
+        want = oracle(logits, attns, msa.scales, (32, 48), scale_sizes=sizes)
     assert y.shape == (2, 5, 32, 48)
-    torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(y.double(), want, rtol=1e-4, atol=1e-5)
     lab = msa.predict(x)
     assert lab.shape == (2, 32, 48) and lab.dtype == torch.int64
+    assert torch.equal(lab, y.argmax(1))
+    # training form with gradients: same values as the eval-mode fusion of the same outputs
+    msa.train()
+    logits, attns, sizes = msa._per_scale(x, (0.5, 1.0))
+    yt = hmsa_fuse(logits, attns, (0.5, 1.0), (32, 48), scale_sizes=sizes)
+    torch.testing.assert_close(yt.double(), oracle(logits, attns, (0.5, 1.0), (32, 48), scale_sizes=sizes),
+                               rtol=1e-4, atol=1e-5)
+    msa.eval()
     msa.set_scales([1.0, 0.5])
     assert msa.scales == (0.5, 1.0)
     assert msa(x).shape == (2, 5, 32, 48)

@@ -18,15 +18,25 @@ namespace pyseg {
 // exactly (the composition of the bilinear samplers of the recurrence); the kernels then loop
 // over classes with a gather-dot. Taps of weight exactly 0 are skipped (identical for finite
 // inputs).
+//
+// Scale grids vs storage: the recurrence of scale k runs on its *grid* (h[k], w[k]) (the op's
+// scale_sizes, by default the logits' own size). When the stored logits have another size
+// (ph[k], pw[k]) (e.g. stride-4 network outputs with the grid at the scale's image size), the
+// public method first upsamples them to the grid; here that resize is one more bilinear sampler
+// composed into the stencil: a stencil term at grid pixel off = y * w[k] + x stands for the
+// bilinear sample of the storage at (y, x) (hmsa_storage_taps), so the grid-resolution logits
+// are never stored. The attention is sampled from its raw size straight onto the grid.
 // ---------------------------------------------------------------------------------------------
 constexpr int HMSA_MAX_SCALES = 8;
 
 template <typename scalar_t>
 struct HmsaArgs {
   // scales sorted strictly descending; index `one` holds scale 1.0. Pointers are to sample 0.
-  const scalar_t* p[HMSA_MAX_SCALES];  // logits (B, C, h, w) contiguous
+  const scalar_t* p[HMSA_MAX_SCALES];  // logits (B, C, ph, pw) contiguous
   const scalar_t* a[HMSA_MAX_SCALES];  // attention (B, 1, ha, wa) contiguous; unused for k = 0
+  // h, w: the grid the recurrence of scale k runs on; ph, pw: the stored logits' size
   int64_t h[HMSA_MAX_SCALES], w[HMSA_MAX_SCALES], ha[HMSA_MAX_SCALES], wa[HMSA_MAX_SCALES];
+  int64_t ph[HMSA_MAX_SCALES], pw[HMSA_MAX_SCALES];
   int n, one;
   int64_t B, C, out_h, out_w;
 };
@@ -140,15 +150,109 @@ PYSEG_HD int64_t hmsa_build_stencil(const HmsaArgs<scalar_t>& A, int64_t b, int6
   return n_terms;
 }
 
-// Value of class c for a stencil of sample b.
+// Whether scale k's stored logits differ in size from its grid (then read through a resize).
+template <typename scalar_t>
+PYSEG_HD bool hmsa_resampled(const HmsaArgs<scalar_t>& A, int k) {
+  return A.ph[k] != A.h[k] || A.pw[k] != A.w[k];
+}
+
+// Storage taps of grid pixel off = y * w[k] + x of scale k: the bilinear sample (align_corners
+// = False) of the stored (ph, pw) logits at (y, x) of the (h, w) grid is
+//   sum_i wt[i] * plane[soff[i]]   (i < returned count <= 4; zero weights skipped).
+// Without resampling this is the single tap (off, 1).
+template <typename acc_t, typename scalar_t>
+PYSEG_HD int hmsa_storage_taps(const HmsaArgs<scalar_t>& A, int k, int64_t off, int64_t* soff, acc_t* wt) {
+  if (!hmsa_resampled(A, k)) {
+    soff[0] = off;
+    wt[0] = static_cast<acc_t>(1);
+    return 1;
+  }
+  const int64_t y = off / A.w[k], x = off % A.w[k];
+  const LinearTap<acc_t> ty = linear_tap<acc_t>(y, A.ph[k], A.h[k]);
+  const LinearTap<acc_t> tx = linear_tap<acc_t>(x, A.pw[k], A.w[k]);
+  const int64_t ys[2] = {ty.i0, ty.i1};
+  const int64_t xs[2] = {tx.i0, tx.i1};
+  const acc_t wy[2] = {ty.l0, ty.l1};
+  const acc_t wx[2] = {tx.l0, tx.l1};
+  int n = 0;
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 2; ++j) {
+      const acc_t v = wy[i] * wx[j];
+      if (v == static_cast<acc_t>(0)) continue;
+      soff[n] = ys[i] * A.pw[k] + xs[j];
+      wt[n] = v;
+      ++n;
+    }
+  return n;
+}
+
+// Lowers a grid stencil t[0..n) to storage taps out[0..returned): out[i].off is an offset in the
+// stored (ph, pw) plane of scale out[i].k. Terms of scales that are not resampled are copied
+// unchanged; a resampled term expands into its storage taps (hmsa_storage_taps, weights coef *
+// wt), and since neighbouring grid pixels of an upsampled scale share storage pixels, repeated
+// taps within a run of consecutive terms of one scale are merged (each storage pixel is then read
+// once per class). `out` needs room for 4 * n terms.
+template <typename acc_t, typename scalar_t>
+PYSEG_HD int64_t hmsa_lower_stencil(const HmsaArgs<scalar_t>& A, const HmsaTerm<acc_t>* t, int64_t n,
+                                    HmsaTerm<acc_t>* out) {
+  int64_t m = 0, run = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const int k = t[j].k;
+    if (j == 0 || t[j - 1].k != k) run = m;
+    if (!hmsa_resampled(A, k)) {
+      out[m++] = t[j];
+      continue;
+    }
+    int64_t soff[4];
+    acc_t wt[4];
+    const int ns = hmsa_storage_taps<acc_t>(A, k, t[j].off, soff, wt);
+    for (int s = 0; s < ns; ++s) {
+      const acc_t v = t[j].coef * wt[s];
+      int64_t i = run;
+      while (i < m && out[i].off != soff[s]) ++i;  // same run: same scale k
+      if (i < m) {
+        out[i].coef += v;
+        continue;
+      }
+      out[m].k = k;
+      out[m].off = soff[s];
+      out[m].coef = v;
+      ++m;
+    }
+  }
+  return m;
+}
+
+// Value of class c for a lowered stencil (hmsa_lower_stencil: offsets into the stored planes).
+template <typename acc_t, typename scalar_t>
+PYSEG_HD acc_t hmsa_eval_storage(const HmsaArgs<scalar_t>& A, int64_t b, int64_t c, const HmsaTerm<acc_t>* t,
+                                 int64_t n_terms) {
+  acc_t acc = 0;
+  for (int64_t j = 0; j < n_terms; ++j) {
+    const int k = t[j].k;
+    acc += t[j].coef * static_cast<acc_t>(A.p[k][(b * A.C + c) * (A.ph[k] * A.pw[k]) + t[j].off]);
+  }
+  return acc;
+}
+
+// Value of class c for a grid stencil of sample b (terms on the scale grids; the storage of a
+// resampled scale is read through hmsa_storage_taps per class: no extra room needed, but the
+// taps are recomputed for every class; hmsa_lower_stencil + hmsa_eval_storage do it once).
 template <typename acc_t, typename scalar_t>
 PYSEG_HD acc_t hmsa_eval(const HmsaArgs<scalar_t>& A, int64_t b, int64_t c, const HmsaTerm<acc_t>* t,
                          int64_t n_terms) {
   acc_t acc = 0;
   for (int64_t j = 0; j < n_terms; ++j) {
     const int k = t[j].k;
-    const int64_t plane = A.h[k] * A.w[k];
-    acc += t[j].coef * static_cast<acc_t>(A.p[k][(b * A.C + c) * plane + t[j].off]);
+    const scalar_t* plane = A.p[k] + (b * A.C + c) * (A.ph[k] * A.pw[k]);
+    if (!hmsa_resampled(A, k)) {
+      acc += t[j].coef * static_cast<acc_t>(plane[t[j].off]);
+      continue;
+    }
+    int64_t soff[4];
+    acc_t wt[4];
+    const int nt = hmsa_storage_taps<acc_t>(A, k, t[j].off, soff, wt);
+    for (int i = 0; i < nt; ++i) acc += (t[j].coef * wt[i]) * static_cast<acc_t>(plane[soff[i]]);
   }
   return acc;
 }

@@ -12,16 +12,22 @@
 namespace pyseg {
 
 // Checks the op's contract (the Python front end gives friendlier messages first) and returns
-// contiguous copies; `one` is set to the index of scale 1.0.
+// contiguous copies; `one` is set to the index of scale 1.0. `scale_sizes`: empty (each scale's
+// grid is its logits' size) or 2 * n positive ints (h_0, w_0, h_1, w_1, ...), the grid of each scale.
 inline void hmsa_check(const std::vector<at::Tensor>& logits,
                        const std::vector<at::Tensor>& attentions,
-                       const std::vector<double>& scales, at::IntArrayRef out_size, int* one,
+                       const std::vector<double>& scales, at::IntArrayRef out_size,
+                       at::IntArrayRef scale_sizes, int* one,
                        std::vector<at::Tensor>* p, std::vector<at::Tensor>* a) {
   const int64_t n = static_cast<int64_t>(logits.size());
   TORCH_CHECK(n >= 1 && n <= HMSA_MAX_SCALES, "hmsa_fuse: 1 to ", HMSA_MAX_SCALES, " scales, got ", n);
   TORCH_CHECK(static_cast<int64_t>(attentions.size()) == n && static_cast<int64_t>(scales.size()) == n,
               "hmsa_fuse: logits, attentions and scales must have the same length");
   TORCH_CHECK(out_size.size() == 2 && out_size[0] > 0 && out_size[1] > 0, "hmsa_fuse: bad out_size");
+  TORCH_CHECK(scale_sizes.empty() || static_cast<int64_t>(scale_sizes.size()) == 2 * n,
+              "hmsa_fuse: scale_sizes must hold 2 ints (h, w) per scale, got ", scale_sizes.size(), " for ", n,
+              " scales");
+  for (const int64_t v : scale_sizes) TORCH_CHECK(v > 0, "hmsa_fuse: scale_sizes entries must be positive");
   *one = -1;
   for (int64_t k = 0; k < n; ++k) {
     if (scales[k] == 1.0) *one = static_cast<int>(k);
@@ -53,9 +59,10 @@ inline void hmsa_check(const std::vector<at::Tensor>& logits,
   }
 }
 
+// scale_sizes: empty or (h_0, w_0, h_1, w_1, ...), the grid of each scale (see hmsa_check).
 template <typename scalar_t>
 inline HmsaArgs<scalar_t> hmsa_pack(const std::vector<at::Tensor>& p, const std::vector<at::Tensor>& a, int one,
-                                    int64_t out_h, int64_t out_w) {
+                                    int64_t out_h, int64_t out_w, at::IntArrayRef scale_sizes = {}) {
   HmsaArgs<scalar_t> A{};
   A.n = static_cast<int>(p.size());
   A.one = one;
@@ -65,8 +72,10 @@ inline HmsaArgs<scalar_t> hmsa_pack(const std::vector<at::Tensor>& p, const std:
   A.out_w = out_w;
   for (int k = 0; k < A.n; ++k) {
     A.p[k] = p[k].data_ptr<scalar_t>();
-    A.h[k] = p[k].size(2);
-    A.w[k] = p[k].size(3);
+    A.ph[k] = p[k].size(2);
+    A.pw[k] = p[k].size(3);
+    A.h[k] = scale_sizes.empty() ? A.ph[k] : scale_sizes[2 * k];
+    A.w[k] = scale_sizes.empty() ? A.pw[k] : scale_sizes[2 * k + 1];
     if (a[k].defined()) {
       A.a[k] = a[k].data_ptr<scalar_t>();
       A.ha[k] = a[k].size(2);

@@ -1,6 +1,7 @@
 // Hierarchical multi-scale attention fusion, C++ CPU kernels.
 // One pass over the output pixels: each pixel builds its exact stencil (common/hmsa.h) by
-// sampling every scale's attention on the fly, then the classes are evaluated with a gather-dot;
+// sampling every scale's attention on the fly (with scale_sizes, lowered to taps of the stored
+// logits, hmsa_lower_stencil), then the classes are evaluated with a gather-dot;
 // with labels=true only the running argmax is kept, so no (B, C, out_h, out_w) logits exist.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -24,21 +25,28 @@ inline bool better(acc_t v, acc_t best) {
 }
 
 at::Tensor hmsa_fuse_cpu(at::TensorList logits, at::TensorList attentions,
-                         at::ArrayRef<double> scales, at::IntArrayRef out_size, bool labels) {
+                         at::ArrayRef<double> scales, at::IntArrayRef out_size, bool labels,
+                         at::OptionalIntArrayRef scale_sizes_opt) {
+  const at::IntArrayRef scale_sizes = scale_sizes_opt.has_value() ? *scale_sizes_opt : at::IntArrayRef();
   std::vector<at::Tensor> lg(logits.begin(), logits.end());
   std::vector<at::Tensor> att(attentions.begin(), attentions.end());
   std::vector<double> sc(scales.begin(), scales.end());
   int one = -1;
   std::vector<at::Tensor> p, a;
-  hmsa_check(lg, att, sc, out_size, &one, &p, &a);
+  hmsa_check(lg, att, sc, out_size, scale_sizes, &one, &p, &a);
   for (const at::Tensor& t : p) TORCH_CHECK(t.device().is_cpu(), "hmsa_fuse (CPU): tensors must be on the CPU");
   const int64_t B = p[0].size(0), C = p[0].size(1), OH = out_size[0], OW = out_size[1];
   at::Tensor out = labels ? at::empty({B, OH, OW}, p[0].options().dtype(at::kLong))
                           : at::empty({B, C, OH, OW}, p[0].options());
   const int64_t max_terms = hmsa_max_terms(static_cast<int>(p.size()), one);
+  // grid terms of resampled scales expand into up to 4 storage taps each (hmsa_storage_taps)
+  bool any_resampled = false;
+  for (size_t k = 0; k < p.size() && !scale_sizes.empty(); ++k)
+    any_resampled |= scale_sizes[2 * k] != p[k].size(2) || scale_sizes[2 * k + 1] != p[k].size(3);
+  const int64_t max_taps = (any_resampled ? 4 : 1) * max_terms;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p[0].scalar_type(), "hmsa_fuse_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const HmsaArgs<scalar_t> A = hmsa_pack<scalar_t>(p, a, one, OH, OW);
+    const HmsaArgs<scalar_t> A = hmsa_pack<scalar_t>(p, a, one, OH, OW, scale_sizes);
     scalar_t* out_v = labels ? nullptr : out.data_ptr<scalar_t>();
     int64_t* out_l = labels ? out.data_ptr<int64_t>() : nullptr;
     const int64_t oplane = OH * OW;
@@ -50,9 +58,10 @@ at::Tensor hmsa_fuse_cpu(at::TensorList logits, at::TensorList attentions,
     const int64_t tiles_per_row = (OW + TILE - 1) / TILE;
     at::parallel_for(0, B * OH * tiles_per_row, 1, [&](int64_t begin, int64_t end) {
       std::vector<HmsaTerm<acc_t>> terms(static_cast<size_t>(max_terms));
-      std::vector<const scalar_t*> ptr(static_cast<size_t>(max_terms * TILE));
-      std::vector<int64_t> stride(static_cast<size_t>(max_terms * TILE));
-      std::vector<acc_t> coef(static_cast<size_t>(max_terms * TILE));
+      std::vector<HmsaTerm<acc_t>> lowered(static_cast<size_t>(any_resampled ? max_taps : 0));
+      std::vector<const scalar_t*> ptr(static_cast<size_t>(max_taps * TILE));
+      std::vector<int64_t> stride(static_cast<size_t>(max_taps * TILE));
+      std::vector<acc_t> coef(static_cast<size_t>(max_taps * TILE));
       std::vector<int64_t> first(TILE + 1), arg(TILE);
       std::vector<acc_t> best(TILE);
       for (int64_t unit = begin; unit < end; ++unit) {
@@ -61,13 +70,18 @@ at::Tensor hmsa_fuse_cpu(at::TensorList logits, at::TensorList attentions,
         int64_t n = 0;
         for (int64_t i = 0; i < nx; ++i) {
           first[i] = n;
-          const int64_t nt = hmsa_build_stencil<acc_t>(A, b, oy, x0 + i, terms.data());
+          int64_t nt = hmsa_build_stencil<acc_t>(A, b, oy, x0 + i, terms.data());
+          const HmsaTerm<acc_t>* src = terms.data();
+          if (any_resampled) {  // storage taps, computed once per pixel for all classes
+            nt = hmsa_lower_stencil<acc_t>(A, terms.data(), nt, lowered.data());
+            src = lowered.data();
+          }
           for (int64_t j = 0; j < nt; ++j, ++n) {
-            const int k = terms[j].k;
-            const int64_t plane = A.h[k] * A.w[k];
-            ptr[n] = A.p[k] + b * A.C * plane + terms[j].off;
+            const int k = src[j].k;
+            const int64_t plane = A.ph[k] * A.pw[k];
+            ptr[n] = A.p[k] + b * A.C * plane + src[j].off;
             stride[n] = plane;
-            coef[n] = terms[j].coef;
+            coef[n] = src[j].coef;
           }
         }
         first[nx] = n;

@@ -1,6 +1,8 @@
 // Hierarchical multi-scale attention fusion, CUDA kernels.
 // Forward: one thread per output pixel builds the exact per-pixel stencil (common/hmsa.h) in
-// local memory, then loops over the classes (gather-dot); labels keep a running argmax, so no
+// local memory, then loops over the classes (gather-dot; scales whose stored logits differ from
+// their grid (scale_sizes) are read through a bilinear sample: the stencil is lowered to storage
+// taps once per pixel when it fits, else sampled per class); labels keep a running argmax, so no
 // per-scale or (B, C, out_h, out_w) intermediate exists. Backward (two-scale training form):
 // three gather passes over CSR adjoint tables, one thread per pixel, no atomics (deterministic).
 #include <ATen/ATen.h>
@@ -27,22 +29,33 @@ __device__ __forceinline__ bool better(acc_t v, acc_t best) {
   return v > best || (isnan(v) && !isnan(best));
 }
 
-template <typename scalar_t, typename acc_t>
+// LOWER: some scale is resampled (scale_sizes) and its lowered stencil fits: lower it to storage
+// taps once per pixel (hmsa_lower_stencil) so each class is a plain gather-dot. Otherwise grid
+// terms are evaluated directly (hmsa_eval samples resampled storage per class).
+template <typename scalar_t, typename acc_t, bool LOWER>
 __global__ void hmsa_fuse_kernel(const HmsaArgs<scalar_t> A, scalar_t* __restrict__ out_v,
                                  int64_t* __restrict__ out_l, bool labels) {
   const int64_t total = A.B * A.out_h * A.out_w;
   const int64_t oplane = A.out_h * A.out_w;
   HmsaTerm<acc_t> terms[HMSA_CUDA_MAX_TERMS];
+  HmsaTerm<acc_t> lowered[LOWER ? HMSA_CUDA_MAX_TERMS : 1];
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(blockDim.x) * gridDim.x) {
     const int64_t b = i / oplane, pix = i % oplane;
     const int64_t oy = pix / A.out_w, ox = pix % A.out_w;
-    const int64_t nt = hmsa_build_stencil<acc_t>(A, b, oy, ox, terms);
+    int64_t nt = hmsa_build_stencil<acc_t>(A, b, oy, ox, terms);
+    if constexpr (LOWER) nt = hmsa_lower_stencil<acc_t>(A, terms, nt, lowered);
+    auto value = [&](int64_t c) -> acc_t {
+      if constexpr (LOWER)
+        return hmsa_eval_storage<acc_t>(A, b, c, lowered, nt);
+      else
+        return hmsa_eval<acc_t>(A, b, c, terms, nt);
+    };
     if (labels) {
-      acc_t best = static_cast<acc_t>(static_cast<scalar_t>(hmsa_eval<acc_t>(A, b, 0, terms, nt)));
+      acc_t best = static_cast<acc_t>(static_cast<scalar_t>(value(0)));
       int64_t arg = 0;
       for (int64_t c = 1; c < A.C; ++c) {
-        const acc_t v = static_cast<acc_t>(static_cast<scalar_t>(hmsa_eval<acc_t>(A, b, c, terms, nt)));
+        const acc_t v = static_cast<acc_t>(static_cast<scalar_t>(value(c)));
         if (better(v, best)) {
           best = v;
           arg = c;
@@ -50,8 +63,7 @@ __global__ void hmsa_fuse_kernel(const HmsaArgs<scalar_t> A, scalar_t* __restric
       }
       out_l[i] = arg;
     } else {
-      for (int64_t c = 0; c < A.C; ++c)
-        out_v[(b * A.C + c) * oplane + pix] = static_cast<scalar_t>(hmsa_eval<acc_t>(A, b, c, terms, nt));
+      for (int64_t c = 0; c < A.C; ++c) out_v[(b * A.C + c) * oplane + pix] = static_cast<scalar_t>(value(c));
     }
   }
 }
@@ -62,13 +74,14 @@ inline int blocks_for(int64_t n) {
 }
 
 at::Tensor hmsa_fuse_cuda(at::TensorList logits, at::TensorList attentions, at::ArrayRef<double> scales,
-                          at::IntArrayRef out_size, bool labels) {
+                          at::IntArrayRef out_size, bool labels, at::OptionalIntArrayRef scale_sizes_opt) {
+  const at::IntArrayRef scale_sizes = scale_sizes_opt.has_value() ? *scale_sizes_opt : at::IntArrayRef();
   std::vector<at::Tensor> lg(logits.begin(), logits.end());
   std::vector<at::Tensor> att(attentions.begin(), attentions.end());
   std::vector<double> sc(scales.begin(), scales.end());
   int one = -1;
   std::vector<at::Tensor> p, a;
-  hmsa_check(lg, att, sc, out_size, &one, &p, &a);
+  hmsa_check(lg, att, sc, out_size, scale_sizes, &one, &p, &a);
   TORCH_CHECK(p[0].is_cuda(), "hmsa_fuse (CUDA): tensors must be on a CUDA device");
   const int64_t need = hmsa_max_terms(static_cast<int>(p.size()), one);
   TORCH_CHECK(need <= HMSA_CUDA_MAX_TERMS, "hmsa_fuse (CUDA): this scale set needs a stencil of ", need,
@@ -82,9 +95,15 @@ at::Tensor hmsa_fuse_cuda(at::TensorList logits, at::TensorList attentions, at::
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p[0].scalar_type(), "hmsa_fuse_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const HmsaArgs<scalar_t> A = hmsa_pack<scalar_t>(p, a, one, OH, OW);
-    hmsa_fuse_kernel<scalar_t, acc_t><<<blocks_for(total), THREADS, 0, stream>>>(
-        A, labels ? nullptr : out.data_ptr<scalar_t>(), labels ? out.data_ptr<int64_t>() : nullptr, labels);
+    const HmsaArgs<scalar_t> A = hmsa_pack<scalar_t>(p, a, one, OH, OW, scale_sizes);
+    bool any_resampled = false;
+    for (int k = 0; k < A.n; ++k) any_resampled |= hmsa_resampled(A, k);
+    scalar_t* ov = labels ? nullptr : out.data_ptr<scalar_t>();
+    int64_t* ol = labels ? out.data_ptr<int64_t>() : nullptr;
+    if (any_resampled && 4 * need <= HMSA_CUDA_MAX_TERMS)
+      hmsa_fuse_kernel<scalar_t, acc_t, true><<<blocks_for(total), THREADS, 0, stream>>>(A, ov, ol, labels);
+    else
+      hmsa_fuse_kernel<scalar_t, acc_t, false><<<blocks_for(total), THREADS, 0, stream>>>(A, ov, ol, labels);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;

@@ -2,9 +2,9 @@
 
 Protocol for a wrapped segmentation model (any ``nn.Module``):
 
-* ``forward_features_and_logits(x) -> (logits, attn_features)``: ``logits`` (B, C, h, w) and the
-  features the attention head reads, ``attn_features`` (B, F, h', w') (typically both at stride 4;
-  they may differ in resolution: the attention is resized to the logit grid by the fusion op);
+* ``forward_features_and_logits(x) -> (logits, attn_features)``: ``logits`` (B, C, h, w) at the
+  model's native output stride and the features the attention head reads, ``attn_features``
+  (B, F, h', w') (typically both at stride 4; they may differ in resolution);
 * ``attn_channels`` (int): F, the channels of ``attn_features``
   (or pass ``attn_in_channels=`` to :class:`MultiScaleAttention`);
 * ``trunk`` (or ``encoder``) (nn.Module): the backbone, for the staged training helpers; every
@@ -15,9 +15,15 @@ Protocol for a wrapped segmentation model (any ``nn.Module``):
 
 Each scale s runs the wrapped model on the input bilinearly resized to (round(H*s), round(W*s))
 (or the nearest multiple of ``input_multiple``)
-(align_corners=False, no antialias); the attention head gives a_s = sigmoid(head(features)); the
-per-scale logits and attention maps are fused by :func:`pyseg.nn.functional.hmsa_fuse` straight to
-the input resolution (the fused kernels never build per-scale full-resolution logits).
+(align_corners=False, no antialias); the attention head gives a_s = sigmoid(head(features)).
+As in the public implementation (Tao et al., NVIDIA semantic-segmentation), scale s's prediction
+is formed at its input-image size: its native-resolution logits and attention map are upsampled
+bilinearly to that size, then the hierarchical recurrence runs on those grids and the result is
+resized to the input resolution. The wrapper passes the native-resolution logits and attention
+maps with ``scale_sizes`` = each scale's input size to :func:`pyseg.nn.functional.hmsa_fuse`,
+whose fused kernels sample them on the fly: the per-scale full-resolution logits of the public
+method are never built (in training, with gradients, the front end resizes them explicitly under
+autograd and uses the fused two-scale backward).
 """
 from __future__ import annotations
 
@@ -72,7 +78,9 @@ class MultiScaleAttention(nn.Module):
         return_aux: in training, also return the per-scale logits (dict scale -> (B, C, h, w)).
 
     ``forward(x)`` returns fused logits (B, C, H, W) at the input resolution (and the aux dict in
-    training when ``return_aux``); :meth:`predict` can return fused argmax labels directly.
+    training when ``return_aux``, with each scale's native-resolution logits); :meth:`predict`
+    can return fused argmax labels directly. Each scale's prediction is formed at its input size
+    (see the module docstring).
     """
 
     def __init__(self, model: nn.Module, train_scales: Sequence[float] = (0.5, 1.0),
@@ -109,8 +117,9 @@ class MultiScaleAttention(nn.Module):
         return tuple(max(m, m * round(v * s / m)) for v in size)
 
     def _per_scale(self, x, scales):
+        """Per scale: native-resolution logits, attention map (None for the top) and input size."""
         top = max(scales)
-        logits, attns = [], []
+        logits, attns, sizes = [], [], []
         for s in scales:
             size = self.scaled_size(x.shape[-2:], s)
             xs = x if tuple(x.shape[-2:]) == size else F.interpolate(
@@ -118,12 +127,14 @@ class MultiScaleAttention(nn.Module):
             lg, feats = self.model.forward_features_and_logits(xs)
             logits.append(lg)
             attns.append(None if s == top else self.attention(feats))  # the top's attention is unused
-        return logits, attns
+            sizes.append(tuple(size))
+        return logits, attns, sizes
 
     def forward(self, x, scales: Sequence[float] | None = None):
         scales = self.active_scales if scales is None else _check_scales(scales, "scales")
-        logits, attns = self._per_scale(x, scales)
-        out = hmsa_fuse(logits, attns, scales, x.shape[-2:], output="logits", backend=self.backend)
+        logits, attns, sizes = self._per_scale(x, scales)
+        out = hmsa_fuse(logits, attns, scales, x.shape[-2:], output="logits", backend=self.backend,
+                        scale_sizes=sizes)
         if self.training and self.return_aux:
             return out, dict(zip(scales, logits))
         return out
@@ -132,8 +143,9 @@ class MultiScaleAttention(nn.Module):
     def predict(self, x, scales: Sequence[float] | None = None, output: str = "labels"):
         """Fused prediction at the input resolution: int64 labels (B, H, W) or logits."""
         scales = self.scales if scales is None else _check_scales(scales, "scales")
-        logits, attns = self._per_scale(x, scales)
-        return hmsa_fuse(logits, attns, scales, x.shape[-2:], output=output, backend=self.backend)
+        logits, attns, sizes = self._per_scale(x, scales)
+        return hmsa_fuse(logits, attns, scales, x.shape[-2:], output=output, backend=self.backend,
+                         scale_sizes=sizes)
 
     # ---- staged training (seed 001) --------------------------------------------------------
     def trunk_parameters(self):

@@ -4,23 +4,35 @@ Semantics (Tao, Sapra, Catanzaro 2020; SPEC section 4). Inputs per scale s: logi
 (B, C, h_s, w_s) and an attention map a_s (B, 1, h'_s, w'_s) in [0, 1]. Resampling is bilinear,
 align_corners=False, no antialias, always to an explicit size.
 
-1. Each attention map is first resized bilinearly to its own scale's logit grid (h_s, w_s)
-   (a no-op when the sizes agree), e.g. a stride-4 attention for full-resolution logits.
+0. Each scale s has a *grid* G_s on which its prediction is formed: ``scale_sizes[s]`` when given
+   (typically scale s's input-image size, as in the public implementation, which upsamples every
+   scale's stride-4 network output and attention to it), else the logits' own size (h_s, w_s).
+   Scale s's logits are resized bilinearly to G_s (a no-op when the sizes agree).
+1. Each attention map is resized bilinearly from its raw size straight to G_s (a no-op when the
+   sizes agree), e.g. a stride-4 attention for full-resolution logits.
 2. Scales are processed from the highest down: ``pred = p_top``; for s >= 1 below the top,
-   ``pred = a_s * p_s + (1 - a_s) * D(pred)`` on s's logit grid (D resizes pred to it); for s < 1,
-   ``pred = U(a_s * p_s) + (1 - U(a_s)) * pred`` on pred's grid (which is the 1.0 logit grid;
-   gate before upsampling). The top scale's attention is unused (may be None).
-3. ``pred`` (on the 1.0 logit grid) is resized to ``out_size``; ``output="labels"`` gives its
-   argmax over classes (int64, first index on ties).
+   ``pred = a_s * p_s + (1 - a_s) * D(pred)`` on G_s (D resizes pred to it); for s < 1,
+   ``pred = U(a_s * p_s) + (1 - U(a_s)) * pred`` on pred's grid (which is G_1.0; gate before
+   upsampling). The top scale's attention is unused (may be None).
+3. ``pred`` (on G_1.0) is resized to ``out_size``; ``output="labels"`` gives its argmax over
+   classes (int64, first index on ties).
 
 Fused kernels (C++ CPU, CUDA, Triton) never materialise per-scale or full-resolution logits: the
 recurrence is linear in the logits with attention-only coefficients, so each output value is an
 exact weighted sum over a few pixels of every scale (a per-pixel stencil built from the composed
 bilinear samplers, csrc/common/hmsa.h), evaluated class by class; labels keep a running argmax.
+With ``scale_sizes`` the resize of the stored logits to G_s is one more bilinear sampler composed
+into the stencil: the stored (e.g. stride-4) logits are sampled on the fly, so the per-scale
+full-resolution logits of the public method (638 MB for 19 classes at scale 2 of a 1024x2048
+image) never exist. The reference materialises them (it is the public method).
 
 Autograd: the compiled op has a fused backward (``pyseg::hmsa_fuse_backward``, CPU and CUDA) for
-the two-scale training form, scales (s, 1.0) with s < 1, output="logits". Any other configuration
-that needs gradients runs the reference (autograd through F.interpolate) instead.
+the two-scale training form, scales (s, 1.0) with s < 1, output="logits", grids equal to the
+stored sizes. With ``scale_sizes`` that differ from the stored sizes and inputs that require
+grad, the front end resizes logits and attention maps explicitly with ``F.interpolate`` (under
+autograd; exact, and the memory autograd needs anyway) and calls the fused op on the resized
+tensors, so the fused backward still applies to the training form. Any other configuration that
+needs gradients runs the reference (autograd through F.interpolate) instead.
 """
 from __future__ import annotations
 
@@ -45,11 +57,30 @@ MAX_SCALES = 8
 # --------------------------------------------------------------------------------------------
 # argument handling
 # --------------------------------------------------------------------------------------------
-def normalize_hmsa_args(logits, attentions, scales, out_size, output="logits"):
+def _check_scale_sizes(scale_sizes, n):
+    if isinstance(scale_sizes, (str, bytes, Tensor)) or not isinstance(scale_sizes, (list, tuple)):
+        raise TypeError(f"scale_sizes must be a list/tuple of (h, w) pairs (one per scale) or None, "
+                        f"got {type(scale_sizes).__name__}")
+    if len(scale_sizes) != n:
+        raise ValueError(f"scale_sizes must have one (h, w) entry per scale: got {len(scale_sizes)} entries "
+                         f"for {n} scales")
+    out = []
+    for i, hw in enumerate(scale_sizes):
+        if not isinstance(hw, (list, tuple, torch.Size)) or len(hw) != 2 or not all(
+                isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in hw):
+            raise TypeError(f"scale_sizes[{i}] must be a pair of ints (h, w), got {hw!r}")
+        if min(int(v) for v in hw) <= 0:
+            raise ValueError(f"scale_sizes[{i}] must be positive (h, w), got {tuple(hw)!r}")
+        out.append((int(hw[0]), int(hw[1])))
+    return out
+
+
+def normalize_hmsa_args(logits, attentions, scales, out_size, output="logits", scale_sizes=None):
     """Validate and sort by scale, highest first.
 
-    Returns ``(logits, attentions, scales, out_size)`` as lists sorted strictly descending by
-    scale (attention of the top scale set to None). Raises TypeError/ValueError naming the argument.
+    Returns ``(logits, attentions, scales, out_size, scale_sizes)`` as lists sorted strictly
+    descending by scale (attention of the top scale set to None; scale_sizes None or a list of
+    (h, w) tuples). Raises TypeError/ValueError naming the argument.
     """
     if isinstance(logits, Tensor) or not isinstance(logits, (list, tuple)):
         raise TypeError(f"logits must be a list/tuple of tensors (one per scale), got {type(logits).__name__}")
@@ -75,6 +106,7 @@ def normalize_hmsa_args(logits, attentions, scales, out_size, output="logits"):
     if output not in ("logits", "labels"):
         raise ValueError(f"output must be 'logits' or 'labels', got {output!r}")
     out_size = pair(out_size, "out_size", minimum=1)
+    sizes = None if scale_sizes is None else _check_scale_sizes(scale_sizes, n)
 
     ref = None
     for i, p in enumerate(logits):
@@ -122,17 +154,30 @@ def normalize_hmsa_args(logits, attentions, scales, out_size, output="logits"):
             raise TypeError(f"attentions[{i}] has dtype {a.dtype} but the logits have {ref.dtype}; they must match")
     lg = [logits[i] for i in order]
     at = [None if i == top else attentions[i] for i in order]
-    return lg, at, [fs[i] for i in order], out_size
+    return lg, at, [fs[i] for i in order], out_size, None if sizes is None else [sizes[i] for i in order]
 
 
 def _is_training_form(scales):
     return len(scales) == 2 and scales[0] == 1.0 and scales[1] < 1.0
 
 
+def _stored_sizes(logits):
+    return [tuple(int(v) for v in p.shape[-2:]) for p in logits]
+
+
+def _flat_sizes(sizes):
+    return None if sizes is None else [int(v) for hw in sizes for v in hw]
+
+
+def _resize(x, size):
+    return torch.nn.functional.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False,
+                                           antialias=False)
+
+
 # --------------------------------------------------------------------------------------------
 # fake kernels and autograd
 # --------------------------------------------------------------------------------------------
-def _fake_forward(logits, attentions, scales, out_size, labels):
+def _fake_forward(logits, attentions, scales, out_size, labels, scale_sizes=None):
     B, C = logits[0].shape[:2]
     if labels:
         return logits[0].new_empty(B, out_size[0], out_size[1], dtype=torch.int64)
@@ -144,20 +189,25 @@ def _fake_backward(grad_out, logits_one, logits_low, attention_low):
 
 
 def _setup_context(ctx, inputs, output):
-    logits, attentions, scales, out_size, labels = inputs
+    logits, attentions, scales, out_size, labels = inputs[:5]
+    scale_sizes = inputs[5] if len(inputs) > 5 else None
+    ctx.n_inputs = len(inputs)
     ctx.n_logits = len(logits)
-    ctx.form_ok = _is_training_form(scales) and not labels
+    # the fused backward has no adjoint of the storage -> grid resize: grids must equal the storage
+    same_grid = scale_sizes is None or _flat_sizes(_stored_sizes(logits)) == list(scale_sizes)
+    ctx.form_ok = _is_training_form(scales) and not labels and same_grid
     if ctx.form_ok:
         ctx.save_for_backward(logits[0], logits[1], attentions[1])
 
 
 def _backward(ctx, grad):
     if not ctx.form_ok:
-        raise RuntimeError("pyseg::hmsa_fuse has a fused backward only for scales (s, 1.0) with s < 1 and "
-                           "labels=False; use pyseg.nn.functional.hmsa_fuse, which falls back to the reference")
+        raise RuntimeError("pyseg::hmsa_fuse has a fused backward only for scales (s, 1.0) with s < 1, "
+                           "labels=False and scale_sizes equal to the logits' sizes; use "
+                           "pyseg.nn.functional.hmsa_fuse, which resizes explicitly or falls back to the reference")
     p1, pl, al = ctx.saved_tensors
     g1, gl, ga = torch.ops.pyseg.hmsa_fuse_backward(grad.contiguous(), p1, pl, al)
-    return [g1, gl], [None, ga], None, None, None
+    return ([g1, gl], [None, ga], None, None, None) + (None,) * (ctx.n_inputs - 5)
 
 
 if _extension.HAS_C:
@@ -168,8 +218,9 @@ if _extension.HAS_C:
 
 @torch.library.custom_op("pyseg::hmsa_fuse_triton", mutates_args=())
 def _triton_forward(logits: List[Tensor], attentions: List[Tensor], scales: List[float],
-                    out_size: List[int], labels: bool) -> Tensor:
-    return _extension.triton_kernels().hmsa_fuse.forward(logits, attentions, scales, out_size, labels)
+                    out_size: List[int], labels: bool, scale_sizes: Optional[List[int]] = None) -> Tensor:
+    return _extension.triton_kernels().hmsa_fuse.forward(logits, attentions, scales, out_size, labels,
+                                                         scale_sizes)
 
 
 torch.library.register_fake("pyseg::hmsa_fuse_triton")(_fake_forward)
@@ -199,30 +250,46 @@ def _triton_supports(scales):
 # public function
 # --------------------------------------------------------------------------------------------
 def hmsa_fuse(logits: Sequence[Tensor], attentions: Sequence[Optional[Tensor]], scales: Sequence[float],
-              out_size, output: str = "logits", backend: str = "auto") -> Tensor:
+              out_size, output: str = "logits", backend: str = "auto",
+              scale_sizes: Optional[Sequence] = None) -> Tensor:
     """Fuse per-scale logits with hierarchical multi-scale attention (see the module docstring).
 
     Args:
         logits: one (B, C, h_s, w_s) tensor per scale (any resolutions; same B, C, dtype, device).
         attentions: one (B, 1, h'_s, w'_s) map per scale, values in [0, 1] (e.g. after a sigmoid);
-            each is bilinearly resized to its scale's logit grid first. The top scale's is unused
-            and may be None.
+            each is bilinearly resized to its scale's grid first. The top scale's is unused and
+            may be None.
         scales: the scale of each entry (any order, distinct, must contain 1.0).
         out_size: (H, W) of the result (e.g. the input image size).
         output: ``"logits"`` -> (B, C, H, W) in the logits' dtype; ``"labels"`` -> (B, H, W) int64
             argmax, fused (no full-resolution logits are materialised by the fused backends).
         backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
+        scale_sizes: optional per-scale (h, w) grid (same order as ``scales``) on which scale s's
+            prediction is formed, typically its input-image size (the public method, which
+            upsamples the stride-4 network outputs to it). Logits and attention are resized to it
+            first; the fused backends sample the stored logits on the fly instead. ``None``: each
+            scale's grid is its logits' own size.
 
-    Gradients: fused for scales (s, 1.0), s < 1 (the training form); other configurations with
-    ``requires_grad`` inputs use the reference path (autograd through ``F.interpolate``).
+    Gradients: fused for scales (s, 1.0), s < 1 (the training form; with ``scale_sizes`` other
+    than the stored sizes the inputs are first resized explicitly under autograd); other
+    configurations with ``requires_grad`` inputs use the reference path (autograd through
+    ``F.interpolate``).
     """
-    lg, at, sc, out_size = normalize_hmsa_args(logits, attentions, scales, out_size, output)
+    lg, at, sc, out_size, sizes = normalize_hmsa_args(logits, attentions, scales, out_size, output, scale_sizes)
+    if sizes is not None and sizes == _stored_sizes(lg):
+        sizes = None  # every grid is the stored size: today's path, bit for bit
     labels = output == "labels"
     be = resolve_backend(backend, lg[0].device, OP)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in list(lg) + list(at))
     if be != "reference" and needs_grad and not labels and not _is_training_form(sc):
         be = "reference"  # documented fallback: fused backward only for the 2-scale training form
+    if be != "reference" and needs_grad and sizes is not None:
+        # the fused backward has no adjoint of the storage -> grid sampler: resize explicitly
+        # under autograd (exact; what autograd would keep anyway) and fuse on the grids
+        lg = [p if tuple(p.shape[-2:]) == hw else _resize(p, hw) for p, hw in zip(lg, sizes)]
+        at = [a if a is None or tuple(a.shape[-2:]) == hw else _resize(a, hw) for a, hw in zip(at, sizes)]
+        sizes = None
     if be == "triton" and not _triton_supports(sc):
         if backend == "triton":
             raise ValueError(f"backend='triton' supports up to 2 scales above 1.0 and 3 below, got scales {sc}")
@@ -236,12 +303,14 @@ def hmsa_fuse(logits: Sequence[Tensor], attentions: Sequence[Optional[Tensor]], 
             raise ValueError(f"backend='cuda' supports up to 2 scales above 1.0 and 4 below, got scales {sc}")
         be = "reference"
     if be == "reference":
-        return reference.hmsa_fuse(lg, at, sc, out_size, output)
+        return reference.hmsa_fuse(lg, at, sc, out_size, output, scale_sizes=sizes)
     # the op takes a plain Tensor[] (the top's entry is ignored): a list holding None would hide
     # the attention tensors from autograd
     placeholder = lg[0].new_empty(0)
     args = ([t.contiguous() for t in lg], [placeholder if t is None else t.contiguous() for t in at], sc,
             list(out_size), labels)
+    if sizes is not None:
+        args = args + (_flat_sizes(sizes),)
     if be == "triton":
         return torch.ops.pyseg.hmsa_fuse_triton(*args)
     return torch.ops.pyseg.hmsa_fuse(*args)

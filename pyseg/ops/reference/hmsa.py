@@ -19,9 +19,12 @@ def _resize(x: Tensor, size) -> Tensor:
 
 
 def hmsa_fuse(logits: Sequence[Tensor], attentions: Sequence[Optional[Tensor]], scales: Sequence[float],
-              out_size, output: str = "logits") -> Tensor:
+              out_size, output: str = "logits", scale_sizes: Optional[Sequence] = None) -> Tensor:
     """Reference of :func:`pyseg.nn.functional.hmsa_fuse` (no validation; see there).
 
+    With ``scale_sizes`` (one (h, w) per entry of ``scales``), every scale's logits and attention
+    map are first resized bilinearly to ``scale_sizes[s]`` (no-op when equal) and materialised, as
+    the public implementation does (its per-scale full-resolution logits).
     Scales are processed from the highest down. ``pred = p_top``; for a scale s >= 1 below the top,
     ``pred = a_s*p_s + (1-a_s)*D(pred)`` at s's logit resolution; for s < 1,
     ``pred = U(a_s*p_s) + (1-U(a_s))*pred`` at pred's resolution (gate before upsampling). Each
@@ -32,6 +35,8 @@ def hmsa_fuse(logits: Sequence[Tensor], attentions: Sequence[Optional[Tensor]], 
     pred = None
     for i in order:
         p = logits[i]
+        if scale_sizes is not None and tuple(p.shape[-2:]) != tuple(scale_sizes[i]):
+            p = _resize(p, scale_sizes[i])
         if pred is None:
             pred = p
             continue
