@@ -65,8 +65,22 @@ if stage bench; then
   for b in benchmarks/bench_*.py; do
     n="$(basename "$b" .py)"
     case "$n" in
-      bench_hmsa)  # fusion stage: per-scale logits at full scale resolution, and at stride 4
+      bench_hmsa)  # fusion stage: inputs at each scale's resolution (full), and stride-4 network outputs
+                   # resized inside the fusion via scale_sizes (native)
         run "$n" "$PY" "$b" --device "$DEVICE" $QUICK_FLAG --layout both --json "$RES/$n.json" ;;
+      bench_meta_block)  # both fused GPU backends, forward in every dtype, forward+backward in fp32/bf16
+        for be in cuda triton; do
+          [ "$DEVICE" = "cpu" ] && be=cpu
+          for dt in float32 bfloat16 float16; do
+            run "${n}_${be}_${dt}" "$PY" "$b" --device "$DEVICE" --backend "$be" --dtype "$dt" $QUICK_FLAG \
+              --json "$RES/${n}_${be}_${dt}.json"
+          done
+          for dt in float32 bfloat16; do
+            run "${n}_${be}_${dt}_bwd" "$PY" "$b" --device "$DEVICE" --backend "$be" --dtype "$dt" --backward \
+              $QUICK_FLAG --json "$RES/${n}_${be}_${dt}_bwd.json"
+          done
+          [ "$DEVICE" = "cpu" ] && break
+        done ;;
       *)           # op benchmarks: every float dtype the op runs in
         for dt in float32 bfloat16 float16; do
           run "${n}_${dt}" "$PY" "$b" --device "$DEVICE" --dtype "$dt" $QUICK_FLAG --json "$RES/${n}_${dt}.json"

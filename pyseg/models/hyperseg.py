@@ -240,7 +240,9 @@ class HyperSeg(nn.Module):
         """Encoder + context head + weight mapper: (skip features, per-level weights, phi)."""
         feats, signal = self.encoder(x)
         phi = self.context_head(signal)
-        return feats, self.weight_mapper(phi), phi
+        # phi is tiny; NCHW here makes the weight mapper emit the (B, N, gh, gw) layout the dynamic
+        # ops read, even when the trunk runs channels_last
+        return feats, self.weight_mapper(phi.contiguous()), phi
 
     def _decode(self, x: Tensor, feats: List[Tensor], weights: List[Tensor], attn_level: int = -1):
         skips = [x] + list(feats)
@@ -286,6 +288,15 @@ class HyperSeg(nn.Module):
         if logits.shape[-2:] != x.shape[-2:]:
             logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
         return logits
+
+    def to_channels_last(self) -> "HyperSeg":
+        """channels_last for the convolutional trunk (encoder and context head), where oneDNN / cuDNN
+        convolutions are faster in it; the weight mapper stays NCHW so that the per-patch weights come
+        out in the layout the dynamic ops read (no transposing copies), and the decoder converts the
+        skip features once. Feed a channels_last input as well. Returns self."""
+        self.encoder.to(memory_format=torch.channels_last)
+        self.context_head.to(memory_format=torch.channels_last)
+        return self
 
     def set_backend(self, backend: str) -> "HyperSeg":
         """Switch the dynamic ops of every decoder block to ``backend`` (same weights). Returns self."""
