@@ -334,7 +334,7 @@ def _gather(g_ptr, gw, y, x, IH, WH, KH, IW, WW, KW, mask, ACC: tl.constexpr):
 def _bwd_r1_kernel(grad_ptr, p1_ptr, a_ptr, gP_ptr, gp1_ptr, gua_ptr, C, OH, OW, h1, w1, hl, wl, ha, wa,
                    FIH, FWH, KFH, FIW, FWW, KFW, ACC: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
-    b = tl.program_id(1)
+    b = tl.program_id(1).to(tl.int64)  # B * C * H * W may exceed 2**31
     plane = h1 * w1
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < plane
@@ -363,7 +363,7 @@ def _bwd_r1_kernel(grad_ptr, p1_ptr, a_ptr, gP_ptr, gp1_ptr, gua_ptr, C, OH, OW,
 def _bwd_low_kernel(gP_ptr, gua_ptr, pl_ptr, a_ptr, gpl_ptr, gal_ptr, C, h1, w1, hl, wl, ha, wa,
                     UIH, UWH, KUH, UIW, UWW, KUW, ACC: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
-    b = tl.program_id(1)
+    b = tl.program_id(1).to(tl.int64)  # B * C * H * W may exceed 2**31
     plane1 = h1 * w1
     planel = hl * wl
     offs = pid * BLOCK + tl.arange(0, BLOCK)
@@ -385,7 +385,7 @@ def _bwd_low_kernel(gP_ptr, gua_ptr, pl_ptr, a_ptr, gpl_ptr, gal_ptr, C, h1, w1,
 def _bwd_att_kernel(gal_ptr, ga_ptr, hl, wl, ha, wa, RIH, RWH, KRH, RIW, RWW, KRW, ACC: tl.constexpr,
                     BLOCK: tl.constexpr):
     pid = tl.program_id(0)
-    b = tl.program_id(1)
+    b = tl.program_id(1).to(tl.int64)  # B * C * H * W may exceed 2**31
     plane = ha * wa
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < plane
