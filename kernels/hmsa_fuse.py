@@ -3,7 +3,8 @@
 One program per block of output pixels of one sample; the recurrence is evaluated on the fly for
 every class (each class re-samples the attention maps: simple, and the logits gathers dominate).
 Supported structures: up to 2 scales above 1.0 and up to 3 below (the compiled C++/CUDA kernels
-take any set of up to 8 scales). Forward only; autograd uses the compiled backward op.
+take any set of up to 8 scales). ``backward``: the two-scale training form's gradients
+(``pyseg::hmsa_fuse_triton_backward``, the compiled backward's math as deterministic gathers).
 
 Slots: H0 = scale 1.0, H1 = the next scale above it, H2 = the one above H1 (top of chain when
 N_HIGH == 2); L0, L1, L2 = the scales below 1.0 in processing order (largest first).
@@ -259,3 +260,180 @@ def forward(logits, attentions, scales, out_size, labels: bool, scale_sizes=None
                            RS_H2=rsh2, RS_L0=lows[0][1], RS_L1=lows[1][1], RS_L2=lows[2][1], LABELS=labels,
                            ACC=acc, BLOCK=BLOCK)
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# backward of the two-scale training form (``pyseg::hmsa_fuse_triton_backward``)
+# --------------------------------------------------------------------------------------------
+# Same math as the compiled op (csrc/common/hmsa.h, "Backward of the two-scale training form"):
+#   Al = R(a), m = Al * pl, UA = U(Al), P = U(m) + (1 - UA) * p1, out = F(P)
+#   r1 pass  (1.0 grid):  gP = F^T g;  g_p1 = (1 - UA) gP;  gUA = -sum_c p1 gP
+#   low pass (low grid):  gm = U^T gP;  g_pl = Al gm;  gAl = sum_c pl gm + U^T gUA
+#   att pass (raw attention grid): g_a = R^T gAl
+# Every adjoint X^T is a gather through a per-axis table built on the host (``adjoint_table``):
+# input index i receives sum_k wt[i, k] * grad[idx[i, k]] (padding: idx -1, weight 0). No
+# atomics, so the result is deterministic; accumulation in fp32 (fp64 for fp64 inputs).
+
+
+def _empty(*shape, dtype, device):
+    # allocation hook (tests poison it with NaN to show unwritten elements)
+    return torch.empty(*shape, dtype=dtype, device=device)
+
+
+def adjoint_table(in_size: int, out_size: int, dtype=torch.float32):
+    """Adjoint of a 1-D bilinear resize in_size -> out_size (align_corners=False) as a padded gather.
+
+    Returns ``(idx, wt)``, both (in_size, K): input index i receives
+    ``sum_k wt[i, k] * grad[idx[i, k]]`` over output indices; unused entries have idx -1 and weight 0.
+    The taps are computed in ``dtype`` exactly as the kernels' ``_tap``; zero weights are dropped.
+    Entries of one row are ordered by output index (deterministic).
+    """
+    j = torch.arange(out_size, dtype=torch.int64)
+    scale = torch.tensor(in_size, dtype=dtype) / torch.tensor(out_size, dtype=dtype)
+    src = (scale * (j.to(dtype) + 0.5) - 0.5).clamp_min(0.0)
+    i0 = src.to(torch.int64).clamp_max(in_size - 1)
+    i1 = torch.where(i0 < in_size - 1, i0 + 1, i0)
+    l1 = (src - i0.to(dtype)).clamp(0.0, 1.0)
+    l0 = 1.0 - l1
+    rows = torch.cat([i0, i1])
+    cols = torch.cat([j, j])
+    w = torch.cat([l0, l1])
+    keep = w != 0
+    rows, cols, w = rows[keep], cols[keep], w[keep]
+    order = torch.argsort(rows * out_size + cols, stable=True)
+    rows, cols, w = rows[order], cols[order], w[order]
+    counts = torch.bincount(rows, minlength=in_size)
+    K = max(1, int(counts.max()) if counts.numel() else 1)
+    start = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(rows.numel()) - start[rows]
+    idx = torch.full((in_size, K), -1, dtype=torch.int32)
+    wt = torch.zeros(in_size, K, dtype=dtype)
+    idx[rows, rank] = cols.to(torch.int32)
+    wt[rows, rank] = w
+    return idx, wt
+
+
+@triton.jit
+def _gather(g_ptr, gw, y, x, IH, WH, KH, IW, WW, KW, mask, ACC: tl.constexpr):
+    # sum_{ky, kx} wh[y, ky] ww[x, kx] g[ih[y, ky], iw[x, kx]] (adjoint of a 2-D bilinear resize)
+    acc = tl.zeros(y.shape, dtype=ACC)
+    for ky in range(0, KH):
+        jy = tl.load(IH + y * KH + ky, mask=mask, other=-1)
+        wy = tl.load(WH + y * KH + ky, mask=mask, other=0.0).to(ACC)
+        r = tl.zeros(y.shape, dtype=ACC)
+        for kx in range(0, KW):
+            jx = tl.load(IW + x * KW + kx, mask=mask, other=-1)
+            wx = tl.load(WW + x * KW + kx, mask=mask, other=0.0).to(ACC)
+            ok = mask & (jy >= 0) & (jx >= 0)
+            r += wx * tl.load(g_ptr + jy * gw + jx, mask=ok, other=0.0).to(ACC)
+        acc += wy * r
+    return acc
+
+
+@triton.jit
+def _bwd_r1_kernel(grad_ptr, p1_ptr, a_ptr, gP_ptr, gp1_ptr, gua_ptr, C, OH, OW, h1, w1, hl, wl, ha, wa,
+                   FIH, FWH, KFH, FIW, FWW, KFW, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)  # B * C * H * W may exceed 2**31
+    plane = h1 * w1
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < plane
+    y = offs // w1
+    x = offs % w1
+    # UA = U(Al) at (y, x), Al = R(a) sampled at the low-grid taps
+    y0, y1, ly0, ly1 = _tap(y, hl, h1, ACC)
+    x0, x1, lx0, lx1 = _tap(x, wl, w1, ACC)
+    a00 = _att(a_ptr, b, y0, x0, ha, wa, hl, wl, mask, ACC)
+    a01 = _att(a_ptr, b, y0, x1, ha, wa, hl, wl, mask, ACC)
+    a10 = _att(a_ptr, b, y1, x0, ha, wa, hl, wl, mask, ACC)
+    a11 = _att(a_ptr, b, y1, x1, ha, wa, hl, wl, mask, ACC)
+    keep = 1.0 - (ly0 * (lx0 * a00 + lx1 * a01) + ly1 * (lx0 * a10 + lx1 * a11))
+    gu = tl.zeros([BLOCK], dtype=ACC)
+    for c in range(0, C):
+        bc = b * C + c
+        g = _gather(grad_ptr + bc * OH * OW, OW, y, x, FIH, FWH, KFH, FIW, FWW, KFW, mask, ACC)
+        o = bc * plane + offs
+        tl.store(gP_ptr + o, g, mask=mask)
+        tl.store(gp1_ptr + o, (keep * g).to(gp1_ptr.dtype.element_ty), mask=mask)
+        gu -= tl.load(p1_ptr + o, mask=mask, other=0.0).to(ACC) * g
+    tl.store(gua_ptr + b * plane + offs, gu, mask=mask)
+
+
+@triton.jit
+def _bwd_low_kernel(gP_ptr, gua_ptr, pl_ptr, a_ptr, gpl_ptr, gal_ptr, C, h1, w1, hl, wl, ha, wa,
+                    UIH, UWH, KUH, UIW, UWW, KUW, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)  # B * C * H * W may exceed 2**31
+    plane1 = h1 * w1
+    planel = hl * wl
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < planel
+    y = offs // wl
+    x = offs % wl
+    al = _att(a_ptr, b, y, x, ha, wa, hl, wl, mask, ACC)
+    ga = _gather(gua_ptr + b * plane1, w1, y, x, UIH, UWH, KUH, UIW, UWW, KUW, mask, ACC)
+    for c in range(0, C):
+        bc = b * C + c
+        gm = _gather(gP_ptr + bc * plane1, w1, y, x, UIH, UWH, KUH, UIW, UWW, KUW, mask, ACC)
+        o = bc * planel + offs
+        tl.store(gpl_ptr + o, (al * gm).to(gpl_ptr.dtype.element_ty), mask=mask)
+        ga += tl.load(pl_ptr + o, mask=mask, other=0.0).to(ACC) * gm
+    tl.store(gal_ptr + b * planel + offs, ga, mask=mask)
+
+
+@triton.jit
+def _bwd_att_kernel(gal_ptr, ga_ptr, hl, wl, ha, wa, RIH, RWH, KRH, RIW, RWW, KRW, ACC: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)  # B * C * H * W may exceed 2**31
+    plane = ha * wa
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < plane
+    y = offs // wa
+    x = offs % wa
+    g = _gather(gal_ptr + b * hl * wl, wl, y, x, RIH, RWH, KRH, RIW, RWW, KRW, mask, ACC)
+    tl.store(ga_ptr + b * plane + offs, g.to(ga_ptr.dtype.element_ty), mask=mask)
+
+
+def backward(grad_out, logits_one, logits_low, attention_low):
+    """Launcher: gradients of the two-scale training form (scales (1.0, s), s < 1, output="logits",
+    grids equal to the stored sizes), same contract as ``pyseg::hmsa_fuse_backward``.
+
+    grad_out (B, C, H, W), logits_one (B, C, h1, w1), logits_low (B, C, hl, wl), attention_low
+    (B, 1, ha, wa) -> (g_logits_one, g_logits_low, g_attention_low) in the inputs' dtypes.
+    """
+    g = grad_out.contiguous()
+    p1 = logits_one.contiguous()
+    pl = logits_low.contiguous()
+    a = attention_low.contiguous()
+    B, C, h1, w1 = p1.shape
+    hl, wl = pl.shape[-2:]
+    ha, wa = a.shape[-2:]
+    OH, OW = g.shape[-2:]
+    if g.shape[:2] != p1.shape[:2] or pl.shape[:2] != p1.shape[:2] or a.shape[0] != B or a.shape[1] != 1:
+        raise ValueError(f"hmsa_fuse backward: inconsistent shapes grad_out {tuple(g.shape)}, logits_one "
+                         f"{tuple(p1.shape)}, logits_low {tuple(pl.shape)}, attention_low {tuple(a.shape)}")
+    dev = p1.device
+    acc_t = torch.float64 if p1.dtype == torch.float64 else torch.float32
+    acc = tl.float64 if acc_t == torch.float64 else tl.float32
+
+    def tables(n_in, n_out):
+        idx, wt = adjoint_table(n_in, n_out, acc_t)
+        return idx.to(dev), wt.to(dev), idx.shape[1]
+
+    f_h, f_w = tables(h1, OH), tables(w1, OW)     # F: 1.0 grid -> out_size
+    u_h, u_w = tables(hl, h1), tables(wl, w1)     # U: low grid -> 1.0 grid
+    r_h, r_w = tables(ha, hl), tables(wa, wl)     # R: raw attention -> low grid
+    gP = _empty(B, C, h1, w1, dtype=acc_t, device=dev)
+    gua = _empty(B, h1, w1, dtype=acc_t, device=dev)
+    gal = _empty(B, hl, wl, dtype=acc_t, device=dev)
+    g_p1 = _empty(B, C, h1, w1, dtype=p1.dtype, device=dev)
+    g_pl = _empty(B, C, hl, wl, dtype=pl.dtype, device=dev)
+    g_a = _empty(B, 1, ha, wa, dtype=a.dtype, device=dev)
+    BLOCK = 128
+    _bwd_r1_kernel[(triton.cdiv(h1 * w1, BLOCK), B)](g, p1, a, gP, g_p1, gua, C, OH, OW, h1, w1, hl, wl, ha, wa,
+                                                     *f_h, *f_w, ACC=acc, BLOCK=BLOCK)
+    _bwd_low_kernel[(triton.cdiv(hl * wl, BLOCK), B)](gP, gua, pl, a, g_pl, gal, C, h1, w1, hl, wl, ha, wa,
+                                                      *u_h, *u_w, ACC=acc, BLOCK=BLOCK)
+    _bwd_att_kernel[(triton.cdiv(ha * wa, BLOCK), B)](gal, g_a, hl, wl, ha, wa, *r_h, *r_w, ACC=acc, BLOCK=BLOCK)
+    return g_p1, g_pl, g_a

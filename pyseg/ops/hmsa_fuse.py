@@ -26,8 +26,9 @@ into the stencil: the stored (e.g. stride-4) logits are sampled on the fly, so t
 full-resolution logits of the public method (638 MB for 19 classes at scale 2 of a 1024x2048
 image) never exist. The reference materialises them (it is the public method).
 
-Autograd: the compiled op has a fused backward (``pyseg::hmsa_fuse_backward``, CPU and CUDA) for
-the two-scale training form, scales (s, 1.0) with s < 1, output="logits", grids equal to the
+Autograd: the compiled op has a fused backward (``pyseg::hmsa_fuse_backward``, CPU and CUDA), the
+Triton op its own Triton backward (``pyseg::hmsa_fuse_triton_backward``, same math, no compiled
+extension needed), for the two-scale training form, scales (s, 1.0) with s < 1, output="logits", grids equal to the
 stored sizes. With ``scale_sizes`` that differ from the stored sizes and inputs that require
 grad, the front end resizes logits and attention maps explicitly with ``F.interpolate`` (under
 autograd; exact, and the memory autograd needs anyway) and calls the fused op on the resized
@@ -37,7 +38,7 @@ needs gradients runs the reference (autograd through F.interpolate) instead.
 from __future__ import annotations
 
 import numbers
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -200,14 +201,21 @@ def _setup_context(ctx, inputs, output):
         ctx.save_for_backward(logits[0], logits[1], attentions[1])
 
 
-def _backward(ctx, grad):
-    if not ctx.form_ok:
-        raise RuntimeError("pyseg::hmsa_fuse has a fused backward only for scales (s, 1.0) with s < 1, "
-                           "labels=False and scale_sizes equal to the logits' sizes; use "
-                           "pyseg.nn.functional.hmsa_fuse, which resizes explicitly or falls back to the reference")
-    p1, pl, al = ctx.saved_tensors
-    g1, gl, ga = torch.ops.pyseg.hmsa_fuse_backward(grad.contiguous(), p1, pl, al)
-    return ([g1, gl], [None, ga], None, None, None) + (None,) * (ctx.n_inputs - 5)
+def _make_backward(op_name):
+    def backward(ctx, grad):
+        if not ctx.form_ok:
+            raise RuntimeError(f"pyseg::{op_name.replace('_backward', '')} has a fused backward only for scales "
+                               "(s, 1.0) with s < 1, labels=False and scale_sizes equal to the logits' sizes; use "
+                               "pyseg.nn.functional.hmsa_fuse, which resizes explicitly or falls back to the "
+                               "reference")
+        p1, pl, al = ctx.saved_tensors
+        g1, gl, ga = getattr(torch.ops.pyseg, op_name)(grad.contiguous(), p1, pl, al)
+        return ([g1, gl], [None, ga], None, None, None) + (None,) * (ctx.n_inputs - 5)
+    return backward
+
+
+_backward = _make_backward("hmsa_fuse_backward")
+_backward_triton = _make_backward("hmsa_fuse_triton_backward")
 
 
 if _extension.HAS_C:
@@ -223,9 +231,16 @@ def _triton_forward(logits: List[Tensor], attentions: List[Tensor], scales: List
                                                          scale_sizes)
 
 
+@torch.library.custom_op("pyseg::hmsa_fuse_triton_backward", mutates_args=())
+def _triton_backward(grad_out: Tensor, logits_one: Tensor, logits_low: Tensor,
+                     attention_low: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    return tuple(_extension.triton_kernels().hmsa_fuse.backward(grad_out, logits_one, logits_low, attention_low))
+
+
 torch.library.register_fake("pyseg::hmsa_fuse_triton")(_fake_forward)
-if _extension.HAS_C:
-    torch.library.register_autograd("pyseg::hmsa_fuse_triton", _backward, setup_context=_setup_context)
+torch.library.register_fake("pyseg::hmsa_fuse_triton_backward")(_fake_backward)
+# the Triton backend trains with its own backward (no compiled extension needed)
+torch.library.register_autograd("pyseg::hmsa_fuse_triton", _backward_triton, setup_context=_setup_context)
 
 
 #: per-thread stencil capacity of the CUDA kernel (csrc/cuda/hmsa_fuse.cu HMSA_CUDA_MAX_TERMS)
