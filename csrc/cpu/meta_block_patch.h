@@ -106,6 +106,33 @@ inline void affine_relu6(const acc_t* src, acc_t s, acc_t t, int64_t n, acc_t* d
   for (int64_t p = 0; p < n; ++p) dst[p] = meta::relu6(src[p] * s + t);
 }
 
+// out[i*ldo + j] = sum_p a[i*la + p] * b[j*lb + p] over p < P (A B^T: weight gradients).
+template <typename acc_t>
+inline void gemm_nt(const acc_t* a, int64_t la, const acc_t* b, int64_t lb, int64_t M, int64_t N, int64_t P,
+                    acc_t* out, int64_t ldo) {
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t j = 0; j < N; ++j) {
+      acc_t acc = 0;
+      for (int64_t p = 0; p < P; ++p) acc += a[i * la + p] * b[j * lb + p];
+      out[i * ldo + j] = acc;
+    }
+}
+
+// Backward through h = relu6(s*z + t) for one channel, in place: g[p] <- s * g[p] * relu6'(s*z+t);
+// returns the channel's gradients of s (sum g*z) and t (sum g) before the scaling by s.
+template <typename acc_t>
+inline void affine_relu6_backward(const acc_t* z, acc_t s, acc_t t, int64_t n, acc_t* g, acc_t* gs, acc_t* gt) {
+  acc_t sum_g = 0, sum_gz = 0;
+  for (int64_t p = 0; p < n; ++p) {
+    const acc_t gu = meta::relu6_passes(z[p] * s + t) ? g[p] : acc_t(0);
+    sum_g += gu;
+    sum_gz += gu * z[p];
+    g[p] = gu * s;
+  }
+  *gs = sum_gz;
+  *gt = sum_g;
+}
+
 // The meta block's forward on one work item, from xh and w (already loaded):
 //   z1 = W1 xh, h1 = relu6(s1 z1 + t1) on the haloed map; z2 = dw3x3(h1), h2 = relu6(s2 z2 + t2);
 //   z3 = W3 h2 (pre-affine output).
@@ -180,14 +207,7 @@ void meta_backward_item(const ItemArgs<acc_t>& A, const scalar_t* x, const acc_t
     }
   }
   // grad W3[o, k] = sum_p g3[o, p] h2[k, p]
-  for (int64_t o = 0; o < Cout; ++o)
-    for (int64_t k = 0; k < hid; ++k) {
-      acc_t acc = 0;
-      const acc_t* a = g3 + o * ln;
-      const acc_t* b = h2 + k * ln;
-      for (int64_t p = 0; p < np; ++p) acc += a[p] * b[p];
-      gwa[L.w3() + o * hid + k] = acc;
-    }
+  gemm_nt(g3, ln, h2, ln, Cout, hid, np, gwa + L.w3(), hid);
   // ---- stage 2: gh2 = W3^T g3; gu2 = gh2 * relu6'(u2); g2 = s2 * gu2 ----
   std::fill(g2, g2 + hid * ln, acc_t(0));
   for (int64_t o = 0; o < Cout; ++o)
@@ -198,18 +218,11 @@ void meta_backward_item(const ItemArgs<acc_t>& A, const scalar_t* x, const acc_t
       for (int64_t p = 0; p < np; ++p) dst[p] += a * src[p];
     }
   for (int64_t k = 0; k < hid; ++k) {
-    const acc_t s = A.sc[L.a2() + k], t = A.sh[L.a2() + k];
-    acc_t sum_g = 0, sum_gz = 0;
-    for (int64_t p = 0; p < np; ++p) {
-      const acc_t z = z2[k * ln + p];
-      const acc_t gu = meta::relu6_passes(z * s + t) ? g2[k * ln + p] : acc_t(0);
-      sum_g += gu;
-      sum_gz += gu * z;
-      g2[k * ln + p] = gu * s;
-    }
+    acc_t gs, gt;
+    affine_relu6_backward(z2 + k * ln, A.sc[L.a2() + k], A.sh[L.a2() + k], np, g2 + k * ln, &gs, &gt);
     if (ps) {
-      ps[L.a2() + k] = sum_gz;
-      pt[L.a2() + k] = sum_g;
+      ps[L.a2() + k] = gs;
+      pt[L.a2() + k] = gt;
     }
   }
   // grad W2 and gh1 (full correlation of g2 with W2)
@@ -236,29 +249,15 @@ void meta_backward_item(const ItemArgs<acc_t>& A, const scalar_t* x, const acc_t
   }
   // ---- stage 1: gu1 = gh1 * relu6'(u1); g1 = s1 * gu1 ----
   for (int64_t k = 0; k < hid; ++k) {
-    const acc_t s = A.sc[L.a1() + k], t = A.sh[L.a1() + k];
-    acc_t sum_g = 0, sum_gz = 0;
-    for (int64_t p = 0; p < hp; ++p) {
-      const acc_t z = z1[k * lh + p];
-      const acc_t gu = meta::relu6_passes(z * s + t) ? g1[k * lh + p] : acc_t(0);
-      sum_g += gu;
-      sum_gz += gu * z;
-      g1[k * lh + p] = gu * s;
-    }
+    acc_t gs, gt;
+    affine_relu6_backward(z1 + k * lh, A.sc[L.a1() + k], A.sh[L.a1() + k], hp, g1 + k * lh, &gs, &gt);
     if (ps) {
-      ps[L.a1() + k] = sum_gz;
-      pt[L.a1() + k] = sum_g;
+      ps[L.a1() + k] = gs;
+      pt[L.a1() + k] = gt;
     }
   }
   // grad W1[k, c] = sum_q g1[k, q] xh[c, q]
-  for (int64_t k = 0; k < hid; ++k)
-    for (int64_t c = 0; c < Cin; ++c) {
-      acc_t acc = 0;
-      const acc_t* a = g1 + k * lh;
-      const acc_t* b = xh + c * lh;
-      for (int64_t p = 0; p < hp; ++p) acc += a[p] * b[p];
-      gwa[L.w1() + k * Cin + c] = acc;
-    }
+  gemm_nt(g1, lh, xh, lh, hid, Cin, hp, gwa + L.w1(), Cin);
   if (gw) {
     scalar_t* dst = gw + g.b * N * G + item % G;
     for (int64_t n = 0; n < N; ++n) dst[n * G] = static_cast<scalar_t>(gwa[n]);
