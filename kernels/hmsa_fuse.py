@@ -181,26 +181,28 @@ def _hmsa_fwd_kernel(out_ptr, C, OH, OW,
     best = tl.zeros([BLOCK], dtype=ACC)
     arg = tl.zeros([BLOCK], dtype=tl.int64)
     for c in range(0, C):
-        v00 = _pred_r1(b, c, C, y0, x0, mask, P0, A0, h0, w0, ha0, wa0, ph0, pw0, PH1, AH1, hh1, wh1, hah1, wah1,
-                       phh1, pwh1, PH2, hh2, wh2, phh2, pwh2, PL0, AL0, hl0, wl0, hal0, wal0, phl0, pwl0,
-                       PL1, AL1, hl1, wl1, hal1, wal1, phl1, pwl1, PL2, AL2, hl2, wl2, hal2, wal2, phl2, pwl2,
-                       N_HIGH, N_LOW, RS_H0, RS_H1, RS_H2, RS_L0, RS_L1, RS_L2, ACC)
-        v01 = _pred_r1(b, c, C, y0, x1, mask, P0, A0, h0, w0, ha0, wa0, ph0, pw0, PH1, AH1, hh1, wh1, hah1, wah1,
-                       phh1, pwh1, PH2, hh2, wh2, phh2, pwh2, PL0, AL0, hl0, wl0, hal0, wal0, phl0, pwl0,
-                       PL1, AL1, hl1, wl1, hal1, wal1, phl1, pwl1, PL2, AL2, hl2, wl2, hal2, wal2, phl2, pwl2,
-                       N_HIGH, N_LOW, RS_H0, RS_H1, RS_H2, RS_L0, RS_L1, RS_L2, ACC)
-        v10 = _pred_r1(b, c, C, y1, x0, mask, P0, A0, h0, w0, ha0, wa0, ph0, pw0, PH1, AH1, hh1, wh1, hah1, wah1,
-                       phh1, pwh1, PH2, hh2, wh2, phh2, pwh2, PL0, AL0, hl0, wl0, hal0, wal0, phl0, pwl0,
-                       PL1, AL1, hl1, wl1, hal1, wal1, phl1, pwl1, PL2, AL2, hl2, wl2, hal2, wal2, phl2, pwl2,
-                       N_HIGH, N_LOW, RS_H0, RS_H1, RS_H2, RS_L0, RS_L1, RS_L2, ACC)
-        v11 = _pred_r1(b, c, C, y1, x1, mask, P0, A0, h0, w0, ha0, wa0, ph0, pw0, PH1, AH1, hh1, wh1, hah1, wah1,
-                       phh1, pwh1, PH2, hh2, wh2, phh2, pwh2, PL0, AL0, hl0, wl0, hal0, wal0, phl0, pwl0,
-                       PL1, AL1, hl1, wl1, hal1, wal1, phl1, pwl1, PL2, AL2, hl2, wl2, hal2, wal2, phl2, pwl2,
-                       N_HIGH, N_LOW, RS_H0, RS_H1, RS_H2, RS_L0, RS_L1, RS_L2, ACC)
-        v = ly0 * (lx0 * v00 + lx1 * v01) + ly1 * (lx0 * v10 + lx1 * v11)
+        # bilinear resize of the 1.0-grid prediction to the output: its four taps
+        v = tl.zeros([BLOCK], dtype=ACC)
+        for t in tl.static_range(4):
+            if t // 2 == 0:
+                yy = y0
+                wy = ly0
+            else:
+                yy = y1
+                wy = ly1
+            if t % 2 == 0:
+                xx = x0
+                wx = lx0
+            else:
+                xx = x1
+                wx = lx1
+            v += (wy * wx) * _pred_r1(b, c, C, yy, xx, mask, P0, A0, h0, w0, ha0, wa0, ph0, pw0, PH1, AH1, hh1,
+                                      wh1, hah1, wah1, phh1, pwh1, PH2, hh2, wh2, phh2, pwh2, PL0, AL0, hl0, wl0,
+                                      hal0, wal0, phl0, pwl0, PL1, AL1, hl1, wl1, hal1, wal1, phl1, pwl1, PL2, AL2,
+                                      hl2, wl2, hal2, wal2, phl2, pwl2, N_HIGH, N_LOW, RS_H0, RS_H1, RS_H2, RS_L0,
+                                      RS_L1, RS_L2, ACC)
         if LABELS:
             v = v.to(P0.dtype.element_ty).to(ACC)  # compare in the logits dtype
-        if LABELS:
             take = (v > best) | ((v != v) & (best == best)) | (c == 0)
             best = tl.where(take, v, best)
             arg = tl.where(take, c, arg)
