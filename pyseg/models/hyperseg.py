@@ -251,13 +251,12 @@ class HyperSeg(nn.Module):
         for level, block in enumerate(self.decoder):
             # the dynamic ops work on contiguous (NCHW) maps; convert a channels_last skip once here
             s = skips[-level - 1].contiguous()
-            if p is None:
-                p = s
-            else:
+            parts = [image_coordinates(s), s]
+            if p is not None:
                 if p.shape[-2:] != s.shape[-2:]:
                     p = F.interpolate(p, size=s.shape[-2:], mode="bilinear", align_corners=False)
-                p = torch.cat((s, p), 1)
-            p = torch.cat((image_coordinates(p), p), 1)
+                parts.append(p)
+            p = torch.cat(parts, 1)  # (x, y, skip, previous level): one copy
             if level == attn_level:
                 attn = p
             y = block(p, weights[level])
