@@ -66,6 +66,9 @@ def parse_args(argv=None):
     p.add_argument("--no-fuse", action="store_true", help="do not fold the static BatchNorms (model.fuse())")
     p.add_argument("--compare-reference", action="store_true",
                    help="also time backend='reference' with the same weights; print speed-up and max diff")
+    p.add_argument("--scales", default=None,
+                   help="HMSA models (hmsa-*): inference scales, comma separated, containing 1 (default: the "
+                        "model's, e.g. 0.5,1,2)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--tune-malloc", action="store_true",
                    help="glibc only: keep freed large blocks in the process (mallopt M_MMAP_THRESHOLD and "
@@ -197,6 +200,16 @@ def main(argv=None):
 
     cfg = get_config(args.model)
     model = create_model(args.model, backend=args.backend).eval()
+    scales = None
+    if args.scales is not None or callable(getattr(model, "set_scales", None)):
+        if not callable(getattr(model, "set_scales", None)):
+            sys.exit(f"error: --scales needs a multi-scale attention model (hmsa-*), not {args.model!r}")
+        if args.scales is not None:
+            try:
+                model.set_scales(tuple(float(v) for v in args.scales.split(",")))
+            except ValueError as e:
+                sys.exit(f"error: --scales {args.scales!r}: {e}")
+        scales = list(model.scales)
     mult = getattr(model, "input_multiple", 32)
     if args.quick:
         H, W = args.height or mult, args.width or 2 * mult
@@ -287,7 +300,7 @@ def main(argv=None):
         "dtype": args.dtype, "batch": args.batch, "height": H, "width": W,
         "backend": args.backend, "backend_resolved": backend_used,
         "cuda_graph": cuda_graph, "compile": args.compile, "channels_last": channels_last,
-        "malloc_tuned": malloc_tuned,
+        "malloc_tuned": malloc_tuned, "scales": scales,
         "bn": "kept, folded" if fused else "kept, folded in the decoder only (--no-fuse)",
         "params": params, "gmacs_per_image": macs / 1e9, "gflops_per_image": 2 * macs / 1e9,
         "macs_breakdown": breakdown, "mac_method": mac_method,
@@ -301,6 +314,7 @@ def main(argv=None):
     rows = [("model", args.model), ("device", f"{device} ({dev_name})"
                                     + (f", {record['threads']} threads" if record["threads"] else "")),
             ("dtype / batch", f"{args.dtype} / {args.batch}"), ("resolution (HxW)", f"{H}x{W}"),
+            *([("HMSA scales", ", ".join(f"{v:g}" for v in scales))] if scales else []),
             ("backend", f"{args.backend} -> {backend_used}"),
             ("cuda graph / compile / channels_last", f"{cuda_graph} / {args.compile} / {channels_last}"),
             ("BatchNorm", record["bn"]), ("params (trainable)", f"{params:,}"),

@@ -106,6 +106,32 @@ class MultiScaleAttention(nn.Module):
         """Set the inference scales (eval mode); must contain 1.0."""
         self.scales = _check_scales(scales, "scales")
 
+    def set_backend(self, backend: str) -> "MultiScaleAttention":
+        """Backend of the fusion op and, when the wrapped model has ``set_backend``, of its dynamic
+        ops too (e.g. ``"reference"`` for a side-by-side comparison). Returns self."""
+        self.backend = backend
+        if callable(getattr(self.model, "set_backend", None)):
+            self.model.set_backend(backend)
+        return self
+
+    @torch.no_grad()
+    def fuse(self) -> "MultiScaleAttention":
+        """Eval mode, and the wrapped model's BatchNorm folding when it has ``fuse()``. Returns self."""
+        self.eval()
+        if callable(getattr(self.model, "fuse", None)):
+            self.model.fuse()
+        return self
+
+    def to_channels_last(self) -> "MultiScaleAttention":
+        """channels_last for the attention head and the wrapped model (its own ``to_channels_last``
+        when it has one, e.g. HyperSeg's trunk-only conversion). Returns self."""
+        self.attention.to(memory_format=torch.channels_last)
+        if callable(getattr(self.model, "to_channels_last", None)):
+            self.model.to_channels_last()
+        else:
+            self.model.to(memory_format=torch.channels_last)
+        return self
+
     @property
     def active_scales(self):
         return self.train_scales if self.training else self.scales
