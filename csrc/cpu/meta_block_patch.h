@@ -8,16 +8,17 @@
 //
 // Buffers hold one channel per row; rows are padded to a multiple of kNR columns (ItemArgs::lh for
 // haloed maps, ::ln for patch maps) so the GEMM micro-kernel needs no column tail. Padding columns
-// hold stale but finite values; every column of a GEMM is independent, so they never reach the
-// valid columns, and all reductions stop at the valid width.
+// hold stale values (zeros at first); every column of a GEMM is independent, so they never reach
+// the valid columns, and all reductions stop at the valid width.
 
 constexpr int64_t kNR = 16;  // columns of a GEMM micro-tile
 
 // Native vector of T (GCC/Clang vector extension) of PYSEG_VEC_BYTES bytes, which the includer
-// defines (16 for the baseline ISA, 32 under AVX2); loaded and stored unaligned.
+// defines (16 for the baseline ISA, 32 under AVX2); loaded and stored unaligned, and allowed to
+// alias the scalar buffers it is read from and written to.
 template <typename T>
 struct VecN {
-  typedef T type __attribute__((vector_size(PYSEG_VEC_BYTES), aligned(sizeof(T))));
+  typedef T type __attribute__((vector_size(PYSEG_VEC_BYTES), aligned(sizeof(T)), may_alias));
   static constexpr int kLanes = PYSEG_VEC_BYTES / sizeof(T);
 };
 
