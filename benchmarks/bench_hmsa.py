@@ -16,10 +16,10 @@ median time and the peak memory the call adds above its inputs (CPU: the process
 via /proc/self/clear_refs, each variant in its own subprocess; GPU: torch.cuda.max_memory_allocated
 minus memory_allocated before the call). Ratios are fused / reference, measured in the same run.
 
-    python benchmarks/bench_hmsa.py                 # CPU, 1024x2048, 19 classes
+    python benchmarks/bench_hmsa.py                 # CPU, 1024x2048, 19 classes, both layouts
     python benchmarks/bench_hmsa.py --device cuda --json out.json
     python benchmarks/bench_hmsa.py --quick         # small smoke run (CI)
-    python benchmarks/bench_hmsa.py --layout both --threads 2 --json native.json
+    python benchmarks/bench_hmsa.py --layout native --threads 2 --json native.json
 """
 from __future__ import annotations
 
@@ -153,10 +153,10 @@ def main(argv=None):
     ap.add_argument("--classes", type=int, default=19)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--scales", default="all", help="'all' or one of " + ", ".join(SCALE_SETS))
-    ap.add_argument("--layout", default="full", choices=["full", "native", "both", "stride4"],
-                    help="full: inputs already at each scale's resolution (default); native: stride-4 "
-                         "network outputs resized to each scale's resolution inside the fusion (the public "
-                         "pipeline); both; stride4: alias of native")
+    ap.add_argument("--layout", default="both", choices=["full", "native", "both", "stride4"],
+                    help="full: inputs already at each scale's resolution; native: stride-4 network outputs "
+                         "resized to each scale's resolution inside the fusion (the public pipeline); both "
+                         "(default); stride4: alias of native")
     ap.add_argument("--backends", default=None, help="comma list; default: fused backends of the device")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
