@@ -51,7 +51,8 @@ TORCH_LIBRARY(pyseg, m) {
 
   // ---- hmsa_fuse ----------------------------------------------------------------------
   // logits[k]: (B, C, h_k, w_k); attentions[k]: (B, 1, ha_k, wa_k); attentions[0] (the top
-  // scale's) is ignored, pass any tensor (a plain Tensor[] keeps autograd over the list); scales sorted strictly descending and containing 1.0.
+  // scale's) is ignored, pass any tensor (a plain Tensor[] keeps autograd over the list); scales
+  // sorted strictly descending and containing 1.0.
   // scale_sizes: None (scale k's grid is its logits' size) or flat (gh_0, gw_0, gh_1, gw_1, ...):
   // scale k's logits and attention are bilinearly resized to its grid (gh_k, gw_k) (sampled on the
   // fly, never stored); fusion per SPEC section 4 on the grids; the result is resized to out_size.
