@@ -5,6 +5,9 @@
 
 #include <ATen/ATen.h>
 
+#include <array>
+#include <tuple>
+
 #include "common/meta_block.h"
 
 namespace pyseg {
@@ -49,6 +52,29 @@ inline WeightLayout check_meta_block(const at::Tensor& x, const at::Tensor& weig
               "shift must be a contiguous (", L.affine_numel(), ",) tensor (2*hid + Cout), got ", shift.sizes());
   return L;
 }
+
+// Gradient outputs of a meta_block / pointwise_block backward; output_mask = (x, weight, scale,
+// shift). Both affine gradients come out of one reduction, so both are allocated when either is
+// needed; result() returns an empty tensor for every gradient that was not asked for.
+struct BlockGrads {
+  std::array<bool, 4> mask;
+  bool need_x, need_w, need_affine;
+  at::Tensor gx, gw, gs, gt;
+  BlockGrads(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& shift,
+             std::array<bool, 4> output_mask)
+      : mask(output_mask),
+        need_x(output_mask[0]),
+        need_w(output_mask[1]),
+        need_affine(output_mask[2] || output_mask[3]),
+        gx(need_x ? at::empty_like(x) : x.new_empty({0})),
+        gw(need_w ? at::empty_like(weight) : weight.new_empty({0})),
+        gs(need_affine ? at::empty_like(scale) : scale.new_empty({0})),
+        gt(need_affine ? at::empty_like(shift) : shift.new_empty({0})) {}
+  bool any() const { return need_x || need_w || need_affine; }
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> result() const {
+    return {gx, gw, mask[2] ? gs : gs.new_empty({0}), mask[3] ? gt : gt.new_empty({0})};
+  }
+};
 
 inline void check_grad_out(const at::Tensor& x, const at::Tensor& grad_out, int64_t cout) {
   check_like(x, grad_out, "grad_out");

@@ -163,6 +163,25 @@ std::vector<acc_t> to_acc(const at::Tensor& t) {
   return v;
 }
 
+// Affine gradients from per-work-item partials laid out (items, 2, n) = [d scale | d shift],
+// summed in a fixed order in double (deterministic).
+template <typename scalar_t, typename acc_t>
+void sum_affine_partials(const std::vector<acc_t>& partial, int64_t items, int64_t n, at::Tensor& gscale,
+                         at::Tensor& gshift) {
+  std::vector<double> s(n, 0.0), t(n, 0.0);
+  for (int64_t item = 0; item < items; ++item)
+    for (int64_t a = 0; a < n; ++a) {
+      s[a] += static_cast<double>(partial[item * 2 * n + a]);
+      t[a] += static_cast<double>(partial[item * 2 * n + n + a]);
+    }
+  scalar_t* gs = gscale.mutable_data_ptr<scalar_t>();
+  scalar_t* gt = gshift.mutable_data_ptr<scalar_t>();
+  for (int64_t a = 0; a < n; ++a) {
+    gs[a] = static_cast<scalar_t>(s[a]);
+    gt[a] = static_cast<scalar_t>(t[a]);
+  }
+}
+
 template <typename scalar_t>
 void meta_forward_kernel(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
                          const at::Tensor& shift, const WeightLayout L, at::Tensor& y) {
@@ -223,21 +242,7 @@ void meta_backward_kernel(const at::Tensor& grad_out, const at::Tensor& x, const
         });
   });
 
-  if (need_affine) {
-    // fixed-order sum of the per-item partials, in double
-    std::vector<double> s(A_n, 0.0), t(A_n, 0.0);
-    for (int64_t item = 0; item < B * G; ++item)
-      for (int64_t a = 0; a < A_n; ++a) {
-        s[a] += static_cast<double>(partial[item * 2 * A_n + a]);
-        t[a] += static_cast<double>(partial[item * 2 * A_n + A_n + a]);
-      }
-    scalar_t* gs = gscale.mutable_data_ptr<scalar_t>();
-    scalar_t* gt = gshift.mutable_data_ptr<scalar_t>();
-    for (int64_t a = 0; a < A_n; ++a) {
-      gs[a] = static_cast<scalar_t>(s[a]);
-      gt[a] = static_cast<scalar_t>(t[a]);
-    }
-  }
+  if (need_affine) sum_affine_partials<scalar_t>(partial, B * G, A_n, gscale, gshift);
 
   if (need_x) {
     // gather: every x pixel sums the haloed buffers that read it, in a fixed order
@@ -283,21 +288,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> meta_block_backward_c
     const at::Tensor& shift, int64_t hidden, int64_t out_channels, std::array<bool, 4> output_mask) {
   const WeightLayout L = meta::check_meta_block(x, weight, scale, shift, hidden, out_channels);
   meta::check_grad_out(x, grad_out, out_channels);
-  const bool need_x = output_mask[0], need_w = output_mask[1];
-  const bool need_affine = output_mask[2] || output_mask[3];
-  at::Tensor gx = need_x ? at::empty_like(x) : x.new_empty({0});
-  at::Tensor gw = need_w ? at::empty_like(weight) : weight.new_empty({0});
-  at::Tensor gs = need_affine ? at::empty_like(scale) : scale.new_empty({0});
-  at::Tensor gt = need_affine ? at::empty_like(shift) : shift.new_empty({0});
-  if (need_x || need_w || need_affine) {
+  meta::BlockGrads R(x, weight, scale, shift, output_mask);
+  const bool need_x = R.need_x, need_w = R.need_w, need_affine = R.need_affine;
+  at::Tensor &gx = R.gx, &gw = R.gw, &gs = R.gs, &gt = R.gt;
+  if (R.any()) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "meta_block_backward_cpu", [&] {
       meta_backward_kernel<scalar_t>(grad_out, x, weight, scale, shift, L, need_x, need_w, need_affine, gx, gw,
                                      gs, gt);
     });
   }
-  if (!output_mask[2]) gs = scale.new_empty({0});
-  if (!output_mask[3]) gt = shift.new_empty({0});
-  return {gx, gw, gs, gt};
+  return R.result();
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -358,20 +358,7 @@ void pointwise_backward_kernel(const at::Tensor& grad_out, const at::Tensor& x, 
       PYSEG_ISA_CALL(avx2, pointwise_backward_item, A, xp, wp, scp, shp, gyp, item, S, gxp, gwp, ps);
     }
   });
-  if (need_affine) {
-    std::vector<double> s(Cout, 0.0), t(Cout, 0.0);
-    for (int64_t item = 0; item < B * G; ++item)
-      for (int64_t o = 0; o < Cout; ++o) {
-        s[o] += static_cast<double>(partial[item * 2 * Cout + o]);
-        t[o] += static_cast<double>(partial[item * 2 * Cout + Cout + o]);
-      }
-    scalar_t* a = gs.mutable_data_ptr<scalar_t>();
-    scalar_t* b = gt.mutable_data_ptr<scalar_t>();
-    for (int64_t o = 0; o < Cout; ++o) {
-      a[o] = static_cast<scalar_t>(s[o]);
-      b[o] = static_cast<scalar_t>(t[o]);
-    }
-  }
+  if (need_affine) sum_affine_partials<scalar_t>(partial, B * G, Cout, gs, gt);
 }
 
 at::Tensor pointwise_block_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
@@ -389,13 +376,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pointwise_block_backw
     const at::Tensor& shift, std::array<bool, 4> output_mask) {
   const int64_t Cout = meta::check_pointwise_block(x, weight, scale, shift);
   meta::check_grad_out(x, grad_out, Cout);
-  const bool need_x = output_mask[0], need_w = output_mask[1];
-  const bool need_affine = output_mask[2] || output_mask[3];
-  at::Tensor gx = need_x ? at::empty_like(x) : x.new_empty({0});
-  at::Tensor gw = need_w ? at::empty_like(weight) : weight.new_empty({0});
-  at::Tensor gs = need_affine ? at::empty_like(scale) : scale.new_empty({0});
-  at::Tensor gt = need_affine ? at::empty_like(shift) : shift.new_empty({0});
-  if (need_x || need_w || need_affine) {
+  meta::BlockGrads R(x, weight, scale, shift, output_mask);
+  const bool need_x = R.need_x, need_w = R.need_w, need_affine = R.need_affine;
+  at::Tensor &gx = R.gx, &gw = R.gw, &gs = R.gs, &gt = R.gt;
+  if (R.any()) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pointwise_block_backward_cpu",
                                     [&] {
                                       pointwise_backward_kernel<scalar_t>(grad_out, x, weight, scale, shift, Cout,
@@ -403,9 +387,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pointwise_block_backw
                                                                           gs, gt);
                                     });
   }
-  if (!output_mask[2]) gs = scale.new_empty({0});
-  if (!output_mask[3]) gt = shift.new_empty({0});
-  return {gx, gw, gs, gt};
+  return R.result();
 }
 
 }  // namespace

@@ -447,13 +447,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> meta_block_backward_c
   meta::check_grad_out(x, grad_out, out_channels);
   TORCH_CHECK(x.is_cuda(), "meta_block_backward (CUDA): x must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(x.device());
-  const bool need_x = output_mask[0], need_w = output_mask[1];
-  const bool need_affine = output_mask[2] || output_mask[3];
-  at::Tensor gx = need_x ? at::empty_like(x) : x.new_empty({0});
-  at::Tensor gw = need_w ? at::empty_like(weight) : weight.new_empty({0});
-  at::Tensor gs = need_affine ? at::empty_like(scale) : scale.new_empty({0});
-  at::Tensor gt = need_affine ? at::empty_like(shift) : shift.new_empty({0});
-  if (!(need_x || need_w || need_affine)) return {gx, gw, gs, gt};
+  meta::BlockGrads R(x, weight, scale, shift, output_mask);
+  const bool need_x = R.need_x, need_w = R.need_w, need_affine = R.need_affine;
+  at::Tensor &gx = R.gx, &gw = R.gw, &gs = R.gs, &gt = R.gt;
+  if (!R.any()) return R.result();
   const int64_t B = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t gh = weight.size(2), gwid = weight.size(3), G = gh * gwid, A = L.affine_numel();
   const int64_t PH = meta::max_patch_size(H, gh), PW = meta::max_patch_size(W, gwid);
@@ -496,9 +493,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> meta_block_backward_c
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
-  if (!output_mask[2]) gs = scale.new_empty({0});
-  if (!output_mask[3]) gt = shift.new_empty({0});
-  return {gx, gw, gs, gt};
+  return R.result();
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -639,13 +634,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pointwise_block_backw
   meta::check_grad_out(x, grad_out, Cout);
   TORCH_CHECK(x.is_cuda(), "pointwise_block_backward (CUDA): x must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(x.device());
-  const bool need_x = output_mask[0], need_w = output_mask[1];
-  const bool need_affine = output_mask[2] || output_mask[3];
-  at::Tensor gx = need_x ? at::empty_like(x) : x.new_empty({0});
-  at::Tensor gw = need_w ? at::empty_like(weight) : weight.new_empty({0});
-  at::Tensor gs = need_affine ? at::empty_like(scale) : scale.new_empty({0});
-  at::Tensor gt = need_affine ? at::empty_like(shift) : shift.new_empty({0});
-  if (!(need_x || need_w || need_affine)) return {gx, gw, gs, gt};
+  meta::BlockGrads R(x, weight, scale, shift, output_mask);
+  const bool need_x = R.need_x, need_w = R.need_w, need_affine = R.need_affine;
+  at::Tensor &gx = R.gx, &gw = R.gw, &gs = R.gs, &gt = R.gt;
+  if (!R.any()) return R.result();
   const int64_t B = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t gh = weight.size(2), gwid = weight.size(3), G = gh * gwid;
   TORCH_CHECK(B <= 65535, "pointwise_block (CUDA): batch must be <= 65535");
@@ -685,9 +677,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pointwise_block_backw
       }
     }
   });
-  if (!output_mask[2]) gs = scale.new_empty({0});
-  if (!output_mask[3]) gt = shift.new_empty({0});
-  return {gx, gw, gs, gt};
+  return R.result();
 }
 
 }  // namespace
