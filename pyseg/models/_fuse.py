@@ -1,14 +1,116 @@
-"""Inference-time folding of Conv2d -> BatchNorm pairs (found by tracing one forward pass)."""
+"""Inference-time rewrites of the static trunk, each checked against the unfused output.
+
+* :func:`fold_conv_bn`: fold Conv2d -> BatchNorm pairs (found by tracing one forward pass) and,
+  optionally, fuse the activation that follows into the convolution (:class:`ConvAct2d`);
+* :func:`fold_se_gates`: fold the squeeze-excitation gate of timm's EfficientNet/MobileNet blocks
+  into the 1x1 projection that follows it (:class:`SEGatedConv2d`).
+
+Both remove whole passes over the largest activations of the network (and, on the CPU, the page
+faults of allocating them), without changing the function computed beyond rounding.
+"""
 from __future__ import annotations
 
 import copy
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..nn.meta_block import bn_affine
 
-__all__ = ["fold_conv_bn"]
+__all__ = ["fold_conv_bn", "fold_se_gates", "ConvAct2d", "SEGatedConv2d"]
+
+
+# activation module -> (oneDNN post-op name, its scalars)
+_ONEDNN_POSTOPS = {nn.SiLU: ("swish", []), nn.ReLU: ("relu", []), nn.ReLU6: ("hardtanh", [0.0, 6.0]),
+                   nn.Hardswish: ("hardswish", []), nn.Sigmoid: ("sigmoid", []), nn.Tanh: ("tanh", [])}
+
+
+def _onednn_conv():
+    """``torch.ops.mkldnn._convolution_pointwise`` (the convolution + post-op that inductor's CPU
+    fusions call), or None where this torch build has no oneDNN."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return torch.ops.mkldnn._convolution_pointwise.default
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def _onednn_ok(x: torch.Tensor, conv: nn.Conv2d) -> bool:
+    # oneDNN here: float32 CPU inference only (no autograd formula; no float64)
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and conv.weight.dtype == torch.float32
+            and x.dim() == 4 and not (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)))
+
+
+def _plain_conv(m: nn.Module) -> bool:
+    """An nn.Conv2d whose forward is F.conv2d with explicit zero padding (no 'same', no other padding mode)."""
+    return type(m) is nn.Conv2d and m.padding_mode == "zeros" and not isinstance(m.padding, str)
+
+
+class ConvAct2d(nn.Module):
+    """``act(conv(x))`` as one convolution where possible.
+
+    Float32 CPU inference runs oneDNN's convolution with the activation as a post-op (one pass over
+    the output instead of two); anywhere else -- CUDA, other dtypes, autograd -- it runs ``conv`` and
+    then ``act``, so the module stays trainable and device-agnostic. The state dict is the wrapped
+    conv's and act's (``conv.weight``, ``conv.bias``).
+    """
+
+    def __init__(self, conv: nn.Conv2d, act: nn.Module):
+        super().__init__()
+        if not _plain_conv(conv):
+            raise TypeError(f"ConvAct2d needs a plain nn.Conv2d with zero padding, got {conv}")
+        self.conv = conv
+        self.act = act
+        self._postop = _ONEDNN_POSTOPS.get(type(act))
+        self._op = _onednn_conv() if self._postop is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.conv
+        if self._op is not None and _onednn_ok(x, c):
+            attr, scalars = self._postop
+            return self._op(x, c.weight, c.bias, list(c.padding), list(c.stride), list(c.dilation), c.groups,
+                            attr, scalars, None)
+        return self.act(c(x))
+
+
+class SEGatedConv2d(nn.Module):
+    """``conv(se(x))`` for a squeeze-excitation ``se`` (``x * gate(x)``, one gate value per sample and
+    channel) followed by a 1x1 convolution: the gate is folded into the convolution's input channels,
+    per sample, instead of materialising ``x * gate`` (a full-size pass and allocation).
+
+    ``se`` must be timm's ``SqueezeExcite`` (mean -> conv_reduce -> act1 -> conv_expand -> gate).
+    """
+
+    def __init__(self, se: nn.Module, conv: nn.Conv2d):
+        super().__init__()
+        if not (_plain_conv(conv) and conv.kernel_size == (1, 1) and conv.stride == (1, 1)
+                and conv.padding == (0, 0) and conv.groups == 1):
+            raise TypeError(f"SEGatedConv2d needs a 1x1, stride 1, ungrouped, unpadded nn.Conv2d, got {conv}")
+        self.se = se
+        self.conv = conv
+        self._op = _onednn_conv()
+
+    def gate(self, x: torch.Tensor) -> torch.Tensor:
+        se = self.se
+        s = x.mean((2, 3), keepdim=True)
+        return se.gate(se.conv_expand(se.act1(se.conv_reduce(s))))  # (B, C, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.conv
+        g = self.gate(x)
+        if x.shape[0] != 1 and x.device.type != "cpu":
+            return c(x * g)  # one batched conv beats a per-sample loop on a GPU
+        outs = []
+        for b in range(x.shape[0]):
+            w = c.weight * g[b].view(1, -1, 1, 1).to(c.weight.dtype)
+            xb = x[b:b + 1]
+            if self._op is not None and _onednn_ok(xb, c):
+                outs.append(self._op(xb, w, c.bias, [0, 0], [1, 1], [1, 1], 1, "none", [], None))
+            else:
+                outs.append(F.conv2d(xb, w, c.bias))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 def _bn_replacement(bn: nn.Module) -> nn.Module:
@@ -25,13 +127,16 @@ def _set(model: nn.Module, name: str, new: nn.Module):
 
 
 @torch.no_grad()
-def fold_conv_bn(model: nn.Module, example: torch.Tensor, skip=(), rtol: float = 1e-3) -> int:
+def fold_conv_bn(model: nn.Module, example: torch.Tensor, skip=(), rtol: float = 1e-3,
+                 fuse_act: bool = False) -> int:
     """Fold every eval-mode BatchNorm2d whose input is exactly the output of a Conv2d into that conv.
 
     Pairs are found with forward hooks on one run of ``model(example)``; modules inside ``skip`` are
-    left alone. The folded model is checked against the original on ``example``; if the outputs differ
-    (e.g. a conv output was also used elsewhere), the model is restored and RuntimeError is raised.
-    Returns the number of folded pairs.
+    left alone. With ``fuse_act``, a folded BN that carried its activation (timm's ``BatchNormAct2d``
+    with a ReLU/ReLU6/SiLU/Hardswish/Sigmoid/Tanh and no dropout) turns the pair into one
+    :class:`ConvAct2d`. The folded model is checked against the original on ``example``; if the outputs
+    differ (e.g. a conv output was also used elsewhere), the model is restored and RuntimeError is
+    raised. Returns the number of folded pairs.
     """
     model.eval()
     skipped = {id(m) for s in skip for m in s.modules()}
@@ -71,16 +176,74 @@ def fold_conv_bn(model: nn.Module, example: torch.Tensor, skip=(), rtol: float =
             conv.bias = nn.Parameter(b.to(conv.weight.dtype))
         else:
             conv.bias.copy_(b)
-        _set(model, bn_name, _bn_replacement(bn))
+        act = getattr(bn, "act", None)
+        if (fuse_act and type(act) in _ONEDNN_POSTOPS and isinstance(getattr(bn, "drop", None), nn.Identity)
+                and _plain_conv(conv)):
+            _set(model, conv_name, ConvAct2d(conv, act))
+            _set(model, bn_name, nn.Identity())
+        else:
+            _set(model, bn_name, _bn_replacement(bn))
     got = model(example)
-    tol = rtol * max(1.0, float(expected.abs().max()))
-    if not torch.allclose(got, expected, rtol=rtol, atol=tol):
+    err = _mismatch(got, expected, rtol)
+    if err is not None:
         for conv_name, bn_name in pairs:
             _set(model, bn_name, backup[1][bn_name])
             conv = model.get_submodule(conv_name)
+            if isinstance(conv, ConvAct2d):
+                conv = conv.conv
+                _set(model, conv_name, conv)
             if conv_name + ".bias" not in backup[0]:
                 conv.bias = None
         model.load_state_dict(backup[0])
-        raise RuntimeError(f"BatchNorm folding changed the output by {float((got - expected).abs().max()):.3g}; "
-                           "the model was restored unfused")
+        raise RuntimeError(f"BatchNorm folding changed the output by {err:.3g}; the model was restored unfused")
     return len(pairs)
+
+
+def _mismatch(got: torch.Tensor, expected: torch.Tensor, rtol: float):
+    """None when ``got`` matches ``expected`` (relative to its largest magnitude), else the max error."""
+    tol = rtol * max(1.0, float(expected.abs().max()))
+    if torch.allclose(got, expected, rtol=rtol, atol=tol):
+        return None
+    return float((got - expected).abs().max())
+
+
+def _timm_se_blocks(model: nn.Module):
+    """(block, projection attribute) for each timm EfficientNet/MobileNet block whose squeeze-excitation
+    feeds a plain 1x1 projection directly (no anti-aliasing between them)."""
+    try:
+        from timm.models import _efficientnet_blocks as eb
+    except ImportError:  # timm missing or reorganised: nothing to fold
+        return
+    projection = {eb.InvertedResidual: "conv_pwl", eb.DepthwiseSeparableConv: "conv_pw"}
+    for m in model.modules():
+        attr = projection.get(type(m))
+        if (attr is not None and type(getattr(m, "se", None)) is eb.SqueezeExcite
+                and isinstance(getattr(m, "aa", None), nn.Identity)):
+            conv = getattr(m, attr)
+            if _plain_conv(conv) and conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1 \
+                    and conv.padding == (0, 0):
+                yield m, attr
+
+
+@torch.no_grad()
+def fold_se_gates(model: nn.Module, example: torch.Tensor, rtol: float = 1e-3) -> int:
+    """Fold the squeeze-excitation gate of every timm ``InvertedResidual`` / ``DepthwiseSeparableConv``
+    block into the 1x1 projection that follows it (:class:`SEGatedConv2d`; the block's ``se`` becomes
+    an Identity). Checked on ``example`` like :func:`fold_conv_bn` (restored and RuntimeError on a
+    mismatch). Returns the number of blocks changed."""
+    model.eval()
+    blocks = list(_timm_se_blocks(model))
+    if not blocks:
+        return 0
+    expected = model(example)
+    for blk, attr in blocks:
+        setattr(blk, attr, SEGatedConv2d(blk.se, getattr(blk, attr)))
+        blk.se = nn.Identity()
+    err = _mismatch(model(example), expected, rtol)
+    if err is not None:
+        for blk, attr in blocks:
+            gated = getattr(blk, attr)
+            blk.se, gated.se = gated.se, None
+            setattr(blk, attr, gated.conv)
+        raise RuntimeError(f"squeeze-excitation folding changed the output by {err:.3g}; the model was restored")
+    return len(blocks)

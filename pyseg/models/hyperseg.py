@@ -325,19 +325,31 @@ class HyperSeg(nn.Module):
         return out
 
     @torch.no_grad()
-    def fuse(self, example: Optional[Tensor] = None) -> "HyperSeg":
-        """Fold every static BatchNorm that directly follows a convolution (encoder, reducers, context
-        head) into the convolution, in place, for inference; the decoder's BatchNorms are folded by the
-        meta blocks themselves in eval mode. Puts the model in eval mode; verified on ``example`` (or a
-        random input at the smallest legal size). Returns self."""
-        from ._fuse import fold_conv_bn
+    def fuse(self, example: Optional[Tensor] = None, activations: bool = True,
+             squeeze_excitation: bool = True) -> "HyperSeg":
+        """Inference rewrites of the static trunk (encoder, reducers, context head), in place:
+
+        * every BatchNorm that directly follows a convolution is folded into it (the decoder's
+          BatchNorms are folded by the meta blocks themselves in eval mode);
+        * ``activations``: a folded BN that carried its activation (timm's ``BatchNormAct2d``) makes
+          the pair one :class:`~pyseg.models._fuse.ConvAct2d` (on the CPU in float32 one oneDNN
+          convolution with the activation as a post-op; elsewhere conv then activation);
+        * ``squeeze_excitation``: EfficientNet's squeeze-excitation gate is folded into the 1x1
+          projection after it (:class:`~pyseg.models._fuse.SEGatedConv2d`) instead of scaling the
+          largest activations of every block.
+
+        Puts the model in eval mode; each step is verified on ``example`` (or a random input at the
+        smallest legal size) and undone with an error if the output changes. Returns self."""
+        from ._fuse import fold_conv_bn, fold_se_gates
 
         self.eval()
         if example is None:
             m = self.input_multiple
             p = next(self.parameters())
             example = torch.randn(1, self.in_channels, m, 2 * m, device=p.device, dtype=p.dtype)
-        fold_conv_bn(self, example, skip=(self.decoder,))
+        fold_conv_bn(self, example, skip=(self.decoder,), fuse_act=activations)
+        if squeeze_excitation:
+            fold_se_gates(self, example)
         return self
 
 

@@ -116,7 +116,8 @@ class MultiScaleAttention(nn.Module):
 
     @torch.no_grad()
     def fuse(self) -> "MultiScaleAttention":
-        """Eval mode, and the wrapped model's BatchNorm folding when it has ``fuse()``. Returns self."""
+        """Eval mode, and the wrapped model's inference rewrites (BatchNorm folding...) when it has
+        ``fuse()``. Returns self."""
         self.eval()
         if callable(getattr(self.model, "fuse", None)):
             self.model.fuse()

@@ -1,0 +1,172 @@
+"""Inference rewrites of the static trunk (pyseg.models._fuse): conv + activation, squeeze-excitation
+folding, and HyperSeg.fuse() as a whole."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pyseg.models import create_model
+from pyseg.models._fuse import ConvAct2d, SEGatedConv2d, _onednn_conv, fold_se_gates
+
+ACTS = [nn.SiLU(inplace=True), nn.ReLU(), nn.ReLU6(inplace=True), nn.Hardswish(), nn.Sigmoid(), nn.Tanh(),
+        nn.GELU()]  # GELU: no oneDNN post-op mapped -> always conv then act
+
+
+def _count_calls(module):
+    """Wrap module._op (the oneDNN convolution) to count how often it runs."""
+    calls = []
+    op = module._op
+    if op is not None:
+        def counted(*a):
+            calls.append(1)
+            return op(*a)
+        module._op = counted
+    return calls
+
+
+@pytest.mark.parametrize("act", ACTS, ids=lambda a: type(a).__name__)
+@pytest.mark.parametrize("conv_kw", [dict(kernel_size=3, padding=1), dict(kernel_size=3, stride=2, padding=1,
+                                                                          groups=6, bias=False),
+                                     dict(kernel_size=1), dict(kernel_size=2, stride=2, dilation=1)],
+                         ids=["3x3", "dw-s2", "1x1", "2x2-s2"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_conv_act_matches_conv_then_act(act, conv_kw, channels_last):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 12 if conv_kw.get("groups", 1) == 1 else 6, **conv_kw)
+    fused = ConvAct2d(copy.deepcopy(conv), copy.deepcopy(act))
+    x = torch.randn(2, 6, 13, 17)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+        fused = fused.to(memory_format=torch.channels_last)
+    calls = _count_calls(fused)
+    expected = type(act)()(F.conv2d(x.double(), conv.weight.double(),
+                                    None if conv.bias is None else conv.bias.double(), conv.stride, conv.padding,
+                                    conv.dilation, conv.groups))
+    with torch.inference_mode():
+        got = fused(x)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+    mapped = not isinstance(act, nn.GELU) and _onednn_conv() is not None
+    assert len(calls) == (1 if mapped else 0)  # the fused path ran where it exists
+
+
+@pytest.mark.parametrize("act", ACTS[:3], ids=lambda a: type(a).__name__)
+def test_conv_act_autograd(act):
+    """Under autograd it runs conv then act (oneDNN's op has no derivative): float64 gradcheck, and a
+    float32 backward that matches the unfused module's."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+    fused = ConvAct2d(copy.deepcopy(conv), copy.deepcopy(act))
+    calls = _count_calls(fused)
+    x = torch.randn(2, 3, 5, 6, requires_grad=True)
+    fused(x).square().sum().backward()
+    x2 = x.detach().requires_grad_()
+    type(act)()(conv(x2)).square().sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(fused.conv.weight.grad, conv.weight.grad)
+    assert not calls
+    f64 = copy.deepcopy(fused).double()
+    assert torch.autograd.gradcheck(f64, (torch.randn(1, 3, 4, 5, dtype=torch.float64, requires_grad=True),))
+
+
+def test_conv_act_rejects_non_plain_conv():
+    with pytest.raises(TypeError, match="plain nn.Conv2d"):
+        ConvAct2d(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), nn.ReLU())
+
+
+def _se_block(stride=1, cin=8, mid=24, cout=8):
+    from timm.models._efficientnet_blocks import InvertedResidual, SqueezeExcite
+
+    blk = InvertedResidual(cin, cout, dw_kernel_size=3, stride=stride, exp_ratio=mid / cin,
+                           act_layer=nn.SiLU, se_layer=SqueezeExcite).eval()
+    g = torch.Generator().manual_seed(3)
+    for m in blk.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    return blk
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_se_gate_folding_matches_block(batch, channels_last):
+    torch.manual_seed(0)
+    blk = _se_block()
+    x = torch.randn(batch, 8, 11, 14)
+    with torch.no_grad():
+        expected = blk.double()(x.double())
+        blk.float()
+    fused = copy.deepcopy(blk)
+    assert fold_se_gates(fused, x) == 1
+    assert isinstance(fused.se, nn.Identity) and isinstance(fused.conv_pwl, SEGatedConv2d)
+    if channels_last:
+        fused = fused.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        got = fused(x)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+    # differentiable (float64 gradcheck through the per-sample weight scaling)
+    f64 = copy.deepcopy(fused).double()
+    xs = torch.randn(2, 8, 3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(f64, (xs,))
+
+
+def test_se_gate_folding_restores_on_mismatch(monkeypatch):
+    blk = _se_block()
+    x = torch.randn(1, 8, 9, 9)
+    se, proj = blk.se, blk.conv_pwl
+    monkeypatch.setattr(SEGatedConv2d, "forward", lambda self, t: self.conv(t) + 1.0)
+    with pytest.raises(RuntimeError, match="restored"):
+        fold_se_gates(blk, x)
+    assert blk.se is se and blk.conv_pwl is proj
+
+
+def test_se_gate_folding_skips_other_modules():
+    seq = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU())
+    assert fold_se_gates(seq, torch.randn(1, 3, 4, 4)) == 0
+    with pytest.raises(TypeError, match="1x1"):
+        SEGatedConv2d(nn.Identity(), nn.Conv2d(4, 4, 3))
+
+
+def _randomized(name):
+    torch.manual_seed(0)
+    m = create_model(name).eval()
+    g = torch.Generator().manual_seed(1)
+    for mod in m.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.copy_(torch.randn(mod.num_features, generator=g) * 0.1)
+            mod.running_var.copy_(torch.rand(mod.num_features, generator=g) + 0.5)
+    return m
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_hyperseg_fuse_rewrites_trunk_and_keeps_outputs(channels_last):
+    m = _randomized("hyperseg-m")
+    x = torch.randn(2, 3, 64, 128)
+    with torch.no_grad():
+        expected = m(x)
+    plain = copy.deepcopy(m).fuse(activations=False, squeeze_excitation=False)
+    assert not any(isinstance(t, (ConvAct2d, SEGatedConv2d)) for t in plain.modules())
+    fused = copy.deepcopy(m).fuse()
+    n_act = sum(isinstance(t, ConvAct2d) for t in fused.modules())
+    n_se = sum(isinstance(t, SEGatedConv2d) for t in fused.modules())
+    assert n_se == 23  # every MBConv / DS block of EfficientNet-B1
+    assert n_act == 1 + 2 * 1 + 21 * 2 + 1  # stem, 2 DS blocks (depthwise), 21 MBConv (expansion + depthwise), head
+    if channels_last:
+        fused.to_channels_last()
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_hyperseg_fuse_other_backbone():
+    """ReLU6 backbone (MobileNetV2): activation fusion applies, no squeeze-excitation to fold."""
+    m = create_model("hyperseg-m", backbone="mobilenetv2_100", out_feat_scale=0.25).eval()
+    x = torch.randn(1, 3, 64, 128)
+    with torch.no_grad():
+        expected = m(x)
+        m.fuse()
+        assert any(isinstance(t, ConvAct2d) and isinstance(t.act, nn.ReLU6) for t in m.modules())
+        assert not any(isinstance(t, SEGatedConv2d) for t in m.modules())
+        torch.testing.assert_close(m(x), expected, rtol=1e-4, atol=1e-4)
