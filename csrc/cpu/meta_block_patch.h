@@ -47,10 +47,17 @@ inline void gemm_rows(const T* A, int64_t lda, const T* in, int64_t ld, T* out, 
 }
 
 // out (M, P) = A (M, K) @ in (K, P); A row-major with row stride lda, in/out with row stride ld.
+// Row blocks of kMR: an MR x kNR accumulator tile takes MR * kNR / lanes vector registers, 12 of the 16
+// that SSE and AVX2 have (one more for the loaded row, one for the broadcast).
 template <typename T>
 inline void gemm(const T* A, int64_t lda, const T* in, int64_t ld, T* out, int64_t M, int64_t K, int64_t P) {
+  constexpr int kMR = 12 / (kNR / VecN<T>::kLanes);
   int64_t m = 0;
-  for (; m + 4 <= M; m += 4) gemm_rows<4>(A + m * lda, lda, in, ld, out + m * ld, K, P);
+  for (; m + kMR <= M; m += kMR) gemm_rows<kMR>(A + m * lda, lda, in, ld, out + m * ld, K, P);
+  if (M - m >= 4) {
+    gemm_rows<4>(A + m * lda, lda, in, ld, out + m * ld, K, P);
+    m += 4;
+  }
   switch (M - m) {
     case 3: gemm_rows<3>(A + m * lda, lda, in, ld, out + m * ld, K, P); break;
     case 2: gemm_rows<2>(A + m * lda, lda, in, ld, out + m * ld, K, P); break;
