@@ -195,6 +195,35 @@ def test_backward_vs_reference(backend, cfg):
                                        msg=lambda m: f"grad {n} ({dt}): {m}")
 
 
+@pytest.mark.parametrize("backend", backends_for("cpu", "meta_block"))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_patch_major_weight(backend, dtype):
+    """channels_last weights (each patch's vector contiguous; the CPU kernel reads them in place, or
+    converts them blockwise for half types): same outputs and gradients as the default layout, on every
+    backend; the weight gradient comes back in the default layout."""
+    if dtype != torch.float32 and backend in ("triton", "reference"):
+        pytest.skip("float32 covers the layout on the interpreted / reference backends")
+    cfg = (2, 3, 5, 4, 11, 14, 3, 4)
+    B, Cin, hid, Cout, H, W, gh, gw = cfg
+    skip_slow_interpreter(backend, B * gh * gw)
+    x, w, aff = make_inputs(*cfg, dtype=dtype, seed=11)
+    wcl = w.contiguous(memory_format=torch.channels_last)
+    assert not wcl.is_contiguous()
+    gy = torch.randn(B, Cout, H, W, dtype=dtype)
+    y0, g0 = _all_grads(backend, x, w, aff, hid, Cout, gy)
+    y1, g1 = _all_grads(backend, x, wcl, aff, hid, Cout, gy)
+    torch.testing.assert_close(y1, y0, rtol=0, atol=0)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@needs_cpu
+def test_opcheck_patch_major_weight():
+    x, w, scale, shift = _op_args()
+    wcl = w.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    torch.library.opcheck(torch.ops.pyseg.meta_block.default, (x, wcl, scale, shift, 5, 2))
+
+
 @needs_cpu
 def test_backward_deterministic():
     cfg = (2, 3, 5, 2, 13, 19, 4, 5)

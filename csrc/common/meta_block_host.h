@@ -25,16 +25,25 @@ inline void check_like(const at::Tensor& ref, const at::Tensor& t, const char* n
               " but x has dtype ", ref.scalar_type());
 }
 
-// Checks x/weight/scale/shift of meta_block and returns the weight layout.
+// True when weight (B, N, gh, gw) holds each patch's N weights contiguously (channels_last memory
+// format; what a 1x1 conv on a channels_last phi emits) rather than the default plane per weight.
+inline bool patch_major(const at::Tensor& weight) {
+  return weight.dim() == 4 && !weight.is_contiguous() && weight.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+// Checks x/weight/scale/shift of meta_block and returns the weight layout. allow_patch_major: the
+// kernel also reads a patch_major() weight.
 inline WeightLayout check_meta_block(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
-                                     const at::Tensor& shift, int64_t hidden, int64_t out_channels) {
+                                     const at::Tensor& shift, int64_t hidden, int64_t out_channels,
+                                     bool allow_patch_major = false) {
   check_float(x, "x");
   check_like(x, weight, "weight");
   check_like(x, scale, "scale");
   check_like(x, shift, "shift");
   TORCH_CHECK(x.dim() == 4, "x must be (B, Cin, H, W), got shape ", x.sizes());
   TORCH_CHECK(weight.dim() == 4, "weight must be (B, N, gh, gw), got shape ", weight.sizes());
-  TORCH_CHECK(x.is_contiguous() && weight.is_contiguous(), "x and weight must be contiguous");
+  TORCH_CHECK(x.is_contiguous() && (weight.is_contiguous() || (allow_patch_major && patch_major(weight))),
+              "x and weight must be contiguous", allow_patch_major ? " (weight: or channels_last)" : "");
   TORCH_CHECK(hidden > 0 && out_channels > 0, "hidden and out_channels must be positive, got ", hidden, ", ",
               out_channels);
   const int64_t B = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3);

@@ -195,14 +195,33 @@ void meta_forward_kernel(const at::Tensor& x, const at::Tensor& weight, const at
   const scalar_t* wp = weight.const_data_ptr<scalar_t>();
   scalar_t* yp = y.mutable_data_ptr<scalar_t>();
   const bool avx2 = use_avx2();
-  at::parallel_for(0, B * gh * gw, 1, [&](int64_t begin, int64_t end) {
+  const int64_t N = L.numel(), G = gh * gw;
+  // patch-major weights (channels_last): item i's vector is wp[i*N, (i+1)*N), read in place when no
+  // conversion to acc_t is needed; otherwise the blocked gather transposes (and converts) them
+  const bool in_place = meta::patch_major(weight) && std::is_same_v<scalar_t, acc_t>;
+  at::parallel_for(0, B * G, 1, [&](int64_t begin, int64_t end) {
     ItemScratch<acc_t> S(L, A.PH, A.PW, kNR, false);
-    for_each_item_blocked(
-        begin, end, gh * gw, L.numel(), S.w.data(),
-        [&](int64_t b, int64_t p0, int64_t cnt, acc_t* w) {
-          PYSEG_ISA_CALL(avx2, gather_weights, wp, L.numel(), gh * gw, b, p0, cnt, w);
-        },
-        [&](int64_t item, const acc_t* w) { PYSEG_ISA_CALL(avx2, meta_forward_item, A, xp, w, item, S, yp); });
+    auto item_fn = [&](int64_t item, const acc_t* w) {
+      PYSEG_ISA_CALL(avx2, meta_forward_item, A, xp, w, item, S, yp);
+    };
+    if (in_place) {
+      for (int64_t item = begin; item < end; ++item) item_fn(item, reinterpret_cast<const acc_t*>(wp) + item * N);
+    } else if (meta::patch_major(weight)) {
+      for_each_item_blocked(
+          begin, end, G, N, S.w.data(),
+          [&](int64_t b, int64_t p0, int64_t cnt, acc_t* w) {
+            const scalar_t* src = wp + (b * G + p0) * N;
+            for (int64_t i = 0; i < cnt * N; ++i) w[i] = static_cast<acc_t>(src[i]);
+          },
+          item_fn);
+    } else {
+      for_each_item_blocked(
+          begin, end, G, N, S.w.data(),
+          [&](int64_t b, int64_t p0, int64_t cnt, acc_t* w) {
+            PYSEG_ISA_CALL(avx2, gather_weights, wp, N, G, b, p0, cnt, w);
+          },
+          item_fn);
+    }
   });
 }
 
@@ -275,7 +294,7 @@ void meta_backward_kernel(const at::Tensor& grad_out, const at::Tensor& x, const
 
 at::Tensor meta_block_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
                           const at::Tensor& shift, int64_t hidden, int64_t out_channels) {
-  const WeightLayout L = meta::check_meta_block(x, weight, scale, shift, hidden, out_channels);
+  const WeightLayout L = meta::check_meta_block(x, weight, scale, shift, hidden, out_channels, true);
   at::Tensor y = at::empty({x.size(0), out_channels, x.size(2), x.size(3)}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "meta_block_cpu", [&] {
     meta_forward_kernel<scalar_t>(x, weight, scale, shift, L, y);
@@ -287,6 +306,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> meta_block_backward_c
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
     const at::Tensor& shift, int64_t hidden, int64_t out_channels, std::array<bool, 4> output_mask) {
   const WeightLayout L = meta::check_meta_block(x, weight, scale, shift, hidden, out_channels);
+  // (the backward reads the default layout only; the Python front end passes weight.contiguous())
   meta::check_grad_out(x, grad_out, out_channels);
   meta::BlockGrads R(x, weight, scale, shift, output_mask);
   const bool need_x = R.need_x, need_w = R.need_w, need_affine = R.need_affine;

@@ -201,6 +201,10 @@ class HyperSeg(nn.Module):
         self.weight_mapper = WeightMapper(self.context_head.out_channels, [b.weight_numel for b in blocks],
                                           weight_groups, unit=signal_unit, slicing=layout, unify_from=unify_from,
                                           round_counts=round_weight_counts)
+        # generators that feed fused meta blocks only (a unified generator's split would not be
+        # patch-contiguous per level)
+        self._patch_major_generators = [len(span) == 1 and isinstance(blocks[span[0]], MetaBlock)
+                                        and blocks[span[0]].kernel_size == 3 for span in self.weight_mapper.spans]
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -241,8 +245,10 @@ class HyperSeg(nn.Module):
         feats, signal = self.encoder(x)
         phi = self.context_head(signal)
         # phi is tiny; NCHW here makes the weight mapper emit the (B, N, gh, gw) layout the dynamic
-        # ops read, even when the trunk runs channels_last
-        return feats, self.weight_mapper(phi.contiguous()), phi
+        # ops read, even when the trunk runs channels_last -- except for the meta block levels on the
+        # CPU, whose kernel reads each patch's weight vector in place from a channels_last tensor
+        patch_major = self._patch_major_generators if phi.device.type == "cpu" else ()
+        return feats, self.weight_mapper(phi.contiguous(), patch_major), phi
 
     def _decode(self, x: Tensor, feats: List[Tensor], weights: List[Tensor], attn_level: int = -1):
         skips = [x] + list(feats)

@@ -168,10 +168,22 @@ class WeightMapper(nn.Module):
         self.generators = nn.ModuleList(
             WeightGenerator(width, n, g, offset) for (offset, width), n, g in zip(self.slices, numels, groups))
 
-    def forward(self, phi: Tensor) -> List[Tensor]:
+    def forward(self, phi: Tensor, patch_major: Sequence[bool] = ()) -> List[Tensor]:
+        """phi (B, C, h, w) -> one (B, weight_numel_l, h, w) tensor per level.
+
+        ``patch_major[i]`` (per generator, default False): emit generator i's weights in the
+        channels_last memory format, i.e. each patch's weight vector contiguous -- what the CPU meta
+        block kernel reads in place; the default layout (one plane per weight) suits the other
+        kernels. Values are the same either way."""
         out: List[Tensor] = []
-        for span, gen in zip(self.spans, self.generators):
-            w = gen(phi)
+        phi_cl = None
+        for i, (span, gen) in enumerate(zip(self.spans, self.generators)):
+            if i < len(patch_major) and patch_major[i]:
+                if phi_cl is None:
+                    phi_cl = phi.contiguous(memory_format=torch.channels_last)
+                w = gen(phi_cl)
+            else:
+                w = gen(phi)
             if len(span) == 1:
                 out.append(w)
             else:

@@ -102,6 +102,13 @@ def normalize_meta_args(x, weight, hidden_channels=None, out_channels=None):
 # --------------------------------------------------------------------------------------------
 # fake kernels and autograd, shared by the compiled ops and the Triton ops
 # --------------------------------------------------------------------------------------------
+def _patch_major(weight: Tensor) -> bool:
+    """channels_last (B, N, gh, gw) weights: each patch's N weights contiguous (see HyperSeg's weight
+    mapper), which the CPU meta block reads without a transposing gather."""
+    return (weight.dim() == 4 and not weight.is_contiguous()
+            and weight.is_contiguous(memory_format=torch.channels_last))
+
+
 def _fake_meta_forward(x, weight, scale, shift, hidden, out_channels):
     B, _, H, W = x.shape
     return x.new_empty(B, out_channels, H, W)
@@ -109,7 +116,7 @@ def _fake_meta_forward(x, weight, scale, shift, hidden, out_channels):
 
 def _fake_meta_backward(grad_out, x, weight, scale, shift, hidden, out_channels, output_mask):
     return (torch.empty_like(x) if output_mask[0] else x.new_empty(0),
-            torch.empty_like(weight) if output_mask[1] else weight.new_empty(0),
+            weight.new_empty(weight.shape) if output_mask[1] else weight.new_empty(0),  # contiguous
             torch.empty_like(scale) if output_mask[2] else scale.new_empty(0),
             torch.empty_like(shift) if output_mask[3] else shift.new_empty(0))
 
@@ -136,7 +143,8 @@ def _register_meta(forward_name: str, backward_op):
         mask = [bool(m) for m in ctx.needs_input_grad[:4]]
         if not any(mask):
             return None, None, None, None, None, None
-        grads = backward_op(grad.contiguous(), x, weight, scale, shift, *ctx.conf, mask)
+        # the backward kernels read the default weight layout (the CPU forward also takes channels_last)
+        grads = backward_op(grad.contiguous(), x, weight.contiguous(), scale, shift, *ctx.conf, mask)
         return tuple(g if m else None for g, m in zip(grads, mask)) + (None, None)
 
     torch.library.register_autograd(forward_name, backward, setup_context=setup_context)
@@ -241,6 +249,8 @@ def meta_block(x: Tensor, weight: Union[Tensor, Sequence[Tensor]], hidden_channe
     B, gh, gw = x.shape[0], w1.shape[-2], w1.shape[-1]
     if isinstance(weight, (tuple, list)):
         flat = torch.cat([w1.reshape(B, -1, gh, gw), w2.reshape(B, -1, gh, gw), w3.reshape(B, -1, gh, gw)], 1)
+    elif be == "cpu" and _patch_major(weight):
+        flat = weight  # the CPU kernel reads each patch's weights in place (no gather)
     else:
         flat = weight.contiguous()
     scale, shift = _affine_vector((a1, a2, a3), (hid, hid, Cout), x)
