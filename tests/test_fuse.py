@@ -75,17 +75,22 @@ def test_conv_act_rejects_non_plain_conv():
         ConvAct2d(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), nn.ReLU())
 
 
-def _se_block(stride=1, cin=8, mid=24, cout=8):
-    from timm.models._efficientnet_blocks import InvertedResidual, SqueezeExcite
-
-    blk = InvertedResidual(cin, cout, dw_kernel_size=3, stride=stride, exp_ratio=mid / cin,
-                           act_layer=nn.SiLU, se_layer=SqueezeExcite).eval()
-    g = torch.Generator().manual_seed(3)
-    for m in blk.modules():
+@torch.no_grad()
+def _randomize_bn(model, seed):
+    """Non-trivial running statistics, so that folding is checked against real BatchNorms."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
             m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-    return blk
+    return model
+
+
+def _se_block(stride=1, cin=8, mid=24, cout=8):
+    from timm.models._efficientnet_blocks import InvertedResidual, SqueezeExcite
+
+    return _randomize_bn(InvertedResidual(cin, cout, dw_kernel_size=3, stride=stride, exp_ratio=mid / cin,
+                                          act_layer=nn.SiLU, se_layer=SqueezeExcite).eval(), 3)
 
 
 @pytest.mark.parametrize("batch", [1, 3])
@@ -131,13 +136,7 @@ def test_se_gate_folding_skips_other_modules():
 
 def _randomized(name):
     torch.manual_seed(0)
-    m = create_model(name).eval()
-    g = torch.Generator().manual_seed(1)
-    for mod in m.modules():
-        if isinstance(mod, nn.BatchNorm2d):
-            mod.running_mean.copy_(torch.randn(mod.num_features, generator=g) * 0.1)
-            mod.running_var.copy_(torch.rand(mod.num_features, generator=g) + 0.5)
-    return m
+    return _randomize_bn(create_model(name).eval(), 1)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
