@@ -140,6 +140,27 @@ def test_cpu_low_precision(dtype):
     assert torch.equal(lab, got.argmax(1))
 
 
+@pytest.mark.skipif(not HAS_CPU_KERNEL, reason="pyseg._C CPU kernel not built")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("size,out_size", [((37, 53), (74, 106)), ((50, 41), (129, 17)), ((3, 2), (1, 70))],
+                         ids=["2x", "mixed", "tiny"])
+def test_cpu_single_scale_is_a_resize(dtype, size, out_size):
+    """One scale on its stored grid runs the separable resize kernel (HyperSeg's final upsampling on
+    the CPU): many bands of output rows per plane, several threads, every dtype."""
+    gen = torch.Generator().manual_seed(sum(size) + sum(out_size))
+    p = torch.randn(2, 5, *size, generator=gen, dtype=torch.float64).to(dtype)
+    got = hmsa_fuse([p], [None], [1.0], out_size, backend="cpu")
+    assert got.dtype == dtype and got.shape == (2, 5) + tuple(out_size)
+    want = resize(p, out_size)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+    # scale_sizes equal to the storage take the same path
+    same = hmsa_fuse([p], [None], [1.0], out_size, backend="cpu", scale_sizes=[size])
+    torch.testing.assert_close(same, got, rtol=0, atol=0)
+    lab = hmsa_fuse([p], [None], [1.0], out_size, output="labels", backend="cpu")
+    assert torch.equal(lab, got.argmax(1))
+
+
 # ------------------------------------------------------------------------------------------
 # scale_sizes: each scale's prediction formed on its own grid (the public method's input sizes)
 # ------------------------------------------------------------------------------------------

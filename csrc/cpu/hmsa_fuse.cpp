@@ -3,6 +3,8 @@
 // sampling every scale's attention on the fly (with scale_sizes, lowered to taps of the stored
 // logits, hmsa_lower_stencil), then the classes are evaluated with a gather-dot;
 // with labels=true only the running argmax is kept, so no (B, C, out_h, out_w) logits exist.
+// A single scale on its stored grid is a plain bilinear resize: that case runs separably
+// (hmsa_resize_cpu), which is what HyperSeg's final upsampling uses on the CPU.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/OpMathType.h>
@@ -14,6 +16,7 @@
 #include <vector>
 
 #include "common/hmsa_host.h"
+#include "cpu/output_alloc.h"
 
 namespace pyseg {
 namespace {
@@ -22,6 +25,105 @@ template <typename acc_t>
 inline bool better(acc_t v, acc_t best) {
   // torch.argmax: NaN is the maximum; ties keep the first index
   return v > best || (std::isnan(static_cast<double>(v)) && !std::isnan(static_cast<double>(best)));
+}
+
+// Bilinear taps of every output coordinate of one axis (common/bilinear.h linear_tap).
+template <typename acc_t>
+struct AxisTaps {
+  std::vector<int64_t> i0, i1;
+  std::vector<acc_t> l0, l1;
+  AxisTaps(int64_t in_size, int64_t out_size) : i0(out_size), i1(out_size), l0(out_size), l1(out_size) {
+    for (int64_t j = 0; j < out_size; ++j) {
+      const LinearTap<acc_t> t = linear_tap<acc_t>(j, in_size, out_size);
+      i0[j] = t.i0;
+      i1[j] = t.i1;
+      l0[j] = t.l0;
+      l1[j] = t.l1;
+    }
+  }
+};
+
+// Output rows [y0, y1) of one (h, w) plane resized to (ty.size, tx.size), separably: each source
+// row is interpolated along x once into one of two cached rows (consecutive output rows share
+// source rows), then emit(y, row_a, row_b, l0, l1) blends the two along y:
+// l0 * (l0x * a + l1x * b) + l1 * (...), the order of bilinear_sample.
+template <typename scalar_t, typename acc_t, typename Emit>
+void resize_rows(const scalar_t* plane, int64_t w, const AxisTaps<acc_t>& ty, const AxisTaps<acc_t>& tx,
+                 int64_t y0, int64_t y1, acc_t* cache, const Emit& emit) {
+  const int64_t ow = static_cast<int64_t>(tx.i0.size());
+  acc_t* rows[2] = {cache, cache + ow};
+  int64_t held[2] = {-1, -1};
+  auto row = [&](int64_t r, int64_t keep) -> const acc_t* {
+    for (int s = 0; s < 2; ++s)
+      if (held[s] == r) return rows[s];
+    const int s = held[0] == keep ? 1 : 0;  // never evict the other row of this output row
+    const scalar_t* src = plane + r * w;
+    acc_t* dst = rows[s];
+    for (int64_t x = 0; x < ow; ++x)
+      dst[x] = tx.l0[x] * static_cast<acc_t>(src[tx.i0[x]]) + tx.l1[x] * static_cast<acc_t>(src[tx.i1[x]]);
+    held[s] = r;
+    return dst;
+  };
+  for (int64_t y = y0; y < y1; ++y) {
+    const acc_t* a = row(ty.i0[y], -1);
+    const acc_t* b = ty.i1[y] == ty.i0[y] ? a : row(ty.i1[y], ty.i0[y]);
+    emit(y, a, b, ty.l0[y], ty.l1[y]);
+  }
+}
+
+// One scale on its stored grid: out = bilinear resize of p (B, C, h, w) to (OH, OW), or its
+// argmax over classes (labels), in parallel over bands of output rows.
+at::Tensor hmsa_resize_cpu(const at::Tensor& p, int64_t OH, int64_t OW, bool labels) {
+  const int64_t B = p.size(0), C = p.size(1), h = p.size(2), w = p.size(3);
+  at::Tensor out = labels ? empty_output({B, OH, OW}, p.options().dtype(at::kLong))
+                          : empty_output({B, C, OH, OW}, p.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "hmsa_resize_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const AxisTaps<acc_t> ty(h, OH), tx(w, OW);
+    const scalar_t* in = p.const_data_ptr<scalar_t>();
+    // bands of output rows: a band re-interpolates at most one source row it shares with the previous
+    const int64_t band = labels ? 8 : 32, bands = (OH + band - 1) / band;
+    if (!labels) {
+      scalar_t* o = out.data_ptr<scalar_t>();
+      at::parallel_for(0, B * C * bands, 1, [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> cache(2 * OW);
+        for (int64_t u = begin; u < end; ++u) {
+          const int64_t plane = u / bands, y0 = (u % bands) * band, y1 = std::min(OH, y0 + band);
+          scalar_t* op = o + plane * OH * OW;
+          resize_rows<scalar_t, acc_t>(in + plane * h * w, w, ty, tx, y0, y1, cache.data(),
+                                       [&](int64_t y, const acc_t* a, const acc_t* b, acc_t l0, acc_t l1) {
+                                         scalar_t* dst = op + y * OW;
+                                         for (int64_t x = 0; x < OW; ++x)
+                                           dst[x] = static_cast<scalar_t>(l0 * a[x] + l1 * b[x]);
+                                       });
+        }
+      });
+      return;
+    }
+    int64_t* o = out.data_ptr<int64_t>();
+    at::parallel_for(0, B * bands, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> cache(2 * OW), best(band * OW);
+      for (int64_t u = begin; u < end; ++u) {
+        const int64_t b = u / bands, y0 = (u % bands) * band, y1 = std::min(OH, y0 + band);
+        int64_t* ob = o + b * OH * OW;
+        for (int64_t c = 0; c < C; ++c)
+          resize_rows<scalar_t, acc_t>(in + (b * C + c) * h * w, w, ty, tx, y0, y1, cache.data(),
+                                       [&](int64_t y, const acc_t* ra, const acc_t* rb, acc_t l0, acc_t l1) {
+                                         acc_t* bv = best.data() + (y - y0) * OW;
+                                         int64_t* arg = ob + y * OW;
+                                         for (int64_t x = 0; x < OW; ++x) {
+                                           // compare in the output dtype, as argmax of the logits would
+                                           const acc_t v = static_cast<acc_t>(static_cast<scalar_t>(l0 * ra[x] + l1 * rb[x]));
+                                           if (c == 0 || better(v, bv[x])) {
+                                             bv[x] = v;
+                                             arg[x] = c;
+                                           }
+                                         }
+                                       });
+      }
+    });
+  });
+  return out;
 }
 
 at::Tensor hmsa_fuse_cpu(at::TensorList logits, at::TensorList attentions,
@@ -36,8 +138,10 @@ at::Tensor hmsa_fuse_cpu(at::TensorList logits, at::TensorList attentions,
   hmsa_check(lg, att, sc, out_size, scale_sizes, &one, &p, &a);
   for (const at::Tensor& t : p) TORCH_CHECK(t.device().is_cpu(), "hmsa_fuse (CPU): tensors must be on the CPU");
   const int64_t B = p[0].size(0), C = p[0].size(1), OH = out_size[0], OW = out_size[1];
-  at::Tensor out = labels ? at::empty({B, OH, OW}, p[0].options().dtype(at::kLong))
-                          : at::empty({B, C, OH, OW}, p[0].options());
+  if (p.size() == 1 && (scale_sizes.empty() || (scale_sizes[0] == p[0].size(2) && scale_sizes[1] == p[0].size(3))))
+    return hmsa_resize_cpu(p[0], OH, OW, labels);
+  at::Tensor out = labels ? empty_output({B, OH, OW}, p[0].options().dtype(at::kLong))
+                          : empty_output({B, C, OH, OW}, p[0].options());
   const int64_t max_terms = hmsa_max_terms(static_cast<int>(p.size()), one);
   // grid terms of resampled scales expand into up to 4 storage taps each (hmsa_storage_taps)
   bool any_resampled = false;

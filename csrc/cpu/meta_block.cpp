@@ -28,6 +28,7 @@
 #include "common/meta_block.h"
 #include "common/meta_block_host.h"
 #include "cpu/cpu_isa.h"
+#include "cpu/output_alloc.h"
 
 namespace pyseg {
 namespace {
@@ -295,7 +296,7 @@ void meta_backward_kernel(const at::Tensor& grad_out, const at::Tensor& x, const
 at::Tensor meta_block_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
                           const at::Tensor& shift, int64_t hidden, int64_t out_channels) {
   const WeightLayout L = meta::check_meta_block(x, weight, scale, shift, hidden, out_channels, true);
-  at::Tensor y = at::empty({x.size(0), out_channels, x.size(2), x.size(3)}, x.options());
+  at::Tensor y = empty_output({x.size(0), out_channels, x.size(2), x.size(3)}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "meta_block_cpu", [&] {
     meta_forward_kernel<scalar_t>(x, weight, scale, shift, L, y);
   });
@@ -384,7 +385,7 @@ void pointwise_backward_kernel(const at::Tensor& grad_out, const at::Tensor& x, 
 at::Tensor pointwise_block_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
                                const at::Tensor& shift) {
   const int64_t Cout = meta::check_pointwise_block(x, weight, scale, shift);
-  at::Tensor y = at::empty({x.size(0), Cout, x.size(2), x.size(3)}, x.options());
+  at::Tensor y = empty_output({x.size(0), Cout, x.size(2), x.size(3)}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pointwise_block_cpu", [&] {
     pointwise_forward_kernel<scalar_t>(x, weight, scale, shift, Cout, y);
   });

@@ -29,6 +29,7 @@
 
 #include "common/patch_index.h"
 #include "common/patchwise_conv2d.h"
+#include "cpu/output_alloc.h"
 
 namespace pyseg {
 namespace {
@@ -171,7 +172,7 @@ at::Tensor patchwise_conv2d_cpu(const at::Tensor& x_, const at::Tensor& weight_,
   const at::Tensor weight = weight_.contiguous();
   at::Tensor bias;
   if (bias_.has_value() && bias_->defined()) bias = bias_->contiguous();
-  at::Tensor y = at::empty({s.B, s.Cout, s.Hout, s.Wout}, x.options());
+  at::Tensor y = empty_output({s.B, s.Cout, s.Hout, s.Wout}, x.options());
   if (s.B == 0) return y;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "patchwise_conv2d_cpu", [&] {
     forward_kernel<scalar_t>(s, x.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
