@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pyseg.models import create_model
-from pyseg.models._fuse import ConvAct2d, SEGatedConv2d, _onednn_conv, fold_se_gates
+from pyseg.models._fuse import ConvAct2d, PwDwConv2d, SEGatedConv2d, _onednn_conv, fold_se_gates
 
 ACTS = [nn.SiLU(inplace=True), nn.ReLU(), nn.ReLU6(inplace=True), nn.Hardswish(), nn.Sigmoid(), nn.Tanh(),
         nn.GELU()]  # GELU: no oneDNN post-op mapped -> always conv then act
@@ -76,6 +76,68 @@ def test_conv_act_rejects_non_plain_conv():
 
 
 @torch.no_grad()
+def _pw_dw(cin, hid, dw_kw, act=nn.SiLU):
+    torch.manual_seed(cin + hid)
+    pw = ConvAct2d(nn.Conv2d(cin, hid, 1), act())
+    dw = ConvAct2d(nn.Conv2d(hid, hid, groups=hid, **dw_kw), act())
+    for c in (pw.conv, dw.conv):
+        nn.init.normal_(c.bias)
+    return PwDwConv2d(pw, dw).eval()
+
+
+DW_CASES = [dict(kernel_size=3, padding=1), dict(kernel_size=3, stride=2, padding=1),
+            dict(kernel_size=5, stride=2, padding=2), dict(kernel_size=3, padding=2, dilation=2),
+            dict(kernel_size=3, stride=2, padding=0), dict(kernel_size=3, padding=3)]
+
+
+@pytest.mark.skipif(_onednn_conv() is None, reason="no oneDNN in this torch build")
+@pytest.mark.parametrize("dw_kw", DW_CASES, ids=["3x3", "3x3-s2", "5x5-s2", "3x3-d2", "3x3-s2-p0", "3x3-p3"])
+@pytest.mark.parametrize("size", [(13, 17), (16, 9), (3, 5)])
+@pytest.mark.parametrize("band_bytes", [1, 3000, 1 << 30], ids=["1row", "some-rows", "one-band"])
+def test_pw_dw_bands_match_sequential(dw_kw, size, band_bytes):
+    """Banded expansion + depthwise equals the two convolutions run one after the other: every band
+    height (1 output row, several, one band), stride 1 and 2, odd sizes, padding only at the image's
+    top/bottom (none; more than the kernel, so that some bands read padding only), batch 2."""
+    m = _pw_dw(5, 12, dw_kw)
+    m.min_bytes, m.band_bytes = 0, band_bytes
+    x = torch.randn(2, 5, *size).contiguous(memory_format=torch.channels_last)
+    calls = _count_calls(m.pw)
+    with torch.inference_mode():
+        expected = m.dw(m.pw(x))
+        n_seq = len(calls)
+        got = m(x)
+    assert len(calls) > n_seq  # the banded path ran
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    ref = F.silu(F.conv2d(F.silu(F.conv2d(x.double(), m.pw.conv.weight.double(), m.pw.conv.bias.double())),
+                          m.dw.conv.weight.double(), m.dw.conv.bias.double(), groups=12, **{
+                              k: v for k, v in dw_kw.items() if k != "kernel_size"}))
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(_onednn_conv() is None, reason="no oneDNN in this torch build")
+def test_pw_dw_runs_sequentially_elsewhere():
+    """Small maps, NCHW inputs and autograd run the two convolutions as they are (and stay trainable)."""
+    m = _pw_dw(4, 8, dict(kernel_size=3, stride=2, padding=1))
+    x = torch.randn(1, 4, 11, 10)
+    calls = _count_calls(m.pw)
+    with torch.inference_mode():
+        m(x.contiguous(memory_format=torch.channels_last))  # below min_bytes: one call of each conv
+        assert len(calls) == 1
+        m.min_bytes = 0
+        m(x)  # NCHW: no bands
+        assert len(calls) == 2
+    m.min_bytes, m.band_bytes = 0, 1
+    xr = x.double().requires_grad_()
+    m.double()
+    y = m(xr)
+    y.sum().backward()
+    assert xr.grad is not None and m.pw.conv.weight.grad is not None
+    assert torch.autograd.gradcheck(lambda t: m(t), (xr[:, :, :5, :6].detach().requires_grad_(),))
+    with pytest.raises(TypeError, match="PwDwConv2d"):
+        PwDwConv2d(m.dw, m.pw)
+
+
 def _randomize_bn(model, seed):
     """Non-trivial running statistics, so that folding is checked against real BatchNorms."""
     g = torch.Generator().manual_seed(seed)
@@ -152,6 +214,8 @@ def test_hyperseg_fuse_rewrites_trunk_and_keeps_outputs(channels_last):
     n_se = sum(isinstance(t, SEGatedConv2d) for t in fused.modules())
     assert n_se == 23  # every MBConv / DS block of EfficientNet-B1
     assert n_act == 1 + 2 * 1 + 21 * 2 + 1  # stem, 2 DS blocks (depthwise), 21 MBConv (expansion + depthwise), head
+    assert sum(isinstance(t, PwDwConv2d) for t in fused.modules()) == 21  # every MBConv's expansion + depthwise
+    assert not any(isinstance(t, PwDwConv2d) for t in copy.deepcopy(m).fuse(bands=False).modules())
     if channels_last:
         fused.to_channels_last()
         x = x.contiguous(memory_format=torch.channels_last)

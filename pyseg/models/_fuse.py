@@ -3,7 +3,9 @@
 * :func:`fold_conv_bn`: fold Conv2d -> BatchNorm pairs (found by tracing one forward pass) and,
   optionally, fuse the activation that follows into the convolution (:class:`ConvAct2d`);
 * :func:`fold_se_gates`: fold the squeeze-excitation gate of timm's EfficientNet/MobileNet blocks
-  into the 1x1 projection that follows it (:class:`SEGatedConv2d`).
+  into the 1x1 projection that follows it (:class:`SEGatedConv2d`);
+* :func:`band_expansions`: run the 1x1 expansion and the depthwise convolution of timm's inverted
+  residual blocks together, in bands of rows, where the expanded map would be large (:class:`PwDwConv2d`).
 
 Both remove whole passes over the largest activations of the network (and, on the CPU, the page
 faults of allocating them), without changing the function computed beyond rounding.
@@ -18,7 +20,7 @@ from torch import nn
 
 from ..nn.meta_block import bn_affine
 
-__all__ = ["fold_conv_bn", "fold_se_gates", "ConvAct2d", "SEGatedConv2d"]
+__all__ = ["fold_conv_bn", "fold_se_gates", "band_expansions", "ConvAct2d", "SEGatedConv2d", "PwDwConv2d"]
 
 
 # activation module -> (oneDNN post-op name, its scalars)
@@ -66,13 +68,84 @@ class ConvAct2d(nn.Module):
         self._postop = _ONEDNN_POSTOPS.get(type(act))
         self._op = _onednn_conv() if self._postop is not None else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def onednn_ok(self, x: torch.Tensor) -> bool:
+        return self._op is not None and _onednn_ok(x, self.conv)
+
+    def onednn(self, x: torch.Tensor, padding) -> torch.Tensor:
+        """The oneDNN convolution + activation with explicit ``padding`` (only when ``onednn_ok(x)``)."""
         c = self.conv
-        if self._op is not None and _onednn_ok(x, c):
-            attr, scalars = self._postop
-            return self._op(x, c.weight, c.bias, list(c.padding), list(c.stride), list(c.dilation), c.groups,
-                            attr, scalars, None)
-        return self.act(c(x))
+        attr, scalars = self._postop
+        return self._op(x, c.weight, c.bias, list(padding), list(c.stride), list(c.dilation), c.groups,
+                        attr, scalars, None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.onednn_ok(x):
+            return self.onednn(x, self.conv.padding)
+        return self.act(self.conv(x))
+
+
+class PwDwConv2d(nn.Module):
+    """``dw(pw(x))`` for a 1x1 expansion followed by a depthwise convolution (both :class:`ConvAct2d`),
+    the first two layers of an inverted residual block.
+
+    On the CPU in float32 inference with a channels_last input, when the expanded map would take at
+    least :attr:`min_bytes`, the pair runs in bands of output rows: each band expands only the input
+    rows its depthwise outputs read (the halo rows are expanded twice) and is convolved at once, so
+    the expanded map -- e.g. 50 MB for EfficientNet-B1's first stride-4 block at 1024x512 -- never
+    exists in full, is never written to memory and read back, and is never page-faulted in. Zero
+    padding of the depthwise convolution is added only at the image's top and bottom rows. The result
+    is the sequential one (each output value comes from the same operations); anywhere else the
+    module simply runs ``dw(pw(x))``.
+    """
+
+    #: band only when the full expanded map would take at least this many bytes
+    min_bytes = 16 << 20
+    #: target size of one band's expanded rows (cache-sized)
+    band_bytes = 3 << 20
+
+    def __init__(self, pw: ConvAct2d, dw: ConvAct2d):
+        super().__init__()
+        p, d = pw.conv, dw.conv
+        if not (isinstance(pw, ConvAct2d) and isinstance(dw, ConvAct2d) and p.kernel_size == (1, 1)
+                and p.stride == (1, 1) and p.padding == (0, 0) and p.groups == 1
+                and d.groups == d.in_channels == d.out_channels == p.out_channels):
+            raise TypeError(f"PwDwConv2d needs a 1x1 ConvAct2d followed by a depthwise ConvAct2d, got {pw} and {dw}")
+        self.pw = pw
+        self.dw = dw
+
+    def _banded(self, x: torch.Tensor) -> bool:
+        if not (self.pw.onednn_ok(x) and self.dw._op is not None
+                and x.is_contiguous(memory_format=torch.channels_last)):
+            return False
+        n, _, h, w = x.shape
+        return n * self.pw.conv.out_channels * h * w * x.element_size() >= self.min_bytes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._banded(x):
+            return self.dw(self.pw(x))
+        d = self.dw.conv
+        n, _, h, w = x.shape
+        c = d.out_channels
+        (kh, kw), (sh, sw), (ph, pw_), (dh, dw_) = d.kernel_size, d.stride, d.padding, d.dilation
+        span_h, span_w = dh * (kh - 1) + 1, dw_ * (kw - 1) + 1
+        ho, wo = (h + 2 * ph - span_h) // sh + 1, (w + 2 * pw_ - span_w) // sw + 1
+        out = torch.empty(n, c, ho, wo, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+        rows = max(1, self.band_bytes // (sh * w * c * x.element_size()))  # output rows per band
+        for b in range(n):
+            xb = x[b:b + 1]
+            for r0 in range(0, ho, rows):
+                r1 = min(ho, r0 + rows)
+                first, last = r0 * sh - ph, (r1 - 1) * sh - ph + span_h  # input rows [first, last)
+                lo, hi = max(first, 0), min(last, h)
+                if lo < hi:
+                    e = self.pw.onednn(xb[:, :, lo:hi], (0, 0))
+                    if lo != first or hi != last:  # zero padding rows at the image's top / bottom
+                        e = F.pad(e, (0, 0, lo - first, last - hi))
+                else:  # the band reads padding only
+                    e = torch.zeros(1, c, last - first, w, dtype=x.dtype, device=x.device,
+                                    memory_format=torch.channels_last)
+                out[b:b + 1, :, r0:r1].copy_(self.dw.onednn(e, (0, pw_)))
+        return out
 
 
 class SEGatedConv2d(nn.Module):
@@ -246,4 +319,48 @@ def fold_se_gates(model: nn.Module, example: torch.Tensor, rtol: float = 1e-3) -
             blk.se, gated.se = gated.se, None
             setattr(blk, attr, gated.conv)
         raise RuntimeError(f"squeeze-excitation folding changed the output by {err:.3g}; the model was restored")
+    return len(blocks)
+
+
+def _timm_expansions(model: nn.Module):
+    """timm ``InvertedResidual`` blocks whose expansion and depthwise convolutions are adjacent
+    :class:`ConvAct2d` (their BatchNorms folded with the activation)."""
+    try:
+        from timm.models import _efficientnet_blocks as eb
+    except ImportError:
+        return
+    for m in model.modules():
+        if (type(m) is eb.InvertedResidual and isinstance(m.conv_pw, ConvAct2d)
+                and isinstance(m.conv_dw, ConvAct2d) and isinstance(m.bn1, nn.Identity)
+                and m.conv_pw.conv.kernel_size == (1, 1) and m.conv_pw.conv.stride == (1, 1)
+                and m.conv_pw.conv.padding == (0, 0) and m.conv_pw.conv.groups == 1
+                and m.conv_dw.conv.groups == m.conv_dw.conv.in_channels == m.conv_dw.conv.out_channels
+                == m.conv_pw.conv.out_channels):
+            yield m
+
+
+@torch.no_grad()
+def band_expansions(model: nn.Module, example: torch.Tensor, rtol: float = 1e-3) -> int:
+    """Make the expansion + depthwise pair of every timm ``InvertedResidual`` block (after
+    :func:`fold_conv_bn` with ``fuse_act``) one :class:`PwDwConv2d` (``conv_pw`` becomes the pair,
+    ``conv_dw`` an Identity). Checked on ``example`` with banding forced on at any size (restored and
+    RuntimeError on a mismatch). Returns the number of blocks changed."""
+    model.eval()
+    blocks = list(_timm_expansions(model))
+    if not blocks:
+        return 0
+    expected = model(example)
+    for blk in blocks:
+        blk.conv_pw, blk.conv_dw = PwDwConv2d(blk.conv_pw, blk.conv_dw), nn.Identity()
+        blk.conv_pw.min_bytes = 0  # verify the banded path itself, in bands of a few rows
+        blk.conv_pw.band_bytes = 1
+    try:
+        err = _mismatch(model(example), expected, rtol)
+    finally:
+        for blk in blocks:
+            del blk.conv_pw.min_bytes, blk.conv_pw.band_bytes  # back to the class defaults
+    if err is not None:
+        for blk in blocks:
+            blk.conv_pw, blk.conv_dw = blk.conv_pw.pw, blk.conv_pw.dw
+        raise RuntimeError(f"banding the expansions changed the output by {err:.3g}; the model was restored")
     return len(blocks)

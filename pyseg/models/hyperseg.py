@@ -364,7 +364,7 @@ class HyperSeg(nn.Module):
 
     @torch.no_grad()
     def fuse(self, example: Optional[Tensor] = None, activations: bool = True,
-             squeeze_excitation: bool = True) -> "HyperSeg":
+             squeeze_excitation: bool = True, bands: bool = True) -> "HyperSeg":
         """Inference rewrites of the static trunk (encoder, reducers, context head), in place:
 
         * every BatchNorm that directly follows a convolution is folded into it (the decoder's
@@ -374,11 +374,15 @@ class HyperSeg(nn.Module):
           convolution with the activation as a post-op; elsewhere conv then activation);
         * ``squeeze_excitation``: EfficientNet's squeeze-excitation gate is folded into the 1x1
           projection after it (:class:`~pyseg.models._fuse.SEGatedConv2d`) instead of scaling the
-          largest activations of every block.
+          largest activations of every block;
+        * ``bands`` (with ``activations``): each inverted residual's 1x1 expansion and depthwise
+          convolution become one :class:`~pyseg.models._fuse.PwDwConv2d`, which on the CPU runs them
+          together in bands of rows when the expanded map would be large (it is then never
+          materialised).
 
         Puts the model in eval mode; each step is verified on ``example`` (or a random input at the
         smallest legal size) and undone with an error if the output changes. Returns self."""
-        from ._fuse import fold_conv_bn, fold_se_gates
+        from ._fuse import band_expansions, fold_conv_bn, fold_se_gates
 
         self.eval()
         if example is None:
@@ -388,6 +392,8 @@ class HyperSeg(nn.Module):
         fold_conv_bn(self, example, skip=(self.decoder,), fuse_act=activations)
         if squeeze_excitation:
             fold_se_gates(self, example)
+        if activations and bands:
+            band_expansions(self, example)
         return self
 
 
