@@ -142,8 +142,7 @@ class PwDwConv2d(nn.Module):
                     if lo != first or hi != last:  # zero padding rows at the image's top / bottom
                         e = F.pad(e, (0, 0, lo - first, last - hi))
                 else:  # the band reads padding only
-                    e = torch.zeros(1, c, last - first, w, dtype=x.dtype, device=x.device,
-                                    memory_format=torch.channels_last)
+                    e = x.new_zeros(1, last - first, w, c).permute(0, 3, 1, 2)  # channels_last
                 out[b:b + 1, :, r0:r1].copy_(self.dw.onednn(e, (0, pw_)))
         return out
 
