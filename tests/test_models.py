@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from pyseg.models import create_model, get_config, list_models
-from pyseg.models.hyperseg import HyperSeg, image_coordinates
+from pyseg.models.hyperseg import HyperSeg, _level_input, image_coordinates
 from pyseg.models.weight_mapper import WeightMapper, divide_channels, signal_slices
 
 NAMES = ["hyperseg-m", "hyperseg-s", "hyperseg-s-camvid", "hyperseg-l-camvid", "hyperseg-l-voc"]
@@ -137,6 +137,42 @@ def test_image_coordinates():
     assert c.shape == (2, 2, 3, 4)
     torch.testing.assert_close(c[0, 0, 1], torch.linspace(-1, 1, 4))  # channel 0 = x, along the width
     torch.testing.assert_close(c[1, 1, :, 2], torch.linspace(-1, 1, 3))  # channel 1 = y, along the height
+
+
+@pytest.mark.parametrize("prev_size", [None, (5, 7), (9, 13)], ids=["first", "upsampled", "same-size"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_level_input_buffer_equals_concatenation(prev_size, channels_last):
+    """Outside autograd the level input is written into one buffer; it equals cat(x, y, skip,
+    resized previous output), the form autograd uses."""
+    skip = torch.randn(2, 4, 9, 13)
+    if channels_last:
+        skip = skip.contiguous(memory_format=torch.channels_last)
+    prev = None if prev_size is None else torch.randn(2, 3, *prev_size)
+    parts = [image_coordinates(skip), skip]
+    if prev is not None:
+        parts.append(F.interpolate(prev, size=(9, 13), mode="bilinear", align_corners=False))
+    want = torch.cat(parts, 1)
+    with torch.no_grad():
+        got = _level_input(skip, prev)
+    assert got.is_contiguous() and got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # under autograd: the concatenation, and gradients reach the skip and the previous level
+    s = skip.clone().requires_grad_()
+    q = None if prev is None else prev.clone().requires_grad_()
+    y = _level_input(s, q)
+    torch.testing.assert_close(y.detach(), want, rtol=0, atol=0)
+    y.square().sum().backward()
+    assert s.grad is not None and (q is None or q.grad is not None)
+
+
+def test_final_resize_matches_interpolate():
+    """HyperSeg's final upsampling (the compiled single-scale hmsa_fuse on the CPU) equals F.interpolate."""
+    m = _fresh("hyperseg-m").eval()
+    logits = torch.randn(2, 19, 17, 33)
+    with torch.no_grad():
+        got = m._resize_logits(logits, (34, 66))
+    torch.testing.assert_close(got, F.interpolate(logits, size=(34, 66), mode="bilinear", align_corners=False),
+                               rtol=1e-6, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
