@@ -77,34 +77,54 @@ inline void gather_weights(const scalar_t* weight, int64_t N, int64_t G, int64_t
 }
 
 // x's patch + halo, channel rows of pitch lh, (hh, hw) each; reflected at the image borders.
+// The rows of one patch are Cin * hh short runs far apart (a channel plane apart), which the
+// hardware prefetchers do not follow: the same rows of the next patch along the image row (the next
+// work item of this thread) are prefetched into L2 while this one is copied (L1 is too small to
+// hold them through the item's compute).
 template <typename scalar_t, typename acc_t>
 inline void load_haloed(const scalar_t* x, int64_t Cin, int64_t H, int64_t W, const PatchGeom& g, int64_t lh,
                         acc_t* xh) {
   const int64_t cl = reflect_index(g.c0 - 1, W), cr = reflect_index(g.c0 + g.pw, W);
+  const int64_t next = g.c0 + g.pw + 1;  // first column of the next patch's interior + its halo
+  const int64_t next_end = std::min(W, next + g.pw + 1);
+  constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(scalar_t));
   for (int64_t c = 0; c < Cin; ++c) {
     const scalar_t* xc = x + (g.b * Cin + c) * H * W;
     for (int64_t a = 0; a < g.hh; ++a) {
       const scalar_t* row = xc + reflect_index(g.r0 - 1 + a, H) * W;
+      for (int64_t j = next; j < next_end; j += kLine) __builtin_prefetch(row + j, 0, 2);  // to L2
       acc_t* dst = xh + c * lh + a * g.hw;
       dst[0] = static_cast<acc_t>(row[cl]);
-      for (int64_t j = 0; j < g.pw; ++j) dst[1 + j] = static_cast<acc_t>(row[g.c0 + j]);
+      const scalar_t* src = row + g.c0;
+      if constexpr (std::is_same<scalar_t, acc_t>::value) {
+        std::memcpy(dst + 1, src, static_cast<size_t>(g.pw) * sizeof(acc_t));
+      } else {
+        for (int64_t j = 0; j < g.pw; ++j) dst[1 + j] = static_cast<acc_t>(src[j]);
+      }
       dst[g.hw - 1] = static_cast<acc_t>(row[cr]);
     }
   }
 }
 
-// Depthwise 3x3 valid conv of one channel: in (hh, hw) -> out (hh-2, hw-2), both tight.
+// Depthwise 3x3 valid conv of one channel: in (hh, hw) -> out (hh-2, hw-2), both tight. One partial
+// sum per kernel row, added at the end: three independent multiply-add chains of 3 instead of one of
+// 9 (patch rows are short, so the chain latency, not the arithmetic, bounds a single chain).
 template <typename acc_t>
-inline void dw3x3(const acc_t* w9, const acc_t* in, int64_t hh, int64_t hw, acc_t* out) {
+inline void dw3x3(const acc_t* w9, const acc_t* in, int64_t hh, int64_t hw, acc_t* __restrict__ out) {
   const int64_t ph = hh - 2, pw = hw - 2;
+  const acc_t w0 = w9[0], w1 = w9[1], w2 = w9[2], w3 = w9[3], w4 = w9[4], w5 = w9[5], w6 = w9[6], w7 = w9[7],
+              w8 = w9[8];
   for (int64_t i = 0; i < ph; ++i) {
-    acc_t* o = out + i * pw;
+    acc_t* __restrict__ o = out + i * pw;
     const acc_t* r0 = in + i * hw;
     const acc_t* r1 = r0 + hw;
     const acc_t* r2 = r1 + hw;
-    for (int64_t j = 0; j < pw; ++j)
-      o[j] = w9[0] * r0[j] + w9[1] * r0[j + 1] + w9[2] * r0[j + 2] + w9[3] * r1[j] + w9[4] * r1[j + 1] +
-             w9[5] * r1[j + 2] + w9[6] * r2[j] + w9[7] * r2[j + 1] + w9[8] * r2[j + 2];
+    for (int64_t j = 0; j < pw; ++j) {
+      const acc_t a = w0 * r0[j] + w1 * r0[j + 1] + w2 * r0[j + 2];
+      const acc_t b = w3 * r1[j] + w4 * r1[j + 1] + w5 * r1[j + 2];
+      const acc_t c = w6 * r2[j] + w7 * r2[j + 1] + w8 * r2[j + 2];
+      o[j] = (a + b) + c;
+    }
   }
 }
 
@@ -170,6 +190,13 @@ void meta_forward_item(const ItemArgs<acc_t>& A, const scalar_t* x, const acc_t*
   const meta::WeightLayout& L = A.L;
   const PatchGeom g(item, A.gh, A.gw, A.H, A.W);
   const int64_t ln = round_up(g.ph * g.pw, kNR);
+  // the output rows are written at the end of the item: fetch their lines for writing now
+  constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(scalar_t));
+  for (int64_t o = 0; o < L.cout; ++o) {
+    scalar_t* dst = y + ((g.b * L.cout + o) * A.H + g.r0) * A.W + g.c0;
+    for (int64_t i = 0; i < g.ph; ++i)
+      for (int64_t j = 0; j < g.pw; j += kLine) __builtin_prefetch(dst + i * A.W + j, 1, 2);
+  }
   load_haloed(x, L.cin, A.H, A.W, g, round_up(g.hh * g.hw, kNR), S.xh.data());
   meta_stages(A, g, w, S.xh.data(), S.h1.data(), S.h1.data(), S.h2.data(), S.h2.data(), S.z3.data());
   for (int64_t o = 0; o < L.cout; ++o) {
