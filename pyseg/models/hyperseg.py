@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _extension
+from .._memory import empty_for_write
 from ..nn import MetaBlock
 from ..nn.meta_block import bn_affine
 from ..ops.hmsa_fuse import hmsa_fuse
@@ -64,7 +65,7 @@ def _level_input(skip: Tensor, prev: Optional[Tensor]) -> Tensor:
         return torch.cat(parts, 1)
     b, c, h, w = skip.shape
     cp = 0 if prev is None else prev.shape[1]
-    out = skip.new_empty(b, 2 + c + cp, h, w)
+    out = empty_for_write(b, 2 + c + cp, h, w, dtype=skip.dtype, device=skip.device)
     out[:, :2].copy_(image_coordinates(out))
     out[:, 2:2 + c].copy_(skip)
     if resized is not None:
