@@ -5,11 +5,13 @@ The Python counterpart of ``csrc/cpu/output_alloc.h``: glibc serves large reques
 microseconds per fault on virtual machines. Where transparent huge pages are available in
 ``madvise`` mode, the buffer's whole 2 MiB pages are advised with ``MADV_HUGEPAGE`` first (one
 fault per 2 MiB). Advice only: contents and semantics are those of ``torch.empty``, and on other
-platforms, or when the kernel refuses, nothing changes.
+platforms, or when the kernel refuses, nothing changes. ``PYSEG_HUGE_PAGES=0`` in the environment
+turns the advice off (here and in the compiled kernels).
 """
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 
 import torch
@@ -41,7 +43,8 @@ def empty_for_write(*size: int, dtype: torch.dtype, device: torch.device) -> tor
     """``torch.empty(size)``, with large CPU buffers advised to use transparent huge pages."""
     out = torch.empty(size, dtype=dtype, device=device)
     nbytes = out.numel() * out.element_size()
-    if _madvise is not None and out.device.type == "cpu" and nbytes >= MIN_BYTES:
+    if (_madvise is not None and out.device.type == "cpu" and nbytes >= MIN_BYTES
+            and os.environ.get("PYSEG_HUGE_PAGES", "1") != "0"):
         begin = out.data_ptr()
         first = -(-begin // _HUGE_PAGE) * _HUGE_PAGE
         last = (begin + nbytes) // _HUGE_PAGE * _HUGE_PAGE

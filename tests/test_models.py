@@ -432,3 +432,16 @@ def test_hyperseg_class_validation():
     with pytest.raises(ValueError, match="kernel_sizes entries"):
         create_model("hyperseg-m", kernel_sizes=[1, 1, 1, 3, 5])
     assert isinstance(_model("hyperseg-m"), HyperSeg)
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (1, 3, 1024, 1024), (2, 1025, 1023)], ids=["small", "4MiB", "odd"])
+@pytest.mark.parametrize("env", ["1", "0"])
+def test_empty_for_write(shape, env, monkeypatch):
+    """Huge-page advice never changes what the buffer is: shape, dtype, device, writable in full."""
+    from pyseg._memory import empty_for_write
+
+    monkeypatch.setenv("PYSEG_HUGE_PAGES", env)
+    t = empty_for_write(*shape, dtype=torch.float32, device=torch.device("cpu"))
+    assert t.shape == shape and t.dtype == torch.float32 and t.is_contiguous()
+    t.fill_(3.0)
+    assert bool((t == 3.0).all())

@@ -12,6 +12,8 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -22,11 +24,17 @@ namespace pyseg {
 // Below this size the fault cost is small and the advice would not cover a whole huge page.
 constexpr int64_t kHugePageAdviceBytes = int64_t{4} << 20;
 
+// PYSEG_HUGE_PAGES=0 in the environment turns the advice off (read on every call).
+inline bool huge_page_advice_enabled() {
+  const char* env = std::getenv("PYSEG_HUGE_PAGES");
+  return env == nullptr || std::strcmp(env, "0") != 0;
+}
+
 inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
   at::Tensor out = at::empty(sizes, options);
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   const int64_t bytes = static_cast<int64_t>(out.nbytes());
-  if (out.device().is_cpu() && bytes >= kHugePageAdviceBytes) {
+  if (out.device().is_cpu() && bytes >= kHugePageAdviceBytes && huge_page_advice_enabled()) {
     constexpr uintptr_t kHuge = uintptr_t{2} << 20;
     const uintptr_t begin = reinterpret_cast<uintptr_t>(out.data_ptr());
     const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);

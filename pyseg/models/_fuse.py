@@ -98,8 +98,10 @@ class PwDwConv2d(nn.Module):
     module simply runs ``dw(pw(x))``.
     """
 
-    #: band only when the full expanded map would take at least this many bytes
-    min_bytes = 16 << 20
+    #: band only when the full expanded map would take at least this many bytes: glibc's largest
+    #: dynamic mmap threshold, above which every allocation is a fresh mapping faulted in again on
+    #: every call (smaller maps usually come from the heap, where sequential execution is as fast)
+    min_bytes = 32 << 20
     #: target size of one band's expanded rows (cache-sized)
     band_bytes = 3 << 20
 
