@@ -144,9 +144,12 @@ def test_cpu_low_precision(dtype):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("size,out_size", [((37, 53), (74, 106)), ((50, 41), (129, 17)), ((3, 2), (1, 70))],
                          ids=["2x", "mixed", "tiny"])
-def test_cpu_single_scale_is_a_resize(dtype, size, out_size):
+@pytest.mark.parametrize("huge_pages", ["1", "0"])
+def test_cpu_single_scale_is_a_resize(dtype, size, out_size, huge_pages, monkeypatch):
     """One scale on its stored grid runs the separable resize kernel (HyperSeg's final upsampling on
-    the CPU): many bands of output rows per plane, several threads, every dtype."""
+    the CPU): many bands of output rows per plane, several threads, every dtype, with and without
+    the huge-page advice on the output (csrc/cpu/output_alloc.h)."""
+    monkeypatch.setenv("PYSEG_HUGE_PAGES", huge_pages)
     gen = torch.Generator().manual_seed(sum(size) + sum(out_size))
     p = torch.randn(2, 5, *size, generator=gen, dtype=torch.float64).to(dtype)
     got = hmsa_fuse([p], [None], [1.0], out_size, backend="cpu")
