@@ -90,12 +90,11 @@ at::Tensor hmsa_resize_cpu(const at::Tensor& p, int64_t OH, int64_t OW, bool lab
         for (int64_t u = begin; u < end; ++u) {
           const int64_t plane = u / bands, y0 = (u % bands) * band, y1 = std::min(OH, y0 + band);
           scalar_t* op = o + plane * OH * OW;
-          resize_rows<scalar_t, acc_t>(in + plane * h * w, w, ty, tx, y0, y1, cache.data(),
-                                       [&](int64_t y, const acc_t* a, const acc_t* b, acc_t l0, acc_t l1) {
-                                         scalar_t* dst = op + y * OW;
-                                         for (int64_t x = 0; x < OW; ++x)
-                                           dst[x] = static_cast<scalar_t>(l0 * a[x] + l1 * b[x]);
-                                       });
+          auto emit = [&](int64_t y, const acc_t* a, const acc_t* b, acc_t l0, acc_t l1) {
+            scalar_t* dst = op + y * OW;
+            for (int64_t x = 0; x < OW; ++x) dst[x] = static_cast<scalar_t>(l0 * a[x] + l1 * b[x]);
+          };
+          resize_rows<scalar_t, acc_t>(in + plane * h * w, w, ty, tx, y0, y1, cache.data(), emit);
         }
       });
       return;
@@ -106,20 +105,21 @@ at::Tensor hmsa_resize_cpu(const at::Tensor& p, int64_t OH, int64_t OW, bool lab
       for (int64_t u = begin; u < end; ++u) {
         const int64_t b = u / bands, y0 = (u % bands) * band, y1 = std::min(OH, y0 + band);
         int64_t* ob = o + b * OH * OW;
-        for (int64_t c = 0; c < C; ++c)
-          resize_rows<scalar_t, acc_t>(in + (b * C + c) * h * w, w, ty, tx, y0, y1, cache.data(),
-                                       [&](int64_t y, const acc_t* ra, const acc_t* rb, acc_t l0, acc_t l1) {
-                                         acc_t* bv = best.data() + (y - y0) * OW;
-                                         int64_t* arg = ob + y * OW;
-                                         for (int64_t x = 0; x < OW; ++x) {
-                                           // compare in the output dtype, as argmax of the logits would
-                                           const acc_t v = static_cast<acc_t>(static_cast<scalar_t>(l0 * ra[x] + l1 * rb[x]));
-                                           if (c == 0 || better(v, bv[x])) {
-                                             bv[x] = v;
-                                             arg[x] = c;
-                                           }
-                                         }
-                                       });
+        for (int64_t c = 0; c < C; ++c) {
+          auto emit = [&](int64_t y, const acc_t* ra, const acc_t* rb, acc_t l0, acc_t l1) {
+            acc_t* bv = best.data() + (y - y0) * OW;
+            int64_t* arg = ob + y * OW;
+            for (int64_t x = 0; x < OW; ++x) {
+              // compare in the output dtype, as argmax of the materialised logits would
+              const acc_t v = static_cast<acc_t>(static_cast<scalar_t>(l0 * ra[x] + l1 * rb[x]));
+              if (c == 0 || better(v, bv[x])) {
+                bv[x] = v;
+                arg[x] = c;
+              }
+            }
+          };
+          resize_rows<scalar_t, acc_t>(in + (b * C + c) * h * w, w, ty, tx, y0, y1, cache.data(), emit);
+        }
       }
     });
   });
