@@ -96,11 +96,13 @@ inline void load_haloed(const scalar_t* x, int64_t Cin, int64_t H, int64_t W, co
       acc_t* dst = xh + c * lh + a * g.hw;
       dst[0] = static_cast<acc_t>(row[cl]);
       const scalar_t* src = row + g.c0;
-      if constexpr (std::is_same<scalar_t, acc_t>::value) {
-        std::memcpy(dst + 1, src, static_cast<size_t>(g.pw) * sizeof(acc_t));
-      } else {
-        for (int64_t j = 0; j < g.pw; ++j) dst[1 + j] = static_cast<acc_t>(src[j]);
+      int64_t j = 0;
+      if constexpr (std::is_same<scalar_t, acc_t>::value) {  // whole vectors, inline (rows are short)
+        using V = typename VecN<acc_t>::type;
+        for (; j + VecN<acc_t>::kLanes <= g.pw; j += VecN<acc_t>::kLanes)
+          *reinterpret_cast<V*>(dst + 1 + j) = *reinterpret_cast<const V*>(src + j);
       }
+      for (; j < g.pw; ++j) dst[1 + j] = static_cast<acc_t>(src[j]);
       dst[g.hw - 1] = static_cast<acc_t>(row[cr]);
     }
   }
