@@ -445,3 +445,14 @@ def test_empty_for_write(shape, env, monkeypatch):
     assert t.shape == shape and t.dtype == torch.float32 and t.is_contiguous()
     t.fill_(3.0)
     assert bool((t == 3.0).all())
+
+
+def test_fused_model_under_torch_compile():
+    """The inference fast paths (banded expansions, level-input buffer, CPU final resize) trace:
+    torch.compile (aot_eager) gives the eager output."""
+    m = _fresh("hyperseg-m").eval().fuse().to_channels_last()
+    x = torch.randn(1, 3, 64, 128).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        want = m(x)
+        got = torch.compile(m, backend="aot_eager")(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -56,7 +56,8 @@ def _level_input(skip: Tensor, prev: Optional[Tensor]) -> Tensor:
         resized = prev
     else:
         resized = None
-    if torch.is_grad_enabled() and (skip.requires_grad or (prev is not None and prev.requires_grad)):
+    if (torch.compiler.is_compiling()  # the compiler plans buffers itself
+            or torch.is_grad_enabled() and (skip.requires_grad or (prev is not None and prev.requires_grad))):
         s = skip.contiguous()
         parts = [image_coordinates(s), s]
         if prev is not None:
@@ -65,7 +66,8 @@ def _level_input(skip: Tensor, prev: Optional[Tensor]) -> Tensor:
         return torch.cat(parts, 1)
     b, c, h, w = skip.shape
     cp = 0 if prev is None else prev.shape[1]
-    out = empty_for_write(b, 2 + c + cp, h, w, dtype=skip.dtype, device=skip.device)
+    dtype = skip.dtype if prev is None else torch.promote_types(skip.dtype, prev.dtype)  # as cat would
+    out = empty_for_write(b, 2 + c + cp, h, w, dtype=dtype, device=skip.device)
     out[:, :2].copy_(image_coordinates(out))
     out[:, 2:2 + c].copy_(skip)
     if resized is not None:
