@@ -12,6 +12,7 @@
 // the valid columns, and all reductions stop at the valid width.
 
 constexpr int64_t kNR = 16;  // columns of a GEMM micro-tile
+constexpr int64_t kCacheLine = 64;  // bytes (prefetch stride)
 
 // Native vector of T (GCC/Clang vector extension) of PYSEG_VEC_BYTES bytes, which the includer
 // defines (16 for the baseline ISA, 32 under AVX2); loaded and stored unaligned, and allowed to
@@ -87,7 +88,7 @@ inline void load_haloed(const scalar_t* x, int64_t Cin, int64_t H, int64_t W, co
   const int64_t cl = reflect_index(g.c0 - 1, W), cr = reflect_index(g.c0 + g.pw, W);
   const int64_t next = g.c0 + g.pw + 1;  // first column of the next patch's interior + its halo
   const int64_t next_end = std::min(W, next + g.pw + 1);
-  constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(scalar_t));
+  constexpr int64_t kLine = kCacheLine / static_cast<int64_t>(sizeof(scalar_t));
   for (int64_t c = 0; c < Cin; ++c) {
     const scalar_t* xc = x + (g.b * Cin + c) * H * W;
     for (int64_t a = 0; a < g.hh; ++a) {
@@ -193,7 +194,7 @@ void meta_forward_item(const ItemArgs<acc_t>& A, const scalar_t* x, const acc_t*
   const PatchGeom g(item, A.gh, A.gw, A.H, A.W);
   const int64_t ln = round_up(g.ph * g.pw, kNR);
   // the output rows are written at the end of the item: fetch their lines for writing now
-  constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(scalar_t));
+  constexpr int64_t kLine = kCacheLine / static_cast<int64_t>(sizeof(scalar_t));
   for (int64_t o = 0; o < L.cout; ++o) {
     scalar_t* dst = y + ((g.b * L.cout + o) * A.H + g.r0) * A.W + g.c0;
     for (int64_t i = 0; i < g.ph; ++i)

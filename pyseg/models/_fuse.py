@@ -107,16 +107,22 @@ class PwDwConv2d(nn.Module):
 
     def __init__(self, pw: ConvAct2d, dw: ConvAct2d):
         super().__init__()
-        p, d = pw.conv, dw.conv
-        if not (isinstance(pw, ConvAct2d) and isinstance(dw, ConvAct2d) and p.kernel_size == (1, 1)
-                and p.stride == (1, 1) and p.padding == (0, 0) and p.groups == 1
-                and d.groups == d.in_channels == d.out_channels == p.out_channels):
+        if not self.accepts(pw, dw):
             raise TypeError(f"PwDwConv2d needs a 1x1 ConvAct2d followed by a depthwise ConvAct2d, got {pw} and {dw}")
         self.pw = pw
         self.dw = dw
 
+    @staticmethod
+    def accepts(pw: nn.Module, dw: nn.Module) -> bool:
+        """True for a 1x1, stride-1, unpadded, ungrouped ConvAct2d followed by a depthwise ConvAct2d."""
+        if not (isinstance(pw, ConvAct2d) and isinstance(dw, ConvAct2d)):
+            return False
+        p, d = pw.conv, dw.conv
+        return (p.kernel_size == (1, 1) and p.stride == (1, 1) and p.padding == (0, 0) and p.groups == 1
+                and d.groups == d.in_channels == d.out_channels == p.out_channels)
+
     def _banded(self, x: torch.Tensor) -> bool:
-        if not (self.pw.onednn_ok(x) and self.dw._op is not None
+        if not (self.pw.onednn_ok(x) and self.dw.onednn_ok(x)
                 and x.is_contiguous(memory_format=torch.channels_last)):
             return False
         n, _, h, w = x.shape
@@ -325,18 +331,14 @@ def fold_se_gates(model: nn.Module, example: torch.Tensor, rtol: float = 1e-3) -
 
 def _timm_expansions(model: nn.Module):
     """timm ``InvertedResidual`` blocks whose expansion and depthwise convolutions are adjacent
-    :class:`ConvAct2d` (their BatchNorms folded with the activation)."""
+    :class:`ConvAct2d` (their BatchNorms folded with the activation) that :class:`PwDwConv2d` takes."""
     try:
         from timm.models import _efficientnet_blocks as eb
     except ImportError:
         return
     for m in model.modules():
-        if (type(m) is eb.InvertedResidual and isinstance(m.conv_pw, ConvAct2d)
-                and isinstance(m.conv_dw, ConvAct2d) and isinstance(m.bn1, nn.Identity)
-                and m.conv_pw.conv.kernel_size == (1, 1) and m.conv_pw.conv.stride == (1, 1)
-                and m.conv_pw.conv.padding == (0, 0) and m.conv_pw.conv.groups == 1
-                and m.conv_dw.conv.groups == m.conv_dw.conv.in_channels == m.conv_dw.conv.out_channels
-                == m.conv_pw.conv.out_channels):
+        if (type(m) is eb.InvertedResidual and isinstance(m.bn1, nn.Identity)
+                and PwDwConv2d.accepts(m.conv_pw, m.conv_dw)):
             yield m
 
 

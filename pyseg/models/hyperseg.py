@@ -52,17 +52,14 @@ def _level_input(skip: Tensor, prev: Optional[Tensor]) -> Tensor:
     """A decoder level's input: cat(x, y, skip, previous level's output resized to the skip), NCHW
     contiguous (the layout the dynamic ops read; a channels_last skip is converted here). Outside
     autograd the parts are written straight into one buffer (no converted skip, no resized copy)."""
-    if prev is not None and prev.shape[-2:] == skip.shape[-2:]:
-        resized = prev
-    else:
-        resized = None
+    size = tuple(skip.shape[-2:])
+    resize = prev is not None and tuple(prev.shape[-2:]) != size
     if (torch.compiler.is_compiling()  # the compiler plans buffers itself
             or torch.is_grad_enabled() and (skip.requires_grad or (prev is not None and prev.requires_grad))):
         s = skip.contiguous()
         parts = [image_coordinates(s), s]
         if prev is not None:
-            parts.append(resized if resized is not None else F.interpolate(
-                prev, size=s.shape[-2:], mode="bilinear", align_corners=False))
+            parts.append(F.interpolate(prev, size=size, mode="bilinear", align_corners=False) if resize else prev)
         return torch.cat(parts, 1)
     b, c, h, w = skip.shape
     cp = 0 if prev is None else prev.shape[1]
@@ -70,10 +67,10 @@ def _level_input(skip: Tensor, prev: Optional[Tensor]) -> Tensor:
     out = empty_for_write(b, 2 + c + cp, h, w, dtype=dtype, device=skip.device)
     out[:, :2].copy_(image_coordinates(out))
     out[:, 2:2 + c].copy_(skip)
-    if resized is not None:
-        out[:, 2 + c:].copy_(resized)
-    elif prev is not None:
+    if resize:
         torch.ops.aten.upsample_bilinear2d.out(prev, [h, w], False, None, None, out=out[:, 2 + c:])
+    elif prev is not None:
+        out[:, 2 + c:].copy_(prev)
     return out
 
 
