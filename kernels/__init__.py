@@ -7,7 +7,7 @@ autograd, fake kernels and validation live in ``pyseg/ops/<op>.py``.
 """
 import importlib
 
-__all__ = ["patchwise_conv2d", "meta_block", "hmsa_fuse"]
+__all__ = ["patchwise_conv2d", "meta_block", "pointwise_block", "hmsa_fuse"]
 
 
 def __getattr__(name):

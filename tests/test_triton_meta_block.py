@@ -1,4 +1,5 @@
-"""Triton-specific checks of the meta block / 1x1 level backward (``kernels/meta_block.py``).
+"""Triton-specific checks of the meta block / 1x1 level backward (``kernels/meta_block.py``,
+``kernels/pointwise_block.py``).
 
 The launchers' gradients (float32; float64 where gradcheck needs it) are compared with the float64
 reference's autograd on seeded small configurations: odd sizes, grids that do not divide the image,
@@ -26,17 +27,23 @@ pytestmark = pytest.mark.skipif(not _extension.triton_usable(torch.device(DEV)),
                                 reason=f"triton cannot run on {DEV} (no GPU and TRITON_INTERPRET!=1, or no triton)")
 
 
-def _kmod():
-    return _extension.triton_kernels().meta_block
+def _poison(monkeypatch, name):
+    mod = getattr(_extension.triton_kernels(), name)
+    monkeypatch.setattr(mod, "_empty", lambda shape, like, dtype=None: torch.full(
+        tuple(shape), float("nan"), dtype=dtype or like.dtype, device=like.device))
+    return mod
 
 
 @pytest.fixture
 def poisoned(monkeypatch):
-    """Every output and scratch buffer the launchers allocate starts as NaN."""
-    mod = _kmod()
-    monkeypatch.setattr(mod, "_empty", lambda shape, like, dtype=None: torch.full(
-        tuple(shape), float("nan"), dtype=dtype or like.dtype, device=like.device))
-    return mod
+    """Every output and scratch buffer the meta block launchers allocate starts as NaN."""
+    return _poison(monkeypatch, "meta_block")
+
+
+@pytest.fixture
+def pw_poisoned(monkeypatch):
+    """The same for the pointwise_block launchers."""
+    return _poison(monkeypatch, "pointwise_block")
 
 
 def _make(B, Cin, hid, Cout, H, W, gh, gw, seed):
@@ -130,7 +137,7 @@ def test_meta_output_mask(poisoned, mask):
 
 def test_meta_nothing_requested():
     x, w, scale, shift, gy = _make(1, 2, 3, 2, 4, 4, 2, 2, seed=1)
-    got = _kmod().backward(gy.float(), x.float(), w.float(), scale.float(), shift.float(), 3, 2, [False] * 4)
+    got = _extension.triton_kernels().meta_block.backward(gy.float(), x.float(), w.float(), scale.float(), shift.float(), 3, 2, [False] * 4)
     assert all(g.numel() == 0 for g in got)
 
 
@@ -157,7 +164,7 @@ def test_meta_deterministic(poisoned):
 
 def test_halo_gather_index_matches_reflect_semantics():
     """Every haloed position (cell g, offset a) appears exactly once, under the pixel it reads."""
-    mod = _kmod()
+    mod = _extension.triton_kernels().meta_block
     for n, grid in [(2, 1), (2, 2), (5, 5), (7, 3), (9, 2), (13, 4), (3, 2)]:
         idx = mod._halo_gather_index_cpu(n, grid)
         P = -(-n // grid) + 2
@@ -197,10 +204,10 @@ def _pw_make(B, Cin, Cout, H, W, gh, gw, seed):
 
 @pytest.mark.parametrize("mask", [[True] * 4, [True, False, False, True], [False, True, True, False]], ids=str)
 @pytest.mark.parametrize("cfg", PW_CONFIGS, ids=lambda c: "B{}_Cin{}_Cout{}_{}x{}_g{}x{}".format(*c))
-def test_pointwise_backward_matches_reference(poisoned, cfg, mask):
+def test_pointwise_backward_matches_reference(pw_poisoned, cfg, mask):
     (x, w, s, t, gy), ref = _pw_make(*cfg, seed=sum(cfg))
     f = lambda u: u.to(DEV, torch.float32)  # noqa: E731
-    got = poisoned.pointwise_backward(f(gy), f(x), f(w), f(s), f(t), mask)
+    got = pw_poisoned.backward(f(gy), f(x), f(w), f(s), f(t), mask)
     _check(got, ref, mask)
 
 
@@ -274,7 +281,7 @@ def test_gradcheck_float64():
 
 @pytest.mark.skipif(DEV != "cuda", reason="half precision needs a GPU (the interpreter runs fp32/fp64 only)")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision(poisoned, dtype):
+def test_half_precision(poisoned, monkeypatch, dtype):
     cfg = (2, 24, 48, 16, 33, 29, 4, 3)
     x, w, scale, shift, gy = _make(*cfg, seed=13)
     w = w / 24 ** 0.5
@@ -293,5 +300,5 @@ def test_half_precision(poisoned, dtype):
     leaves = [u.clone().requires_grad_() for u in (px, pw, ps, pt)]
     y = R.pointwise_block(leaves[0], leaves[1].view(2, 24, 20, 4, 3), leaves[2], leaves[3])
     pref = torch.autograd.grad(y, leaves, pgy)
-    got = poisoned.pointwise_backward(f(pgy), f(px), f(pw), f(ps), f(pt), [True] * 4)
+    got = _poison(monkeypatch, "pointwise_block").backward(f(pgy), f(px), f(pw), f(ps), f(pt), [True] * 4)
     _check(got, pref, [True] * 4, rtol=tol, atol=tol)

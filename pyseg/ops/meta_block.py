@@ -194,12 +194,12 @@ _register_meta("pyseg::meta_block_triton", _meta_triton_backward)
 @torch.library.custom_op("pyseg::pointwise_block_triton_backward", mutates_args=())
 def _pw_triton_backward(grad_out: Tensor, x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor,
                         output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _extension.triton_kernels().meta_block.pointwise_backward(grad_out, x, weight, scale, shift, output_mask)
+    return _extension.triton_kernels().pointwise_block.backward(grad_out, x, weight, scale, shift, output_mask)
 
 
 @torch.library.custom_op("pyseg::pointwise_block_triton", mutates_args=())
 def _pw_triton_forward(x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    return _extension.triton_kernels().meta_block.pointwise_forward(x, weight, scale, shift)
+    return _extension.triton_kernels().pointwise_block.forward(x, weight, scale, shift)
 
 
 torch.library.register_fake("pyseg::pointwise_block_triton_backward")(_fake_pw_backward)

@@ -1,0 +1,104 @@
+"""Host-side helpers shared by the Triton launchers, and the one place every kernel is launched.
+
+``launch(kernel, grid, *args, **meta)`` runs ``kernel[grid](*args, **meta)`` under a
+``torch.cuda.device`` guard for the device of the first CUDA tensor argument. Inside ``record()``
+nothing runs: every launch is appended to the active recorder instead, with an autotuned kernel
+expanded into every configuration its pruning keeps for these arguments (what the autotuner could
+launch). ``kernels/_aot.py`` drives the launchers this way (on meta tensors) to list, from the
+launchers themselves, every kernel variant the ops can launch, and compiles each for sm_90.
+
+Autotuning: ``PYSEG_TRITON_AUTOTUNE=0`` makes every autotuned launch take the first configuration
+its pruning keeps (fixed configurations, e.g. in tests on a GPU) instead of benchmarking.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, Dict, List, Optional
+
+import torch
+import triton
+
+__all__ = ["launch", "record", "empty", "acc_dtype", "device_ctx", "dot_block", "pow2_bucket", "autotune_enabled"]
+
+_RECORDERS: List[list] = []
+
+
+def empty(shape, like: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Allocation of every kernel output and scratch buffer (tests replace the launcher modules'
+    ``_empty`` to poison them with NaN)."""
+    return torch.empty(tuple(shape), device=like.device, dtype=dtype or like.dtype)
+
+
+def acc_dtype(x: torch.Tensor) -> torch.dtype:
+    """Accumulation dtype of the kernels: float64 for float64 inputs, else float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def device_ctx(*tensors):
+    """``torch.cuda.device`` of the first CUDA tensor (kernels launch on the current device)."""
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.is_cuda:
+            return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+def dot_block(n: int) -> int:
+    """Block for a channel dimension of a tl.dot operand: a power of two >= 16."""
+    return max(16, triton.next_power_of_2(max(int(n), 1)))
+
+
+def pow2_bucket(n: int) -> int:
+    """Autotune key bucket of a size: the next power of two (keys never follow exact pixel counts)."""
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def autotune_enabled() -> bool:
+    return os.environ.get("PYSEG_TRITON_AUTOTUNE", "1") != "0"
+
+
+def _pruned_configs(tuner, args, meta) -> list:
+    named = dict(zip(tuner.arg_names, args))
+    configs = list(tuner.configs)
+    prune = getattr(tuner, "early_config_prune", None)
+    if prune is not None:
+        configs = list(prune(configs, named, **meta))
+    return configs
+
+
+def _config_meta(cfg) -> Dict[str, Any]:
+    out = dict(cfg.kwargs)
+    out.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out
+
+
+@contextlib.contextmanager
+def record():
+    """Record launches instead of running them; yields the list of records
+    ``(jit_function, args, meta)`` (autotuned kernels expanded into their pruned configurations)."""
+    rec: list = []
+    _RECORDERS.append(rec)
+    try:
+        yield rec
+    finally:
+        _RECORDERS.pop()
+
+
+def launch(kernel, grid, *args, **meta):
+    """``kernel[grid](*args, **meta)`` on the right device, or recorded inside ``record()``."""
+    tuned = isinstance(kernel, triton.runtime.Autotuner)
+    if _RECORDERS:
+        if tuned:
+            for cfg in _pruned_configs(kernel, args, meta):
+                _RECORDERS[-1].append((kernel.fn, args, {**meta, **_config_meta(cfg)}))
+        else:
+            _RECORDERS[-1].append((kernel, args, dict(meta)))
+        return
+    with device_ctx(*args):
+        if tuned and not autotune_enabled():
+            cfg = _pruned_configs(kernel, args, meta)[0]
+            kernel = kernel.fn
+            meta = {**meta, **_config_meta(cfg)}
+            if callable(grid):
+                grid = grid(dict(meta))
+        kernel[grid](*args, **meta)
