@@ -2,4 +2,4 @@
 from pyseg.cli.train import main
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

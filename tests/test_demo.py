@@ -48,7 +48,7 @@ def test_demo_generate_train_eval_predict(tmp_path, capsys):
     # one thread: the test's cost stays the same on a crowded CI machine (no oversubscribed thread pool)
     common = ["--dataset", "folder", "--data-root", str(data), "--workers", "0", "--no-progress", "--threads", "1",
               "--size-divisor", "64"]
-    summary = train_cli.main(["--model", "hyperseg-tiny", *common, "--output-dir", str(out), "--epochs", "16",
+    summary = train_cli.run(["--model", "hyperseg-tiny", *common, "--output-dir", str(out), "--epochs", "16",
                               "--batch-size", "8", "--lr", "2e-2", "--loss", "ce", "--scale-p", "0",
                               "--val-every", "4"])
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -59,11 +59,11 @@ def test_demo_generate_train_eval_predict(tmp_path, capsys):
     assert 0.1 < baseline < 0.3  # background is the majority: its IoU = its share, the other classes 0
     assert summary["best_miou"] > baseline + 0.08, (summary["best_miou"], baseline)
 
-    res = eval_cli.main(["--checkpoint", str(out / "best.safetensors"), *common, "--json", str(tmp_path / "e.json")])
+    res = eval_cli.run(["--checkpoint", str(out / "best.safetensors"), *common, "--json", str(tmp_path / "e.json")])
     assert res["miou"] == pytest.approx(summary["best_miou"], abs=1e-9)
     assert "triangle" in capsys.readouterr().out
 
-    files = predict_cli.main(["--checkpoint", str(out / "best.safetensors"), "--input", str(data / "images/val"),
+    files = predict_cli.run(["--checkpoint", str(out / "best.safetensors"), "--input", str(data / "images/val"),
                               "--output", str(pred), "--size-divisor", "64", "--threads", "1", "--save-labels",
                               "--palette", "random"])
     assert len(files) == 3 * 8 and all(f.is_file() for f in files)
@@ -87,7 +87,7 @@ def test_threads_option():
         assert torch.get_num_threads() == 1
         apply_threads(Namespace(threads=None))  # not given: unchanged
         assert torch.get_num_threads() == 1
-        with pytest.raises(SystemExit, match="--threads must be >= 1"):
+        with pytest.raises(ValueError, match="--threads must be >= 1"):
             apply_threads(Namespace(threads=0))
         assert train_cli.parse_args(["--model", "m", "--dataset", "folder", "--data-root", "d", "--output-dir", "o",
                                      "--threads", "2"]).threads == 2

@@ -46,7 +46,7 @@ def _records(out, kind):
 @pytest.mark.slow
 def test_training_decreases_loss_and_reaches_miou(synth, tmp_path):
     out = tmp_path / "run"
-    summary = train_cli.main(_train_args(synth, out, "--scale-p", "0", "--val-every", "4", "--model-arg", "width=24",
+    summary = train_cli.run(_train_args(synth, out, "--scale-p", "0", "--val-every", "4", "--model-arg", "width=24",
                                          epochs=8))
     losses = [r["loss"] for r in _records(out, "train")]
     assert len(losses) == 8
@@ -59,7 +59,7 @@ def test_training_decreases_loss_and_reaches_miou(synth, tmp_path):
     meta = read_metadata(out / "best.safetensors")
     assert meta["model"] == "test-tiny" and meta["num_classes"] == 4 and meta["model_kwargs"] == {"width": 24}
     assert meta["classes"] == ["background", "circle", "square", "triangle"]
-    res = eval_cli.main(["--import", TINY, "--checkpoint", str(out / "best.safetensors"), "--dataset", "folder",
+    res = eval_cli.run(["--import", TINY, "--checkpoint", str(out / "best.safetensors"), "--dataset", "folder",
                          "--data-root", str(synth), "--workers", "0", "--no-progress"])
     assert res["miou"] == pytest.approx(summary["best_miou"], abs=1e-12)
     # no temporary files left behind by the atomic writes
@@ -73,10 +73,10 @@ def test_resume_matches_uninterrupted_run(synth, tmp_path):
     aug = ["--crop-size", "32x32", "--scale-range", "0.5", "1.5", "--scale-p", "0.5", "--color-jitter", "0.2",
            "--noise-std", "0.02", "--val-every", "2", "--loss", "bootstrap"]
     a, b = tmp_path / "a", tmp_path / "b"
-    train_cli.main(_train_args(synth, a, *aug, epochs=3))
-    s1 = train_cli.main(_train_args(synth, b, *aug, "--stop-after-epochs", "2", epochs=3))
+    train_cli.run(_train_args(synth, a, *aug, epochs=3))
+    s1 = train_cli.run(_train_args(synth, b, *aug, "--stop-after-epochs", "2", epochs=3))
     assert s1["epochs_done"] == 2 and read_metadata(b / "last.safetensors")["epoch"] == 2
-    s2 = train_cli.main(_train_args(synth, b, *aug, "--resume", "auto", epochs=3))
+    s2 = train_cli.run(_train_args(synth, b, *aug, "--resume", "auto", epochs=3))
     assert s2["epochs_done"] == 3 and s2["step"] == 3 * 8
     wa, wb = load_file(a / "last.safetensors"), load_file(b / "last.safetensors")
     assert wa.keys() == wb.keys()
@@ -92,20 +92,20 @@ def test_resume_matches_uninterrupted_run(synth, tmp_path):
 
 def test_resume_errors(synth, tmp_path):
     with pytest.raises(FileNotFoundError, match="checkpoint file not found"):
-        train_cli.main(_train_args(synth, tmp_path / "x", "--resume", str(tmp_path / "nope.safetensors")))
+        train_cli.run(_train_args(synth, tmp_path / "x", "--resume", str(tmp_path / "nope.safetensors")))
     out = tmp_path / "r"
-    train_cli.main(_train_args(synth, out, "--scale-p", "0", "--val-every", "0", epochs=1))
+    train_cli.run(_train_args(synth, out, "--scale-p", "0", "--val-every", "0", epochs=1))
     # a state file from another step than the weights is detected
     st = torch.load(out / "last.state.pt", weights_only=False)
     st["step"] += 1
     torch.save(st, out / "last.state.pt")
     with pytest.raises(RuntimeError, match="checkpoint mismatch"):
-        train_cli.main(_train_args(synth, out, "--resume", str(out), epochs=2))
+        train_cli.run(_train_args(synth, out, "--resume", str(out), epochs=2))
 
 
 def test_freeze_prefix(synth, tmp_path):
     out = tmp_path / "f"
-    train_cli.main(_train_args(synth, out, "--freeze", "trunk", "--scale-p", "0", "--val-every", "0",
+    train_cli.run(_train_args(synth, out, "--freeze", "trunk", "--scale-p", "0", "--val-every", "0",
                                "--init", str(_init_weights(tmp_path)), epochs=1))
     init = load_file(tmp_path / "init.safetensors")
     after = load_file(out / "last.safetensors")
@@ -116,7 +116,7 @@ def test_freeze_prefix(synth, tmp_path):
         elif k.startswith("head."):
             assert not torch.equal(init[k], after[k]), k
     with pytest.raises(ValueError, match=r"--freeze prefix 'trunkk' matches no parameter.*trunk, head"):
-        train_cli.main(_train_args(synth, tmp_path / "g", "--freeze", "trunkk", epochs=1))
+        train_cli.run(_train_args(synth, tmp_path / "g", "--freeze", "trunkk", epochs=1))
 
 
 def _init_weights(tmp_path):
@@ -142,7 +142,7 @@ def test_apply_freeze_and_poly_lambda():
 
 def test_lr_is_poly_per_step(synth, tmp_path):
     out = tmp_path / "lr"
-    train_cli.main(_train_args(synth, out, "--scale-p", "0", "--val-every", "0", "--optimizer", "sgd", epochs=2))
+    train_cli.run(_train_args(synth, out, "--scale-p", "0", "--val-every", "0", "--optimizer", "sgd", epochs=2))
     steps = _records(out, "step")
     assert [r["step"] for r in steps] == list(range(1, 17))
     for r in steps:
@@ -151,12 +151,12 @@ def test_lr_is_poly_per_step(synth, tmp_path):
 
 def test_bf16_autocast_and_rmi_on_cpu(synth, tmp_path):
     out = tmp_path / "bf16"
-    s = train_cli.main(_train_args(synth, out, "--amp", "bf16", "--loss", "rmi", "--scale-p", "0", epochs=1))
+    s = train_cli.run(_train_args(synth, out, "--amp", "bf16", "--loss", "rmi", "--scale-p", "0", epochs=1))
     assert np.isfinite(_records(out, "train")[0]["loss"]) and s["last_val"] is not None
     with pytest.raises(ValueError, match="fp16 autocast needs a CUDA device"):
-        train_cli.main(_train_args(synth, tmp_path / "fp16", "--amp", "fp16", "--device", "cpu", epochs=1))
+        train_cli.run(_train_args(synth, tmp_path / "fp16", "--amp", "fp16", "--device", "cpu", epochs=1))
     with pytest.raises(ValueError, match="set --crop-size to batch"):
-        train_cli.main(_train_args(synth, tmp_path / "nocrop", "--scale-p", "0.5", epochs=1))
+        train_cli.run(_train_args(synth, tmp_path / "nocrop", "--scale-p", "0.5", epochs=1))
 
 
 def test_corrupt_image_and_missing_mask_errors(tmp_path):
@@ -165,37 +165,37 @@ def test_corrupt_image_and_missing_mask_errors(tmp_path):
     bad = root / "images/train/000002.png"
     bad.write_bytes(bad.read_bytes()[:60])
     with pytest.raises(DatasetError, match=r"cannot read image file .*000002\.png"):
-        train_cli.main(_train_args(root, tmp_path / "o1", "--batch-size", "1", epochs=1))
+        train_cli.run(_train_args(root, tmp_path / "o1", "--batch-size", "1", epochs=1))
     os.remove(root / "masks/train/000001.png")
     with pytest.raises(DatasetError, match=r"mask file not found: .*masks/train/000001\.png"):
-        train_cli.main(_train_args(root, tmp_path / "o2", epochs=1))
+        train_cli.run(_train_args(root, tmp_path / "o2", epochs=1))
 
 
 def test_eval_tta_scales_and_predict(synth, tmp_path, capsys):
     out = tmp_path / "m"
-    train_cli.main(_train_args(synth, out, "--scale-p", "0", "--val-every", "0", epochs=1, model="test-tiny-scales"))
+    train_cli.run(_train_args(synth, out, "--scale-p", "0", "--val-every", "0", epochs=1, model="test-tiny-scales"))
     ck = str(out / "last.safetensors")
     base = ["--import", TINY, "--checkpoint", ck, "--dataset", "folder", "--data-root", str(synth), "--workers", "0",
             "--no-progress"]
-    plain = eval_cli.main(base + ["--json", str(tmp_path / "r.json")])
+    plain = eval_cli.run(base + ["--json", str(tmp_path / "r.json")])
     table = capsys.readouterr().out
     assert "triangle" in table and "mIoU" in table
     assert json.loads((tmp_path / "r.json").read_text())["miou"] == pytest.approx(plain["miou"])
-    flip = eval_cli.main(base + ["--flip"])
+    flip = eval_cli.run(base + ["--flip"])
     assert flip["pixels"] == plain["pixels"]
     # the model exposes set_scales: it receives the list and runs once (same result as a plain run)
-    native = eval_cli.main(base + ["--scales", "0.5,1.0"])
+    native = eval_cli.run(base + ["--scales", "0.5,1.0"])
     assert native["miou"] == pytest.approx(plain["miou"])
     # generic multi-scale averaging for a model without set_scales: different from the plain result
     out2 = tmp_path / "m2"
-    train_cli.main(_train_args(synth, out2, "--scale-p", "0", "--val-every", "0", epochs=1))
+    train_cli.run(_train_args(synth, out2, "--scale-p", "0", "--val-every", "0", epochs=1))
     base2 = [a if a != ck else str(out2 / "last.safetensors") for a in base]
-    p2 = eval_cli.main(base2)
-    ms = eval_cli.main(base2 + ["--scales", "0.75,1.0,1.25", "--flip"])
+    p2 = eval_cli.run(base2)
+    ms = eval_cli.run(base2 + ["--scales", "0.75,1.0,1.25", "--flip"])
     assert ms["pixels"] == p2["pixels"] and ms["iou"] != p2["iou"]
 
     pred = tmp_path / "pred"
-    files = predict_cli.main(["--import", TINY, "--checkpoint", ck, "--input", str(synth / "images/val"), "--output",
+    files = predict_cli.run(["--import", TINY, "--checkpoint", ck, "--input", str(synth / "images/val"), "--output",
                               str(pred), "--save-labels", "--size-divisor", "16"])
     assert len(files) == 3 * 7
     labels = np.array(Image.open(pred / "000000_labels.png"))
@@ -205,7 +205,7 @@ def test_eval_tta_scales_and_predict(synth, tmp_path, capsys):
     assert labels.shape == (64, 64) and labels.max() < 4
     assert np.array_equal(colour, get_palette("cityscapes", 4)[labels])
     assert np.abs(overlay.astype(int) - (img.astype(int) + colour.astype(int)) / 2).max() <= 1
-    single = predict_cli.main(["--import", TINY, "--checkpoint", ck, "--input", str(synth / "images/val/000003.png"),
+    single = predict_cli.run(["--import", TINY, "--checkpoint", ck, "--input", str(synth / "images/val/000003.png"),
                                "--output", str(tmp_path / "one"), "--palette", "voc"])
     assert [p.name for p in single] == ["000003_mask.png", "000003_overlay.png"]
 
@@ -225,7 +225,7 @@ def test_torchrun_two_cpu_processes_match_one(synth, tmp_path):
     # samples of 1 process × batch 4 and their averaged gradients equal the single process's
     common = ["--model-arg", "norm='none'", "--hflip", "0", "--loss", "ce", "--val-every", "1"]
     one = tmp_path / "one"
-    train_cli.main(_train_args(synth, one, *common, epochs=1))
+    train_cli.run(_train_args(synth, one, *common, epochs=1))
     two = tmp_path / "two"
     args = _train_args(synth, two, *common, epochs=1)
     args[args.index("--batch-size") + 1] = "2"
@@ -240,7 +240,7 @@ def test_torchrun_two_cpu_processes_match_one(synth, tmp_path):
     assert v2[-1]["pixels"] == 7 * 64 * 64  # every val image exactly once over both ranks (7 is odd)
     assert v1[-1]["miou"] == pytest.approx(v2[-1]["miou"], abs=2e-3)
     # the 2-process validation (sharded, all-reduced) equals a 1-process evaluation of the same weights
-    single = eval_cli.main(["--import", TINY, "--checkpoint", str(two / "last.safetensors"), "--dataset", "folder",
+    single = eval_cli.run(["--import", TINY, "--checkpoint", str(two / "last.safetensors"), "--dataset", "folder",
                             "--data-root", str(synth), "--workers", "0", "--no-progress"])
     assert single["pixels"] == v2[-1]["pixels"]
     assert single["miou"] == pytest.approx(v2[-1]["miou"], abs=1e-12)

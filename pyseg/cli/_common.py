@@ -1,8 +1,100 @@
-"""Argument parsing helpers shared by the commands."""
+"""Shared by the commands: the console-script wrapper (exit statuses, one-line errors) and argument helpers.
+
+Every command module defines ``run(argv=None)`` (the Python API: parses ``argv``, does the work, returns a
+summary, raises on failure) and ``main = console_main(run, "pyseg-<name>")``, the console-script entry point.
+"""
 from __future__ import annotations
 
 import argparse
 import ast
+import functools
+import os
+import sys
+from pathlib import Path
+
+#: set to 1 to let a failing command raise (full traceback) instead of printing one line
+TRACEBACK_ENV = "PYSEG_TRACEBACK"
+
+
+class CommandError(Exception):
+    """A failure a command reports as one line (``prog: error: message``, exit status 1), e.g. a missing file."""
+
+
+# Errors whose message already says what is wrong; anything else gets its type name in front.
+_PLAIN_ERRORS = (CommandError, OSError, ValueError, TypeError, KeyError, LookupError)
+
+
+def error_line(exc: BaseException) -> str:
+    """``exc`` as one line: its message with line breaks joined; the type name first for unexpected errors."""
+    from ..data.datasets import DatasetError
+
+    msg = "; ".join(part.strip() for part in str(exc).splitlines() if part.strip())
+    if isinstance(exc, KeyError) and len(exc.args) == 1:
+        msg = str(exc.args[0])
+    if not isinstance(exc, _PLAIN_ERRORS + (DatasetError,)):
+        msg = f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
+    return msg or type(exc).__name__
+
+
+def console_main(run, prog: str):
+    """Console-script entry point around ``run(argv) -> summary``: returns the exit status instead of the summary.
+
+    0 on success; 2 for usage errors (argparse exits itself, printing usage); 1 on any other failure, printed to
+    stderr as one line ``prog: error: message`` (no traceback; ``PYSEG_TRACEBACK=1`` re-raises instead);
+    130 on Ctrl-C. ``raise SystemExit("message")`` inside ``run`` is reported like an error. Usage::
+
+        def run(argv=None) -> dict: ...
+        main = console_main(run, "pyseg-foo")          # [project.scripts] pyseg-foo = "pyseg.cli.foo:main"
+    """
+
+    @functools.wraps(run)
+    def main(argv=None) -> int:
+        try:
+            run(argv)
+        except SystemExit as e:
+            if e.code is None or isinstance(e.code, int):
+                return e.code or 0
+            print(f"{prog}: error: {error_line(CommandError(e.code))}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print(f"{prog}: interrupted", file=sys.stderr)
+            return 130
+        except Exception as e:
+            if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+                raise
+            print(f"{prog}: error: {error_line(e)}", file=sys.stderr)
+            return 1
+        return 0
+
+    main.__doc__ = f"``{prog}`` console entry point: runs ``{run.__module__}.{run.__name__}``, returns the exit status."
+    main.run = run
+    return main
+
+
+def require_file(path, what: str) -> Path:
+    """``Path(path)`` if it is an existing file, else :class:`CommandError` ``"<what> not found: <path>"``."""
+    p = Path(path)
+    if not p.is_file():
+        raise CommandError(f"{what} not found: {path}" if not p.exists() else f"{what} is not a file: {path}")
+    return p
+
+
+def require_dir(path, what: str) -> Path:
+    """``Path(path)`` if it is an existing folder, else :class:`CommandError` ``"<what> not found: <path>"``."""
+    p = Path(path)
+    if not p.is_dir():
+        raise CommandError(f"{what} not found: {path}" if not p.exists() else f"{what} is not a folder: {path}")
+    return p
+
+
+def positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+    return v
 
 
 def size_hw(s: str) -> tuple[int, int]:
@@ -71,8 +163,11 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", help="auto | cpu | cuda")
     g.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"),
                    help="autocast dtype (fp16 only on CUDA, with a gradient scaler)")
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
-    g.add_argument("--threads", type=int, default=None, metavar="N",
+    g.add_argument("--progress", choices=("auto", "bar", "log", "none"), default="auto",
+                   help="auto: live tqdm bars on a terminal, else (pipe, file) a plain line at most every "
+                   "PYSEG_PROGRESS_INTERVAL seconds (default 60); bar | log | none force one")
+    g.add_argument("--no-progress", dest="progress", action="store_const", const="none", help="= --progress none")
+    g.add_argument("--threads", type=positive_int, default=None, metavar="N",
                    help="CPU threads of torch's intra-op pool (torch.set_num_threads; default: torch's choice)")
 
 
@@ -82,7 +177,7 @@ def apply_threads(args) -> None:
     if n is None:
         return
     if n < 1:
-        raise SystemExit(f"--threads must be >= 1, got {n}")
+        raise ValueError(f"--threads must be >= 1, got {n}")
     import torch
 
     torch.set_num_threads(n)

@@ -3,18 +3,20 @@ from __future__ import annotations
 
 from ..engine.checkpoint import load_weights, read_metadata
 from ..engine.trainer import build_model, import_extra, resolve_device
+from ._common import CommandError, require_file
 
 
 def load_model_from_args(args):
     """(model in eval mode on its device, metadata, device) from ``--checkpoint`` and optional overrides."""
     import_extra(args.imports)
+    require_file(args.checkpoint, "checkpoint")
     meta = read_metadata(args.checkpoint)
     name = args.model or meta.get("model")
     if not name:
-        raise SystemExit(f"{args.checkpoint} does not name its model; pass --model")
+        raise CommandError(f"{args.checkpoint} does not name its model; pass --model")
     num_classes = args.num_classes or meta.get("num_classes")
     if not num_classes:
-        raise SystemExit(f"{args.checkpoint} does not record num_classes; pass --num-classes")
+        raise CommandError(f"{args.checkpoint} does not record num_classes; pass --num-classes")
     kwargs = dict(meta.get("model_kwargs") or {})
     kwargs.update(args.model_kwargs)
     model = build_model(name, int(num_classes), kwargs)

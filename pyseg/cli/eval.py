@@ -16,7 +16,8 @@ import json
 import torch
 from torch.utils.data import DataLoader
 
-from ._common import add_data_args, add_model_args, add_runtime_args, apply_threads, float_list, key_values
+from ._common import (add_data_args, add_model_args, add_runtime_args, apply_threads, console_main, float_list,
+                      key_values, require_dir)
 
 
 def build_parser():
@@ -34,7 +35,9 @@ def build_parser():
     return p
 
 
-def main(argv=None) -> dict:
+def run(argv=None) -> dict:
+    """``pyseg-eval`` as a function: ``run(["--checkpoint", ..., ...])`` returns the metrics dict (``miou``,
+    ``iou``, ``acc``, ``pixel_acc``, ...; see :meth:`pyseg.metrics.ConfusionMatrix.compute`) and raises on failure."""
     from ..data import build_dataset, build_eval_transform
     from ..engine.distributed import ShardSampler, cleanup_distributed, init_distributed, is_main
     from ..engine.evaluator import evaluate
@@ -44,7 +47,12 @@ def main(argv=None) -> dict:
     p = build_parser()
     args = p.parse_args(argv)
     apply_threads(args)
-    args.model_kwargs = key_values(args.model_arg)
+    try:
+        args.model_kwargs = key_values(args.model_arg)
+        dataset_kwargs = key_values(args.dataset_arg)
+    except argparse.ArgumentTypeError as e:
+        p.error(str(e))
+    require_dir(args.data_root, "dataset root")
     model, meta, device = load_model_from_args(args)
     _, world, local = init_distributed(device)
     try:
@@ -52,7 +60,7 @@ def main(argv=None) -> dict:
             device = torch.device("cuda", local)
             model.to(device)
         ds = build_dataset(args.dataset, args.data_root, args.split,
-                           build_eval_transform(size_divisor=args.size_divisor), **key_values(args.dataset_arg))
+                           build_eval_transform(size_divisor=args.size_divisor), **dataset_kwargs)
         num_classes = args.num_classes or int(meta.get("num_classes") or ds.num_classes)
         loader = DataLoader(ds, batch_size=args.batch_size, sampler=ShardSampler(len(ds)), num_workers=args.workers,
                             pin_memory=device.type == "cuda")
@@ -72,5 +80,7 @@ def main(argv=None) -> dict:
         cleanup_distributed()
 
 
+main = console_main(run, "pyseg-eval")
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

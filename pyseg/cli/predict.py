@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ._common import add_model_args, add_runtime_args, apply_threads, float_list, key_values, size_hw
+from ._common import (CommandError, add_model_args, add_runtime_args, apply_threads, console_main, float_list,
+                      key_values, size_hw)
 
 
 def build_parser():
@@ -36,7 +37,8 @@ def build_parser():
     return p
 
 
-def main(argv=None) -> list[Path]:
+def run(argv=None) -> list[Path]:
+    """``pyseg-predict`` as a function: returns the paths it wrote; raises on failure."""
     from ..data import get_palette, read_image
     from ..data.datasets import IMAGE_EXTS
     from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -44,18 +46,22 @@ def main(argv=None) -> list[Path]:
     from ..engine.inference import configure_scales, predict_scores
     from ._load import load_model_from_args
 
-    args = build_parser().parse_args(argv)
+    p = build_parser()
+    args = p.parse_args(argv)
     apply_threads(args)
-    args.model_kwargs = key_values(args.model_arg)
+    try:
+        args.model_kwargs = key_values(args.model_arg)
+    except argparse.ArgumentTypeError as e:
+        p.error(str(e))
     src = Path(args.input)
     if src.is_dir():
         files = sorted(f for f in src.iterdir() if f.suffix.lower() in IMAGE_EXTS)
         if not files:
-            raise SystemExit(f"no images in {src}")
+            raise CommandError(f"no images in {src}")
     elif src.is_file():
         files = [src]
     else:
-        raise SystemExit(f"input not found: {src}")
+        raise CommandError(f"input not found: {src}")
     model, meta, device = load_model_from_args(args)
     num_classes = int(args.num_classes or meta["num_classes"])
     palette = get_palette(args.palette, num_classes)
@@ -93,5 +99,7 @@ def main(argv=None) -> list[Path]:
     return written
 
 
+main = console_main(run, "pyseg-predict")
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

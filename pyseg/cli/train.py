@@ -16,7 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from ._common import add_data_args, add_model_args, add_runtime_args, apply_threads, key_values, size_hw
+from ._common import (add_data_args, add_model_args, add_runtime_args, apply_threads, console_main, key_values,
+                      require_dir, require_file, size_hw)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,16 +85,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     return a
 
 
-def main(argv=None) -> dict:
+def run(argv=None) -> dict:
+    """``pyseg-train`` as a function: ``run([...])`` returns the summary of :func:`pyseg.engine.trainer.train`
+    (``best_miou``, ``last_val``, ``epochs_done``, ``step``, ``output_dir``, ...); raises on failure."""
     from ..engine.trainer import train
 
     args = parse_args(argv)
     apply_threads(args)
+    require_dir(args.data_root, "dataset root")
+    if args.init:
+        require_file(args.init, "--init checkpoint")
     summary = train(args)
     if summary.get("rank", 0) == 0 and summary.get("best_miou") is not None:
         print(json.dumps({"best_miou": summary["best_miou"], "epochs_done": summary["epochs_done"]}))
     return summary
 
 
+main = console_main(run, "pyseg-train")
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -4,11 +4,11 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from tqdm import tqdm
 
 from ..metrics import ConfusionMatrix
 from .distributed import is_main
 from .inference import configure_scales, predict_scores
+from .progress import progress as progress_bar
 
 __all__ = ["evaluate", "autocast_context"]
 
@@ -27,18 +27,19 @@ def autocast_context(device: torch.device, amp: str | None):
 
 @torch.no_grad()
 def evaluate(model, loader, num_classes: int, device, amp: str | None = None, flip: bool = False, scales=None,
-             size_divisor: int = 1, ignore_index: int = 255, progress: bool = True, desc: str = "eval") -> dict:
+             size_divisor: int = 1, ignore_index: int = 255, progress="auto", desc: str = "eval") -> dict:
     """mIoU etc. (see :meth:`ConfusionMatrix.compute`) of ``model`` over ``loader`` (batches of (image, mask)).
 
     Under DDP each rank sees its shard (use :class:`~pyseg.engine.distributed.ShardSampler`) and the matrices
-    are all-reduced, so every rank returns the whole set's metrics.
+    are all-reduced, so every rank returns the whole set's metrics. ``progress``: a mode of
+    :func:`pyseg.engine.progress.progress` (``auto``, ``bar``, ``log``, ``none``) or a bool.
     """
     device = torch.device(device)
     was_training = model.training
     model.eval()
     native = configure_scales(model, scales)
     cm = ConfusionMatrix(num_classes, ignore_index=ignore_index, device=device)
-    it = tqdm(loader, desc=desc, disable=not (progress and is_main()), leave=False, dynamic_ncols=True)
+    it = progress_bar(loader, desc=desc, mode=progress, enabled=is_main())
     for image, mask in it:
         image = image.to(device, non_blocking=True)
         mask = mask.to(device, non_blocking=True)

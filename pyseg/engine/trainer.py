@@ -32,7 +32,6 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
-from tqdm import tqdm
 
 from ..data import build_dataset, build_eval_transform, build_train_transform
 from ..data.transforms import seed_worker
@@ -42,6 +41,7 @@ from .distributed import (ShardSampler, all_gather_object, barrier, cleanup_dist
                           is_dist, is_main, reduce_mean)
 from .evaluator import autocast_context, evaluate
 from .inference import extract_logits
+from .progress import progress, resolve_mode
 
 __all__ = ["train", "import_extra", "resolve_device", "apply_freeze", "build_model", "poly_lambda"]
 
@@ -201,6 +201,7 @@ def _train(cfg, device, rank, world) -> dict:
         torch.backends.cudnn.benchmark = True
 
     autocast_context(device, cfg.amp)  # validates --amp for this device before any work
+    resolve_mode(cfg.progress)  # and --progress
     if cfg.scale_p > 0 and cfg.crop_size is None and cfg.batch_size > 1:
         raise ValueError("random resizing (--scale-p > 0) gives images of different sizes: set --crop-size to batch "
                          "them, or --scale-p 0, or --batch-size 1")
@@ -322,8 +323,7 @@ def _train(cfg, device, rank, world) -> dict:
         _set_train_mode(model, [f"module.{n}" if isinstance(model, DDP) else n for n in frozen])
         t0 = time.time()
         loss_sum, n_steps = 0.0, 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (main and cfg.progress),
-                   dynamic_ncols=True, leave=False)
+        bar = progress(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", mode=cfg.progress, enabled=main)
         for image, mask in bar:
             image = image.to(device, non_blocking=True)
             mask = mask.to(device, non_blocking=True)
