@@ -65,11 +65,12 @@ def trained(data, tmp_path_factory):
     assert r.returncode == 0, r.stderr
     text = r.stdout + r.stderr
     assert "\r" not in text  # no progress bar redraws in a log
-    lines = text.splitlines()
-    # header, per epoch a loss line and a val line, the JSON summary; nothing else (interval 60 s: no step lines)
+    lines = r.stdout.splitlines()
+    # header, per epoch a loss line and a val line, the JSON summary; no step lines (interval 60 s)
     assert len(lines) == 6, lines
     assert lines[1].startswith("epoch 1/2: loss ") and lines[4].startswith("epoch 2: val mIoU ")
     assert '"best_miou"' in lines[-1]
+    assert "epoch" not in r.stderr and "val" not in r.stderr, r.stderr
     assert (out / "best.safetensors").is_file()
     return out
 
