@@ -1,4 +1,6 @@
-"""Segmentation models and their registry (``create_model``, ``list_models``)."""
+"""Segmentation models and their registry (``create_model``, ``list_models``); released checkpoints
+(``from_official``)."""
+from .official import from_official
 from .registry import create_model, get_config, list_models, register_model
 
-__all__ = ["create_model", "get_config", "list_models", "register_model"]
+__all__ = ["create_model", "from_official", "get_config", "list_models", "register_model"]

@@ -9,16 +9,22 @@ Other models (``resnet18``...) use ``features_only`` and their last feature map 
 
 Weights are never downloaded: ``weights=path`` loads a local ImageNet checkpoint (safetensors or a
 torch file holding a timm state dict; classifier entries are ignored).
+
+``static_padding=S`` (:func:`static_same_padding`) fixes every convolution's zero padding to TensorFlow's
+"same" padding computed once for an S x S image and its stride chain, then used at any input size: the
+padding of the public HyperSeg EfficientNet (S = 240 for B1, 300 for B3), which differs from timm's
+dynamic "same" padding at stride-2 convolutions that meet an odd size in that chain.
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import List, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["TimmEncoder", "load_state_dict_file"]
+__all__ = ["TimmEncoder", "load_state_dict_file", "static_same_padding"]
 
 _CLASSIFIER_PREFIXES = ("classifier.", "fc.", "head.", "last_linear.")
 
@@ -42,6 +48,43 @@ def load_state_dict_file(path: str) -> dict:
     return {(k[7:] if k.startswith("module.") else k): v for k, v in sd.items()}
 
 
+def _same_pads(size: int, k: int, stride: int, dilation: int):
+    """(total padding, output size) of TF "same" for a ``size`` input."""
+    out = math.ceil(size / stride)
+    return max((out - 1) * stride + (k - 1) * dilation + 1 - size, 0), out
+
+
+@torch.no_grad()
+def static_same_padding(trunk: nn.Module, image_size: int) -> List[Tuple[str, Tuple[int, int, int, int]]]:
+    """Replace every Conv2d of ``trunk`` by one with fixed zero padding: TF "same" padding computed for a
+    square ``image_size`` input, the size following the convolutions' strides in module order (the
+    order timm's EfficientNet runs them). Symmetric paddings become the conv's own ``padding`` (a plain
+    ``nn.Conv2d``); an asymmetric one (left/top = total // 2) becomes ``nn.Sequential(nn.ZeroPad2d,
+    nn.Conv2d)``. Weights are kept. Returns (name, (left, right, top, bottom)) per spatial conv."""
+    size = image_size
+    table = []
+    for name, m in list(trunk.named_modules()):
+        if not isinstance(m, nn.Conv2d):
+            continue
+        (kh, kw), (sh, sw), (dh, dw) = m.kernel_size, m.stride, m.dilation
+        if m.padding_mode != "zeros" or kh != kw or sh != sw or dh != dw:
+            raise ValueError(f"static_padding: {name} ({m}) is not a square zero-padded convolution")
+        total, out = _same_pads(size, kh, sh, dh)
+        lo, hi = total // 2, total - total // 2
+        conv = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, lo if lo == hi else 0, m.dilation,
+                         m.groups, bias=m.bias is not None).to(m.weight.device, m.weight.dtype)
+        conv.weight.copy_(m.weight)
+        if m.bias is not None:
+            conv.bias.copy_(m.bias)
+        new = conv if lo == hi else nn.Sequential(nn.ZeroPad2d((lo, hi, lo, hi)), conv)
+        parent, _, attr = name.rpartition(".")
+        setattr(trunk.get_submodule(parent) if parent else trunk, attr, new)
+        if kh > 1 or sh > 1:
+            table.append((name, (lo, hi, lo, hi)))
+        size = out
+    return table
+
+
 def _scales(out_feat_scale, n) -> List[float]:
     if isinstance(out_feat_scale, (list, tuple)):
         if len(out_feat_scale) != n:
@@ -59,13 +102,16 @@ class TimmEncoder(nn.Module):
             not 1 gets a 1x1 conv + BN reducer to ``round(channels * scale)`` channels.
         weights: optional local checkpoint of the timm model (ImageNet weights).
         drop_path_rate: stochastic depth of the trunk (training only).
+        static_padding: image size for :func:`static_same_padding` (None: the timm model's padding).
+        reducer_bn_eps: BatchNorm eps of the reducers (the public HyperSeg EfficientNet: 1e-3).
 
     ``forward(x) -> (features, signal)``: ``features`` a list of 5 maps (strides 2, 4, 8, 16, 32) with
     :attr:`feature_channels`, ``signal`` (B, :attr:`signal_channels`, H/32, W/32).
     """
 
     def __init__(self, name: str = "efficientnet_b1", out_feat_scale: Union[float, Sequence[float]] = 1.0,
-                 weights: str = None, drop_path_rate: float = 0.0):
+                 weights: str = None, drop_path_rate: float = 0.0, static_padding: int = None,
+                 reducer_bn_eps: float = 1e-5):
         super().__init__()
         import timm
 
@@ -94,6 +140,9 @@ class TimmEncoder(nn.Module):
         trunk_channels = [f["num_chs"] for f in info]
         if weights is not None:
             self.load_trunk_weights(weights)
+        self.static_padding = static_padding
+        if static_padding is not None:
+            static_same_padding(self.trunk, int(static_padding))
         scales = _scales(out_feat_scale, 5)
         self.reducers = nn.ModuleList()
         self.feature_channels = []
@@ -106,7 +155,7 @@ class TimmEncoder(nn.Module):
                 out = int(round(c * s))
                 if out < 1:
                     raise ValueError(f"out_feat_scale {s} leaves no channels of {c}")
-                self.reducers.append(nn.Sequential(nn.Conv2d(c, out, 1, bias=False), nn.BatchNorm2d(out)))
+                self.reducers.append(nn.Sequential(nn.Conv2d(c, out, 1, bias=False), nn.BatchNorm2d(out, eps=reducer_bn_eps)))
                 self.feature_channels.append(out)
         self.trunk_channels = trunk_channels
 

@@ -153,6 +153,12 @@ class HyperSeg(nn.Module):
             ``public_signal_layout``, which is ``"prefix"`` -- every slice starts at channel 0 -- for
             the public v1_0 models HyperSeg-M and the CamVid models).
         public_signal_layout: see ``signal_slicing``.
+        signal_slices: explicit (offset, width) of each generator's slice of phi (overrides
+            ``signal_unit``, ``signal_slicing`` and ``round_weight_counts``; used for released checkpoints).
+        backbone_padding: image size whose TF "same" padding every trunk convolution keeps at any input
+            size (:func:`~pyseg.models.backbones.static_same_padding`; the public HyperSeg EfficientNet:
+            240 for B1, 300 for B3); None keeps the timm model's padding.
+        reducer_bn_eps: BatchNorm eps of the skip reducers (the public EfficientNet's: 1e-3).
         backbone_weights: local ImageNet checkpoint of the timm backbone (never downloaded).
         backbone_drop_path_rate: stochastic depth in the trunk (training).
         backend: backend of the dynamic ops (``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"``,
@@ -171,7 +177,8 @@ class HyperSeg(nn.Module):
                  context_head: str = "v1_0", context_levels: int = 2, decoder: str = "v1_0",
                  unify_level: Optional[int] = None, round_weight_counts: bool = False,
                  signal_slicing: str = "disjoint", public_signal_layout: str = "prefix",
-                 backbone_weights: Optional[str] = None, backbone_drop_path_rate: float = 0.0,
+                 signal_slices: Optional[Sequence[Tuple[int, int]]] = None, backbone_padding: Optional[int] = None,
+                 reducer_bn_eps: float = 1e-5, backbone_weights: Optional[str] = None, backbone_drop_path_rate: float = 0.0,
                  backend: str = "auto", in_channels: int = 3, input_size: Optional[Tuple[int, int]] = None,
                  name: str = "hyperseg"):
         super().__init__()
@@ -196,7 +203,8 @@ class HyperSeg(nn.Module):
         self.signal_slicing = signal_slicing
 
         self.encoder = TimmEncoder(backbone, out_feat_scale, weights=backbone_weights,
-                                   drop_path_rate=backbone_drop_path_rate)
+                                   drop_path_rate=backbone_drop_path_rate, static_padding=backbone_padding,
+                                   reducer_bn_eps=reducer_bn_eps)
         C = self.encoder.signal_channels
         if context_head == "v1_0":
             self.context_head = ContextHead(C, context_levels)
@@ -229,7 +237,7 @@ class HyperSeg(nn.Module):
         unify_from = None if unify_level is None else unify_level - 1
         self.weight_mapper = WeightMapper(self.context_head.out_channels, [b.weight_numel for b in blocks],
                                           weight_groups, unit=signal_unit, slicing=layout, unify_from=unify_from,
-                                          round_counts=round_weight_counts)
+                                          round_counts=round_weight_counts, slices=signal_slices)
         # generators that feed fused meta blocks only (a unified generator's split would not be
         # patch-contiguous per level)
         self._patch_major_generators = [len(span) == 1 and isinstance(blocks[span[0]], MetaBlock)

@@ -134,12 +134,14 @@ class WeightMapper(nn.Module):
             weights are concatenated into one weight vector, emitted by one conv and split afterwards.
         round_counts: divide the signal by the generators' padded output widths (multiples of their
             groups) instead of the exact weight counts (the public v0_1 head does this).
+        slices: explicit (offset, width) of each generator's slice of phi; overrides ``unit``,
+            ``slicing`` and ``round_counts`` (e.g. the layout of a released checkpoint).
 
     ``forward(phi)`` returns a list with one (B, weight_numel_l, h, w) tensor per level.
     """
 
     def __init__(self, signal_channels: int, level_weights: Sequence[int], weight_groups=1, unit: int = None,
-                 slicing: str = "disjoint", unify_from: int = None, round_counts: bool = False):
+                 slicing: str = "disjoint", unify_from: int = None, round_counts: bool = False, slices=None):
         super().__init__()
         L = len(level_weights)
         self.level_weights = [int(n) for n in level_weights]
@@ -161,7 +163,17 @@ class WeightMapper(nn.Module):
         unit = max(all_groups) if unit is None else int(unit)
         numels = [sum(self.level_weights[i] for i in span) for span in spans]
         counts = [-(-n // g) * g for n, g in zip(numels, groups)] if round_counts else numels
-        self.slices = signal_slices(signal_channels, counts, unit, slicing)
+        if slices is None:
+            self.slices = signal_slices(signal_channels, counts, unit, slicing)
+        else:
+            self.slices = [(int(o), int(w)) for o, w in slices]
+            if len(self.slices) != len(spans):
+                raise ValueError(f"slices must have {len(spans)} (offset, width) entries, one per generator, "
+                                 f"got {list(slices)}")
+            bad = [(o, w) for o, w in self.slices if o < 0 or w < 1 or o + w > signal_channels]
+            if bad:
+                raise ValueError(f"slices {bad} do not lie within the {signal_channels} channels of phi")
+            slicing = "explicit"
         self.slicing = slicing
         self.unit = unit
         self.signal_channels = signal_channels
