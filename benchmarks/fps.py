@@ -46,7 +46,10 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="hyperseg-m", help="registry name (pyseg.models.list_models())")
+    p.add_argument("--model", default=None, help="registry name (pyseg.models.list_models()); default hyperseg-m, "
+                   "or the checkpoint's model")
+    p.add_argument("--checkpoint", default=None, help="weights to load: a pyseg .safetensors (pyseg-train, "
+                   "pyseg-convert) or a released .pth (pyseg.models.from_official)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -198,8 +201,16 @@ def main(argv=None):
         notes.append("--cuda-graph ignored on the CPU")
         cuda_graph = False
 
-    cfg = get_config(args.model)
-    model = create_model(args.model, backend=args.backend).eval()
+    if args.checkpoint:
+        from pyseg.models import load_pretrained
+
+        model = load_pretrained(args.checkpoint, args.model, backend=args.backend).eval()
+        args.model = args.model or model.pyseg_config["model"]
+        cfg = {"input_size": getattr(model, "input_size", None) or get_config(args.model).get("input_size")}
+    else:
+        args.model = args.model or "hyperseg-m"
+        cfg = get_config(args.model)
+        model = create_model(args.model, backend=args.backend).eval()
     scales = None
     if args.scales is not None or callable(getattr(model, "set_scales", None)):
         if not callable(getattr(model, "set_scales", None)):
@@ -295,7 +306,7 @@ def main(argv=None):
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or
                                                                                   platform.machine())
     record = {
-        "model": args.model, "device": str(device), "device_name": dev_name,
+        "model": args.model, "checkpoint": args.checkpoint, "device": str(device), "device_name": dev_name,
         "threads": torch.get_num_threads() if device.type == "cpu" else None,
         "dtype": args.dtype, "batch": args.batch, "height": H, "width": W,
         "backend": args.backend, "backend_resolved": backend_used,

@@ -1,4 +1,5 @@
-"""Build a model from a checkpoint written by ``pyseg-train`` (its metadata names the model)."""
+"""Build a model from a checkpoint written by ``pyseg-train``/``pyseg-convert`` (its metadata names the model) or
+a released one (``.pth``, :func:`pyseg.models.from_official`)."""
 from __future__ import annotations
 
 from ..engine.checkpoint import load_weights, read_metadata
@@ -10,6 +11,15 @@ def load_model_from_args(args):
     """(model in eval mode on its device, metadata, device) from ``--checkpoint`` and optional overrides."""
     import_extra(args.imports)
     require_file(args.checkpoint, "checkpoint")
+    from ..models.official import is_safetensors, load_pretrained
+
+    if not is_safetensors(args.checkpoint):  # a released checkpoint (.pth), e.g. the public HyperSeg weights
+        model = load_pretrained(args.checkpoint, args.model, args.num_classes, **args.model_kwargs)
+        cfg = model.pyseg_config
+        meta = {"model": cfg["model"], "num_classes": cfg["num_classes"], "model_kwargs": cfg["model_kwargs"]}
+        device = resolve_device(args.device)
+        model.to(device).eval()
+        return model, meta, device
     meta = read_metadata(args.checkpoint)
     name = args.model or meta.get("model")
     if not name:

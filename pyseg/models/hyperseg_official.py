@@ -197,7 +197,12 @@ def hyperseg_kwargs(arch: str) -> dict:
     _require(a["level_layers"] == 1 or a["level_layers"] == [1] * L or a["level_layers"] == (1,) * L,
              f"level_layers={a['level_layers']!r} (several dynamic layers per level) is not supported")
     out["signal_slices"] = _public_slices(out, name)
-    out["name"] = _registry_name(out) or "hyperseg-official"
+    registered = _registry_name(out)
+    out["name"] = registered or _UNREGISTERED
+    if "input_size" not in out:
+        from .configs import HYPERSEG_CONFIGS
+
+        out["input_size"] = tuple(HYPERSEG_CONFIGS[registered]["input_size"]) if registered else None
     return out
 
 
@@ -220,6 +225,7 @@ def _public_slices(kw: dict, name: str) -> List[Tuple[int, int]]:
     return list(zip(offsets, widths))
 
 
+_UNREGISTERED = "hyperseg-public-arch"  # name (in messages) of a public architecture that is no registered config
 _STRUCTURE = ("kernel_sizes", "level_channels", "weight_groups", "out_feat_scale", "unify_level", "context_head",
               "context_levels", "decoder", "expand_ratio")
 
@@ -360,7 +366,12 @@ def from_checkpoint(checkpoint: dict, source: str = "checkpoint"):
     arch = checkpoint["arch"]
     kw = hyperseg_kwargs(arch)
     model = HyperSeg(**kw)
-    model.config = dict(kw)  # what pyseg-convert stores
+    exact = kw["name"] != _UNREGISTERED
+    # an architecture that is no registered config is rebuilt through any HyperSeg entry: the kwargs say all
+    model.pyseg_config = {"model": kw["name"] if exact else "hyperseg-m", "num_classes": kw["num_classes"],
+                          "model_kwargs": {k: v for k, v in kw.items() if k not in ("num_classes", "name")},
+                          "registered_config": exact}
+    model.official_arch = arch
     sd = checkpoint["state_dict"]
     km = key_map(model, arch)
     _check_coords(sd, [k for k, v in km.items() if v is None], source)

@@ -9,7 +9,10 @@ and returns the matching pyseg model in eval mode with every tensor loaded -- or
 Readers are looked up in :data:`READERS`, a small table of (constructor names or dotted prefixes ending in
 ``"."``) -> ``"module:function"``, imported only when a checkpoint needs it. A reader is called as
 ``function(checkpoint, source=path)`` with the loaded dict (``state_dict`` already without a ``module.``
-prefix) and returns the loaded model; it builds on the helpers here:
+prefix) and returns the loaded model with a ``pyseg_config`` attribute -- ``{"model": registry name,
+"num_classes": int, "model_kwargs": dict}``, what ``create_model`` needs to rebuild it -- which
+:func:`save_converted` stores (``pyseg-convert``) and :func:`load_pretrained` reads back without ``torch.load``.
+Readers build on the helpers here:
 
 * :func:`load_checkpoint` -- safe loading, a clear error for a file that is not a (complete) checkpoint;
 * :func:`strip_prefix` -- DataParallel's ``module.``;
@@ -30,7 +33,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 import torch
 from torch import Tensor, nn
 
-__all__ = ["from_official", "load_checkpoint", "strip_prefix", "parse_arch", "load_mapped", "register_reader",
+__all__ = ["from_official", "load_pretrained", "save_converted", "is_safetensors", "load_checkpoint", "strip_prefix", "parse_arch", "load_mapped", "register_reader",
            "find_reader", "supported_archs", "READERS", "CheckpointMismatchError", "UnsupportedArchError"]
 
 #: (constructor names, or dotted prefixes ending in ".") -> "module:function" of the reader.
@@ -229,3 +232,76 @@ def from_official(path, map_location="cpu") -> nn.Module:
     reader = find_reader(name)
     ckpt = dict(ckpt, state_dict=strip_prefix(sd))
     return reader(ckpt, source=source).eval()
+
+
+# ----------------------------------------------------------------------------------------------
+def is_safetensors(path) -> bool:
+    """True when ``path`` starts like a safetensors file (8-byte header length, then a JSON header)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") > 1
+
+
+def save_converted(model: nn.Module, path, extra: Optional[dict] = None) -> None:
+    """Write ``model`` (returned by :func:`from_official`) as a pyseg checkpoint: safetensors weights with
+    its config in the metadata (``model``, ``num_classes``, ``model_kwargs``; the format ``pyseg-train``
+    writes), atomically. ``extra``: more metadata (e.g. the source and its ``arch``)."""
+    from ..engine.checkpoint import save_weights
+
+    cfg = getattr(model, "pyseg_config", None)
+    if not cfg:
+        raise ValueError("save_converted needs a model returned by from_official (it carries pyseg_config)")
+    meta = {k: cfg[k] for k in ("model", "num_classes", "model_kwargs", "registered_config") if k in cfg}
+    meta.update(extra or {})
+    save_weights(model, path, meta)
+
+
+def load_pretrained(path, name: Optional[str] = None, num_classes: Optional[int] = None,
+                    map_location="cpu", **overrides) -> nn.Module:
+    """A model with the weights of ``path`` (eval mode): a pyseg safetensors checkpoint (``pyseg-train``,
+    ``pyseg-convert``: built from its metadata, no ``torch.load``) or a released checkpoint
+    (:func:`from_official`). The file decides the architecture; ``name`` (optional) must be the registry
+    model it holds -- or, for a released architecture that is no registered config, a model of the same
+    family; ``num_classes`` must agree with the file; ``overrides`` are further ``create_model`` keywords
+    that do not change the tensors (e.g. ``backend``). The result carries ``pyseg_config``."""
+    from .registry import _REGISTRY, _load_builtin, create_model
+    from ..engine.checkpoint import load_weights, read_metadata
+
+    source = os.fspath(path)
+    if not os.path.isfile(source):
+        raise FileNotFoundError(f"checkpoint file not found: {source!r}")
+    model = None
+    if is_safetensors(source):
+        meta = read_metadata(source)
+        cfg = {"model": meta.get("model"), "num_classes": meta.get("num_classes"),
+               "model_kwargs": dict(meta.get("model_kwargs") or {}),
+               "registered_config": meta.get("registered_config", True) is not False}
+        if not cfg["model"] and not name:
+            raise ValueError(f"{source!r} does not name its model (no 'model' metadata); pass the model name")
+    else:
+        model = from_official(source, map_location)
+        cfg = model.pyseg_config
+    _load_builtin()
+    file_name = cfg["model"] or name
+    if name is not None and name != file_name:
+        if name not in _REGISTRY:
+            raise KeyError(f"unknown model {name!r}; available: {', '.join(sorted(_REGISTRY))}")
+        if cfg.get("registered_config", True) or _REGISTRY[name].builder is not _REGISTRY[file_name].builder:
+            raise ValueError(f"{source!r} holds {file_name!r}, not {name!r}: use that name, or "
+                             f"pyseg.models.load_pretrained({source!r}) which takes the model from the file")
+    if num_classes is not None and cfg["num_classes"] is not None and int(num_classes) != int(cfg["num_classes"]):
+        raise ValueError(f"{source!r} holds a {cfg['num_classes']}-class model, not num_classes={num_classes}")
+    if model is not None and not overrides:
+        return model
+    kwargs = dict(cfg["model_kwargs"], **overrides)
+    n = cfg["num_classes"] if cfg["num_classes"] is not None else num_classes
+    fresh = create_model(file_name, num_classes=n, **kwargs)  # noqa: the file's kwargs override the config
+    if model is not None:
+        fresh.load_state_dict(model.state_dict(), strict=True)
+    else:
+        load_weights(fresh, source)
+    fresh.pyseg_config = dict(cfg, model_kwargs=kwargs)
+    return fresh.eval()

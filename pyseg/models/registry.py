@@ -44,11 +44,20 @@ def get_config(name: str) -> dict:
     return copy.deepcopy(_REGISTRY[name].config)
 
 
-def create_model(name: str, num_classes: int | None = None, backbone_weights: str | None = None, **overrides):
+def create_model(name: str, num_classes: int | None = None, backbone_weights: str | None = None,
+                 checkpoint: str | None = None, **overrides):
     """Build the registered model ``name``; keyword arguments override its config.
 
     ``num_classes=None`` keeps the config's; ``backbone_weights`` is a local checkpoint of the backbone
-    (never downloaded)."""
+    (never downloaded). ``checkpoint``: load the whole model from a pyseg ``.safetensors`` file or a
+    released ``.pth`` (:func:`pyseg.models.official.load_pretrained`; the file's architecture must be
+    ``name``'s), in eval mode."""
+    if checkpoint is not None:
+        if backbone_weights is not None:
+            raise ValueError("pass either checkpoint or backbone_weights, not both")
+        from .official import load_pretrained
+
+        return load_pretrained(checkpoint, name, num_classes, **overrides)
     cfg = get_config(name)
     cfg.update(overrides)
     if num_classes is not None:
