@@ -328,11 +328,17 @@ def _train(cfg, device, rank, world) -> dict:
             image = image.to(device, non_blocking=True)
             mask = mask.to(device, non_blocking=True)
             with autocast_context(device, cfg.amp):
-                logits = extract_logits(model(image))
-            logits = logits.float()
-            if logits.shape[-2:] != mask.shape[-2:]:
-                logits = F.interpolate(logits, size=mask.shape[-2:], mode="bilinear", align_corners=False)
-            loss = criterion(logits, mask)
+                out = model(image)
+            terms = [(1.0, extract_logits(out))]
+            if isinstance(out, dict):  # weighted auxiliary outputs (NVIDIA-style HMSA: pyseg.models.mscale)
+                terms += list(out.get("aux_terms", ()))
+            loss = None
+            for w, logits in terms:
+                logits = logits.float()
+                if logits.shape[-2:] != mask.shape[-2:]:
+                    logits = F.interpolate(logits, size=mask.shape[-2:], mode="bilinear", align_corners=False)
+                term = criterion(logits, mask)
+                loss = term if loss is None else loss + w * term
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}")
             optimizer.zero_grad(set_to_none=True)

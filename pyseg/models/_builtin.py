@@ -2,3 +2,4 @@
 from . import hyperseg  # noqa: F401,E402
 from . import deeplab  # noqa: F401,E402
 from . import hmsa  # noqa: F401,E402
+from . import mscale  # noqa: F401,E402

@@ -5,7 +5,8 @@ pass ``pretrained_path`` to load a local timm state dict, ``.pth``/``.pt``/``.sa
 
 Registered names:
     deeplabv3p-mobilenetv2, deeplabv3p-resnet50            plain DeepLabV3+
-    hmsa-deeplabv3p-mobilenetv2, hmsa-deeplabv3p-resnet50  wrapped in pyseg.nn.MultiScaleAttention
+    hmsa-deeplabv3p-mobilenetv2                            wrapped in pyseg.nn.MultiScaleAttention
+    (hmsa-deeplabv3p-resnet50 has NVIDIA's layout: pyseg.models.mscale)
 
 The model implements the multi-scale attention protocol (see :class:`pyseg.nn.MultiScaleAttention`):
 ``forward_features_and_logits(x) -> (logits, attn_features)``, both at stride 4 (the decoder
@@ -32,22 +33,32 @@ def _conv_bn_relu(cin, cout, k=1, dilation=1):
 
 
 class ASPP(nn.Module):
-    """Atrous spatial pyramid pooling: 1x1, three dilated 3x3 and an image-pooling branch."""
+    """Atrous spatial pyramid pooling: 1x1, three dilated 3x3 and an image-pooling branch.
 
-    def __init__(self, in_channels: int, out_channels: int = 256, rates=(6, 12, 18), dropout: float = 0.1):
+    ``project=False`` leaves out the 1x1 projection (the output has ``(len(rates) + 2) * out_channels``
+    channels) and ``pool_first=True`` puts the image-pooling branch first in the concatenation (NVIDIA's
+    HMSA layout, :mod:`pyseg.models.mscale`)."""
+
+    def __init__(self, in_channels: int, out_channels: int = 256, rates=(6, 12, 18), dropout: float = 0.1,
+                 project: bool = True, pool_first: bool = False):
         super().__init__()
         self.branches = nn.ModuleList([_conv_bn_relu(in_channels, out_channels, 1)] +
                                       [_conv_bn_relu(in_channels, out_channels, 3, r) for r in rates])
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(in_channels, out_channels, 1, bias=False),
                                   nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
-        self.project = nn.Sequential(_conv_bn_relu(out_channels * (len(rates) + 2), out_channels, 1),
-                                     nn.Dropout(dropout))
+        self.pool_first = pool_first
+        self.out_channels = out_channels * (len(rates) + 2)
+        self.project = None
+        if project:
+            self.project = nn.Sequential(_conv_bn_relu(self.out_channels, out_channels, 1), nn.Dropout(dropout))
+            self.out_channels = out_channels
 
     def forward(self, x):
         outs = [b(x) for b in self.branches]
-        pooled = self.pool(x)
-        outs.append(pooled.expand(-1, -1, x.shape[-2], x.shape[-1]))
-        return self.project(torch.cat(outs, 1))
+        pooled = self.pool(x).expand(-1, -1, x.shape[-2], x.shape[-1])
+        outs.insert(0, pooled) if self.pool_first else outs.append(pooled)
+        y = torch.cat(outs, 1)
+        return y if self.project is None else self.project(y)
 
 
 def load_trunk_weights(trunk: nn.Module, path: str) -> None:
@@ -130,6 +141,8 @@ for _name, _bb in (("mobilenetv2", "mobilenetv2_100"), ("resnet50", "resnet50"))
     register_model(f"deeplabv3p-{_name}", deeplabv3p,
                    {"backbone": _bb, "num_classes": 19, "output_stride": 16},
                    f"DeepLabV3+ on timm {_bb} (output stride 16)")
+    if _name == "resnet50":
+        continue  # hmsa-deeplabv3p-resnet50 has NVIDIA's layout: pyseg.models.mscale
     register_model(f"hmsa-deeplabv3p-{_name}", hmsa_deeplabv3p,
                    {"backbone": _bb, "num_classes": 19, "output_stride": 16, "train_scales": (0.5, 1.0),
                     "infer_scales": (0.5, 1.0, 2.0), "attn_mid_channels": 256},
