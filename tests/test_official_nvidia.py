@@ -11,7 +11,8 @@ import torch
 
 from pyseg.models import create_model
 from pyseg.models import nvidia_official as nv
-from pyseg.models.official import CheckpointMismatchError, UnsupportedArchError, from_official
+from pyseg.models import from_official
+from pyseg.models.official import CheckpointMismatchError, UnsupportedArchError
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 MANIFESTS = {"mscale.DeepV3R50": "nvidia_mscale.DeepV3R50.json",
@@ -75,6 +76,7 @@ def test_round_trip(models, arch, tmp_path):
                                      "state_dict": {k[len("module."):]: v for k, v in sd.items()}}).eval()
     assert type(loaded.model) is type(model.model) and not loaded.training
     assert loaded.checkpoint_info["epoch"] == 7 and loaded.checkpoint_info["arch"] == arch
+    assert loaded.pyseg_config == {"model": nv.ARCHS[arch], "num_classes": 19, "model_kwargs": {}}
     want = model.state_dict()
     got = loaded.state_dict()
     assert set(got) == set(want)

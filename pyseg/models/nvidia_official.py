@@ -116,4 +116,5 @@ def from_checkpoint(checkpoint: dict, source: str = "checkpoint") -> nn.Module:
     key_map = {k: m for k in sd if (m := to_pyseg_key(arch, k)) is not None}
     load_mapped(model, sd, key_map, source=source, what=f"pyseg {name} ({arch}, {nc} classes)")
     model.checkpoint_info = {k: checkpoint.get(k) for k in ("arch", "num_classes", "epoch", "mean_iu", "command")}
+    model.pyseg_config = {"model": name, "num_classes": int(nc), "model_kwargs": {}}
     return model.eval()

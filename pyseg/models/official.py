@@ -41,6 +41,7 @@ READERS: List[Tuple[Tuple[str, ...], str]] = [
     (("hyperseg.models.hyperseg_v1_0.hyperseg_efficientnet",
       "hyperseg.models.hyperseg_v1_0_unify.hyperseg_efficientnet",
       "hyperseg.models.hyperseg_v0_1.hyperseg_efficientnet"), "pyseg.models.hyperseg_official:from_checkpoint"),
+    (("ocrnet.HRNet_Mscale", "mscale.DeepV3R50"), "pyseg.models.nvidia_official:from_checkpoint"),
 ]
 
 
@@ -218,7 +219,8 @@ def from_official(path, map_location="cpu") -> nn.Module:
     Supported constructors (the checkpoint's ``arch``): see :func:`supported_archs` -- the public HyperSeg
     ``hyperseg_v1_0``, ``hyperseg_v1_0_unify`` and ``hyperseg_v0_1`` ``hyperseg_efficientnet`` with any
     argument values they accept (see :mod:`pyseg.models.hyperseg_official` for the few structural options
-    pyseg does not implement). ``map_location`` as for ``torch.load``. Raises FileNotFoundError,
+    pyseg does not implement); NVIDIA's HMSA ``ocrnet.HRNet_Mscale`` and ``mscale.DeepV3R50``
+    (:mod:`pyseg.models.nvidia_official`). ``map_location`` as for ``torch.load``. Raises FileNotFoundError,
     ValueError (not a checkpoint, truncated, no ``state_dict``/``arch``, code in ``arch``),
     UnsupportedArchError or CheckpointMismatchError; never returns a partially loaded model."""
     source = os.fspath(path)
