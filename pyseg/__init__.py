@@ -7,6 +7,9 @@ from .version import __version__
 from . import _extension
 from ._backends import backends
 from . import ops, nn
+from . import _onnx_hook
+
+_onnx_hook.install()  # ONNX translations of the ops, registered when torch.onnx's exporter loads
 
 __all__ = ["__version__", "backends", "ops", "nn"]
 
