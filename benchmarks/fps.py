@@ -19,6 +19,13 @@ GMACs are what the HyperSeg paper calls "GFLOPs"; GFLOPs = 2 x GMACs.
 ``--compare-reference`` times the same weights with ``backend="reference"`` (the pure-PyTorch ops)
 in the same run (iterations interleaved with the pyseg ones) and prints the speed-up and the maximum
 output difference.
+
+``--runtime onnxruntime`` (CPU) also exports the same weights to ONNX (pyseg.export: standard ops,
+the unfused eval model -- ONNX Runtime folds BatchNorm itself) and times the file in ONNX Runtime's CPU
+execution provider with ``--threads`` intra-op threads, interleaved with eager pyseg (and the reference
+with ``--compare-reference``) in one table.
+
+    python benchmarks/fps.py --model hyperseg-m --device cpu --threads 2 --runtime onnxruntime --compare-reference
 """
 from __future__ import annotations
 
@@ -72,7 +79,10 @@ def parse_args(argv=None):
     p.add_argument("--scales", default=None,
                    help="HMSA models (hmsa-*): inference scales, comma separated, containing 1 (default: the "
                         "model's, e.g. 0.5,1,2)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads (CPU); also ONNX Runtime's intra-op threads")
+    p.add_argument("--runtime", choices=("torch", "onnxruntime"), default="torch",
+                   help="onnxruntime: also time the exported ONNX file in ONNX Runtime (CPU EP), side by side")
     p.add_argument("--tune-malloc", action="store_true",
                    help="glibc only: keep freed large blocks in the process (mallopt M_MMAP_THRESHOLD and "
                         "M_TRIM_THRESHOLD), as tcmalloc/jemalloc do, so that large tensors are not page-faulted "
@@ -180,6 +190,34 @@ def tune_malloc():
     return bool(mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1))
 
 
+def _ort_version():
+    import onnxruntime
+
+    return onnxruntime.__version__
+
+
+def _onnx_session(model, args, H, W, notes):
+    """ONNX Runtime CPU session of ``model``, exported now (unfused, fp32, dynamic batch)."""
+    import shutil
+    import tempfile
+
+    from pyseg.export import export_onnx, onnx_session
+
+    tmp = tempfile.mkdtemp(prefix="pyseg-fps-")
+    try:
+        path = os.path.join(tmp, f"{args.model}.onnx")
+        t0 = time.perf_counter()
+        export_onnx(copy.deepcopy(model), path, height=H, width=W)
+        notes.append(f"onnxruntime: exported the unfused eval model (fp32, dynamic batch) in "
+                     f"{time.perf_counter() - t0:.0f} s")
+        sess = onnx_session(path, threads=args.threads)  # holds the model in memory
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    notes.append(f"onnxruntime {_ort_version()}: CPUExecutionProvider, intra-op threads "
+                 f"{args.threads or 'default'}, inter-op 1, graph optimisations: all (ORT default)")
+    return sess, None
+
+
 def main(argv=None):
     args = parse_args(argv)
     from pyseg.models import create_model, get_config
@@ -201,6 +239,9 @@ def main(argv=None):
         notes.append("--cuda-graph ignored on the CPU")
         cuda_graph = False
 
+    if args.runtime == "onnxruntime" and (device.type != "cpu" or args.dtype != "fp32"):
+        sys.exit("error: --runtime onnxruntime times the CPU execution provider in fp32: use --device cpu "
+                 "--dtype fp32")
     if args.checkpoint:
         from pyseg.models import load_pretrained
 
@@ -234,6 +275,10 @@ def main(argv=None):
 
     macs, breakdown, mac_method = count_macs(model, torch.randn(1, 3, H, W))
 
+    ort_session = None
+    if args.runtime == "onnxruntime":
+        ort_session, _ = _onnx_session(model, args, H, W, notes)
+
     fused = False
     if not args.no_fuse and hasattr(model, "fuse"):
         model.fuse()
@@ -262,6 +307,9 @@ def main(argv=None):
         for name, m in variants:
             fwd = torch.compile(m) if args.compile else m
             runners[name] = _runner(fwd, x, device, cuda_graph)
+        if ort_session is not None:
+            feeds = {ort_session.get_inputs()[0].name: x.contiguous().numpy()}
+            runners["onnxruntime"] = lambda: torch.from_numpy(ort_session.run(None, feeds)[0])
         # iteration counts
         warmup = args.warmup if args.warmup is not None else (5 if device.type == "cuda" else 2)
         if args.quick:
@@ -295,6 +343,11 @@ def main(argv=None):
         speedup = results["pyseg"]["fps"] / results["reference"]["fps"]
     else:
         speedup = None
+    ort_vs_pyseg = ort_diff = None
+    if ort_session is not None:
+        ort_vs_pyseg = results["onnxruntime"]["fps"] / results["pyseg"]["fps"]
+        ort_diff = float((outputs["onnxruntime"] - outputs["pyseg"]).abs().max()) / max(
+            float(outputs["pyseg"].abs().max()), 1e-30)
 
     backend_used = args.backend
     try:
@@ -318,6 +371,9 @@ def main(argv=None):
         "warmup": warmup, "torch": torch.__version__, "pyseg": getattr(pyseg, "__version__", "?"),
         "results": results, "speedup_vs_reference": speedup, "max_abs_diff_vs_reference": max_diff,
         "max_rel_diff_vs_reference": rel_diff,
+        "runtime": args.runtime,
+        "onnxruntime": _ort_version() if ort_session is not None else None,
+        "onnxruntime_fps_over_pyseg": ort_vs_pyseg, "max_rel_diff_onnxruntime_vs_pyseg": ort_diff,
         "notes": notes, "protocol": "images/s = batch / median latency; synchronized; warm-up excluded",
     }
 
@@ -344,6 +400,9 @@ def main(argv=None):
     if speedup is not None:
         print(f"speed-up vs reference: {speedup:.2f}x   max |pyseg - reference| / max |reference| = "
               f"{rel_diff:.3g} (absolute {max_diff:.3g})")
+    if ort_vs_pyseg is not None:
+        print(f"onnxruntime images/s / pyseg images/s: {ort_vs_pyseg:.2f}   max |onnxruntime - pyseg| / "
+              f"max |pyseg| = {ort_diff:.3g}")
     print("-" * 78)
     print("MAC counting:", mac_method)
     for n in notes:

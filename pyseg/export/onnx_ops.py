@@ -87,10 +87,9 @@ def _patch_index(n: int, grid: int) -> np.ndarray:
 
 
 def _per_pixel(w, h: int, wd: int, gh: int, gw: int):
-    """(B, ..., gh, gw) -> (B, ..., h, wd): each pixel gets its patch's values (nearest-upsampled grid)."""
-    rank = len(w.shape)
-    w = op.Gather(w, _ints(_patch_index(h, gh)), axis=rank - 2)
-    return op.Gather(w, _ints(_patch_index(wd, gw)), axis=rank - 1)
+    """(B, n, gh, gw) -> (B, n, h, wd): each pixel gets its patch's values (nearest-upsampled grid)."""
+    w = op.Gather(w, _ints(_patch_index(h, gh)), axis=2)
+    return op.Gather(w, _ints(_patch_index(wd, gw)), axis=3)
 
 
 def _affine(t, scale, shift, start: int, n: int, axis_shape):
@@ -254,10 +253,11 @@ def patchwise_conv2d(x: TensorType, weight: TensorType, bias: Optional[TensorTyp
 # --------------------------------------------------------------------------------------------
 # pyseg::hmsa_fuse
 # --------------------------------------------------------------------------------------------
-def _resize(x, size):
-    if tuple(_static(x, "hmsa_fuse input", (2, 3))) == tuple(size):
+def _resize(x, src, dst):
+    """Bilinear (align_corners=False, no antialias) resize of (B, C, *src) to (B, C, *dst)."""
+    if tuple(src) == tuple(dst):
         return x
-    sizes = op.Concat(op.Shape(x, start=0, end=2), _ints(list(size)), axis=0)
+    sizes = op.Concat(op.Shape(x, start=0, end=2), _ints([int(v) for v in dst]), axis=0)
     return op.Resize(x, None, None, sizes, mode="linear", coordinate_transformation_mode="pytorch_half_pixel")
 
 
@@ -267,24 +267,25 @@ def hmsa_fuse(logits: Sequence[TensorType], attentions: Sequence[TensorType], sc
     int[]? scale_sizes=None) -> Tensor"""
     logits, attentions, scales = list(logits), list(attentions), [float(s) for s in scales]
     order = sorted(range(len(scales)), key=lambda i: -scales[i])
-    grids = [tuple(_static(p, f"hmsa_fuse logits[{i}]", (2, 3))) for i, p in enumerate(logits)]
+    stored = [tuple(_static(p, f"hmsa_fuse logits[{i}]", (2, 3))) for i, p in enumerate(logits)]
+    grids = list(stored)
     if scale_sizes is not None:
         flat = [int(v) for v in scale_sizes]
         grids = [(flat[2 * i], flat[2 * i + 1]) for i in range(len(scales))]
     pred, pred_grid = None, None
     for i in order:
-        p = _resize(logits[i], grids[i])
+        p = _resize(logits[i], stored[i], grids[i])
         if pred is None:
             pred, pred_grid = p, grids[i]
             continue
-        a = _resize(attentions[i], grids[i])
+        a = _resize(attentions[i], _static(attentions[i], f"hmsa_fuse attentions[{i}]", (2, 3)), grids[i])
         if scales[i] >= 1.0:
-            pred = op.Add(op.Mul(a, p), op.Mul(op.Sub(_like(1.0, a), a), _resize(pred, grids[i])))
+            pred = op.Add(op.Mul(a, p), op.Mul(op.Sub(_like(1.0, a), a), _resize(pred, pred_grid, grids[i])))
             pred_grid = grids[i]
         else:  # gate before upsampling to pred's grid
-            pred = op.Add(_resize(op.Mul(a, p), pred_grid),
-                          op.Mul(op.Sub(_like(1.0, a), _resize(a, pred_grid)), pred))
-    out = _resize(pred, [int(v) for v in out_size])
+            pred = op.Add(_resize(op.Mul(a, p), grids[i], pred_grid),
+                          op.Mul(op.Sub(_like(1.0, a), _resize(a, grids[i], pred_grid)), pred))
+    out = _resize(pred, pred_grid, [int(v) for v in out_size])
     if labels:
         return op.ArgMax(out, axis=1, keepdims=0)
     return out
