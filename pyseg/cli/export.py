@@ -5,8 +5,9 @@ package, then check the file against eager PyTorch on a random input.
     pyseg-export --checkpoint runs/tiny/best.pt --format pt2 --output tiny.pt2 --height 128 --width 256
     pyseg-export --model hmsa-hyperseg-m --scales 0.5,1 --labels --format onnx --output msa.onnx
 
-Exit status: 0 exported and within tolerance; 1 export failed or the check exceeded ``--tolerance``;
-2 bad usage (unknown model, unsupported option). Errors are one line on stderr.
+Exit status (pyseg.cli._common.console_main): 0 exported and within tolerance; 2 bad usage (unknown
+model, unsupported option or size: argparse's usage message, the last line names what is supported); 1 the
+export failed or the check exceeded ``--tolerance`` (one line on stderr).
 """
 from __future__ import annotations
 
@@ -14,13 +15,9 @@ import argparse
 import sys
 import time
 
-from ._common import float_list, key_values
+from ._common import CommandError, console_main, float_list, key_values
 
 PROG = "pyseg-export"
-
-
-class UsageError(Exception):
-    """Bad input: exit status 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,13 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _build(args):
+def _build(args, parser):
     from ..models import create_model, list_models
 
     kwargs = key_values(args.model_arg)
     if args.checkpoint:
+        from ._common import require_file
         from ._load import load_model_from_args
 
+        require_file(args.checkpoint, "checkpoint")
         args.device, args.model_kwargs, args.model = "cpu", kwargs, None
         model, _, _ = load_model_from_args(args)
         return model
@@ -69,40 +68,50 @@ def _build(args):
     import_extra(args.imports)
     names = list_models()
     if args.model not in names:
-        raise UsageError(f"unknown model {args.model!r}; supported: {', '.join(names)}")
+        parser.error(f"unknown model {args.model!r}; supported: {', '.join(names)}")
     return create_model(args.model, num_classes=args.num_classes, **kwargs)
 
 
-def run(args) -> int:
-    from ..export import check_export, export_model
+def run(argv=None) -> dict:
+    """Parse ``argv``, export, check; returns a summary dict (raises on failure)."""
+    from ..export import check_export, example_input, export_model
 
-    model = _build(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.dtype == "fp16" and args.format == "pt2":
+        parser.error("--dtype fp16 is supported for --format onnx only (the pt2 package runs on the CPU in fp32)")
+    model = _build(args, parser)
     if args.scales is not None:
         if not callable(getattr(model, "set_scales", None)):
-            raise UsageError(f"--scales needs a multi-scale attention model (hmsa-*), not "
-                             f"{type(model).__name__}")
+            parser.error(f"--scales needs a multi-scale attention model (hmsa-*), not {type(model).__name__}")
         try:
             model.set_scales(args.scales)
         except (TypeError, ValueError) as e:
-            raise UsageError(f"--scales: {e}") from None
-    if args.dtype == "fp16" and args.format == "pt2":
-        raise UsageError("--dtype fp16 is supported for --format onnx only (the pt2 package runs on the CPU)")
+            parser.error(f"--scales: {e}")
     model = model.cpu().eval()
     try:  # sizes the model cannot take are usage errors
-        from ..export import example_input
-
         example_input(model, args.height, args.width)
     except ValueError as e:
-        raise UsageError(str(e)) from None
+        parser.error(str(e))
     kw = dict(height=args.height, width=args.width, dtype=args.dtype, labels=args.labels)
     t0 = time.perf_counter()
-    path = export_model(model, args.output, format=args.format, dynamic_batch=not args.static_batch, **kw)
+    try:
+        path = export_model(model, args.output, format=args.format, dynamic_batch=not args.static_batch, **kw)
+    except (FileNotFoundError, ImportError) as e:
+        raise CommandError(str(e)) from None
+    except Exception as e:  # torch's export errors span pages: keep the first line
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise CommandError(f"{args.format} export failed: {type(e).__name__}: {first} "
+                           f"(PYSEG_TRACEBACK=1 shows the traceback)") from e
+    summary = {"output": str(path), "format": args.format, "dtype": args.dtype,
+               "export_s": time.perf_counter() - t0}
     print(f"wrote {path} ({args.format}, {args.dtype}, {'static' if args.static_batch else 'dynamic'} batch) "
-          f"in {time.perf_counter() - t0:.1f} s")
+          f"in {summary['export_s']:.1f} s")
     if not args.check:
-        return 0
+        return summary
     batch = 1 if args.static_batch else 2
     res = check_export(model, path, batch=batch, **kw)
+    summary.update(res)
     if args.labels:
         tol = 1e-3 if args.tolerance is None else args.tolerance
         ok = res["label_agreement"] >= 1 - tol
@@ -114,22 +123,11 @@ def run(args) -> int:
         print(f"check vs eager (random input, batch {batch}): max |diff| = {res['max_abs_diff']:.3g} "
               f"(max |eager| = {res['max_abs_eager']:.3g}, relative {res['max_rel_diff']:.3g}, tolerance {tol:g})")
     if not ok:
-        print(f"{PROG}: error: the exported file differs from eager beyond the tolerance", file=sys.stderr)
-        return 1
-    return 0
+        raise CommandError(f"{path} differs from eager beyond the tolerance {tol:g}")
+    return summary
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        code = run(args)
-    except UsageError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        code = 2
-    except (ImportError, FileNotFoundError, ValueError, RuntimeError, OSError) as e:
-        print(f"{PROG}: error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr)
-        code = 1
-    return code
+main = console_main(run, PROG)
 
 
 if __name__ == "__main__":
