@@ -11,8 +11,9 @@ and timed in one process, iterations interleaved:
 * ``grouped_conv``: the public HyperSeg method written in PyTorch (reflect pad, unfold haloed patches,
   Conv with one group per (sample, patch); pyseg.ops.reference.meta_block ``method="grouped"``),
   exported by torch's exporter: its ``group`` attribute is B*gh*gw, so the file has a fixed batch;
-* ``per_pixel``: the weight grid nearest-upsampled to every pixel and a broadcast multiply-reduce
-  (the translation's fallback for sizes the grid does not divide).
+* ``per_pixel`` (the 1x1 level only; for the meta blocks its (hid, Cin, 9, H, W) product would need
+  gigabytes): the weight grid nearest-upsampled to every pixel and a broadcast multiply-reduce (the
+  translation's fallback for sizes the grid does not divide).
 
 plus eager pyseg (the compiled CPU kernel) for scale. Prints a table and writes JSON.
 """
@@ -61,7 +62,7 @@ class _Op(nn.Module):
             w = weight.reshape(B, cout, -1, 1, 1, gh, gw)
             if self.method == "grouped_conv":
                 return torch.relu(_grouped_pointwise(x, w) * self.scale.view(-1, 1, 1) + self.shift.view(-1, 1, 1))
-            y = reference.patchwise_conv2d(x, w) if self.method == "batched_matmul_torch" else _per_pixel_pw(x, w)
+            y = _per_pixel_pw(x, w)
             return torch.relu(y * self.scale.view(-1, 1, 1) + self.shift.view(-1, 1, 1))
         if self.method == "matmul":
             return torch.ops.pyseg.meta_block(x, weight, self.scale, self.shift, hid, cout)
@@ -118,6 +119,8 @@ def main(argv=None):
                 ref = eager(x, w)
             runners["eager pyseg (C++ kernel)"] = lambda e=eager: e(x, w)
             for m in methods:
+                if m == "per_pixel" and hid:
+                    continue
                 path = os.path.join(tmp, f"{m}.onnx")
                 t0 = time.perf_counter()
                 torch.onnx.export(_Op(m, hid, cout, scale, shift).eval(), (x, w), path, dynamo=True,

@@ -10,19 +10,24 @@ Registration (:func:`register`) puts them in onnxscript's torch-lib registry, wh
 happen automatically (see :mod:`pyseg.export`). :func:`translation_table` gives the same functions
 as a ``custom_translation_table`` for an explicit call.
 
-Layout choices (measured in ONNX Runtime 1.32, CPU EP, 2 threads, HyperSeg-M decoder shapes at
-1024x512; ``python -m pyseg.export.onnx_ops`` repeats the measurement):
+Layout choices. Alternatives were timed in ONNX Runtime 1.32 (CPU EP, 2 threads, batch 1) at the
+HyperSeg-M decoder shapes at 1024x512 by ``benchmarks/bench_onnx_ops.py`` (raw:
+benchmarks/results/2026-12-01-cpu/bench_onnx_ops_cpu_t2.txt; the machine was heavily oversubscribed,
+so only the ratios within a row mean anything):
 
 * Batched MatMul over patches, not grouped convolution. The patch weights are per *sample*: a
   grouped Conv needs them as a (B*gh*gw*Cout, Cin, 1, 1) kernel over a (1, B*gh*gw*Cin, ph, pw)
-  input with ``group = B*gh*gw`` -- a static attribute, which would freeze the batch size, and ORT
-  re-packs a non-constant Conv kernel on every run. A MatMul of (B, gh, gw, Cout, Cin) by
-  (B, gh, gw, Cin, ph*pw) keeps the batch dynamic and ran ~1.5-3x faster than the grouped Conv
-  at batch 1 (numbers in pyseg/export/README-style table of the module's ``__main__``).
+  input with ``group = B*gh*gw`` -- a static attribute, which freezes the batch size -- and ORT
+  prepares a non-constant Conv kernel on every run. A MatMul of (B, gh, gw, Cout, Cin) by
+  (B, gh, gw, Cin, ph*pw) keeps the batch dynamic. For the 1x1 levels it was ~33x faster than the
+  grouped Conv (level 2: 2.9 vs 94.7 ms) and ~240x faster than per-pixel weights. For the meta
+  blocks the grouped Conv (the public HyperSeg method, static batch) was ~1.25-1.3x faster than this
+  MatMul form (level 4: 2.95 vs 3.70 s in that overloaded run); the MatMul form is kept because it
+  is the one that keeps the batch dynamic (a static-batch Conv variant is a possible follow-up).
 * Meta block: the 1-pixel halos overlap, so the haloed patches are *gathered* (one Gather per
   axis with static indices on the reflect-padded map) rather than reshaped; the depthwise 3x3 is
-  nine Slice/Mul/Add steps on the haloed hidden map with the per-patch taps broadcast (a MatMul
-  over 9 taps per channel is too small to pay off).
+  nine Slice/Mul/Add steps on the haloed hidden map with the per-patch taps broadcast (not timed
+  against alternatives).
 * Depthwise patch-wise convolution (v0_1 decoder): taps are strided Slices of the padded input
   multiplied by per-patch weights broadcast over (gh, ph, gw, pw) views -- no transposes at all.
 * Sizes the grid does not divide (valid for the ops, never produced by the registry models) use a
@@ -37,7 +42,6 @@ from typing import Optional, Sequence
 
 import numpy as np
 import onnx_ir as ir
-from onnxscript import INT64
 from onnxscript.function_libs.torch_lib.registration import torch_op
 from onnxscript.onnx_opset import opset18 as op
 from onnxscript.onnx_types import TensorType
