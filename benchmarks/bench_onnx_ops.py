@@ -6,8 +6,11 @@
 For each HyperSeg-M decoder level at 1024x512 (batch 1), three ONNX files of the same op are exported
 and timed in one process, iterations interleaved:
 
-* ``matmul``: pyseg's translation (pyseg/export/onnx_ops.py): batched MatMul over patches (haloed
-  patches gathered for the meta block), depthwise taps as Slice/Mul/Add;
+* ``pyseg_dynamic``: pyseg's translation (pyseg/export/onnx_ops.py) exported with a dynamic batch:
+  batched MatMul over patches (haloed patches gathered for the meta block), depthwise taps as
+  Slice/Mul/Add;
+* ``pyseg_static``: the same exported with a static batch: the meta block as grouped Convs over the
+  gathered haloed patches (the 1x1 level stays a MatMul);
 * ``grouped_conv``: the public HyperSeg method written in PyTorch (reflect pad, unfold haloed patches,
   Conv with one group per (sample, patch); pyseg.ops.reference.meta_block ``method="grouped"``),
   exported by torch's exporter: its ``group`` attribute is B*gh*gw, so the file has a fixed batch;
@@ -56,7 +59,7 @@ class _Op(nn.Module):
     def forward(self, x, weight):
         hid, cout = self.hid, self.cout
         if hid == 0:  # pointwise level
-            if self.method == "matmul":
+            if self.method.startswith("pyseg"):
                 return torch.ops.pyseg.pointwise_block(x, weight, self.scale, self.shift)
             B, _, gh, gw = weight.shape
             w = weight.reshape(B, cout, -1, 1, 1, gh, gw)
@@ -64,7 +67,7 @@ class _Op(nn.Module):
                 return torch.relu(_grouped_pointwise(x, w) * self.scale.view(-1, 1, 1) + self.shift.view(-1, 1, 1))
             y = _per_pixel_pw(x, w)
             return torch.relu(y * self.scale.view(-1, 1, 1) + self.shift.view(-1, 1, 1))
-        if self.method == "matmul":
+        if self.method.startswith("pyseg"):
             return torch.ops.pyseg.meta_block(x, weight, self.scale, self.shift, hid, cout)
         w1, w2, w3 = reference.meta_block.split_meta_weight(weight, x.shape[1], hid, cout)
         s, t = self.scale, self.shift
@@ -96,7 +99,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--json", default="bench_onnx_ops.json")
-    p.add_argument("--methods", default="matmul,grouped_conv,per_pixel")
+    p.add_argument("--methods", default="pyseg_dynamic,pyseg_static,grouped_conv,per_pixel")
     args = p.parse_args(argv)
     import onnxruntime as ort
 
@@ -114,7 +117,7 @@ def main(argv=None):
             w = torch.randn(1, n, *GRID, generator=g) * 0.2
             scale, shift = torch.rand(c, generator=g) + 0.5, torch.randn(c, generator=g) * 0.1
             runners, outs = {}, {}
-            eager = _Op("matmul", hid, cout, scale, shift).eval()
+            eager = _Op("pyseg", hid, cout, scale, shift).eval()
             with torch.no_grad():
                 ref = eager(x, w)
             runners["eager pyseg (C++ kernel)"] = lambda e=eager: e(x, w)
@@ -123,8 +126,13 @@ def main(argv=None):
                     continue
                 path = os.path.join(tmp, f"{m}.onnx")
                 t0 = time.perf_counter()
-                torch.onnx.export(_Op(m, hid, cout, scale, shift).eval(), (x, w), path, dynamo=True,
-                                  opset_version=18, optimize=True)
+                dyn = None
+                if m == "pyseg_dynamic":  # exported from a batch-2 example (a size-1 dim would specialise)
+                    b = {0: torch.export.Dim("batch", min=1, max=64)}
+                    dyn = (b, b)
+                ex = (x, w) if dyn is None else (x.repeat(2, 1, 1, 1), w.repeat(2, 1, 1, 1))
+                torch.onnx.export(_Op(m, hid, cout, scale, shift).eval(), ex, path, dynamo=True,
+                                  opset_version=18, optimize=True, dynamic_shapes=dyn)
                 opts = ort.SessionOptions()
                 opts.intra_op_num_threads, opts.inter_op_num_threads = args.threads, 1
                 sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])

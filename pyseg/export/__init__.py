@@ -18,6 +18,7 @@ torch's op registry: ``import pyseg`` before ``torch._inductor.aoti_load_package
 """
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 from typing import Optional, Sequence
@@ -125,7 +126,11 @@ def _atomic(path: str, write) -> str:
 def _prepare(model: nn.Module, dtype, labels: bool):
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    model = model.eval().to(_check_dtype(dtype))
+    dtype = _check_dtype(dtype)
+    p = next(iter(model.parameters()), None)
+    if p is not None and p.dtype != dtype:
+        model = copy.deepcopy(model)  # leave the caller's model in its dtype
+    model = model.eval().to(dtype)
     return LabelsOutput(model).eval() if labels else model
 
 

@@ -20,14 +20,16 @@ so only the ratios within a row mean anything):
   input with ``group = B*gh*gw`` -- a static attribute, which freezes the batch size -- and ORT
   prepares a non-constant Conv kernel on every run. A MatMul of (B, gh, gw, Cout, Cin) by
   (B, gh, gw, Cin, ph*pw) keeps the batch dynamic. For the 1x1 levels it was ~33x faster than the
-  grouped Conv (level 2: 2.9 vs 94.7 ms) and ~240x faster than per-pixel weights. For the meta
-  blocks the grouped Conv (the public HyperSeg method, static batch) was ~1.25-1.3x faster than this
-  MatMul form (level 4: 2.95 vs 3.70 s in that overloaded run); the MatMul form is kept because it
-  is the one that keeps the batch dynamic (a static-batch Conv variant is a possible follow-up).
-* Meta block: the 1-pixel halos overlap, so the haloed patches are *gathered* (one Gather per
-  axis with static indices on the reflect-padded map) rather than reshaped; the depthwise 3x3 is
-  nine Slice/Mul/Add steps on the haloed hidden map with the per-patch taps broadcast (not timed
-  against alternatives).
+  grouped Conv (level 2: 2.9 vs 94.7 ms) and ~240x faster than per-pixel weights, so 1x1 levels and
+  general patch-wise convolutions always use it.
+* Meta block: with a *static* batch (the exporter passes a fixed batch dim) three grouped Convs over
+  the haloed patches (pw1 ``group = B*gh*gw``, depthwise ``group = B*gh*gw*hid``, pw2): the
+  public-method form ran ~1.25-1.3x faster than the MatMul form (level 4: 2.95 vs 3.70 s in the
+  overloaded run). With a dynamic batch the MatMul form (the only one that keeps the batch free).
+* Meta block, both forms: the 1-pixel halos overlap, so the haloed patches are *gathered* (one
+  Gather per axis with static indices on the reflect-padded map) rather than reshaped; in the
+  MatMul form the depthwise 3x3 is nine Slice/Mul/Add steps on the haloed hidden map with the
+  per-patch taps broadcast.
 * Depthwise patch-wise convolution (v0_1 decoder): taps are strided Slices of the padded input
   multiplied by per-patch weights broadcast over (gh, ph, gw, pw) views -- no transposes at all.
 * Sizes the grid does not divide (valid for the ops, never produced by the registry models) use a
@@ -164,6 +166,9 @@ def meta_block(x: TensorType, weight: TensorType, scale: TensorType, shift: Tens
         xh = op.Gather(op.Gather(xp, _ints(rows), axis=2), _ints(cols), axis=3)
         xh = _to_patches(xh, cin, gh, ph + 2, gw, pw + 2)  # (B, gh, gw, Cin, (ph+2)*(pw+2))
         wt = _patch_major(weight)  # (B, gh, gw, N)
+        batch = x.shape[0] if x.shape is not None else None
+        if isinstance(batch, int):  # static batch: grouped convolutions, one group per (sample, patch)
+            return _meta_block_grouped(xh, wt, scale, shift, batch, cin, hid, cout, gh, gw, ph, pw)
         w1 = _reshape(_slice(wt, [0], [n1], [3]), [-1, gh, gw, hid, cin])
         w2 = _reshape(_slice(wt, [n1], [n1 + n2], [3]), [-1, gh, gw, hid, 9, 1])
         w3 = _reshape(_slice(wt, [n1 + n2], [n], [3]), [-1, gh, gw, cout, hid])
@@ -191,6 +196,22 @@ def meta_block(x: TensorType, weight: TensorType, scale: TensorType, shift: Tens
     w3 = _reshape(_per_pixel(_slice(weight, [n1 + n2], [n], [1]), h, wd, gh, gw), [-1, cout, hid, h, wd])
     y = op.ReduceSum(op.Mul(w3, op.Unsqueeze(t, _ints([1]))), _ints([2]), keepdims=0)
     return _affine(y, scale, shift, 2 * hid, cout, [cout, 1, 1])
+
+
+def _meta_block_grouped(xh, wt, scale, shift, b, cin, hid, cout, gh, gw, ph, pw):
+    """The meta block as three grouped Convs over the haloed patches (a static batch: ``group`` is
+    b*gh*gw); xh (b, gh, gw, Cin, (ph+2)*(pw+2)), wt (b, gh, gw, N)."""
+    p, n1, n2 = b * gh * gw, hid * cin, 9 * hid
+    k1 = _reshape(_slice(wt, [0], [n1], [3]), [p * hid, cin, 1, 1])
+    k2 = _reshape(_slice(wt, [n1], [n1 + n2], [3]), [p * hid, 1, 3, 3])
+    k3 = _reshape(_slice(wt, [n1 + n2], [n1 + n2 + cout * hid], [3]), [p * cout, hid, 1, 1])
+    t = op.Conv(_reshape(xh, [1, p * cin, ph + 2, pw + 2]), k1, group=p)
+    t = _relu6(_affine(_reshape(t, [p, hid, (ph + 2) * (pw + 2)]), scale, shift, 0, hid, [hid, 1]))
+    t = op.Conv(_reshape(t, [1, p * hid, ph + 2, pw + 2]), k2, group=p * hid)
+    t = _relu6(_affine(_reshape(t, [p, hid, ph * pw]), scale, shift, hid, hid, [hid, 1]))
+    y = op.Conv(_reshape(t, [1, p * hid, ph, pw]), k3, group=p)
+    y = _affine(_reshape(y, [b, gh, gw, cout, ph * pw]), scale, shift, 2 * hid, cout, [cout, 1])
+    return _from_patches(y, cout, gh, ph, gw, pw)
 
 
 # --------------------------------------------------------------------------------------------
