@@ -4,6 +4,7 @@ NVIDIA's code is not needed: tests/data/nvidia_*.json are key -> shape manifests
 training code (generated once; README "NVIDIA HMSA checkpoints" says how to repeat that and the numerical
 comparison against their code)."""
 import json
+import math
 import os
 
 import pytest
@@ -175,3 +176,24 @@ def test_two_scale_training_outputs(small_ocr):
     m.supervised_scale_weight = 0.0
     m.zero_grad()
     m.eval()
+
+
+@pytest.mark.slow
+def test_pyseg_train_two_scale_with_aux_losses(tmp_path):
+    """pyseg-train on the HRNet-OCR HMSA model (small trunk): two-scale training with the OCR auxiliary and
+    per-scale terms added to the loss, bf16 autocast, then validation through the fused multi-scale path."""
+    from pyseg.cli import train as train_cli
+    from pyseg.data.synthetic import generate
+
+    data = tmp_path / "synth"
+    generate(data, num_train=4, num_val=2, size=(64, 64), seed=0, layout="folder")
+    out = tmp_path / "run"
+    args = ["--model", "hmsa-ocrnet-hrnet-w48", "--dataset", "folder", "--data-root", str(data), "--output-dir",
+            str(out), "--epochs", "1", "--batch-size", "2", "--workers", "0", "--no-progress", "--lr", "0.01",
+            "--scale-p", "0", "--loss", "ce", "--amp", "bf16", "--model-arg", "backbone=hrnet_w18_small",
+            "--model-arg", "mid_channels=16", "--model-arg", "key_channels=8", "--model-arg", "attn_mid_channels=8",
+            "--model-arg", "supervised_scale_weight=0.05"]
+    summary = train_cli.run(args)
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in recs if r["type"] == "train"]
+    assert len(losses) == 1 and math.isfinite(losses[0]) and summary["last_val"] is not None
