@@ -25,7 +25,9 @@ so only the ratios within a row mean anything):
 * Meta block: with a *static* batch (the exporter passes a fixed batch dim) three grouped Convs over
   the haloed patches (pw1 ``group = B*gh*gw``, depthwise ``group = B*gh*gw*hid``, pw2): the
   public-method form ran ~1.25-1.3x faster than the MatMul form (level 4: 2.95 vs 3.70 s in the
-  overloaded run). With a dynamic batch the MatMul form (the only one that keeps the batch free).
+  overloaded run; this Conv form is the same computation on the same gathered patches, not yet
+  timed on its own: ``bench_onnx_ops.py`` runs it as ``pyseg_static``). With a dynamic batch the
+  MatMul form (the only one that keeps the batch free).
 * Meta block, both forms: the 1-pixel halos overlap, so the haloed patches are *gathered* (one
   Gather per axis with static indices on the reflect-padded map) rather than reshaped; in the
   MatMul form the depthwise 3x3 is nine Slice/Mul/Add steps on the haloed hidden map with the
