@@ -72,3 +72,49 @@ DESCRIPTIONS = {
     "hyperseg-tiny": "small HyperSeg for CPU demos (not from the paper): MobileNetV2-0.5 (random init), 256x128, "
                      "4 classes (pyseg.data.synthetic)",
 }
+
+# The HyperSeg paper's CamVid ablation variants (not in the public code; see pyseg.models.encoders and
+# the README's "HyperSeg variants" table). Each is hyperseg-s-camvid / hyperseg-l-camvid with one thing
+# changed. Extra keys: ``signal_channels`` (a 1x1 conv + BN + ReLU head on the encoder's signal source),
+# ``dynamic`` (False: static decoder convolutions, "w/o DPWConv"), ``grid`` / ``positional_encoding``
+# (defaults here; the grid-size and positional-encoding ablation is ``create_model(name, grid=(gh, gw),
+# positional_encoding=False)``), ``paper_params`` (the paper's parameter count, metadata).
+# This project's choices (the paper gives only the encoder names and the counts): ResNet18 gets a
+# 1280-channel signal head (EfficientNet-B1's head width, which the ResNet lacks); the PSPNet encoders
+# feed their pyramid-pooling output to the decoder and their last ResNet stage to the hypernetwork; the
+# -L encoder variants take full-width skips (out_feat_scale 1.0), the -S ones the CamVid models' 0.25.
+def _variant(base: str, **changes) -> dict:
+    cfg = dict(HYPERSEG_CONFIGS[base], public_params=None)
+    cfg.update(changes)
+    return cfg
+
+
+VARIANT_CONFIGS = {
+    "hyperseg-s-camvid-resnet18": _variant("hyperseg-s-camvid", backbone="resnet18", signal_channels=1280,
+                                           paper_params=16_200_000),
+    "hyperseg-l-camvid-resnet18": _variant("hyperseg-l-camvid", backbone="resnet18", signal_channels=1280,
+                                           out_feat_scale=1.0, paper_params=16_700_000),
+    "hyperseg-s-camvid-psp18": _variant("hyperseg-s-camvid", backbone="pspnet18", paper_params=17_200_000),
+    "hyperseg-l-camvid-psp18": _variant("hyperseg-l-camvid", backbone="pspnet18", out_feat_scale=1.0,
+                                        paper_params=17_600_000),
+    "hyperseg-s-camvid-psp50": _variant("hyperseg-s-camvid", backbone="pspnet50", paper_params=57_600_000),
+    "hyperseg-l-camvid-psp50": _variant("hyperseg-l-camvid", backbone="pspnet50", out_feat_scale=1.0,
+                                        paper_params=67_900_000),
+    "hyperseg-s-camvid-static": _variant("hyperseg-s-camvid", dynamic=False, paper_params=9_900_000),
+    "hyperseg-l-camvid-static": _variant("hyperseg-l-camvid", dynamic=False, paper_params=10_300_000),
+}
+HYPERSEG_CONFIGS.update(VARIANT_CONFIGS)
+
+DESCRIPTIONS.update({
+    "hyperseg-s-camvid-resnet18": "HyperSeg-S CamVid on ResNet18 (+1280-ch signal head), 768x576 (paper ablation)",
+    "hyperseg-l-camvid-resnet18": "HyperSeg-L CamVid on ResNet18 (+1280-ch signal head), full-width skips, 1024x768 "
+                                  "(paper ablation)",
+    "hyperseg-s-camvid-psp18": "HyperSeg-S CamVid on PSPNet18 (dilated ResNet18 + pyramid pooling), 768x576 "
+                               "(paper ablation)",
+    "hyperseg-l-camvid-psp18": "HyperSeg-L CamVid on PSPNet18, full-width skips, 1024x768 (paper ablation)",
+    "hyperseg-s-camvid-psp50": "HyperSeg-S CamVid on PSPNet50 (dilated ResNet50 + pyramid pooling), 768x576 "
+                               "(paper ablation)",
+    "hyperseg-l-camvid-psp50": "HyperSeg-L CamVid on PSPNet50, full-width skips, 1024x768 (paper ablation)",
+    "hyperseg-s-camvid-static": "HyperSeg-S CamVid with static decoder convolutions ('w/o DPWConv', paper ablation)",
+    "hyperseg-l-camvid-static": "HyperSeg-L CamVid with static decoder convolutions ('w/o DPWConv', paper ablation)",
+})

@@ -29,11 +29,11 @@ from ..nn import MetaBlock
 from ..nn.meta_block import bn_affine
 from ..ops.hmsa_fuse import hmsa_fuse
 from ..ops.patchwise_conv2d import patchwise_conv2d
-from .backbones import TimmEncoder
 from .configs import DESCRIPTIONS, HYPERSEG_CONFIGS
 from .context_head import ContextHead, ContextHeadV01
+from .encoders import build_encoder, signal_only_modules
 from .registry import register_model
-from .weight_mapper import WeightMapper
+from .weight_mapper import StaticWeights, WeightMapper
 
 __all__ = ["HyperSeg", "ChainedMetaBlock", "image_coordinates", "hyperseg"]
 
@@ -48,29 +48,32 @@ def image_coordinates(ref: Tensor) -> Tensor:
     return grid.unsqueeze(0).expand(b, 2, h, w)
 
 
-def _level_input(skip: Tensor, prev: Optional[Tensor]) -> Tensor:
+def _level_input(skip: Tensor, prev: Optional[Tensor], coords: bool = True) -> Tensor:
     """A decoder level's input: cat(x, y, skip, previous level's output resized to the skip), NCHW
-    contiguous (the layout the dynamic ops read; a channels_last skip is converted here). Outside
-    autograd the parts are written straight into one buffer (no converted skip, no resized copy)."""
+    contiguous (the layout the dynamic ops read; a channels_last skip is converted here); without the
+    x, y channels when ``coords`` is False. Outside autograd the parts are written straight into one
+    buffer (no converted skip, no resized copy)."""
     size = tuple(skip.shape[-2:])
+    k = 2 if coords else 0
     resize = prev is not None and tuple(prev.shape[-2:]) != size
     if (torch.compiler.is_compiling()  # the compiler plans buffers itself
             or torch.is_grad_enabled() and (skip.requires_grad or (prev is not None and prev.requires_grad))):
         s = skip.contiguous()
-        parts = [image_coordinates(s), s]
+        parts = [image_coordinates(s), s] if coords else [s]
         if prev is not None:
             parts.append(F.interpolate(prev, size=size, mode="bilinear", align_corners=False) if resize else prev)
         return torch.cat(parts, 1)
     b, c, h, w = skip.shape
     cp = 0 if prev is None else prev.shape[1]
     dtype = skip.dtype if prev is None else torch.promote_types(skip.dtype, prev.dtype)  # as cat would
-    out = empty_for_write(b, 2 + c + cp, h, w, dtype=dtype, device=skip.device)
-    out[:, :2].copy_(image_coordinates(out))
-    out[:, 2:2 + c].copy_(skip)
+    out = empty_for_write(b, k + c + cp, h, w, dtype=dtype, device=skip.device)
+    if coords:
+        out[:, :2].copy_(image_coordinates(out))
+    out[:, k:k + c].copy_(skip)
     if resize:
-        torch.ops.aten.upsample_bilinear2d.out(prev, [h, w], False, None, None, out=out[:, 2 + c:])
+        torch.ops.aten.upsample_bilinear2d.out(prev, [h, w], False, None, None, out=out[:, k + c:])
     elif prev is not None:
-        out[:, 2 + c:].copy_(prev)
+        out[:, k + c:].copy_(prev)
     return out
 
 
@@ -166,6 +169,30 @@ class HyperSeg(nn.Module):
         in_channels: image channels.
         input_size: (H, W) the model is meant to run at (metadata, default of benchmarks).
         name: registry name (metadata, used in messages).
+        grid: (gh, gw) weight grid of every decoder level, or None (default: phi's own size, H/32 x
+            W/32, i.e. fixed by the encoder stride). With a grid, phi is resampled to (gh, gw) by
+            adaptive average pooling before the weight mapper (the mapper is a 1x1 convolution, so
+            this equals pooling the weights it would emit; a grid that divides phi's size averages
+            whole phi cells, a grid of 1x1 is the global average, i.e. one kernel per image). The grid
+            must fit the coarsest decoder level: gh <= H/32 and gw <= W/32 (checked per input);
+            patches need not divide the levels evenly (see ``patchwise_conv2d``).
+        positional_encoding: feed the x, y coordinate channels to every decoder level (default
+            True, the paper's P_i); False drops them (each level then has 2 fewer input channels and
+            correspondingly fewer dynamic weights).
+        dynamic: False turns every decoder convolution into a learned static convolution of the same
+            shape, run by the same decoder blocks with a 1x1 weight grid (the paper's ablation "w/o
+            DPWConv"): the weight mapper is replaced by :class:`~pyseg.models.weight_mapper.StaticWeights`
+            (one weight vector per level: sum of the levels' ``weight_numel`` parameters). The encoder
+            and the context head stay, so that the parameter count is comparable to the dynamic
+            model's; nothing reads phi then, so the context head is not run, and it and the encoder's
+            signal-only layers (EfficientNet's head conv, which still runs inside the encoder) are
+            frozen (``requires_grad=False``: no optimizer or DDP work for them).
+        signal_channels: optional width of a 1x1 conv + BN + ReLU head on the encoder's signal source
+            (:class:`~pyseg.models.encoders.SignalHead`; e.g. 1280 on ResNet18, as EfficientNet-B1's
+            head conv).
+
+    ``backbone`` may also be ``"pspnet18"`` / ``"pspnet50"`` (:class:`~pyseg.models.encoders.PSPEncoder`);
+    an unknown name raises ``ValueError``.
 
     Inputs must have height and width divisible by :attr:`input_multiple` (64 for the v1_0 head with
     2 levels, 128 for VOC's 3-level head).
@@ -180,8 +207,20 @@ class HyperSeg(nn.Module):
                  signal_slices: Optional[Sequence[Tuple[int, int]]] = None, backbone_padding: Optional[int] = None,
                  reducer_bn_eps: float = 1e-5, backbone_weights: Optional[str] = None, backbone_drop_path_rate: float = 0.0,
                  backend: str = "auto", in_channels: int = 3, input_size: Optional[Tuple[int, int]] = None,
-                 name: str = "hyperseg"):
+                 name: str = "hyperseg", grid: Optional[Tuple[int, int]] = None, positional_encoding: bool = True,
+                 dynamic: bool = True, signal_channels: Optional[int] = None):
         super().__init__()
+        if grid is not None:
+            if (not isinstance(grid, (tuple, list)) or len(grid) != 2
+                    or not all(isinstance(g, int) and not isinstance(g, bool) and g >= 1 for g in grid)):
+                raise ValueError(f"grid must be None or a pair of positive ints (gh, gw), got {grid!r}")
+            grid = (int(grid[0]), int(grid[1]))
+        for flag, value in (("positional_encoding", positional_encoding), ("dynamic", dynamic)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{flag} must be True or False, got {value!r}")
+        if grid is not None and not dynamic:
+            raise ValueError(f"grid has no effect with dynamic=False (a static decoder applies one kernel to the "
+                             f"whole image); got grid={grid}")
         if signal_slicing not in ("disjoint", "public"):
             raise ValueError(f"signal_slicing must be 'disjoint' or 'public', got {signal_slicing!r}")
         if public_signal_layout not in ("disjoint", "prefix"):
@@ -201,10 +240,13 @@ class HyperSeg(nn.Module):
         self.input_size = tuple(input_size) if input_size is not None else None
         self.backend = backend
         self.signal_slicing = signal_slicing
+        self.grid = grid
+        self.positional_encoding = positional_encoding
+        self.dynamic = dynamic
 
-        self.encoder = TimmEncoder(backbone, out_feat_scale, weights=backbone_weights,
-                                   drop_path_rate=backbone_drop_path_rate, static_padding=backbone_padding,
-                                   reducer_bn_eps=reducer_bn_eps)
+        self.encoder = build_encoder(backbone, out_feat_scale, weights=backbone_weights,
+                                     drop_path_rate=backbone_drop_path_rate, signal_channels=signal_channels,
+                                     static_padding=backbone_padding, reducer_bn_eps=reducer_bn_eps)
         C = self.encoder.signal_channels
         if context_head == "v1_0":
             self.context_head = ContextHead(C, context_levels)
@@ -217,7 +259,7 @@ class HyperSeg(nn.Module):
         blocks = []
         prev = 0
         for level, k in enumerate(kernel_sizes):
-            cin = prev + skip_channels[level] + 2
+            cin = prev + skip_channels[level] + (2 if positional_encoding else 0)
             if level == levels - 1:
                 cout = num_classes
             else:
@@ -235,9 +277,16 @@ class HyperSeg(nn.Module):
 
         layout = "disjoint" if signal_slicing == "disjoint" else public_signal_layout
         unify_from = None if unify_level is None else unify_level - 1
-        self.weight_mapper = WeightMapper(self.context_head.out_channels, [b.weight_numel for b in blocks],
-                                          weight_groups, unit=signal_unit, slicing=layout, unify_from=unify_from,
-                                          round_counts=round_weight_counts, slices=signal_slices)
+        if dynamic:
+            self.weight_mapper = WeightMapper(self.context_head.out_channels, [b.weight_numel for b in blocks],
+                                              weight_groups, unit=signal_unit, slicing=layout,
+                                              unify_from=unify_from, round_counts=round_weight_counts,
+                                              slices=signal_slices)
+        else:
+            self.weight_mapper = StaticWeights([b.weight_numel for b in blocks],
+                                               [_static_fan_ins(b) for b in blocks])
+            for module in [self.context_head] + signal_only_modules(self.encoder):
+                module.requires_grad_(False)
         # generators that feed fused meta blocks only (a unified generator's split would not be
         # patch-contiguous per level)
         self._patch_major_generators = [len(span) == 1 and isinstance(blocks[span[0]], MetaBlock)
@@ -264,6 +313,12 @@ class HyperSeg(nn.Module):
         strides = self.level_strides
         return strides.index(4) if 4 in strides else len(strides) - 1
 
+    def weight_grid(self, height: int, width: int) -> Tuple[int, int]:
+        """(gh, gw) of the decoder's weight grid for an input of height x width."""
+        if not self.dynamic:
+            return (1, 1)
+        return self.grid if self.grid is not None else (height // 32, width // 32)
+
     def check_input(self, x: Tensor):
         if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] != self.in_channels:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
@@ -275,12 +330,21 @@ class HyperSeg(nn.Module):
                              f"multiples of {m} (patch grid H/32 x W/32, and the context head halves it "
                              f"{int(math.log2(m // 32))} time(s)); pad or resize, e.g. to "
                              f"{-(-H // m) * m}x{-(-W // m) * m}")
+        if self.grid is not None and self.dynamic and (self.grid[0] > H // 32 or self.grid[1] > W // 32):
+            raise ValueError(f"{self.name}: grid {self.grid[0]}x{self.grid[1]} does not fit the decoder at input "
+                             f"{H}x{W}: its coarsest level is {H // 32}x{W // 32} (stride 32), and every patch "
+                             f"needs at least one pixel there; use a grid of at most {H // 32}x{W // 32} or a "
+                             f"larger input")
 
     # ------------------------------------------------------------------------------------------
     def generate_weights(self, x: Tensor):
         """Encoder + context head + weight mapper: (skip features, per-level weights, phi)."""
         feats, signal = self.encoder(x)
+        if not self.dynamic:  # static decoder: nothing reads phi
+            return feats, self.weight_mapper(x.shape[0]), None
         phi = self.context_head(signal)
+        if self.grid is not None and tuple(phi.shape[-2:]) != self.grid:
+            phi = F.adaptive_avg_pool2d(phi, self.grid)
         # phi is tiny; NCHW here makes the weight mapper emit the (B, N, gh, gw) layout the dynamic
         # ops read, even when the trunk runs channels_last -- except for the meta block levels on the
         # CPU, whose kernel reads each patch's weight vector in place from a channels_last tensor
@@ -292,7 +356,7 @@ class HyperSeg(nn.Module):
         p = None
         attn = None
         for level, block in enumerate(self.decoder):
-            p = _level_input(skips[-level - 1], p)
+            p = _level_input(skips[-level - 1], p, self.positional_encoding)
             if level == attn_level:
                 attn = p
             y = block(p, weights[level])
@@ -354,9 +418,10 @@ class HyperSeg(nn.Module):
     def decoder_macs(self, height: int, width: int, batch: int = 1) -> Dict[str, int]:
         """Multiply-accumulates of the dynamic decoder layers, counted analytically (the custom ops are
         invisible to ``torch.utils.flop_counter``). A v1_0 meta block's pw1 runs on every patch's
-        1-pixel halo as well; v0_1 / 1x1 levels run on the pixels once."""
+        1-pixel halo as well (gh x gw patches of an h x w level: (h + 2 gh)(w + 2 gw) pixels, whether
+        or not the patches divide the level evenly); v0_1 / 1x1 levels run on the pixels once."""
         out = {}
-        gh, gw = height // 32, width // 32
+        gh, gw = self.weight_grid(height, width)
         for level, (block, s) in enumerate(zip(self.decoder, self.level_strides)):
             h, w = height // s, width // s
             cin, cout = block.in_channels, block.out_channels
@@ -364,8 +429,7 @@ class HyperSeg(nn.Module):
                 macs = cin * cout * h * w
             else:
                 hid = block.hidden_channels
-                ph, pw = h // gh, w // gw
-                pw1_pixels = gh * gw * (ph + 2) * (pw + 2) if isinstance(block, MetaBlock) else h * w
+                pw1_pixels = (h + 2 * gh) * (w + 2 * gw) if isinstance(block, MetaBlock) else h * w
                 macs = hid * cin * pw1_pixels + hid * 9 * h * w + cout * hid * h * w
             out[f"decoder.{level}"] = batch * macs
         return out
@@ -405,11 +469,20 @@ class HyperSeg(nn.Module):
         return self
 
 
+def _static_fan_ins(block) -> List[Tuple[int, int]]:
+    """(numel, fan_in) of each part of a block's flat weight vector, for StaticWeights' init."""
+    cin, cout = block.in_channels, block.out_channels
+    if block.kernel_size == 1:
+        return [(cout * cin, cin)]
+    hid = block.hidden_channels
+    return [(hid * cin, cin), (hid * 9, 9), (cout * hid, hid)]
+
+
 # ----------------------------------------------------------------------------------------------
 def hyperseg(num_classes: Optional[int] = None, backbone_weights: Optional[str] = None, **config) -> HyperSeg:
     """Build a HyperSeg from a config dict (see :mod:`pyseg.models.configs`)."""
     config = dict(config)
-    for meta in ("dataset", "public_params", "description"):
+    for meta in ("dataset", "public_params", "paper_params", "description"):
         config.pop(meta, None)
     if num_classes is None:
         raise ValueError("num_classes is required")

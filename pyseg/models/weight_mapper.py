@@ -6,12 +6,13 @@ emitting the flat per-patch weights of one or more decoder levels.
 """
 from __future__ import annotations
 
+import math
 from typing import List, Sequence
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["divide_channels", "signal_slices", "WeightGenerator", "WeightMapper"]
+__all__ = ["divide_channels", "signal_slices", "WeightGenerator", "WeightMapper", "StaticWeights"]
 
 
 def divide_channels(channels: int, weight_counts: Sequence[int], unit: int) -> List[int]:
@@ -206,3 +207,52 @@ class WeightMapper(nn.Module):
         """(in_channels, out_channels, groups, offset, width) of every generator conv: the layout test hook."""
         return [(g.conv.in_channels, g.conv.out_channels, g.conv.groups, g.offset, g.in_channels)
                 for g in self.generators]
+
+
+class StaticWeights(nn.Module):
+    """The weight source of a HyperSeg with ``dynamic=False``: one learned weight vector per decoder
+    level, shared by every sample and every patch -- each decoder convolution becomes an ordinary
+    (static) convolution of the same shape, still run by the same decoder block.
+
+    Args:
+        level_weights: weights per level (``MetaBlock.weight_numel``), as for :class:`WeightMapper`.
+        fan_ins: per level, the fan-in of each consecutive segment of the level's flat weight vector,
+            as ``[(numel, fan_in), ...]``; each segment is initialised like an ``nn.Conv2d`` weight of
+            that fan-in (uniform in +-1/sqrt(fan_in)). Default: one segment per level, fan-in =
+            numel (a deliberately small init).
+
+    ``forward(phi_or_batch)`` takes phi (only its batch size is used; nothing reads the signal) or a
+    batch size and returns one (B, weight_numel_l, 1, 1) tensor per level (a 1x1 weight grid: the
+    dynamic ops then apply one kernel to the whole image). The expansion over the batch is a view.
+    """
+
+    def __init__(self, level_weights: Sequence[int], fan_ins=None):
+        super().__init__()
+        self.level_weights = [int(n) for n in level_weights]
+        if not self.level_weights or any(n <= 0 for n in self.level_weights):
+            raise ValueError(f"level_weights must be positive integers, got {list(level_weights)}")
+        self.weights = nn.ParameterList(nn.Parameter(torch.empty(n)) for n in self.level_weights)
+        self.spans = [[i] for i in range(len(self.level_weights))]  # one "generator" per level
+        if fan_ins is None:
+            fan_ins = [[(n, n)] for n in self.level_weights]
+        if len(fan_ins) != len(self.level_weights):
+            raise ValueError(f"fan_ins must have {len(self.level_weights)} entries, got {len(fan_ins)}")
+        self._fan_ins = [[(int(a), int(b)) for a, b in segs] for segs in fan_ins]
+        for n, segs in zip(self.level_weights, self._fan_ins):
+            if sum(a for a, _ in segs) != n:
+                raise ValueError(f"fan_ins segments {segs} do not add up to the level's {n} weights")
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        for w, segs in zip(self.weights, self._fan_ins):
+            for part, (_, fan_in) in zip(torch.split(w, [a for a, _ in segs]), segs):
+                bound = 1.0 / math.sqrt(max(fan_in, 1))
+                part.uniform_(-bound, bound)
+
+    def forward(self, phi, patch_major: Sequence[bool] = ()) -> List[Tensor]:
+        b = phi if isinstance(phi, int) else phi.shape[0]
+        return [w.view(1, -1, 1, 1).expand(b, -1, 1, 1) for w in self.weights]
+
+    def extra_repr(self) -> str:
+        return f"levels={self.level_weights}"
