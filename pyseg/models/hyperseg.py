@@ -453,14 +453,17 @@ class HyperSeg(nn.Module):
           materialised).
 
         Puts the model in eval mode; each step is verified on ``example`` (or a random input at the
-        smallest legal size) and undone with an error if the output changes. Returns self."""
+        smallest legal size for the model and its grid) and undone with an error if the output
+        changes. Returns self."""
         from ._fuse import band_expansions, fold_conv_bn, fold_se_gates
 
         self.eval()
         if example is None:
             m = self.input_multiple
             p = next(self.parameters())
-            example = torch.randn(1, self.in_channels, m, 2 * m, device=p.device, dtype=p.dtype)
+            gh, gw = self.grid if self.grid is not None and self.dynamic else (1, 1)  # the grid must fit
+            h, w = max(m, -(-32 * gh // m) * m), max(2 * m, -(-32 * gw // m) * m)
+            example = torch.randn(1, self.in_channels, h, w, device=p.device, dtype=p.dtype)
         fold_conv_bn(self, example, skip=(self.decoder,), fuse_act=activations)
         if squeeze_excitation:
             fold_se_gates(self, example)

@@ -252,7 +252,8 @@ class StaticWeights(nn.Module):
 
     def forward(self, phi, patch_major: Sequence[bool] = ()) -> List[Tensor]:
         b = phi if isinstance(phi, int) else phi.shape[0]
-        return [w.view(1, -1, 1, 1).expand(b, -1, 1, 1) for w in self.weights]
+        grad = torch.is_grad_enabled()  # (a view made under no_grad would still claim requires_grad)
+        return [(w if grad else w.detach()).view(1, -1, 1, 1).expand(b, -1, 1, 1) for w in self.weights]
 
     def extra_repr(self) -> str:
         return f"levels={self.level_weights}"
