@@ -16,7 +16,8 @@ with ``torch.utils.flop_counter.FlopCounterMode`` around ``HyperSeg.generate_wei
 model's context head, which does not run, is not counted), the dynamic decoder analytically
 (``HyperSeg.decoder_macs``); element-wise ops, BN, pooling and resampling are not counted.
 
-Latency: batch 1, eval, ``model.fuse()`` + channels_last trunk (as ``fps.py`` on the CPU), no grad,
+Latency: batch 1, eval, channels_last trunk (as ``fps.py`` on the CPU; ``--fuse`` also folds the trunk's
+BatchNorms with ``model.fuse()``, which costs a few verification forwards per model), no grad,
 ``--warmup`` untimed forwards per model, then ``--repeats`` rounds in each of which every model runs one
 timed forward (models interleaved, so that load changes on a shared machine hit them alike); the median
 per model is reported. On a shared CPU absolute times are noisy: compare the ratios within one run.
@@ -86,6 +87,7 @@ def parse_args(argv=None):
     p.add_argument("--size", default=None, help="HxW for every row (default: each config's input_size)")
     p.add_argument("--only", default=None, help="comma-separated substrings: keep the rows whose label has one")
     p.add_argument("--no-latency", action="store_true", help="parameters and GMACs only")
+    p.add_argument("--fuse", action="store_true", help="model.fuse() before timing (as fps.py)")
     p.add_argument("--json", default="ablation.json", help="output JSON path")
     return p.parse_args(argv)
 
@@ -125,7 +127,8 @@ def main(argv=None):
                "grid": list(model.weight_grid(*hw))}
         rec.update(count_macs(model, x))
         if not args.no_latency:
-            model.fuse()  # checked on the smallest input the model (and its grid) accepts
+            if args.fuse:
+                model.fuse()  # checked on the smallest input the model (and its grid) accepts
             model.to_channels_last()
             xc = x.contiguous(memory_format=torch.channels_last)
             runners[label] = (model, xc)
@@ -151,7 +154,8 @@ def main(argv=None):
             rec["fps"] = 1.0 / statistics.median(ts)
 
     out = {"benchmark": "ablation", "env": env_info("cpu"), "args": vars(args),
-           "notes": ["batch 1, fp32, eval, model.fuse() + channels_last trunk, no grad; models interleaved per "
+           "notes": [f"batch 1, fp32, eval, {'model.fuse() + ' if args.fuse else 'unfused BN, '}channels_last "
+                     "trunk, no grad; models interleaved per "
                      "round; median of the rounds. Absolute CPU latencies are noisy on a shared machine: "
                      "compare ratios within this run.",
                      "params = all parameters (the paper's count); trainable excludes the frozen context head "
