@@ -86,7 +86,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=1, help="untimed forwards per model first")
     p.add_argument("--size", default=None, help="HxW for every row (default: each config's input_size)")
     p.add_argument("--only", default=None, help="comma-separated substrings: keep the rows whose label has one")
-    p.add_argument("--no-latency", action="store_true", help="parameters and GMACs only")
+    p.add_argument("--no-latency", action="store_true",
+                   help="parameters and GMACs only, counted on the meta device (no weights, no compute: seconds)")
     p.add_argument("--fuse", action="store_true", help="model.fuse() before timing (as fps.py)")
     p.add_argument("--json", default="ablation.json", help="output JSON path")
     return p.parse_args(argv)
@@ -116,8 +117,10 @@ def main(argv=None):
     for label, name, kw, group in selected:
         cfg = get_config(name)
         hw = size or tuple(cfg["input_size"])
-        model = create_model(name, **kw).eval()
-        x = torch.randn(1, 3, *hw)
+        device = torch.device("meta" if args.no_latency else "cpu")
+        with device:
+            model = create_model(name, **kw).eval()
+            x = torch.randn(1, 3, *hw)
         n_all = sum(p.numel() for p in model.parameters())
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         rec = {"label": label, "model": name, "overrides": {k: list(v) if isinstance(v, tuple) else v
