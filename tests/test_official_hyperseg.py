@@ -222,3 +222,18 @@ def test_unsupported_options_are_named():
 
 def test_strip_prefix():
     assert strip_prefix({"module.a": 1, "b": 2}) == {"a": 1, "b": 2}
+
+
+def test_banded_expansion_with_asymmetric_padding():
+    """PwDwConv2d takes the public EfficientNet's explicitly padded depthwise convs (ZeroPad2d + conv)."""
+    from torch import nn
+    from pyseg.models._fuse import ConvAct2d, PwDwConv2d
+
+    pw = ConvAct2d(nn.Conv2d(4, 12, 1), nn.SiLU())
+    for pads, k in (((0, 1, 0, 1), 3), ((1, 2, 1, 2), 5), ((2, 2, 2, 2), 5)):
+        dw = nn.Sequential(nn.ZeroPad2d(pads), ConvAct2d(nn.Conv2d(12, 12, k, stride=2, groups=12), nn.SiLU()))
+        pair = PwDwConv2d(pw, dw).eval()
+        pair.min_bytes, pair.band_bytes = 0, 1  # bands of one row
+        x = torch.randn(1, 4, 15, 22).contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            torch.testing.assert_close(pair(x), dw(pw(x)), atol=1e-5, rtol=1e-5)

@@ -105,16 +105,32 @@ class PwDwConv2d(nn.Module):
     #: target size of one band's expanded rows (cache-sized)
     band_bytes = 3 << 20
 
-    def __init__(self, pw: ConvAct2d, dw: ConvAct2d):
+    def __init__(self, pw: ConvAct2d, dw: nn.Module):
         super().__init__()
         if not self.accepts(pw, dw):
             raise TypeError(f"PwDwConv2d needs a 1x1 ConvAct2d followed by a depthwise ConvAct2d, got {pw} and {dw}")
         self.pw = pw
         self.dw = dw
+        self._dw, self._pads = self._depthwise(dw)
+
+    @staticmethod
+    def _depthwise(dw: nn.Module):
+        """(the depthwise ConvAct2d, its zero padding (left, right, top, bottom)) of ``dw``: a ConvAct2d, or
+        ``nn.Sequential(nn.ZeroPad2d, ConvAct2d)`` (an unpadded conv after explicit, possibly asymmetric,
+        padding -- the static "same" padding of TF-style EfficientNets); (None, None) otherwise."""
+        if isinstance(dw, ConvAct2d):
+            ph, pw = dw.conv.padding
+            return dw, (pw, pw, ph, ph)
+        if (isinstance(dw, nn.Sequential) and len(dw) == 2 and type(dw[0]) is nn.ZeroPad2d
+                and isinstance(dw[1], ConvAct2d) and dw[1].conv.padding == (0, 0)):
+            return dw[1], tuple(dw[0].padding)
+        return None, None
 
     @staticmethod
     def accepts(pw: nn.Module, dw: nn.Module) -> bool:
-        """True for a 1x1, stride-1, unpadded, ungrouped ConvAct2d followed by a depthwise ConvAct2d."""
+        """True for a 1x1, stride-1, unpadded, ungrouped ConvAct2d followed by a depthwise ConvAct2d (or a
+        ZeroPad2d + depthwise ConvAct2d pair)."""
+        dw = PwDwConv2d._depthwise(dw)[0]
         if not (isinstance(pw, ConvAct2d) and isinstance(dw, ConvAct2d)):
             return False
         p, d = pw.conv, dw.conv
@@ -122,7 +138,7 @@ class PwDwConv2d(nn.Module):
                 and d.groups == d.in_channels == d.out_channels == p.out_channels)
 
     def _banded(self, x: torch.Tensor) -> bool:
-        if not (self.pw.onednn_ok(x) and self.dw.onednn_ok(x)
+        if not (self.pw.onednn_ok(x) and self._dw.onednn_ok(x)
                 and x.is_contiguous(memory_format=torch.channels_last)):
             return False
         n, _, h, w = x.shape
@@ -131,12 +147,13 @@ class PwDwConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._banded(x):
             return self.dw(self.pw(x))
-        d = self.dw.conv
+        d = self._dw.conv
         n, _, h, w = x.shape
         c = d.out_channels
-        (kh, kw), (sh, sw), (ph, pw_), (dh, dw_) = d.kernel_size, d.stride, d.padding, d.dilation
+        (kh, kw), (sh, sw), (dh, dw_) = d.kernel_size, d.stride, d.dilation
+        left, right, ph, bottom = self._pads
         span_h, span_w = dh * (kh - 1) + 1, dw_ * (kw - 1) + 1
-        ho, wo = (h + 2 * ph - span_h) // sh + 1, (w + 2 * pw_ - span_w) // sw + 1
+        ho, wo = (h + ph + bottom - span_h) // sh + 1, (w + left + right - span_w) // sw + 1
         out = torch.empty(n, c, ho, wo, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
         rows = max(1, self.band_bytes // (sh * w * c * x.element_size()))  # output rows per band
         for b in range(n):
@@ -151,7 +168,10 @@ class PwDwConv2d(nn.Module):
                         e = F.pad(e, (0, 0, lo - first, last - hi))
                 else:  # the band reads padding only
                     e = x.new_zeros(1, last - first, w, c).permute(0, 3, 1, 2)  # channels_last
-                out[b:b + 1, :, r0:r1].copy_(self.dw.onednn(e, (0, pw_)))
+                if left == right:
+                    out[b:b + 1, :, r0:r1].copy_(self._dw.onednn(e, (0, left)))
+                else:  # asymmetric: pad this band's columns explicitly
+                    out[b:b + 1, :, r0:r1].copy_(self._dw.onednn(F.pad(e, (left, right)), (0, 0)))
         return out
 
 
