@@ -1,7 +1,7 @@
 """A loaded released checkpoint everywhere a pyseg model goes: pyseg-convert (a subprocess, as users run it),
 create_model(..., checkpoint=), pyseg-predict and benchmarks/fps.py with the .pth, fuse() + channels_last, every
 backend, MultiScaleAttention. Synthetic checkpoints in the public format (small EfficientNet-B0 architectures;
-see test_official_hyperseg.py). Cost: 3 subprocesses (~5 s CPU each, mostly imports) and a few small models."""
+see test_official_hyperseg.py). Cost: 3 pyseg-convert subprocesses (~5 s CPU each, mostly imports) and a few small models."""
 import os
 import subprocess
 import sys
@@ -104,16 +104,22 @@ def test_loaded_model_fuse_backends_and_hmsa(released):
 
 
 def test_predict_and_fps_with_pth(released, tmp_path):
+    """pyseg-predict and benchmarks/fps.py take the released .pth (their Python entry points, in-process)."""
+    from pyseg.cli import predict
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import fps
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
     pth, _ = released
     img = tmp_path / "street.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 100, 3), dtype=np.uint8)).save(img)
-    r = _run(_command("pyseg-predict", "pyseg.cli.predict") + [
-        "--checkpoint", str(pth), "--input", str(img), "--output", str(tmp_path / "out"), "--resize", "64x128",
-        "--device", "cpu", "--no-progress"])
-    assert r.returncode == 0, r.stderr
+    written = predict.run(["--checkpoint", str(pth), "--input", str(img), "--output", str(tmp_path / "out"),
+                           "--resize", "64x128", "--device", "cpu", "--no-progress"])
+    assert len(written) == 2
     mask = np.asarray(Image.open(tmp_path / "out" / "street_mask.png"))
     assert mask.shape == (50, 100, 3)
-    r = _run([sys.executable, "benchmarks/fps.py", "--checkpoint", str(pth), "--quick", "--iters", "1", "--warmup",
-              "0", "--device", "cpu", "--json", str(tmp_path / "fps.json")])
-    assert r.returncode == 0, r.stderr
-    assert (tmp_path / "fps.json").is_file()
+    rec = fps.main(["--checkpoint", str(pth), "--quick", "--iters", "1", "--warmup", "0", "--device", "cpu",
+                    "--json", str(tmp_path / "fps.json")])
+    assert rec["checkpoint"] == str(pth) and (tmp_path / "fps.json").is_file()
