@@ -77,13 +77,13 @@ def trained(data, tmp_path_factory):
 
 def test_train_eval_predict_chain(trained, data, tmp_path):
     ck = str(trained / "best.safetensors")
-    r = _run([_script("pyseg-eval"), "--checkpoint", ck, "--dataset", "folder", "--data-root", str(data),
-              "--workers", "0", "--threads", "1"])
+    r = _run([_script("pyseg-eval"), "--import", TINY, "--checkpoint", ck, "--dataset", "folder", "--data-root",
+              str(data), "--workers", "0", "--threads", "1"])
     assert r.returncode == 0, r.stderr
     assert "triangle" in r.stdout and "mIoU" in r.stdout and "\r" not in r.stdout + r.stderr
     assert r.stderr == ""
-    r = _run([_script("pyseg-predict"), "--checkpoint", ck, "--input", str(data / "images/val"), "--output",
-              str(tmp_path / "pred"), "--threads", "1"])
+    r = _run([_script("pyseg-predict"), "--import", TINY, "--checkpoint", ck, "--input", str(data / "images/val"),
+              "--output", str(tmp_path / "pred"), "--threads", "1"])
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == f"wrote 6 files for 3 image(s) to {tmp_path / 'pred'}" and r.stderr == ""
     assert len(list((tmp_path / "pred").glob("*.png"))) == 6
@@ -106,8 +106,8 @@ def test_missing_checkpoint(prog, data, tmp_path):
 
 def test_missing_dataset(trained, tmp_path):
     missing = tmp_path / "no_data"
-    r = _run([_script("pyseg-eval"), "--checkpoint", str(trained / "best.safetensors"), "--dataset", "folder",
-              "--data-root", str(missing)])
+    r = _run([_script("pyseg-eval"), "--import", TINY, "--checkpoint", str(trained / "best.safetensors"),
+              "--dataset", "folder", "--data-root", str(missing)])
     _one_line_error(r, "pyseg-eval", f"dataset root not found: {missing}")
     r = _run([_script("pyseg-train"), "--model", "hyperseg-tiny", "--dataset", "folder", "--data-root",
               str(missing), "--output-dir", str(tmp_path / "o")])
@@ -116,8 +116,8 @@ def test_missing_dataset(trained, tmp_path):
 
 
 def test_predict_missing_input(trained, tmp_path):
-    r = _run([_script("pyseg-predict"), "--checkpoint", str(trained / "best.safetensors"), "--input",
-              str(tmp_path / "none.png"), "--output", str(tmp_path / "o")])
+    r = _run([_script("pyseg-predict"), "--import", TINY, "--checkpoint", str(trained / "best.safetensors"),
+              "--input", str(tmp_path / "none.png"), "--output", str(tmp_path / "o")])
     _one_line_error(r, "pyseg-predict", f"input not found: {tmp_path / 'none.png'}")
 
 
