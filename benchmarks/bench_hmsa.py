@@ -158,8 +158,8 @@ def main(argv=None):
                          "resized to each scale's resolution inside the fusion (the public pipeline); both "
                          "(default); stride4: alias of native")
     ap.add_argument("--backends", default=None, help="comma list; default: fused backends of the device")
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--repeat", type=int, default=None, help="timed runs (default: 3 on the CPU, 50 on the GPU)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed runs first (default: 1 on the CPU, 10 on the GPU)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     ap.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -172,7 +172,9 @@ def main(argv=None):
     import pyseg
 
     H, W = (int(v) for v in args.size.lower().split("x"))
-    repeat, warmup = args.repeat, args.warmup
+    gpu = args.device == "cuda"
+    repeat = args.repeat if args.repeat is not None else (50 if gpu else 3)
+    warmup = args.warmup if args.warmup is not None else (10 if gpu else 1)
     if args.quick:
         H, W, repeat, warmup = 64, 128, 1, 0
     if args.device == "cuda" and not torch.cuda.is_available():

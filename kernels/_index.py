@@ -1,4 +1,4 @@
-"""Index helpers shared by the Triton kernels (``@triton.jit`` functions, inlined by the compiler).
+"""Index and math helpers shared by the Triton kernels (``@triton.jit`` functions, inlined by the compiler).
 
 Patch rule of every patch-wise op: cell g of an axis of n pixels cut into ``grid`` cells covers
 [ceil(g*n/grid), ceil((g+1)*n/grid)) (csrc/common/patch_index.h holds the C++/CUDA copy).
@@ -25,3 +25,22 @@ def patch_rect(patch, gh, gw, H, W):
     c0 = (gj * W + gw - 1) // gw
     pw = ((gj + 1) * W + gw - 1) // gw - c0
     return r0, ph, c0, pw
+
+
+@triton.jit
+def mm(a, b, acc, ACC_F64: tl.constexpr):
+    """acc + a @ b with tl.dot on the tensor cores: float16/bfloat16 operands as loaded, float32
+    operands as "tf32x3" (three TF32 products, about float32 accuracy: an FMA-only "ieee" dot holds
+    whole K rows per thread and spills at these tile sizes); float64 (the interpreter's
+    correctness path) in float64. Accumulation in float32 (float64)."""
+    if ACC_F64:
+        return tl.dot(a.to(tl.float64), b.to(tl.float64), acc, input_precision="ieee", out_dtype=tl.float64)
+    elif a.dtype == tl.float32 or b.dtype == tl.float32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32x3", out_dtype=tl.float32)
+    else:
+        return tl.dot(a, b, acc, out_dtype=tl.float32)
+
+
+@triton.jit
+def relu6(v):
+    return tl.minimum(tl.maximum(v, 0.0), 6.0)

@@ -73,11 +73,12 @@ def _config_meta(cfg) -> Dict[str, Any]:
 
 
 @contextlib.contextmanager
-def record():
+def record(all_configs: bool = True):
     """Record launches instead of running them; yields the list of records
-    ``(jit_function, args, meta)`` (autotuned kernels expanded into their pruned configurations)."""
+    ``(jit_function, args, meta)``. An autotuned kernel is expanded into every configuration its
+    pruning keeps (``all_configs``), or only the first (what ``PYSEG_TRITON_AUTOTUNE=0`` runs)."""
     rec: list = []
-    _RECORDERS.append(rec)
+    _RECORDERS.append((rec, all_configs))
     try:
         yield rec
     finally:
@@ -88,11 +89,13 @@ def launch(kernel, grid, *args, **meta):
     """``kernel[grid](*args, **meta)`` on the right device, or recorded inside ``record()``."""
     tuned = isinstance(kernel, triton.runtime.Autotuner)
     if _RECORDERS:
+        rec, all_configs = _RECORDERS[-1]
         if tuned:
-            for cfg in _pruned_configs(kernel, args, meta):
-                _RECORDERS[-1].append((kernel.fn, args, {**meta, **_config_meta(cfg)}))
+            cfgs = _pruned_configs(kernel, args, meta)
+            for cfg in cfgs if all_configs else cfgs[:1]:
+                rec.append((kernel.fn, args, {**meta, **_config_meta(cfg)}))
         else:
-            _RECORDERS[-1].append((kernel, args, dict(meta)))
+            rec.append((kernel, args, dict(meta)))
         return
     with device_ctx(*args):
         if tuned and not autotune_enabled():

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch
+
 MAX_HIGH = 2
 MAX_LOW = 3
 
@@ -171,7 +173,7 @@ def _hmsa_fwd_kernel(out_ptr, C, OH, OW,
                      RS_H2: tl.constexpr, RS_L0: tl.constexpr, RS_L1: tl.constexpr, RS_L2: tl.constexpr,
                      LABELS: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
-    b = tl.program_id(1)
+    b = tl.program_id(1).to(tl.int64)  # B * C * H * W may exceed 2**31
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < OH * OW
     oy = offs // OW
@@ -258,7 +260,7 @@ def forward(logits, attentions, scales, out_size, labels: bool, scale_sizes=None
     acc = tl.float64 if p[0].dtype == torch.float64 else tl.float32
     BLOCK = 128
     grid = (triton.cdiv(OH * OW, BLOCK), B)
-    _hmsa_fwd_kernel[grid](out, C, OH, OW, *args, N_HIGH=n_high, N_LOW=n_low, RS_H0=rs0, RS_H1=rsh1,
+    launch(_hmsa_fwd_kernel, grid, out, C, OH, OW, *args, N_HIGH=n_high, N_LOW=n_low, RS_H0=rs0, RS_H1=rsh1,
                            RS_H2=rsh2, RS_L0=lows[0][1], RS_L1=lows[1][1], RS_L2=lows[2][1], LABELS=labels,
                            ACC=acc, BLOCK=BLOCK)
     return out
@@ -433,9 +435,10 @@ def backward(grad_out, logits_one, logits_low, attention_low):
     g_pl = _empty(B, C, hl, wl, dtype=pl.dtype, device=dev)
     g_a = _empty(B, 1, ha, wa, dtype=a.dtype, device=dev)
     BLOCK = 128
-    _bwd_r1_kernel[(triton.cdiv(h1 * w1, BLOCK), B)](g, p1, a, gP, g_p1, gua, C, OH, OW, h1, w1, hl, wl, ha, wa,
+    launch(_bwd_r1_kernel, (triton.cdiv(h1 * w1, BLOCK), B), g, p1, a, gP, g_p1, gua, C, OH, OW, h1, w1, hl, wl, ha, wa,
                                                      *f_h, *f_w, ACC=acc, BLOCK=BLOCK)
-    _bwd_low_kernel[(triton.cdiv(hl * wl, BLOCK), B)](gP, gua, pl, a, g_pl, gal, C, h1, w1, hl, wl, ha, wa,
+    launch(_bwd_low_kernel, (triton.cdiv(hl * wl, BLOCK), B), gP, gua, pl, a, g_pl, gal, C, h1, w1, hl, wl, ha, wa,
                                                       *u_h, *u_w, ACC=acc, BLOCK=BLOCK)
-    _bwd_att_kernel[(triton.cdiv(ha * wa, BLOCK), B)](gal, g_a, hl, wl, ha, wa, *r_h, *r_w, ACC=acc, BLOCK=BLOCK)
+    launch(_bwd_att_kernel, (triton.cdiv(ha * wa, BLOCK), B), gal, g_a, hl, wl, ha, wa, *r_h, *r_w, ACC=acc,
+           BLOCK=BLOCK)
     return g_p1, g_pl, g_a

@@ -23,7 +23,8 @@ Kernels (all deterministic, no atomics; every output element is written by exact
 Accumulation is float32 (float64 for float64 inputs); outputs are stored in the input dtype.
 Element offsets that can exceed 2**31 (sample/channel bases) are computed in int64.
 Under ``TRITON_INTERPRET=1`` fixed block sizes are used; on a GPU the kernels are autotuned,
-keyed on the channel counts, K and the patch size.
+keyed on the channel counts, K and the patch size rounded up to a power of two (``PIX_BUCKET``);
+``PYSEG_TRITON_AUTOTUNE=0`` takes the first pruned configuration instead (kernels/_launch.py).
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ import triton
 import triton.language as tl
 
 from ._index import patch_rect as _patch_rect
+from ._launch import empty, launch, pow2_bucket
 
 __all__ = ["forward", "backward", "choose_dot"]
 
@@ -69,7 +71,8 @@ def _fwd_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr,
     Cin, H, W, Cout, Hout, Wout, GH, GW, G, Cg, Og, K,
     SH, SW, PT, PL, DH, DW,
-    NPIX,  # largest patch pixel count (sizes the grid; autotune key)
+    NPIX,  # largest patch pixel count (sizes the grid)
+    PIX_BUCKET,  # next power of two of NPIX (autotune key and pruning only)
     KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr,
     ACC_F64: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_CO: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -140,7 +143,8 @@ def _dx_kernel(
     go_ptr, w_ptr, gx_ptr,
     Cin, H, W, Cout, Hout, Wout, GH, GW, G, Cg, Og,
     SH, SW, PT, PL, DH, DW, HALO_H, HALO_W,
-    NPIX,  # largest region pixel count (sizes the grid; autotune key)
+    NPIX,  # largest region pixel count (sizes the grid)
+    PIX_BUCKET,  # next power of two of NPIX (autotune key and pruning only)
     KH: tl.constexpr, KW: tl.constexpr, USE_DOT: tl.constexpr,
     ACC_F64: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -262,7 +266,8 @@ def _dw_kernel(
     go_ptr, x_ptr, gw_ptr, gb_ptr,
     Cin, H, W, Cout, Hout, Wout, GH, GW, G, Cg, Og, K,
     SH, SW, PT, PL, DH, DW,
-    NPIX,  # largest patch pixel count (autotune key only)
+    NPIX,  # largest patch pixel count (unused)
+    PIX_BUCKET,  # next power of two of NPIX (autotune key and pruning only)
     KH: tl.constexpr, KW: tl.constexpr, COMPUTE_W: tl.constexpr, COMPUTE_B: tl.constexpr,
     USE_DOT: tl.constexpr, ACC_F64: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_CO: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -390,24 +395,27 @@ def _prune(dims, floor):
     return prune
 
 
-# (kernel, dot?) -> (block dicts, autotune key, {block name: kernel arg it must not exceed})
+# (kernel, dot?) -> (block dicts, autotune key, {block name: kernel arg it must not exceed}).
+# Small spaces (a few configurations per problem after pruning), sized to HyperSeg's patches
+# (4x4 .. 32x32 pixels: BLOCK_P from 16) and kept within the register file: every configuration
+# compiles for sm_90 without spills (tests/test_triton_sm90.py).
 def _gpu_space(name, dot):
     if name == "fwd" or name == "dw":
-        ps = (64, 128) if name == "fwd" else (32, 64)
         if dot:
-            blocks = [dict(BLOCK_CO=co, BLOCK_K=k, BLOCK_P=p) for co in (16, 32, 64) for k in (16, 32, 64) for p in ps]
+            blocks = [dict(BLOCK_CO=co, BLOCK_K=k, BLOCK_P=p) for co in (16, 32, 64) for k in (32, 64)
+                      for p in (16, 64, 128) if co * p <= 4096 and co * k <= 2048]
         else:
-            blocks = [dict(BLOCK_CO=co, BLOCK_K=k, BLOCK_P=p) for co in (1, 2, 4, 8) for k in (1, 4, 8, 16)
-                      for p in (ps + (2 * ps[-1],)) if co * k * p <= 8192]
-        key = ["Og", "K", "NPIX", "KH", "KW"] + (["COMPUTE_W"] if name == "dw" else [])
-        return blocks, key, {"BLOCK_CO": "Og", "BLOCK_K": "K", "BLOCK_P": "NPIX"}
+            blocks = [dict(BLOCK_CO=co, BLOCK_K=k, BLOCK_P=p) for co in (1, 4, 8) for k in (4, 16)
+                      for p in (16, 64, 256) if co * k * p <= 8192]
+        key = ["Og", "K", "PIX_BUCKET", "KH", "KW"] + (["COMPUTE_W"] if name == "dw" else [])
+        return blocks, key, {"BLOCK_CO": "Og", "BLOCK_K": "K", "BLOCK_P": "PIX_BUCKET"}
     if dot:
         blocks = [dict(BLOCK_CI=ci, BLOCK_CO=co, BLOCK_P=p)
-                  for ci in (16, 32, 64) for co in (16, 32) for p in (64, 128)]
+                  for ci in (16, 32, 64) for co in (16, 32) for p in (16, 64) if ci * co <= 1024]
     else:
-        blocks = [dict(BLOCK_CI=ci, BLOCK_CO=co, BLOCK_P=p) for ci in (1, 2, 4, 8) for co in (1, 4, 8)
-                  for p in (64, 128, 256) if ci * co * p <= 8192]
-    return blocks, ["Cg", "Og", "NPIX", "KH", "KW"], {"BLOCK_CI": "Cg", "BLOCK_CO": "Og", "BLOCK_P": "NPIX"}
+        blocks = [dict(BLOCK_CI=ci, BLOCK_CO=co, BLOCK_P=p) for ci in (1, 4, 8) for co in (1, 8)
+                  for p in (16, 64, 256) if ci * co * p <= 8192]
+    return blocks, ["Cg", "Og", "PIX_BUCKET", "KH", "KW"], {"BLOCK_CI": "Cg", "BLOCK_CO": "Og", "BLOCK_P": "PIX_BUCKET"}
 
 
 _KERNELS = {"fwd": _fwd_kernel, "dx": _dx_kernel, "dw": _dw_kernel}
@@ -419,7 +427,7 @@ def _tuned(name, dot):
     if (name, dot) not in _TUNED:
         blocks, key, dims = _gpu_space(name, dot)
         _TUNED[(name, dot)] = triton.autotune(
-            configs=_cfgs(blocks, stages=(2, 3) if dot else (2,)), key=key,
+            configs=_cfgs(blocks, stages=(3,) if dot else (2,)), key=key,
             prune_configs_by={"early_config_prune": _prune(dims, 16 if dot else 1)})(_KERNELS[name])
     return _TUNED[(name, dot)]
 
@@ -435,7 +443,7 @@ def _precision(dtype: torch.dtype) -> str:
 
 def _empty(shape, like: torch.Tensor) -> torch.Tensor:
     """Allocation of every kernel output (tests replace it to poison outputs with NaN)."""
-    return torch.empty(tuple(shape), device=like.device, dtype=like.dtype)
+    return empty(shape, like)
 
 
 def _out_size(n, p0, p1, d, k, s):
@@ -477,19 +485,18 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
         use_dot = choose_dot(Og, K, x.dtype)
     acc64 = x.dtype == torch.float64
     args = (x, weight, bias if bias is not None else x, y,
-            Cin, H, W, Cout, Hout, Wout, GH, GW, G, Cg, Og, K, sh, sw, pt, pl, dh, dw, npix)
+            Cin, H, W, Cout, Hout, Wout, GH, GW, G, Cg, Og, K, sh, sw, pt, pl, dh, dw, npix, pow2_bucket(npix))
     common = dict(KH=KH, KW=KW, HAS_BIAS=bias is not None, USE_DOT=bool(use_dot), ACC_F64=acc64,
                   PRECISION=_precision(x.dtype))
     if _interpreting():
         meta = _fwd_meta_interp(use_dot, Og, K, npix)
         grid = (B * G * triton.cdiv(Og, meta["BLOCK_CO"]) * GH * GW * triton.cdiv(npix, meta["BLOCK_P"]),)
-        _fwd_kernel[grid](*args, **common, **meta)
+        launch(_fwd_kernel, grid, *args, **common, **meta)
     else:
         def grid(meta):
             return (B * G * triton.cdiv(Og, meta["BLOCK_CO"]) * GH * GW * triton.cdiv(npix, meta["BLOCK_P"]),)
 
-        with torch.cuda.device(x.device):
-            _tuned("fwd", bool(use_dot))[grid](*args, **common)
+        launch(_tuned("fwd", bool(use_dot)), grid, *args, **common)
     return y
 
 
@@ -524,7 +531,6 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stri
     gx = x.new_empty(0)
     gw = weight.new_empty(0)
     gb = weight.new_empty(0)
-    ctx = torch.cuda.device(x.device) if x.is_cuda else _nullctx()
 
     if output_mask[0]:
         gx = _empty(x.shape, x)
@@ -534,18 +540,17 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stri
         rpix = max(max(b - a for a, b in zip(ys, ys[1:])) * max(b - a for a, b in zip(xs, xs[1:])), 1)
         dot = use_dot if use_dot is not None else choose_dot(Cg, Og, x.dtype)
         args = (grad_out, weight, gx, Cin, H, W, Cout, Hout, Wout, GH, GW, G, Cg, Og,
-                sh, sw, pt, pl, dh, dw, halo_h, halo_w, rpix)
+                sh, sw, pt, pl, dh, dw, halo_h, halo_w, rpix, pow2_bucket(rpix))
         common = dict(KH=KH, KW=KW, USE_DOT=bool(dot), ACC_F64=acc64, PRECISION=prec)
         if interp:
             meta = _dx_meta_interp(dot, Cg, Og, rpix)
             grid = (B * G * triton.cdiv(Cg, meta["BLOCK_CI"]) * npatch * triton.cdiv(rpix, meta["BLOCK_P"]),)
-            _dx_kernel[grid](*args, **common, **meta)
+            launch(_dx_kernel, grid, *args, **common, **meta)
         else:
             def grid(meta):
                 return (B * G * triton.cdiv(Cg, meta["BLOCK_CI"]) * npatch * triton.cdiv(rpix, meta["BLOCK_P"]),)
 
-            with ctx:
-                _tuned("dx", bool(dot))[grid](*args, **common)
+            launch(_tuned("dx", bool(dot)), grid, *args, **common)
 
     if output_mask[1] or output_mask[2]:
         cw, cb = bool(output_mask[1]), bool(output_mask[2])
@@ -555,7 +560,7 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stri
             gb = _empty((B, Cout, GH, GW), weight)
         dot = use_dot if use_dot is not None else choose_dot(Og, K, x.dtype)
         args = (grad_out, x, gw if cw else weight, gb if cb else weight,
-                Cin, H, W, Cout, Hout, Wout, GH, GW, G, Cg, Og, K, sh, sw, pt, pl, dh, dw, npix)
+                Cin, H, W, Cout, Hout, Wout, GH, GW, G, Cg, Og, K, sh, sw, pt, pl, dh, dw, npix, pow2_bucket(npix))
         common = dict(KH=KH, KW=KW, COMPUTE_W=cw, COMPUTE_B=cb, USE_DOT=bool(dot), ACC_F64=acc64,
                       PRECISION=prec)
 
@@ -565,19 +570,11 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stri
         if interp:
             meta = _dw_meta_interp(dot, Og, K, npix)
             grid = (B * G * triton.cdiv(Og, meta["BLOCK_CO"]) * nkb(meta) * npatch,)
-            _dw_kernel[grid](*args, **common, **meta)
+            launch(_dw_kernel, grid, *args, **common, **meta)
         else:
             def grid(meta):
                 return (B * G * triton.cdiv(Og, meta["BLOCK_CO"]) * nkb(meta) * npatch,)
 
-            with ctx:
-                _tuned("dw", bool(dot))[grid](*args, **common)
+            launch(_tuned("dw", bool(dot)), grid, *args, **common)
     return gx, gw, gb
 
-
-class _nullctx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

@@ -6,12 +6,15 @@ y = ReLU(scale * (W_patch x) + shift).
 
 Forward: one program per (sample, patch, chunk of BLOCK_P patch pixels), a (COUT_BLOCK x BLOCK_P)
 accumulator updated one input channel at a time.
-Backward: one program per (sample, patch), looping over the patch's pixels; the forward is
-recomputed. Weight gradients are per (sample, patch); affine gradients are per-work-item partials
-summed in float64 in a fixed order by the launcher; grad_x pixels belong to exactly one patch, so
-they are stored directly. Deterministic, no atomics. Per-patch GEMMs use tl.dot (input_precision
-"ieee", no TF32). float16, bfloat16 and float32 inputs compute in float32, float64 in float64;
-outputs are stored in the input dtype.
+Backward: two kernels, the forward recomputed (nothing saved): per (sample, patch), z = W x with the
+input channels streamed in chunks, and gz = dL/dz to a scratch buffer plus the affine partials; then
+per (sample, patch, chunk of input channels) grad_W[:, chunk] = gz x^T and grad_x[chunk] = W[:,
+chunk]^T gz. Tiles stay within 64 x 32. Weight gradients are per (sample, patch); affine partials
+are summed in float64 in a fixed order by the launcher; grad_x pixels belong to exactly one patch,
+so they are stored directly. Deterministic, no atomics. Backward GEMMs are tl.dot on the tensor
+cores (``_index.mm``: float16/bfloat16 operands as loaded, float32 as 3xTF32, about float32
+accuracy). float16, bfloat16 and float32 inputs compute in float32, float64 in float64; outputs are
+stored in the input dtype.
 """
 from __future__ import annotations
 
@@ -21,12 +24,13 @@ import torch
 import triton
 import triton.language as tl
 
+from ._index import mm as _mm
 from ._index import patch_rect as _patch_rect
 from ._launch import acc_dtype as _acc_dtype
 from ._launch import dot_block as _blk
 from ._launch import empty as _empty
 from ._launch import launch as _launch
-from .meta_block import _block_p, _bwd_block_p, _warps
+from .meta_block import _NUM_STAGES, _NUM_WARPS, _px_block
 
 __all__ = ["forward", "backward"]
 
@@ -39,7 +43,7 @@ def _pw_fwd_kernel(x_ptr, w_ptr, sc_ptr, sh_ptr, y_ptr, Cin, H, W, gh, gw, Cout,
     chunk = tl.program_id(1)
     G = gh * gw
     patch = item % G
-    b = item // G
+    b = (item // G).to(tl.int64)  # sample / channel-plane offsets in int64
     r0, ph, c0, pw = _patch_rect(patch, gh, gw, H, W)
     p = chunk * BLOCK_P + tl.arange(0, BLOCK_P)
     pmask = p < ph * pw
@@ -59,13 +63,13 @@ def _pw_fwd_kernel(x_ptr, w_ptr, sc_ptr, sh_ptr, y_ptr, Cin, H, W, gh, gw, Cout,
     tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=omask[:, None] & pmask[None, :])
 
 
-@triton.jit
-def _pw_bwd_kernel(x_ptr, w_ptr, sc_ptr, sh_ptr, gy_ptr, gx_ptr, gw_ptr, part_ptr, Cin, H, W, gh, gw, Cout,
-                   CIN_BLOCK: tl.constexpr, COUT_BLOCK: tl.constexpr, BLOCK_P: tl.constexpr,
-                   NEED_X: tl.constexpr, NEED_W: tl.constexpr, NEED_AFF: tl.constexpr,
-                   ACC_F64: tl.constexpr):
-    """pointwise_block backward: one program per (sample, patch), looping over the patch's pixels.
-    grad_x pixels belong to exactly one patch (no halo), so they are stored directly."""
+@triton.jit(do_not_specialize=["NEED_AFF"])
+def _pw_bwd_gz_kernel(x_ptr, w_ptr, sc_ptr, sh_ptr, gy_ptr, gz_ptr, part_ptr, Cin, H, W, gh, gw, Cout, NP,
+                      CIN_CHUNK: tl.constexpr, COUT_BLOCK: tl.constexpr, BLOCK_P: tl.constexpr, NEED_AFF,
+                      ACC_F64: tl.constexpr):
+    """Backward, step 1: one program per (sample, patch), looping over the patch's pixels:
+    recompute z = W x (input channels streamed in chunks, tl.dot), gz = dL/dz = s * ReLU'(s z + t)
+    * grad_y to the scratch gz_ptr (Cout x NP per work item), and the scale/shift partials."""
     acc_dtype: tl.constexpr = tl.float64 if ACC_F64 else tl.float32
     item = tl.program_id(0)
     G = gh * gw
@@ -75,45 +79,86 @@ def _pw_bwd_kernel(x_ptr, w_ptr, sc_ptr, sh_ptr, gy_ptr, gx_ptr, gw_ptr, part_pt
     npx = ph * pw
     o = tl.arange(0, COUT_BLOCK)
     omask = o < Cout
-    c = tl.arange(0, CIN_BLOCK)
-    cmask = c < Cin
-    N = Cout * Cin
-    wbase = w_ptr + b * N * G + patch
-    wt = tl.load(wbase + (o[:, None] * Cin + c[None, :]) * G, mask=omask[:, None] & cmask[None, :],
-                 other=0.0).to(acc_dtype)  # (COUT, CIN)
-    wtt = tl.load(wbase + (o[None, :] * Cin + c[:, None]) * G, mask=cmask[:, None] & omask[None, :],
-                  other=0.0).to(acc_dtype)  # (CIN, COUT)
+    wbase = w_ptr + b * Cout * Cin * G + patch
     s = tl.load(sc_ptr + o, mask=omask, other=0.0).to(acc_dtype)
     t = tl.load(sh_ptr + o, mask=omask, other=0.0).to(acc_dtype)
-    xrows = x_ptr + (b * Cin + c[:, None]) * H * W  # (CIN, 1)
     gyrows = gy_ptr + (b * Cout + o[:, None]) * H * W  # (COUT, 1)
-    acc_w = tl.zeros((COUT_BLOCK, CIN_BLOCK), dtype=acc_dtype)
+    gzrows = gz_ptr + (item * Cout + o[:, None]).to(tl.int64) * NP
     acc_s = tl.zeros((COUT_BLOCK,), dtype=acc_dtype)
     acc_t = tl.zeros((COUT_BLOCK,), dtype=acc_dtype)
     for p0 in range(0, npx, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P).to(tl.int64)
+        p = p0 + tl.arange(0, BLOCK_P)
         pmask = p < npx
         off = (r0 + p // pw) * W + (c0 + p % pw)
-        xt = tl.load(xrows + off[None, :], mask=cmask[:, None] & pmask[None, :], other=0.0).to(acc_dtype)
-        z = tl.dot(wt, xt, input_precision="ieee")  # (COUT, P)
+        z = tl.zeros((COUT_BLOCK, BLOCK_P), dtype=acc_dtype)
+        for ci in range(0, Cin, CIN_CHUNK):
+            c = ci + tl.arange(0, CIN_CHUNK)
+            cmask = c < Cin
+            wt = tl.load(wbase + (o[:, None] * Cin + c[None, :]) * G, mask=omask[:, None] & cmask[None, :], other=0.0)
+            xt = tl.load(x_ptr + (b * Cin + c[:, None]) * H * W + off[None, :], mask=cmask[:, None] & pmask[None, :],
+                         other=0.0)
+            z = _mm(wt, xt, z, ACC_F64)
         gy = tl.load(gyrows + off[None, :], mask=omask[:, None] & pmask[None, :], other=0.0).to(acc_dtype)
         gu = tl.where(z * s[:, None] + t[:, None] > 0.0, gy, 0.0)
         acc_s += tl.sum(gu * z, axis=1)
         acc_t += tl.sum(gu, axis=1)
-        gz = gu * s[:, None]
+        tl.store(gzrows + p[None, :], gu * s[:, None], mask=omask[:, None] & pmask[None, :])
+    if NEED_AFF:
+        pbase = part_ptr + item.to(tl.int64) * 2 * Cout
+        tl.store(pbase + o, acc_s, mask=omask)
+        tl.store(pbase + Cout + o, acc_t, mask=omask)
+
+
+@triton.jit(do_not_specialize=["NEED_X", "NEED_W"])
+def _pw_bwd_grads_kernel(x_ptr, w_ptr, gz_ptr, gx_ptr, gw_ptr, Cin, H, W, gh, gw, Cout, NP,
+                         CIN_CHUNK: tl.constexpr, COUT_BLOCK: tl.constexpr, BLOCK_P: tl.constexpr,
+                         NEED_X, NEED_W, ACC_F64: tl.constexpr):
+    """Backward, step 2: one program per (sample, patch, chunk of CIN_CHUNK input channels),
+    looping over the patch's pixels: grad_W[:, chunk] = gz x^T and grad_x[chunk] = W[:, chunk]^T gz
+    (tl.dot). grad_x pixels belong to exactly one patch (no halo), so they are stored directly."""
+    acc_dtype: tl.constexpr = tl.float64 if ACC_F64 else tl.float32
+    item = tl.program_id(0)
+    c = tl.program_id(1) * CIN_CHUNK + tl.arange(0, CIN_CHUNK)
+    cmask = c < Cin
+    G = gh * gw
+    patch = item % G
+    b = (item // G).to(tl.int64)
+    r0, ph, c0, pw = _patch_rect(patch, gh, gw, H, W)
+    npx = ph * pw
+    o = tl.arange(0, COUT_BLOCK)
+    omask = o < Cout
+    N = Cout * Cin
+    wbase = w_ptr + b * N * G + patch
+    wtt = tl.load(wbase + (o[None, :] * Cin + c[:, None]) * G, mask=cmask[:, None] & omask[None, :],
+                  other=0.0).to(acc_dtype)  # (CIN_CHUNK, COUT)
+    xrows = x_ptr + (b * Cin + c[:, None]) * H * W  # (CIN_CHUNK, 1)
+    gzrows = gz_ptr + (item * Cout + o[:, None]).to(tl.int64) * NP
+    acc_w = tl.zeros((COUT_BLOCK, CIN_CHUNK), dtype=acc_dtype)
+    for p0 in range(0, npx, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        pmask = p < npx
+        off = (r0 + p // pw) * W + (c0 + p % pw)
+        gz = tl.load(gzrows + p[None, :], mask=omask[:, None] & pmask[None, :], other=0.0)
         if NEED_W:
-            acc_w = tl.dot(gz, tl.trans(xt), acc_w, input_precision="ieee")
+            xt = tl.load(xrows + off[None, :], mask=cmask[:, None] & pmask[None, :], other=0.0).to(acc_dtype)
+            acc_w = _mm(gz, tl.trans(xt), acc_w, ACC_F64)
         if NEED_X:
-            gxv = tl.dot(wtt, gz, input_precision="ieee")  # (CIN, P)
+            gxv = _mm(wtt, gz, tl.zeros((CIN_CHUNK, BLOCK_P), dtype=acc_dtype), ACC_F64)
             tl.store(gx_ptr + (b * Cin + c[:, None]) * H * W + off[None, :], gxv.to(gx_ptr.dtype.element_ty),
                      mask=cmask[:, None] & pmask[None, :])
     if NEED_W:
         tl.store(gw_ptr + b * N * G + patch + (o[:, None] * Cin + c[None, :]) * G, acc_w.to(gw_ptr.dtype.element_ty),
                  mask=omask[:, None] & cmask[None, :])
-    if NEED_AFF:
-        pbase = part_ptr + item.to(tl.int64) * 2 * Cout
-        tl.store(pbase + o, acc_s, mask=omask)
-        tl.store(pbase + Cout + o, acc_t, mask=omask)
+
+
+def _block_p(max_pixels: int, rows: int) -> int:
+    # keep the (rows x BLOCK_P) register tiles moderate
+    cap = max(16, 8192 // triton.next_power_of_2(max(rows, 1)))
+    return int(min(triton.next_power_of_2(max_pixels), cap, 256))
+
+
+#: Input channels per streamed chunk of the backward (a tl.dot operand dimension).
+_CIN_CHUNK = 32
 
 
 def forward(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
@@ -156,14 +201,19 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, scal
         gx = _empty(x.shape, x)
     if need_w:
         gwt = _empty(weight.shape, weight)
-    part = _empty((B * G, 2, Cout), x, _acc_dtype(x)) if need_aff else x
-    cb, ob = _blk(Cin), _blk(Cout)
-    rows = max(cb, ob)
-    _launch(_pw_bwd_kernel, (B * G,),
-            x, weight, scale, shift, grad_out, gx if need_x else x, gwt if need_w else weight, part,
-            Cin, H, W, gh, gw, Cout, CIN_BLOCK=cb, COUT_BLOCK=ob,
-            BLOCK_P=_bwd_block_p(-(-H // gh) * -(-W // gw), rows), NEED_X=need_x, NEED_W=need_w,
-            NEED_AFF=need_aff, ACC_F64=x.dtype == torch.float64, num_warps=_warps(rows))
+    NP = -(-H // gh) * -(-W // gw)
+    gz = _empty((B * G, Cout, NP), x, _acc_dtype(x))
+    part = _empty((B * G, 2, Cout), x, _acc_dtype(x)) if need_aff else gz
+    ob = _blk(Cout)
+    # (COUT_BLOCK x BLOCK_P) tiles of at most 64 x 32 per 4 warps: wider outputs get 8 warps
+    meta = dict(CIN_CHUNK=_CIN_CHUNK, COUT_BLOCK=ob, BLOCK_P=_px_block(NP),
+                ACC_F64=x.dtype == torch.float64, num_warps=_NUM_WARPS if ob <= 64 else 2 * _NUM_WARPS, num_stages=_NUM_STAGES)
+    _launch(_pw_bwd_gz_kernel, (B * G,), x, weight, scale, shift, grad_out, gz, part, Cin, H, W, gh, gw, Cout, NP,
+            NEED_AFF=int(need_aff), **meta)
+    if need_x or need_w:
+        _launch(_pw_bwd_grads_kernel, (B * G, triton.cdiv(Cin, _CIN_CHUNK)), x, weight, gz,
+                gx if need_x else x, gwt if need_w else weight, Cin, H, W, gh, gw, Cout, NP,
+                NEED_X=int(need_x), NEED_W=int(need_w), **meta)
     if need_aff:
         tot = part.double().sum(0)
         if output_mask[2]:

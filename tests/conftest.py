@@ -1,7 +1,8 @@
 """Shared test configuration.
 
 * Triton runs under its interpreter when there is no GPU: TRITON_INTERPRET=1 must be set before
-  triton is imported, so it is set here, first.
+  triton is imported, so it is set here, first. On a GPU the tests run fixed configurations
+  (PYSEG_TRITON_AUTOTUNE=0: the first configuration autotune pruning keeps, no benchmarking).
 * ``devices`` / ``DEVICES``: tests parametrised over cpu and cuda; cuda is skipped centrally (with a
   reason, never a silent pass) when no GPU is visible.
 * ``backends_for(device)``: every backend that can run on that device, for op tests.
@@ -18,6 +19,7 @@ except ImportError:  # pragma: no cover
     _HAS_GPU = False
 if not _HAS_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("PYSEG_TRITON_AUTOTUNE", "0")
 
 import torch  # noqa: E402
 
