@@ -75,6 +75,15 @@ PENDING = {
     "_fwd_kernel": "smaller autotune space; not every configuration verified yet",
     "_dx_kernel": "smaller autotune space; not every configuration verified yet",
     "_dw_kernel": "smaller autotune space; not every configuration verified yet",
+    "_meta_fwd_kernel": "clean at HyperSeg-M level 4 in float32 (193 registers, no spill, 10 KB shared); "
+                        "other shapes and dtypes not yet verified",
+    "_meta_bwd_stage2_kernel": "clean at HyperSeg-M level 4 in float32 with 64-pixel tiles; not yet verified "
+                               "with 32-pixel tiles at every shape",
+    "_meta_bwd_gradx_kernel": "clean at HyperSeg-M level 4 in float32 with 64-pixel tiles; not yet verified "
+                              "with 32-pixel tiles at every shape",
+    "_bwd_r1_kernel": "HMSA training backward: not yet verified",
+    "_bwd_low_kernel": "HMSA training backward: not yet verified",
+    "_bwd_att_kernel": "HMSA training backward: not yet verified",
 }
 
 
