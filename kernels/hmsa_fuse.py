@@ -269,7 +269,7 @@ def forward(logits, attentions, scales, out_size, labels: bool, scale_sizes=None
 # --------------------------------------------------------------------------------------------
 # backward of the two-scale training form (``pyseg::hmsa_fuse_triton_backward``)
 # --------------------------------------------------------------------------------------------
-# Same math as the compiled op (csrc/common/hmsa.h, "Backward of the two-scale training form"):
+# Same math as the compiled op (csrc/common/hmsa_fuse.h, "Backward of the two-scale training form"):
 #   Al = R(a), m = Al * pl, UA = U(Al), P = U(m) + (1 - UA) * p1, out = F(P)
 #   r1 pass  (1.0 grid):  gP = F^T g;  g_p1 = (1 - UA) gP;  gUA = -sum_c p1 gP
 #   low pass (low grid):  gm = U^T gP;  g_pl = Al gm;  gAl = sum_c pl gm + U^T gUA

@@ -1,5 +1,5 @@
 // Hierarchical multi-scale attention fusion, C++ CPU kernels.
-// One pass over the output pixels: each pixel builds its exact stencil (common/hmsa.h) by
+// One pass over the output pixels: each pixel builds its exact stencil (common/hmsa_fuse.h) by
 // sampling every scale's attention on the fly (with scale_sizes, lowered to taps of the stored
 // logits, hmsa_lower_stencil), then the classes are evaluated with a gather-dot;
 // with labels=true only the running argmax is kept, so no (B, C, out_h, out_w) logits exist.
@@ -15,7 +15,7 @@
 #include <cmath>
 #include <vector>
 
-#include "common/hmsa_host.h"
+#include "common/hmsa_fuse_host.h"
 #include "cpu/output_alloc.h"
 
 namespace pyseg {

@@ -1,4 +1,4 @@
-// C++ CPU kernels of the fused HyperSeg meta block and the 1x1 level block.
+// C++ CPU kernels of the fused HyperSeg meta block (the 1x1 level block is in pointwise_block.cpp).
 //
 // Meta block: one work item = one (sample, patch). A work item loads its patch plus a 1-pixel halo
 // of x (reflected at image borders only), runs pw1 -> affine -> ReLU6 on every haloed pixel, the
@@ -13,7 +13,7 @@
 // deterministic, no atomics.
 //
 // The per-item compute lives in meta_block_patch.h, compiled for the baseline ISA and for AVX2+FMA
-// (cpu_isa.h picks one at run time). This file holds the work split, scratch and reductions.
+// (cpu/isa_dispatch.h; cpu_isa.h picks one at run time). This file holds the work split, scratch and reductions.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -27,7 +27,7 @@
 
 #include "common/meta_block.h"
 #include "common/meta_block_host.h"
-#include "cpu/cpu_isa.h"
+#include "cpu/block_common.h"
 #include "cpu/output_alloc.h"
 
 namespace pyseg {
@@ -35,23 +35,9 @@ namespace {
 
 using meta::WeightLayout;
 
-// Geometry of one (sample, patch) work item.
-struct PatchGeom {
-  int64_t b, gi, gj, r0, c0, ph, pw, hh, hw;
-  PatchGeom(int64_t item, int64_t gh, int64_t gw, int64_t H, int64_t W) {
-    gj = item % gw;
-    gi = (item / gw) % gh;
-    b = item / (gw * gh);
-    r0 = patch_begin(gi, gh, H);
-    ph = patch_begin(gi + 1, gh, H) - r0;
-    c0 = patch_begin(gj, gw, W);
-    pw = patch_begin(gj + 1, gw, W) - c0;
-    hh = ph + 2;
-    hw = pw + 2;
-  }
-};
-
-inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+using cpu_block::PatchGeom;
+using cpu_block::round_up;
+using cpu_block::sum_affine_partials;
 
 // Meta block work items gather the weights of up to this many consecutive patches at once.
 constexpr int64_t kWeightBlock = 16;
@@ -102,59 +88,12 @@ struct ItemScratch {
   }
 };
 
-// Arguments and scratch of pointwise_block work items.
-struct PwArgs {
-  int64_t cin, cout, H, W, gh, gw;
-  int64_t pw;           // forward: the patch width when all are equal (W % gw == 0), else 0
-  const int64_t* colb;  // forward: (gw + 1,) first image column of every patch column, then W
-};
-
-template <typename acc_t>
-struct PwScratch {
-  std::vector<acc_t> wexp, acc, w, wt, gwacc, xr, z, gz, gxr;
-  PwScratch(int64_t cin, int64_t cout, int64_t W, int64_t PW, int64_t nr, bool backward) {
-    if (!backward) {
-      wexp.resize(cin * W);
-      acc.resize(W);
-      return;
-    }
-    const int64_t lp = round_up(PW, nr);
-    w.resize(cin * cout);
-    wt.resize(cin * cout);
-    gwacc.resize(cin * cout);
-    xr.resize(cin * lp);
-    z.resize(cout * lp);
-    gz.resize(cout * lp);
-    gxr.resize(cin * lp);
-  }
-};
-
-// The per-item compute, compiled for the baseline ISA and, on x86-64 with GCC/Clang, for
-// AVX2 + FMA (chosen at run time by use_avx2()).
-#define PYSEG_VEC_BYTES 16
-namespace isa_base {
-#include "cpu/meta_block_patch.h"
-}  // namespace isa_base
-#undef PYSEG_VEC_BYTES
-#if PYSEG_CPU_AVX2
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-#define PYSEG_VEC_BYTES 32
-namespace isa_avx2 {
-#include "cpu/meta_block_patch.h"
-}  // namespace isa_avx2
-#undef PYSEG_VEC_BYTES
-#pragma GCC pop_options
-#endif
+// The per-item compute (cpu/meta_block_patch.h), compiled per instruction set.
+#define PYSEG_ISA_HEADER "cpu/meta_block_patch.h"
+#include "cpu/isa_dispatch.h"
+#undef PYSEG_ISA_HEADER
 
 constexpr int64_t kNR = isa_base::kNR;
-
-// Calls the AVX2 or the baseline build of a per-item function.
-#if PYSEG_CPU_AVX2
-#define PYSEG_ISA_CALL(avx2, fn, ...) ((avx2) ? isa_avx2::fn(__VA_ARGS__) : isa_base::fn(__VA_ARGS__))
-#else
-#define PYSEG_ISA_CALL(avx2, fn, ...) isa_base::fn(__VA_ARGS__)
-#endif
 
 template <typename scalar_t, typename acc_t>
 std::vector<acc_t> to_acc(const at::Tensor& t) {
@@ -162,25 +101,6 @@ std::vector<acc_t> to_acc(const at::Tensor& t) {
   const scalar_t* p = t.const_data_ptr<scalar_t>();
   for (int64_t i = 0; i < t.numel(); ++i) v[i] = static_cast<acc_t>(p[i]);
   return v;
-}
-
-// Affine gradients from per-work-item partials laid out (items, 2, n) = [d scale | d shift],
-// summed in a fixed order in double (deterministic).
-template <typename scalar_t, typename acc_t>
-void sum_affine_partials(const std::vector<acc_t>& partial, int64_t items, int64_t n, at::Tensor& gscale,
-                         at::Tensor& gshift) {
-  std::vector<double> s(n, 0.0), t(n, 0.0);
-  for (int64_t item = 0; item < items; ++item)
-    for (int64_t a = 0; a < n; ++a) {
-      s[a] += static_cast<double>(partial[item * 2 * n + a]);
-      t[a] += static_cast<double>(partial[item * 2 * n + n + a]);
-    }
-  scalar_t* gs = gscale.mutable_data_ptr<scalar_t>();
-  scalar_t* gt = gshift.mutable_data_ptr<scalar_t>();
-  for (int64_t a = 0; a < n; ++a) {
-    gs[a] = static_cast<scalar_t>(s[a]);
-    gt[a] = static_cast<scalar_t>(t[a]);
-  }
 }
 
 template <typename scalar_t>
@@ -321,103 +241,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> meta_block_backward_c
   return R.result();
 }
 
-// ------------------------------------------------------------------------------------------------
-// pointwise_block: patch-wise 1x1 conv -> affine -> ReLU (per-item compute in meta_block_patch.h).
-// ------------------------------------------------------------------------------------------------
-template <typename scalar_t>
-void pointwise_forward_kernel(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
-                              const at::Tensor& shift, int64_t Cout, at::Tensor& y) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t B = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3);
-  const int64_t gh = weight.size(2), gw = weight.size(3);
-  std::vector<int64_t> colb(gw + 1);
-  for (int64_t j = 0; j <= gw; ++j) colb[j] = patch_begin(j, gw, W);
-  const int64_t pw = W % gw == 0 ? W / gw : 0;
-  const PwArgs A{Cin, Cout, H, W, gh, gw, pw, colb.data()};
-  const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
-  // x as (B, H, Cin, pw, gw) (equal patch widths) or (B, H, Cin, W); weights in acc_t
-  const at::Tensor xt = (pw > 0 ? x.view({B, Cin, H, gw, pw}).permute({0, 2, 1, 4, 3}) : x.transpose(1, 2))
-                            .to(acc_type)
-                            .contiguous();
-  const at::Tensor wt = weight.to(acc_type).contiguous();
-  const acc_t* xtp = xt.const_data_ptr<acc_t>();
-  const acc_t* wp = wt.const_data_ptr<acc_t>();
-  const scalar_t* scp = scale.const_data_ptr<scalar_t>();
-  const scalar_t* shp = shift.const_data_ptr<scalar_t>();
-  scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-  const bool avx2 = use_avx2();
-  at::parallel_for(0, B * Cout, 1, [&](int64_t begin, int64_t end) {
-    PwScratch<acc_t> S(Cin, Cout, W, 0, kNR, false);
-    for (int64_t item = begin; item < end; ++item)
-      PYSEG_ISA_CALL(avx2, pointwise_forward_item, A, xtp, wp, scp, shp, item, S, yp);
-  });
-}
-
-template <typename scalar_t>
-void pointwise_backward_kernel(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
-                               const at::Tensor& scale, const at::Tensor& shift, int64_t Cout, bool need_x,
-                               bool need_w, bool need_affine, at::Tensor& gx, at::Tensor& gwt, at::Tensor& gs,
-                               at::Tensor& gt) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t B = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3);
-  const int64_t gh = weight.size(2), gw = weight.size(3), G = gh * gw;
-  const int64_t PW = meta::max_patch_size(W, gw);
-  const PwArgs A{Cin, Cout, H, W, gh, gw, 0, nullptr};
-  const scalar_t* xp = x.const_data_ptr<scalar_t>();
-  const scalar_t* wp = weight.const_data_ptr<scalar_t>();
-  const scalar_t* gyp = grad_out.const_data_ptr<scalar_t>();
-  const scalar_t* scp = scale.const_data_ptr<scalar_t>();
-  const scalar_t* shp = shift.const_data_ptr<scalar_t>();
-  scalar_t* gxp = need_x ? gx.mutable_data_ptr<scalar_t>() : nullptr;
-  scalar_t* gwp = need_w ? gwt.mutable_data_ptr<scalar_t>() : nullptr;
-  std::vector<acc_t> partial(need_affine ? B * G * 2 * Cout : 0);
-  const bool avx2 = use_avx2();
-  at::parallel_for(0, B * G, 1, [&](int64_t begin, int64_t end) {
-    PwScratch<acc_t> S(Cin, Cout, W, PW, kNR, true);
-    for (int64_t item = begin; item < end; ++item) {
-      acc_t* ps = need_affine ? partial.data() + item * 2 * Cout : nullptr;
-      PYSEG_ISA_CALL(avx2, pointwise_backward_item, A, xp, wp, scp, shp, gyp, item, S, gxp, gwp, ps);
-    }
-  });
-  if (need_affine) sum_affine_partials<scalar_t>(partial, B * G, Cout, gs, gt);
-}
-
-at::Tensor pointwise_block_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
-                               const at::Tensor& shift) {
-  const int64_t Cout = meta::check_pointwise_block(x, weight, scale, shift);
-  at::Tensor y = empty_output({x.size(0), Cout, x.size(2), x.size(3)}, x.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pointwise_block_cpu", [&] {
-    pointwise_forward_kernel<scalar_t>(x, weight, scale, shift, Cout, y);
-  });
-  return y;
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pointwise_block_backward_cpu(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
-    const at::Tensor& shift, std::array<bool, 4> output_mask) {
-  const int64_t Cout = meta::check_pointwise_block(x, weight, scale, shift);
-  meta::check_grad_out(x, grad_out, Cout);
-  meta::BlockGrads R(x, weight, scale, shift, output_mask);
-  const bool need_x = R.need_x, need_w = R.need_w, need_affine = R.need_affine;
-  at::Tensor &gx = R.gx, &gw = R.gw, &gs = R.gs, &gt = R.gt;
-  if (R.any()) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pointwise_block_backward_cpu",
-                                    [&] {
-                                      pointwise_backward_kernel<scalar_t>(grad_out, x, weight, scale, shift, Cout,
-                                                                          need_x, need_w, need_affine, gx, gw,
-                                                                          gs, gt);
-                                    });
-  }
-  return R.result();
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyseg, CPU, m) {
   m.impl("meta_block", &meta_block_cpu);
   m.impl("meta_block_backward", &meta_block_backward_cpu);
-  m.impl("pointwise_block", &pointwise_block_cpu);
-  m.impl("pointwise_block_backward", &pointwise_block_backward_cpu);
 }
 
 }  // namespace pyseg

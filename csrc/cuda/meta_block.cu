@@ -1,4 +1,4 @@
-// CUDA kernels of the fused HyperSeg meta block and the 1x1 level block.
+// CUDA launchers of the fused HyperSeg meta block (device code in meta_block_kernels.cuh).
 //
 // meta_block forward: one thread block per (sample, patch). The block stages the patch's weights in
 // shared memory once (gathered from the (B, N, gh, gw) layout), then walks the patch in tiles of
@@ -17,361 +17,18 @@
 // atomics anywhere. Accumulation in float (double for float64).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 
 #include "common/meta_block.h"
 #include "common/meta_block_host.h"
+#include "cuda/meta_block_kernels.cuh"
+#include "cuda/runtime.cuh"
 
 namespace pyseg {
 namespace {
-
-using meta::WeightLayout;
-
-constexpr int kThreads = 256;
-
-__device__ __forceinline__ int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
-
-// Per-(sample, patch) geometry, computed on the device.
-struct DevPatch {
-  int64_t b, patch, r0, c0, ph, pw;
-  __device__ DevPatch(int64_t item, int64_t gh, int64_t gw, int64_t H, int64_t W) {
-    const int64_t G = gh * gw;
-    patch = item % G;
-    b = item / G;
-    const int64_t gi = patch / gw, gj = patch % gw;
-    r0 = patch_begin(gi, gh, H);
-    ph = patch_begin(gi + 1, gh, H) - r0;
-    c0 = patch_begin(gj, gw, W);
-    pw = patch_begin(gj + 1, gw, W) - c0;
-  }
-};
-
-// Shared-memory carve-out helper (each region keeps acc_t alignment).
-template <typename acc_t>
-struct Carve {
-  acc_t* p;
-  __device__ acc_t* take(int64_t n) {
-    acc_t* r = p;
-    p += n;
-    return r;
-  }
-};
-
-// Stage this patch's weights (strided by G in the (B, N, gh, gw) layout) into shared memory.
-template <typename scalar_t, typename acc_t>
-__device__ void stage_weights(const scalar_t* __restrict__ weight, int64_t N, int64_t G, int64_t b, int64_t patch,
-                              acc_t* dst) {
-  const scalar_t* src = weight + b * N * G + patch;
-  for (int64_t n = threadIdx.x; n < N; n += blockDim.x) dst[n] = static_cast<acc_t>(src[n * G]);
-}
-
-// x's tile + halo: rows [tr0 - 1, tr0 + eh], cols [tc0 - 1, tc0 + ew], reflected at image borders.
-template <typename scalar_t, typename acc_t>
-__device__ void load_tile(const scalar_t* __restrict__ x, int64_t b, int64_t Cin, int64_t H, int64_t W,
-                          int64_t tr0, int64_t tc0, int64_t eh, int64_t ew, acc_t* xh) {
-  const int64_t hw = ew + 2, hq = (eh + 2) * hw;
-  for (int64_t idx = threadIdx.x; idx < Cin * hq; idx += blockDim.x) {
-    const int64_t c = idx / hq, q = idx % hq;
-    const int64_t row = reflect_index(tr0 - 1 + q / hw, H), col = reflect_index(tc0 - 1 + q % hw, W);
-    xh[idx] = static_cast<acc_t>(x[((b * Cin + c) * H + row) * W + col]);
-  }
-}
-
-// ------------------------------------------------------------------------------------------------
-// forward
-// ------------------------------------------------------------------------------------------------
-template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) meta_forward_kernel(
-    const scalar_t* __restrict__ x, const scalar_t* __restrict__ weight,
-    const at::opmath_type<scalar_t>* __restrict__ wglobal, const scalar_t* __restrict__ scale,
-    const scalar_t* __restrict__ shift, scalar_t* __restrict__ y, int64_t Cin, int64_t hid, int64_t Cout, int64_t H,
-    int64_t W, int64_t gh, int64_t gw, int64_t th, int64_t tw, bool weights_in_smem) {
-  using acc_t = at::opmath_type<scalar_t>;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  const WeightLayout L{Cin, hid, Cout};
-  const int64_t N = L.numel(), G = gh * gw;
-  const DevPatch P(blockIdx.x, gh, gw, H, W);
-  Carve<acc_t> cv{reinterpret_cast<acc_t*>(smem_raw)};
-  const acc_t* w;
-  if (weights_in_smem) {
-    acc_t* ws = cv.take(N);
-    stage_weights(weight, N, G, P.b, P.patch, ws);
-    w = ws;
-  } else {
-    w = wglobal + (P.b * G + P.patch) * N;
-  }
-  const int64_t HQ = (th + 2) * (tw + 2), TP = th * tw;
-  acc_t* xh = cv.take(Cin * HQ);
-  acc_t* h1 = cv.take(hid * HQ);
-  acc_t* h2 = cv.take(hid * TP);
-  const int64_t nti = div_up(P.ph, th), ntj = div_up(P.pw, tw);
-  for (int64_t t = 0; t < nti * ntj; ++t) {
-    const int64_t ti = t / ntj, tj = t % ntj;
-    const int64_t eh = imin(th, P.ph - ti * th), ew = imin(tw, P.pw - tj * tw);
-    const int64_t tr0 = P.r0 + ti * th, tc0 = P.c0 + tj * tw;
-    const int64_t hw = ew + 2, hq = (eh + 2) * hw, tp = eh * ew;
-    __syncthreads();  // weights staged / previous tile done with the buffers
-    load_tile(x, P.b, Cin, H, W, tr0, tc0, eh, ew, xh);
-    __syncthreads();
-    for (int64_t idx = threadIdx.x; idx < hid * hq; idx += blockDim.x) {
-      const int64_t k = idx / hq, q = idx % hq;
-      const acc_t* w1 = w + L.w1() + k * Cin;
-      acc_t acc = 0;
-      for (int64_t c = 0; c < Cin; ++c) acc += w1[c] * xh[c * hq + q];
-      h1[idx] = meta::relu6(acc * static_cast<acc_t>(scale[L.a1() + k]) + static_cast<acc_t>(shift[L.a1() + k]));
-    }
-    __syncthreads();
-    for (int64_t idx = threadIdx.x; idx < hid * tp; idx += blockDim.x) {
-      const int64_t k = idx / tp, p = idx % tp, i = p / ew, j = p % ew;
-      const acc_t* w2 = w + L.w2() + 9 * k;
-      const acc_t* hk = h1 + k * hq + i * hw + j;
-      acc_t acc = 0;
-#pragma unroll
-      for (int d = 0; d < 9; ++d) acc += w2[d] * hk[(d / 3) * hw + d % 3];
-      h2[idx] = meta::relu6(acc * static_cast<acc_t>(scale[L.a2() + k]) + static_cast<acc_t>(shift[L.a2() + k]));
-    }
-    __syncthreads();
-    for (int64_t idx = threadIdx.x; idx < Cout * tp; idx += blockDim.x) {
-      const int64_t o = idx / tp, p = idx % tp;
-      const acc_t* w3 = w + L.w3() + o * hid;
-      acc_t acc = 0;
-      for (int64_t k = 0; k < hid; ++k) acc += w3[k] * h2[k * tp + p];
-      acc = acc * static_cast<acc_t>(scale[L.a3() + o]) + static_cast<acc_t>(shift[L.a3() + o]);
-      y[((P.b * Cout + o) * H + tr0 + p / ew) * W + tc0 + p % ew] = static_cast<scalar_t>(acc);
-    }
-  }
-}
-
-// ------------------------------------------------------------------------------------------------
-// backward
-// ------------------------------------------------------------------------------------------------
-template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) meta_backward_kernel(
-    const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ x, const scalar_t* __restrict__ weight,
-    const at::opmath_type<scalar_t>* __restrict__ wglobal, at::opmath_type<scalar_t>* __restrict__ gwglobal,
-    const scalar_t* __restrict__ scale, const scalar_t* __restrict__ shift, scalar_t* __restrict__ grad_weight,
-    at::opmath_type<scalar_t>* __restrict__ partial, at::opmath_type<scalar_t>* __restrict__ gxbuf, int64_t Cin,
-    int64_t hid, int64_t Cout, int64_t H, int64_t W, int64_t gh, int64_t gw, int64_t th, int64_t tw,
-    bool weights_in_smem) {
-  using acc_t = at::opmath_type<scalar_t>;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  const WeightLayout L{Cin, hid, Cout};
-  const int64_t N = L.numel(), G = gh * gw, A = L.affine_numel();
-  const int64_t item = blockIdx.x;
-  const DevPatch P(item, gh, gw, H, W);
-  const int64_t PH = meta::max_patch_size(H, gh), PW = meta::max_patch_size(W, gw);
-  Carve<acc_t> cv{reinterpret_cast<acc_t*>(smem_raw)};
-  const acc_t* w;
-  acc_t* gwacc;
-  if (weights_in_smem) {
-    acc_t* ws = cv.take(N);
-    stage_weights(weight, N, G, P.b, P.patch, ws);
-    w = ws;
-    gwacc = cv.take(N);
-  } else {
-    w = wglobal + item * N;
-    gwacc = gwglobal + item * N;
-  }
-  acc_t* part = cv.take(2 * A);  // [sum g*z (A) | sum g (A)]
-  const int64_t HQ = (th + 2) * (tw + 2), TP = th * tw;
-  acc_t* xh = cv.take(Cin * HQ);
-  acc_t* z1 = cv.take(hid * HQ);
-  acc_t* g1 = cv.take(hid * HQ);
-  acc_t* z2 = cv.take(hid * TP);
-  acc_t* g2 = cv.take(hid * TP);
-  acc_t* z3 = cv.take(Cout * TP);
-  acc_t* g3 = cv.take(Cout * TP);
-  for (int64_t n = threadIdx.x; n < N; n += blockDim.x) gwacc[n] = acc_t(0);
-  for (int64_t n = threadIdx.x; n < 2 * A; n += blockDim.x) part[n] = acc_t(0);
-  acc_t* gxb = gxbuf ? gxbuf + item * Cin * (PH + 2) * (PW + 2) : nullptr;
-
-  const int64_t nti = div_up(P.ph, th), ntj = div_up(P.pw, tw);
-  for (int64_t t = 0; t < nti * ntj; ++t) {
-    const int64_t ti = t / ntj, tj = t % ntj;
-    const int64_t eh = imin(th, P.ph - ti * th), ew = imin(tw, P.pw - tj * tw);
-    const int64_t tr0 = P.r0 + ti * th, tc0 = P.c0 + tj * tw;
-    const int64_t hw = ew + 2, hq = (eh + 2) * hw, tp = eh * ew;
-    __syncthreads();
-    load_tile(x, P.b, Cin, H, W, tr0, tc0, eh, ew, xh);
-    __syncthreads();
-    // z1 = W1 xh (pre-affine)
-    for (int64_t idx = threadIdx.x; idx < hid * hq; idx += blockDim.x) {
-      const int64_t k = idx / hq, q = idx % hq;
-      const acc_t* w1 = w + L.w1() + k * Cin;
-      acc_t acc = 0;
-      for (int64_t c = 0; c < Cin; ++c) acc += w1[c] * xh[c * hq + q];
-      z1[idx] = acc;
-    }
-    __syncthreads();
-    // z2 = dw(relu6(affine1(z1)))
-    for (int64_t idx = threadIdx.x; idx < hid * tp; idx += blockDim.x) {
-      const int64_t k = idx / tp, p = idx % tp, i = p / ew, j = p % ew;
-      const acc_t s = static_cast<acc_t>(scale[L.a1() + k]), sh = static_cast<acc_t>(shift[L.a1() + k]);
-      const acc_t* w2 = w + L.w2() + 9 * k;
-      const acc_t* zk = z1 + k * hq + i * hw + j;
-      acc_t acc = 0;
-#pragma unroll
-      for (int d = 0; d < 9; ++d) acc += w2[d] * meta::relu6(zk[(d / 3) * hw + d % 3] * s + sh);
-      z2[idx] = acc;
-    }
-    __syncthreads();
-    // z3 = W3 relu6(affine2(z2)); g3 = grad_out
-    for (int64_t idx = threadIdx.x; idx < Cout * tp; idx += blockDim.x) {
-      const int64_t o = idx / tp, p = idx % tp;
-      const acc_t* w3 = w + L.w3() + o * hid;
-      acc_t acc = 0;
-      for (int64_t k = 0; k < hid; ++k)
-        acc += w3[k] * meta::relu6(z2[k * tp + p] * static_cast<acc_t>(scale[L.a2() + k]) +
-                                   static_cast<acc_t>(shift[L.a2() + k]));
-      z3[idx] = acc;
-      g3[idx] = static_cast<acc_t>(grad_out[((P.b * Cout + o) * H + tr0 + p / ew) * W + tc0 + p % ew]);
-    }
-    __syncthreads();
-    // stage-3 affine partials (one thread per channel, fixed order), then g3 <- s3 * g3
-    for (int64_t o = threadIdx.x; o < Cout; o += blockDim.x) {
-      acc_t sg = 0, sgz = 0;
-      const acc_t s = static_cast<acc_t>(scale[L.a3() + o]);
-      for (int64_t p = 0; p < tp; ++p) {
-        sg += g3[o * tp + p];
-        sgz += g3[o * tp + p] * z3[o * tp + p];
-        g3[o * tp + p] *= s;
-      }
-      part[L.a3() + o] += sgz;
-      part[A + L.a3() + o] += sg;
-    }
-    __syncthreads();
-    // grad W3 (owned entries) and g2 = relu6'(u2) * W3^T g3
-    for (int64_t idx = threadIdx.x; idx < Cout * hid; idx += blockDim.x) {
-      const int64_t o = idx / hid, k = idx % hid;
-      const acc_t s = static_cast<acc_t>(scale[L.a2() + k]), sh = static_cast<acc_t>(shift[L.a2() + k]);
-      acc_t acc = 0;
-      for (int64_t p = 0; p < tp; ++p) acc += g3[o * tp + p] * meta::relu6(z2[k * tp + p] * s + sh);
-      gwacc[L.w3() + idx] += acc;
-    }
-    for (int64_t idx = threadIdx.x; idx < hid * tp; idx += blockDim.x) {
-      const int64_t k = idx / tp, p = idx % tp;
-      acc_t acc = 0;
-      for (int64_t o = 0; o < Cout; ++o) acc += w[L.w3() + o * hid + k] * g3[o * tp + p];
-      const acc_t u = z2[idx] * static_cast<acc_t>(scale[L.a2() + k]) + static_cast<acc_t>(shift[L.a2() + k]);
-      g2[idx] = meta::relu6_passes(u) ? acc : acc_t(0);
-    }
-    __syncthreads();
-    for (int64_t k = threadIdx.x; k < hid; k += blockDim.x) {
-      acc_t sg = 0, sgz = 0;
-      const acc_t s = static_cast<acc_t>(scale[L.a2() + k]);
-      for (int64_t p = 0; p < tp; ++p) {
-        sg += g2[k * tp + p];
-        sgz += g2[k * tp + p] * z2[k * tp + p];
-        g2[k * tp + p] *= s;
-      }
-      part[L.a2() + k] += sgz;
-      part[A + L.a2() + k] += sg;
-    }
-    __syncthreads();
-    // grad W2 (owned entries) and g1 = relu6'(u1) * (full correlation of g2 with W2)
-    for (int64_t idx = threadIdx.x; idx < hid * 9; idx += blockDim.x) {
-      const int64_t k = idx / 9, d = idx % 9, di = d / 3, dj = d % 3;
-      const acc_t s = static_cast<acc_t>(scale[L.a1() + k]), sh = static_cast<acc_t>(shift[L.a1() + k]);
-      acc_t acc = 0;
-      for (int64_t p = 0; p < tp; ++p) {
-        const int64_t i = p / ew, j = p % ew;
-        acc += g2[k * tp + p] * meta::relu6(z1[k * hq + (i + di) * hw + j + dj] * s + sh);
-      }
-      gwacc[L.w2() + idx] += acc;
-    }
-    for (int64_t idx = threadIdx.x; idx < hid * hq; idx += blockDim.x) {
-      const int64_t k = idx / hq, q = idx % hq, a = q / hw, bb = q % hw;
-      const acc_t* w2 = w + L.w2() + 9 * k;
-      acc_t acc = 0;
-#pragma unroll
-      for (int d = 0; d < 9; ++d) {
-        const int64_t i = a - d / 3, j = bb - d % 3;
-        if (i >= 0 && i < eh && j >= 0 && j < ew) acc += w2[d] * g2[k * tp + i * ew + j];
-      }
-      const acc_t u = z1[idx] * static_cast<acc_t>(scale[L.a1() + k]) + static_cast<acc_t>(shift[L.a1() + k]);
-      g1[idx] = meta::relu6_passes(u) ? acc : acc_t(0);
-    }
-    __syncthreads();
-    for (int64_t k = threadIdx.x; k < hid; k += blockDim.x) {
-      acc_t sg = 0, sgz = 0;
-      const acc_t s = static_cast<acc_t>(scale[L.a1() + k]);
-      for (int64_t q = 0; q < hq; ++q) {
-        sg += g1[k * hq + q];
-        sgz += g1[k * hq + q] * z1[k * hq + q];
-        g1[k * hq + q] *= s;
-      }
-      part[L.a1() + k] += sgz;
-      part[A + L.a1() + k] += sg;
-    }
-    __syncthreads();
-    // grad W1 (owned entries) and the haloed grad_x of this tile, added into the patch buffer
-    for (int64_t idx = threadIdx.x; idx < hid * Cin; idx += blockDim.x) {
-      const int64_t k = idx / Cin, c = idx % Cin;
-      acc_t acc = 0;
-      for (int64_t q = 0; q < hq; ++q) acc += g1[k * hq + q] * xh[c * hq + q];
-      gwacc[L.w1() + idx] += acc;
-    }
-    if (gxb) {
-      for (int64_t idx = threadIdx.x; idx < Cin * hq; idx += blockDim.x) {
-        const int64_t c = idx / hq, q = idx % hq, a = q / hw, bb = q % hw;
-        acc_t acc = 0;
-        for (int64_t k = 0; k < hid; ++k) acc += w[L.w1() + k * Cin + c] * g1[k * hq + q];
-        gxb[(c * (PH + 2) + ti * th + a) * (PW + 2) + tj * tw + bb] += acc;
-      }
-    }
-  }
-  __syncthreads();
-  if (grad_weight) {
-    scalar_t* dst = grad_weight + P.b * N * G + P.patch;
-    for (int64_t n = threadIdx.x; n < N; n += blockDim.x) dst[n * G] = static_cast<scalar_t>(gwacc[n]);
-  }
-  if (partial) {
-    for (int64_t n = threadIdx.x; n < 2 * A; n += blockDim.x) partial[item * 2 * A + n] = part[n];
-  }
-}
-
-// Column sums of partial (rows, 2*A) in row order -> grad_scale (A), grad_shift (A).
-template <typename scalar_t>
-__global__ void reduce_partials_kernel(const at::opmath_type<scalar_t>* __restrict__ partial, int64_t rows,
-                                       int64_t A, scalar_t* __restrict__ gscale, scalar_t* __restrict__ gshift) {
-  const int64_t col = blockIdx.x * blockDim.x + threadIdx.x;
-  if (col >= 2 * A) return;
-  double acc = 0;
-  for (int64_t r = 0; r < rows; ++r) acc += static_cast<double>(partial[r * 2 * A + col]);
-  if (col < A)
-    gscale[col] = static_cast<scalar_t>(acc);
-  else
-    gshift[col - A] = static_cast<scalar_t>(acc);
-}
-
-// grad_x[b, c, r, col] = sum of the haloed buffers of every patch that read (r, col), fixed order.
-template <typename scalar_t>
-__global__ void gather_grad_x_kernel(const at::opmath_type<scalar_t>* __restrict__ gxbuf,
-                                     scalar_t* __restrict__ gx, int64_t B, int64_t Cin, int64_t H, int64_t W,
-                                     int64_t gh, int64_t gw) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t total = B * Cin * H * W;
-  const int64_t PH = meta::max_patch_size(H, gh), PW = meta::max_patch_size(W, gw);
-  for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < total;
-       idx += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t col = idx % W, r = (idx / W) % H, c = (idx / (W * H)) % Cin, b = idx / (W * H * Cin);
-    int64_t rc[meta::kMaxHaloReaders], ro[meta::kMaxHaloReaders], cc[meta::kMaxHaloReaders],
-        co[meta::kMaxHaloReaders];
-    const int nr = meta::halo_readers(r, H, gh, rc, ro);
-    const int nc = meta::halo_readers(col, W, gw, cc, co);
-    acc_t acc = 0;
-    for (int u = 0; u < nr; ++u)
-      for (int v = 0; v < nc; ++v)
-        acc += gxbuf[((((b * gh + rc[u]) * gw + cc[v]) * Cin + c) * (PH + 2) + ro[u]) * (PW + 2) + co[v]];
-    gx[idx] = static_cast<scalar_t>(acc);
-  }
-}
 
 // ------------------------------------------------------------------------------------------------
 // tile choice
@@ -386,7 +43,7 @@ struct TilePlan {
 // Hopper), then anything up to the opt-in limit, then weights in global memory.
 template <typename F>
 TilePlan plan_tiles(int64_t PH, int64_t PW, size_t elem, F&& elems_of) {
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  const cudaDeviceProp* prop = &gpu::props();
   const size_t limit = prop->sharedMemPerBlockOptin > 0 ? prop->sharedMemPerBlockOptin : prop->sharedMemPerBlock;
   const size_t preferred = std::min<size_t>(limit, 100 * 1024);
   const int64_t sizes[] = {32, 16, 8, 4, 2, 1};
@@ -404,18 +61,11 @@ TilePlan plan_tiles(int64_t PH, int64_t PW, size_t elem, F&& elems_of) {
   return {};
 }
 
-template <typename K>
-void allow_smem(K kernel, size_t bytes) {
-  if (bytes > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
-  }
-}
-
 at::Tensor meta_block_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
                            const at::Tensor& shift, int64_t hidden, int64_t out_channels) {
   const WeightLayout L = meta::check_meta_block(x, weight, scale, shift, hidden, out_channels);
-  TORCH_CHECK(x.is_cuda(), "meta_block (CUDA): x must be a CUDA tensor");
-  const c10::cuda::CUDAGuard guard(x.device());
+  TORCH_CHECK(gpu::on_device(x), "meta_block (CUDA): x must be a CUDA tensor");
+  const gpu::DeviceGuard guard(x.device());
   const int64_t B = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t gh = weight.size(2), gw = weight.size(3), G = gh * gw;
   at::Tensor y = at::empty({B, out_channels, H, W}, x.options());
@@ -428,14 +78,13 @@ at::Tensor meta_block_cuda(const at::Tensor& x, const at::Tensor& weight, const 
     at::Tensor wglobal;
     if (!plan.weights_in_smem)
       wglobal = weight.view({B, L.numel(), G}).transpose(1, 2).to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
-    auto kernel = meta_forward_kernel<scalar_t>;
-    allow_smem(kernel, plan.bytes);
-    kernel<<<static_cast<unsigned>(B * G), kThreads, plan.bytes, at::cuda::getCurrentCUDAStream()>>>(
+    gpu::allow_dynamic_smem(meta_forward_kernel<scalar_t>, plan.bytes);
+    PYSEG_LAUNCH(static_cast<unsigned>(B * G), kThreads, plan.bytes, gpu::stream(), meta_forward_kernel<scalar_t>)(
         x.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
         plan.weights_in_smem ? nullptr : wglobal.const_data_ptr<acc_t>(), scale.const_data_ptr<scalar_t>(),
         shift.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), Cin, hidden, out_channels, H, W, gh, gw,
         plan.th, plan.tw, plan.weights_in_smem);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    PYSEG_LAUNCH_CHECK();
   });
   return y;
 }
@@ -445,8 +94,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> meta_block_backward_c
     const at::Tensor& shift, int64_t hidden, int64_t out_channels, std::array<bool, 4> output_mask) {
   const WeightLayout L = meta::check_meta_block(x, weight, scale, shift, hidden, out_channels);
   meta::check_grad_out(x, grad_out, out_channels);
-  TORCH_CHECK(x.is_cuda(), "meta_block_backward (CUDA): x must be a CUDA tensor");
-  const c10::cuda::CUDAGuard guard(x.device());
+  TORCH_CHECK(gpu::on_device(x), "meta_block_backward (CUDA): x must be a CUDA tensor");
+  const gpu::DeviceGuard guard(x.device());
   meta::BlockGrads R(x, weight, scale, shift, output_mask);
   const bool need_x = R.need_x, need_w = R.need_w, need_affine = R.need_affine;
   at::Tensor &gx = R.gx, &gw = R.gw, &gs = R.gs, &gt = R.gt;
@@ -454,7 +103,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> meta_block_backward_c
   const int64_t B = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t gh = weight.size(2), gwid = weight.size(3), G = gh * gwid, A = L.affine_numel();
   const int64_t PH = meta::max_patch_size(H, gh), PW = meta::max_patch_size(W, gwid);
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = gpu::stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "meta_block_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc_opts = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
@@ -469,212 +118,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> meta_block_backward_c
     }
     at::Tensor partial = need_affine ? at::empty({B * G, 2 * A}, acc_opts) : at::Tensor();
     at::Tensor gxbuf = need_x ? at::zeros({B * G, Cin, PH + 2, PW + 2}, acc_opts) : at::Tensor();
-    auto kernel = meta_backward_kernel<scalar_t>;
-    allow_smem(kernel, plan.bytes);
-    kernel<<<static_cast<unsigned>(B * G), kThreads, plan.bytes, stream>>>(
+    gpu::allow_dynamic_smem(meta_backward_kernel<scalar_t>, plan.bytes);
+    PYSEG_LAUNCH(static_cast<unsigned>(B * G), kThreads, plan.bytes, stream, meta_backward_kernel<scalar_t>)(
         grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
         plan.weights_in_smem ? nullptr : wglobal.const_data_ptr<acc_t>(),
         plan.weights_in_smem ? nullptr : gwglobal.mutable_data_ptr<acc_t>(), scale.const_data_ptr<scalar_t>(),
         shift.const_data_ptr<scalar_t>(), need_w ? gw.mutable_data_ptr<scalar_t>() : nullptr,
         need_affine ? partial.mutable_data_ptr<acc_t>() : nullptr, need_x ? gxbuf.mutable_data_ptr<acc_t>() : nullptr,
         Cin, hidden, out_channels, H, W, gh, gwid, plan.th, plan.tw, plan.weights_in_smem);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    PYSEG_LAUNCH_CHECK();
     if (need_affine) {
-      reduce_partials_kernel<scalar_t><<<static_cast<unsigned>(div_up(2 * A, 128)), 128, 0, stream>>>(
+      PYSEG_LAUNCH(static_cast<unsigned>(div_up(2 * A, 128)), 128, 0, stream, reduce_partials_kernel<scalar_t>)(
           partial.const_data_ptr<acc_t>(), B * G, A, gs.mutable_data_ptr<scalar_t>(), gt.mutable_data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      PYSEG_LAUNCH_CHECK();
     }
     if (need_x) {
       const int64_t total = B * Cin * H * W;
       const int blocks = static_cast<int>(std::min<int64_t>(div_up(total, 256), 65535 * 8));
-      gather_grad_x_kernel<scalar_t><<<blocks, 256, 0, stream>>>(gxbuf.const_data_ptr<acc_t>(),
+      PYSEG_LAUNCH(blocks, 256, 0, stream, gather_grad_x_kernel<scalar_t>)(gxbuf.const_data_ptr<acc_t>(),
                                                                   gx.mutable_data_ptr<scalar_t>(), B, Cin, H, W, gh,
                                                                   gwid);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-  });
-  return R.result();
-}
-
-// ------------------------------------------------------------------------------------------------
-// pointwise_block: y = relu(s * (W_patch x) + t). Thread per pixel, kOC output channels per thread
-// in registers; the patch weights are read through the cache (neighbouring threads share a patch).
-// ------------------------------------------------------------------------------------------------
-constexpr int kOC = 8;
-
-template <typename scalar_t>
-__global__ void pointwise_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ weight,
-                                         const scalar_t* __restrict__ scale, const scalar_t* __restrict__ shift,
-                                         scalar_t* __restrict__ y, at::opmath_type<scalar_t>* __restrict__ zout,
-                                         at::opmath_type<scalar_t>* __restrict__ gu,
-                                         const scalar_t* __restrict__ grad_out, int64_t B, int64_t Cin, int64_t Cout,
-                                         int64_t H, int64_t W, int64_t gh, int64_t gw) {
-  // Forward (y != nullptr) or the first backward pass (zout, gu: pre-affine z and the ReLU-masked
-  // grad_out, both (B, Cout, H, W) in acc precision).
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t HW = H * W, G = gh * gw;
-  const int64_t pix = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
-  const int64_t b = blockIdx.z;
-  const int64_t o0 = blockIdx.y * kOC;
-  if (pix >= HW) return;
-  const int64_t r = pix / W, col = pix % W;
-  const int64_t patch = patch_of(r, gh, H) * gw + patch_of(col, gw, W);
-  const scalar_t* wp = weight + b * Cout * Cin * G + patch;
-  acc_t acc[kOC];
-#pragma unroll
-  for (int u = 0; u < kOC; ++u) acc[u] = 0;
-  for (int64_t c = 0; c < Cin; ++c) {
-    const acc_t xv = static_cast<acc_t>(x[(b * Cin + c) * HW + pix]);
-#pragma unroll
-    for (int u = 0; u < kOC; ++u)
-      if (o0 + u < Cout) acc[u] += static_cast<acc_t>(wp[((o0 + u) * Cin + c) * G]) * xv;
-  }
-#pragma unroll
-  for (int u = 0; u < kOC; ++u) {
-    const int64_t o = o0 + u;
-    if (o >= Cout) break;
-    const acc_t v = acc[u] * static_cast<acc_t>(scale[o]) + static_cast<acc_t>(shift[o]);
-    const int64_t off = (b * Cout + o) * HW + pix;
-    if (y) y[off] = static_cast<scalar_t>(v > acc_t(0) ? v : acc_t(0));
-    if (zout) {
-      zout[off] = acc[u];
-      gu[off] = v > acc_t(0) ? static_cast<acc_t>(grad_out[off]) : acc_t(0);
-    }
-  }
-}
-
-// grad_x[b, c, pix] = sum_o W[o, c] * s[o] * gu[o, pix]; kOC input channels per thread.
-template <typename scalar_t>
-__global__ void pointwise_grad_x_kernel(const at::opmath_type<scalar_t>* __restrict__ gu,
-                                        const scalar_t* __restrict__ weight, const scalar_t* __restrict__ scale,
-                                        scalar_t* __restrict__ gx, int64_t B, int64_t Cin, int64_t Cout, int64_t H,
-                                        int64_t W, int64_t gh, int64_t gw) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t HW = H * W, G = gh * gw;
-  const int64_t pix = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
-  const int64_t b = blockIdx.z;
-  const int64_t c0 = blockIdx.y * kOC;
-  if (pix >= HW) return;
-  const int64_t patch = patch_of(pix / W, gh, H) * gw + patch_of(pix % W, gw, W);
-  const scalar_t* wp = weight + b * Cout * Cin * G + patch;
-  acc_t acc[kOC];
-#pragma unroll
-  for (int u = 0; u < kOC; ++u) acc[u] = 0;
-  for (int64_t o = 0; o < Cout; ++o) {
-    const acc_t g = gu[(b * Cout + o) * HW + pix] * static_cast<acc_t>(scale[o]);
-#pragma unroll
-    for (int u = 0; u < kOC; ++u)
-      if (c0 + u < Cin) acc[u] += static_cast<acc_t>(wp[(o * Cin + c0 + u) * G]) * g;
-  }
-#pragma unroll
-  for (int u = 0; u < kOC; ++u)
-    if (c0 + u < Cin) gx[(b * Cin + c0 + u) * HW + pix] = static_cast<scalar_t>(acc[u]);
-}
-
-// One block per (sample, patch): grad W[o, c] = s[o] * sum_p gu[o, p] x[c, p] and the affine
-// partials, each entry owned by one thread looping over the patch pixels in order.
-template <typename scalar_t>
-__global__ void pointwise_grad_w_kernel(const at::opmath_type<scalar_t>* __restrict__ gu,
-                                        const at::opmath_type<scalar_t>* __restrict__ z,
-                                        const scalar_t* __restrict__ x, const scalar_t* __restrict__ scale,
-                                        scalar_t* __restrict__ gw_out, at::opmath_type<scalar_t>* __restrict__ partial,
-                                        int64_t Cin, int64_t Cout, int64_t H, int64_t W, int64_t gh, int64_t gw) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const DevPatch P(blockIdx.x, gh, gw, H, W);
-  const int64_t HW = H * W, G = gh * gw, np = P.ph * P.pw;
-  if (gw_out) {
-    for (int64_t idx = threadIdx.x; idx < Cout * Cin; idx += blockDim.x) {
-      const int64_t o = idx / Cin, c = idx % Cin;
-      acc_t acc = 0;
-      for (int64_t p = 0; p < np; ++p) {
-        const int64_t off = (P.r0 + p / P.pw) * W + P.c0 + p % P.pw;
-        acc += gu[(P.b * Cout + o) * HW + off] * static_cast<acc_t>(x[(P.b * Cin + c) * HW + off]);
-      }
-      gw_out[(P.b * Cout * Cin + idx) * G + P.patch] = static_cast<scalar_t>(acc * static_cast<acc_t>(scale[o]));
-    }
-  }
-  if (partial) {
-    for (int64_t o = threadIdx.x; o < Cout; o += blockDim.x) {
-      acc_t sg = 0, sgz = 0;
-      for (int64_t p = 0; p < np; ++p) {
-        const int64_t off = (P.b * Cout + o) * HW + (P.r0 + p / P.pw) * W + P.c0 + p % P.pw;
-        sg += gu[off];
-        sgz += gu[off] * z[off];
-      }
-      partial[blockIdx.x * 2 * Cout + o] = sgz;
-      partial[blockIdx.x * 2 * Cout + Cout + o] = sg;
-    }
-  }
-}
-
-at::Tensor pointwise_block_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
-                                const at::Tensor& shift) {
-  const int64_t Cout = meta::check_pointwise_block(x, weight, scale, shift);
-  TORCH_CHECK(x.is_cuda(), "pointwise_block (CUDA): x must be a CUDA tensor");
-  const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t B = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3);
-  TORCH_CHECK(B <= 65535, "pointwise_block (CUDA): batch must be <= 65535");
-  at::Tensor y = at::empty({B, Cout, H, W}, x.options());
-  const dim3 grid(static_cast<unsigned>(div_up(H * W, 256)), static_cast<unsigned>(div_up(Cout, kOC)),
-                  static_cast<unsigned>(B));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pointwise_block_cuda", [&] {
-    pointwise_forward_kernel<scalar_t><<<grid, 256, 0, at::cuda::getCurrentCUDAStream()>>>(
-        x.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(), scale.const_data_ptr<scalar_t>(),
-        shift.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), nullptr, nullptr, nullptr, B, Cin, Cout, H,
-        W, weight.size(2), weight.size(3));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return y;
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pointwise_block_backward_cuda(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
-    const at::Tensor& shift, std::array<bool, 4> output_mask) {
-  const int64_t Cout = meta::check_pointwise_block(x, weight, scale, shift);
-  meta::check_grad_out(x, grad_out, Cout);
-  TORCH_CHECK(x.is_cuda(), "pointwise_block_backward (CUDA): x must be a CUDA tensor");
-  const c10::cuda::CUDAGuard guard(x.device());
-  meta::BlockGrads R(x, weight, scale, shift, output_mask);
-  const bool need_x = R.need_x, need_w = R.need_w, need_affine = R.need_affine;
-  at::Tensor &gx = R.gx, &gw = R.gw, &gs = R.gs, &gt = R.gt;
-  if (!R.any()) return R.result();
-  const int64_t B = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3);
-  const int64_t gh = weight.size(2), gwid = weight.size(3), G = gh * gwid;
-  TORCH_CHECK(B <= 65535, "pointwise_block (CUDA): batch must be <= 65535");
-  auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pointwise_block_backward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const auto acc_opts = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-    at::Tensor z = at::empty({B, Cout, H, W}, acc_opts);
-    at::Tensor gu = at::empty({B, Cout, H, W}, acc_opts);
-    const dim3 grid1(static_cast<unsigned>(div_up(H * W, 256)), static_cast<unsigned>(div_up(Cout, kOC)),
-                     static_cast<unsigned>(B));
-    pointwise_forward_kernel<scalar_t><<<grid1, 256, 0, stream>>>(
-        x.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(), scale.const_data_ptr<scalar_t>(),
-        shift.const_data_ptr<scalar_t>(), nullptr, z.mutable_data_ptr<acc_t>(), gu.mutable_data_ptr<acc_t>(),
-        grad_out.const_data_ptr<scalar_t>(), B, Cin, Cout, H, W, gh, gwid);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (need_x) {
-      const dim3 grid2(static_cast<unsigned>(div_up(H * W, 256)), static_cast<unsigned>(div_up(Cin, kOC)),
-                       static_cast<unsigned>(B));
-      pointwise_grad_x_kernel<scalar_t><<<grid2, 256, 0, stream>>>(
-          gu.const_data_ptr<acc_t>(), weight.const_data_ptr<scalar_t>(), scale.const_data_ptr<scalar_t>(),
-          gx.mutable_data_ptr<scalar_t>(), B, Cin, Cout, H, W, gh, gwid);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-    if (need_w || need_affine) {
-      at::Tensor partial = need_affine ? at::empty({B * G, 2 * Cout}, acc_opts) : at::Tensor();
-      pointwise_grad_w_kernel<scalar_t><<<static_cast<unsigned>(B * G), 256, 0, stream>>>(
-          gu.const_data_ptr<acc_t>(), z.const_data_ptr<acc_t>(), x.const_data_ptr<scalar_t>(),
-          scale.const_data_ptr<scalar_t>(), need_w ? gw.mutable_data_ptr<scalar_t>() : nullptr,
-          need_affine ? partial.mutable_data_ptr<acc_t>() : nullptr, Cin, Cout, H, W, gh, gwid);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      if (need_affine) {
-        reduce_partials_kernel<scalar_t><<<static_cast<unsigned>(div_up(2 * Cout, 128)), 128, 0, stream>>>(
-            partial.const_data_ptr<acc_t>(), B * G, Cout, gs.mutable_data_ptr<scalar_t>(),
-            gt.mutable_data_ptr<scalar_t>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      }
+      PYSEG_LAUNCH_CHECK();
     }
   });
   return R.result();
@@ -682,11 +146,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pointwise_block_backw
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pyseg, CUDA, m) {
-  m.impl("meta_block", &meta_block_cuda);
-  m.impl("meta_block_backward", &meta_block_backward_cuda);
-  m.impl("pointwise_block", &pointwise_block_cuda);
-  m.impl("pointwise_block_backward", &pointwise_block_backward_cuda);
+PYSEG_CUDA_OPS(m) {
+  PYSEG_CUDA_OP(m, "meta_block", &meta_block_cuda);
+  PYSEG_CUDA_OP(m, "meta_block_backward", &meta_block_backward_cuda);
 }
 
 }  // namespace pyseg

@@ -20,7 +20,7 @@ align_corners=False, no antialias, always to an explicit size.
 Fused kernels (C++ CPU, CUDA, Triton) never materialise per-scale or full-resolution logits: the
 recurrence is linear in the logits with attention-only coefficients, so each output value is an
 exact weighted sum over a few pixels of every scale (a per-pixel stencil built from the composed
-bilinear samplers, csrc/common/hmsa.h), evaluated class by class; labels keep a running argmax.
+bilinear samplers, csrc/common/hmsa_fuse.h), evaluated class by class; labels keep a running argmax.
 With ``scale_sizes`` the resize of the stored logits to G_s is one more bilinear sampler composed
 into the stencil: the stored (e.g. stride-4) logits are sampled on the fly, so the per-scale
 full-resolution logits of the public method (638 MB for 19 classes at scale 2 of a 1024x2048
@@ -51,7 +51,7 @@ from ._utils import FLOAT_DTYPES, pair
 __all__ = ["hmsa_fuse", "normalize_hmsa_args", "MAX_SCALES"]
 
 OP = "hmsa_fuse"
-#: Most scales the compiled kernels take (csrc/common/hmsa.h HMSA_MAX_SCALES).
+#: Most scales the compiled kernels take (csrc/common/hmsa_fuse.h HMSA_MAX_SCALES).
 MAX_SCALES = 8
 
 
@@ -248,7 +248,7 @@ CUDA_MAX_TERMS = 160
 
 
 def stencil_terms(scales) -> int:
-    """Upper bound on the per-output-pixel stencil length (csrc/common/hmsa.h hmsa_max_terms)."""
+    """Upper bound on the per-output-pixel stencil length (csrc/common/hmsa_fuse.h hmsa_max_terms)."""
     one = list(scales).index(1.0)
     high = 1
     for _ in range(one):

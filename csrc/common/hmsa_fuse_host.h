@@ -7,7 +7,7 @@
 
 #include <vector>
 
-#include "common/hmsa.h"
+#include "common/hmsa_fuse.h"
 
 namespace pyseg {
 

@@ -1,0 +1,341 @@
+// Device code of the fused HyperSeg meta block (launchers in meta_block.cu).
+//
+// meta_block forward: one thread block per (sample, patch). The block stages the patch's weights in
+// shared memory once (gathered from the (B, N, gh, gw) layout), then walks the patch in tiles of
+// th x tw output pixels: the tile's x + 1-px halo (reflect at image borders only), pw1 -> affine ->
+// ReLU6 of every haloed pixel, and the depthwise 3x3 -> affine -> ReLU6 all live in shared memory;
+// pw2 -> affine is computed straight into the output. Only y is written. The tile is the whole
+// patch when it fits; smaller tiles recompute pw1 on their own 1-px ring (same values: the ring is
+// inside the patch or its halo and uses the patch's weights). When even the weights do not fit in
+// shared memory they are read from a transposed (B*G, N) copy in global memory instead.
+//
+// meta_block backward: one block per (sample, patch), same tiling; forward intermediates are
+// recomputed per tile. Weight gradients accumulate in shared memory (each entry owned by one thread
+// for the block's life), affine partials per block are summed by a second kernel in a fixed order,
+// and grad_x goes through a per-patch haloed buffer (sequential tiles of one block, separated by
+// __syncthreads) gathered per input pixel in a fixed order by a third kernel: deterministic, no
+// atomics anywhere. Accumulation in float (double for float64).
+#pragma once
+
+#include "common/meta_block.h"
+#include "cuda/block_kernels.cuh"
+#include "cuda/runtime.cuh"
+
+namespace pyseg {
+namespace {
+
+using meta::WeightLayout;
+
+constexpr int kThreads = 256;
+
+__device__ __forceinline__ int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// Shared-memory carve-out helper (each region keeps acc_t alignment).
+template <typename acc_t>
+struct Carve {
+  acc_t* p;
+  __device__ acc_t* take(int64_t n) {
+    acc_t* r = p;
+    p += n;
+    return r;
+  }
+};
+
+// Stage this patch's weights (strided by G in the (B, N, gh, gw) layout) into shared memory.
+template <typename scalar_t, typename acc_t>
+__device__ void stage_weights(const scalar_t* __restrict__ weight, int64_t N, int64_t G, int64_t b, int64_t patch,
+                              acc_t* dst) {
+  const scalar_t* src = weight + b * N * G + patch;
+  for (int64_t n = threadIdx.x; n < N; n += blockDim.x) dst[n] = static_cast<acc_t>(src[n * G]);
+}
+
+// x's tile + halo: rows [tr0 - 1, tr0 + eh], cols [tc0 - 1, tc0 + ew], reflected at image borders.
+template <typename scalar_t, typename acc_t>
+__device__ void load_tile(const scalar_t* __restrict__ x, int64_t b, int64_t Cin, int64_t H, int64_t W,
+                          int64_t tr0, int64_t tc0, int64_t eh, int64_t ew, acc_t* xh) {
+  const int64_t hw = ew + 2, hq = (eh + 2) * hw;
+  for (int64_t idx = threadIdx.x; idx < Cin * hq; idx += blockDim.x) {
+    const int64_t c = idx / hq, q = idx % hq;
+    const int64_t row = reflect_index(tr0 - 1 + q / hw, H), col = reflect_index(tc0 - 1 + q % hw, W);
+    xh[idx] = static_cast<acc_t>(x[((b * Cin + c) * H + row) * W + col]);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// forward
+// ------------------------------------------------------------------------------------------------
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) meta_forward_kernel(
+    const scalar_t* __restrict__ x, const scalar_t* __restrict__ weight,
+    const at::opmath_type<scalar_t>* __restrict__ wglobal, const scalar_t* __restrict__ scale,
+    const scalar_t* __restrict__ shift, scalar_t* __restrict__ y, int64_t Cin, int64_t hid, int64_t Cout, int64_t H,
+    int64_t W, int64_t gh, int64_t gw, int64_t th, int64_t tw, bool weights_in_smem) {
+  using acc_t = at::opmath_type<scalar_t>;
+  PYSEG_DYNAMIC_SMEM(smem_raw);
+  const WeightLayout L{Cin, hid, Cout};
+  const int64_t N = L.numel(), G = gh * gw;
+  const DevPatch P(blockIdx.x, gh, gw, H, W);
+  Carve<acc_t> cv{reinterpret_cast<acc_t*>(smem_raw)};
+  const acc_t* w;
+  if (weights_in_smem) {
+    acc_t* ws = cv.take(N);
+    stage_weights(weight, N, G, P.b, P.patch, ws);
+    w = ws;
+  } else {
+    w = wglobal + (P.b * G + P.patch) * N;
+  }
+  const int64_t HQ = (th + 2) * (tw + 2), TP = th * tw;
+  acc_t* xh = cv.take(Cin * HQ);
+  acc_t* h1 = cv.take(hid * HQ);
+  acc_t* h2 = cv.take(hid * TP);
+  const int64_t nti = div_up(P.ph, th), ntj = div_up(P.pw, tw);
+  for (int64_t t = 0; t < nti * ntj; ++t) {
+    const int64_t ti = t / ntj, tj = t % ntj;
+    const int64_t eh = imin(th, P.ph - ti * th), ew = imin(tw, P.pw - tj * tw);
+    const int64_t tr0 = P.r0 + ti * th, tc0 = P.c0 + tj * tw;
+    const int64_t hw = ew + 2, hq = (eh + 2) * hw, tp = eh * ew;
+    __syncthreads();  // weights staged / previous tile done with the buffers
+    load_tile(x, P.b, Cin, H, W, tr0, tc0, eh, ew, xh);
+    __syncthreads();
+    for (int64_t idx = threadIdx.x; idx < hid * hq; idx += blockDim.x) {
+      const int64_t k = idx / hq, q = idx % hq;
+      const acc_t* w1 = w + L.w1() + k * Cin;
+      acc_t acc = 0;
+      for (int64_t c = 0; c < Cin; ++c) acc += w1[c] * xh[c * hq + q];
+      h1[idx] = meta::relu6(acc * static_cast<acc_t>(scale[L.a1() + k]) + static_cast<acc_t>(shift[L.a1() + k]));
+    }
+    __syncthreads();
+    for (int64_t idx = threadIdx.x; idx < hid * tp; idx += blockDim.x) {
+      const int64_t k = idx / tp, p = idx % tp, i = p / ew, j = p % ew;
+      const acc_t* w2 = w + L.w2() + 9 * k;
+      const acc_t* hk = h1 + k * hq + i * hw + j;
+      acc_t acc = 0;
+#pragma unroll
+      for (int d = 0; d < 9; ++d) acc += w2[d] * hk[(d / 3) * hw + d % 3];
+      h2[idx] = meta::relu6(acc * static_cast<acc_t>(scale[L.a2() + k]) + static_cast<acc_t>(shift[L.a2() + k]));
+    }
+    __syncthreads();
+    for (int64_t idx = threadIdx.x; idx < Cout * tp; idx += blockDim.x) {
+      const int64_t o = idx / tp, p = idx % tp;
+      const acc_t* w3 = w + L.w3() + o * hid;
+      acc_t acc = 0;
+      for (int64_t k = 0; k < hid; ++k) acc += w3[k] * h2[k * tp + p];
+      acc = acc * static_cast<acc_t>(scale[L.a3() + o]) + static_cast<acc_t>(shift[L.a3() + o]);
+      y[((P.b * Cout + o) * H + tr0 + p / ew) * W + tc0 + p % ew] = static_cast<scalar_t>(acc);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// backward
+// ------------------------------------------------------------------------------------------------
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) meta_backward_kernel(
+    const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ x, const scalar_t* __restrict__ weight,
+    const at::opmath_type<scalar_t>* __restrict__ wglobal, at::opmath_type<scalar_t>* __restrict__ gwglobal,
+    const scalar_t* __restrict__ scale, const scalar_t* __restrict__ shift, scalar_t* __restrict__ grad_weight,
+    at::opmath_type<scalar_t>* __restrict__ partial, at::opmath_type<scalar_t>* __restrict__ gxbuf, int64_t Cin,
+    int64_t hid, int64_t Cout, int64_t H, int64_t W, int64_t gh, int64_t gw, int64_t th, int64_t tw,
+    bool weights_in_smem) {
+  using acc_t = at::opmath_type<scalar_t>;
+  PYSEG_DYNAMIC_SMEM(smem_raw);
+  const WeightLayout L{Cin, hid, Cout};
+  const int64_t N = L.numel(), G = gh * gw, A = L.affine_numel();
+  const int64_t item = blockIdx.x;
+  const DevPatch P(item, gh, gw, H, W);
+  const int64_t PH = meta::max_patch_size(H, gh), PW = meta::max_patch_size(W, gw);
+  Carve<acc_t> cv{reinterpret_cast<acc_t*>(smem_raw)};
+  const acc_t* w;
+  acc_t* gwacc;
+  if (weights_in_smem) {
+    acc_t* ws = cv.take(N);
+    stage_weights(weight, N, G, P.b, P.patch, ws);
+    w = ws;
+    gwacc = cv.take(N);
+  } else {
+    w = wglobal + item * N;
+    gwacc = gwglobal + item * N;
+  }
+  acc_t* part = cv.take(2 * A);  // [sum g*z (A) | sum g (A)]
+  const int64_t HQ = (th + 2) * (tw + 2), TP = th * tw;
+  acc_t* xh = cv.take(Cin * HQ);
+  acc_t* z1 = cv.take(hid * HQ);
+  acc_t* g1 = cv.take(hid * HQ);
+  acc_t* z2 = cv.take(hid * TP);
+  acc_t* g2 = cv.take(hid * TP);
+  acc_t* z3 = cv.take(Cout * TP);
+  acc_t* g3 = cv.take(Cout * TP);
+  for (int64_t n = threadIdx.x; n < N; n += blockDim.x) gwacc[n] = acc_t(0);
+  for (int64_t n = threadIdx.x; n < 2 * A; n += blockDim.x) part[n] = acc_t(0);
+  acc_t* gxb = gxbuf ? gxbuf + item * Cin * (PH + 2) * (PW + 2) : nullptr;
+
+  const int64_t nti = div_up(P.ph, th), ntj = div_up(P.pw, tw);
+  for (int64_t t = 0; t < nti * ntj; ++t) {
+    const int64_t ti = t / ntj, tj = t % ntj;
+    const int64_t eh = imin(th, P.ph - ti * th), ew = imin(tw, P.pw - tj * tw);
+    const int64_t tr0 = P.r0 + ti * th, tc0 = P.c0 + tj * tw;
+    const int64_t hw = ew + 2, hq = (eh + 2) * hw, tp = eh * ew;
+    __syncthreads();
+    load_tile(x, P.b, Cin, H, W, tr0, tc0, eh, ew, xh);
+    __syncthreads();
+    // z1 = W1 xh (pre-affine)
+    for (int64_t idx = threadIdx.x; idx < hid * hq; idx += blockDim.x) {
+      const int64_t k = idx / hq, q = idx % hq;
+      const acc_t* w1 = w + L.w1() + k * Cin;
+      acc_t acc = 0;
+      for (int64_t c = 0; c < Cin; ++c) acc += w1[c] * xh[c * hq + q];
+      z1[idx] = acc;
+    }
+    __syncthreads();
+    // z2 = dw(relu6(affine1(z1)))
+    for (int64_t idx = threadIdx.x; idx < hid * tp; idx += blockDim.x) {
+      const int64_t k = idx / tp, p = idx % tp, i = p / ew, j = p % ew;
+      const acc_t s = static_cast<acc_t>(scale[L.a1() + k]), sh = static_cast<acc_t>(shift[L.a1() + k]);
+      const acc_t* w2 = w + L.w2() + 9 * k;
+      const acc_t* zk = z1 + k * hq + i * hw + j;
+      acc_t acc = 0;
+#pragma unroll
+      for (int d = 0; d < 9; ++d) acc += w2[d] * meta::relu6(zk[(d / 3) * hw + d % 3] * s + sh);
+      z2[idx] = acc;
+    }
+    __syncthreads();
+    // z3 = W3 relu6(affine2(z2)); g3 = grad_out
+    for (int64_t idx = threadIdx.x; idx < Cout * tp; idx += blockDim.x) {
+      const int64_t o = idx / tp, p = idx % tp;
+      const acc_t* w3 = w + L.w3() + o * hid;
+      acc_t acc = 0;
+      for (int64_t k = 0; k < hid; ++k)
+        acc += w3[k] * meta::relu6(z2[k * tp + p] * static_cast<acc_t>(scale[L.a2() + k]) +
+                                   static_cast<acc_t>(shift[L.a2() + k]));
+      z3[idx] = acc;
+      g3[idx] = static_cast<acc_t>(grad_out[((P.b * Cout + o) * H + tr0 + p / ew) * W + tc0 + p % ew]);
+    }
+    __syncthreads();
+    // stage-3 affine partials (one thread per channel, fixed order), then g3 <- s3 * g3
+    for (int64_t o = threadIdx.x; o < Cout; o += blockDim.x) {
+      acc_t sg = 0, sgz = 0;
+      const acc_t s = static_cast<acc_t>(scale[L.a3() + o]);
+      for (int64_t p = 0; p < tp; ++p) {
+        sg += g3[o * tp + p];
+        sgz += g3[o * tp + p] * z3[o * tp + p];
+        g3[o * tp + p] *= s;
+      }
+      part[L.a3() + o] += sgz;
+      part[A + L.a3() + o] += sg;
+    }
+    __syncthreads();
+    // grad W3 (owned entries) and g2 = relu6'(u2) * W3^T g3
+    for (int64_t idx = threadIdx.x; idx < Cout * hid; idx += blockDim.x) {
+      const int64_t o = idx / hid, k = idx % hid;
+      const acc_t s = static_cast<acc_t>(scale[L.a2() + k]), sh = static_cast<acc_t>(shift[L.a2() + k]);
+      acc_t acc = 0;
+      for (int64_t p = 0; p < tp; ++p) acc += g3[o * tp + p] * meta::relu6(z2[k * tp + p] * s + sh);
+      gwacc[L.w3() + idx] += acc;
+    }
+    for (int64_t idx = threadIdx.x; idx < hid * tp; idx += blockDim.x) {
+      const int64_t k = idx / tp, p = idx % tp;
+      acc_t acc = 0;
+      for (int64_t o = 0; o < Cout; ++o) acc += w[L.w3() + o * hid + k] * g3[o * tp + p];
+      const acc_t u = z2[idx] * static_cast<acc_t>(scale[L.a2() + k]) + static_cast<acc_t>(shift[L.a2() + k]);
+      g2[idx] = meta::relu6_passes(u) ? acc : acc_t(0);
+    }
+    __syncthreads();
+    for (int64_t k = threadIdx.x; k < hid; k += blockDim.x) {
+      acc_t sg = 0, sgz = 0;
+      const acc_t s = static_cast<acc_t>(scale[L.a2() + k]);
+      for (int64_t p = 0; p < tp; ++p) {
+        sg += g2[k * tp + p];
+        sgz += g2[k * tp + p] * z2[k * tp + p];
+        g2[k * tp + p] *= s;
+      }
+      part[L.a2() + k] += sgz;
+      part[A + L.a2() + k] += sg;
+    }
+    __syncthreads();
+    // grad W2 (owned entries) and g1 = relu6'(u1) * (full correlation of g2 with W2)
+    for (int64_t idx = threadIdx.x; idx < hid * 9; idx += blockDim.x) {
+      const int64_t k = idx / 9, d = idx % 9, di = d / 3, dj = d % 3;
+      const acc_t s = static_cast<acc_t>(scale[L.a1() + k]), sh = static_cast<acc_t>(shift[L.a1() + k]);
+      acc_t acc = 0;
+      for (int64_t p = 0; p < tp; ++p) {
+        const int64_t i = p / ew, j = p % ew;
+        acc += g2[k * tp + p] * meta::relu6(z1[k * hq + (i + di) * hw + j + dj] * s + sh);
+      }
+      gwacc[L.w2() + idx] += acc;
+    }
+    for (int64_t idx = threadIdx.x; idx < hid * hq; idx += blockDim.x) {
+      const int64_t k = idx / hq, q = idx % hq, a = q / hw, bb = q % hw;
+      const acc_t* w2 = w + L.w2() + 9 * k;
+      acc_t acc = 0;
+#pragma unroll
+      for (int d = 0; d < 9; ++d) {
+        const int64_t i = a - d / 3, j = bb - d % 3;
+        if (i >= 0 && i < eh && j >= 0 && j < ew) acc += w2[d] * g2[k * tp + i * ew + j];
+      }
+      const acc_t u = z1[idx] * static_cast<acc_t>(scale[L.a1() + k]) + static_cast<acc_t>(shift[L.a1() + k]);
+      g1[idx] = meta::relu6_passes(u) ? acc : acc_t(0);
+    }
+    __syncthreads();
+    for (int64_t k = threadIdx.x; k < hid; k += blockDim.x) {
+      acc_t sg = 0, sgz = 0;
+      const acc_t s = static_cast<acc_t>(scale[L.a1() + k]);
+      for (int64_t q = 0; q < hq; ++q) {
+        sg += g1[k * hq + q];
+        sgz += g1[k * hq + q] * z1[k * hq + q];
+        g1[k * hq + q] *= s;
+      }
+      part[L.a1() + k] += sgz;
+      part[A + L.a1() + k] += sg;
+    }
+    __syncthreads();
+    // grad W1 (owned entries) and the haloed grad_x of this tile, added into the patch buffer
+    for (int64_t idx = threadIdx.x; idx < hid * Cin; idx += blockDim.x) {
+      const int64_t k = idx / Cin, c = idx % Cin;
+      acc_t acc = 0;
+      for (int64_t q = 0; q < hq; ++q) acc += g1[k * hq + q] * xh[c * hq + q];
+      gwacc[L.w1() + idx] += acc;
+    }
+    if (gxb) {
+      for (int64_t idx = threadIdx.x; idx < Cin * hq; idx += blockDim.x) {
+        const int64_t c = idx / hq, q = idx % hq, a = q / hw, bb = q % hw;
+        acc_t acc = 0;
+        for (int64_t k = 0; k < hid; ++k) acc += w[L.w1() + k * Cin + c] * g1[k * hq + q];
+        gxb[(c * (PH + 2) + ti * th + a) * (PW + 2) + tj * tw + bb] += acc;
+      }
+    }
+  }
+  __syncthreads();
+  if (grad_weight) {
+    scalar_t* dst = grad_weight + P.b * N * G + P.patch;
+    for (int64_t n = threadIdx.x; n < N; n += blockDim.x) dst[n * G] = static_cast<scalar_t>(gwacc[n]);
+  }
+  if (partial) {
+    for (int64_t n = threadIdx.x; n < 2 * A; n += blockDim.x) partial[item * 2 * A + n] = part[n];
+  }
+}
+
+// grad_x[b, c, r, col] = sum of the haloed buffers of every patch that read (r, col), fixed order.
+template <typename scalar_t>
+__global__ void gather_grad_x_kernel(const at::opmath_type<scalar_t>* __restrict__ gxbuf,
+                                     scalar_t* __restrict__ gx, int64_t B, int64_t Cin, int64_t H, int64_t W,
+                                     int64_t gh, int64_t gw) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t total = B * Cin * H * W;
+  const int64_t PH = meta::max_patch_size(H, gh), PW = meta::max_patch_size(W, gw);
+  for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < total;
+       idx += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t col = idx % W, r = (idx / W) % H, c = (idx / (W * H)) % Cin, b = idx / (W * H * Cin);
+    int64_t rc[meta::kMaxHaloReaders], ro[meta::kMaxHaloReaders], cc[meta::kMaxHaloReaders],
+        co[meta::kMaxHaloReaders];
+    const int nr = meta::halo_readers(r, H, gh, rc, ro);
+    const int nc = meta::halo_readers(col, W, gw, cc, co);
+    acc_t acc = 0;
+    for (int u = 0; u < nr; ++u)
+      for (int v = 0; v < nc; ++v)
+        acc += gxbuf[((((b * gh + rc[u]) * gw + cc[v]) * Cin + c) * (PH + 2) + ro[u]) * (PW + 2) + co[v]];
+    gx[idx] = static_cast<scalar_t>(acc);
+  }
+}
+
+}  // namespace
+}  // namespace pyseg

@@ -1,0 +1,6 @@
+// The CUDA launchers and kernels of csrc/cuda/pointwise_block.cu, compiled by the host compiler for the CUDA
+// emulator (registered as torch.ops.pyseg_emu.*; tests only).
+#ifndef PYSEG_CUDA_EMULATOR
+#define PYSEG_CUDA_EMULATOR
+#endif
+#include "cuda/pointwise_block.cu"
