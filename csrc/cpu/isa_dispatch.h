@@ -5,9 +5,11 @@
 // Usage, at namespace scope after everything the compute header uses is declared:
 //   #define PYSEG_ISA_HEADER "cpu/<op>_patch.h"
 //   #include "cpu/isa_dispatch.h"
-// No include guard on purpose (one use per translation unit).
-#include "cpu/cpu_isa.h"
-
+// No include guard on purpose (one use per translation unit); the includer includes cpu/cpu_isa.h
+// at global scope first.
+#ifndef PYSEG_CPU_AVX2
+#error "include cpu/cpu_isa.h before cpu/isa_dispatch.h"
+#endif
 #ifndef PYSEG_ISA_HEADER
 #error "define PYSEG_ISA_HEADER before including cpu/isa_dispatch.h"
 #endif

@@ -28,6 +28,7 @@
 #include "common/meta_block.h"
 #include "common/meta_block_host.h"
 #include "cpu/block_common.h"
+#include "cpu/cpu_isa.h"
 #include "cpu/output_alloc.h"
 
 namespace pyseg {

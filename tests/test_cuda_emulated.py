@@ -1,0 +1,363 @@
+"""The CUDA kernels of csrc/cuda, run without a GPU by the CUDA emulator (tests/cuda_emulator.py,
+csrc/emu), against the float64 references; and the same cases on a real GPU whenever one is visible.
+
+Each case runs on two targets: ``emulated`` (the kernels compiled by the host compiler, launched on
+CPU tensors with CUDA's block/warp semantics; marker ``cuda_emulated``) and ``cuda`` (the nvcc build on
+CUDA tensors through ``torch.ops.pyseg``; marker ``cuda``, skipped without a GPU). Sizes are small
+(odd sizes, edge patches, every launch path: shared-memory and global-memory weights, > 48 KB of
+dynamic shared memory, multi-tile patches, warp and thread reductions). The emulator's own checks
+(divergent barriers, shared-memory bounds, launch limits, schedules) are tested at the end, with a
+mutation (one ``__syncthreads()`` removed) that must fail; benchmarks/emulator_mutations.py does it
+for every barrier.
+"""
+import pytest
+import torch
+
+import cuda_emulator as ce
+import pyseg
+from pyseg import _extension
+from pyseg.ops import hmsa_fuse, meta_block, patchwise_conv2d, pointwise_block
+from pyseg.ops.meta_block import meta_weight_numel
+
+CUDA_OK = torch.cuda.is_available()
+TARGETS = [
+    pytest.param("emulated", marks=pytest.mark.cuda_emulated),
+    pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+        not (CUDA_OK and _extension.has_kernel("meta_block", "CUDA")), reason="no CUDA device or CUDA kernels")]),
+]
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+@pytest.fixture(params=TARGETS)
+def target(request):
+    return request.param
+
+
+class Target:
+    """Calls an op's compiled CUDA implementation: emulated on CPU tensors or on the GPU."""
+
+    def __init__(self, name):
+        self.name = name
+        self.device = "cuda" if name == "cuda" else "cpu"
+        self.ops = ce.ops() if name == "emulated" else torch.ops.pyseg
+
+    def __call__(self, op, *args):
+        args = [self._to(a) for a in args]
+        out = getattr(self.ops, op)(*args)
+        return tuple(t.cpu() for t in out) if isinstance(out, (tuple, list)) else out.cpu()
+
+    def _to(self, a):
+        if isinstance(a, torch.Tensor):
+            return a.to(self.device)
+        if isinstance(a, list) and a and isinstance(a[0], torch.Tensor):
+            return [t.to(self.device) for t in a]
+        return a
+
+
+def close(got, want, dtype, what):
+    """max |got - want| <= tol * (1 + max |want|), got computed in `dtype`, want in float64."""
+    err = (got.double() - want).abs().max().item() if want.numel() else 0.0
+    scale = 1.0 + want.abs().max().item() if want.numel() else 1.0
+    assert err <= TOL[dtype] * scale * 8, f"{what}: max error {err:.3g} (scale {scale:.3g}, dtype {dtype})"
+
+
+def grads(fn, inputs, grad_out):
+    """Gradients of sum(fn(*inputs) * grad_out) w.r.t. inputs (float64 autograd)."""
+    leaves = [t.detach().double().requires_grad_(True) for t in inputs]
+    out = fn(*leaves)
+    g = torch.autograd.grad(out, leaves, grad_out.double(), allow_unused=True)
+    return out.detach(), [torch.zeros_like(t) if gi is None else gi for t, gi in zip(leaves, g)]
+
+
+# --------------------------------------------------------------------------------------------
+# patchwise_conv2d
+# --------------------------------------------------------------------------------------------
+# (B, Cin, Cout, H, W, k, stride, padding, dilation, groups, grid, bias)
+PW_CASES = {
+    "odd-3x3": (2, 3, 5, 9, 11, 3, 1, 1, 1, 1, (2, 3), True),        # uneven patches, edge taps
+    "stride-dil-groups": (1, 4, 6, 13, 10, 3, 2, 2, 2, 2, (3, 2), True),
+    "warp-reduce": (1, 2, 3, 16, 16, 3, 1, 1, 1, 1, (2, 2), False),  # 64-px patches: warp shuffle dW
+    "1x1": (2, 5, 4, 7, 9, 1, 1, 0, 1, 1, (7, 3), True),
+    "global-weights": (1, 1400, 2, 4, 4, 3, 1, 1, 1, 1, (1, 1), False),  # K*4 B > 48 KB: no smem
+}
+
+
+def _pw_inputs(case, dtype, seed=0):
+    B, Cin, Cout, H, W, k, s, p, d, groups, (gh, gw), bias = PW_CASES[case]
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, Cin, H, W, generator=g, dtype=torch.float64)
+    w = torch.randn(B, Cout, Cin // groups, k, k, gh, gw, generator=g, dtype=torch.float64) / (Cin * k) ** 0.5
+    b = torch.randn(B, Cout, gh, gw, generator=g, dtype=torch.float64) if bias else None
+    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    return cast(x), cast(w), cast(b), (s, s), (p, p), (d, d), groups
+
+
+def _pw_reference(x, w, b, s, p, d, groups):
+    return patchwise_conv2d(x, w, b, stride=s, padding=p, dilation=d, groups=groups, backend="reference")
+
+
+def _pw_args(s, p, d, groups):
+    return [list(s), [p[0], p[0], p[1], p[1]], list(d), groups]
+
+
+@pytest.mark.parametrize("case", list(PW_CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_patchwise_conv2d(target, case, dtype):
+    if case == "global-weights" and dtype != torch.float32:
+        pytest.skip("one dtype is enough for the large-K path")
+    run = Target(target)
+    x, w, b, s, p, d, groups = _pw_inputs(case, dtype)
+    y = run("patchwise_conv2d", x, w, b, *_pw_args(s, p, d, groups))
+    gy = torch.randn(y.shape, dtype=torch.float64).to(dtype)
+    inputs = [x, w] + ([b] if b is not None else [])
+    ref, (gx_r, gw_r, *gb_r) = grads(lambda xx, ww, *bb: _pw_reference(xx, ww, bb[0] if bb else None, s, p, d,
+                                                                      groups), inputs, gy)
+    close(y, ref, dtype, "y")
+    gx, gw, gb = run("patchwise_conv2d_backward", gy, x, w, *_pw_args(s, p, d, groups), [True, True, b is not None])
+    close(gx, gx_r, dtype, "grad_x")
+    close(gw, gw_r, dtype, "grad_weight")
+    if b is not None:
+        close(gb, gb_r[0], dtype, "grad_bias")
+
+
+# --------------------------------------------------------------------------------------------
+# meta_block and pointwise_block
+# --------------------------------------------------------------------------------------------
+# (B, Cin, hid, Cout, H, W, gh, gw)
+META_CASES = {
+    "odd": (2, 3, 6, 5, 9, 11, 2, 3),          # uneven patches, reflect halo at every border
+    "multi-tile": (1, 2, 4, 3, 37, 35, 1, 1),  # a 37x35 patch walked in 32x32 tiles (+ edge tiles)
+    "smem-weights-large": (1, 64, 128, 16, 8, 8, 2, 2),   # weights in smem, ~81 KB (opt-in > 48 KB)
+    "global-weights": (1, 128, 256, 16, 8, 8, 2, 2),      # hid 256: weights in global memory, > 48 KB smem
+}
+
+
+def _meta_inputs(case, dtype, seed=0):
+    B, Cin, hid, Cout, H, W, gh, gw = META_CASES[case]
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, Cin, H, W, generator=g, dtype=torch.float64)
+    N = meta_weight_numel(Cin, hid, Cout)
+    w = torch.randn(B, N, gh, gw, generator=g, dtype=torch.float64)
+    # per-stage fan-in scaling keeps activations O(1) (ReLU6 active, not saturated)
+    w[:, : hid * Cin] /= Cin ** 0.5
+    w[:, hid * Cin: hid * Cin + 9 * hid] /= 3.0
+    w[:, hid * Cin + 9 * hid:] /= hid ** 0.5
+    scale = torch.rand(2 * hid + Cout, generator=g, dtype=torch.float64) + 0.5
+    shift = torch.randn(2 * hid + Cout, generator=g, dtype=torch.float64) * 0.5 + 0.5
+    return x.to(dtype), w.to(dtype), scale.to(dtype), shift.to(dtype), hid, Cout
+
+
+def _meta_reference(x, w, scale, shift, hid, Cout):
+    aff = [(scale[:hid], shift[:hid]), (scale[hid:2 * hid], shift[hid:2 * hid]), (scale[2 * hid:], shift[2 * hid:])]
+    return meta_block(x, w, hid, Cout, *aff, backend="reference")
+
+
+def check_meta(run, case, dtype, backward=True):
+    x, w, scale, shift, hid, Cout = _meta_inputs(case, dtype)
+    y = run("meta_block", x, w, scale, shift, hid, Cout)
+    gy = torch.randn(y.shape, dtype=torch.float64).to(dtype)
+    ref, grads_r = grads(lambda *t: _meta_reference(*t, hid, Cout), [x, w, scale, shift], gy)
+    close(y, ref, dtype, "y")
+    if backward:
+        got = run("meta_block_backward", gy, x, w, scale, shift, hid, Cout, [True] * 4)
+        for name, a, b in zip(("grad_x", "grad_weight", "grad_scale", "grad_shift"), got, grads_r):
+            close(a, b, dtype, name)
+
+
+@pytest.mark.parametrize("case", list(META_CASES))
+def test_meta_block(target, case):
+    check_meta(Target(target), case, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_meta_block_dtypes(target, dtype):
+    check_meta(Target(target), "odd", dtype)
+
+
+def test_meta_block_partial_grads(target):
+    run = Target(target)
+    x, w, scale, shift, hid, Cout = _meta_inputs("odd", torch.float32)
+    gy = torch.randn(x.shape[0], Cout, *x.shape[2:])
+    full = run("meta_block_backward", gy, x, w, scale, shift, hid, Cout, [True] * 4)
+    for i in range(4):
+        mask = [j == i for j in range(4)]
+        part = run("meta_block_backward", gy, x, w, scale, shift, hid, Cout, mask)
+        torch.testing.assert_close(part[i], full[i], rtol=0, atol=0)
+
+
+# (B, Cin, Cout, H, W, gh, gw)
+POINTWISE_CASES = {
+    "odd": (2, 5, 11, 9, 13, 2, 3),      # Cout not a multiple of the 8 channels per thread
+    "wide": (1, 20, 260, 17, 19, 3, 2),  # 323 px (2 blocks of 256), 260 output channels
+}
+
+
+def _pointwise_inputs(case, dtype, seed=0):
+    B, Cin, Cout, H, W, gh, gw = POINTWISE_CASES[case]
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, Cin, H, W, generator=g, dtype=torch.float64)
+    w = torch.randn(B, Cout * Cin, gh, gw, generator=g, dtype=torch.float64) / Cin ** 0.5
+    scale = torch.rand(Cout, generator=g, dtype=torch.float64) + 0.5
+    shift = torch.randn(Cout, generator=g, dtype=torch.float64) * 0.5
+    return x.to(dtype), w.to(dtype), scale.to(dtype), shift.to(dtype)
+
+
+@pytest.mark.parametrize("case", list(POINTWISE_CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_pointwise_block(target, case, dtype):
+    if case == "wide" and dtype != torch.float32:
+        pytest.skip("one dtype is enough for the wide case")
+    run = Target(target)
+    x, w, scale, shift = _pointwise_inputs(case, dtype)
+    y = run("pointwise_block", x, w, scale, shift)
+    gy = torch.randn(y.shape, dtype=torch.float64).to(dtype)
+    ref, grads_r = grads(lambda xx, ww, s, t: pointwise_block(xx, ww, (s, t), backend="reference"),
+                         [x, w, scale, shift], gy)
+    close(y, ref, dtype, "y")
+    got = run("pointwise_block_backward", gy, x, w, scale, shift, [True] * 4)
+    for name, a, b in zip(("grad_x", "grad_weight", "grad_scale", "grad_shift"), got, grads_r):
+        close(a, b, dtype, name)
+
+
+# --------------------------------------------------------------------------------------------
+# hmsa_fuse
+# --------------------------------------------------------------------------------------------
+# scales, logits sizes, out size, scale_sizes (None: the logits' own)
+HMSA_CASES = {
+    "train-pair": ((1.0, 0.5), [(9, 11), (5, 6)], (19, 23), None),
+    "three": ((2.0, 1.0, 0.5), [(14, 18), (7, 9), (4, 5)], (15, 17), None),
+    "resampled": ((1.0, 0.5), [(5, 6), (3, 3)], (17, 21), [(9, 11), (5, 6)]),  # lowered stencil
+    "five": ((2.0, 1.5, 1.0, 0.5, 0.25), [(12, 14), (9, 11), (6, 7), (3, 4), (2, 2)], (11, 13), None),
+}
+
+
+def _hmsa_inputs(case, dtype, seed=0):
+    scales, sizes, out, ssz = HMSA_CASES[case]
+    g = torch.Generator().manual_seed(seed)
+    C, B = 5, 2
+    logits = [torch.randn(B, C, h, w, generator=g, dtype=torch.float64).to(dtype) for h, w in sizes]
+    att_sizes = ssz or sizes
+    atts = [None] + [torch.rand(B, 1, h, w, generator=g, dtype=torch.float64).to(dtype) for h, w in att_sizes[1:]]
+    return list(scales), logits, atts, list(out), ssz
+
+
+def _hmsa_args(scales, logits, atts, out, ssz, labels):
+    return [logits, [logits[0].new_empty(0) if a is None else a for a in atts], scales, out, labels,
+            None if ssz is None else [v for hw in ssz for v in hw]]
+
+
+@pytest.mark.parametrize("case", list(HMSA_CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_hmsa_fuse(target, case, dtype):
+    if case in ("five", "resampled") and dtype != torch.float32:
+        pytest.skip("one dtype is enough for this scale set")
+    run = Target(target)
+    scales, logits, atts, out, ssz = _hmsa_inputs(case, dtype)
+    ref = hmsa_fuse([p.double() for p in logits], [a if a is None else a.double() for a in atts], scales, out,
+                    backend="reference", scale_sizes=ssz)
+    y = run("hmsa_fuse", *_hmsa_args(scales, logits, atts, out, ssz, False))
+    close(y, ref, dtype, "fused logits")
+    labels = run("hmsa_fuse", *_hmsa_args(scales, logits, atts, out, ssz, True))
+    # argmax where the two best classes are further apart than the kernel's rounding error
+    top2 = ref.topk(2, dim=1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 2 * (y.double() - ref).abs().max() + 1e-9
+    assert clear.float().mean() > 0.3
+    assert torch.equal(labels[clear], ref.argmax(1)[clear])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_hmsa_fuse_backward(target, dtype):
+    run = Target(target)
+    scales, logits, atts, out, _ = _hmsa_inputs("train-pair", dtype)
+    gy = torch.randn(logits[0].shape[0], logits[0].shape[1], *out, dtype=torch.float64).to(dtype)
+    ref, (g1, gl, ga) = grads(lambda p1, pl, al: hmsa_fuse([p1, pl], [None, al], scales, out, backend="reference"),
+                              [logits[0], logits[1], atts[1]], gy)
+    got = run("hmsa_fuse_backward", gy, logits[0], logits[1], atts[1])
+    for name, a, b in zip(("grad_logits_one", "grad_logits_low", "grad_attention_low"), got, (g1, gl, ga)):
+        close(a, b, dtype, name)
+
+
+# --------------------------------------------------------------------------------------------
+# the emulator itself
+# --------------------------------------------------------------------------------------------
+@pytest.mark.cuda_emulated
+@pytest.mark.parametrize("order", ["reverse", "shuffled"])
+def test_schedules(order):
+    """Every block's threads in another order between barriers: same results (no hidden races)."""
+    run = Target("emulated")
+    with ce.schedule(order, seed=3):
+        check_meta(run, "odd", torch.float32)
+        x, w, b, s, p, d, groups = _pw_inputs("warp-reduce", torch.float32)
+        y = run("patchwise_conv2d", x, w, b, *_pw_args(s, p, d, groups))
+    close(y, _pw_reference(x.double(), w.double(), None, s, p, d, groups), torch.float32, "y")
+
+
+@pytest.mark.cuda_emulated
+@pytest.mark.parametrize("site", [ce.barriers("meta_block_kernels.cuh")[1], ce.barriers("patchwise_conv2d_kernels.cuh")[0]])
+def test_missing_barrier_fails(site):
+    """A build with this __syncthreads() removed gives wrong results (the emulator exposes the race);
+    benchmarks/emulator_mutations.py shows it for every barrier of meta_block and patchwise_conv2d."""
+    run = Target("emulated")
+    with ce.without_barrier(site):
+        with pytest.raises(AssertionError, match="max error"):
+            if site.startswith("meta"):
+                check_meta(run, "odd", torch.float32, backward=False)
+            else:
+                test_patchwise_conv2d("emulated", "odd-3x3", torch.float32)
+
+
+@pytest.mark.cuda_emulated
+@pytest.mark.parametrize("kind, message", [
+    ("partial_barrier", "is reached by 31 of the 64 threads"),
+    ("divergent_barrier", "divergent __syncthreads"),
+    ("smem_overflow", "out-of-bounds dynamic shared memory access at byte 256 of a 256-byte"),
+    ("smem_underflow", "bytes before its start"),
+    ("too_many_threads", "at most 1024 threads per block"),
+    ("grid_y", "grid.y and grid.z in"),
+    ("smem_without_optin", "more needs cudaFuncSetAttribute"),
+    ("smem_over_optin", "exceeds the opt-in limit"),
+    ("warp_exited_lane", "which has exited"),
+    ("warp_divergent", "different warp operations"),
+])
+def test_emulator_reports(kind, message):
+    with pytest.raises(RuntimeError, match=message):
+        ce.ops().selftest(kind)
+
+
+@pytest.mark.cuda_emulated
+def test_emulator_warp_ops_and_race():
+    o = ce.ops()
+    # shuffles, votes and atomics against their definitions (computed in the self-test kernel)
+    assert o.selftest("warp_ops").tolist() == [1] * 8
+    # a kernel that reads a neighbour's shared-memory slot without a barrier: the schedule decides
+    with ce.schedule("forward"):
+        fwd = o.selftest("race")
+    with ce.schedule("reverse"):
+        rev = o.selftest("race")
+    assert not torch.equal(fwd, rev)
+    with ce.schedule("shuffled", seed=1):
+        o.selftest("race_fixed")
+        fixed = o.selftest("race_fixed")
+    assert torch.equal(fixed, o.selftest("race_fixed"))
+
+
+@pytest.mark.cuda_emulated
+def test_every_kernel_launched(request):
+    """The emulated tests above launched every __global__ function of csrc/cuda (and both variants of
+    the templated launch paths)."""
+    selected = {i.originalname for i in request.session.items if i.module is request.module and
+                ("emulated" in i.nodeid or "[" not in i.nodeid)}
+    tests = {n for n in dir(request.module) if n.startswith("test_")}
+    if tests - selected:
+        pytest.skip(f"the record covers the whole file; deselected: {sorted(tests - selected)}")
+    kernels = ce.global_kernels()
+    assert len(kernels) >= 14
+    launched = ce.launched()
+    names = {n for n, _ in launched}
+    assert kernels - names == set(), f"never launched: {sorted(kernels - names)}"
+    variants = {v for _, v in launched}
+    for want in ("pw_forward_kernel<float, true>", "pw_forward_kernel<float, false>",
+                 "hmsa_fuse_kernel<float, float, 20, true>", "hmsa_fuse_kernel<float, float, 20, false>",
+                 "hmsa_fuse_kernel<float, float, 40, false>", "hmsa_fuse_kernel<float, float, 160, false>",
+                 "meta_forward_kernel<c10::Half>", "meta_backward_kernel<c10::BFloat16>"):
+        assert any(want in v for v in variants), f"{want} never launched"
