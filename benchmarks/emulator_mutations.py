@@ -48,7 +48,7 @@ def main():
     ce.ops()
     cases = checks()
     lines = []
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+    commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
     lines.append(f"# emulator_mutations.py at {commit}: every __syncthreads() removed in turn")
     lines.append(f"# torch {torch.__version__}; schedules: forward, reverse; checks: {', '.join(cases)}")

@@ -94,9 +94,11 @@ __global__ void __launch_bounds__(kThreads) meta_forward_kernel(
     const int64_t eh = imin(th, P.ph - ti * th), ew = imin(tw, P.pw - tj * tw);
     const int64_t tr0 = P.r0 + ti * th, tc0 = P.c0 + tj * tw;
     const int64_t hw = ew + 2, hq = (eh + 2) * hw, tp = eh * ew;
-    __syncthreads();  // weights staged / previous tile done with the buffers
+    // No barrier before the load: xh is last read (pw1) before the previous tile's second barrier,
+    // and the previous tile's pw2 reads only h2 and w (a barrier here is redundant: the CUDA
+    // emulator's mutation run shows no test can observe its removal).
     load_tile(x, P.b, Cin, H, W, tr0, tc0, eh, ew, xh);
-    __syncthreads();
+    __syncthreads();  // weights staged, xh loaded; all threads done with the previous tile's h1/h2
     for (int64_t idx = threadIdx.x; idx < hid * hq; idx += blockDim.x) {
       const int64_t k = idx / hq, q = idx % hq;
       const acc_t* w1 = w + L.w1() + k * Cin;
@@ -304,7 +306,8 @@ __global__ void __launch_bounds__(kThreads) meta_backward_kernel(
       }
     }
   }
-  __syncthreads();
+  // No barrier needed: every gwacc/part entry but the W1 block was final before the last barrier in
+  // the loop, and W1 entry n (L.w1() == 0) is accumulated and stored by the same thread n % blockDim.
   if (grad_weight) {
     scalar_t* dst = grad_weight + P.b * N * G + P.patch;
     for (int64_t n = threadIdx.x; n < N; n += blockDim.x) dst[n * G] = static_cast<scalar_t>(gwacc[n]);
