@@ -243,7 +243,7 @@ torch.library.register_fake("pyseg::hmsa_fuse_triton_backward")(_fake_backward)
 torch.library.register_autograd("pyseg::hmsa_fuse_triton", _backward_triton, setup_context=_setup_context)
 
 
-#: per-thread stencil capacity of the CUDA kernel (csrc/cuda/hmsa_fuse.cu HMSA_CUDA_MAX_TERMS)
+#: per-thread stencil capacity of the CUDA kernel (csrc/cuda/hmsa_fuse_kernels.cuh HMSA_CUDA_MAX_TERMS)
 CUDA_MAX_TERMS = 160
 
 
