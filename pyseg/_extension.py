@@ -22,10 +22,15 @@ except ImportError as e:  # not built, or built against another torch
     _C_ERROR = str(e)
 
 
+#: (op, dispatch key) pairs registered from Python (the Triton variant standing in for a missing compiled
+#: CUDA kernel, see pyseg/ops/_library.py): not compiled kernels.
+PYTHON_KERNELS: set = set()
+
+
 @torch.compiler.assume_constant_result  # registrations do not change while running; lets dynamo trace it
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """True when ``torch.ops.pyseg.<op>`` has a compiled kernel for ``dispatch_key``."""
-    if not HAS_C:
+    if not HAS_C or (op, dispatch_key) in PYTHON_KERNELS:
         return False
     try:
         return torch._C._dispatch_has_kernel_for_dispatch_key(f"pyseg::{op}", dispatch_key)

@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 
+from pyseg.ops._library import run_triton, triton_opcheck
 import pyseg
 from pyseg import _extension
 from pyseg.nn.functional import hmsa_fuse
@@ -365,9 +366,9 @@ def test_opcheck_triton():
     dev = "cuda" if CUDA_OK else "cpu"
     lg, at = make_inputs((0.5, 1.0, 2.0), (5, 7), att_stride=2, dtype=torch.float32, device=dev)
     lg, at = lg[::-1], at[::-1]
-    torch.library.opcheck(torch.ops.pyseg.hmsa_fuse_triton.default, (lg, at, [2.0, 1.0, 0.5], [6, 8], False),
+    triton_opcheck(torch.ops.pyseg.hmsa_fuse.default, (lg, at, [2.0, 1.0, 0.5], [6, 8], False),
                           test_utils=("test_schema", "test_faketensor"))
-    torch.library.opcheck(torch.ops.pyseg.hmsa_fuse_triton.default,
+    triton_opcheck(torch.ops.pyseg.hmsa_fuse.default,
                           (lg, at, [2.0, 1.0, 0.5], [6, 8], True, [9, 15, 5, 7, 4, 3]),
                           test_utils=("test_schema", "test_faketensor"))
 
@@ -434,12 +435,12 @@ def test_triton_backward_matches_reference(case, poisoned_triton_alloc):
     gy = torch.randn(p1.shape[0], p1.shape[1], *out, dtype=torch.float64)
     want = _reference_grads(p1, pl, al, out, gy)
     args = [t.float().to(TRITON_DEV) for t in (gy, p1, pl, al)]
-    got = torch.ops.pyseg.hmsa_fuse_triton_backward(*args)
+    got = run_triton(torch.ops.pyseg.hmsa_fuse_backward.default, *args)
     for name, a, b in zip(("g_p1", "g_pl", "g_a"), got, want):
         assert a.dtype == torch.float32 and a.shape == b.shape, name
         assert not a.isnan().any(), f"{name}: unwritten (NaN) elements"
         torch.testing.assert_close(a.double().cpu(), b, rtol=1e-4, atol=1e-5, msg=name)
-    again = torch.ops.pyseg.hmsa_fuse_triton_backward(*args)
+    again = run_triton(torch.ops.pyseg.hmsa_fuse_backward.default, *args)
     for a, b in zip(got, again):
         assert torch.equal(a, b)  # gathers, no atomics: bitwise deterministic
 
@@ -449,7 +450,7 @@ def test_opcheck_triton_backward():
     p1, pl, al, out = _train_form32(TRITON_BWD_CASES[0], seed=1)
     g = torch.randn(p1.shape[0], p1.shape[1], *out, dtype=torch.float64)
     args = tuple(t.float().to(TRITON_DEV) for t in (g, p1, pl, al))
-    torch.library.opcheck(torch.ops.pyseg.hmsa_fuse_triton_backward.default, args)
+    triton_opcheck(torch.ops.pyseg.hmsa_fuse_backward.default, args)
 
 
 @pytest.mark.skipif(not TRITON_OK, reason="no triton")

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import backends_for
+from pyseg.ops._library import run_triton, triton_opcheck
 from pyseg import _extension
 from pyseg.nn import MetaBlock
 from pyseg.nn.meta_block import bn_affine
@@ -410,11 +411,11 @@ def test_opcheck_triton_ops():
     x, w, aff = make_inputs(1, 3, 5, 2, 5, 4, 2, 1, dtype=torch.float32)
     scale = torch.cat([s for s, _ in aff]).requires_grad_()
     shift = torch.cat([t for _, t in aff]).requires_grad_()
-    torch.library.opcheck(torch.ops.pyseg.meta_block_triton.default,
+    triton_opcheck(torch.ops.pyseg.meta_block.default,
                           (x.requires_grad_(), w.requires_grad_(), scale, shift, 5, 2))
     xp = torch.randn(2, 3, 5, 7, requires_grad=True)
     wp = torch.randn(2, 4 * 3, 2, 3, requires_grad=True)
-    torch.library.opcheck(torch.ops.pyseg.pointwise_block_triton.default,
+    triton_opcheck(torch.ops.pyseg.pointwise_block.default,
                           (xp, wp, torch.rand(4, requires_grad=True), torch.randn(4, requires_grad=True)))
 
 

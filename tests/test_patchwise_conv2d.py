@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import CUDA_OK, backends_for
+from pyseg.ops._library import run_triton, triton_opcheck
 from pyseg import _extension
 from pyseg.nn import PatchWiseConv2d
 from pyseg.nn import functional as PF
@@ -438,10 +439,10 @@ def test_opcheck_triton_ops():
     if not _triton_op_available("cpu"):
         pytest.skip("pyseg.kernels.patchwise_conv2d (Triton) is not available")
     x, w, b, *conf = _opcheck_args(dtype=torch.float32)
-    torch.library.opcheck(torch.ops.pyseg.patchwise_conv2d_triton.default, (x, w, b, *conf))
+    triton_opcheck(torch.ops.pyseg.patchwise_conv2d.default, (x, w, b, *conf))
     x, w, b, *conf = _opcheck_args(requires_grad=False, dtype=torch.float32)
-    y = torch.ops.pyseg.patchwise_conv2d_triton(x, w, b, *conf)
-    torch.library.opcheck(torch.ops.pyseg.patchwise_conv2d_triton_backward.default,
+    y = run_triton(torch.ops.pyseg.patchwise_conv2d.default, x, w, b, *conf)
+    triton_opcheck(torch.ops.pyseg.patchwise_conv2d_backward.default,
                           (torch.randn_like(y), x, w, *conf, [True, True, True]))
 
 

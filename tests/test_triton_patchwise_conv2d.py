@@ -13,6 +13,7 @@ import random
 import pytest
 import torch
 
+from pyseg.ops._library import run_triton, triton_opcheck
 import pyseg
 from pyseg import _extension
 from pyseg.ops import reference
@@ -240,15 +241,15 @@ def test_opcheck_forward(bias):
     w.requires_grad_()
     if b is not None:
         b.requires_grad_()
-    torch.library.opcheck(torch.ops.pyseg.patchwise_conv2d_triton.default, (x, w, b, *rest))
+    triton_opcheck(torch.ops.pyseg.patchwise_conv2d.default, (x, w, b, *rest))
 
 
 def test_opcheck_backward():
     x, w, _, s, p, d, g = _op_args(False)
     go = torch.randn(1, 2, 5, 4, device=DEV)
-    torch.library.opcheck(torch.ops.pyseg.patchwise_conv2d_triton_backward.default,
+    triton_opcheck(torch.ops.pyseg.patchwise_conv2d_backward.default,
                           (go, x, w, s, p, d, g, [True, True, True]))
-    torch.library.opcheck(torch.ops.pyseg.patchwise_conv2d_triton_backward.default,
+    triton_opcheck(torch.ops.pyseg.patchwise_conv2d_backward.default,
                           (go, x, w, s, p, d, g, [False, True, False]))
 
 
@@ -261,7 +262,7 @@ def test_gradcheck_float64(ch):
     if ch == 8:
         x = x[:, :, :4, :4].contiguous()
     inputs = tuple(t.requires_grad_() for t in (x, w, b))
-    torch.autograd.gradcheck(lambda a, c, e: torch.ops.pyseg.patchwise_conv2d_triton(a, c, e, *rest), inputs,
+    torch.autograd.gradcheck(lambda a, c, e: run_triton(torch.ops.pyseg.patchwise_conv2d.default, a, c, e, *rest), inputs,
                              fast_mode=True, atol=1e-6, rtol=1e-5)
 
 

@@ -26,9 +26,8 @@ into the stencil: the stored (e.g. stride-4) logits are sampled on the fly, so t
 full-resolution logits of the public method (638 MB for 19 classes at scale 2 of a 1024x2048
 image) never exist. The reference materialises them (it is the public method).
 
-Autograd: the compiled op has a fused backward (``pyseg::hmsa_fuse_backward``, CPU and CUDA), the
-Triton op its own Triton backward (``pyseg::hmsa_fuse_triton_backward``, same math, no compiled
-extension needed), for the two-scale training form, scales (s, 1.0) with s < 1, output="logits", grids equal to the
+Autograd: the op has a fused backward (``pyseg::hmsa_fuse_backward``: compiled on CPU and CUDA, and
+a Triton implementation, same math, that needs no compiled extension), for the two-scale training form, scales (s, 1.0) with s < 1, output="logits", grids equal to the
 stored sizes. With ``scale_sizes`` that differ from the stored sizes and inputs that require
 grad, the front end resizes logits and attention maps explicitly with ``F.interpolate`` (under
 autograd; exact, and the memory autograd needs anyway) and calls the fused op on the resized
@@ -38,21 +37,17 @@ needs gradients runs the reference (autograd through F.interpolate) instead.
 from __future__ import annotations
 
 import numbers
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from .. import _extension
-from .._backends import resolve_backend
-from . import reference
+from . import _library, reference
 from ._utils import FLOAT_DTYPES, pair
 
-__all__ = ["hmsa_fuse", "normalize_hmsa_args", "MAX_SCALES"]
+__all__ = ["hmsa_fuse", "normalize_hmsa_args", "supports"]
 
 OP = "hmsa_fuse"
-#: Most scales the compiled kernels take (csrc/common/hmsa_fuse.h HMSA_MAX_SCALES).
-MAX_SCALES = 8
 
 
 # --------------------------------------------------------------------------------------------
@@ -117,8 +112,8 @@ def normalize_hmsa_args(logits, attentions, scales, out_size, output="logits", s
             raise ValueError(f"logits[{i}] must be (B, C, h, w), got shape {tuple(p.shape)}")
         if p.dtype not in FLOAT_DTYPES:
             raise TypeError(f"logits[{i}] must have a floating dtype, got {p.dtype}")
-        if min(p.shape) <= 0:
-            raise ValueError(f"logits[{i}] has an empty dimension: {tuple(p.shape)}")
+        if min(p.shape[1:]) <= 0:
+            raise ValueError(f"logits[{i}] has an empty class or spatial dimension: {tuple(p.shape)}")
         if ref is None:
             ref = p
             continue
@@ -147,8 +142,8 @@ def normalize_hmsa_args(logits, attentions, scales, out_size, output="logits", s
             raise ValueError(f"attentions[{i}] must have shape (B, 1, h, w) (one channel), got {tuple(a.shape)}")
         if a.shape[0] != ref.shape[0]:
             raise ValueError(f"attentions[{i}] has batch {a.shape[0]} but the logits have batch {ref.shape[0]}")
-        if min(a.shape) <= 0:
-            raise ValueError(f"attentions[{i}] has an empty dimension: {tuple(a.shape)}")
+        if min(a.shape[1:]) <= 0:
+            raise ValueError(f"attentions[{i}] has an empty spatial dimension: {tuple(a.shape)}")
         if a.device != ref.device:
             raise ValueError(f"attentions[{i}] is on {a.device} but the logits are on {ref.device}")
         if a.dtype != ref.dtype:
@@ -176,7 +171,7 @@ def _resize(x, size):
 
 
 # --------------------------------------------------------------------------------------------
-# fake kernels and autograd
+# registration: schemas, fake kernels, autograd (pyseg/ops/_library.py)
 # --------------------------------------------------------------------------------------------
 def _fake_forward(logits, attentions, scales, out_size, labels, scale_sizes=None):
     B, C = logits[0].shape[:2]
@@ -193,7 +188,6 @@ def _setup_context(ctx, inputs, output):
     logits, attentions, scales, out_size, labels = inputs[:5]
     scale_sizes = inputs[5] if len(inputs) > 5 else None
     ctx.n_inputs = len(inputs)
-    ctx.n_logits = len(logits)
     # the fused backward has no adjoint of the storage -> grid resize: grids must equal the storage
     same_grid = scale_sizes is None or _flat_sizes(_stored_sizes(logits)) == list(scale_sizes)
     ctx.form_ok = _is_training_form(scales) and not labels and same_grid
@@ -201,50 +195,27 @@ def _setup_context(ctx, inputs, output):
         ctx.save_for_backward(logits[0], logits[1], attentions[1])
 
 
-def _make_backward(op_name):
-    def backward(ctx, grad):
-        if not ctx.form_ok:
-            raise RuntimeError(f"pyseg::{op_name.replace('_backward', '')} has a fused backward only for scales "
-                               "(s, 1.0) with s < 1, labels=False and scale_sizes equal to the logits' sizes; use "
-                               "pyseg.nn.functional.hmsa_fuse, which resizes explicitly or falls back to the "
-                               "reference")
-        p1, pl, al = ctx.saved_tensors
-        g1, gl, ga = getattr(torch.ops.pyseg, op_name)(grad.contiguous(), p1, pl, al)
-        return ([g1, gl], [None, ga], None, None, None) + (None,) * (ctx.n_inputs - 5)
-    return backward
+def _backward(ctx, backward_op, grad):
+    if not ctx.form_ok:
+        raise RuntimeError("pyseg::hmsa_fuse has a fused backward only for scales (s, 1.0) with s < 1, labels=False "
+                           "and scale_sizes equal to the logits' sizes; use pyseg.ops.hmsa_fuse, which resizes "
+                           "explicitly or falls back to the reference")
+    p1, pl, al = ctx.saved_tensors
+    g1, gl, ga = backward_op(grad.contiguous(), p1, pl, al)
+    return ([g1, gl], [None, ga], None, None, None) + (None,) * (ctx.n_inputs - 5)
 
 
-_backward = _make_backward("hmsa_fuse_backward")
-_backward_triton = _make_backward("hmsa_fuse_triton_backward")
+def _reference(logits, attentions, scales, out_size, labels, scale_sizes=None):
+    sizes = None if scale_sizes is None else list(zip(scale_sizes[0::2], scale_sizes[1::2]))
+    attentions = [None] + list(attentions[1:])  # the top scale's entry is a placeholder
+    return reference.hmsa_fuse(logits, attentions, scales, out_size, "labels" if labels else "logits",
+                               scale_sizes=sizes)
 
 
-if _extension.HAS_C:
-    torch.library.register_fake("pyseg::hmsa_fuse")(_fake_forward)
-    torch.library.register_fake("pyseg::hmsa_fuse_backward")(_fake_backward)
-    torch.library.register_autograd("pyseg::hmsa_fuse", _backward, setup_context=_setup_context)
-
-
-@torch.library.custom_op("pyseg::hmsa_fuse_triton", mutates_args=())
-def _triton_forward(logits: List[Tensor], attentions: List[Tensor], scales: List[float],
-                    out_size: List[int], labels: bool, scale_sizes: Optional[List[int]] = None) -> Tensor:
-    return _extension.triton_kernels().hmsa_fuse.forward(logits, attentions, scales, out_size, labels,
-                                                         scale_sizes)
-
-
-@torch.library.custom_op("pyseg::hmsa_fuse_triton_backward", mutates_args=())
-def _triton_backward(grad_out: Tensor, logits_one: Tensor, logits_low: Tensor,
-                     attention_low: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    return tuple(_extension.triton_kernels().hmsa_fuse.backward(grad_out, logits_one, logits_low, attention_low))
-
-
-torch.library.register_fake("pyseg::hmsa_fuse_triton")(_fake_forward)
-torch.library.register_fake("pyseg::hmsa_fuse_triton_backward")(_fake_backward)
-# the Triton backend trains with its own backward (no compiled extension needed)
-torch.library.register_autograd("pyseg::hmsa_fuse_triton", _backward_triton, setup_context=_setup_context)
-
-
+#: Most scales the compiled kernels take (csrc/common/hmsa_fuse.h HMSA_MAX_SCALES).
+_COMPILED_MAX_SCALES = 8
 #: per-thread stencil capacity of the CUDA kernel (csrc/cuda/hmsa_fuse_kernels.cuh HMSA_CUDA_MAX_TERMS)
-CUDA_MAX_TERMS = 160
+_CUDA_MAX_TERMS = 160
 
 
 def stencil_terms(scales) -> int:
@@ -256,9 +227,27 @@ def stencil_terms(scales) -> int:
     return 4 * (high + 4 * (len(scales) - 1 - one))
 
 
-def _triton_supports(scales):
-    one = scales.index(1.0)
-    return one <= 2 and len(scales) - 1 - one <= 3
+def supports(backend: str, scales: Sequence[float]) -> Optional[str]:
+    """Why the fused ``backend`` cannot fuse ``scales`` (sorted descending), or None when it can."""
+    one = list(scales).index(1.0)
+    above, below = one, len(scales) - 1 - one
+    if backend == "triton" and (above > 2 or below > 3):
+        return f"the Triton kernel supports up to 2 scales above 1.0 and 3 below, got scales {list(scales)}"
+    if backend in ("cpu", "cuda") and len(scales) > _COMPILED_MAX_SCALES:
+        return f"the compiled kernels take at most {_COMPILED_MAX_SCALES} scales, got {len(scales)}"
+    if backend == "cuda" and stencil_terms(scales) > _CUDA_MAX_TERMS:
+        return f"the CUDA kernel supports up to 2 scales above 1.0 and 4 below, got scales {list(scales)}"
+    return None
+
+
+_op = _library.register(
+    OP,
+    schema="hmsa_fuse(Tensor[] logits, Tensor[] attentions, float[] scales, int[2] out_size, bool labels, "
+           "int[]? scale_sizes=None) -> Tensor",
+    backward_schema="hmsa_fuse_backward(Tensor grad_out, Tensor logits_one, Tensor logits_low, "
+                    "Tensor attention_low) -> (Tensor, Tensor, Tensor)",
+    fake=_fake_forward, fake_backward=_fake_backward, reference=_reference, supports=supports,
+    differentiable=(0, 1), saved=(), config=(), setup_context=_setup_context, backward=_backward)
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,38 +283,21 @@ def hmsa_fuse(logits: Sequence[Tensor], attentions: Sequence[Optional[Tensor]], 
     if sizes is not None and sizes == _stored_sizes(lg):
         sizes = None  # every grid is the stored size: today's path, bit for bit
     labels = output == "labels"
-    be = resolve_backend(backend, lg[0].device, OP)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in list(lg) + list(at))
-    if be != "reference" and needs_grad and not labels and not _is_training_form(sc):
-        be = "reference"  # documented fallback: fused backward only for the 2-scale training form
+    if needs_grad and not labels and not _is_training_form(sc):
+        backend = "reference"  # documented fallback: fused backward only for the 2-scale training form
+    be = _op.resolve(backend, lg[0].device, sc)
     if be != "reference" and needs_grad and sizes is not None:
         # the fused backward has no adjoint of the storage -> grid sampler: resize explicitly
         # under autograd (exact; what autograd would keep anyway) and fuse on the grids
         lg = [p if tuple(p.shape[-2:]) == hw else _resize(p, hw) for p, hw in zip(lg, sizes)]
         at = [a if a is None or tuple(a.shape[-2:]) == hw else _resize(a, hw) for a, hw in zip(at, sizes)]
         sizes = None
-    if be == "triton" and not _triton_supports(sc):
-        if backend == "triton":
-            raise ValueError(f"backend='triton' supports up to 2 scales above 1.0 and 3 below, got scales {sc}")
-        be = "reference"
-    if be != "reference" and len(sc) > MAX_SCALES:
-        if backend != "auto":
-            raise ValueError(f"the fused hmsa_fuse kernels take at most {MAX_SCALES} scales, got {len(sc)}")
-        be = "reference"
-    if be == "cuda" and stencil_terms(sc) > CUDA_MAX_TERMS:
-        if backend == "cuda":
-            raise ValueError(f"backend='cuda' supports up to 2 scales above 1.0 and 4 below, got scales {sc}")
-        be = "reference"
     if be == "reference":
         return reference.hmsa_fuse(lg, at, sc, out_size, output, scale_sizes=sizes)
     # the op takes a plain Tensor[] (the top's entry is ignored): a list holding None would hide
     # the attention tensors from autograd
     placeholder = lg[0].new_empty(0)
-    args = ([t.contiguous() for t in lg], [placeholder if t is None else t.contiguous() for t in at], sc,
-            list(out_size), labels)
-    if sizes is not None:
-        args = args + (_flat_sizes(sizes),)
-    if be == "triton":
-        return torch.ops.pyseg.hmsa_fuse_triton(*args)
-    return torch.ops.pyseg.hmsa_fuse(*args)
+    return _op.dispatch(be, lg, [placeholder if t is None else t for t in at], sc, list(out_size), labels,
+                        _flat_sizes(sizes), config=(sc,))

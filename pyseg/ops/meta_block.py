@@ -4,17 +4,16 @@ See :mod:`pyseg.ops.reference.meta_block` for the exact semantics.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from .. import _extension
-from .._backends import resolve_backend
-from . import reference
+from . import _library, reference
 from ._utils import check_same, check_tensor
 
-__all__ = ["meta_block", "pointwise_block", "normalize_meta_args", "meta_weight_numel"]
+__all__ = ["meta_block", "pointwise_block", "normalize_meta_args", "meta_weight_numel", "supports",
+           "weight_memory_format"]
 
 OP = "meta_block"
 
@@ -49,8 +48,6 @@ def normalize_meta_args(x, weight, hidden_channels=None, out_channels=None):
     (B, hid, Cin, gh, gw), (B, hid, 3, 3, gh, gw), (B, Cout, hid, gh, gw)."""
     check_tensor(x, "x", ndim=4)
     B, Cin, H, W = x.shape
-    if B == 0:
-        raise ValueError("x has an empty batch (shape[0] == 0)")
     if min(Cin, H, W) <= 0:
         raise ValueError(f"x must have non-empty channel and spatial dims, got shape {tuple(x.shape)}")
     if isinstance(weight, (tuple, list)):
@@ -100,110 +97,71 @@ def normalize_meta_args(x, weight, hidden_channels=None, out_channels=None):
 
 
 # --------------------------------------------------------------------------------------------
-# fake kernels and autograd, shared by the compiled ops and the Triton ops
+# registration: schemas, fake kernels, autograd (pyseg/ops/_library.py)
 # --------------------------------------------------------------------------------------------
-def _patch_major(weight: Tensor) -> bool:
-    """channels_last (B, N, gh, gw) weights: each patch's N weights contiguous (see HyperSeg's weight
-    mapper), which the CPU meta block reads without a transposing gather."""
-    return (weight.dim() == 4 and not weight.is_contiguous()
-            and weight.is_contiguous(memory_format=torch.channels_last))
-
-
 def _fake_meta_forward(x, weight, scale, shift, hidden, out_channels):
     B, _, H, W = x.shape
     return x.new_empty(B, out_channels, H, W)
 
 
-def _fake_meta_backward(grad_out, x, weight, scale, shift, hidden, out_channels, output_mask):
+def _fake_backward(grad_out, x, weight, scale, shift, *config_and_mask):
+    output_mask = config_and_mask[-1]
     return (torch.empty_like(x) if output_mask[0] else x.new_empty(0),
             weight.new_empty(weight.shape) if output_mask[1] else weight.new_empty(0),  # contiguous
             torch.empty_like(scale) if output_mask[2] else scale.new_empty(0),
             torch.empty_like(shift) if output_mask[3] else shift.new_empty(0))
 
 
-def _fake_pw_forward(x, weight, scale, shift):
+def _fake_pointwise_forward(x, weight, scale, shift):
     B, Cin, H, W = x.shape
     return x.new_empty(B, weight.shape[1] // Cin, H, W)
 
 
-def _fake_pw_backward(grad_out, x, weight, scale, shift, output_mask):
-    return _fake_meta_backward(grad_out, x, weight, scale, shift, 0, 0, output_mask)
+def _reference_meta_block(x, weight, scale, shift, hidden, out_channels):
+    w1, w2, w3 = reference.meta_block.split_meta_weight(weight, x.shape[1], hidden, out_channels)
+    s1, s2, s3 = torch.split(scale, [hidden, hidden, out_channels])
+    t1, t2, t3 = torch.split(shift, [hidden, hidden, out_channels])
+    return reference.meta_block.meta_block(x, w1, w2, w3, s1, t1, s2, t2, s3, t3)
 
 
-def _register_meta(forward_name: str, backward_op):
-    torch.library.register_fake(forward_name)(_fake_meta_forward)
-
-    def setup_context(ctx, inputs, output):
-        x, weight, scale, shift, hidden, out_channels = inputs
-        ctx.save_for_backward(x, weight, scale, shift)
-        ctx.conf = (hidden, out_channels)
-
-    def backward(ctx, grad):
-        x, weight, scale, shift = ctx.saved_tensors
-        mask = [bool(m) for m in ctx.needs_input_grad[:4]]
-        if not any(mask):
-            return None, None, None, None, None, None
-        # the backward kernels read the default weight layout (the CPU forward also takes channels_last)
-        grads = backward_op(grad.contiguous(), x, weight.contiguous(), scale, shift, *ctx.conf, mask)
-        return tuple(g if m else None for g, m in zip(grads, mask)) + (None, None)
-
-    torch.library.register_autograd(forward_name, backward, setup_context=setup_context)
+def _reference_pointwise_block(x, weight, scale, shift):
+    B, Cin = x.shape[:2]
+    gh, gw = weight.shape[-2:]
+    return reference.meta_block.pointwise_block(x, weight.reshape(B, -1, Cin, gh, gw), scale, shift)
 
 
-def _register_pw(forward_name: str, backward_op):
-    torch.library.register_fake(forward_name)(_fake_pw_forward)
-
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
-
-    def backward(ctx, grad):
-        x, weight, scale, shift = ctx.saved_tensors
-        mask = [bool(m) for m in ctx.needs_input_grad[:4]]
-        if not any(mask):
-            return None, None, None, None
-        grads = backward_op(grad.contiguous(), x, weight, scale, shift, mask)
-        return tuple(g if m else None for g, m in zip(grads, mask))
-
-    torch.library.register_autograd(forward_name, backward, setup_context=setup_context)
+def supports(backend: str) -> Optional[str]:
+    """Why ``backend`` cannot run a call (None: it can). Every backend runs every valid call."""
+    return None
 
 
-if _extension.HAS_C and hasattr(torch.ops.pyseg, "meta_block"):
-    torch.library.register_fake("pyseg::meta_block_backward")(_fake_meta_backward)
-    _register_meta("pyseg::meta_block", torch.ops.pyseg.meta_block_backward)
-    torch.library.register_fake("pyseg::pointwise_block_backward")(_fake_pw_backward)
-    _register_pw("pyseg::pointwise_block", torch.ops.pyseg.pointwise_block_backward)
+_meta_op = _library.register(
+    OP,
+    schema="meta_block(Tensor x, Tensor weight, Tensor scale, Tensor shift, int hidden, int out_channels) -> Tensor",
+    backward_schema="meta_block_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor scale, Tensor shift, "
+                    "int hidden, int out_channels, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)",
+    fake=_fake_meta_forward, fake_backward=_fake_backward, reference=_reference_meta_block, supports=supports,
+    differentiable=(0, 1, 2, 3), saved=(0, 1, 2, 3), config=(4, 5),
+    # the CPU forward reads patch-major (channels_last) weights in place; the backward kernels read the
+    # default layout
+    in_place={"cpu": (1,)}, contiguous_weights=(1,))
+
+_pointwise_op = _library.register(
+    "pointwise_block",
+    schema="pointwise_block(Tensor x, Tensor weight, Tensor scale, Tensor shift) -> Tensor",
+    backward_schema="pointwise_block_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor scale, "
+                    "Tensor shift, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)",
+    fake=_fake_pointwise_forward, fake_backward=_fake_backward, reference=_reference_pointwise_block,
+    supports=supports, differentiable=(0, 1, 2, 3), saved=(0, 1, 2, 3), config=())
 
 
-@torch.library.custom_op("pyseg::meta_block_triton_backward", mutates_args=())
-def _meta_triton_backward(grad_out: Tensor, x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, hidden: int,
-                          out_channels: int, output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _extension.triton_kernels().meta_block.backward(grad_out, x, weight, scale, shift, hidden, out_channels,
-                                                           output_mask)
-
-
-@torch.library.custom_op("pyseg::meta_block_triton", mutates_args=())
-def _meta_triton_forward(x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, hidden: int,
-                         out_channels: int) -> Tensor:
-    return _extension.triton_kernels().meta_block.forward(x, weight, scale, shift, hidden, out_channels)
-
-
-torch.library.register_fake("pyseg::meta_block_triton_backward")(_fake_meta_backward)
-_register_meta("pyseg::meta_block_triton", _meta_triton_backward)
-
-
-@torch.library.custom_op("pyseg::pointwise_block_triton_backward", mutates_args=())
-def _pw_triton_backward(grad_out: Tensor, x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor,
-                        output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _extension.triton_kernels().pointwise_block.backward(grad_out, x, weight, scale, shift, output_mask)
-
-
-@torch.library.custom_op("pyseg::pointwise_block_triton", mutates_args=())
-def _pw_triton_forward(x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    return _extension.triton_kernels().pointwise_block.forward(x, weight, scale, shift)
-
-
-torch.library.register_fake("pyseg::pointwise_block_triton_backward")(_fake_pw_backward)
-_register_pw("pyseg::pointwise_block_triton", _pw_triton_backward)
+def weight_memory_format(device: torch.device) -> torch.memory_format:
+    """The layout of the flat (B, N, gh, gw) weight :func:`meta_block` reads fastest on ``device``:
+    ``torch.channels_last`` (patch-major: each patch's N weights contiguous, read in place without a
+    gather) where the compiled CPU kernel runs, else ``torch.contiguous_format``."""
+    if torch.device(device).type == "cpu" and _meta_op.compiled("CPU"):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def _affine_vector(affines, channels, x):
@@ -243,26 +201,11 @@ def meta_block(x: Tensor, weight: Union[Tensor, Sequence[Tensor]], hidden_channe
     a1 = _check_affine(affine1, "affine1", hid, x)
     a2 = _check_affine(affine2, "affine2", hid, x)
     a3 = _check_affine(affine3, "affine3", Cout, x)
-    be = resolve_backend(backend, x.device, OP)
-    if be == "reference":
-        return reference.meta_block.meta_block(x, w1, w2, w3, *a1, *a2, *a3)
     B, gh, gw = x.shape[0], w1.shape[-2], w1.shape[-1]
     if isinstance(weight, (tuple, list)):
-        flat = torch.cat([w1.reshape(B, -1, gh, gw), w2.reshape(B, -1, gh, gw), w3.reshape(B, -1, gh, gw)], 1)
-    elif be == "cpu" and _patch_major(weight):
-        flat = weight  # the CPU kernel reads each patch's weights in place (no gather)
-    else:
-        flat = weight.contiguous()
+        weight = torch.cat([w1.reshape(B, -1, gh, gw), w2.reshape(B, -1, gh, gw), w3.reshape(B, -1, gh, gw)], 1)
     scale, shift = _affine_vector((a1, a2, a3), (hid, hid, Cout), x)
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    args = (x.contiguous(), flat, scale, shift, int(hid), int(Cout))
-    if be == "triton":
-        y = torch.ops.pyseg.meta_block_triton(*args)
-    else:
-        y = torch.ops.pyseg.meta_block(*args)
-    if channels_last:
-        y = y.contiguous(memory_format=torch.channels_last)
-    return y
+    return _meta_op.dispatch(backend, x, weight, scale, shift, int(hid), int(Cout))
 
 
 def pointwise_block(x: Tensor, weight: Tensor, affine: Affine = None, backend: str = "auto") -> Tensor:
@@ -280,8 +223,8 @@ def pointwise_block(x: Tensor, weight: Tensor, affine: Affine = None, backend: s
     check_tensor(weight, "weight", ndim=(4, 5))
     check_same(x, "x", weight, "weight")
     B, Cin, H, W = x.shape
-    if B == 0 or min(Cin, H, W) <= 0:
-        raise ValueError(f"x must be non-empty, got shape {tuple(x.shape)}")
+    if min(Cin, H, W) <= 0:
+        raise ValueError(f"x must have non-empty channel and spatial dims, got shape {tuple(x.shape)}")
     if weight.dim() == 5:
         if weight.shape[2] != Cin:
             raise ValueError(f"weight must have shape (B, Cout, Cin={Cin}, gh, gw), got {tuple(weight.shape)}")
@@ -295,11 +238,5 @@ def pointwise_block(x: Tensor, weight: Tensor, affine: Affine = None, backend: s
         raise ValueError(f"weight grid {gh}x{gw} is larger than the input {H}x{W}")
     Cout = weight.shape[1] // Cin
     scale, shift = _check_affine(affine, "affine", Cout, x)
-    be = resolve_backend(backend, x.device, "pointwise_block")
-    if be == "reference":
-        return reference.meta_block.pointwise_block(x, weight.reshape(B, Cout, Cin, gh, gw), scale, shift)
     scale, shift = _affine_vector(((scale, shift),), (Cout,), x)
-    args = (x.contiguous(), weight.contiguous(), scale, shift)
-    if be == "triton":
-        return torch.ops.pyseg.pointwise_block_triton(*args)
-    return torch.ops.pyseg.pointwise_block(*args)
+    return _pointwise_op.dispatch(backend, x, weight, scale, shift)

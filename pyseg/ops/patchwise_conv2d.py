@@ -7,18 +7,16 @@ dilation, groups) with that patch's kernel; receptive fields read across patch b
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import _extension
-from .._backends import resolve_backend
-from . import reference
+from . import _library, reference
 from ._utils import check_same, check_tensor, pair
 
-__all__ = ["patchwise_conv2d", "normalize_patchwise_args"]
+__all__ = ["patchwise_conv2d", "normalize_patchwise_args", "supports"]
 
 OP = "patchwise_conv2d"
 
@@ -49,8 +47,6 @@ def normalize_patchwise_args(x, weight, bias=None, stride=1, padding=0, dilation
         check_tensor(bias, "bias", ndim=4)
         check_same(x, "x", bias, "bias")
     B, Cin, H, W = x.shape
-    if B == 0:
-        raise ValueError("x has an empty batch (shape[0] == 0); patchwise_conv2d needs at least one sample")
     if min(Cin, H, W) <= 0:
         raise ValueError(f"x must have non-empty channel and spatial dims, got shape {tuple(x.shape)}")
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
@@ -128,7 +124,7 @@ def normalize_patchwise_args(x, weight, bias=None, stride=1, padding=0, dilation
 
 
 # --------------------------------------------------------------------------------------------
-# fake kernels and autograd, shared by the compiled op and the Triton op
+# registration: schema, fake kernels, autograd (pyseg/ops/_library.py)
 # --------------------------------------------------------------------------------------------
 def _fake_forward(x, weight, bias, stride, padding, dilation, groups):
     B, _, H, W = x.shape
@@ -146,47 +142,20 @@ def _fake_backward(grad_out, x, weight, stride, padding, dilation, groups, outpu
     return gx, gw, gb
 
 
-def _register(forward_name: str, backward_op):
-    torch.library.register_fake(forward_name)(_fake_forward)
-
-    def setup_context(ctx, inputs, output):
-        x, weight, bias, stride, padding, dilation, groups = inputs
-        ctx.save_for_backward(x, weight)
-        ctx.conf = (stride, padding, dilation, groups)
-        ctx.has_bias = bias is not None
-
-    def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
-        if not any(mask):
-            return None, None, None, None, None, None, None
-        gx, gw, gb = backward_op(grad.contiguous(), x, weight, *ctx.conf, mask)
-        return (gx if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None,
-                None, None, None, None)
-
-    torch.library.register_autograd(forward_name, backward, setup_context=setup_context)
+def supports(backend: str) -> Optional[str]:
+    """Why ``backend`` cannot run a call (None: it can). Every backend runs every valid call."""
+    return None
 
 
-if _extension.HAS_C:
-    torch.library.register_fake("pyseg::patchwise_conv2d_backward")(_fake_backward)
-    _register("pyseg::patchwise_conv2d", torch.ops.pyseg.patchwise_conv2d_backward)
-
-
-@torch.library.custom_op("pyseg::patchwise_conv2d_triton_backward", mutates_args=())
-def _triton_backward(grad_out: Tensor, x: Tensor, weight: Tensor, stride: List[int], padding: List[int],
-                     dilation: List[int], groups: int, output_mask: List[bool]) -> tuple[Tensor, Tensor, Tensor]:
-    return _extension.triton_kernels().patchwise_conv2d.backward(
-        grad_out, x, weight, stride, padding, dilation, groups, output_mask)
-
-
-@torch.library.custom_op("pyseg::patchwise_conv2d_triton", mutates_args=())
-def _triton_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[int], padding: List[int],
-                    dilation: List[int], groups: int) -> Tensor:
-    return _extension.triton_kernels().patchwise_conv2d.forward(x, weight, bias, stride, padding, dilation, groups)
-
-
-torch.library.register_fake("pyseg::patchwise_conv2d_triton_backward")(_fake_backward)
-_register("pyseg::patchwise_conv2d_triton", _triton_backward)
+_op = _library.register(
+    OP,
+    schema="patchwise_conv2d(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[4] padding, "
+           "int[2] dilation, int groups) -> Tensor",
+    backward_schema="patchwise_conv2d_backward(Tensor grad_out, Tensor x, Tensor weight, int[2] stride, "
+                    "int[4] padding, int[2] dilation, int groups, bool[3] output_mask) -> (Tensor, Tensor, Tensor)",
+    fake=_fake_forward, fake_backward=_fake_backward,
+    differentiable=(0, 1, 2), saved=(0, 1), config=(3, 4, 5, 6), supports=supports,
+    reference=reference.patchwise_conv2d)
 
 
 # --------------------------------------------------------------------------------------------
@@ -216,19 +185,8 @@ def patchwise_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, s
         (B, Cout, Hout, Wout) in x's dtype; output pixel (i, j) uses the kernel of patch
         (floor(i*gh/Hout), floor(j*gw/Wout)). Half-precision inputs accumulate in float32.
     """
-    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    channels_last = _library.channels_last_input(x)  # before a reflect pad
     x, w, bias, stride, padding, dilation, groups = normalize_patchwise_args(
         x, weight, bias, stride, padding, dilation, groups, padding_mode, kernel_size)
-    be = resolve_backend(backend, x.device, OP)
-    if be == "reference":
-        y = reference.patchwise_conv2d(x, w, bias, stride, padding, dilation, groups)
-    else:
-        args = (x.contiguous(), w.contiguous(), None if bias is None else bias.contiguous(),
-                list(stride), list(padding), list(dilation), groups)
-        if be == "triton":
-            y = torch.ops.pyseg.patchwise_conv2d_triton(*args)
-        else:
-            y = torch.ops.pyseg.patchwise_conv2d(*args)
-    if channels_last:
-        y = y.contiguous(memory_format=torch.channels_last)
-    return y
+    return _op.dispatch(backend, x, w, bias, list(stride), list(padding), list(dilation), groups,
+                        channels_last=channels_last)
