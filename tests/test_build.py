@@ -10,8 +10,23 @@ from pyseg import _extension
 
 def _compiled_ops():
     names = sorted({s.name for s in torch._C._jit_get_all_schemas() if s.name.startswith("pyseg::")})
-    # Triton variants are Python custom ops without per-device kernels
-    return [n.split("::")[1] for n in names if "_triton" not in n]
+    return [n.split("::")[1] for n in names]
+
+
+def test_one_schema_per_op():
+    """Every registered op is one schema and its backward (the Triton kernels are one more implementation
+    of the same op, no ``pyseg::<op>_triton`` schema); the schema text the helper holds for installs
+    without pyseg._C is the compiled one (csrc/pyseg.cpp)."""
+    import pyseg.ops  # noqa: F401  (registers the ops)
+    from pyseg.ops._library import _OPS
+
+    assert set(_OPS) == {"patchwise_conv2d", "meta_block", "pointwise_block", "hmsa_fuse"}
+    names = {s.name for s in torch._C._jit_get_all_schemas() if s.name.startswith("pyseg::")}
+    names |= {f"pyseg::{n}" for n in _OPS} | {f"pyseg::{n}_backward" for n in _OPS}
+    assert names == {f"pyseg::{n}" for n in _OPS} | {f"pyseg::{n}_backward" for n in _OPS}
+    for name, op in _OPS.items():
+        for overload, text in ((op.forward_op, op.schema), (op.backward_op, op.backward_schema)):
+            assert str(overload._schema) == str(torch._C.parse_schema("pyseg::" + text)), name
 
 
 def test_backends_report():

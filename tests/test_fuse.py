@@ -220,7 +220,8 @@ def test_hyperseg_fuse_rewrites_trunk_and_keeps_outputs(channels_last):
         fused.to_channels_last()
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
-        torch.testing.assert_close(fused(x), expected, rtol=1e-4, atol=1e-4)
+        # random-init logits: tolerance relative to the largest value
+        torch.testing.assert_close(fused(x), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
 
 
 def test_hyperseg_fuse_other_backbone():
@@ -232,4 +233,4 @@ def test_hyperseg_fuse_other_backbone():
         m.fuse()
         assert any(isinstance(t, ConvAct2d) and isinstance(t.act, nn.ReLU6) for t in m.modules())
         assert not any(isinstance(t, SEGatedConv2d) for t in m.modules())
-        torch.testing.assert_close(m(x), expected, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(m(x), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())

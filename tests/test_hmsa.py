@@ -673,21 +673,21 @@ def test_staged_training(msa):
     msa.zero_grad()
 
 
-def test_deeplab_pretrained_path(tmp_path):
+def test_deeplab_backbone_weights(tmp_path):
     from pyseg.models.deeplab import DeepLabV3Plus
 
     kw = dict(num_classes=3, aspp_channels=16, decoder_channels=16, low_level_channels=8)
     a = DeepLabV3Plus(**kw)
     path = str(tmp_path / "trunk.pth")
     torch.save({"state_dict": dict(a.trunk.state_dict(), **{"classifier.weight": torch.zeros(2)})}, path)
-    b = DeepLabV3Plus(pretrained_path=path, **kw)
+    b = DeepLabV3Plus(backbone_weights=path, **kw)
     for (n, p), (_, q) in zip(a.trunk.state_dict().items(), b.trunk.state_dict().items()):
         assert torch.equal(p, q), n
     with pytest.raises(FileNotFoundError, match="never downloaded"):
-        DeepLabV3Plus(pretrained_path=str(tmp_path / "missing.pth"), **kw)
+        DeepLabV3Plus(backbone_weights=str(tmp_path / "missing.pth"), **kw)
     torch.save({"conv.weight": torch.zeros(1)}, path)
     with pytest.raises(ValueError, match="does not fit the trunk"):
-        DeepLabV3Plus(pretrained_path=path, **kw)
+        DeepLabV3Plus(backbone_weights=path, **kw)
     x = torch.randn(1, 3, 32, 32)
     a.eval()
     assert a(x).shape == (1, 3, 32, 32)

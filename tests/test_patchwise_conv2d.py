@@ -237,6 +237,9 @@ def test_sweep_cpu(backend, dtype):
     _skip_unavailable(backend)
     if backend == "triton" and dtype != torch.float32:
         pytest.skip("the Triton interpreter is fp32-only")
+    if backend == "reference" and dtype == torch.float64:
+        pytest.skip("the float64 reference is the sweep's oracle itself (test_oracle_matches_reference_float64 "
+                    "checks it against the definition)")
     full = dtype in (torch.float32, torch.float64)
     if backend == "triton":
         n = 40
@@ -499,8 +502,6 @@ def test_bad_input_messages(backend):
         run(x.long(), w, groups=2)
     with pytest.raises(ValueError, match="weight is on meta but x is on cpu"):
         run(x, w.to("meta"), groups=2)
-    with pytest.raises(ValueError, match="empty batch"):
-        run(x[:0], w[:0], groups=2)
     with pytest.raises(ValueError, match="stride must be >= 1"):
         run(x, w, groups=2, stride=0)
     with pytest.raises(TypeError, match="stride must be an int or a pair"):

@@ -3,7 +3,7 @@ a released one (``.pth``, :func:`pyseg.models.from_official`)."""
 from __future__ import annotations
 
 from ..engine.checkpoint import load_weights, read_metadata
-from ..engine.trainer import build_model, import_extra, resolve_device
+from ..engine.build import build_model, import_extra, resolve_device
 from ._common import CommandError, require_file
 
 

@@ -2,7 +2,20 @@
 from .checkpoint import load_weights, read_metadata, save_weights
 from .evaluator import autocast_context, evaluate
 from .inference import configure_scales, extract_logits, forward_logits, predict_scores
-from .trainer import apply_freeze, poly_lambda, train
+from .build import build_model, import_extra, resolve_device
+
+_TRAINER = ("apply_freeze", "poly_lambda", "train")
+
+
+def __getattr__(name):
+    # the trainer (DDP, optimisers, data loaders) is imported only by those who train
+    if name in _TRAINER:
+        from . import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["load_weights", "read_metadata", "save_weights", "autocast_context", "evaluate", "configure_scales",
-           "extract_logits", "forward_logits", "predict_scores", "apply_freeze", "poly_lambda", "train"]
+           "extract_logits", "forward_logits", "predict_scores", "apply_freeze", "poly_lambda", "train", "build_model",
+           "import_extra", "resolve_device"]

@@ -47,14 +47,14 @@ def forward_logits(model, x: torch.Tensor, size=None, size_divisor: int = 1) -> 
     """Run ``model`` on ``x`` (padded to ``size_divisor``), return logits resized to ``size`` (default x's)."""
     h, w = x.shape[-2:]
     size = (h, w) if size is None else size
-    ph, pw = (-h) % size_divisor, (-w) % size_divisor
-    if ph or pw:
-        x = F.pad(x, (0, pw, 0, ph))
+    pad_h, pad_w = (-h) % size_divisor, (-w) % size_divisor
+    if pad_h or pad_w:
+        x = F.pad(x, (0, pad_w, 0, pad_h))
     logits = extract_logits(model(x))
-    if ph or pw:
+    if pad_h or pad_w:
         # crop the part of the output that covers the unpadded input
         oh, ow = logits.shape[-2:]
-        logits = logits[..., : max(1, round(oh * h / (h + ph))), : max(1, round(ow * w / (w + pw)))]
+        logits = logits[..., : max(1, round(oh * h / (h + pad_h))), : max(1, round(ow * w / (w + pad_w)))]
     return _resize(logits, size)
 
 

@@ -19,8 +19,6 @@ to train only the attention head, with ``--init stage1.safetensors``); a prefix 
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
 import os
 import sys
@@ -40,42 +38,11 @@ from . import checkpoint as ckpt
 from .distributed import (ShardSampler, all_gather_object, barrier, cleanup_distributed, init_distributed,
                           is_dist, is_main, reduce_mean)
 from .evaluator import autocast_context, evaluate
+from .build import build_model, import_extra, resolve_device  # noqa: F401  (also the trainer's API)
 from .inference import extract_logits
 from .progress import progress, resolve_mode
 
 __all__ = ["train", "import_extra", "resolve_device", "apply_freeze", "build_model", "poly_lambda"]
-
-
-def import_extra(specs) -> None:
-    """Import modules (dotted names) or files (``*.py``) that register extra models."""
-    for spec in specs or ():
-        if spec.endswith(".py"):
-            name = "pyseg_extra_" + Path(spec).stem
-            if name in sys.modules:
-                continue
-            s = importlib.util.spec_from_file_location(name, spec)
-            if s is None or s.loader is None:
-                raise ImportError(f"cannot import {spec}")
-            mod = importlib.util.module_from_spec(s)
-            sys.modules[name] = mod
-            s.loader.exec_module(mod)
-        else:
-            importlib.import_module(spec)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda requested but no CUDA device is available")
-    return dev
-
-
-def build_model(name: str, num_classes: int, model_kwargs: dict | None = None):
-    from ..models import create_model
-
-    return create_model(name, num_classes=num_classes, **(model_kwargs or {}))
 
 
 def apply_freeze(model: torch.nn.Module, prefixes) -> list[str]:

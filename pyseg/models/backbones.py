@@ -24,7 +24,7 @@ from typing import List, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-__all__ = ["TimmEncoder", "load_state_dict_file", "static_same_padding"]
+__all__ = ["TimmEncoder", "load_state_dict_file", "load_model_weights", "static_same_padding"]
 
 _CLASSIFIER_PREFIXES = ("classifier.", "fc.", "head.", "last_linear.")
 
@@ -33,7 +33,7 @@ def load_state_dict_file(path: str) -> dict:
     """A state dict from a ``.safetensors`` file or a torch checkpoint (optionally wrapped in
     ``state_dict`` / ``model``; a ``module.`` prefix is stripped)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"backbone weights file not found: {path!r}")
+        raise FileNotFoundError(f"weights file not found: {path!r} (weights are never downloaded)")
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
@@ -83,6 +83,26 @@ def static_same_padding(trunk: nn.Module, image_size: int) -> List[Tuple[str, Tu
             table.append((name, (lo, hi, lo, hi)))
         size = out
     return table
+
+
+def load_model_weights(model: nn.Module, checkpoint: str | None) -> nn.Module:
+    """The builders' ``checkpoint=``: load a whole-model state dict (a pyseg ``.safetensors`` file, or a
+    torch file holding the model's own state dict) strictly into ``model``, all or nothing. A released
+    checkpoint of a public implementation goes through ``create_model(name, checkpoint=...)`` /
+    :mod:`pyseg.models.official`. Returns ``model``."""
+    if checkpoint is None:
+        return model
+    sd = load_state_dict_file(checkpoint)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    mismatched = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or mismatched:
+        raise ValueError(f"checkpoint {checkpoint!r} does not fit {type(model).__name__} (nothing was loaded): "
+                         f"{len(missing)} missing, e.g. {missing[:3]}; {len(unexpected)} unexpected, e.g. "
+                         f"{unexpected[:3]}; {len(mismatched)} with another shape, e.g. {mismatched[:3]}")
+    model.load_state_dict(sd, strict=True)
+    return model
 
 
 def _scales(out_feat_scale, n) -> List[float]:

@@ -1,7 +1,7 @@
 """DeepLabV3+ (ASPP + decoder) on timm trunks, with the HMSA protocol.
 
 Built from timm ``features_only`` trunks (``pretrained=False``: weights are never downloaded;
-pass ``pretrained_path`` to load a local timm state dict, ``.pth``/``.pt``/``.safetensors``).
+pass ``backbone_weights`` to load a local timm state dict, ``.pth``/``.pt``/``.safetensors``).
 
 Registered names:
     deeplabv3p-mobilenetv2, deeplabv3p-resnet50            plain DeepLabV3+
@@ -15,12 +15,11 @@ every other parameter belongs to the segmentation head).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .backbones import load_model_weights, load_state_dict_file
 from .registry import register_model
 
 __all__ = ["ASPP", "DeepLabV3Plus", "deeplabv3p", "hmsa_deeplabv3p", "load_trunk_weights"]
@@ -62,21 +61,12 @@ class ASPP(nn.Module):
 
 
 def load_trunk_weights(trunk: nn.Module, path: str) -> None:
-    """Load a local timm checkpoint into a features_only trunk (classifier keys are ignored)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"pretrained_path {path!r} does not exist (weights are never downloaded)")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        for key in ("state_dict", "model"):
-            if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-                state = state[key]
+    """Load a local timm checkpoint into a features_only trunk (classifier keys are ignored; a
+    DataParallel ``module.`` prefix is stripped)."""
+    state = load_state_dict_file(path)
     result = trunk.load_state_dict(state, strict=False)
     if result.missing_keys:
-        raise ValueError(f"pretrained_path {path!r} does not fit the trunk: {len(result.missing_keys)} missing "
+        raise ValueError(f"backbone_weights {path!r} does not fit the trunk: {len(result.missing_keys)} missing "
                          f"keys, e.g. {result.missing_keys[:5]}")
 
 
@@ -89,17 +79,17 @@ class DeepLabV3Plus(nn.Module):
 
     def __init__(self, backbone: str = "mobilenetv2_100", num_classes: int = 19, output_stride: int = 16,
                  aspp_channels: int = 256, aspp_rates=None, low_level_channels: int = 48,
-                 decoder_channels: int = 256, dropout: float = 0.1, pretrained_path: str | None = None,
-                 in_chans: int = 3):
+                 decoder_channels: int = 256, dropout: float = 0.1, backbone_weights: str | None = None,
+                 in_channels: int = 3):
         super().__init__()
         import timm
 
         if output_stride not in (8, 16, 32):
             raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
         self.trunk = timm.create_model(backbone, pretrained=False, features_only=True, out_indices=(1, 4),
-                                       output_stride=output_stride, in_chans=in_chans)
-        if pretrained_path:
-            load_trunk_weights(self.trunk, pretrained_path)
+                                       output_stride=output_stride, in_chans=in_channels)
+        if backbone_weights:
+            load_trunk_weights(self.trunk, backbone_weights)
         low_ch, high_ch = self.trunk.feature_info.channels()
         if tuple(self.trunk.feature_info.reduction()) != (4, output_stride):
             raise ValueError(f"{backbone} features_only does not give strides (4, {output_stride})")
@@ -125,16 +115,24 @@ class DeepLabV3Plus(nn.Module):
         return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
-def deeplabv3p(**cfg):
-    return DeepLabV3Plus(**cfg)
+def deeplabv3p(num_classes: int = 19, in_channels: int = 3, backbone_weights: str | None = None,
+               checkpoint: str | None = None, **cfg) -> DeepLabV3Plus:
+    """The registry builder (uniform arguments: :mod:`pyseg.models.registry`)."""
+    model = DeepLabV3Plus(num_classes=num_classes, in_channels=in_channels, backbone_weights=backbone_weights, **cfg)
+    return load_model_weights(model, checkpoint)
 
 
 def hmsa_deeplabv3p(train_scales=(0.5, 1.0), infer_scales=(0.5, 1.0, 2.0), attn_mid_channels: int = 256,
-                    backend: str = "auto", **cfg):
+                    backend: str = "auto", return_aux: bool = False, num_classes: int = 19, in_channels: int = 3,
+                    backbone_weights: str | None = None, checkpoint: str | None = None, **cfg):
+    """DeepLabV3+ inside :class:`pyseg.nn.MultiScaleAttention` (uniform arguments:
+    :mod:`pyseg.models.registry`)."""
     from ..nn.hmsa import MultiScaleAttention
 
-    return MultiScaleAttention(DeepLabV3Plus(**cfg), train_scales=train_scales, infer_scales=infer_scales,
-                               attn_mid_channels=attn_mid_channels, backend=backend)
+    base = deeplabv3p(num_classes=num_classes, in_channels=in_channels, backbone_weights=backbone_weights, **cfg)
+    model = MultiScaleAttention(base, train_scales=train_scales, infer_scales=infer_scales,
+                                attn_mid_channels=attn_mid_channels, backend=backend, return_aux=return_aux)
+    return load_model_weights(model, checkpoint)
 
 
 for _name, _bb in (("mobilenetv2", "mobilenetv2_100"), ("resnet50", "resnet50")):

@@ -7,19 +7,24 @@ and ``input_multiple`` (per-scale input sizes are rounded to it).
 """
 from __future__ import annotations
 
+from .backbones import load_model_weights
 from .registry import create_model, register_model
 
 __all__ = ["hmsa_wrap"]
 
 
 def hmsa_wrap(base: str, train_scales=(0.5, 1.0), infer_scales=(0.5, 1.0, 2.0), attn_mid_channels: int = 256,
-              backend: str = "auto", return_aux: bool = False, **overrides):
-    """Build registered model ``base`` (with ``overrides``) wrapped in MultiScaleAttention."""
+              backend: str = "auto", return_aux: bool = False, num_classes: int | None = None, in_channels: int = 3,
+              backbone_weights: str | None = None, checkpoint: str | None = None, **overrides):
+    """Build registered model ``base`` (with ``overrides``) wrapped in MultiScaleAttention (uniform
+    arguments: :mod:`pyseg.models.registry`; ``checkpoint`` holds the wrapped model's weights)."""
     from ..nn.hmsa import MultiScaleAttention
 
-    return MultiScaleAttention(create_model(base, **overrides), train_scales=train_scales,
-                               infer_scales=infer_scales, attn_mid_channels=attn_mid_channels, backend=backend,
-                               return_aux=return_aux)
+    model = MultiScaleAttention(create_model(base, num_classes=num_classes, in_channels=in_channels,
+                                             backbone_weights=backbone_weights, **overrides),
+                                train_scales=train_scales, infer_scales=infer_scales,
+                                attn_mid_channels=attn_mid_channels, backend=backend, return_aux=return_aux)
+    return load_model_weights(model, checkpoint)
 
 
 register_model("hmsa-hyperseg-m", hmsa_wrap,

@@ -23,19 +23,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import _extension
 from .._memory import empty_for_write
-from ..nn import MetaBlock
-from ..nn.meta_block import bn_affine
-from ..ops.hmsa_fuse import hmsa_fuse
-from ..ops.patchwise_conv2d import patchwise_conv2d
+from ..nn import ChainedMetaBlock, MetaBlock
+from ..ops.meta_block import weight_memory_format
+from ..ops.resize import resize_bilinear
+from .backbones import load_model_weights
 from .configs import DESCRIPTIONS, HYPERSEG_CONFIGS
 from .context_head import ContextHead, ContextHeadV01
 from .encoders import build_encoder, signal_only_modules
 from .registry import register_model
 from .weight_mapper import StaticWeights, WeightMapper
 
-__all__ = ["HyperSeg", "ChainedMetaBlock", "image_coordinates", "hyperseg"]
+__all__ = ["HyperSeg", "image_coordinates", "hyperseg"]
 
 
 def image_coordinates(ref: Tensor) -> Tensor:
@@ -75,61 +74,6 @@ def _level_input(skip: Tensor, prev: Optional[Tensor], coords: bool = True) -> T
     elif prev is not None:
         out[:, k + c:].copy_(prev)
     return out
-
-
-class ChainedMetaBlock(nn.Module):
-    """The v0_1 (PASCAL VOC) dynamic inverted residual: three chained patch-wise convolutions
-
-    pw1 (1x1, Cin -> hid) -> BN -> ReLU6 -> depthwise 3x3 (reflect padding at image borders; inside the
-    image the halo reads the *neighbouring patches'* pw1 outputs) -> BN -> ReLU6 -> pw2 (1x1,
-    hid -> Cout) -> BN.
-
-    Same flat weight layout as :class:`pyseg.nn.MetaBlock` ([W1 hid x Cin | W2 hid x 3 x 3 |
-    W3 Cout x hid]). In eval mode every BN is folded into the per-patch weights (scale) and a per-patch
-    bias (shift), so each stage is one patch-wise conv.
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, expand_ratio: float = 2, backend: str = "auto"):
-        super().__init__()
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.hidden_channels = int(round(in_channels * expand_ratio))
-        self.backend = backend
-        self.kernel_size = 3
-        self.bn1 = nn.BatchNorm2d(self.hidden_channels)
-        self.bn2 = nn.BatchNorm2d(self.hidden_channels)
-        self.bn3 = nn.BatchNorm2d(out_channels)
-
-    @property
-    def weight_numel(self) -> int:
-        hid = self.hidden_channels
-        return hid * self.in_channels + hid * 9 + self.out_channels * hid
-
-    def _stage(self, x, w, bn, cout, k, groups, act):
-        B, _, gh, gw = w.shape
-        kw = dict(kernel_size=k, padding=k // 2, groups=groups, backend=self.backend,
-                  padding_mode="reflect" if k > 1 else "zeros")
-        if self.training or not bn.track_running_stats or bn.running_mean is None:
-            y = bn(patchwise_conv2d(x, w, None, **kw))
-        else:
-            scale, shift = bn_affine(bn)
-            w = (w.view(B, cout, -1, gh, gw) * scale.to(w.dtype).view(1, cout, 1, 1, 1)).reshape(B, -1, gh, gw)
-            bias = shift.to(w.dtype).view(1, cout, 1, 1).expand(B, cout, gh, gw)
-            y = patchwise_conv2d(x, w, bias, **kw)
-        return F.relu6(y) if act else y
-
-    def forward(self, x: Tensor, weight: Tensor) -> Tensor:
-        if weight.dim() != 4 or weight.shape[1] != self.weight_numel:
-            raise ValueError(f"weight must have shape (B, weight_numel={self.weight_numel}, gh, gw) for {self}, "
-                             f"got {tuple(weight.shape)}")
-        hid, cin, cout = self.hidden_channels, self.in_channels, self.out_channels
-        w1, w2, w3 = torch.split(weight, [hid * cin, hid * 9, cout * hid], dim=1)
-        y = self._stage(x, w1, self.bn1, hid, 1, 1, True)
-        y = self._stage(y, w2, self.bn2, hid, 3, hid, True)
-        return self._stage(y, w3, self.bn3, cout, 1, 1, False)
-
-    def extra_repr(self) -> str:
-        return f"{self.in_channels}, {self.out_channels}, hidden_channels={self.hidden_channels}"
 
 
 class HyperSeg(nn.Module):
@@ -348,7 +292,8 @@ class HyperSeg(nn.Module):
         # phi is tiny; NCHW here makes the weight mapper emit the (B, N, gh, gw) layout the dynamic
         # ops read, even when the trunk runs channels_last -- except for the meta block levels on the
         # CPU, whose kernel reads each patch's weight vector in place from a channels_last tensor
-        patch_major = self._patch_major_generators if phi.device.type == "cpu" else ()
+        patch_major = (self._patch_major_generators
+                       if weight_memory_format(phi.device) == torch.channels_last else ())
         return feats, self.weight_mapper(phi.contiguous(), patch_major), phi
 
     def _decode(self, x: Tensor, feats: List[Tensor], weights: List[Tensor], attn_level: int = -1):
@@ -389,14 +334,8 @@ class HyperSeg(nn.Module):
         return logits
 
     def _resize_logits(self, logits: Tensor, size) -> Tensor:
-        """The final bilinear upsampling. On the CPU, outside autograd, the compiled single-scale
-        ``hmsa_fuse`` (a separable resize, same formula) replaces ``F.interpolate``: it is about 2.5x
-        faster at 1024x512 with 19 classes."""
-        if (self.backend in ("auto", "cpu") and logits.device.type == "cpu"
-                and not (torch.is_grad_enabled() and logits.requires_grad)
-                and _extension.has_kernel("hmsa_fuse", "CPU")):
-            return hmsa_fuse([logits], [None], [1.0], tuple(size), backend="cpu")
-        return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
+        """The final bilinear upsampling (:func:`pyseg.ops.resize_bilinear`)."""
+        return resize_bilinear(logits, tuple(size), backend=self.backend)
 
     def to_channels_last(self) -> "HyperSeg":
         """channels_last for the convolutional trunk (encoder and context head), where oneDNN / cuDNN
@@ -417,7 +356,7 @@ class HyperSeg(nn.Module):
     # ------------------------------------------------------------------------------------------
     def decoder_macs(self, height: int, width: int, batch: int = 1) -> Dict[str, int]:
         """Multiply-accumulates of the dynamic decoder layers, counted analytically (the custom ops are
-        invisible to ``torch.utils.flop_counter``). A v1_0 meta block's pw1 runs on every patch's
+        invisible to ``torch.utils.flop_counter``). A v1_0 meta block's expansion 1x1 runs on every patch's
         1-pixel halo as well (gh x gw patches of an h x w level: (h + 2 gh)(w + 2 gw) pixels, whether
         or not the patches divide the level evenly); v0_1 / 1x1 levels run on the pixels once."""
         out = {}
@@ -429,8 +368,8 @@ class HyperSeg(nn.Module):
                 macs = cin * cout * h * w
             else:
                 hid = block.hidden_channels
-                pw1_pixels = (h + 2 * gh) * (w + 2 * gw) if isinstance(block, MetaBlock) else h * w
-                macs = hid * cin * pw1_pixels + hid * 9 * h * w + cout * hid * h * w
+                expand_pixels = (h + 2 * gh) * (w + 2 * gw) if isinstance(block, MetaBlock) else h * w
+                macs = hid * cin * expand_pixels + hid * 9 * h * w + cout * hid * h * w
             out[f"decoder.{level}"] = batch * macs
         return out
 
@@ -482,14 +421,17 @@ def _static_fan_ins(block) -> List[Tuple[int, int]]:
 
 
 # ----------------------------------------------------------------------------------------------
-def hyperseg(num_classes: Optional[int] = None, backbone_weights: Optional[str] = None, **config) -> HyperSeg:
-    """Build a HyperSeg from a config dict (see :mod:`pyseg.models.configs`)."""
+def hyperseg(num_classes: Optional[int] = None, in_channels: int = 3, backbone_weights: Optional[str] = None,
+             checkpoint: Optional[str] = None, **config) -> HyperSeg:
+    """Build a HyperSeg from a config dict (see :mod:`pyseg.models.configs`); the uniform builder
+    arguments are described in :mod:`pyseg.models.registry`."""
     config = dict(config)
     for meta in ("dataset", "public_params", "paper_params", "description"):
         config.pop(meta, None)
     if num_classes is None:
         raise ValueError("num_classes is required")
-    return HyperSeg(num_classes=num_classes, backbone_weights=backbone_weights, **config)
+    model = HyperSeg(num_classes=num_classes, in_channels=in_channels, backbone_weights=backbone_weights, **config)
+    return load_model_weights(model, checkpoint)
 
 
 for _name, _cfg in HYPERSEG_CONFIGS.items():

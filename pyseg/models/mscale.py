@@ -43,6 +43,7 @@ from torch import nn
 
 from ..nn.hmsa import MultiScaleAttention, _check_scales
 from ..ops.hmsa_fuse import hmsa_fuse
+from .backbones import load_model_weights
 from .deeplab import ASPP, load_trunk_weights
 from .registry import register_model
 
@@ -79,14 +80,14 @@ class DeepLabV3PlusMscale(nn.Module):
 
     def __init__(self, backbone: str = "resnet50", num_classes: int = 19, aspp_channels: int = 256,
                  aspp_rates=(12, 24, 36), aspp_reduce_channels: int = 256, low_level_channels: int = 48,
-                 head_channels: int = 256, pretrained_path: str | None = None, in_chans: int = 3):
+                 head_channels: int = 256, backbone_weights: str | None = None, in_channels: int = 3):
         super().__init__()
         import timm
 
         self.trunk = timm.create_model(backbone, pretrained=False, features_only=True, out_indices=(1, 4),
-                                       output_stride=8, in_chans=in_chans)
-        if pretrained_path:
-            load_trunk_weights(self.trunk, pretrained_path)
+                                       output_stride=8, in_chans=in_channels)
+        if backbone_weights:
+            load_trunk_weights(self.trunk, backbone_weights)
         _dilate_first_blocks(self.trunk)
         low_ch, high_ch = self.trunk.feature_info.channels()
         self.num_classes = num_classes
@@ -224,15 +225,15 @@ class HRNetOCR(nn.Module):
     """NVIDIA's ``MscaleOCR`` network (without its attention head) on timm's HRNet modules."""
 
     def __init__(self, backbone: str = "hrnet_w48", num_classes: int = 19, mid_channels: int = 512,
-                 key_channels: int = 256, dropout: float = 0.05, pretrained_path: str | None = None,
-                 in_chans: int = 3, head_band_rows: int = 32):
+                 key_channels: int = 256, dropout: float = 0.05, backbone_weights: str | None = None,
+                 in_channels: int = 3, head_band_rows: int = 32):
         super().__init__()
         import timm
 
         self.trunk = timm.create_model(backbone, pretrained=False, features_only=True, feature_location="",
-                                       out_indices=(1, 2, 3, 4), in_chans=in_chans)
-        if pretrained_path:
-            load_trunk_weights(self.trunk, pretrained_path)
+                                       out_indices=(1, 2, 3, 4), in_chans=in_channels)
+        if backbone_weights:
+            load_trunk_weights(self.trunk, backbone_weights)
         high_ch = sum(self.trunk.feature_info.channels())
         self.num_classes = num_classes
         self.ocr = OCRHead(high_ch, num_classes, mid_channels, key_channels, dropout)
@@ -348,23 +349,33 @@ class NVMultiScaleAttention(MultiScaleAttention):
         return {"out": joint, "aux_terms": terms}
 
 
-def _wrap(model, train_scales, infer_scales, attn_mid_channels, backend, ocr_aux_weight, supervised_scale_weight):
-    return NVMultiScaleAttention(model, ocr_aux_weight=ocr_aux_weight, supervised_scale_weight=supervised_scale_weight,
-                                 train_scales=train_scales, infer_scales=infer_scales,
-                                 attn_mid_channels=attn_mid_channels, backend=backend)
+def _wrap(model, train_scales, infer_scales, attn_mid_channels, backend, ocr_aux_weight, supervised_scale_weight,
+          checkpoint):
+    wrapped = NVMultiScaleAttention(model, ocr_aux_weight=ocr_aux_weight,
+                                    supervised_scale_weight=supervised_scale_weight, train_scales=train_scales,
+                                    infer_scales=infer_scales, attn_mid_channels=attn_mid_channels, backend=backend)
+    return load_model_weights(wrapped, checkpoint)
 
 
 def hmsa_deeplabv3p_resnet50(train_scales=(0.5, 1.0), infer_scales=(0.5, 1.0, 2.0), attn_mid_channels: int = 256,
-                             backend: str = "auto", supervised_scale_weight: float = 0.0, **cfg):
-    return _wrap(DeepLabV3PlusMscale(**cfg), train_scales, infer_scales, attn_mid_channels, backend, 0.0,
-                 supervised_scale_weight)
+                             backend: str = "auto", supervised_scale_weight: float = 0.0, num_classes: int = 19,
+                             in_channels: int = 3, backbone_weights: str | None = None,
+                             checkpoint: str | None = None, **cfg):
+    """The registry builder (uniform arguments: :mod:`pyseg.models.registry`)."""
+    model = DeepLabV3PlusMscale(num_classes=num_classes, in_channels=in_channels, backbone_weights=backbone_weights,
+                                **cfg)
+    return _wrap(model, train_scales, infer_scales, attn_mid_channels, backend, 0.0, supervised_scale_weight,
+                 checkpoint)
 
 
 def hmsa_ocrnet_hrnet(train_scales=(0.5, 1.0), infer_scales=(0.5, 1.0, 2.0), attn_mid_channels: int = 256,
                       backend: str = "auto", ocr_aux_weight: float = 0.4, supervised_scale_weight: float = 0.0,
-                      **cfg):
-    return _wrap(HRNetOCR(**cfg), train_scales, infer_scales, attn_mid_channels, backend, ocr_aux_weight,
-                 supervised_scale_weight)
+                      num_classes: int = 19, in_channels: int = 3, backbone_weights: str | None = None,
+                      checkpoint: str | None = None, **cfg):
+    """The registry builder (uniform arguments: :mod:`pyseg.models.registry`)."""
+    model = HRNetOCR(num_classes=num_classes, in_channels=in_channels, backbone_weights=backbone_weights, **cfg)
+    return _wrap(model, train_scales, infer_scales, attn_mid_channels, backend, ocr_aux_weight,
+                 supervised_scale_weight, checkpoint)
 
 
 register_model("hmsa-deeplabv3p-resnet50", hmsa_deeplabv3p_resnet50,

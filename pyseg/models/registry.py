@@ -1,4 +1,10 @@
-"""Model registry: names such as ``hyperseg-m`` map to a builder and a config (plain data)."""
+"""Model registry: names such as ``hyperseg-m`` map to a builder and a config (plain data).
+
+The registry imports no model module: each model module registers its names when imported, and
+``pyseg.models`` (the package, always imported before this module) imports the built-in ones. Every
+builder takes the same arguments -- ``num_classes``, ``in_channels``, ``backbone_weights`` (a local
+backbone checkpoint, never downloaded), ``checkpoint`` (weights of the whole model) -- plus its config's
+keys."""
 from __future__ import annotations
 
 import copy
@@ -26,8 +32,7 @@ def register_model(name: str, builder: Callable[..., Any], config: dict | None =
 
 
 def _load_builtin():
-    # importing the model modules registers their configs
-    from . import _builtin  # noqa: F401
+    """Nothing to do: importing ``pyseg.models`` registered the built-in models (kept for callers)."""
 
 
 def list_models() -> list[str]:

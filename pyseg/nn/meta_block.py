@@ -1,10 +1,15 @@
-"""``MetaBlock``: HyperSeg's dynamic decoder block with its BatchNorm layers."""
+"""HyperSeg's dynamic decoder blocks with their BatchNorm layers: ``MetaBlock`` (v1_0, fused per patch) and
+``ChainedMetaBlock`` (v0_1, three chained patch-wise convolutions); ``bn_affine``."""
 from __future__ import annotations
 
+__all__ = ["MetaBlock", "ChainedMetaBlock", "bn_affine"]
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.meta_block import meta_block, meta_weight_numel, normalize_meta_args, pointwise_block
+from ..ops.patchwise_conv2d import patchwise_conv2d
 from ..ops.reference import meta_block as _ref
 
 
@@ -48,8 +53,8 @@ def _bn_batch_stats(bn: nn.BatchNorm2d):
 class MetaBlock(nn.Module):
     """HyperSeg decoder block with per-sample, per-patch weights from a hypernetwork.
 
-    ``kernel_size=3``: the v1_0 inverted residual (pw1 on patch + halo -> BN -> ReLU6 -> depthwise 3x3 ->
-    BN -> ReLU6 -> pw2 -> BN), hid = round(expand_ratio * in_channels).
+    ``kernel_size=3``: the v1_0 inverted residual (expansion 1x1 on patch + halo -> BN -> ReLU6 -> depthwise 3x3 ->
+    BN -> ReLU6 -> projection 1x1 -> BN), hid = round(expand_ratio * in_channels).
     ``kernel_size=1``: the 1x1 level (patch-wise 1x1 conv -> BN -> ReLU).
 
     The block owns its BatchNorm layers (shared by every patch); the dynamic weights are the
@@ -103,8 +108,6 @@ class MetaBlock(nn.Module):
             raise ValueError(f"x must have shape (B, {self.in_channels}, H, W) for {self}, got {tuple(x.shape)}")
         if self.kernel_size == 1:
             if self._uses_batch_stats(self.bn):
-                from ..ops.patchwise_conv2d import patchwise_conv2d
-
                 y = patchwise_conv2d(x, weight, None, backend=self.backend, kernel_size=1)
                 return torch.relu(self.bn(y))
             return pointwise_block(x, weight, bn_affine(self.bn), backend=self.backend)
@@ -121,3 +124,59 @@ class MetaBlock(nn.Module):
         if self.kernel_size == 3:
             s += f", hidden_channels={self.hidden_channels}"
         return s
+
+
+class ChainedMetaBlock(nn.Module):
+    """The v0_1 (PASCAL VOC) dynamic inverted residual: three chained patch-wise convolutions
+
+    expansion 1x1 (1x1, Cin -> hid) -> BN -> ReLU6 -> depthwise 3x3 (reflect padding at image borders; inside the
+    image the halo reads the *neighbouring patches'* expansion 1x1 outputs) -> BN -> ReLU6 -> projection 1x1 (1x1,
+    hid -> Cout) -> BN.
+
+    Same flat weight layout as :class:`pyseg.nn.MetaBlock` ([W1 hid x Cin | W2 hid x 3 x 3 |
+    W3 Cout x hid]). In eval mode every BN is folded into the per-patch weights (scale) and a per-patch
+    bias (shift), so each stage is one patch-wise conv.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, expand_ratio: float = 2, backend: str = "auto"):
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.hidden_channels = int(round(in_channels * expand_ratio))
+        self.backend = backend
+        self.kernel_size = 3
+        self.bn1 = nn.BatchNorm2d(self.hidden_channels)
+        self.bn2 = nn.BatchNorm2d(self.hidden_channels)
+        self.bn3 = nn.BatchNorm2d(out_channels)
+
+    @property
+    def weight_numel(self) -> int:
+        hid = self.hidden_channels
+        return hid * self.in_channels + hid * 9 + self.out_channels * hid
+
+    def _stage(self, x, w, bn, cout, k, groups, act):
+        B, _, gh, gw = w.shape
+        kw = dict(kernel_size=k, padding=k // 2, groups=groups, backend=self.backend,
+                  padding_mode="reflect" if k > 1 else "zeros")
+        if self.training or not bn.track_running_stats or bn.running_mean is None:
+            y = bn(patchwise_conv2d(x, w, None, **kw))
+        else:
+            scale, shift = bn_affine(bn)
+            per_out = w.shape[1] // cout
+            w = (w.view(B, cout, per_out, gh, gw) * scale.to(w.dtype).view(1, cout, 1, 1, 1)).reshape(B, cout * per_out, gh, gw)
+            bias = shift.to(w.dtype).view(1, cout, 1, 1).expand(B, cout, gh, gw)
+            y = patchwise_conv2d(x, w, bias, **kw)
+        return F.relu6(y) if act else y
+
+    def forward(self, x: Tensor, weight: Tensor) -> Tensor:
+        if weight.dim() != 4 or weight.shape[1] != self.weight_numel:
+            raise ValueError(f"weight must have shape (B, weight_numel={self.weight_numel}, gh, gw) for {self}, "
+                             f"got {tuple(weight.shape)}")
+        hid, cin, cout = self.hidden_channels, self.in_channels, self.out_channels
+        w1, w2, w3 = torch.split(weight, [hid * cin, hid * 9, cout * hid], dim=1)
+        y = self._stage(x, w1, self.bn1, hid, 1, 1, True)
+        y = self._stage(y, w2, self.bn2, hid, 3, hid, True)
+        return self._stage(y, w3, self.bn3, cout, 1, 1, False)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, hidden_channels={self.hidden_channels}"

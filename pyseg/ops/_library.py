@@ -18,6 +18,7 @@ tensors in the layout the kernel reads and gives the result the input's memory f
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Dict, Optional, Sequence
 
 import torch
@@ -27,11 +28,24 @@ from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatc
 from .. import _extension
 from .._backends import resolve_backend
 
-__all__ = ["Op", "register", "TritonBackend", "run_triton", "triton_opcheck", "keep_memory_format",
+__all__ = ["Op", "register", "TritonBackend", "run_triton", "triton_opcheck", "record_backends", "keep_memory_format",
            "channels_last_input"]
 
 _LIB = torch.library.Library("pyseg", "FRAGMENT")  # schemas defined here only without pyseg._C
 _OPS: Dict[str, "Op"] = {}
+_RECORD: Optional[list] = None  # see record_backends
+
+
+@contextlib.contextmanager
+def record_backends():
+    """Within the block, every :meth:`Op.dispatch` appends ``(op name, implementation)`` to the list it
+    yields: how a test proves that a fast path ran (instead of comparing a path with itself)."""
+    global _RECORD
+    previous, _RECORD = _RECORD, []
+    try:
+        yield _RECORD
+    finally:
+        _RECORD = previous
 
 
 class TritonBackend(TorchDispatchMode):
@@ -173,11 +187,15 @@ class Op:
 
         Tensors are made contiguous, except those the kernel reads in place in channels_last
         (``in_place``); the result is channels_last when ``channels_last`` is true (default: when the
-        first argument is); an empty batch runs
-        the reference (an empty result, with autograd), as ``F.conv2d`` does."""
+        first argument is). An empty batch gives an empty result of the right shape (attached to autograd
+        when an input requires grad), as ``F.conv2d`` does."""
         first = args[0][0] if isinstance(args[0], (list, tuple)) else args[0]
-        be = "reference" if first.shape[0] == 0 else self.resolve(backend, first.device, *config)
-        if be == "reference":
+        be = "empty" if first.shape[0] == 0 else self.resolve(backend, first.device, *config)
+        if _RECORD is not None:
+            _RECORD.append((self.name, be))
+        if be == "empty":
+            y = _empty_result(self._fake(*args), args)
+        elif be == "reference":
             y = self.reference(*args)
         else:
             args = tuple(self._layout(be, i, a) for i, a in enumerate(args))
@@ -232,6 +250,25 @@ def keep_memory_format(channels_last: bool, y: Tensor) -> Tensor:
     """Give ``y`` the memory format of the op's input (channels_last or contiguous)."""
     if channels_last and y.dim() == 4:
         return y.contiguous(memory_format=torch.channels_last)
+    return y
+
+
+def _tensors(args):
+    for a in args:
+        if isinstance(a, (list, tuple)):
+            yield from _tensors(a)
+        elif isinstance(a, Tensor):
+            yield a
+
+
+def _empty_result(y: Tensor, args) -> Tensor:
+    """The (empty) output of an empty batch, with a grad_fn when an input requires grad (the inputs
+    then get zero gradients, as from any op on an empty batch)."""
+    y = torch.zeros_like(y)
+    if y.is_floating_point() and torch.is_grad_enabled():
+        for t in _tensors(args):
+            if t.requires_grad:
+                y = y + t.sum() * 0
     return y
 
 

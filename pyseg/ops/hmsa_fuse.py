@@ -294,8 +294,6 @@ def hmsa_fuse(logits: Sequence[Tensor], attentions: Sequence[Optional[Tensor]], 
         lg = [p if tuple(p.shape[-2:]) == hw else _resize(p, hw) for p, hw in zip(lg, sizes)]
         at = [a if a is None or tuple(a.shape[-2:]) == hw else _resize(a, hw) for a, hw in zip(at, sizes)]
         sizes = None
-    if be == "reference":
-        return reference.hmsa_fuse(lg, at, sc, out_size, output, scale_sizes=sizes)
     # the op takes a plain Tensor[] (the top's entry is ignored): a list holding None would hide
     # the attention tensors from autograd
     placeholder = lg[0].new_empty(0)

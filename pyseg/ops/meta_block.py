@@ -1,4 +1,4 @@
-"""HyperSeg meta block (fused pw-dw-pw per patch) and the 1x1 level block: public functions.
+"""HyperSeg meta block (fused 1x1-depthwise-1x1 per patch) and the 1x1 level block: public functions.
 
 See :mod:`pyseg.ops.reference.meta_block` for the exact semantics.
 """
@@ -127,7 +127,7 @@ def _reference_meta_block(x, weight, scale, shift, hidden, out_channels):
 def _reference_pointwise_block(x, weight, scale, shift):
     B, Cin = x.shape[:2]
     gh, gw = weight.shape[-2:]
-    return reference.meta_block.pointwise_block(x, weight.reshape(B, -1, Cin, gh, gw), scale, shift)
+    return reference.meta_block.pointwise_block(x, weight.reshape(B, weight.shape[1] // Cin, Cin, gh, gw), scale, shift)
 
 
 def supports(backend: str) -> Optional[str]:
@@ -179,8 +179,8 @@ def _affine_vector(affines, channels, x):
 def meta_block(x: Tensor, weight: Union[Tensor, Sequence[Tensor]], hidden_channels: Optional[int] = None,
                out_channels: Optional[int] = None, affine1: Affine = None, affine2: Affine = None,
                affine3: Affine = None, backend: str = "auto") -> Tensor:
-    """HyperSeg meta block: per patch pw1 (on patch + 1-px halo) -> affine -> ReLU6 -> depthwise 3x3 ->
-    affine -> ReLU6 -> pw2 -> affine.
+    """HyperSeg meta block: per patch expansion 1x1 (on patch + 1-px halo) -> affine -> ReLU6 -> depthwise 3x3 ->
+    affine -> ReLU6 -> projection 1x1 -> affine.
 
     Args:
         x: (B, Cin, H, W), float16/bfloat16/float32/float64; H, W >= 2.

@@ -99,9 +99,9 @@ def normalize_patchwise_args(x, weight, bias=None, stride=1, padding=0, dilation
         else:
             raise ValueError(f"padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
     else:
-        ph, pw = pair(padding, "padding", minimum=0)
-        pt = pb = ph
-        pl = pr = pw
+        pad_h, pad_w = pair(padding, "padding", minimum=0)
+        pt = pb = pad_h
+        pl = pr = pad_w
     Hout = (H + pt + pb - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     Wout = (W + pl + pr - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     if Hout <= 0 or Wout <= 0:

@@ -4,7 +4,7 @@ They are written the way a user would write them with stock PyTorch ops (F.unfol
 F.conv2d, F.interpolate), are differentiable through autograd, and accept float64.
 """
 from . import meta_block
-from .hmsa import hmsa_fuse
+from .hmsa_fuse import hmsa_fuse
 from .patchwise_conv2d import patch_index, patchwise_conv2d
 
 __all__ = ["patchwise_conv2d", "patch_index", "meta_block", "hmsa_fuse"]

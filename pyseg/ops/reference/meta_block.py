@@ -2,9 +2,9 @@
 
 Per patch of the gh x gw grid, with a 1-pixel halo:
   1. the whole map is reflect-padded by 1 (image borders only; inside, the halo holds real pixels);
-  2. pw1: 1x1 conv Cin->hid on the patch *and its halo* with the patch's own weights -> affine -> ReLU6;
+  2. expansion 1x1: 1x1 conv Cin->hid on the patch *and its halo* with the patch's own weights -> affine -> ReLU6;
   3. dw: depthwise 3x3, valid, on the haloed hidden map -> affine -> ReLU6;
-  4. pw2: 1x1 conv hid->Cout -> affine.
+  4. projection 1x1: 1x1 conv hid->Cout -> affine.
 Output pixel (i, j) belongs to patch (floor(i*gh/H), floor(j*gw/W)), so sizes need not divide.
 
 Two equivalent evaluations are provided: the public implementation's method (pad, unfold into
@@ -60,23 +60,23 @@ def _grouped_patches(x, w1, w2, w3, norm1, norm2, norm3):
     B, Cin, H, W = x.shape
     hid, Cout = w1.shape[1], w3.shape[1]
     gh, gw = w1.shape[-2:]
-    ph, pw = H // gh, W // gw
+    patch_h, patch_w = H // gh, W // gw
     xp = F.pad(x, (1, 1, 1, 1), mode="reflect")
-    # (B, Cin*(ph+2)*(pw+2), gh*gw) -> (B, gh, gw, Cin, ph+2, pw+2)
-    cols = F.unfold(xp, (ph + 2, pw + 2), stride=(ph, pw))
-    patches = cols.view(B, Cin, ph + 2, pw + 2, gh, gw).permute(0, 4, 5, 1, 2, 3)
+    # (B, Cin*(patch_h+2)*(patch_w+2), gh*gw) -> (B, gh, gw, Cin, patch_h+2, patch_w+2)
+    cols = F.unfold(xp, (patch_h + 2, patch_w + 2), stride=(patch_h, patch_w))
+    patches = cols.view(B, Cin, patch_h + 2, patch_w + 2, gh, gw).permute(0, 4, 5, 1, 2, 3)
     P = B * gh * gw
-    patches = patches.reshape(1, P * Cin, ph + 2, pw + 2)
+    patches = patches.reshape(1, P * Cin, patch_h + 2, patch_w + 2)
     k1 = w1.permute(0, 3, 4, 1, 2).reshape(P * hid, Cin, 1, 1)
     k2 = w2.permute(0, 4, 5, 1, 2, 3).reshape(P * hid, 1, 3, 3)
     k3 = w3.permute(0, 3, 4, 1, 2).reshape(P * Cout, hid, 1, 1)
-    h = F.conv2d(patches, k1, groups=P).view(P, hid, ph + 2, pw + 2)
+    h = F.conv2d(patches, k1, groups=P).view(P, hid, patch_h + 2, patch_w + 2)
     h = _relu6(norm1(h, h[:, :, 1:-1, 1:-1], 1))
-    h = F.conv2d(h.reshape(1, P * hid, ph + 2, pw + 2), k2, groups=P * hid).view(P, hid, ph, pw)
+    h = F.conv2d(h.reshape(1, P * hid, patch_h + 2, patch_w + 2), k2, groups=P * hid).view(P, hid, patch_h, patch_w)
     h = _relu6(norm2(h, h, 1))
-    y = F.conv2d(h.reshape(1, P * hid, ph, pw), k3, groups=P).view(P, Cout, ph, pw)
+    y = F.conv2d(h.reshape(1, P * hid, patch_h, patch_w), k3, groups=P).view(P, Cout, patch_h, patch_w)
     y = norm3(y, y, 1)
-    return y.view(B, gh, gw, Cout, ph, pw).permute(0, 3, 1, 4, 2, 5).reshape(B, Cout, H, W)
+    return y.view(B, gh, gw, Cout, patch_h, patch_w).permute(0, 3, 1, 4, 2, 5).reshape(B, Cout, H, W)
 
 
 def _per_pixel(x, w1, w2, w3, norm1, norm2, norm3):

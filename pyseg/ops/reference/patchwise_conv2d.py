@@ -31,11 +31,11 @@ def patchwise_conv2d(x, weight, bias=None, stride=(1, 1), padding=(0, 0, 0, 0), 
     w = weight.reshape(B, G, Og, K, gh, gw)
     if Hout % gh == 0 and Wout % gw == 0:
         # Equal patches: one batched GEMM per (sample, group, patch).
-        ph, pw = Hout // gh, Wout // gw
-        c = cols.view(B, G, K, gh, ph, gw, pw).permute(0, 1, 3, 5, 2, 4, 6).reshape(B, G, gh, gw, K, ph * pw)
+        patch_h, patch_w = Hout // gh, Wout // gw
+        c = cols.view(B, G, K, gh, patch_h, gw, patch_w).permute(0, 1, 3, 5, 2, 4, 6).reshape(B, G, gh, gw, K, patch_h * patch_w)
         wm = w.permute(0, 1, 4, 5, 2, 3)  # (B, G, gh, gw, Og, K)
-        y = torch.matmul(wm, c)  # (B, G, gh, gw, Og, ph*pw)
-        y = y.view(B, G, gh, gw, Og, ph, pw).permute(0, 1, 4, 2, 5, 3, 6).reshape(B, Cout, Hout, Wout)
+        y = torch.matmul(wm, c)  # (B, G, gh, gw, Og, patch_h*patch_w)
+        y = y.view(B, G, gh, gw, Og, patch_h, patch_w).permute(0, 1, 4, 2, 5, 3, 6).reshape(B, Cout, Hout, Wout)
     else:
         # Uneven patches: expand the weight grid to every output pixel (nearest upsampling).
         ri = patch_index(Hout, gh, x.device)
