@@ -5,11 +5,11 @@ import os
 import pytest
 import torch
 
-from pyseg.ops._library import run_triton, triton_opcheck
 import pyseg
 from pyseg import _extension
 from pyseg.nn.functional import hmsa_fuse
 from pyseg.ops import reference
+from pyseg.ops._library import run_triton, triton_opcheck
 
 from conftest import CUDA_OK, DEVICES, backends_for
 
@@ -369,12 +369,12 @@ def test_opcheck_triton():
     triton_opcheck(torch.ops.pyseg.hmsa_fuse.default, (lg, at, [2.0, 1.0, 0.5], [6, 8], False),
                           test_utils=("test_schema", "test_faketensor"))
     triton_opcheck(torch.ops.pyseg.hmsa_fuse.default,
-                          (lg, at, [2.0, 1.0, 0.5], [6, 8], True, [9, 15, 5, 7, 4, 3]),
+                   (lg, at, [2.0, 1.0, 0.5], [6, 8], True, [9, 15, 5, 7, 4, 3]),
                           test_utils=("test_schema", "test_faketensor"))
 
 
 # ------------------------------------------------------------------------------------------
-# Triton backward of the training form (pyseg::hmsa_fuse_triton_backward)
+# Triton backward of the training form (pyseg::hmsa_fuse_backward, Triton implementation)
 # ------------------------------------------------------------------------------------------
 TRITON_OK = _extension.triton_usable(torch.device("cpu")) or CUDA_OK
 TRITON_DEV = "cuda" if CUDA_OK else "cpu"

@@ -7,13 +7,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import backends_for
-from pyseg.ops._library import run_triton, triton_opcheck
 from pyseg import _extension
 from pyseg.nn import MetaBlock
 from pyseg.nn.meta_block import bn_affine
 from pyseg.ops import meta_block, pointwise_block
 from pyseg.ops.meta_block import meta_weight_numel
 from pyseg.ops.reference import meta_block as R
+from pyseg.ops._library import run_triton, triton_opcheck
 
 HAS_CPU = _extension.has_kernel("meta_block", "CPU")
 needs_cpu = pytest.mark.skipif(not HAS_CPU, reason="pyseg._C CPU kernel not built")
@@ -412,11 +412,11 @@ def test_opcheck_triton_ops():
     scale = torch.cat([s for s, _ in aff]).requires_grad_()
     shift = torch.cat([t for _, t in aff]).requires_grad_()
     triton_opcheck(torch.ops.pyseg.meta_block.default,
-                          (x.requires_grad_(), w.requires_grad_(), scale, shift, 5, 2))
+                   (x.requires_grad_(), w.requires_grad_(), scale, shift, 5, 2))
     xp = torch.randn(2, 3, 5, 7, requires_grad=True)
     wp = torch.randn(2, 4 * 3, 2, 3, requires_grad=True)
     triton_opcheck(torch.ops.pyseg.pointwise_block.default,
-                          (xp, wp, torch.rand(4, requires_grad=True), torch.randn(4, requires_grad=True)))
+                   (xp, wp, torch.rand(4, requires_grad=True), torch.randn(4, requires_grad=True)))
 
 
 # --------------------------------------------------------------------------------------------

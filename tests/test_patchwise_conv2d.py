@@ -17,12 +17,12 @@ import torch
 import torch.nn.functional as F
 
 from conftest import CUDA_OK, backends_for
-from pyseg.ops._library import run_triton, triton_opcheck
 from pyseg import _extension
 from pyseg.nn import PatchWiseConv2d
 from pyseg.nn import functional as PF
 from pyseg.ops import patchwise_conv2d, reference
 from pyseg.ops.patchwise_conv2d import normalize_patchwise_args
+from pyseg.ops._library import run_triton, triton_opcheck
 
 HAS_CPU_KERNEL = _extension.has_kernel("patchwise_conv2d", "CPU")
 
@@ -446,7 +446,7 @@ def test_opcheck_triton_ops():
     x, w, b, *conf = _opcheck_args(requires_grad=False, dtype=torch.float32)
     y = run_triton(torch.ops.pyseg.patchwise_conv2d.default, x, w, b, *conf)
     triton_opcheck(torch.ops.pyseg.patchwise_conv2d_backward.default,
-                          (torch.randn_like(y), x, w, *conf, [True, True, True]))
+                   (torch.randn_like(y), x, w, *conf, [True, True, True]))
 
 
 @pytest.mark.skipif(not HAS_CPU_KERNEL, reason="pyseg._C CPU kernel not built")

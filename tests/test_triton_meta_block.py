@@ -16,12 +16,12 @@ import random
 import pytest
 import torch
 
-from pyseg.ops._library import run_triton, triton_opcheck
 from pyseg import _extension
 from pyseg.nn import MetaBlock
 from pyseg.ops import meta_block, pointwise_block
 from pyseg.ops.meta_block import meta_weight_numel
 from pyseg.ops.reference import meta_block as R
+from pyseg.ops._library import run_triton, triton_opcheck
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not _extension.triton_usable(torch.device(DEV)),
@@ -259,12 +259,12 @@ def test_opcheck_triton_backward_ops():
     x, w, scale, shift, gy = (t.float().to(DEV) for t in _make(1, 2, 3, 2, 4, 5, 2, 1, seed=3))
     for mask in ([True] * 4, [False, True, False, True]):
         triton_opcheck(torch.ops.pyseg.meta_block_backward.default,
-                              (gy, x, w, scale, shift, 3, 2, mask))
+                       (gy, x, w, scale, shift, 3, 2, mask))
     (px, pw, ps, pt, pgy), _ = _pw_make(1, 2, 3, 3, 4, 1, 2, seed=4)
     f = lambda u: u.float().to(DEV)  # noqa: E731
     for mask in ([True] * 4, [True, False, True, False]):
         triton_opcheck(torch.ops.pyseg.pointwise_block_backward.default,
-                              (f(pgy), f(px), f(pw), f(ps), f(pt), mask))
+                       (f(pgy), f(px), f(pw), f(ps), f(pt), mask))
 
 
 def test_gradcheck_float64():
@@ -272,11 +272,13 @@ def test_gradcheck_float64():
     float64 inputs; the interpreter runs float64 too)."""
     x, w, scale, shift, _ = _make(1, 2, 3, 2, 4, 3, 2, 1, seed=8)
     inputs = tuple(t.to(DEV).requires_grad_() for t in (x, w, scale, shift))
-    assert torch.autograd.gradcheck(lambda a, b, c, d: run_triton(torch.ops.pyseg.meta_block.default, a, b, c, d, 3, 2), inputs,
+    op = torch.ops.pyseg.meta_block.default
+    assert torch.autograd.gradcheck(lambda a, b, c, d: run_triton(op, a, b, c, d, 3, 2), inputs,
                                     fast_mode=True, eps=1e-6, atol=1e-7)
     (px, pw, ps, pt, _), _ = _pw_make(1, 2, 3, 3, 4, 1, 2, seed=6)
     inputs = tuple(t.to(DEV).requires_grad_() for t in (px, pw, ps, pt))
-    assert torch.autograd.gradcheck(lambda a, b, c, d: run_triton(torch.ops.pyseg.pointwise_block.default, a, b, c, d), inputs,
+    op = torch.ops.pyseg.pointwise_block.default
+    assert torch.autograd.gradcheck(lambda a, b, c, d: run_triton(op, a, b, c, d), inputs,
                                     fast_mode=True, eps=1e-6, atol=1e-7)
 
 

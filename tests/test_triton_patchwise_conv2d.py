@@ -1,4 +1,4 @@
-"""Triton-specific checks of the patch-wise convolution (``pyseg::patchwise_conv2d_triton``).
+"""Triton-specific checks of the patch-wise convolution (``pyseg::patchwise_conv2d`` run by its Triton implementation).
 
 Both kernel paths (tl.dot and the broadcast-multiply fallback) are forced on a seeded set of
 random small configurations and compared with the float64 reference (forward and every
@@ -13,10 +13,10 @@ import random
 import pytest
 import torch
 
-from pyseg.ops._library import run_triton, triton_opcheck
 import pyseg
 from pyseg import _extension
 from pyseg.ops import reference
+from pyseg.ops._library import run_triton, triton_opcheck
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not _extension.triton_usable(torch.device(DEV)),
@@ -248,9 +248,9 @@ def test_opcheck_backward():
     x, w, _, s, p, d, g = _op_args(False)
     go = torch.randn(1, 2, 5, 4, device=DEV)
     triton_opcheck(torch.ops.pyseg.patchwise_conv2d_backward.default,
-                          (go, x, w, s, p, d, g, [True, True, True]))
+                   (go, x, w, s, p, d, g, [True, True, True]))
     triton_opcheck(torch.ops.pyseg.patchwise_conv2d_backward.default,
-                          (go, x, w, s, p, d, g, [False, True, False]))
+                   (go, x, w, s, p, d, g, [False, True, False]))
 
 
 @pytest.mark.parametrize("ch", [2, 8], ids=["fallback", "dot"])
@@ -262,7 +262,8 @@ def test_gradcheck_float64(ch):
     if ch == 8:
         x = x[:, :, :4, :4].contiguous()
     inputs = tuple(t.requires_grad_() for t in (x, w, b))
-    torch.autograd.gradcheck(lambda a, c, e: run_triton(torch.ops.pyseg.patchwise_conv2d.default, a, c, e, *rest), inputs,
+    op = torch.ops.pyseg.patchwise_conv2d.default
+    torch.autograd.gradcheck(lambda a, c, e: run_triton(op, a, c, e, *rest), inputs,
                              fast_mode=True, atol=1e-6, rtol=1e-5)
 
 
