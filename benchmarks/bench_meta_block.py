@@ -28,14 +28,14 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import copy_bandwidth, time_fn  # noqa: E402
 
 import pyseg  # noqa: E402
 from pyseg.ops import meta_block, patchwise_conv2d, pointwise_block  # noqa: E402
@@ -59,34 +59,6 @@ LEVELS = [
     ("hyperseg-s", 3, "meta", 14, 8, 192, 384, 24, 48),
     ("hyperseg-s", 4, "meta", 26, 19, 384, 768, 24, 48),
 ]
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_fn(fn, device, warmup, iters):
-    """Median wall time in ms (synchronised before and after every call)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def copy_bandwidth(device, dtype):
-    """Device copy bandwidth in GB/s (read + write of a 256 MiB buffer)."""
-    n = (256 << 20) // torch.empty(0, dtype=dtype).element_size()
-    a = torch.empty(n, device=device, dtype=dtype)
-    b = torch.empty_like(a)
-    ms = time_fn(lambda: b.copy_(a), device, 3, 10)
-    return 2 * a.numel() * a.element_size() / (ms * 1e-3) / 1e9
 
 
 def _relu6(t):
@@ -145,7 +117,7 @@ def main(argv=None):
             fused = None
     iters = args.iters or (3 if args.quick else (50 if device.type == "cuda" else 10))
     warmup = 1 if args.quick else (5 if device.type == "cuda" else 2)
-    bw = copy_bandwidth(device, dtype) if device.type == "cuda" else None
+    bw = copy_bandwidth(device, nbytes=256 << 20, iters=10) if device.type == "cuda" else None
 
     models = args.models.split(",")
     rows = []
@@ -195,7 +167,7 @@ def main(argv=None):
         with torch.enable_grad() if args.backward else torch.no_grad():
             for name, fn in runs.items():
                 try:
-                    ms = time_fn(fn, device, warmup, iters)
+                    ms = time_fn(fn, device, warmup, iters)["median_ms"]
                 except Exception as e:  # report, keep going
                     row[f"{name}_error"] = f"{type(e).__name__}: {e}"
                     continue

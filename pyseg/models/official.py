@@ -33,6 +33,8 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 import torch
 from torch import Tensor, nn
 
+from .registry import set_checkpoint_loader
+
 __all__ = ["from_official", "load_pretrained", "save_converted", "is_safetensors", "load_checkpoint", "strip_prefix", "parse_arch", "load_mapped", "register_reader",
            "find_reader", "supported_archs", "READERS", "CheckpointMismatchError", "UnsupportedArchError"]
 
@@ -307,3 +309,6 @@ def load_pretrained(path, name: Optional[str] = None, num_classes: Optional[int]
         load_weights(fresh, source)
     fresh.pyseg_config = dict(cfg, model_kwargs=kwargs)
     return fresh.eval()
+
+
+set_checkpoint_loader(load_pretrained)  # create_model(name, checkpoint=path)

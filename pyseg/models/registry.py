@@ -22,6 +22,15 @@ class _Entry:
 
 
 _REGISTRY: dict[str, _Entry] = {}
+#: ``create_model(name, checkpoint=path)``: pyseg.models.official.load_pretrained, set when that module is
+#: imported (by ``pyseg.models``), so that the registry imports no model module
+_CHECKPOINT_LOADER: Callable[..., Any] | None = None
+
+
+def set_checkpoint_loader(loader: Callable[..., Any]) -> None:
+    """Install ``loader(path, name, num_classes, **overrides)`` as what ``checkpoint=`` calls."""
+    global _CHECKPOINT_LOADER
+    _CHECKPOINT_LOADER = loader
 
 
 def register_model(name: str, builder: Callable[..., Any], config: dict | None = None, description: str = ""):
@@ -60,9 +69,7 @@ def create_model(name: str, num_classes: int | None = None, backbone_weights: st
     if checkpoint is not None:
         if backbone_weights is not None:
             raise ValueError("pass either checkpoint or backbone_weights, not both")
-        from .official import load_pretrained
-
-        return load_pretrained(checkpoint, name, num_classes, **overrides)
+        return _CHECKPOINT_LOADER(checkpoint, name, num_classes, **overrides)
     cfg = get_config(name)
     cfg.update(overrides)
     if num_classes is not None:

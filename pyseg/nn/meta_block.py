@@ -163,7 +163,8 @@ class ChainedMetaBlock(nn.Module):
         else:
             scale, shift = bn_affine(bn)
             per_out = w.shape[1] // cout
-            w = (w.view(B, cout, per_out, gh, gw) * scale.to(w.dtype).view(1, cout, 1, 1, 1)).reshape(B, cout * per_out, gh, gw)
+            w = w.view(B, cout, per_out, gh, gw) * scale.to(w.dtype).view(1, cout, 1, 1, 1)
+            w = w.reshape(B, cout * per_out, gh, gw)
             bias = shift.to(w.dtype).view(1, cout, 1, 1).expand(B, cout, gh, gw)
             y = patchwise_conv2d(x, w, bias, **kw)
         return F.relu6(y) if act else y

@@ -28,8 +28,8 @@ from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatc
 from .. import _extension
 from .._backends import resolve_backend
 
-__all__ = ["Op", "register", "TritonBackend", "run_triton", "triton_opcheck", "record_backends", "keep_memory_format",
-           "channels_last_input"]
+__all__ = ["Op", "register", "TritonBackend", "run_triton", "triton_opcheck", "record_backends",
+           "keep_memory_format", "channels_last_input"]
 
 _LIB = torch.library.Library("pyseg", "FRAGMENT")  # schemas defined here only without pyseg._C
 _OPS: Dict[str, "Op"] = {}
@@ -76,7 +76,25 @@ def _triton_launcher(candidates, which: int):
 
 class Op:
     """One registered operator: its schema, how autograd saves and calls the backward, which
-    configurations each backend supports, and the dispatch into an implementation."""
+    configurations each backend supports, and the dispatch into an implementation.
+
+    Fields (keywords of :func:`register`):
+
+    * ``schema`` / ``backward_schema``: the text of ``csrc/pyseg.cpp`` (defined here when pyseg._C is absent);
+    * ``fake`` / ``fake_backward``: output shapes for tracing (``torch.library.register_fake``);
+    * ``reference``: the pure-PyTorch implementation, taking the schema's arguments;
+    * ``differentiable``: indices of the inputs that get gradients (one output of the backward op each);
+    * ``saved`` / ``config``: indices of the tensors saved for the backward op and of the non-tensor
+      arguments passed after them; the backward op is called as
+      ``<op>_backward(grad, *saved, *config, output_mask)``; ``contiguous_weights``: saved tensors it
+      reads contiguous;
+    * ``setup_context`` / ``backward``: replace the generic autograd wiring (``backward(ctx, backward_op,
+      grad)``) for ops whose gradient has another form;
+    * ``supports(backend, *config)``: None, or why ``backend`` cannot run a configuration;
+    * ``in_place``: ``{backend: indices}`` of arguments that backend reads in channels_last as given;
+    * ``triton``: ``((module, forward, backward), ...)`` launcher names in pyseg.kernels (default
+      ``((name, "forward", "backward"),)``).
+    """
 
     def __init__(self, name: str, schema: str, backward_schema: str, fake: Callable, fake_backward: Callable,
                  differentiable: Sequence[int], saved: Sequence[int], config: Sequence[int],

@@ -27,7 +27,8 @@ full-resolution logits of the public method (638 MB for 19 classes at scale 2 of
 image) never exist. The reference materialises them (it is the public method).
 
 Autograd: the op has a fused backward (``pyseg::hmsa_fuse_backward``: compiled on CPU and CUDA, and
-a Triton implementation, same math, that needs no compiled extension), for the two-scale training form, scales (s, 1.0) with s < 1, output="logits", grids equal to the
+a Triton implementation, same math, that needs no compiled extension), for the two-scale training
+form, scales (s, 1.0) with s < 1, output="logits", grids equal to the
 stored sizes. With ``scale_sizes`` that differ from the stored sizes and inputs that require
 grad, the front end resizes logits and attention maps explicitly with ``F.interpolate`` (under
 autograd; exact, and the memory autograd needs anyway) and calls the fused op on the resized
