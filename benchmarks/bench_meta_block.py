@@ -45,14 +45,14 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, 
           "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 # (model, level, kind, Cin, Cout, H, W, gh, gw). Channels: decoder input = 2 coords + reduced skip +
-# previous level (SPEC section 3); kernel 3 levels are meta blocks with hid = 2*Cin.
+# previous level (pyseg.models.configs); kernel 3 levels are meta blocks with hid = 2*Cin.
 LEVELS = [
     ("hyperseg-m", 0, "1x1", 82, 64, 16, 32, 16, 32),
     ("hyperseg-m", 1, "1x1", 94, 32, 32, 64, 16, 32),
     ("hyperseg-m", 2, "1x1", 44, 16, 64, 128, 16, 32),
     ("hyperseg-m", 3, "meta", 24, 16, 128, 256, 16, 32),
     ("hyperseg-m", 4, "meta", 34, 19, 256, 512, 16, 32),
-    # HyperSeg-S channel counts derived from its out_feat_scale/level_channels (SPEC section 3).
+    # HyperSeg-S channel counts derived from its out_feat_scale/level_channels (pyseg.models.configs).
     ("hyperseg-s", 0, "1x1", 130, 32, 24, 48, 24, 48),
     ("hyperseg-s", 1, "1x1", 62, 16, 48, 96, 24, 48),
     ("hyperseg-s", 2, "1x1", 26, 8, 96, 192, 24, 48),

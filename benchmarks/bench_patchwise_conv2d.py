@@ -1,4 +1,4 @@
-"""Benchmark of pyseg.ops.patchwise_conv2d on HyperSeg-M decoder shapes (SPEC §3).
+"""Benchmark of pyseg.ops.patchwise_conv2d on HyperSeg-M decoder shapes (pyseg.models.configs).
 
 Every available backend vs the pure-PyTorch reference (measured side by side in one run), and vs
 F.conv2d with one static weight of the same shape ("price of dynamism"); forward and

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Frames per second of a pyseg segmentation model (SPEC section 5 protocol).
+"""Frames per second of a pyseg segmentation model (protocol below).
 
     python benchmarks/fps.py --model hyperseg-m                       # CPU or GPU, config resolution
     python benchmarks/fps.py --model hyperseg-m --device cuda --dtype bf16 --cuda-graph --compare-reference

@@ -39,7 +39,7 @@ __all__ = ["AttentionHead", "MultiScaleAttention", "set_training_stage", "STAGES
 
 
 class AttentionHead(nn.Module):
-    """3x3 conv-BN-ReLU, 3x3 conv-BN-ReLU, 1x1 conv to one channel, sigmoid (SPEC section 4)."""
+    """3x3 conv-BN-ReLU, 3x3 conv-BN-ReLU, 1x1 conv to one channel, sigmoid (the HMSA paper's attention head)."""
 
     def __init__(self, in_channels: int, mid_channels: int = 256, out_channels: int = 1):
         super().__init__()

@@ -1,6 +1,6 @@
 """Hierarchical multi-scale attention (HMSA) fusion: public function, validation, backends, autograd.
 
-Semantics (Tao, Sapra, Catanzaro 2020; SPEC section 4). Inputs per scale s: logits p_s
+Semantics (Tao, Sapra, Catanzaro 2020; README "Hierarchical multi-scale attention"). Inputs per scale s: logits p_s
 (B, C, h_s, w_s) and an attention map a_s (B, 1, h'_s, w'_s) in [0, 1]. Resampling is bilinear,
 align_corners=False, no antialias, always to an explicit size.
 
