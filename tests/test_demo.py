@@ -126,6 +126,31 @@ def test_demo_generate_train_eval_predict(tmp_path, capsys):
     assert acc == pytest.approx(res["pixel_acc"], abs=1e-3)
 
 
+RESULTS = ROOT / "benchmarks/results/2026-12-01-cpu"
+
+
+def test_readme_demo_figures_match_the_recorded_runs():
+    """The README's demo figures are those of benchmarks/demo_seeds.py's fresh runs of the README's commands, and
+    every seed clears the README's stated floor."""
+    block, _ = _readme_demo()
+    rec = json.loads((RESULTS / "demo_seeds.json").read_text())
+    assert rec["commands"] == block, "the README demo commands changed since the recorded runs: rerun " \
+                                     "benchmarks/demo_seeds.py and update the README figures"
+    assert rec["seeds"] == [0, 1, 2]
+    assert all(r["exit_status"] == 0 for r in rec["runs"])
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("<!-- demo-commands -->"):readme.index("## Backends per op")]
+    m = re.search(r"val mIoU (0\.\d+) \(range (0\.\d+)[^0-9]+(0\.\d+)\)", section)
+    assert m, "README: no 'val mIoU M (range A-B)' sentence in the demo section"
+    assert [float(v) for v in m.groups()] == [round(rec["miou_mean"], 3), round(rec["miou_min"], 3),
+                                             round(rec["miou_max"], 3)]
+    floor = re.search(r"floor of (0\.\d+)", section)
+    assert floor, "README: no 'floor of F' in the demo section"
+    assert all(r["miou"] >= float(floor.group(1)) for r in rec["runs"]), (floor.group(1), rec["runs"])
+    for r in rec["runs"]:
+        assert (RESULTS / f"demo_seed{r['seed']}.txt").is_file()
+
+
 def test_threads_option():
     from argparse import Namespace
 
