@@ -2,7 +2,7 @@
 for a GPU target (default sm_90, H100/H200) on any machine, GPU or not.
 
 1. ``op_calls()``: every registry model runs one forward on the meta device with ``backend="triton"``;
-   the ``pyseg::*_triton`` op calls are captured with their arguments (the fake kernels compute
+   the ``pyseg::<op>`` calls are captured with their arguments (the fake kernels compute
    the shapes, nothing runs).
 2. ``launches()``: each captured call is replayed through its launcher (``kernels/<op>.py``) inside
    ``kernels._launch.record()``, in every dtype the GPU ops take (float32, bfloat16, float16; with
@@ -67,8 +67,12 @@ def _triton_on_meta():
         _extension.triton_usable = orig
 
 
+#: The pyseg ops with Triton launchers (``pyseg.kernels.<op>``); their backward ops are replayed from them.
+_FORWARD_OPS = ("meta_block", "pointwise_block", "patchwise_conv2d", "hmsa_fuse")
+
+
 def op_calls(models: Optional[Sequence[str]] = None, batch: int = 1) -> List[tuple]:
-    """[(model, op name, args)] of every ``pyseg::*_triton`` call of one eval forward per model
+    """[(model, op name, args)] of every Triton-backed ``pyseg::<op>`` call of one eval forward per model
     (meta tensors, registry input size; duplicates of a model's calls dropped)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -83,13 +87,25 @@ def op_calls(models: Optional[Sequence[str]] = None, batch: int = 1) -> List[tup
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             op = func._schema.name
-            if op.startswith("pyseg::") and op.endswith("_triton"):
+            # under backend="triton" the op's Triton rule re-dispatches meta tensors to the fake kernel,
+            # which passes through this mode with the launcher's exact arguments
+            if op.startswith("pyseg::") and op.split("::")[1] in _FORWARD_OPS:
                 key = (op, _shape_of(list(args)))
                 if key not in self.seen:
                     self.seen.add(key)
                     calls.append((self.name, op.split("::")[1], list(args)))
             return func(*args, **(kwargs or {}))
 
+    # no registry model uses pyseg.nn.PatchWiseConv2d itself: its kernels are listed at HyperSeg-M's
+    # decoder shapes (level 0: 82->64 1x1, level 4: 34->19 3x3 dense and depthwise; 16x32 grid)
+    meta = dict(device="meta")
+    for cin, cout, k, groups, (h, w) in ((82, 64, 1, 1, (16, 32)), (34, 19, 3, 1, (256, 512)),
+                                         (34, 34, 3, 34, (256, 512))):
+        x = torch.empty(1, cin, h, w, **meta)
+        wt = torch.empty(1, cout, cin // groups, k, k, 16, 32, **meta)
+        b = torch.empty(1, cout, 16, 32, **meta)
+        p = k // 2
+        calls.append(("PatchWiseConv2d", "patchwise_conv2d", [x, wt, b, [1, 1], [p, p, p, p], [1, 1], groups]))
     for name in models or list_models():
         cfg = get_config(name)
         h, w = cfg.get("input_size") or (512, 1024)
@@ -127,21 +143,21 @@ def _replay(op: str, args: list, dtype: torch.dtype):
 
     K = _extension.triton_kernels()
     a = _cast(args, dtype)
-    if op == "meta_block_triton":
+    if op == "meta_block":
         y = K.meta_block.forward(*a)
         for m in _masks(3):
             K.meta_block.backward(torch.empty_like(y), *a, [m[0], m[1], m[2], m[2]])
-    elif op == "pointwise_block_triton":
+    elif op == "pointwise_block":
         y = K.pointwise_block.forward(*a)
         for m in _masks(3):
             K.pointwise_block.backward(torch.empty_like(y), *a, [m[0], m[1], m[2], m[2]])
-    elif op == "patchwise_conv2d_triton":
+    elif op == "patchwise_conv2d":
         x, w, b, stride, padding, dilation, groups = a
         y = K.patchwise_conv2d.forward(x, w, b, stride, padding, dilation, groups)
         for m in _masks(3):
             K.patchwise_conv2d.backward(torch.empty_like(y), x, w, stride, padding, dilation, groups,
                                         [m[0], m[1], m[2] and b is not None])
-    elif op == "hmsa_fuse_triton":
+    elif op == "hmsa_fuse":
         logits, atts, scales, out_size, labels, scale_sizes = (list(a) + [None])[:6]
         for lab in (False, True):  # output="logits" and output="labels"
             K.hmsa_fuse.forward(logits, atts, scales, out_size, lab, scale_sizes)
@@ -151,8 +167,6 @@ def _replay(op: str, args: list, dtype: torch.dtype):
             B, C = logits[one].shape[:2]
             g = torch.empty(B, C, *out_size, dtype=logits[one].dtype, device="meta")
             K.hmsa_fuse.backward(g, logits[one], logits[one + 1], atts[one + 1])
-    elif op.endswith("_backward_triton") or op.endswith("_triton_backward"):
-        pass  # reached through the forward op's replay
     else:
         raise ValueError(f"no launcher replay for pyseg::{op}; add it to kernels/_aot.py")
 
