@@ -60,7 +60,7 @@ def _demangle(names):
 
 def _base_name(demangled: str) -> str:
     # "void ns::meta_forward_kernel<float, true>(args)" -> "meta_forward_kernel"
-    head = demangled.split("(")[0]
+    head = demangled.replace("(anonymous namespace)", "anon").split("(")[0]
     head = re.sub(r"<.*", "", head.replace("void ", "", 1)).strip()
     return head.split("::")[-1]
 
@@ -85,6 +85,9 @@ def cuda_launches(src_dir: str) -> dict:
     consts = _constants(text)
     out: dict = {}
     launch = r"(\w+)\s*(?:<[^<>;]*(?:<[^<>;]*>[^<>;]*)*>)?\s*<<<\s*([^,]+?)\s*,\s*([^,>]+?)\s*(?:,|>>>)"
+    # PYSEG_LAUNCH(grid, block, smem, stream, kernel<...>) (csrc/cuda/runtime.cuh) is kernel<<<grid, block, smem, stream>>>
+    macro = r"PYSEG_LAUNCH\(\s*((?:[^,()]|\([^()]*\))+?)\s*,\s*([^,]+?)\s*,\s*([^,]+?)\s*,\s*([^,]+?)\s*,\s*(\w+)"
+    text = re.sub(macro, lambda m: f"{m.group(5)}<<<{m.group(1)}, {m.group(2)}, {m.group(3)}, {m.group(4)}>>>", text)
     for m in re.finditer(launch, text):
         name, block = m.group(1), m.group(3).strip()
         val = int(block) if block.isdigit() else consts.get(block)
@@ -157,6 +160,9 @@ def _dynamic_smem_kernels(src_dir: str) -> set:
             continue
         with open(f) as fh:
             text = fh.read()
+        for m in re.finditer(r"PYSEG_LAUNCH\(\s*(?:[^,()]|\([^()]*\))+?,[^,]+,\s*([^,]+?)\s*,[^,]+,\s*(\w+)", text):
+            if m.group(1).strip() not in ("0",):
+                out.add(m.group(2))
         for m in re.finditer(r"(\w+)\s*(?:<[^<>;]*>)?\s*<<<[^,]+,[^,]+,\s*([^,>]+?)\s*,", text):
             if m.group(2).strip() not in ("0",):
                 out.add(m.group(1))
