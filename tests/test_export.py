@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,6 @@ import torch.nn.functional as F
 import pyseg
 from pyseg import _extension
 
-ROOT = Path(__file__).resolve().parent.parent
 
 _missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if __import__("importlib").util.find_spec(m) is None]
 needs_onnx = pytest.mark.skipif(bool(_missing), reason=f"{', '.join(_missing)} not installed "
@@ -33,9 +33,15 @@ SMALL = {"hyperseg-l-voc": (128, 128), "hmsa-deeplabv3p-mobilenetv2": (64, 64), 
 FAST = {"hyperseg-tiny", "deeplabv3p-mobilenetv2"}
 
 
+#: Where this process imported pyseg from: the installed package in CI (with its compiled extension), the
+#: checkout in a development tree. Subprocesses import the same one (and run outside the checkout, since
+#: ``python -m`` puts the working directory first on sys.path).
+_PYSEG_HOME = str(Path(pyseg.__file__).resolve().parent.parent)
+
+
 def _env():
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env["PYTHONPATH"] = os.pathsep.join([_PYSEG_HOME] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env.setdefault("OMP_NUM_THREADS", "2")
     return env
 
@@ -190,7 +196,8 @@ with torch.no_grad():
     ref = m(x)
 print("REL", float((out - ref).abs().max() / ref.abs().max()))
 """
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=900)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=900,
+                       cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     rel = float(r.stdout.split("REL")[-1])
     assert rel < 1e-4
@@ -285,7 +292,7 @@ def test_fp16_file(tmp_path):
 
 def _cli(*args, timeout=900):
     return subprocess.run([sys.executable, "-m", "pyseg.cli.export", *args], capture_output=True, text=True,
-                          env=_env(), timeout=timeout)
+                          env=_env(), timeout=timeout, cwd=tempfile.gettempdir())
 
 
 @needs_onnx
