@@ -43,7 +43,14 @@ _CODE = ("import sys; from pyseg import _extension; _extension.triton_kernels();
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("aot") / "aot.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", _CODE, "--json", str(out), *_SCOPE], env=env, cwd=ROOT,
+    # the subprocess imports the pyseg this process imported (the installed one in CI, with its compiled
+    # extension; the checkout in a development tree) and runs outside the checkout (``python -c`` puts the
+    # working directory first on sys.path)
+    import pyseg
+
+    home = os.path.dirname(os.path.dirname(os.path.abspath(pyseg.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([home] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    r = subprocess.run([sys.executable, "-c", _CODE, "--json", str(out), *_SCOPE], env=env, cwd=str(out.parent),
                        capture_output=True, text=True, timeout=3000)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     return json.loads(out.read_text())
