@@ -234,3 +234,49 @@ def test_hyperseg_fuse_other_backbone():
         assert any(isinstance(t, ConvAct2d) and isinstance(t.act, nn.ReLU6) for t in m.modules())
         assert not any(isinstance(t, SEGatedConv2d) for t in m.modules())
         torch.testing.assert_close(m(x), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("pads,k,stride,groups", [((0, 1, 0, 1), 3, 2, 6), ((1, 2, 1, 2), 5, 2, 6),
+                                                  ((0, 1, 2, 0), 3, 1, 1), ((3, 0, 0, 2), 2, (1, 2), 2)])
+@pytest.mark.parametrize("size", [(15, 22), (16, 16)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_absorb_zero_padding_matches_padded_conv(pads, k, stride, groups, size, channels_last):
+    from pyseg.models._fuse import absorb_zero_padding
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Sequential(nn.ZeroPad2d(pads), nn.Conv2d(6, 12, k, stride, groups=groups)),
+                          nn.ReLU()).eval()
+    x = torch.randn(2, 6, *size)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = model(x)
+        assert absorb_zero_padding(model, torch.randn(1, 6, 9, 11)) == 1
+        conv = model[0]
+        assert type(conv) is nn.Conv2d and not any(isinstance(m, nn.ZeroPad2d) for m in model.modules())
+        left, right, top, bottom = pads
+        assert conv.padding == (max(top, bottom), max(left, right))
+        assert conv.kernel_size == (k + abs(top - bottom), k + abs(left - right))
+        got = model(x)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_absorb_zero_padding_leaves_others_and_restores(monkeypatch):
+    from pyseg.models import _fuse
+
+    dilated = nn.Sequential(nn.ZeroPad2d((0, 2, 0, 2)), nn.Conv2d(3, 3, 3, dilation=2))
+    padded_twice = nn.Sequential(nn.ZeroPad2d(1), nn.Conv2d(3, 3, 3, padding=1))
+    cropped = nn.Sequential(nn.ZeroPad2d((-1, 1, 0, 0)), nn.Conv2d(3, 3, 3))
+    model = nn.Sequential(dilated, padded_twice, cropped).eval()
+    assert _fuse.absorb_zero_padding(model, torch.randn(1, 3, 12, 12)) == 0
+    assert model[0] is dilated and model[1] is padded_twice and model[2] is cropped
+
+    model = nn.Sequential(nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(3, 4, 3, 2))).eval()
+    inner = model[0]
+    wrong = lambda pad, conv: nn.Conv2d(3, 4, 3, 2, padding=1)  # noqa: E731 -- a different function
+    monkeypatch.setattr(_fuse, "_absorbed", wrong)
+    with pytest.raises(RuntimeError, match="restored"):
+        _fuse.absorb_zero_padding(model, torch.randn(1, 3, 10, 10))
+    assert model[0] is inner

@@ -237,3 +237,21 @@ def test_banded_expansion_with_asymmetric_padding():
         x = torch.randn(1, 4, 15, 22).contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
             torch.testing.assert_close(pair(x), dw(pw(x)), atol=1e-5, rtol=1e-5)
+
+
+def test_fuse_absorbs_static_padding(tmp_path):
+    """fuse() turns the public EfficientNet's ZeroPad2d + conv pairs into symmetric-padded convs (zero taps)."""
+    from torch import nn
+
+    arch, (h, w) = SMALL["v1_0"]
+    ckpt, _ = _public_checkpoint(arch)
+    torch.save(ckpt, tmp_path / "model.pth")
+    model = from_official(tmp_path / "model.pth")
+    assert any(isinstance(m, nn.ZeroPad2d) for m in model.modules())
+    x = torch.randn(1, 3, h, w)
+    with torch.no_grad():
+        expected = model(x)
+        model.fuse().to_channels_last()
+        assert not any(isinstance(m, nn.ZeroPad2d) for m in model.modules())
+        got = model(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())

@@ -1,5 +1,8 @@
 """Inference-time rewrites of the static trunk, each checked against the unfused output.
 
+* :func:`absorb_zero_padding`: turn explicit (asymmetric) zero padding before a convolution -- the
+  static TF-"same" padding of the public EfficientNets -- into the convolution's own symmetric
+  padding, with zero taps added to the kernel on the side that had less padding;
 * :func:`fold_conv_bn`: fold Conv2d -> BatchNorm pairs (found by tracing one forward pass) and,
   optionally, fuse the activation that follows into the convolution (:class:`ConvAct2d`);
 * :func:`fold_se_gates`: fold the squeeze-excitation gate of timm's EfficientNet/MobileNet blocks
@@ -20,7 +23,7 @@ from torch import nn
 
 from ..nn.meta_block import bn_affine
 
-__all__ = ["fold_conv_bn", "fold_se_gates", "band_expansions", "ConvAct2d", "SEGatedConv2d", "PwDwConv2d"]
+__all__ = ["absorb_zero_padding", "fold_conv_bn", "fold_se_gates", "band_expansions", "ConvAct2d", "SEGatedConv2d", "PwDwConv2d"]
 
 
 # activation module -> (oneDNN post-op name, its scalars)
@@ -211,6 +214,56 @@ class SEGatedConv2d(nn.Module):
             else:
                 outs.append(F.conv2d(xb, w, c.bias))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def _zero_padded_conv(m: nn.Module):
+    """The conv of ``nn.Sequential(nn.ZeroPad2d, nn.Conv2d)`` whose padding :func:`absorb_zero_padding` can
+    absorb (a plain, unpadded, undilated conv after non-negative zero padding), else None."""
+    if not (type(m) is nn.Sequential and len(m) == 2 and type(m[0]) is nn.ZeroPad2d and _plain_conv(m[1])):
+        return None
+    conv, pads = m[1], m[0].padding
+    if conv.padding != (0, 0) or conv.dilation != (1, 1) or min(pads) < 0:
+        return None
+    return conv
+
+
+def _absorbed(pad: nn.ZeroPad2d, conv: nn.Conv2d) -> nn.Conv2d:
+    """``conv(pad(x))`` as one convolution: symmetric padding max(left, right) x max(top, bottom) and the
+    kernel extended with zero taps on the side with less padding, so that every output reads the same
+    input values with the same weights (the extra taps multiply zero weights)."""
+    left, right, top, bottom = pad.padding
+    ph, pw = max(top, bottom), max(left, right)
+    # a zero tap in front for each row/column of padding added at the top/left, behind for bottom/right
+    weight = F.pad(conv.weight, (pw - left, pw - right, ph - top, ph - bottom))
+    new = nn.Conv2d(conv.in_channels, conv.out_channels, tuple(weight.shape[2:]), conv.stride, (ph, pw),
+                    groups=conv.groups, bias=conv.bias is not None).to(weight.device, weight.dtype)
+    new.weight.copy_(weight)
+    if conv.bias is not None:
+        new.bias.copy_(conv.bias)
+    return new
+
+
+@torch.no_grad()
+def absorb_zero_padding(model: nn.Module, example: torch.Tensor, rtol: float = 1e-3) -> int:
+    """Replace every ``nn.Sequential(nn.ZeroPad2d, nn.Conv2d)`` (an unpadded, undilated conv after explicit
+    zero padding, e.g. the asymmetric static TF-"same" padding of the public EfficientNets) by one conv
+    with symmetric padding and a kernel extended with zero taps (:func:`_absorbed`). The padded copy of
+    the input is never made, and the conv keeps channels_last; for finite inputs the function is the
+    same at every input size (an extra tap adds a product with a zero weight). Checked on ``example``
+    like :func:`fold_conv_bn` (restored and RuntimeError on a mismatch). Returns the number replaced."""
+    model.eval()
+    found = [(name, m) for name, m in model.named_modules() if _zero_padded_conv(m) is not None]
+    if not found:
+        return 0
+    expected = model(example)
+    for name, m in found:
+        _set(model, name, _absorbed(m[0], m[1]))
+    err = _mismatch(model(example), expected, rtol)
+    if err is not None:
+        for name, m in found:
+            _set(model, name, m)
+        raise RuntimeError(f"absorbing the zero padding changed the output by {err:.3g}; the model was restored")
+    return len(found)
 
 
 def _bn_replacement(bn: nn.Module) -> nn.Module:

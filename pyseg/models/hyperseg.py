@@ -375,9 +375,13 @@ class HyperSeg(nn.Module):
 
     @torch.no_grad()
     def fuse(self, example: Optional[Tensor] = None, activations: bool = True,
-             squeeze_excitation: bool = True, bands: bool = True) -> "HyperSeg":
+             squeeze_excitation: bool = True, bands: bool = True, padding: bool = True) -> "HyperSeg":
         """Inference rewrites of the static trunk (encoder, reducers, context head), in place:
 
+        * ``padding``: explicit zero padding before a convolution (the public EfficientNets' asymmetric
+          static padding, ``nn.Sequential(nn.ZeroPad2d, nn.Conv2d)``) becomes the convolution's own
+          symmetric padding with zero taps added to its kernel
+          (:func:`~pyseg.models._fuse.absorb_zero_padding`): no padded copy of the input;
         * every BatchNorm that directly follows a convolution is folded into it (the decoder's
           BatchNorms are folded by the meta blocks themselves in eval mode);
         * ``activations``: a folded BN that carried its activation (timm's ``BatchNormAct2d``) makes
@@ -394,7 +398,7 @@ class HyperSeg(nn.Module):
         Puts the model in eval mode; each step is verified on ``example`` (or a random input at the
         smallest legal size for the model and its grid) and undone with an error if the output
         changes. Returns self."""
-        from ._fuse import band_expansions, fold_conv_bn, fold_se_gates
+        from ._fuse import absorb_zero_padding, band_expansions, fold_conv_bn, fold_se_gates
 
         self.eval()
         if example is None:
@@ -403,6 +407,8 @@ class HyperSeg(nn.Module):
             gh, gw = self.grid if self.grid is not None and self.dynamic else (1, 1)  # the grid must fit
             h, w = max(m, -(-32 * gh // m) * m), max(2 * m, -(-32 * gw // m) * m)
             example = torch.randn(1, self.in_channels, h, w, device=p.device, dtype=p.dtype)
+        if padding:
+            absorb_zero_padding(self, example)
         fold_conv_bn(self, example, skip=(self.decoder,), fuse_act=activations)
         if squeeze_excitation:
             fold_se_gates(self, example)
