@@ -26,14 +26,14 @@ ROOT = Path(__file__).resolve().parents[1]
 MARKER = "<!-- demo-commands -->"
 
 
-def readme_commands(readme: Path = ROOT / "README.md") -> str:
-    """The demo's shell commands, exactly as the README shows them."""
+def readme_commands(readme: Path = ROOT / "README.md", marker: str = MARKER) -> str:
+    """A demo's shell commands (the ```bash block after ``marker``), exactly as the README shows them."""
     text = readme.read_text()
-    if MARKER not in text:
-        raise SystemExit(f"{readme}: no {MARKER} marker")
-    m = re.search(r"```bash\n(.*?)```", text[text.index(MARKER):], re.S)
+    if marker not in text:
+        raise SystemExit(f"{readme}: no {marker} marker")
+    m = re.search(r"```bash\n(.*?)```", text[text.index(marker):], re.S)
     if m is None:
-        raise SystemExit(f"{readme}: no ```bash block after {MARKER}")
+        raise SystemExit(f"{readme}: no ```bash block after {marker}")
     return m.group(1)
 
 
