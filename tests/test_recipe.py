@@ -103,6 +103,8 @@ def test_recipe_steps_and_resume(synth, tmp_path):
     for i, s in enumerate(rec["steps"], 1):
         assert s["done"] and s["weights"] == f"step{i}/best.safetensors" and s["best_miou"] is not None
         assert read_metadata(full / s["weights"])["stage"] == i
+        state = torch.load(full / f"step{i}/last.state.pt", weights_only=False)
+        assert state["args"]["val_scales"] == ([1.0] if i == 1 else [0.5, 1.0])  # step 1: no attention yet
         # poly decay of power 0.8 from each step's learning rate, stepped every iteration
         steps = _steps(full / f"step{i}" / "metrics.jsonl")
         total = len(steps)

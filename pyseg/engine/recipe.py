@@ -6,7 +6,8 @@
 2. trunks and heads frozen, the attention head trained (lr 5e-4);
 3. attention frozen, trunks and heads fine-tuned (lr 1e-4);
 
-each with poly decay of power 0.8 (``--poly-power`` overrides), the loss chosen by ``--loss`` (CE, RMI, ...). A
+each with poly decay of power 0.8 (``--poly-power`` overrides), the loss chosen by ``--loss`` (CE, RMI, ...). Step 1
+validates at scale 1.0 alone (its attention head is untrained), the others at ``--val-scales``. A
 step is an ordinary training run with ``--stage N`` (:func:`pyseg.engine.trainer.apply_stage`) and ``--init`` set
 to the previous step's best weights (its last ones when it did not validate).
 
@@ -104,6 +105,8 @@ def run_recipe(cfg) -> dict:
         step_cfg.stage, step_cfg.lr, step_cfg.epochs = step.stage, lrs[i], epochs[i]
         step_cfg.poly_power = poly_power if cfg.poly_power is None else cfg.poly_power
         step_cfg.init = init
+        if step.stage == 1:  # no attention trained yet: validate scale 1.0 alone
+            step_cfg.val_scales = [1.0]
         step_cfg.init_non_strict = cfg.init_non_strict if i == 0 else False
         resume_step = cfg.resume == "auto" and (step_dir / "last.state.pt").is_file()
         step_cfg.resume = "auto" if resume_step else None
