@@ -3,7 +3,8 @@
 The commands are the ```bash block after ``<!-- hmsa-recipe-demo -->`` in README.md; they run in ``--workdir``
 (relative paths: ``data/``, ``runs/``) through a pipe, as in a log file::
 
-    python benchmarks/hmsa_recipe_demo.py --workdir /tmp/hmsa-demo --out benchmarks/results/2026-12-01-cpu/hmsa_recipe_demo.txt
+    python benchmarks/hmsa_recipe_demo.py --workdir /tmp/hmsa-demo \
+        --out benchmarks/results/2026-12-01-cpu/hmsa_recipe_demo.txt
 
 ``OUT`` gets: a header (commit, date, CPU count, load average), the commands, their stdout+stderr unedited, then
 the exit status, wall and CPU time, and one JSON line ``RESULT {...}``: each recipe step's best val mIoU from the
@@ -16,13 +17,12 @@ import argparse
 import json
 import os
 import re
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from demo_seeds import ROOT, readme_commands
+from demo_seeds import ROOT, readme_commands, run_chain
 
 MARKER = "<!-- hmsa-recipe-demo -->"
 
@@ -61,14 +61,8 @@ def main(argv=None):
     with open(out, "w") as f:
         f.write(header)
         f.flush()
-        before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        t0 = time.time()
-        r = subprocess.run(["bash", "-c", commands], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                           text=True)
-        wall = time.time() - t0
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        r, wall, cpu = run_chain(commands, cwd)
         f.write(r.stdout)
-        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
         f.write(f"# exit status {r.returncode}, wall {wall:.1f} s ({wall / 60:.2f} min), CPU {cpu:.1f} s, load "
                 f"average at end {' '.join(f'{v:.2f}' for v in os.getloadavg())}\n")
         rec = {"exit_status": r.returncode, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1)}

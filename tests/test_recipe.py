@@ -336,7 +336,8 @@ def test_bad_inputs(synth, tmp_path, capsys):
           "argument --extra-data: expected KIND:PATH with KIND one of")
     usage(train_cli.main, _train_argv(synth, tmp_path / "o", "--extra-data", "zip:pseudo"),
           "expected KIND:PATH")
-    usage(train_cli.main, _train_argv(synth, tmp_path / "o", "--extra-weight", "0.3"), "--extra-weight needs --extra-data")
+    usage(train_cli.main, _train_argv(synth, tmp_path / "o", "--extra-weight", "0.3"),
+          "--extra-weight needs --extra-data")
     usage(train_cli.main, _train_argv(synth, tmp_path / "o", "--extra-data", "folder:x", "--extra-weight", "1"),
           "argument --extra-weight: expected a number in (0, 1), got '1'")
     usage(train_cli.main, _train_argv(synth, tmp_path / "o", "--recipe", "hmsa-staged", "--stage", "2"),
@@ -354,3 +355,28 @@ def test_bad_inputs(synth, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
     assert train_cli.main(_train_argv(synth, tmp_path / "o2", "--model", "test-tiny", "--stage", "2")) == 1
     assert "--stage needs a model with set_stage()" in capsys.readouterr().err
+
+
+def test_readme_hmsa_demo_figures_match_the_raw_log():
+    """The README's demo figures are those of the committed raw log, which ran the README's commands verbatim."""
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "benchmarks"))
+    try:
+        from hmsa_recipe_demo import MARKER
+        from demo_seeds import readme_commands
+    finally:
+        sys.path.pop(0)
+    log = (root / "benchmarks/results/2026-12-01-cpu/hmsa_recipe_demo.txt").read_text()
+    logged = "".join(line[4:] + "\n" for line in log.split("# commands:\n")[1].split("# output:\n")[0].splitlines())
+    assert logged == readme_commands(marker=MARKER), "the README demo changed since the recorded run: rerun it"
+    result = json.loads(log.splitlines()[-1][len("RESULT "):])
+    assert result["exit_status"] == 0
+    readme = (root / "README.md").read_text()
+    section = readme[readme.index(MARKER):readme.index("### Training demo on generated data")]
+    assert "benchmarks/results/2026-12-01-cpu/hmsa_recipe_demo.txt" in section
+    for v in result["labelled"] + result["mixed"] + result["eval_miou"]:
+        assert f"{v:.3f}" in section, v
+    assert f"{result['pseudo_labelled_fraction']:.1%}" in section
+    assert f"{result['wall_s'] / 60:.1f} min" in section

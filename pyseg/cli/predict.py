@@ -213,8 +213,9 @@ def run(argv=None) -> list[Path]:
     if pseudo is not None:
         summary = pseudo.finish()
         written.append(summary)
-        print(f"pseudo-labels for {len(files)} image(s) in {pseudo.out}: {json.loads(summary.read_text())['labelled_fraction']:.1%} "
-              f"of the pixels labelled (threshold {args.threshold:g})")
+        fraction = json.loads(summary.read_text())["labelled_fraction"]
+        print(f"pseudo-labels for {len(files)} image(s) in {pseudo.out}: {fraction:.1%} of the pixels labelled "
+              f"(threshold {args.threshold:g})")
     if out is not None:
         print(f"wrote {len(written)} files for {len(files)} image(s) to {out}")
     return written
