@@ -237,6 +237,25 @@ def test_mixed_sampler_draws_each_source_at_its_weight(synth):
         assert torch.equal(mask[0], src[j][1])
 
 
+def test_training_with_extra_data_and_class_uniform_sampling(synth, tmp_path, capsys):
+    import shutil
+
+    extra = tmp_path / "extra"
+    for sub in ("images", "masks"):
+        shutil.copytree(synth / sub / "test", extra / sub)
+    shutil.copy(synth / "classes.txt", extra / "classes.txt")
+    args = ["--import", TINY, "--model", "test-tiny", "--dataset", "folder", "--data-root", str(synth),
+            "--output-dir", str(tmp_path / "run"), "--epochs", "1", "--batch-size", "4", "--workers", "0",
+            "--no-progress", "--scale-p", "0", "--loss", "ce", "--val-split", "", "--extra-data", f"folder:{extra}",
+            "--extra-weight", "0.25", "--class-uniform", "0.5"]
+    summary = train_cli.run(args)
+    assert summary["step"] == (16 + 4) // 4  # an epoch draws len(train) + len(extra) samples
+    assert "16 train images + 4 extra (share 0.25)" in capsys.readouterr().out
+    (extra / "classes.txt").write_text("background\ncircle\n")
+    with pytest.raises(ValueError, match="has classes \\['background', 'circle'\\], the training set"):
+        train_cli.run(args)
+
+
 def test_class_uniform_weights():
     # source of 4 images; class 2 only in image 3, class 0 in all, class 1 in images 0-1
     pres = np.array([[1, 1, 0], [1, 1, 0], [1, 0, 0], [1, 0, 1]], bool)
