@@ -26,14 +26,14 @@ ROOT = Path(__file__).resolve().parents[1]
 MARKER = "<!-- demo-commands -->"
 
 
-def readme_commands(readme: Path = ROOT / "README.md") -> str:
-    """The demo's shell commands, exactly as the README shows them."""
+def readme_commands(readme: Path = ROOT / "README.md", marker: str = MARKER) -> str:
+    """A demo's shell commands (the ```bash block after ``marker``), exactly as the README shows them."""
     text = readme.read_text()
-    if MARKER not in text:
-        raise SystemExit(f"{readme}: no {MARKER} marker")
-    m = re.search(r"```bash\n(.*?)```", text[text.index(MARKER):], re.S)
+    if marker not in text:
+        raise SystemExit(f"{readme}: no {marker} marker")
+    m = re.search(r"```bash\n(.*?)```", text[text.index(marker):], re.S)
     if m is None:
-        raise SystemExit(f"{readme}: no ```bash block after {MARKER}")
+        raise SystemExit(f"{readme}: no ```bash block after {marker}")
     return m.group(1)
 
 
@@ -55,6 +55,16 @@ def parse_eval(output: str) -> dict:
             "iou_pct": {k: float(v) for k, v in rows[-4:]}}
 
 
+def run_chain(script: str, cwd: Path):
+    """Run a shell command chain in ``cwd`` with stdout and stderr on one pipe; (CompletedProcess, wall s, CPU s)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.time()
+    r = subprocess.run(["bash", "-c", script], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wall = time.time() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r, wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -70,13 +80,7 @@ def main(argv=None):
         cwd = Path(a.workdir) / f"seed{seed}"
         cwd.mkdir(parents=True)
         script = with_seed(commands, seed)
-        before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        t0 = time.time()
-        r = subprocess.run(["bash", "-c", script], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                           text=True)
-        wall = time.time() - t0
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        r, wall, cpu = run_chain(script, cwd)
         rec = {"seed": seed, "exit_status": r.returncode, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1)}
         try:
             rec.update(parse_eval(r.stdout))

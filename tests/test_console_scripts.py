@@ -3,7 +3,7 @@
 ``pyseg-train``/``pyseg-eval``/``pyseg-predict`` are looked up next to the running interpreter (a venv's bin/, where
 ``pip install`` puts them). Without an installed pyseg (a source checkout on ``PYTHONPATH``) those tests skip,
 saying so; CI installs the package, so there they run. ``python -m pyseg.train`` runs from a checkout too.
-Cost: about 10 subprocesses with a test-only tiny model, one epoch each (~5 s of CPU each, mostly imports).
+Cost: about 12 subprocesses with a test-only tiny model, one epoch each (~5 s of CPU each, mostly imports).
 """
 import importlib.metadata
 import io
@@ -126,6 +126,20 @@ def test_usage_error_exits_2():
     assert r.returncode == 2 and "usage: pyseg-train" in r.stderr and "required" in r.stderr, r.stderr
     r = _run([_script("pyseg-eval"), "--help"])
     assert r.returncode == 0 and "usage: pyseg-eval" in r.stdout
+
+
+def test_recipe_and_pseudo_label_options(tmp_path, data):
+    """Bad values of the HMSA recipe's options: a usage error (2) or one error line (1), as users see them."""
+    missing = tmp_path / "no_pseudo"
+    r = _run([_script("pyseg-train"), "--model", "hmsa-deeplabv3p-mobilenetv2", "--dataset", "folder", "--data-root",
+              str(data), "--output-dir", str(tmp_path / "o"), "--recipe", "hmsa-staged", "--extra-data",
+              f"folder:{missing}"])
+    _one_line_error(r, "pyseg-train", f"--extra-data folder not found: {missing}")
+    r = _run([_script("pyseg-predict"), "--checkpoint", "x", "--input", "y", "--pseudo-labels", "z", "--threshold",
+              "1.5"])
+    assert r.returncode == 2 and "usage: pyseg-predict" in r.stderr, r.stderr
+    assert r.stderr.splitlines()[-1] == ("pyseg-predict: error: argument --threshold: expected a number in (0, 1], "
+                                         "got '1.5'")
 
 
 def test_traceback_on_request(tmp_path):

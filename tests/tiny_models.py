@@ -41,3 +41,36 @@ class ScalesAwareNet(TinySegNet):
 if "test-tiny" not in list_models():
     register_model("test-tiny", TinySegNet, {"width": 16, "norm": "bn"}, "tiny test-only conv net")
     register_model("test-tiny-scales", ScalesAwareNet, {"width": 8}, "tiny net with set_scales")
+
+
+class TinyHMSABase(nn.Module):
+    """The multi-scale attention protocol (``forward_features_and_logits``, ``attn_channels``, ``trunk``) on a
+    two-layer stride-4 trunk: logits and attention features at stride 4, as DeepLabV3+."""
+
+    def __init__(self, num_classes: int, width: int = 8):
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Conv2d(3, width, 3, 2, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+                                   nn.Conv2d(width, width, 3, 2, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.head = nn.Conv2d(width, num_classes, 1)
+        self.attn_channels = width
+
+    def forward_features_and_logits(self, x):
+        feats = self.trunk(x)
+        return self.head(feats), feats
+
+    def forward(self, x):
+        return nn.functional.interpolate(self.head(self.trunk(x)), size=x.shape[-2:], mode="bilinear",
+                                         align_corners=False)
+
+
+def tiny_hmsa(num_classes: int = 4, width: int = 8, attn_mid_channels: int = 8, infer_scales=(0.5, 1.0, 2.0),
+              **_):
+    from pyseg.nn import MultiScaleAttention
+
+    return MultiScaleAttention(TinyHMSABase(num_classes, width), train_scales=(0.5, 1.0), infer_scales=infer_scales,
+                               attn_mid_channels=attn_mid_channels)
+
+
+if "test-tiny-hmsa" not in list_models():
+    register_model("test-tiny-hmsa", tiny_hmsa, {"width": 8, "attn_mid_channels": 8},
+                   "tiny multi-scale attention net (stride-4 logits)")

@@ -97,6 +97,29 @@ def positive_int(s: str) -> int:
     return v
 
 
+def _unit_interval(closed: bool):
+    """An argparse type: a number in (0, 1], or in (0, 1) when not ``closed``."""
+    label = "(0, 1]" if closed else "(0, 1)"
+
+    def parse(s: str) -> float:
+        try:
+            v = float(s)
+        except ValueError:
+            v = float("nan")
+        if not (0.0 < v < 1.0 or (closed and v == 1.0)):
+            raise argparse.ArgumentTypeError(f"expected a number in {label}, got {s!r}")
+        return v
+
+    parse.__name__ = "number in " + label  # argparse names the type by it in errors
+    return parse
+
+
+#: a share such as a sampling weight, in (0, 1)
+open_unit_float = _unit_interval(closed=False)
+#: a confidence threshold, in (0, 1]
+probability_threshold = _unit_interval(closed=True)
+
+
 def size_hw(s: str) -> tuple[int, int]:
     """'512x1024' (HxW) or '512' (square) -> (H, W)."""
     try:

@@ -5,8 +5,11 @@
 
 The model name, class count and model keywords come from the checkpoint's metadata (override with --model,
 --num-classes, --model-arg). ``--scales``: models with ``set_scales()`` or a ``scales`` attribute get the list and
-fuse the scales themselves; other models are run per scale and their softmax outputs averaged (see
-:mod:`pyseg.engine.inference`). Works under ``torchrun`` (each rank evaluates a shard; matrices are summed).
+fuse the scales themselves (hierarchical multi-scale attention: scale after scale, argmax labels from the fused
+kernel, so no full-resolution per-scale logits); other models are run per scale and their softmax outputs
+averaged (see :mod:`pyseg.engine.inference`). The summary ends with the peak memory one image's prediction
+allocated (:mod:`pyseg.engine.memory`). Works under ``torchrun`` (each rank evaluates a shard; matrices are
+summed).
 """
 from __future__ import annotations
 
@@ -65,12 +68,13 @@ def run(argv=None) -> dict:
         loader = DataLoader(ds, batch_size=args.batch_size, sampler=ShardSampler(len(ds)), num_workers=args.workers,
                             pin_memory=device.type == "cuda")
         res = evaluate(model, loader, num_classes, device, amp=args.amp, flip=args.flip, scales=args.scales,
-                       size_divisor=args.size_divisor, progress=args.progress)
+                       size_divisor=args.size_divisor, progress=args.progress, track_memory=True)
         names = meta.get("classes") or list(ds.classes)
         if is_main():
             print(f"{args.checkpoint} on {args.dataset}:{args.split} ({len(ds)} images, flip={args.flip}, "
                   f"scales={args.scales or [1.0]})")
             print(format_iou_table(res, names))
+            print(f"peak memory per image: {res['peak_memory_mb']:.1f} MB ({res['memory_method']})")
             if args.json:
                 with open(args.json, "w") as f:
                     json.dump({**res, "iou": [None if v != v else v for v in res["iou"]],

@@ -104,11 +104,21 @@ def _pair(size) -> tuple[int, int] | None:
 
 def build_train_transform(crop_size=None, scale_range=(0.25, 2.0), scale_p: float = 0.5, hflip: float = 0.5,
                           color_jitter: float = 0.0, noise_std: float = 0.0, mean=IMAGENET_MEAN,
-                          std=IMAGENET_STD):
+                          std=IMAGENET_STD, contrast: float = 0.0):
     """Training pipeline: random resize (``scale_range`` with probability ``scale_p``) → random crop
     ``crop_size`` (H, W) padded where needed with 0 (image) / 255 (mask) → horizontal flip (probability
-    ``hflip``) → brightness/contrast/saturation jitter of strength ``color_jitter`` (0 = off) → float → Gaussian
-    noise of std ``noise_std`` in [0, 1] units (0 = off) → normalisation (ImageNet by default)."""
+    ``hflip``) → brightness/contrast/saturation jitter of strength ``color_jitter`` (0 = off) → contrast change
+    by a factor drawn from [1 − ``contrast``, 1 + ``contrast``] (0 = off) → float → Gaussian noise of std
+    ``noise_std`` in [0, 1] units (0 = off) → normalisation (ImageNet by default). Random crop, contrast,
+    Gaussian noise and horizontal flip are the HMSA slides' augmentations."""
+    for name, v in (("hflip", hflip), ("scale_p", scale_p)):
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"{name} is a probability and must be in [0, 1], got {v}")
+    for name, v in (("color_jitter", color_jitter), ("contrast", contrast), ("noise_std", noise_std)):
+        if v < 0:
+            raise ValueError(f"{name} must be >= 0, got {v}")
+    if contrast >= 1:
+        raise ValueError(f"contrast must be < 1 (factors in [1 - contrast, 1 + contrast]), got {contrast}")
     t: list = []
     if scale_p > 0 and tuple(scale_range) != (1.0, 1.0):
         t.append(RandomScale(scale_range, p=scale_p))
@@ -120,6 +130,8 @@ def build_train_transform(crop_size=None, scale_range=(0.25, 2.0), scale_p: floa
         t.append(v2.RandomHorizontalFlip(p=hflip))
     if color_jitter > 0:
         t.append(v2.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter))
+    if contrast > 0:
+        t.append(v2.ColorJitter(contrast=contrast))
     t.append(v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True))
     if noise_std > 0:
         t.append(v2.GaussianNoise(mean=0.0, sigma=noise_std, clip=True))

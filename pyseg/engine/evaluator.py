@@ -7,7 +7,8 @@ import torch
 
 from ..metrics import ConfusionMatrix
 from .distributed import is_main
-from .inference import configure_scales, predict_scores
+from .inference import configure_scales, predict_labels
+from .memory import PeakMemory
 from .progress import progress as progress_bar
 
 __all__ = ["evaluate", "autocast_context"]
@@ -27,8 +28,14 @@ def autocast_context(device: torch.device, amp: str | None):
 
 @torch.no_grad()
 def evaluate(model, loader, num_classes: int, device, amp: str | None = None, flip: bool = False, scales=None,
-             size_divisor: int = 1, ignore_index: int = 255, progress="auto", desc: str = "eval") -> dict:
+             size_divisor: int = 1, ignore_index: int = 255, progress="auto", desc: str = "eval",
+             track_memory: bool = False) -> dict:
     """mIoU etc. (see :meth:`ConfusionMatrix.compute`) of ``model`` over ``loader`` (batches of (image, mask)).
+
+    Labels come from :func:`~pyseg.engine.inference.predict_labels`: multi-scale attention models fuse their
+    ``scales`` (and argmax) in one kernel, scale after scale, so memory does not grow with full-resolution
+    per-scale logits. ``track_memory``: also return ``peak_memory_mb``, the largest tensor memory one batch's
+    prediction allocated above its input, and ``memory_method`` (:class:`~pyseg.engine.memory.PeakMemory`).
 
     Under DDP each rank sees its shard (use :class:`~pyseg.engine.distributed.ShardSampler`) and the matrices
     are all-reduced, so every rank returns the whole set's metrics. ``progress``: a mode of
@@ -39,13 +46,17 @@ def evaluate(model, loader, num_classes: int, device, amp: str | None = None, fl
     model.eval()
     native = configure_scales(model, scales)
     cm = ConfusionMatrix(num_classes, ignore_index=ignore_index, device=device)
+    peak = PeakMemory(device)
     it = progress_bar(loader, desc=desc, mode=progress, enabled=is_main())
     for image, mask in it:
         image = image.to(device, non_blocking=True)
         mask = mask.to(device, non_blocking=True)
-        with autocast_context(device, amp):
-            scores = predict_scores(model, image, flip=flip, scales=scales, size_divisor=size_divisor,
+        with autocast_context(device, amp), (peak if track_memory else contextlib.nullcontext()):
+            labels = predict_labels(model, image, flip=flip, scales=scales, size_divisor=size_divisor,
                                     native_scales=native)
-        cm.update(scores.argmax(1), mask)
+        cm.update(labels, mask)
     model.train(was_training)
-    return cm.compute()
+    res = cm.compute()
+    if track_memory:
+        res.update(peak_memory_mb=peak.peak_mb, memory_method=peak.method)
+    return res

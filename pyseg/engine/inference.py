@@ -14,6 +14,13 @@ Multi-scale inference (``scales``) is generic:
 
 With flip TTA the prediction for the horizontally flipped input is flipped back and averaged with the plain one.
 ``size_divisor`` pads inputs (bottom/right, zeros) to a multiple before the forward pass and crops the output.
+
+Labels (:func:`predict_labels`, what evaluation uses): a model with a ``predict(x, output="labels")`` method
+(hierarchical multi-scale attention) gives its argmax labels straight from the fused kernel, so without flip no
+full-resolution logits exist at all, for any number of scales (the scales run one after the other; only their
+native-resolution outputs are kept). With flip the two fused logit maps are needed (their softmax probabilities
+are averaged): a fixed number of full-resolution maps, whatever the number of scales. Other models take the
+argmax of :func:`predict_scores`.
 """
 from __future__ import annotations
 
@@ -24,7 +31,8 @@ import torch.nn.functional as F
 
 from .checkpoint import unwrap
 
-__all__ = ["extract_logits", "forward_logits", "configure_scales", "predict_scores"]
+__all__ = ["extract_logits", "forward_logits", "configure_scales", "predict_scores", "predict_probabilities",
+           "predict_labels"]
 
 
 def extract_logits(out):
@@ -98,3 +106,34 @@ def predict_scores(model, x: torch.Tensor, flip: bool = False, scales: Sequence[
                 p = p.flip(-1)
             acc = p if acc is None else acc + p
     return acc / (len(run_scales) * (2 if flip else 1))
+
+
+@torch.no_grad()
+def predict_probabilities(model, x: torch.Tensor, flip: bool = False, scales: Sequence[float] | None = None,
+                          size_divisor: int = 1, native_scales: bool | None = None) -> torch.Tensor:
+    """Class probabilities (B, C, H, W), float32, at ``x``'s size: the softmax of :func:`predict_scores`'s logits,
+    or its mean probabilities under test-time augmentation (flip, generic multi-scale)."""
+    if native_scales is None:
+        native_scales = configure_scales(model, scales)
+    scores = predict_scores(model, x, flip=flip, scales=scales, size_divisor=size_divisor,
+                            native_scales=native_scales)
+    tta = flip or (bool(scales) and not native_scales and list(scales) != [1.0])
+    return scores.float() if tta else scores.float().softmax(1)
+
+
+@torch.no_grad()
+def predict_labels(model, x: torch.Tensor, flip: bool = False, scales: Sequence[float] | None = None,
+                   size_divisor: int = 1, native_scales: bool | None = None) -> torch.Tensor:
+    """Labels (B, H, W) int64 at ``x``'s size; through the model's fused ``predict(x, output="labels")`` when it
+    has one and no flip is asked (see the module docstring), else the argmax of :func:`predict_scores`."""
+    if native_scales is None:
+        native_scales = configure_scales(model, scales)
+    m = unwrap(model)
+    if flip or not callable(getattr(m, "predict", None)) or (scales and not native_scales):
+        return predict_scores(model, x, flip=flip, scales=scales, size_divisor=size_divisor,
+                              native_scales=native_scales).argmax(1)
+    h, w = x.shape[-2:]
+    pad_h, pad_w = (-h) % size_divisor, (-w) % size_divisor
+    if pad_h or pad_w:
+        x = F.pad(x, (0, pad_w, 0, pad_h))
+    return m.predict(x, output="labels")[..., :h, :w]

@@ -16,6 +16,15 @@ Freezing (``--freeze PREFIX ...``): parameters whose qualified name equals a pre
 ``prefix + "."`` stop requiring gradients, and the modules with those names are kept in eval mode (frozen BN
 statistics). This is the hook for staged training (e.g. hierarchical multi-scale attention: ``--freeze trunk``
 to train only the attention head, with ``--init stage1.safetensors``); a prefix that matches nothing is an error.
+``--stage N`` (hierarchical multi-scale attention models) applies the model's ``set_stage(N)`` instead: the
+parameters it freezes stop training and its wholly frozen submodules are kept in eval mode; in stage 1 the model
+returns each scale's own logits and the loss is summed over the scales. ``--recipe hmsa-staged`` runs the three
+stages in a row (:mod:`pyseg.engine.recipe`).
+
+Data mixing (``--extra-data KIND:PATH``, e.g. pseudo-labels written by ``pyseg-predict --pseudo-labels``): the
+extra set is concatenated to the training set and every epoch draws ``len(train) + len(extra)`` samples, a share
+``--extra-weight`` of them from the extra set (:class:`pyseg.data.sampling.WeightedEpochSampler`, seeded by the
+seed and the epoch); ``--class-uniform P`` draws a share P of each source's samples class-uniformly.
 """
 from __future__ import annotations
 
@@ -32,6 +41,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ..data import build_dataset, build_eval_transform, build_train_transform
+from ..data.sampling import WeightedEpochSampler, class_presence, mixing_weights
 from ..data.transforms import seed_worker
 from ..losses import build_loss
 from . import checkpoint as ckpt
@@ -42,7 +52,8 @@ from .build import build_model, import_extra, resolve_device  # noqa: F401  (als
 from .inference import extract_logits
 from .progress import progress, resolve_mode
 
-__all__ = ["train", "import_extra", "resolve_device", "apply_freeze", "build_model", "poly_lambda"]
+__all__ = ["train", "import_extra", "resolve_device", "apply_freeze", "apply_stage", "build_model", "poly_lambda",
+           "build_train_sampler", "training_loss"]
 
 
 def apply_freeze(model: torch.nn.Module, prefixes) -> list[str]:
@@ -66,6 +77,72 @@ def apply_freeze(model: torch.nn.Module, prefixes) -> list[str]:
             raise ValueError(f"--freeze prefix {pre!r} matches no parameter or module of the model "
                              f"(top-level modules: {top})")
     return frozen
+
+
+def apply_stage(model: torch.nn.Module, stage: int | None) -> list[str]:
+    """``model.set_stage(stage)`` (hierarchical multi-scale attention staged training); returns the names of the
+    submodules it froze entirely (to keep in eval mode). ``None``: nothing to do."""
+    if stage is None:
+        return []
+    if not callable(getattr(model, "set_stage", None)):
+        raise ValueError(f"--stage needs a model with set_stage() (hierarchical multi-scale attention, e.g. "
+                         f"hmsa-deeplabv3p-mobilenetv2); {type(model).__name__} has none")
+    from ..nn.hmsa import frozen_modules
+
+    model.set_stage(stage)
+    return frozen_modules(model)
+
+
+def _extra_dataset(cfg, transform, train_set):
+    """The ``--extra-data KIND:PATH`` set (folder layouts without a split folder are read whole), checked
+    against the training set's classes."""
+    kind, root = cfg.extra_data
+    split = None if kind == "folder" else cfg.train_split
+    extra = build_dataset(kind, root, split, transform)
+    if tuple(extra.classes) != tuple(train_set.classes):
+        raise ValueError(f"--extra-data {kind}:{root} has classes {list(extra.classes)}, the training set "
+                         f"{list(train_set.classes)}")
+    return extra
+
+
+def build_train_sampler(train_set, extra_set=None, extra_weight: float | None = None, class_uniform: float = 0.0,
+                        num_classes: int | None = None, seed: int = 0, world: int = 1, rank: int = 0):
+    """(dataset, sampler) of the training loader. Plain: ``train_set`` with a shuffling ``DistributedSampler``.
+    With an ``extra_set`` (drawn with share ``extra_weight``) or ``class_uniform`` > 0: their concatenation
+    with a :class:`~pyseg.data.sampling.WeightedEpochSampler` of ``len(train_set) + len(extra_set)`` draws per
+    epoch."""
+    if extra_set is None and class_uniform <= 0:
+        return train_set, DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=seed,
+                                             drop_last=False)
+    sources = [train_set] + ([extra_set] if extra_set is not None else [])
+    shares = None
+    if extra_set is not None:
+        if extra_weight is None or not 0.0 < extra_weight < 1.0:
+            raise ValueError(f"extra_weight must be in (0, 1), got {extra_weight}")
+        shares = [1.0 - extra_weight, extra_weight]
+    presence = None
+    if class_uniform > 0:
+        n = num_classes or train_set.num_classes
+        presence = [class_presence(d, n) for d in sources]
+    weights = mixing_weights([len(d) for d in sources], shares, class_uniform, presence)
+    mixed = torch.utils.data.ConcatDataset(sources)
+    return mixed, WeightedEpochSampler(weights, len(mixed), seed=seed, num_replicas=world, rank=rank)
+
+
+def training_loss(out, mask: torch.Tensor, criterion) -> torch.Tensor:
+    """The loss of one batch: ``criterion`` on the model's logits (upsampled to the mask) plus, for a dict output,
+    ``w * criterion`` of each ``(w, logits)`` of its ``aux_terms`` (auxiliary heads, HMSA stage 1's scales)."""
+    terms = [(1.0, extract_logits(out))]
+    if isinstance(out, dict):
+        terms += list(out.get("aux_terms", ()))
+    loss = None
+    for w, logits in terms:
+        logits = logits.float()
+        if logits.shape[-2:] != mask.shape[-2:]:
+            logits = F.interpolate(logits, size=mask.shape[-2:], mode="bilinear", align_corners=False)
+        term = criterion(logits, mask)
+        loss = term if loss is None else loss + w * term
+    return loss
 
 
 def _set_train_mode(model: torch.nn.Module, frozen: list[str]) -> None:
@@ -175,7 +252,7 @@ def _train(cfg, device, rank, world) -> dict:
 
     # --- data
     train_tf = build_train_transform(cfg.crop_size, cfg.scale_range, cfg.scale_p, cfg.hflip, cfg.color_jitter,
-                                     cfg.noise_std)
+                                     cfg.noise_std, contrast=getattr(cfg, "contrast", 0.0))
     val_tf = build_eval_transform(size_divisor=cfg.size_divisor)
     dkw = dict(cfg.dataset_kwargs or {})
     train_set = build_dataset(cfg.dataset, cfg.data_root, cfg.train_split, train_tf, **dkw)
@@ -183,6 +260,7 @@ def _train(cfg, device, rank, world) -> dict:
                if cfg.val_split and cfg.val_every > 0 else None)
     num_classes = cfg.num_classes or train_set.num_classes
     class_names = list(train_set.classes)[:num_classes]
+    extra_set = _extra_dataset(cfg, train_tf, train_set) if getattr(cfg, "extra_data", None) else None
 
     # --- model (identical initial weights on every rank; DDP also broadcasts rank 0's)
     torch.manual_seed(cfg.seed)
@@ -193,6 +271,10 @@ def _train(cfg, device, rank, world) -> dict:
         if main and (missing or unexpected):
             print(f"--init {cfg.init}: missing {len(missing)} keys, unexpected {len(unexpected)} keys")
     frozen = apply_freeze(model, cfg.freeze)
+    stage = getattr(cfg, "stage", None)
+    frozen += [n for n in apply_stage(model, stage) if n not in frozen]
+    # stage 1 trains no attention: validate at scale 1.0 alone unless told otherwise
+    val_scales = getattr(cfg, "val_scales", None) or ([1.0] if stage == 1 else None)
     if cfg.sync_bn and world > 1 and device.type == "cpu":
         raise ValueError("--sync-bn needs CUDA devices: torch.nn.SyncBatchNorm has no CPU implementation")
     if cfg.sync_bn and world > 1:
@@ -217,8 +299,9 @@ def _train(cfg, device, rank, world) -> dict:
         loss_kw = dict(k=cfg.bootstrap_k, thresh=cfg.bootstrap_thresh)
     criterion = build_loss(cfg.loss, ignore_index=255, num_classes=num_classes, **loss_kw).to(device)
 
-    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed,
-                                 drop_last=False)
+    train_set, sampler = build_train_sampler(train_set, extra_set, getattr(cfg, "extra_weight", None),
+                                             float(getattr(cfg, "class_uniform", 0.0) or 0.0), num_classes,
+                                             cfg.seed, world, rank)
     drop_last = len(sampler) >= cfg.batch_size
     loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
                         drop_last=drop_last, pin_memory=device.type == "cuda", worker_init_fn=seed_worker,
@@ -232,8 +315,8 @@ def _train(cfg, device, rank, world) -> dict:
         raise ValueError(f"the training set ({len(train_set)} images, {len(sampler)} per process) gives no batch "
                          f"of size {cfg.batch_size}")
     total_steps = cfg.epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(total_steps, cfg.poly_power,
-                                                                         cfg.warmup_steps))
+    poly_power = 0.9 if cfg.poly_power is None else cfg.poly_power
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(total_steps, poly_power, cfg.warmup_steps))
     use_scaler = cfg.amp == "fp16" and device.type == "cuda"
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
 
@@ -263,6 +346,8 @@ def _train(cfg, device, rank, world) -> dict:
 
     meta_base = {"model": cfg.model, "num_classes": num_classes, "model_kwargs": model_kwargs,
                  "classes": class_names, "dataset": cfg.dataset}
+    if stage is not None:
+        meta_base["stage"] = stage
 
     def save(tag: str, epoch_done: int):
         rngs = all_gather_object(ckpt.rng_state())  # collective: every rank
@@ -277,9 +362,11 @@ def _train(cfg, device, rank, world) -> dict:
 
     if main:
         n_train = sum(p.numel() for p in params)
-        print(f"pyseg-train: model {cfg.model} ({n_train:,} trainable params), {num_classes} classes, "
-              f"{len(train_set)} train images, world size {world}, device {device}, {steps_per_epoch} steps/epoch, "
-              f"{total_steps} steps")
+        extra = f" + {len(extra_set)} extra (share {cfg.extra_weight:g})" if extra_set is not None else ""
+        staged = f", stage {stage}" if stage is not None else ""
+        print(f"pyseg-train: model {cfg.model} ({n_train:,} trainable params{staged}), {num_classes} classes, "
+              f"{len(train_set) - (len(extra_set) if extra_set is not None else 0)} train images{extra}, world size "
+              f"{world}, device {device}, {steps_per_epoch} steps/epoch, {total_steps} steps")
     last_val = None
     epochs_run = 0
     epoch = start_epoch
@@ -296,16 +383,7 @@ def _train(cfg, device, rank, world) -> dict:
             mask = mask.to(device, non_blocking=True)
             with autocast_context(device, cfg.amp):
                 out = model(image)
-            terms = [(1.0, extract_logits(out))]
-            if isinstance(out, dict):  # weighted auxiliary outputs (NVIDIA-style HMSA: pyseg.models.mscale)
-                terms += list(out.get("aux_terms", ()))
-            loss = None
-            for w, logits in terms:
-                logits = logits.float()
-                if logits.shape[-2:] != mask.shape[-2:]:
-                    logits = F.interpolate(logits, size=mask.shape[-2:], mode="bilinear", align_corners=False)
-                term = criterion(logits, mask)
-                loss = term if loss is None else loss + w * term
+            loss = training_loss(out, mask, criterion)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}")
             optimizer.zero_grad(set_to_none=True)
@@ -335,7 +413,7 @@ def _train(cfg, device, rank, world) -> dict:
         is_last = epoch + 1 == cfg.epochs
         if val_loader is not None and ((epoch + 1) % cfg.val_every == 0 or is_last):
             res = evaluate(model, val_loader, num_classes, device, amp=cfg.amp, size_divisor=cfg.size_divisor,
-                           progress=cfg.progress, desc="val")
+                           progress=cfg.progress, desc="val", scales=val_scales)
             last_val = res
             _log(log_path, {"type": "val", "epoch": epoch + 1, "step": step, **res})
             if main:

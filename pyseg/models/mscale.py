@@ -324,7 +324,7 @@ class NVMultiScaleAttention(MultiScaleAttention):
         return logits, attns, sizes
 
     def forward(self, x, scales: Sequence[float] | None = None):
-        if not self.training:
+        if not self.training or self.stage == 1:
             return super().forward(x, scales)
         scales = self.train_scales if scales is None else _check_scales(scales, "scales")
         if len(scales) != 2 or scales[1] != 1.0:

@@ -35,7 +35,7 @@ from torch import nn
 
 from ..ops.hmsa_fuse import hmsa_fuse
 
-__all__ = ["AttentionHead", "MultiScaleAttention", "set_training_stage", "STAGES"]
+__all__ = ["AttentionHead", "MultiScaleAttention", "set_training_stage", "frozen_modules", "STAGES", "STAGE_LR"]
 
 
 class AttentionHead(nn.Module):
@@ -157,7 +157,33 @@ class MultiScaleAttention(nn.Module):
             sizes.append(tuple(size))
         return logits, attns, sizes
 
+    def per_scale_outputs(self, x, scales: Sequence[float] | None = None) -> dict:
+        """Staged training, step 1 (trunk and segmentation head per scale, no attention): each scale's
+        logits on its own, upsampled to the input size, as ``{"out": scale 1.0, "aux_terms": [(1.0,
+        scale s), ...]}`` (the trainer sums one loss per scale). The attention head is not run."""
+        scales = self.active_scales if scales is None else _check_scales(scales, "scales")
+        per_scale = {}
+        for s in scales:
+            size = self.scaled_size(x.shape[-2:], s)
+            xs = x if tuple(x.shape[-2:]) == size else F.interpolate(
+                x, size=size, mode="bilinear", align_corners=False)
+            lg, _ = self.model.forward_features_and_logits(xs)
+            per_scale[s] = lg if tuple(lg.shape[-2:]) == tuple(x.shape[-2:]) else F.interpolate(
+                lg, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return {"out": per_scale.pop(1.0), "aux_terms": [(1.0, lg) for lg in per_scale.values()]}
+
+    @torch.no_grad()
+    def attention_maps(self, x, scales: Sequence[float] | None = None) -> dict:
+        """Each scale's attention map a_s (B, 1, H, W), resized bilinearly to the input size, for every
+        scale below the top one (the top scale's attention is unused by the fusion)."""
+        scales = self.scales if scales is None else _check_scales(scales, "scales")
+        _, attns, _ = self._per_scale(x, scales)
+        return {s: F.interpolate(a, size=x.shape[-2:], mode="bilinear", align_corners=False)
+                for s, a in zip(scales, attns) if a is not None}
+
     def forward(self, x, scales: Sequence[float] | None = None):
+        if self.training and self.stage == 1:
+            return self.per_scale_outputs(x, scales)
         scales = self.active_scales if scales is None else _check_scales(scales, "scales")
         logits, attns, sizes = self._per_scale(x, scales)
         out = hmsa_fuse(logits, attns, scales, x.shape[-2:], output="logits", backend=self.backend,
@@ -199,18 +225,21 @@ class MultiScaleAttention(nn.Module):
 
 #: stage -> (trunk, seg head, attention head) trainable
 STAGES = {1: (True, True, False), 2: (False, False, True), 3: (True, True, False)}
+#: the slides' learning rate of each stage (Adam; ``pyseg-train --recipe hmsa-staged``)
+STAGE_LR = {1: 1e-3, 2: 5e-4, 3: 1e-4}
 
 
 def set_training_stage(msa: MultiScaleAttention, stage: int) -> list[dict]:
     """Seed 001's staged training; sets ``requires_grad`` and returns the optimiser param groups.
 
-    * stage 1: train trunk + segmentation head (attention head frozen);
+    * stage 1: train trunk + segmentation head per scale (attention head frozen; in training mode
+      ``forward`` then returns each scale's own logits, :meth:`MultiScaleAttention.per_scale_outputs`);
     * stage 2: freeze trunk and segmentation head, train the attention head;
     * stage 3: freeze the attention head, fine-tune trunk + segmentation head.
 
     Returns ``[{"name": ..., "params": [...]}, ...]`` with only the trainable groups (for
     ``torch.optim.SGD(groups, lr=...)``). Frozen modules keep their mode; call ``.eval()`` on them to
-    also freeze BatchNorm statistics if wanted.
+    also freeze BatchNorm statistics if wanted (``pyseg-train --stage`` does: :func:`frozen_modules`).
     """
     if stage not in STAGES:
         raise ValueError(f"stage must be 1, 2 or 3, got {stage!r}")
@@ -224,4 +253,15 @@ def set_training_stage(msa: MultiScaleAttention, stage: int) -> list[dict]:
         if trainable:
             out.append({"name": name, "params": params})
     msa.stage = stage
+    return out
+
+
+def frozen_modules(msa: MultiScaleAttention) -> list[str]:
+    """Names of ``msa``'s direct submodules (``model``, ``attention``) whose parameters are all frozen: the
+    modules a trainer keeps in eval mode (frozen BatchNorm statistics) after :func:`set_training_stage`."""
+    out = []
+    for name, mod in msa.named_children():
+        params = list(mod.parameters())
+        if params and not any(p.requires_grad for p in params):
+            out.append(name)
     return out
