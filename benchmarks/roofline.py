@@ -1,0 +1,720 @@
+"""Per-kernel performance model of pyseg's GPU ops: floor (roofline) and the current CUDA design's prediction.
+
+Every ``pyseg::<op>`` call of the registry models is captured on the meta device with the mechanism of
+``pyseg.kernels._aot.op_calls`` (one eval forward per model at its registry input size, batch 1; plus the
+``PatchWiseConv2d`` shapes it lists); backward calls follow from the forward shapes. For each call and
+direction this prints:
+
+* **MB**: the minimum bytes moved: every input tensor read once and every output written once, in the
+  dtype of the run (int64 for labels); intermediates of a fused op are not counted (they can stay on chip).
+* **GFLOP**: 2 per multiply-accumulate of the op's semantics (``pyseg/ops/reference``), 2 per per-channel
+  affine element (mul + add), 7 per bilinear sample (4 mul + 3 add), 1 per other elementwise mul/add;
+  clamps (ReLU/ReLU6), comparisons (argmax) and index arithmetic are not counted. The patch-wise conv counts
+  every tap, zero padding included (as ``F.unfold`` does); the meta block counts pw1 on the 1-px halo
+  (part of its semantics). Backward: gradients of every input; ops whose backward needs a pre-activation
+  (meta_block, pointwise_block) recompute their forward (the op saves nothing), which is counted.
+* **floor µs** = max(bytes / HBM bandwidth, FLOPs / peak) on the named GPU. Peak: fp32 FFMA (non-tensor)
+  for float32 by default (``--fp32-path tf32``: the tf32 tensor-core peak for the GEMM-like ops), the dense
+  bf16/fp16 tensor-core peak for bfloat16/float16; hmsa_fuse (bilinear gathers, no GEMM) always uses the
+  FFMA peak.
+* **predicted µs**: the current CUDA kernels (``csrc/cuda``, ``backend="cuda"``) as written, from a small
+  model per kernel (see ``_KernelCost`` and the per-op ``_cuda_*`` functions; every factor is a named
+  constant or a count read off the code, with the line/pattern it comes from). The Triton kernels are not
+  modelled here.
+
+``--measured FILE...`` merges medians from GPU runs: JSON written by ``bench_meta_block.py`` and
+``bench_patchwise_conv2d.py`` (rows of the ``cuda`` backend at a shape in the table), or this script's own
+format (``{"results": [{"op", "direction", "shape", "dtype", "median_us"}]}``, ``shape`` as printed).
+
+    python benchmarks/roofline.py --gpu h100 --models hyperseg-m --dtype bfloat16
+    python benchmarks/roofline.py --gpu h200 --measured out/suite/bench_meta_block_cuda_float32.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from typing import Dict, List, Optional, Sequence
+
+try:
+    import pyseg  # noqa: F401
+except ImportError:  # a source checkout run as a script
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESOURCES = os.path.join(HERE, "results", "2026-12-01-cpu", "gpu_resources_ci_scope.json")
+
+# ------------------------------------------------------------------------------------------------
+# GPUs (SPEC.md section 8; the brief of issue 20)
+# ------------------------------------------------------------------------------------------------
+GPUS = {
+    "h100": dict(name="H100 SXM", bw=3.35e12, fp32=67e12, tf32=495e12, bf16=990e12, l2_mb=50, sms=132,
+                 smem_per_sm=228 * 1024, clock=1.98e9),
+    "h200": dict(name="H200", bw=4.8e12, fp32=67e12, tf32=495e12, bf16=990e12, l2_mb=60, sms=132,
+                 smem_per_sm=228 * 1024, clock=1.98e9),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ESIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+# ------------------------------------------------------------------------------------------------
+# Design-model constants (the named factors; each used by every kernel the same way)
+# ------------------------------------------------------------------------------------------------
+#: kernel launch + drain at batch 1 (an empty kernel in a stream costs ~2-3 us on Hopper).
+LAUNCH_US = 2.5
+#: L2 -> SM bandwidth as a multiple of HBM bandwidth (Hopper microbenchmarks: ~2-3x).
+L2_X = 2.5
+#: one SM sustains about this many times its 1/132 share of HBM/L2 bandwidth (few active SMs cannot
+#: saturate the memory system: grids of 16 blocks run at 16*2/132 of it).
+SM_BW_SHARE = 2.0
+#: resident warps per SM needed to hide shared/L1 latency (~30 cycles) at one LSU op per cycle;
+#: fewer resident warps stretch the SM's time by WARPS_TO_HIDE / resident.
+WARPS_TO_HIDE = 16
+#: instructions of one int64 division or modulo by a runtime value (a called subroutine in SASS); the
+#: CUDA loops split their flat index with ``idx / hq, idx % hq`` (and ``p / ew, p % ew``) per work item.
+INT64_DIV = 40
+#: a 32-byte sector: a strided read ``src[n * G]`` (``stage_weights``, ``wb[e * GG]``) uses 1 element of it.
+SECTOR = 32
+#: per-SM pipes per cycle: 4 warp-instructions issued, 1 shared-memory wavefront / L1 load instruction.
+ISSUE_PER_CLK, LSU_PER_CLK = 4, 1
+
+
+def _bank_conflict(stride_words: int) -> int:
+    """Ways of a shared-memory bank conflict when 32 lanes read 32 distinct words ``stride`` apart."""
+    return math.gcd(int(stride_words), 32) if stride_words else 1
+
+
+class _KernelCost:
+    """One CUDA kernel launch: grid, resources, bytes (DRAM and L2->SM) and per-block SM cycles.
+
+    time = LAUNCH_US + max(t_dram, t_l2, t_sm), where
+      t_dram = dram / (BW * f), t_l2 = l2 / (L2_X * BW * f), f = min(1, active SMs * SM_BW_SHARE / SMs);
+      t_sm   = ceil(blocks / SMs) * cycles_per_block * max(1, WARPS_TO_HIDE / resident warps) / clock.
+    cycles_per_block = max(LSU wavefronts / LSU_PER_CLK, instructions / ISSUE_PER_CLK), summed by ``loop``.
+    """
+
+    def __init__(self, name: str, blocks: int, threads: int, smem: int = 0):
+        self.name, self.blocks, self.threads, self.smem = name, max(1, int(blocks)), threads, smem
+        self.dram = self.l2 = 0.0
+        self.lsu = self.issue = 0.0  # per block, in warp-level units
+
+    def loop(self, items: float, inner: float = 1, lsu: float = 0, issue: float = 1, overhead: float = 0,
+             conflict: float = 1):
+        """A block-stride loop over ``items`` work items (one per thread at a time), each running ``inner``
+        iterations of ``lsu`` shared/L1 ops (times ``conflict`` wavefronts) and ``issue`` instructions,
+        plus ``overhead`` instructions per item. Lanes of a partly filled warp still cost a full warp."""
+        warps = math.ceil(items / self.threads) * math.ceil(min(items, self.threads) / 32)
+        self.lsu += warps * inner * lsu * conflict
+        self.issue += warps * (inner * issue + overhead)
+        return self
+
+    def time_us(self, gpu: dict) -> float:
+        sms = gpu["sms"]
+        bps = _blocks_per_sm(self.name, self.threads, self.smem, gpu)
+        active = min(sms, self.blocks)
+        f = min(1.0, active * SM_BW_SHARE / sms)
+        t_dram = self.dram / (gpu["bw"] * f)
+        t_l2 = self.l2 / (L2_X * gpu["bw"] * f)
+        per_sm = math.ceil(self.blocks / sms)
+        resident = min(bps, per_sm) * self.threads / 32
+        cycles = max(self.lsu / LSU_PER_CLK, self.issue / ISSUE_PER_CLK)
+        t_sm = per_sm * cycles * max(1.0, WARPS_TO_HIDE / resident) / gpu["clock"]
+        return LAUNCH_US + 1e6 * max(t_dram, t_l2, t_sm)
+
+
+_REGS: Optional[Dict[str, int]] = None
+
+
+def _regs(kernel: str) -> int:
+    """Registers/thread of a CUDA kernel from the committed resource table (ptxas, sm_90)."""
+    global _REGS
+    if _REGS is None:
+        with open(RESOURCES) as f:
+            rows = json.load(f)["rows"]
+        _REGS = {r["kernel"]: int(r["regs"]) for r in rows if r["backend"] == "cuda"}
+    return _REGS.get(kernel, 32)
+
+
+def _blocks_per_sm(kernel: str, threads: int, smem: int, gpu: dict) -> int:
+    """Occupancy limit: registers (64K/SM), threads (2048), shared memory (+1 KB reserved/block), 32 blocks."""
+    by_regs = 65536 // max(1, _regs(kernel) * threads)
+    by_smem = gpu["smem_per_sm"] // (smem + 1024) if smem else 32
+    return max(1, min(by_regs, 2048 // threads, by_smem, 32))
+
+
+# ------------------------------------------------------------------------------------------------
+# shapes and helpers
+# ------------------------------------------------------------------------------------------------
+def _patch_sizes(n: int, g: int) -> List[int]:
+    """Sizes of the g patches of n pixels: patch of i is floor(i*g/n) (pyseg/ops/reference patch_index)."""
+    sizes = [0] * g
+    for i in range(n):
+        sizes[i * g // n] += 1
+    return sizes
+
+
+def _numel(shape) -> int:
+    return int(math.prod(shape))
+
+
+def _shape_str(*shapes) -> str:
+    return " ".join("x".join(map(str, s)) for s in shapes)
+
+
+# ------------------------------------------------------------------------------------------------
+# op semantics: minimum bytes and FLOPs
+# ------------------------------------------------------------------------------------------------
+def patchwise_counts(x, w, has_bias, stride, padding, dilation, groups, esize):
+    """(fwd bytes, fwd flops, bwd bytes, bwd flops, y shape) of pyseg::patchwise_conv2d."""
+    B, Cin, H, W = x
+    _, Cout, Cg, kh, kw, gh, gw = w
+    Hout = (H + padding[0] + padding[1] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    Wout = (W + padding[2] + padding[3] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    y = (B, Cout, Hout, Wout)
+    nb = B * Cout * gh * gw if has_bias else 0
+    macs = _numel(y) * Cg * kh * kw
+    t = (_numel(x) + _numel(w) + nb + _numel(y)) * esize
+    fwd_flops = 2 * macs + (_numel(y) if has_bias else 0)
+    # backward: read grad_y, x, w; write grad_x, grad_w, grad_bias; dX and dW are one MAC each per tap
+    bwd_flops = 4 * macs + (_numel(y) if has_bias else 0)
+    return t, fwd_flops, t, bwd_flops, y
+
+
+def pointwise_counts(x, wflat, esize):
+    """pyseg::pointwise_block: y = relu(scale * (W_patch x) + shift), weight (B, Cout*Cin, gh, gw)."""
+    B, Cin, H, W = x
+    Cout = wflat[1] // Cin
+    y = B * Cout * H * W
+    gemm = 2 * B * H * W * Cin * Cout
+    fwd_b = (_numel(x) + _numel(wflat) + 2 * Cout + y) * esize
+    fwd_f = gemm + 2 * y
+    # backward: recompute z (GEMM + affine), dX (GEMM), dW (GEMM), d(scale) = sum g*z (2), d(shift) = sum g (1),
+    # g*scale (1): read grad_y, x, w, scale, shift; write grad_x, grad_w, grad_scale, grad_shift
+    bwd_b = (y + 2 * _numel(x) + 2 * _numel(wflat) + 4 * Cout) * esize
+    bwd_f = 3 * gemm + 2 * y + 4 * y
+    return fwd_b, fwd_f, bwd_b, bwd_f, (B, Cout, H, W)
+
+
+def meta_counts(x, wflat, hid, Cout, esize):
+    """pyseg::meta_block (per patch: pw1 on patch+halo, dw 3x3, pw2; an affine after each stage)."""
+    B, Cin, H, W = x
+    gh, gw = wflat[2], wflat[3]
+    A = 2 * hid + Cout
+    halo = sum((a + 2) * (b + 2) for a in _patch_sizes(H, gh) for b in _patch_sizes(W, gw))  # sum of haloed areas
+    P = H * W
+    fwd_f = B * (2 * hid * Cin * halo + 2 * hid * halo + 2 * 9 * hid * P + 2 * hid * P + 2 * Cout * hid * P
+                 + 2 * Cout * P)
+    y = B * Cout * H * W
+    fwd_b = (_numel(x) + _numel(wflat) + 2 * A + y) * esize
+    # backward = recomputed forward + per stage: grad of its input (same MACs) and of its weights (same MACs),
+    # affine grads 4 per element (g*z, two sums, g*s); the haloed grad_x is summed into grad_x (Cin*(halo-P) adds)
+    bwd_f = fwd_f + 2 * (fwd_f - B * (2 * hid * halo + 2 * hid * P + 2 * Cout * P)) \
+        + B * 4 * (hid * halo + hid * P + Cout * P) + B * Cin * (halo - P)
+    bwd_b = (y + 2 * _numel(x) + 2 * _numel(wflat) + 4 * A) * esize
+    return fwd_b, fwd_f, bwd_b, bwd_f, (B, Cout, H, W)
+
+
+def hmsa_counts(logits, atts, scales, out_size, labels, scale_sizes, esize):
+    """pyseg::hmsa_fuse following the reference's order (pyseg/ops/reference/hmsa_fuse.py): every resize
+    is a bilinear sample per output element (7 flops), every gate a*p (1), 1-a (1), (1-a)*q (1), + (1)."""
+    B, C = logits[0][:2]
+    order = sorted(range(len(scales)), key=lambda i: -float(scales[i]))
+    flops = 0
+    pred = None
+    for i in order:
+        size = tuple(logits[i][-2:])
+        if scale_sizes is not None and tuple(scale_sizes[i]) != size:
+            size = tuple(scale_sizes[i])
+            flops += 7 * B * C * _numel(size)
+        if pred is None:
+            pred = size
+            continue
+        att = tuple(atts[i][-2:])
+        if att != size:
+            flops += 7 * B * _numel(size)
+        if float(scales[i]) >= 1.0:
+            down = 7 * B * C * _numel(size) if pred != size else 0
+            flops += down + B * C * _numel(size) * 3 + B * _numel(size)  # a*p, (1-a)*D, +; 1-a per pixel
+            pred = size
+        else:
+            n = _numel(pred)
+            flops += B * C * _numel(size) + 7 * B * C * n + 7 * B * n + B * n + 2 * B * C * n
+    if pred != tuple(out_size):
+        flops += 7 * B * C * _numel(out_size)
+    reads = sum(_numel(s) for s in logits) + sum(_numel(a) for i, a in enumerate(atts) if i != order[0])
+    out = B * _numel(out_size) * 8 if labels else B * C * _numel(out_size) * esize
+    return reads * esize + out, flops
+
+
+def hmsa_bwd_counts(g, p1, pl, al, esize):
+    """Two-scale training form backward (grad of p1, p_low, a_low from grad at out_size): read g, p1, pl, al,
+    write their gradients; flops: the adjoint of every forward operation (2x the two-scale forward)."""
+    B, C = p1[:2]
+    _, fwd_f = hmsa_counts([p1, pl], [(0,), al], [1.0, 0.5], g[-2:], False, None, esize)
+    return (_numel(g) + 2 * (_numel(p1) + _numel(pl) + _numel(al))) * esize, 2 * fwd_f
+
+
+# ------------------------------------------------------------------------------------------------
+# the current CUDA design (csrc/cuda), one function per op and direction -> [_KernelCost]
+# ------------------------------------------------------------------------------------------------
+def _meta_plan(PH, PW, Cin, hid, Cout, N, backward):
+    """plan_tiles (csrc/cuda/meta_block.cu:44): largest T in 32..1 whose smem (float accumulators) fits
+    100 KB, then 227 KB; weights in smem first."""
+    A = 2 * hid + Cout
+    for budget in (100 * 1024, 227 * 1024):
+        for wsmem in (True, False):
+            for T in (32, 16, 8, 4, 2, 1):
+                th, tw = min(T, PH), min(T, PW)
+                if backward:
+                    e = (2 * N if wsmem else 0) + 2 * A + (Cin + 2 * hid) * (th + 2) * (tw + 2) + 2 * (hid + Cout) * th * tw
+                else:
+                    e = (N if wsmem else 0) + (Cin + hid) * (th + 2) * (tw + 2) + hid * th * tw
+                if 4 * e <= budget:
+                    return th, tw, wsmem, 4 * e
+    raise ValueError("meta_block: channels too large for shared memory")
+
+
+def _cuda_meta(x, wflat, hid, Cout, esize, backward):
+    B, Cin, H, W = x
+    N, gh, gw = wflat[1], wflat[2], wflat[3]
+    PH, PW = max(_patch_sizes(H, gh)), max(_patch_sizes(W, gw))
+    th, tw, wsmem, smem = _meta_plan(PH, PW, Cin, hid, Cout, N, backward)
+    ntile = math.ceil(PH / th) * math.ceil(PW / tw)
+    hq, tp = (th + 2) * (tw + 2), th * tw
+    G = gh * gw
+    name = "meta_backward_kernel" if backward else "meta_forward_kernel"
+    k = _KernelCost(name, B * G, 256, smem)  # meta_block_kernels.cuh: one 256-thread block per (sample, patch)
+    # stage_weights: N strided reads src[n * G] -> one 32-B sector per element through L2 (kernels.cuh:47)
+    k.loop(N, lsu=1, issue=6)
+    k.l2 += B * G * N * SECTOR
+    for _ in range(ntile):
+        # load_tile: idx / hq, idx % hq, q / hw, q % hw (4 int64 divs) + reflect per element (kernels.cuh:55)
+        k.loop(Cin * hq, lsu=2, issue=4, overhead=4 * INT64_DIV)
+        if not backward:
+            # pw1: 2 LDS per FMA (w1[c] broadcast, xh[c*hq+q] consecutive), no register blocking (:104)
+            k.loop(hid * hq, Cin, lsu=2, issue=3, overhead=2 * INT64_DIV + 8)
+            # dw: 9 taps, 2 LDS each; 4 int64 divs per item (idx/tp, idx%tp, p/ew, p%ew) (:112)
+            k.loop(hid * tp, 9, lsu=2, issue=3, overhead=4 * INT64_DIV + 8)
+            # pw2: 2 LDS per FMA, result straight to global y (:121)
+            k.loop(Cout * tp, hid, lsu=2, issue=3, overhead=4 * INT64_DIV + 10)
+            continue
+        # backward (kernels.cuh:180-300): recompute z1, z2, z3 then the gradients per tile
+        k.loop(hid * hq, Cin, lsu=2, issue=3, overhead=2 * INT64_DIV)                    # z1
+        k.loop(hid * tp, 9, lsu=2, issue=6, overhead=4 * INT64_DIV)                      # z2 (affine+relu6 per tap)
+        k.loop(Cout * tp, hid, lsu=4, issue=8, overhead=2 * INT64_DIV)                   # z3: scale/shift LDG per k
+        # per-channel partials: one thread per channel walks tp pixels, lanes tp words apart (:218)
+        k.loop(Cout, tp, lsu=3, issue=8, conflict=_bank_conflict(tp))
+        # grad W3: lanes = consecutive k reading z2[k*tp + p] (stride tp) (:231)
+        k.loop(Cout * hid, tp, lsu=1 + _bank_conflict(tp), issue=6, overhead=2 * INT64_DIV)
+        k.loop(hid * tp, Cout, lsu=2, issue=3, overhead=2 * INT64_DIV)                   # g2
+        k.loop(hid, tp, lsu=3, issue=8, conflict=_bank_conflict(tp))                      # stage-2 partials
+        # grad W2: two int64 divs per pixel (p / ew, p % ew) inside the loop, lanes ~4 channels apart (:258)
+        k.loop(hid * 9, tp, lsu=2, issue=8 + 2 * INT64_DIV, conflict=4, overhead=2 * INT64_DIV)
+        k.loop(hid * hq, 9, lsu=2, issue=6, overhead=4 * INT64_DIV)                      # g1 (bounds per tap)
+        k.loop(hid, hq, lsu=3, issue=8, conflict=_bank_conflict(hq))                      # stage-1 partials
+        # grad W1: lanes = consecutive c reading xh[c*hq + q] (stride hq) (:290)
+        k.loop(hid * Cin, hq, lsu=1 + _bank_conflict(hq), issue=4, overhead=2 * INT64_DIV)
+        k.loop(Cin * hq, hid, lsu=2, issue=3, overhead=4 * INT64_DIV + 10)               # haloed grad_x (RMW)
+    xb, yb = _numel(x) * esize, B * Cout * H * W * esize
+    gxbuf = B * G * Cin * (PH + 2) * (PW + 2) * 4
+    if not backward:
+        k.dram = xb + _numel(wflat) * esize + yb
+        k.l2 += xb * hq / tp + yb  # halo re-read per tile
+        return [k]
+    # grad_weight stored strided dst[n * G]: one sector per element (:307); gxbuf read-modify-write per tile
+    k.dram = 2 * xb + yb + 2 * _numel(wflat) * esize + 2 * gxbuf
+    k.l2 += xb * hq / tp + yb + B * G * N * SECTOR + 2 * gxbuf
+    zero = _KernelCost("at::zeros(gxbuf)", math.ceil(gxbuf / 4 / 256), 256)  # meta_block.cu: gxbuf = at::zeros
+    zero.dram = zero.l2 = gxbuf
+    zero.loop(256, issue=4)
+    A = 2 * hid + Cout
+    red = _KernelCost("reduce_partials_kernel", math.ceil(2 * A / 128), 128)  # sums B*G partials per thread
+    red.loop(128, B * G, lsu=1, issue=4)
+    red.dram = red.l2 = B * G * 2 * A * 4
+    gat = _KernelCost("gather_grad_x_kernel", math.ceil(_numel(x) / 256), 256)  # thread per input element
+    gat.loop(256, 4, lsu=1, issue=10, overhead=8 * INT64_DIV + 40)  # halo_readers + index splits
+    gat.dram = gxbuf + xb
+    gat.l2 = gxbuf + xb
+    return [zero, k, red, gat]
+
+
+def _cuda_pointwise(x, wflat, esize, backward):
+    """pointwise_block_kernels.cuh: one thread per pixel, kOC = 8 output channels in registers, grid
+    (ceil(HW/256), ceil(Cout/8), B); weights wp[(o*Cin + c)*G] read through L1 (a warp's pixels share
+    1-4 patches, consecutive in the (.., gh, gw) layout)."""
+    B, Cin, H, W = x
+    Cout, gh, gw = wflat[1] // Cin, wflat[2], wflat[3]
+    HW, G = H * W, gh * gw
+    ph = max(_patch_sizes(H, gh))
+    xb, wb, yb = _numel(x) * esize, _numel(wflat) * esize, B * Cout * HW * esize
+
+    def pix_kernel(name, outer, inner_ch):
+        k = _KernelCost(name, math.ceil(HW / 256) * math.ceil(outer / 8) * B, 256)
+        # per input channel: 1 LDG of x + 8 LDG of weights, 8 FFMA with a guard each (:37-41)
+        k.loop(256, inner_ch, lsu=9, issue=9 + 8 * 2, overhead=2 * INT64_DIV + 20)
+        return k
+
+    f = pix_kernel("pointwise_forward_kernel", Cout, Cin)
+    # x re-read once per 8-channel tile (grid.y) from L2; weights re-read per pixel row of a patch (a block
+    # covers whole rows; L1 does not outlive a block)
+    f.dram = xb + wb + yb
+    f.l2 = xb * math.ceil(Cout / 8) + wb * ph + yb
+    if not backward:
+        return [f]
+    acc = B * Cout * HW * 4
+    f.name = "pointwise_forward_kernel(z, gu)"
+    f.dram, f.l2 = xb + wb + yb + 2 * acc, f.l2 + 2 * acc  # reads grad_out, writes z and gu in float
+    gx = pix_kernel("pointwise_grad_x_kernel", Cin, Cout)
+    gx.dram = acc + wb + xb
+    gx.l2 = acc * math.ceil(Cin / 8) + wb * ph + xb
+    # grad_w: one block per patch, Cout*Cin entries per thread loop over the patch pixels (:57)
+    np_ = max(_patch_sizes(H, gh)) * max(_patch_sizes(W, gw))
+    gw_ = _KernelCost("pointwise_grad_w_kernel", B * G, 256)
+    gw_.loop(Cout * Cin, np_, lsu=2, issue=6, overhead=2 * INT64_DIV)
+    gw_.loop(Cout, np_, lsu=2, issue=6)
+    gw_.dram = acc + xb + wb
+    gw_.l2 = B * G * Cout * Cin * SECTOR + acc + xb * math.ceil(Cout * Cin / 256)
+    red = _KernelCost("reduce_partials_kernel", math.ceil(2 * Cout / 128), 128)
+    red.loop(128, B * G, lsu=1, issue=4)
+    red.dram = red.l2 = B * G * 2 * Cout * 4
+    return [f, gx, gw_, red]
+
+
+def _cuda_patchwise(x, w, has_bias, stride, padding, dilation, groups, esize, backward):
+    """patchwise_conv2d_kernels.cuh: forward grid (B*G, ceil(Cout/OT)), OT = min(Cout, 64), 256 threads, a
+    thread per (channel, pixel) of the patch looping over Cg*kh*kw taps; weights staged in smem from the
+    strided layout (one sector per element), x read from global (L1) per tap with int64 index math."""
+    B, Cin, H, W = x
+    _, Cout, Cg, kh, kw, gh, gw = w
+    _, _, _, _, y = patchwise_counts(x, w, has_bias, stride, padding, dilation, groups, esize)
+    Hout, Wout = y[2], y[3]
+    G, K = gh * gw, Cg * kh * kw
+    OT = min(Cout, 64)
+    P = max(_patch_sizes(Hout, gh)) * max(_patch_sizes(Wout, gw))
+    xb, wb, yb = _numel(x) * esize, _numel(w) * esize, _numel(y) * esize
+    bb = B * Cout * G * esize if has_bias else 0
+    f = _KernelCost("pw_forward_kernel", B * G * math.ceil(Cout / OT), 256, OT * K * 4)
+    f.loop(OT * K, lsu=2, issue=6)  # weight staging ws[t] = wb[t * GG] (:40)
+    # per tap: LDS weight (broadcast) + LDG x (L1) + FFMA + 2 bounds checks + int64 addressing (:52-62)
+    f.loop(OT * P, K, lsu=2, issue=12, overhead=4 * INT64_DIV + 12)
+    f.dram = xb + wb + bb + yb
+    halo_x = B * Cin * sum((a * stride[0] + kh - 1) * (b * stride[1] + kw - 1)
+                           for a in _patch_sizes(Hout, gh) for b in _patch_sizes(Wout, gw)) * esize
+    f.l2 = halo_x * math.ceil(Cout / OT) + B * Cout * K * G * SECTOR + yb + bb
+    if not backward:
+        return [f]
+    # dX: one thread per input element, per tap a search of the output pixel + Og iterations of two strided
+    # global loads (gp[og*HWo], wp[og*K*GG]) (:83-100)
+    Og = Cout // groups
+    total = _numel(x)
+    dx = _KernelCost("pw_grad_input_kernel", min(math.ceil(total / 256), 65535 * 8), 256)
+    dx.loop(256 * math.ceil(total / 256 / dx.blocks), kh * kw * Og, lsu=2, issue=8,
+            overhead=4 * INT64_DIV + kh * kw * (2 * INT64_DIV + 20))
+    dx.dram = yb + wb + xb
+    dx.l2 = yb * kh * kw + _numel(x) * kh * kw * Og * SECTOR / 32 + xb
+    # dW: block per (patch, 256-entry tile); a warp per entry when P >= 32 (lane-strided pixels + shuffle),
+    # else a thread per entry over P pixels; 2 int64 divs per pixel (p / pw, p % pw) (:108-170)
+    E = Cout * K + (Cout if has_bias else 0)
+    dw = _KernelCost("pw_grad_weight_kernel", B * G * math.ceil(E / 256), 256)
+    if P >= 32:
+        dw.loop(32 * min(E, 256) / 8, math.ceil(P / 32) * 8, lsu=2, issue=10 + 2 * INT64_DIV)
+    else:
+        dw.loop(min(E, 256), P, lsu=2, issue=10 + 2 * INT64_DIV)
+    dw.dram = xb + yb + wb + bb
+    dw.l2 = B * G * E * SECTOR + (xb + yb) * min(E, 256) / 8  # every warp/thread re-reads its channel planes
+    return [dx, dw]  # the backward op launches only these two (patchwise_conv2d.cu:95-120)
+
+
+def _hmsa_terms(n: int, one: int) -> int:
+    """hmsa_max_terms (csrc/common/hmsa_fuse.h:52): stencil length per output pixel."""
+    high = 1
+    for _ in range(one):
+        high = 1 + 4 * high
+    return 4 * (high + 4 * (n - 1 - one))
+
+
+def _cuda_hmsa(logits, atts, scales, out_size, labels, scale_sizes, esize):
+    """hmsa_fuse.cu: one thread per output pixel builds its stencil (terms in local memory), then per class
+    gathers every term (3 local loads for the term + 1 global load + FFMA); with resampled scales the
+    stencil is lowered to storage taps (4 per term)."""
+    B, C = logits[0][:2]
+    one = [float(s) for s in scales].index(1.0)
+    nt = _hmsa_terms(len(scales), one)
+    resampled = scale_sizes is not None and any(tuple(scale_sizes[i]) != tuple(logits[i][-2:])
+                                                for i in range(len(scales)))
+    if resampled and 4 * nt <= 160:
+        nt *= 4
+    pix = B * _numel(out_size)
+    k = _KernelCost("hmsa_fuse_kernel", min(math.ceil(pix / 256), 65535 * 64), 256)
+    per = math.ceil(pix / (k.blocks * 256))
+    k.loop(256 * per, C * nt, lsu=4, issue=7, overhead=nt * 30)
+    fb, _ = hmsa_counts(logits, atts, scales, out_size, labels, scale_sizes, esize)
+    k.dram = fb
+    k.l2 = pix * C * nt * esize + fb  # neighbouring lanes share sectors: ~1 element of traffic per tap
+    return [k]
+
+
+def _cuda_hmsa_bwd(g, p1, pl, al, esize):
+    """Two-scale backward: bwd_r1 / bwd_low / bwd_att, one thread per pixel of their grid, gathering the
+    bilinear adjoint over CSR tables (index + coefficient + value loads per tap)."""
+    B, C = p1[:2]
+    out = []
+    for name, grid, src in (("bwd_r1_kernel", p1, g), ("bwd_low_kernel", pl, p1), ("bwd_att_kernel", al, p1)):
+        r = max(1, src[-2] // grid[-2]) * max(1, src[-1] // grid[-1])
+        taps = 4 * r  # a low-res pixel receives from (2 r_h)(2 r_w) pixels of the finer grid
+        pix = B * grid[-2] * grid[-1]
+        k = _KernelCost(name, min(math.ceil(pix / 256), 65535 * 64), 256)
+        k.loop(256 * math.ceil(pix / (k.blocks * 256)), C * taps, lsu=3, issue=6, overhead=60)
+        k.dram = (_numel(src) + _numel(grid) * 2) * esize
+        k.l2 = pix * C * taps * esize + k.dram
+        out.append(k)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# the table
+# ------------------------------------------------------------------------------------------------
+def _shp(a):
+    return tuple(a.shape)
+
+
+def capture(models: Sequence[str]) -> List[tuple]:
+    """(model, op, args) of every pyseg op call of the models (pyseg.kernels._aot.op_calls, meta device)."""
+    from pyseg._extension import _load_kernels_package
+
+    _load_kernels_package()
+    from pyseg.kernels._aot import op_calls
+
+    calls: List[tuple] = []
+    for m in models:
+        try:
+            got = op_calls([m])
+        except Exception as e:  # a model whose forward cannot run on meta tensors: say so, keep the others
+            print(f"# {m}: skipped, its meta-device forward failed ({type(e).__name__}: {str(e).splitlines()[0][:100]})",
+                  file=sys.stderr)
+            continue
+        # op_calls also lists pyseg.nn.PatchWiseConv2d at HyperSeg-M's decoder shapes, once per call
+        calls += [c for c in got if c[0] != "PatchWiseConv2d" or not any(d[0] == "PatchWiseConv2d" for d in calls)]
+    return calls
+
+
+def _peak(gpu: dict, dtype: str, gemm: bool, fp32_path: str):
+    if not gemm:
+        return gpu["fp32"], "fp32 FFMA"
+    if dtype == "float32":
+        return (gpu["tf32"], "tf32 TC") if fp32_path == "tf32" else (gpu["fp32"], "fp32 FFMA")
+    return gpu["bf16"], f"{'bf16' if dtype == 'bfloat16' else 'fp16'} TC"
+
+
+def rows_for(calls, gpu_name: str, dtype: str, fp32_path: str = "fma") -> List[dict]:
+    gpu = GPUS[gpu_name]
+    es = ESIZE[dtype]
+    rows = []
+    level: Dict[str, int] = {}
+    for model, op, args in calls:
+        lvl = level.get(model, 0)
+        level[model] = lvl + 1
+        items = []  # (direction, bytes, flops, gemm, kernels, shape)
+        if op == "patchwise_conv2d":
+            x, w, b, stride, padding, dilation, groups = args
+            xs, ws = _shp(x), _shp(w)
+            fb, ff, bb, bf, y = patchwise_counts(xs, ws, b is not None, stride, padding, dilation, groups, es)
+            shape = _shape_str(xs, ws[1:6]) + f" g{groups}"
+            for d, by, fl in (("fwd", fb, ff), ("bwd", bb, bf)):
+                ks = _cuda_patchwise(xs, ws, b is not None, stride, padding, dilation, groups, es, d == "bwd")
+                items.append((d, by, fl, ws[2] * ws[3] * ws[4] >= 16, ks, shape))
+        elif op == "pointwise_block":
+            xs, ws = _shp(args[0]), _shp(args[1])
+            fb, ff, bb, bf, _ = pointwise_counts(xs, ws, es)
+            shape = _shape_str(xs) + f" ->{ws[1] // xs[1]} grid {ws[2]}x{ws[3]}"
+            for d, by, fl in (("fwd", fb, ff), ("bwd", bb, bf)):
+                items.append((d, by, fl, True, _cuda_pointwise(xs, ws, es, d == "bwd"), shape))
+        elif op == "meta_block":
+            xs, ws, hid, cout = _shp(args[0]), _shp(args[1]), int(args[4]), int(args[5])
+            fb, ff, bb, bf, _ = meta_counts(xs, ws, hid, cout, es)
+            shape = _shape_str(xs) + f" hid{hid} ->{cout} grid {ws[2]}x{ws[3]}"
+            for d, by, fl in (("fwd", fb, ff), ("bwd", bb, bf)):
+                items.append((d, by, fl, True, _cuda_meta(xs, ws, hid, cout, es, d == "bwd"), shape))
+        elif op == "hmsa_fuse":
+            lg, at, sc, osz = [_shp(t) for t in args[0]], [_shp(t) for t in args[1]], list(args[2]), list(args[3])
+            lab = bool(args[4]) if len(args) > 4 else False
+            flat = args[5] if len(args) > 5 and args[5] is not None else None
+            ss = [tuple(flat[2 * i:2 * i + 2]) for i in range(len(sc))] if flat else None
+            fb, ff = hmsa_counts(lg, at, sc, osz, lab, ss, es)
+            shape = "scales " + ",".join(f"{float(s):g}" for s in sc) + " " + _shape_str(*lg) + f" ->{osz[0]}x{osz[1]}"
+            items.append(("fwd", fb, ff, False, _cuda_hmsa(lg, at, sc, osz, lab, ss, es), shape))
+            one = [float(s) for s in sc].index(1.0)
+            if one + 1 < len(sc):  # the two-scale training form (kernels/_aot.py _replay)
+                B, C = lg[one][:2]
+                g = (B, C, osz[0], osz[1])
+                bb, bf = hmsa_bwd_counts(g, lg[one], lg[one + 1], at[one + 1], es)
+                items.append(("bwd", bb, bf, False, _cuda_hmsa_bwd(g, lg[one], lg[one + 1], at[one + 1], es),
+                              f"scales 1,{float(sc[one + 1]):g} " + _shape_str(lg[one], lg[one + 1]) +
+                              f" ->{osz[0]}x{osz[1]}"))
+        else:
+            raise ValueError(f"roofline: no model for pyseg::{op}")
+        for d, by, fl, gemm, ks, shape in items:
+            peak, path = _peak(gpu, dtype, gemm, fp32_path)
+            t_mem, t_fl = by / gpu["bw"] * 1e6, fl / peak * 1e6
+            floor = max(t_mem, t_fl)
+            pred = sum(k.time_us(gpu) for k in ks)
+            rows.append(dict(model=model, level=lvl, op=op, direction=d, shape=shape, dtype=dtype, MB=by / 1e6,
+                             GFLOP=fl / 1e9, peak=path, floor_us=floor, bound="mem" if t_mem >= t_fl else "compute",
+                             predicted_us=pred, pred_over_floor=pred / floor,
+                             kernels={k.name: round(k.time_us(gpu), 2) for k in ks}))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# measured medians
+# ------------------------------------------------------------------------------------------------
+def _measured_keys(path: str) -> List[tuple]:
+    """[(op, direction, key, dtype, median_us)] from a benchmark JSON; key matches ``_row_key``."""
+    with open(path) as f:
+        d = json.load(f)
+    out = []
+    if d.get("benchmark") == "meta_block":
+        dt = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(d["dtype"], d["dtype"])
+        if d.get("fused_backend") != "cuda":
+            return out
+        for r in d["rows"]:
+            if "fused_ms" not in r:
+                continue
+            op = "meta_block" if r["kind"] == "meta" else "pointwise_block"
+            key = (op, r["B"], r["Cin"], r["H"], r["W"], r["Cout"], r["gh"], r["gw"])
+            # forward+backward runs are reported on the bwd row as their whole time (see print_table)
+            out.append((op, "fwd+bwd" if d["mode"] == "forward+backward" else "fwd", key, dt, r["fused_ms"] * 1e3))
+    elif d.get("benchmark") == "patchwise_conv2d":
+        dt = d["args"]["dtype"]
+        for r in d["results"]:
+            if r["backend"] != "cuda":
+                continue
+            B, Cin, H, W = r["shape"]
+            key = ("patchwise_conv2d", B, Cin, H, W, r["Cout"], r["k"], r["groups"], *r["grid"])
+            out.append(("patchwise_conv2d", "fwd" if r["mode"] == "fwd" else "fwd+bwd", key, dt, r["median_ms"] * 1e3))
+    elif "results" in d:
+        for r in d["results"]:
+            out.append((r["op"], r["direction"], ("shape", r["op"], r["shape"]), r["dtype"], float(r["median_us"])))
+    else:
+        raise ValueError(f"{path}: not a benchmark JSON roofline.py knows (meta_block, patchwise_conv2d, results)")
+    return out
+
+
+def _row_keys(row: dict, call_args) -> List[tuple]:
+    keys = [("shape", row["op"], row["shape"])]
+    op, a = row["op"], call_args
+    if op in ("meta_block", "pointwise_block"):
+        B, Cin, H, W = a[0].shape
+        cout = int(a[5]) if op == "meta_block" else a[1].shape[1] // Cin
+        keys.append((op, B, Cin, H, W, cout, a[1].shape[2], a[1].shape[3]))
+    elif op == "patchwise_conv2d":
+        B, Cin, H, W = a[0].shape
+        w = a[1].shape
+        if w[3] == w[4] and list(a[3]) == [1, 1] and list(a[4]) == [w[3] // 2] * 4 and a[2] is not None:
+            keys.append((op, B, Cin, H, W, w[1], w[3], a[6], w[5], w[6]))
+    return keys
+
+
+def merge_measured(rows: List[dict], calls, paths: Sequence[str]) -> int:
+    """Add ``measured_us`` and ``pct_of_floor`` (floor / measured, %) to the rows a measurement matches;
+    a forward+backward time lands on the bwd row as measured minus the fwd row's measured time.
+    Returns the number of rows given a measurement."""
+    meas = {}
+    for p in paths:
+        for op, d, key, dt, us in _measured_keys(p):
+            meas[(d, key, dt)] = us
+    n = 0
+    by_call = {}
+    for r in rows:
+        by_call.setdefault((r["model"], r["level"]), []).append(r)
+    call_of = {}
+    level: Dict[str, int] = {}
+    for model, op, args in calls:
+        lvl = level.get(model, 0)
+        level[model] = lvl + 1
+        call_of[(model, lvl)] = args
+    for (model, lvl), rs in by_call.items():
+        keys = _row_keys(rs[0], call_of[(model, lvl)])
+        fwd = next((r for r in rs if r["direction"] == "fwd"), None)
+        for r in rs:
+            for key in keys:
+                us = meas.get((r["direction"], key, r["dtype"]))
+                if us is None and r["direction"] == "bwd":
+                    both = meas.get(("fwd+bwd", key, r["dtype"]))
+                    if both is not None and fwd is not None and "measured_us" in fwd:
+                        us = both - fwd["measured_us"]
+                if us is not None:
+                    r["measured_us"] = us
+                    r["pct_of_floor"] = 100 * r["floor_us"] / us
+                    n += 1
+                    break
+    return n
+
+
+def format_table(rows: List[dict], gpu_name: str) -> str:
+    measured = any("measured_us" in r for r in rows)
+    hdr = (f"{'kernel':<17}{'dir':<4}{'model/level':<24}{'shape':<46}{'dtype':<9}{'MB':>8}{'GFLOP':>8}"
+           f"{'floor us':>9} {'bound':<8}{'pred us':>9}{'pred/fl':>8}")
+    if measured:
+        hdr += f"{'meas us':>9}{'%floor':>7}"
+    g = GPUS[gpu_name]
+    lines = [f"# roofline on {g['name']}: HBM {g['bw'] / 1e12:.2f} TB/s, fp32 {g['fp32'] / 1e12:.0f}, "
+             f"tf32 {g['tf32'] / 1e12:.0f}, bf16/fp16 {g['bf16'] / 1e12:.0f} TFLOP/s, {g['sms']} SMs; "
+             "predicted = the current CUDA kernels (model, not a measurement)", hdr]
+    for r in rows:
+        line = (f"{r['op']:<17}{r['direction']:<4}{(r['model'] + '/' + str(r['level']))[:23]:<24}{r['shape'][:45]:<46}"
+                f"{r['dtype']:<9}{r['MB']:>8.2f}{r['GFLOP']:>8.3f}{r['floor_us']:>9.2f} "
+                f"{r['bound'] + '(' + r['peak'].split()[0] + ')' if r['bound'] == 'compute' else 'mem':<8}"
+                f"{r['predicted_us']:>9.1f}{r['pred_over_floor']:>7.1f}x")
+        if measured:
+            line += (f"{r['measured_us']:>9.1f}{r['pct_of_floor']:>6.0f}%" if "measured_us" in r else f"{'-':>9}{'-':>7}")
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    from pyseg.models import list_models
+
+    names = list_models()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gpu", default="h100", help=f"one of {', '.join(GPUS)}")
+    p.add_argument("--models", nargs="+", default=None, metavar="MODEL",
+                   help="registry models (default: every one with a pyseg op); comma or space separated")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--fp32-path", default="fma", choices=["fma", "tf32"],
+                   help="peak used for float32 GEMM-like ops: fp32 FFMA (default) or tf32 tensor cores")
+    p.add_argument("--measured", nargs="+", default=None, metavar="JSON",
+                   help="benchmark JSON files whose medians to merge (bench_meta_block, bench_patchwise_conv2d)")
+    p.add_argument("--json", default=None, help="also write the rows here")
+    args = p.parse_args(argv)
+    if args.gpu not in GPUS:
+        p.error(f"unknown --gpu {args.gpu!r}; known: {', '.join(GPUS)}")
+    models = [m for s in (args.models or []) for m in s.split(",") if m] or names
+    bad = [m for m in models if m not in names]
+    if bad:
+        p.error(f"unknown model(s) {', '.join(bad)}; known: {', '.join(names)}")
+    for path in args.measured or []:
+        if not os.path.isfile(path):
+            p.error(f"--measured {path}: no such file")
+    calls = capture(models)
+    if args.models:  # op_calls also lists PatchWiseConv2d at HyperSeg-M's shapes; keep it only for hyperseg-m
+        calls = [c for c in calls if c[0] in models or (c[0] == "PatchWiseConv2d" and "hyperseg-m" in models)]
+    rows = rows_for(calls, args.gpu, args.dtype, args.fp32_path)
+    if args.measured:
+        n = merge_measured(rows, calls, args.measured)
+        print(f"# measured medians merged into {n} of {len(rows)} rows (backend cuda)")
+    print(format_table(rows, args.gpu))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(dict(gpu=args.gpu, dtype=args.dtype, fp32_path=args.fp32_path, models=models, rows=rows,
+                           constants=dict(LAUNCH_US=LAUNCH_US, L2_X=L2_X, SM_BW_SHARE=SM_BW_SHARE,
+                                          WARPS_TO_HIDE=WARPS_TO_HIDE, INT64_DIV=INT64_DIV)), f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
