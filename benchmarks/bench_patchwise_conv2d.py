@@ -37,6 +37,13 @@ HYPERSEG_M = [
     ("L3 dw 48 k3 256x512", 48, 48, 256, 512, 3, 48, (16, 32)),
     ("L3 pw2 48->16 k1 256x512", 48, 16, 256, 512, 1, 1, (16, 32)),
 ]
+# pyseg.nn.PatchWiseConv2d at the HyperSeg-M decoder shapes kernels/_aot.py lists (and benchmarks/roofline.py
+# models): level 0 at its real 16x32 map, level 4 as a dense and a depthwise 3x3 layer.
+MODEL_SHAPES = [
+    ("M L0 82->64 k1 16x32", 82, 64, 16, 32, 1, 1, (16, 32)),
+    ("M L4 34->19 k3 256x512", 34, 19, 256, 512, 3, 1, (16, 32)),
+    ("M L4 dw 34 k3 256x512", 34, 34, 256, 512, 3, 34, (16, 32)),
+]
 SWEEP = [
     ("sweep 32->32 k3 64x64 g8x8", 32, 32, 64, 64, 3, 1, (8, 8)),
     ("sweep 64->64 k3 dw 128x128 g8x8", 64, 64, 128, 128, 3, 64, (8, 8)),
@@ -140,7 +147,7 @@ def main(argv=None):
     if device.type == "cuda":
         copy_gbps = copy_bandwidth(device, nbytes=(1 << 28) if args.quick else (1 << 30))
         env["copy_GBps"] = copy_gbps
-    cases = HYPERSEG_M[:3] if args.quick else HYPERSEG_M + SWEEP
+    cases = HYPERSEG_M[:3] if args.quick else HYPERSEG_M + MODEL_SHAPES + SWEEP
     rows = []
     for case in cases:
         rows += run_case(case, device, dtype, args.quick, iters)

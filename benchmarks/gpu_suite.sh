@@ -13,6 +13,7 @@
 #   FPS_MODELS="hyperseg-m ..."      models for fps.py (default: every registry model)
 #   QUICK=1                          small benchmark sizes (smoke test of the suite itself)
 #   DEVICE=cpu                       run the bench/fps stages on the CPU (smoke test without a GPU)
+#   ROOFLINE_GPU=h100|h200           GPU whose floors the bench stage's roofline tables use (default: from nvidia-smi)
 set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
@@ -35,7 +36,7 @@ run() {  # run NAME CMD...: log to $RES/NAME.log, remember failures, never abort
   local t0=$SECONDS
   "$@" >"$RES/$name.log" 2>&1
   local rc=$?
-  tail -n 25 "$RES/$name.log"
+  tail -n "${RUN_TAIL:-25}" "$RES/$name.log"
   echo "=== [$name] rc=$rc in $((SECONDS - t0)) s"
   [ $rc -eq 0 ] || FAILED+=("$name(rc=$rc)")
   return $rc
@@ -86,6 +87,22 @@ if stage bench; then
           run "${n}_${dt}" "$PY" "$b" --device "$DEVICE" --dtype "$dt" $QUICK_FLAG --json "$RES/${n}_${dt}.json"
         done ;;
     esac
+  done
+  # every modelled kernel: measured median (cuda backend) against its floor and the model's prediction
+  # (benchmarks/roofline.py; ~10 s of CPU per dtype, meta-device capture, no GPU work). With DEVICE=cpu the
+  # medians are the cpu backend's, which roofline.py does not merge: the tables then smoke-test the step.
+  RGPU="${ROOFLINE_GPU:-$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 |
+          grep -qi h100 && echo h100 || echo h200)}"
+  for dt in float32 bfloat16 float16; do
+    meas=()
+    for f in "$RES/bench_meta_block_cuda_${dt}.json" "$RES/bench_meta_block_cuda_${dt}_bwd.json" \
+             "$RES/bench_meta_block_cpu_${dt}.json" "$RES/bench_meta_block_cpu_${dt}_bwd.json" \
+             "$RES/bench_patchwise_conv2d_${dt}.json"; do
+      [ -f "$f" ] && meas+=("$f")
+    done
+    [ ${#meas[@]} -gt 0 ] || continue
+    RUN_TAIL=200 run "roofline_${RGPU}_${dt}" "$PY" benchmarks/roofline.py --gpu "$RGPU" --dtype "$dt" \
+      --models hyperseg-m hyperseg-s --measured "${meas[@]}" --json "$RES/roofline_${RGPU}_${dt}.json"
   done
 fi
 

@@ -140,7 +140,14 @@ def test_measured_merge(hyperseg_m, tmp_path):
     both.write_text(json.dumps(dict(base, mode="forward+backward", rows=[dict(lvl[0], fused_ms=1.0)])))
     tri = tmp_path / "triton.json"  # another backend's medians are not the modelled kernels: ignored
     tri.write_text(json.dumps(dict(base, mode="forward", fused_backend="triton", rows=[dict(lvl[1], fused_ms=9.0)])))
-    assert rl.merge_measured(rows, calls, [str(fwd), str(both), str(tri)]) == 3
+    pw = tmp_path / "pw.json"  # bench_patchwise_conv2d.py's format: level 0 of the PatchWiseConv2d shapes
+    prow = dict(case="M L0", shape=[1, 82, 16, 32], Cout=64, k=1, groups=1, grid=[16, 32], backend="cuda")
+    pw.write_text(json.dumps(dict(benchmark="patchwise_conv2d", args=dict(dtype="float32"), results=[
+        dict(prow, mode="fwd", median_ms=0.02), dict(prow, mode="fwd+bwd", median_ms=0.05),
+        dict(prow, mode="fwd", backend="triton", median_ms=7.0)])))
+    assert rl.merge_measured(rows, calls, [str(fwd), str(both), str(tri), str(pw)]) == 5
+    p0 = {r["direction"]: r["measured_us"] for r in rows if r["model"] == "PatchWiseConv2d" and "measured_us" in r}
+    assert p0 == pytest.approx({"fwd": 20.0, "bwd": 30.0})
     got = {(r["level"], r["direction"]): r for r in rows if r["model"] == "hyperseg-m" and "measured_us" in r}
     assert set(got) == {(4, "fwd"), (4, "bwd"), (0, "fwd")}
     assert got[(4, "fwd")]["measured_us"] == pytest.approx(250.0)
