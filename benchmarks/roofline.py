@@ -657,7 +657,7 @@ def merge_measured(rows: List[dict], calls, paths: Sequence[str]) -> int:
 def format_table(rows: List[dict], gpu_name: str) -> str:
     measured = any("measured_us" in r for r in rows)
     hdr = (f"{'kernel':<17}{'dir':<4}{'model/level':<24}{'shape':<46}{'dtype':<9}{'MB':>8}{'GFLOP':>8}"
-           f"{'floor us':>9} {'bound':<8}{'pred us':>9}{'pred/fl':>8}")
+           f"{'floor us':>9} {'bound':<14}{'pred us':>9}{'pred/fl':>8}")
     if measured:
         hdr += f"{'meas us':>9}{'%floor':>7}"
     g = GPUS[gpu_name]
@@ -667,7 +667,7 @@ def format_table(rows: List[dict], gpu_name: str) -> str:
     for r in rows:
         line = (f"{r['op']:<17}{r['direction']:<4}{(r['model'] + '/' + str(r['level']))[:23]:<24}{r['shape'][:45]:<46}"
                 f"{r['dtype']:<9}{r['MB']:>8.2f}{r['GFLOP']:>8.3f}{r['floor_us']:>9.2f} "
-                f"{r['bound'] + '(' + r['peak'].split()[0] + ')' if r['bound'] == 'compute' else 'mem':<8}"
+                f"{r['bound'] + '(' + r['peak'].split()[0] + ')' if r['bound'] == 'compute' else 'mem':<14}"
                 f"{r['predicted_us']:>9.1f}{r['pred_over_floor']:>7.1f}x")
         if measured:
             line += (f"{r['measured_us']:>9.1f}{r['pct_of_floor']:>6.0f}%" if "measured_us" in r else f"{'-':>9}{'-':>7}")
