@@ -53,7 +53,7 @@ RESOURCES = os.path.join(HERE, "results", "2026-12-01-cpu", "gpu_resources_ci_sc
 # ------------------------------------------------------------------------------------------------
 GPUS = {
     "h100": dict(name="H100 SXM", bw=3.35e12, fp32=67e12, tf32=495e12, bf16=990e12, l2_mb=50, sms=132,
-                 smem_per_sm=228 * 1024, clock=1.98e9),
+                 smem_per_sm=228 * 1024, clock=1.98e9),  # 67 TFLOP/s = 132 SMs * 128 FMA/clk * 2 * 1.98 GHz
     "h200": dict(name="H200", bw=4.8e12, fp32=67e12, tf32=495e12, bf16=990e12, l2_mb=60, sms=132,
                  smem_per_sm=228 * 1024, clock=1.98e9),
 }
@@ -135,7 +135,7 @@ def _regs(kernel: str) -> int:
         with open(RESOURCES) as f:
             rows = json.load(f)["rows"]
         _REGS = {r["kernel"]: int(r["regs"]) for r in rows if r["backend"] == "cuda"}
-    return _REGS.get(kernel, 32)
+    return _REGS.get(kernel.split("(")[0], 32)  # "name(variant)": the table's kernel name
 
 
 def _blocks_per_sm(kernel: str, threads: int, smem: int, gpu: dict) -> int:
@@ -441,8 +441,7 @@ def _cuda_hmsa(logits, atts, scales, out_size, labels, scale_sizes, esize):
     gathers every term (3 local loads for the term + 1 global load + FFMA); with resampled scales the
     stencil is lowered to storage taps (4 per term)."""
     B, C = logits[0][:2]
-    one = [float(s) for s in scales].index(1.0)
-    nt = _hmsa_terms(len(scales), one)
+    nt = _hmsa_terms(len(scales), sum(float(s) > 1.0 for s in scales))  # 1.0's index in descending order
     resampled = scale_sizes is not None and any(tuple(scale_sizes[i]) != tuple(logits[i][-2:])
                                                 for i in range(len(scales)))
     if resampled and 4 * nt <= 160:
