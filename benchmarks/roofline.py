@@ -392,12 +392,14 @@ def _cuda_patchwise(x, w, has_bias, stride, padding, dilation, groups, esize, ba
     _, _, _, _, y = patchwise_counts(x, w, has_bias, stride, padding, dilation, groups, esize)
     Hout, Wout = y[2], y[3]
     G, K = gh * gw, Cg * kh * kw
-    OT = min(Cout, 64)
+    use_smem = K * 4 <= 48 * 1024  # patchwise_conv2d.cu:58-61: a channel's float weights fit 48 KB (no opt-in)
+    OT = max(1, min(Cout, 64, 48 * 1024 // (K * 4))) if use_smem else min(Cout, 64)
     P = max(_patch_sizes(Hout, gh)) * max(_patch_sizes(Wout, gw))
     xb, wb, yb = _numel(x) * esize, _numel(w) * esize, _numel(y) * esize
     bb = B * Cout * G * esize if has_bias else 0
-    f = _KernelCost("pw_forward_kernel", B * G * math.ceil(Cout / OT), 256, OT * K * 4)
-    f.loop(OT * K, lsu=2, issue=6)  # weight staging ws[t] = wb[t * GG] (:40)
+    f = _KernelCost("pw_forward_kernel", B * G * math.ceil(Cout / OT), 256, OT * K * 4 if use_smem else 0)
+    if use_smem:
+        f.loop(OT * K, lsu=2, issue=6)  # weight staging ws[t] = wb[t * GG] (kernels.cuh:40)
     # per tap: LDS weight (broadcast) + LDG x (L1) + FFMA + 2 bounds checks + int64 addressing (:52-62)
     f.loop(OT * P, K, lsu=2, issue=12, overhead=4 * INT64_DIV + 12)
     f.dram = xb + wb + bb + yb
