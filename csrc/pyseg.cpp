@@ -1,5 +1,5 @@
 // Every pyseg operator schema lives in this file (one TORCH_LIBRARY block).
-// Backends register implementations with TORCH_LIBRARY_IMPL(pyseg, <Key>, m) in
+// Backends register implementations with PYSEG_KERNELS (csrc/common/register.h) in
 // csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu; autograd and fake (meta) kernels are
 // registered from Python in pyseg/ops/<op>.py.
 #include <Python.h>

@@ -1,4 +1,5 @@
 """Tests of the fused HyperSeg meta block and the 1x1 level block (pyseg.ops.meta_block)."""
+import copy
 import random
 
 import pytest
@@ -13,7 +14,8 @@ from pyseg.nn.meta_block import bn_affine
 from pyseg.ops import meta_block, pointwise_block
 from pyseg.ops.meta_block import meta_weight_numel
 from pyseg.ops.reference import meta_block as R
-from pyseg.ops._library import run_triton, triton_opcheck
+from pyseg.ops.reference.patchwise_conv2d import patchwise_conv2d as reference_patchwise_conv2d
+from pyseg.ops._library import record_backends, run_triton, triton_opcheck
 
 HAS_CPU = _extension.has_kernel("meta_block", "CPU")
 needs_cpu = pytest.mark.skipif(not HAS_CPU, reason="pyseg._C CPU kernel not built")
@@ -502,6 +504,70 @@ def test_metablock_train_vs_eval():
     m(x, w).sum().backward()
     torch.testing.assert_close(gw_fused, w.grad)
     torch.testing.assert_close(gbn_fused, m.bn3.weight.grad)
+
+
+def _ops_run(fn):
+    """Names of the pyseg ops the profiler saw while ``fn`` ran (forward and backward)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.name for e in prof.events() if e.name.startswith("pyseg::")}
+
+
+@pytest.mark.parametrize("kernel_size", [3, 1])
+@pytest.mark.parametrize("backend", backends_for("cpu", "meta_block")[:2])  # the compiled ones
+def test_metablock_training_runs_the_backends_fused_op(backend, kernel_size):
+    """A MetaBlock in training mode whose BN layers keep their running statistics (frozen BN,
+    nn.BatchNorm2d's rule per layer) runs the op with the chosen backend, forward and fused backward,
+    and its gradients (x, weight, BN weight and bias) equal the float64 reference's."""
+    op = "meta_block" if kernel_size == 3 else "pointwise_block"
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    m = MetaBlock(3, 4, kernel_size=kernel_size, backend=backend).to(dtype)
+    _randomize_bn(m, 3)
+    m.train()
+    for bn in m.modules():
+        if isinstance(bn, nn.BatchNorm2d):
+            bn.eval()  # frozen BN inside a training model
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 3, 9, 10, generator=g, dtype=torch.float64)
+    w = torch.randn(2, m.weight_numel, 2, 3, generator=g, dtype=torch.float64) * 0.5
+    xk, wk = x.to(dtype, copy=True).requires_grad_(), w.to(dtype, copy=True).requires_grad_()
+    gy = torch.randn(2, 4, 9, 10, generator=g, dtype=torch.float64)
+    with record_backends() as ran:
+        names = _ops_run(lambda: m(xk, wk).backward(gy.to(dtype)))
+    assert ran == [(op, backend)]
+    assert {f"pyseg::{op}", f"pyseg::{op}_backward"} <= names, names
+    bns = [m.bn1, m.bn2, m.bn3] if kernel_size == 3 else [m.bn]
+    got = [xk.grad, wk.grad] + [p.grad for bn in bns for p in (bn.weight, bn.bias)]
+    assert m.training and all(int(bn.num_batches_tracked) == 0 for bn in bns)  # running statistics untouched
+
+    # float64 reference: the staged composition with the same BN layers (running statistics)
+    m64 = copy.deepcopy(m).double()
+    m64.zero_grad()
+    x64, w64 = x.clone().requires_grad_(), w.clone().requires_grad_()
+    if kernel_size == 3:
+        w1, w2, w3 = R.split_meta_weight(w64, 3, m64.hidden_channels, 4)
+        norms = [R.affine_norm(*bn_affine(bn)) for bn in (m64.bn1, m64.bn2, m64.bn3)]
+        y64 = R.meta_block_staged(x64, w1, w2, w3, *norms)
+    else:
+        y64 = torch.relu(m64.bn(reference_patchwise_conv2d(x64, w64.view(2, 4, 3, 1, 1, 2, 3))))
+    y64.backward(gy)
+    bns64 = [m64.bn1, m64.bn2, m64.bn3] if kernel_size == 3 else [m64.bn]
+    want = [x64.grad, w64.grad] + [p.grad for bn in bns64 for p in (bn.weight, bn.bias)]
+    tol = 1e-4 if dtype == torch.float32 else 1e-10
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol * b.abs().max().item())
+
+
+@needs_cpu
+def test_metablock_batch_statistics_check_the_backend():
+    """With batch statistics (the unfused composition) an unavailable backend raises, as in eval."""
+    m = MetaBlock(3, 4, backend="cuda").train()
+    x, w = torch.randn(2, 3, 8, 8), torch.randn(2, m.weight_numel, 2, 2)
+    with pytest.raises(ValueError, match="needs cuda tensors"):
+        m(x, w)
+    m.eval()
+    with pytest.raises(ValueError, match="needs cuda tensors"):
+        m(x, w)
 
 
 # --------------------------------------------------------------------------------------------

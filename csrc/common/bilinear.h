@@ -36,6 +36,29 @@ PYSEG_HD LinearTap<acc_t> linear_tap(int64_t dst, int64_t in_size, int64_t out_s
   return t;
 }
 
+// The nonzero taps of the bilinear sample (align_corners = False) at pixel (y, x) of the out_h x out_w
+// resize of an in_h x in_w map, row-major: row ys[i], column xs[i], weight wt[i] (the product of the
+// row and column weights), i < the returned count <= 4.
+template <typename acc_t>
+PYSEG_HD int bilinear_taps(int64_t y, int64_t x, int64_t in_h, int64_t in_w, int64_t out_h, int64_t out_w,
+                           int64_t* ys, int64_t* xs, acc_t* wt) {
+  const LinearTap<acc_t> ty = linear_tap<acc_t>(y, in_h, out_h);
+  const LinearTap<acc_t> tx = linear_tap<acc_t>(x, in_w, out_w);
+  const int64_t rows[2] = {ty.i0, ty.i1}, cols[2] = {tx.i0, tx.i1};
+  const acc_t wr[2] = {ty.l0, ty.l1}, wc[2] = {tx.l0, tx.l1};
+  int n = 0;
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 2; ++j) {
+      const acc_t v = wr[i] * wc[j];
+      if (v == static_cast<acc_t>(0)) continue;
+      ys[n] = rows[i];
+      xs[n] = cols[j];
+      wt[n] = v;
+      ++n;
+    }
+  return n;
+}
+
 // Bilinear sample of a single-channel map x (in_h x in_w, row-major) at pixel (y, x) of the
 // out_h x out_w resized grid. When the sizes agree this is exactly x[y, x].
 template <typename acc_t, typename scalar_t>

@@ -133,20 +133,11 @@ PYSEG_HD void hmsa_add_r1(const HmsaArgs<scalar_t>& A, int64_t b, int64_t y, int
 template <typename acc_t, typename scalar_t>
 PYSEG_HD int64_t hmsa_build_stencil(const HmsaArgs<scalar_t>& A, int64_t b, int64_t oy, int64_t ox,
                                     HmsaTerm<acc_t>* t) {
-  const int64_t h1 = A.h[A.one], w1 = A.w[A.one];
-  const LinearTap<acc_t> ty = linear_tap<acc_t>(oy, h1, A.out_h);
-  const LinearTap<acc_t> tx = linear_tap<acc_t>(ox, w1, A.out_w);
-  const int64_t ys[2] = {ty.i0, ty.i1};
-  const int64_t xs[2] = {tx.i0, tx.i1};
-  const acc_t wy[2] = {ty.l0, ty.l1};
-  const acc_t wx[2] = {tx.l0, tx.l1};
+  int64_t ys[4], xs[4];
+  acc_t wt[4];
+  const int nt = bilinear_taps<acc_t>(oy, ox, A.h[A.one], A.w[A.one], A.out_h, A.out_w, ys, xs, wt);
   int64_t n_terms = 0;
-  for (int i = 0; i < 2; ++i)
-    for (int j = 0; j < 2; ++j) {
-      const acc_t wgt = wy[i] * wx[j];
-      if (wgt == static_cast<acc_t>(0)) continue;
-      hmsa_add_r1<acc_t>(A, b, ys[i], xs[j], wgt, t, &n_terms);
-    }
+  for (int i = 0; i < nt; ++i) hmsa_add_r1<acc_t>(A, b, ys[i], xs[i], wt[i], t, &n_terms);
   return n_terms;
 }
 
@@ -167,22 +158,9 @@ PYSEG_HD int hmsa_storage_taps(const HmsaArgs<scalar_t>& A, int k, int64_t off, 
     wt[0] = static_cast<acc_t>(1);
     return 1;
   }
-  const int64_t y = off / A.w[k], x = off % A.w[k];
-  const LinearTap<acc_t> ty = linear_tap<acc_t>(y, A.ph[k], A.h[k]);
-  const LinearTap<acc_t> tx = linear_tap<acc_t>(x, A.pw[k], A.w[k]);
-  const int64_t ys[2] = {ty.i0, ty.i1};
-  const int64_t xs[2] = {tx.i0, tx.i1};
-  const acc_t wy[2] = {ty.l0, ty.l1};
-  const acc_t wx[2] = {tx.l0, tx.l1};
-  int n = 0;
-  for (int i = 0; i < 2; ++i)
-    for (int j = 0; j < 2; ++j) {
-      const acc_t v = wy[i] * wx[j];
-      if (v == static_cast<acc_t>(0)) continue;
-      soff[n] = ys[i] * A.pw[k] + xs[j];
-      wt[n] = v;
-      ++n;
-    }
+  int64_t ys[4], xs[4];
+  const int n = bilinear_taps<acc_t>(off / A.w[k], off % A.w[k], A.ph[k], A.pw[k], A.h[k], A.w[k], ys, xs, wt);
+  for (int i = 0; i < n; ++i) soff[i] = ys[i] * A.pw[k] + xs[i];
   return n;
 }
 
@@ -223,29 +201,18 @@ PYSEG_HD int64_t hmsa_lower_stencil(const HmsaArgs<scalar_t>& A, const HmsaTerm<
   return m;
 }
 
-// Value of class c for a lowered stencil (hmsa_lower_stencil: offsets into the stored planes).
-template <typename acc_t, typename scalar_t>
-PYSEG_HD acc_t hmsa_eval_storage(const HmsaArgs<scalar_t>& A, int64_t b, int64_t c, const HmsaTerm<acc_t>* t,
-                                 int64_t n_terms) {
-  acc_t acc = 0;
-  for (int64_t j = 0; j < n_terms; ++j) {
-    const int k = t[j].k;
-    acc += t[j].coef * static_cast<acc_t>(A.p[k][(b * A.C + c) * (A.ph[k] * A.pw[k]) + t[j].off]);
-  }
-  return acc;
-}
-
-// Value of class c for a grid stencil of sample b (terms on the scale grids; the storage of a
-// resampled scale is read through hmsa_storage_taps per class: no extra room needed, but the
-// taps are recomputed for every class; hmsa_lower_stencil + hmsa_eval_storage do it once).
-template <typename acc_t, typename scalar_t>
+// Value of class c for a stencil of sample b. A grid stencil (kLowered = false: terms on the scale
+// grids) reads the storage of a resampled scale through hmsa_storage_taps per class: no extra room
+// needed, but the taps are recomputed for every class. A lowered stencil (kLowered = true,
+// hmsa_lower_stencil: offsets into the stored planes) has them computed once.
+template <bool kLowered = false, typename acc_t, typename scalar_t>
 PYSEG_HD acc_t hmsa_eval(const HmsaArgs<scalar_t>& A, int64_t b, int64_t c, const HmsaTerm<acc_t>* t,
                          int64_t n_terms) {
   acc_t acc = 0;
   for (int64_t j = 0; j < n_terms; ++j) {
     const int k = t[j].k;
     const scalar_t* plane = A.p[k] + (b * A.C + c) * (A.ph[k] * A.pw[k]);
-    if (!hmsa_resampled(A, k)) {
+    if (kLowered || !hmsa_resampled(A, k)) {
       acc += t[j].coef * static_cast<acc_t>(plane[t[j].off]);
       continue;
     }

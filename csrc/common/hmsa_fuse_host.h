@@ -59,6 +59,25 @@ inline void hmsa_check(const std::vector<at::Tensor>& logits,
   }
 }
 
+// The forward's operands from the op's arguments (hmsa_check), shared by the CPU and CUDA launchers:
+// p, a (contiguous logits and attentions), one (the index of scale 1.0) and scale_sizes (empty when
+// not given).
+struct HmsaOperands {
+  std::vector<at::Tensor> p, a;
+  int one = -1;
+  at::IntArrayRef scale_sizes;
+};
+
+inline HmsaOperands hmsa_operands(at::TensorList logits, at::TensorList attentions, at::ArrayRef<double> scales,
+                                  at::IntArrayRef out_size, at::OptionalIntArrayRef scale_sizes) {
+  HmsaOperands o;
+  o.scale_sizes = scale_sizes.has_value() ? *scale_sizes : at::IntArrayRef();
+  hmsa_check(std::vector<at::Tensor>(logits.begin(), logits.end()),
+             std::vector<at::Tensor>(attentions.begin(), attentions.end()),
+             std::vector<double>(scales.begin(), scales.end()), out_size, o.scale_sizes, &o.one, &o.p, &o.a);
+  return o;
+}
+
 // scale_sizes: empty or (h_0, w_0, h_1, w_1, ...), the grid of each scale (see hmsa_check).
 template <typename scalar_t>
 inline HmsaArgs<scalar_t> hmsa_pack(const std::vector<at::Tensor>& p, const std::vector<at::Tensor>& a, int one,
@@ -134,5 +153,51 @@ inline void hmsa2_check_backward(const at::Tensor& grad_out, const at::Tensor& p
     TORCH_CHECK(t->dtype() == p1.dtype() && t->device() == p1.device(),
                 "hmsa_fuse_backward: dtype/device mismatch");
 }
+
+// The two-scale backward's checked inputs (contiguous), sizes and gradient outputs (allocated like
+// their inputs), shared by the CPU and CUDA launchers. Scale 1: (h1, w1); the low scale: (hl, wl);
+// its attention: (ha, wa); the output: (OH, OW).
+struct Hmsa2Backward {
+  at::Tensor g;
+  std::vector<at::Tensor> p, a;
+  int64_t B, C, h1, w1, hl, wl, ha, wa, OH, OW;
+  at::Tensor g_p1, g_pl, g_a;
+
+  Hmsa2Backward(const at::Tensor& grad_out, const at::Tensor& logits_one, const at::Tensor& logits_low,
+                const at::Tensor& attention_low) {
+    hmsa2_check_backward(grad_out, logits_one, logits_low, attention_low);
+    g = grad_out.contiguous();
+    p = {logits_one.contiguous(), logits_low.contiguous()};
+    a = {at::Tensor(), attention_low.contiguous()};
+    B = p[0].size(0), C = p[0].size(1), h1 = p[0].size(2), w1 = p[0].size(3);
+    hl = p[1].size(2), wl = p[1].size(3), ha = a[1].size(2), wa = a[1].size(3), OH = g.size(2), OW = g.size(3);
+    g_p1 = at::empty_like(p[0]), g_pl = at::empty_like(p[1]), g_a = at::empty_like(a[1]);
+  }
+};
+
+// Per accumulation type: the axis adjoints (CSR, on the inputs' device) of the final resize (fh, fw:
+// scale 1 -> output), of the low scale's upsampling (uh, uw: low -> scale 1) and of the attention's
+// resize (rh, rw: attention -> low), and the accumulators gP (B, C, h1, w1), g_ua (B, h1, w1) and
+// g_al (B, hl, wl).
+template <typename acc_t>
+struct Hmsa2BackwardWork {
+  std::vector<at::Tensor> fh, fw, uh, uw, rh, rw;
+  at::Tensor gP, g_ua, g_al;
+
+  explicit Hmsa2BackwardWork(const Hmsa2Backward& S) {
+    const at::ScalarType acc_type = c10::CppTypeToScalarType<acc_t>::value;
+    auto csr = [&](int64_t in_size, int64_t out_size) {
+      std::vector<at::Tensor> v = linear_adjoint_csr<acc_t>(in_size, out_size, acc_type);
+      for (at::Tensor& t : v) t = t.to(S.p[0].device(), /*non_blocking=*/false);
+      return v;
+    };
+    fh = csr(S.h1, S.OH), fw = csr(S.w1, S.OW), uh = csr(S.hl, S.h1), uw = csr(S.wl, S.w1);
+    rh = csr(S.ha, S.hl), rw = csr(S.wa, S.wl);
+    const at::TensorOptions o = S.p[0].options().dtype(acc_type);
+    gP = at::empty({S.B, S.C, S.h1, S.w1}, o);
+    g_ua = at::empty({S.B, S.h1, S.w1}, o);
+    g_al = at::empty({S.B, S.hl, S.wl}, o);
+  }
+};
 
 }  // namespace pyseg

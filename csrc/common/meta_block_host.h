@@ -62,16 +62,24 @@ inline WeightLayout check_meta_block(const at::Tensor& x, const at::Tensor& weig
   return L;
 }
 
-// Gradient outputs of a meta_block / pointwise_block backward; output_mask = (x, weight, scale,
-// shift). Both affine gradients come out of one reduction, so both are allocated when either is
-// needed; result() returns an empty tensor for every gradient that was not asked for.
+inline void check_grad_out(const at::Tensor& x, const at::Tensor& grad_out, int64_t cout) {
+  check_like(x, grad_out, "grad_out");
+  TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == x.size(0) && grad_out.size(1) == cout &&
+                  grad_out.size(2) == x.size(2) && grad_out.size(3) == x.size(3) && grad_out.is_contiguous(),
+              "grad_out must be a contiguous (B, Cout, H, W) tensor, got ", grad_out.sizes());
+}
+
+// Gradient outputs of a meta_block / pointwise_block backward (grad_out checked against x and the
+// block's cout first); output_mask = (x, weight, scale, shift). Both affine gradients come out of one
+// reduction, so both are allocated when either is needed; result() returns an empty tensor for every
+// gradient that was not asked for.
 struct BlockGrads {
   std::array<bool, 4> mask;
   bool need_x, need_w, need_affine;
   at::Tensor gx, gw, gs, gt;
-  BlockGrads(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& shift,
-             std::array<bool, 4> output_mask)
-      : mask(output_mask),
+  BlockGrads(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+             const at::Tensor& shift, int64_t cout, std::array<bool, 4> output_mask)
+      : mask((check_grad_out(x, grad_out, cout), output_mask)),
         need_x(output_mask[0]),
         need_w(output_mask[1]),
         need_affine(output_mask[2] || output_mask[3]),
@@ -84,13 +92,6 @@ struct BlockGrads {
     return {gx, gw, mask[2] ? gs : gs.new_empty({0}), mask[3] ? gt : gt.new_empty({0})};
   }
 };
-
-inline void check_grad_out(const at::Tensor& x, const at::Tensor& grad_out, int64_t cout) {
-  check_like(x, grad_out, "grad_out");
-  TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == x.size(0) && grad_out.size(1) == cout &&
-                  grad_out.size(2) == x.size(2) && grad_out.size(3) == x.size(3) && grad_out.is_contiguous(),
-              "grad_out must be a contiguous (B, Cout, H, W) tensor, got ", grad_out.sizes());
-}
 
 // Checks of pointwise_block; returns Cout.
 inline int64_t check_pointwise_block(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,

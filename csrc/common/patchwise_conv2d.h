@@ -5,7 +5,9 @@
 #include <ATen/ATen.h>
 #include <c10/util/Optional.h>
 
+#include <array>
 #include <cstdint>
+#include <tuple>
 
 #include "common/patch_index.h"
 
@@ -128,5 +130,46 @@ inline void pw_check_grad_out(const char* op, const PwConvShape& s, const at::Te
               " but x has dtype ", x.scalar_type());
   TORCH_CHECK(g.device() == x.device(), op, ": grad_out is on ", g.device(), " but x is on ", x.device());
 }
+
+constexpr const char* kPwConvForward = "pyseg::patchwise_conv2d";
+constexpr const char* kPwConvBackward = "pyseg::patchwise_conv2d_backward";
+
+// The forward's operands, checked (pw_check_args, pw_check_bias) and contiguous; bias undefined when
+// absent. Shared by the CPU and CUDA launchers (each checks the device first).
+struct PwConvForward {
+  PwConvShape s;
+  at::Tensor x, weight, bias;
+  PwConvForward(const at::Tensor& x_, const at::Tensor& weight_, const c10::optional<at::Tensor>& bias_,
+                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups)
+      : s(pw_check_args(kPwConvForward, x_, weight_, stride, padding, dilation, groups)) {
+    pw_check_bias(kPwConvForward, s, x_, bias_);
+    x = x_.contiguous();
+    weight = weight_.contiguous();
+    if (bias_.has_value() && bias_->defined()) bias = bias_->contiguous();
+  }
+  template <typename scalar_t>
+  const scalar_t* bias_ptr() const {
+    return bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
+  }
+};
+
+// The backward's operands, checked and contiguous (gy: grad_out), and its gradients gx, gw, gb
+// (allocated where output_mask asks for them, else empty). Shared by the CPU and CUDA launchers.
+struct PwConvBackward {
+  PwConvShape s;
+  at::Tensor x, weight, gy, gx, gw, gb;
+  PwConvBackward(const at::Tensor& grad_out, const at::Tensor& x_, const at::Tensor& weight_, at::IntArrayRef stride,
+                 at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, std::array<bool, 3> output_mask)
+      : s(pw_check_args(kPwConvBackward, x_, weight_, stride, padding, dilation, groups)) {
+    pw_check_grad_out(kPwConvBackward, s, x_, grad_out);
+    x = x_.contiguous();
+    weight = weight_.contiguous();
+    gy = grad_out.contiguous();
+    gx = output_mask[0] ? at::empty_like(x, at::MemoryFormat::Contiguous) : x.new_empty({0});
+    gw = output_mask[1] ? at::empty_like(weight, at::MemoryFormat::Contiguous) : weight.new_empty({0});
+    gb = output_mask[2] ? at::empty({s.B, s.Cout, s.gh, s.gw}, weight.options()) : weight.new_empty({0});
+  }
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> result() const { return {gx, gw, gb}; }
+};
 
 }  // namespace pyseg

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "common/hmsa_fuse_host.h"
+#include "common/register.h"
 #include "cpu/output_alloc.h"
 
 namespace pyseg {
@@ -129,13 +130,7 @@ at::Tensor hmsa_resize_cpu(const at::Tensor& p, int64_t OH, int64_t OW, bool lab
 at::Tensor hmsa_fuse_cpu(at::TensorList logits, at::TensorList attentions,
                          at::ArrayRef<double> scales, at::IntArrayRef out_size, bool labels,
                          at::OptionalIntArrayRef scale_sizes_opt) {
-  const at::IntArrayRef scale_sizes = scale_sizes_opt.has_value() ? *scale_sizes_opt : at::IntArrayRef();
-  std::vector<at::Tensor> lg(logits.begin(), logits.end());
-  std::vector<at::Tensor> att(attentions.begin(), attentions.end());
-  std::vector<double> sc(scales.begin(), scales.end());
-  int one = -1;
-  std::vector<at::Tensor> p, a;
-  hmsa_check(lg, att, sc, out_size, scale_sizes, &one, &p, &a);
+  const auto& [p, a, one, scale_sizes] = hmsa_operands(logits, attentions, scales, out_size, scale_sizes_opt);
   for (const at::Tensor& t : p) TORCH_CHECK(t.device().is_cpu(), "hmsa_fuse (CPU): tensors must be on the CPU");
   const int64_t B = p[0].size(0), C = p[0].size(1), OH = out_size[0], OW = out_size[1];
   if (p.size() == 1 && (scale_sizes.empty() || (scale_sizes[0] == p[0].size(2) && scale_sizes[1] == p[0].size(3))))
@@ -215,38 +210,26 @@ at::Tensor hmsa_fuse_cpu(at::TensorList logits, at::TensorList attentions,
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> hmsa_fuse_backward_cpu(const at::Tensor& grad_out_,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> hmsa_fuse_backward_cpu(const at::Tensor& grad_out,
                                                                       const at::Tensor& logits_one,
                                                                       const at::Tensor& logits_low,
                                                                       const at::Tensor& attention_low) {
-  hmsa2_check_backward(grad_out_, logits_one, logits_low, attention_low);
-  const at::Tensor g = grad_out_.contiguous();
-  std::vector<at::Tensor> p = {logits_one.contiguous(), logits_low.contiguous()};
-  std::vector<at::Tensor> a = {at::Tensor(), attention_low.contiguous()};
-  const int64_t B = p[0].size(0), C = p[0].size(1);
-  const int64_t h1 = p[0].size(2), w1 = p[0].size(3), hl = p[1].size(2), wl = p[1].size(3);
-  const int64_t ha = a[1].size(2), wa = a[1].size(3), OH = g.size(2), OW = g.size(3);
-  at::Tensor g_p1 = at::empty_like(p[0]), g_pl = at::empty_like(p[1]), g_a = at::empty_like(a[1]);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p[0].scalar_type(), "hmsa_fuse_backward_cpu", [&] {
+  const Hmsa2Backward S(grad_out, logits_one, logits_low, attention_low);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, S.p[0].scalar_type(), "hmsa_fuse_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const at::ScalarType acc_type = c10::CppTypeToScalarType<acc_t>::value;
-    const HmsaArgs<scalar_t> A = hmsa_pack<scalar_t>(p, a, 0, OH, OW);
-    const auto fh = linear_adjoint_csr<acc_t>(h1, OH, acc_type), fw = linear_adjoint_csr<acc_t>(w1, OW, acc_type);
-    const auto uh = linear_adjoint_csr<acc_t>(hl, h1, acc_type), uw = linear_adjoint_csr<acc_t>(wl, w1, acc_type);
-    const auto rh = linear_adjoint_csr<acc_t>(ha, hl, acc_type), rw = linear_adjoint_csr<acc_t>(wa, wl, acc_type);
-    at::Tensor gP = at::empty({B, C, h1, w1}, p[0].options().dtype(acc_type));
-    at::Tensor g_ua = at::empty({B, h1, w1}, p[0].options().dtype(acc_type));
-    at::Tensor g_al = at::empty({B, hl, wl}, p[0].options().dtype(acc_type));
-    const scalar_t* gv = g.data_ptr<scalar_t>();
-    acc_t* gPv = gP.data_ptr<acc_t>();
-    acc_t* guav = g_ua.data_ptr<acc_t>();
-    acc_t* galv = g_al.data_ptr<acc_t>();
-    scalar_t* gp1v = g_p1.data_ptr<scalar_t>();
-    scalar_t* gplv = g_pl.data_ptr<scalar_t>();
-    scalar_t* gav = g_a.data_ptr<scalar_t>();
-    const AxisCsr<acc_t> Fh = axis_csr<acc_t>(fh), Fw = axis_csr<acc_t>(fw);
-    const AxisCsr<acc_t> Uh = axis_csr<acc_t>(uh), Uw = axis_csr<acc_t>(uw);
-    const AxisCsr<acc_t> Rh = axis_csr<acc_t>(rh), Rw = axis_csr<acc_t>(rw);
+    const HmsaArgs<scalar_t> A = hmsa_pack<scalar_t>(S.p, S.a, 0, S.OH, S.OW);
+    const Hmsa2BackwardWork<acc_t> T(S);
+    const scalar_t* gv = S.g.data_ptr<scalar_t>();
+    acc_t* gPv = T.gP.data_ptr<acc_t>();
+    acc_t* guav = T.g_ua.data_ptr<acc_t>();
+    acc_t* galv = T.g_al.data_ptr<acc_t>();
+    scalar_t* gp1v = S.g_p1.data_ptr<scalar_t>();
+    scalar_t* gplv = S.g_pl.data_ptr<scalar_t>();
+    scalar_t* gav = S.g_a.data_ptr<scalar_t>();
+    const AxisCsr<acc_t> Fh = axis_csr<acc_t>(T.fh), Fw = axis_csr<acc_t>(T.fw);
+    const AxisCsr<acc_t> Uh = axis_csr<acc_t>(T.uh), Uw = axis_csr<acc_t>(T.uw);
+    const AxisCsr<acc_t> Rh = axis_csr<acc_t>(T.rh), Rw = axis_csr<acc_t>(T.rw);
+    const int64_t B = S.B, h1 = S.h1, w1 = S.w1, hl = S.hl, wl = S.wl, ha = S.ha, wa = S.wa;
     at::parallel_for(0, B * h1, 1, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r)
         for (int64_t x = 0; x < w1; ++x) hmsa2_bwd_r1_pixel<acc_t>(A, gv, Fh, Fw, r / h1, r % h1, x, gPv, gp1v, guav);
@@ -260,14 +243,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hmsa_fuse_backward_cpu(const at::
         for (int64_t x = 0; x < wa; ++x) hmsa2_bwd_att_pixel<acc_t>(A, galv, Rh, Rw, r / ha, r % ha, x, gav);
     });
   });
-  return {g_p1, g_pl, g_a};
+  return {S.g_p1, S.g_pl, S.g_a};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pyseg, CPU, m) {
-  m.impl("hmsa_fuse", &hmsa_fuse_cpu);
-  m.impl("hmsa_fuse_backward", &hmsa_fuse_backward_cpu);
-}
+PYSEG_KERNELS(CPU, hmsa_fuse, hmsa_fuse_cpu, hmsa_fuse_backward_cpu)
 
 }  // namespace pyseg

@@ -27,6 +27,7 @@
 
 #include "common/meta_block.h"
 #include "common/meta_block_host.h"
+#include "common/register.h"
 #include "cpu/block_common.h"
 #include "cpu/cpu_isa.h"
 #include "cpu/output_alloc.h"
@@ -229,14 +230,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> meta_block_backward_c
     const at::Tensor& shift, int64_t hidden, int64_t out_channels, std::array<bool, 4> output_mask) {
   const WeightLayout L = meta::check_meta_block(x, weight, scale, shift, hidden, out_channels);
   // (the backward reads the default layout only; the Python front end passes weight.contiguous())
-  meta::check_grad_out(x, grad_out, out_channels);
-  meta::BlockGrads R(x, weight, scale, shift, output_mask);
-  const bool need_x = R.need_x, need_w = R.need_w, need_affine = R.need_affine;
-  at::Tensor &gx = R.gx, &gw = R.gw, &gs = R.gs, &gt = R.gt;
+  meta::BlockGrads R(grad_out, x, weight, scale, shift, out_channels, output_mask);
   if (R.any()) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "meta_block_backward_cpu", [&] {
-      meta_backward_kernel<scalar_t>(grad_out, x, weight, scale, shift, L, need_x, need_w, need_affine, gx, gw,
-                                     gs, gt);
+      meta_backward_kernel<scalar_t>(grad_out, x, weight, scale, shift, L, R.need_x, R.need_w, R.need_affine, R.gx,
+                                     R.gw, R.gs, R.gt);
     });
   }
   return R.result();
@@ -244,9 +242,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> meta_block_backward_c
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pyseg, CPU, m) {
-  m.impl("meta_block", &meta_block_cpu);
-  m.impl("meta_block_backward", &meta_block_backward_cpu);
-}
+PYSEG_KERNELS(CPU, meta_block, meta_block_cpu, meta_block_backward_cpu)
 
 }  // namespace pyseg

@@ -81,19 +81,29 @@ inline void gemm_nt(const acc_t* a, int64_t la, const acc_t* b, int64_t lb, int6
     }
 }
 
-// Backward through h = relu6(s*z + t) for one channel, in place: g[p] <- s * g[p] * relu6'(s*z+t);
-// returns the channel's gradients of s (sum g*z) and t (sum g) before the scaling by s.
-template <typename acc_t>
-inline void affine_relu6_backward(const acc_t* z, acc_t s, acc_t t, int64_t n, acc_t* g, acc_t* gs, acc_t* gt) {
-  acc_t sum_g = 0, sum_gz = 0;
-  for (int64_t p = 0; p < n; ++p) {
-    const acc_t gu = meta::relu6_passes(z[p] * s + t) ? g[p] : acc_t(0);
-    sum_g += gu;
-    sum_gz += gu * z[p];
-    g[p] = gu * s;
+// Backward through h = relu6(s*z + t) for the channels [a, a + channels) of one stage (channel k's n
+// values at z + k*ld and g + k*ld; s, t: A.sc[a + k], A.sh[a + k]), in place: g <- s * g * relu6'(s*z + t).
+// The channel's gradients of s (sum g*z) and t (sum g), before the scaling by s, go to ps[a + k] and
+// pt[a + k] when ps is non-null.
+template <typename acc_t, typename Args>
+inline void affine_relu6_backward(const Args& A, int64_t a, int64_t channels, const acc_t* z, int64_t ld, int64_t n,
+                                  acc_t* g, acc_t* ps, acc_t* pt) {
+  for (int64_t k = 0; k < channels; ++k) {
+    const acc_t s = A.sc[a + k], t = A.sh[a + k];
+    const acc_t* zk = z + k * ld;
+    acc_t* gk = g + k * ld;
+    acc_t sum_g = 0, sum_gz = 0;
+    for (int64_t p = 0; p < n; ++p) {
+      const acc_t gu = meta::relu6_passes(zk[p] * s + t) ? gk[p] : acc_t(0);
+      sum_g += gu;
+      sum_gz += gu * zk[p];
+      gk[p] = gu * s;
+    }
+    if (ps) {
+      ps[a + k] = sum_gz;
+      pt[a + k] = sum_g;
+    }
   }
-  *gs = sum_gz;
-  *gt = sum_g;
 }
 
 // The meta block's forward on one work item, from xh and w (already loaded):
@@ -187,14 +197,7 @@ void meta_backward_item(const ItemArgs<acc_t>& A, const scalar_t* x, const acc_t
       const acc_t* src = g3 + o * ln;
       for (int64_t p = 0; p < np; ++p) dst[p] += a * src[p];
     }
-  for (int64_t k = 0; k < hid; ++k) {
-    acc_t gs, gt;
-    affine_relu6_backward(z2 + k * ln, A.sc[L.a2() + k], A.sh[L.a2() + k], np, g2 + k * ln, &gs, &gt);
-    if (ps) {
-      ps[L.a2() + k] = gs;
-      pt[L.a2() + k] = gt;
-    }
-  }
+  affine_relu6_backward(A, L.a2(), hid, z2, ln, np, g2, ps, pt);
   // grad W2 and gh1 (full correlation of g2 with W2)
   for (int64_t k = 0; k < hid; ++k) {
     const acc_t* gk = g2 + k * ln;
@@ -218,14 +221,7 @@ void meta_backward_item(const ItemArgs<acc_t>& A, const scalar_t* x, const acc_t
       }
   }
   // ---- stage 1: gu1 = gh1 * relu6'(u1); g1 = s1 * gu1 ----
-  for (int64_t k = 0; k < hid; ++k) {
-    acc_t gs, gt;
-    affine_relu6_backward(z1 + k * lh, A.sc[L.a1() + k], A.sh[L.a1() + k], hp, g1 + k * lh, &gs, &gt);
-    if (ps) {
-      ps[L.a1() + k] = gs;
-      pt[L.a1() + k] = gt;
-    }
-  }
+  affine_relu6_backward(A, L.a1(), hid, z1, lh, hp, g1, ps, pt);
   // grad W1[k, c] = sum_q g1[k, q] xh[c, q]
   gemm_nt(g1, lh, xh, lh, hid, Cin, hp, gwa + L.w1(), Cin);
   if (gw) {

@@ -29,13 +29,11 @@
 
 #include "common/patch_index.h"
 #include "common/patchwise_conv2d.h"
+#include "common/register.h"
 #include "cpu/output_alloc.h"
 
 namespace pyseg {
 namespace {
-
-constexpr const char* kFwd = "pyseg::patchwise_conv2d";
-constexpr const char* kBwd = "pyseg::patchwise_conv2d_backward";
 
 // pjmap[j] = patch column of output column j.
 std::vector<int64_t> column_patches(const PwConvShape& s) {
@@ -63,6 +61,23 @@ int64_t patch_rows_per_item(const PwConvShape& s) {
   return pb;
 }
 
+// The work items of the forward and dW kernels: (sample b, output channel o, block of PB patch rows
+// [p0, p1)); g is o's group.
+struct RowBlockItems {
+  struct Item {
+    int64_t b, o, g, p0, p1;
+  };
+  int64_t PB, nblk, count;
+  explicit RowBlockItems(const PwConvShape& s) : PB(patch_rows_per_item(s)) {
+    nblk = (s.gh + PB - 1) / PB;
+    count = s.B * s.Cout * nblk;
+  }
+  Item operator()(const PwConvShape& s, int64_t item) const {
+    const int64_t blk = item % nblk, o = (item / nblk) % s.Cout;
+    return {item / (nblk * s.Cout), o, o / s.Og, blk * PB, std::min(s.gh, (blk + 1) * PB)};
+  }
+};
+
 // ------------------------------------------------------------------------------------------
 // forward
 // ------------------------------------------------------------------------------------------
@@ -71,19 +86,13 @@ void forward_kernel(const PwConvShape& s, const scalar_t* x, const scalar_t* w, 
   using acc_t = at::opmath_type<scalar_t>;
   const std::vector<int64_t> pjmap = column_patches(s);
   const int64_t GG = s.gh * s.gw;
-  const int64_t PB = patch_rows_per_item(s);
-  const int64_t nblk = (s.gh + PB - 1) / PB;
-  const int64_t items = s.B * s.Cout * nblk;  // (b, o, block of patch rows)
+  const RowBlockItems items(s);
 
-  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, items.count, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> wexp(4 * s.Wout);
     std::vector<acc_t> acc;
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t blk = item % nblk;
-      const int64_t o = (item / nblk) % s.Cout;
-      const int64_t b = item / (nblk * s.Cout);
-      const int64_t g = o / s.Og;
-      const int64_t p0 = blk * PB, p1 = std::min(s.gh, p0 + PB);
+      const auto [b, o, g, p0, p1] = items(s, item);
       const int64_t rbase = patch_begin(p0, s.gh, s.Hout);
       const int64_t nr = patch_begin(p1, s.gh, s.Hout) - rbase;
       acc.resize(nr * s.Wout);
@@ -165,19 +174,14 @@ void forward_kernel(const PwConvShape& s, const scalar_t* x, const scalar_t* w, 
 at::Tensor patchwise_conv2d_cpu(const at::Tensor& x_, const at::Tensor& weight_, const c10::optional<at::Tensor>& bias_,
                                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                 int64_t groups) {
-  const PwConvShape s = pw_check_args(kFwd, x_, weight_, stride, padding, dilation, groups);
-  pw_check_bias(kFwd, s, x_, bias_);
-  TORCH_CHECK(x_.device().is_cpu(), kFwd, ": the CPU kernel needs CPU tensors, got x on ", x_.device());
-  const at::Tensor x = x_.contiguous();
-  const at::Tensor weight = weight_.contiguous();
-  at::Tensor bias;
-  if (bias_.has_value() && bias_->defined()) bias = bias_->contiguous();
-  at::Tensor y = empty_output({s.B, s.Cout, s.Hout, s.Wout}, x.options());
+  TORCH_CHECK(x_.device().is_cpu(), kPwConvForward, ": the CPU kernel needs CPU tensors, got x on ", x_.device());
+  const PwConvForward a(x_, weight_, bias_, stride, padding, dilation, groups);
+  const PwConvShape& s = a.s;
+  at::Tensor y = empty_output({s.B, s.Cout, s.Hout, s.Wout}, a.x.options());
   if (s.B == 0) return y;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "patchwise_conv2d_cpu", [&] {
-    forward_kernel<scalar_t>(s, x.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
-                             bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
-                             y.mutable_data_ptr<scalar_t>());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "patchwise_conv2d_cpu", [&] {
+    forward_kernel<scalar_t>(s, a.x.const_data_ptr<scalar_t>(), a.weight.const_data_ptr<scalar_t>(),
+                             a.bias_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>());
   });
   return y;
 }
@@ -191,18 +195,12 @@ void grad_weight_kernel(const PwConvShape& s, const scalar_t* x, const scalar_t*
   const int64_t GG = s.gh * s.gw;
   std::vector<int64_t> cbeg(s.gw + 1);
   for (int64_t pj = 0; pj <= s.gw; ++pj) cbeg[pj] = patch_begin(pj, s.gw, s.Wout);
-  const int64_t PB = patch_rows_per_item(s);
-  const int64_t nblk = (s.gh + PB - 1) / PB;
-  const int64_t items = s.B * s.Cout * nblk;  // (b, o, block of patch rows): owns those dW/dBias entries
+  const RowBlockItems items(s);  // each item owns its (b, o, patch rows) dW/dBias entries
 
-  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, items.count, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> t(s.Wout);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t blk = item % nblk;
-      const int64_t o = (item / nblk) % s.Cout;
-      const int64_t b = item / (nblk * s.Cout);
-      const int64_t g = o / s.Og;
-      const int64_t p0 = blk * PB, p1 = std::min(s.gh, p0 + PB);
+      const auto [b, o, g, p0, p1] = items(s, item);
       const scalar_t* gyo = gy + (b * s.Cout + o) * s.Hout * s.Wout;
       // Per-patch sums of t over each patch's columns, written contiguously over pj.
       auto reduce_into = [&](scalar_t* dst) {
@@ -328,35 +326,25 @@ void grad_input_kernel(const PwConvShape& s, const scalar_t* w, const scalar_t* 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> patchwise_conv2d_backward_cpu(
     const at::Tensor& grad_out_, const at::Tensor& x_, const at::Tensor& weight_, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, std::array<bool, 3> output_mask) {
-  const PwConvShape s = pw_check_args(kBwd, x_, weight_, stride, padding, dilation, groups);
-  pw_check_grad_out(kBwd, s, x_, grad_out_);
-  TORCH_CHECK(x_.device().is_cpu(), kBwd, ": the CPU kernel needs CPU tensors, got x on ", x_.device());
-  const at::Tensor x = x_.contiguous();
-  const at::Tensor weight = weight_.contiguous();
-  const at::Tensor gy = grad_out_.contiguous();
-  at::Tensor gx = output_mask[0] ? at::empty_like(x, at::MemoryFormat::Contiguous) : x.new_empty({0});
-  at::Tensor gw = output_mask[1] ? at::empty_like(weight, at::MemoryFormat::Contiguous) : weight.new_empty({0});
-  at::Tensor gb = output_mask[2] ? at::empty({s.B, s.Cout, s.gh, s.gw}, weight.options()) : weight.new_empty({0});
-  if (s.B == 0) return {gx, gw, gb};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "patchwise_conv2d_backward_cpu", [&] {
+  TORCH_CHECK(x_.device().is_cpu(), kPwConvBackward, ": the CPU kernel needs CPU tensors, got x on ", x_.device());
+  const PwConvBackward a(grad_out_, x_, weight_, stride, padding, dilation, groups, output_mask);
+  if (a.s.B == 0) return a.result();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "patchwise_conv2d_backward_cpu", [&] {
     if (output_mask[1] || output_mask[2]) {
-      grad_weight_kernel<scalar_t>(s, x.const_data_ptr<scalar_t>(), gy.const_data_ptr<scalar_t>(),
-                                   output_mask[1] ? gw.mutable_data_ptr<scalar_t>() : nullptr,
-                                   output_mask[2] ? gb.mutable_data_ptr<scalar_t>() : nullptr);
+      grad_weight_kernel<scalar_t>(a.s, a.x.const_data_ptr<scalar_t>(), a.gy.const_data_ptr<scalar_t>(),
+                                   output_mask[1] ? a.gw.mutable_data_ptr<scalar_t>() : nullptr,
+                                   output_mask[2] ? a.gb.mutable_data_ptr<scalar_t>() : nullptr);
     }
     if (output_mask[0]) {
-      grad_input_kernel<scalar_t>(s, weight.const_data_ptr<scalar_t>(), gy.const_data_ptr<scalar_t>(),
-                                  gx.mutable_data_ptr<scalar_t>());
+      grad_input_kernel<scalar_t>(a.s, a.weight.const_data_ptr<scalar_t>(), a.gy.const_data_ptr<scalar_t>(),
+                                  a.gx.mutable_data_ptr<scalar_t>());
     }
   });
-  return {gx, gw, gb};
+  return a.result();
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pyseg, CPU, m) {
-  m.impl("patchwise_conv2d", &patchwise_conv2d_cpu);
-  m.impl("patchwise_conv2d_backward", &patchwise_conv2d_backward_cpu);
-}
+PYSEG_KERNELS(CPU, patchwise_conv2d, patchwise_conv2d_cpu, patchwise_conv2d_backward_cpu)
 
 }  // namespace pyseg

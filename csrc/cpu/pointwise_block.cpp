@@ -20,6 +20,7 @@
 
 #include "common/meta_block.h"
 #include "common/meta_block_host.h"
+#include "common/register.h"
 #include "cpu/block_common.h"
 #include "cpu/cpu_isa.h"
 #include "cpu/output_alloc.h"
@@ -137,25 +138,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pointwise_block_backw
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
     const at::Tensor& shift, std::array<bool, 4> output_mask) {
   const int64_t Cout = meta::check_pointwise_block(x, weight, scale, shift);
-  meta::check_grad_out(x, grad_out, Cout);
-  meta::BlockGrads R(x, weight, scale, shift, output_mask);
-  const bool need_x = R.need_x, need_w = R.need_w, need_affine = R.need_affine;
-  at::Tensor &gx = R.gx, &gw = R.gw, &gs = R.gs, &gt = R.gt;
+  meta::BlockGrads R(grad_out, x, weight, scale, shift, Cout, output_mask);
   if (R.any()) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pointwise_block_backward_cpu",
-                                    [&] {
-                                      pointwise_backward_kernel<scalar_t>(grad_out, x, weight, scale, shift, Cout,
-                                                                          need_x, need_w, need_affine, gx, gw,
-                                                                          gs, gt);
-                                    });
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pointwise_block_backward_cpu", [&] {
+      pointwise_backward_kernel<scalar_t>(grad_out, x, weight, scale, shift, Cout, R.need_x, R.need_w,
+                                          R.need_affine, R.gx, R.gw, R.gs, R.gt);
+    });
   }
   return R.result();
 }
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pyseg, CPU, m) {
-  m.impl("pointwise_block", &pointwise_block_cpu);
-  m.impl("pointwise_block_backward", &pointwise_block_backward_cpu);
-}
+PYSEG_KERNELS(CPU, pointwise_block, pointwise_block_cpu, pointwise_block_backward_cpu)
 
 }  // namespace pyseg

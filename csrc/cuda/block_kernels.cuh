@@ -37,5 +37,15 @@ __global__ void reduce_partials_kernel(const at::opmath_type<scalar_t>* __restri
     gshift[col - A] = static_cast<scalar_t>(acc);
 }
 
+// Launch reduce_partials_kernel on the current stream: the per-(sample, patch) affine partials
+// (rows, 2*A) of a block's backward -> gscale, gshift (A each).
+template <typename scalar_t>
+void reduce_partials(const at::Tensor& partial, int64_t A, at::Tensor& gscale, at::Tensor& gshift) {
+  PYSEG_LAUNCH(static_cast<unsigned>(div_up(2 * A, 128)), 128, 0, gpu::stream(), reduce_partials_kernel<scalar_t>)(
+      partial.const_data_ptr<at::opmath_type<scalar_t>>(), partial.size(0), A, gscale.mutable_data_ptr<scalar_t>(),
+      gshift.mutable_data_ptr<scalar_t>());
+  PYSEG_LAUNCH_CHECK();
+}
+
 }  // namespace
 }  // namespace pyseg

@@ -41,12 +41,7 @@ __global__ void hmsa_fuse_kernel(const HmsaArgs<scalar_t> A, scalar_t* __restric
     const int64_t oy = pix / A.out_w, ox = pix % A.out_w;
     int64_t nt = hmsa_build_stencil<acc_t>(A, b, oy, ox, terms);
     if constexpr (LOWER) nt = hmsa_lower_stencil<acc_t>(A, terms, nt, lowered);
-    auto value = [&](int64_t c) -> acc_t {
-      if constexpr (LOWER)
-        return hmsa_eval_storage<acc_t>(A, b, c, lowered, nt);
-      else
-        return hmsa_eval<acc_t>(A, b, c, terms, nt);
-    };
+    auto value = [&](int64_t c) -> acc_t { return hmsa_eval<LOWER, acc_t>(A, b, c, LOWER ? lowered : terms, nt); };
     if (labels) {
       acc_t best = static_cast<acc_t>(static_cast<scalar_t>(value(0)));
       int64_t arg = 0;

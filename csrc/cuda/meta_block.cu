@@ -93,12 +93,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> meta_block_backward_c
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
     const at::Tensor& shift, int64_t hidden, int64_t out_channels, std::array<bool, 4> output_mask) {
   const WeightLayout L = meta::check_meta_block(x, weight, scale, shift, hidden, out_channels);
-  meta::check_grad_out(x, grad_out, out_channels);
   TORCH_CHECK(gpu::on_device(x), "meta_block_backward (CUDA): x must be a CUDA tensor");
   const gpu::DeviceGuard guard(x.device());
-  meta::BlockGrads R(x, weight, scale, shift, output_mask);
-  const bool need_x = R.need_x, need_w = R.need_w, need_affine = R.need_affine;
-  at::Tensor &gx = R.gx, &gw = R.gw, &gs = R.gs, &gt = R.gt;
+  meta::BlockGrads R(grad_out, x, weight, scale, shift, out_channels, output_mask);
   if (!R.any()) return R.result();
   const int64_t B = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t gh = weight.size(2), gwid = weight.size(3), G = gh * gwid, A = L.affine_numel();
@@ -116,28 +113,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> meta_block_backward_c
       wglobal = weight.view({B, L.numel(), G}).transpose(1, 2).to(acc_opts.dtype()).contiguous();
       gwglobal = at::empty({B * G, L.numel()}, acc_opts);
     }
-    at::Tensor partial = need_affine ? at::empty({B * G, 2 * A}, acc_opts) : at::Tensor();
-    at::Tensor gxbuf = need_x ? at::zeros({B * G, Cin, PH + 2, PW + 2}, acc_opts) : at::Tensor();
+    at::Tensor partial = R.need_affine ? at::empty({B * G, 2 * A}, acc_opts) : at::Tensor();
+    at::Tensor gxbuf = R.need_x ? at::zeros({B * G, Cin, PH + 2, PW + 2}, acc_opts) : at::Tensor();
     gpu::allow_dynamic_smem(meta_backward_kernel<scalar_t>, plan.bytes);
     PYSEG_LAUNCH(static_cast<unsigned>(B * G), kThreads, plan.bytes, stream, meta_backward_kernel<scalar_t>)(
         grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
         plan.weights_in_smem ? nullptr : wglobal.const_data_ptr<acc_t>(),
         plan.weights_in_smem ? nullptr : gwglobal.mutable_data_ptr<acc_t>(), scale.const_data_ptr<scalar_t>(),
-        shift.const_data_ptr<scalar_t>(), need_w ? gw.mutable_data_ptr<scalar_t>() : nullptr,
-        need_affine ? partial.mutable_data_ptr<acc_t>() : nullptr, need_x ? gxbuf.mutable_data_ptr<acc_t>() : nullptr,
-        Cin, hidden, out_channels, H, W, gh, gwid, plan.th, plan.tw, plan.weights_in_smem);
+        shift.const_data_ptr<scalar_t>(), R.need_w ? R.gw.mutable_data_ptr<scalar_t>() : nullptr,
+        R.need_affine ? partial.mutable_data_ptr<acc_t>() : nullptr,
+        R.need_x ? gxbuf.mutable_data_ptr<acc_t>() : nullptr, Cin, hidden, out_channels, H, W, gh, gwid, plan.th,
+        plan.tw, plan.weights_in_smem);
     PYSEG_LAUNCH_CHECK();
-    if (need_affine) {
-      PYSEG_LAUNCH(static_cast<unsigned>(div_up(2 * A, 128)), 128, 0, stream, reduce_partials_kernel<scalar_t>)(
-          partial.const_data_ptr<acc_t>(), B * G, A, gs.mutable_data_ptr<scalar_t>(), gt.mutable_data_ptr<scalar_t>());
-      PYSEG_LAUNCH_CHECK();
-    }
-    if (need_x) {
+    if (R.need_affine) reduce_partials<scalar_t>(partial, A, R.gs, R.gt);
+    if (R.need_x) {
       const int64_t total = B * Cin * H * W;
       const int blocks = static_cast<int>(std::min<int64_t>(div_up(total, 256), 65535 * 8));
-      PYSEG_LAUNCH(blocks, 256, 0, stream, gather_grad_x_kernel<scalar_t>)(gxbuf.const_data_ptr<acc_t>(),
-                                                                  gx.mutable_data_ptr<scalar_t>(), B, Cin, H, W, gh,
-                                                                  gwid);
+      PYSEG_LAUNCH(blocks, 256, 0, stream, gather_grad_x_kernel<scalar_t>)(
+          gxbuf.const_data_ptr<acc_t>(), R.gx.mutable_data_ptr<scalar_t>(), B, Cin, H, W, gh, gwid);
       PYSEG_LAUNCH_CHECK();
     }
   });
@@ -146,9 +139,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> meta_block_backward_c
 
 }  // namespace
 
-PYSEG_CUDA_OPS(m) {
-  PYSEG_CUDA_OP(m, "meta_block", &meta_block_cuda);
-  PYSEG_CUDA_OP(m, "meta_block_backward", &meta_block_backward_cuda);
-}
+PYSEG_CUDA_KERNELS(meta_block, meta_block_cuda, meta_block_backward_cuda)
 
 }  // namespace pyseg

@@ -41,6 +41,38 @@ struct Carve {
   }
 };
 
+// Tile t (row-major) of patch P walked in tiles of th x tw: its size eh x ew and first pixel (tr0,
+// tc0); the haloed tile's row length hw and pixel count hq; its pixel count tp.
+struct PatchTile {
+  int64_t eh, ew, tr0, tc0, hw, hq, tp;
+};
+
+__device__ __forceinline__ PatchTile patch_tile(const DevPatch& P, int64_t th, int64_t tw, int64_t t) {
+  const int64_t ntj = div_up(P.pw, tw), ti = t / ntj, tj = t % ntj;
+  const int64_t eh = imin(th, P.ph - ti * th), ew = imin(tw, P.pw - tj * tw);
+  return {eh, ew, P.r0 + ti * th, P.c0 + tj * tw, ew + 2, (eh + 2) * (ew + 2), eh * ew};
+}
+
+// One stage's affine partials of a patch tile: per channel c (one thread each, fixed order) adds
+// sum(g * z) to the scale partial and sum(g) to the shift partial at offset a + c (shift at A + a + c),
+// then multiplies the stage's gradient g by the scale: g becomes the gradient of the pre-affine value z.
+// g, z: channels x n.
+template <typename scalar_t, typename acc_t>
+__device__ void affine_partials(acc_t* g, const acc_t* z, int64_t channels, int64_t n,
+                                const scalar_t* __restrict__ scale, int64_t a, int64_t A, acc_t* part) {
+  for (int64_t c = threadIdx.x; c < channels; c += blockDim.x) {
+    acc_t sg = 0, sgz = 0;
+    const acc_t s = static_cast<acc_t>(scale[a + c]);
+    for (int64_t p = 0; p < n; ++p) {
+      sg += g[c * n + p];
+      sgz += g[c * n + p] * z[c * n + p];
+      g[c * n + p] *= s;
+    }
+    part[a + c] += sgz;
+    part[A + a + c] += sg;
+  }
+}
+
 // Stage this patch's weights (strided by G in the (B, N, gh, gw) layout) into shared memory.
 template <typename scalar_t, typename acc_t>
 __device__ void stage_weights(const scalar_t* __restrict__ weight, int64_t N, int64_t G, int64_t b, int64_t patch,
@@ -88,12 +120,8 @@ __global__ void __launch_bounds__(kThreads) meta_forward_kernel(
   acc_t* xh = cv.take(Cin * HQ);
   acc_t* h1 = cv.take(hid * HQ);
   acc_t* h2 = cv.take(hid * TP);
-  const int64_t nti = div_up(P.ph, th), ntj = div_up(P.pw, tw);
-  for (int64_t t = 0; t < nti * ntj; ++t) {
-    const int64_t ti = t / ntj, tj = t % ntj;
-    const int64_t eh = imin(th, P.ph - ti * th), ew = imin(tw, P.pw - tj * tw);
-    const int64_t tr0 = P.r0 + ti * th, tc0 = P.c0 + tj * tw;
-    const int64_t hw = ew + 2, hq = (eh + 2) * hw, tp = eh * ew;
+  for (int64_t t = 0; t < div_up(P.ph, th) * div_up(P.pw, tw); ++t) {
+    const auto [eh, ew, tr0, tc0, hw, hq, tp] = patch_tile(P, th, tw, t);
     // No barrier before the load: xh is last read (pw1) before the previous tile's second barrier,
     // and the previous tile's pw2 reads only h2 and w (a barrier here is redundant: the CUDA
     // emulator's mutation run shows no test can observe its removal).
@@ -171,12 +199,8 @@ __global__ void __launch_bounds__(kThreads) meta_backward_kernel(
   for (int64_t n = threadIdx.x; n < 2 * A; n += blockDim.x) part[n] = acc_t(0);
   acc_t* gxb = gxbuf ? gxbuf + item * Cin * (PH + 2) * (PW + 2) : nullptr;
 
-  const int64_t nti = div_up(P.ph, th), ntj = div_up(P.pw, tw);
-  for (int64_t t = 0; t < nti * ntj; ++t) {
-    const int64_t ti = t / ntj, tj = t % ntj;
-    const int64_t eh = imin(th, P.ph - ti * th), ew = imin(tw, P.pw - tj * tw);
-    const int64_t tr0 = P.r0 + ti * th, tc0 = P.c0 + tj * tw;
-    const int64_t hw = ew + 2, hq = (eh + 2) * hw, tp = eh * ew;
+  for (int64_t t = 0; t < div_up(P.ph, th) * div_up(P.pw, tw); ++t) {
+    const auto [eh, ew, tr0, tc0, hw, hq, tp] = patch_tile(P, th, tw, t);
     __syncthreads();
     load_tile(x, P.b, Cin, H, W, tr0, tc0, eh, ew, xh);
     __syncthreads();
@@ -214,17 +238,7 @@ __global__ void __launch_bounds__(kThreads) meta_backward_kernel(
     }
     __syncthreads();
     // stage-3 affine partials (one thread per channel, fixed order), then g3 <- s3 * g3
-    for (int64_t o = threadIdx.x; o < Cout; o += blockDim.x) {
-      acc_t sg = 0, sgz = 0;
-      const acc_t s = static_cast<acc_t>(scale[L.a3() + o]);
-      for (int64_t p = 0; p < tp; ++p) {
-        sg += g3[o * tp + p];
-        sgz += g3[o * tp + p] * z3[o * tp + p];
-        g3[o * tp + p] *= s;
-      }
-      part[L.a3() + o] += sgz;
-      part[A + L.a3() + o] += sg;
-    }
+    affine_partials(g3, z3, Cout, tp, scale, L.a3(), A, part);
     __syncthreads();
     // grad W3 (owned entries) and g2 = relu6'(u2) * W3^T g3
     for (int64_t idx = threadIdx.x; idx < Cout * hid; idx += blockDim.x) {
@@ -242,17 +256,7 @@ __global__ void __launch_bounds__(kThreads) meta_backward_kernel(
       g2[idx] = meta::relu6_passes(u) ? acc : acc_t(0);
     }
     __syncthreads();
-    for (int64_t k = threadIdx.x; k < hid; k += blockDim.x) {
-      acc_t sg = 0, sgz = 0;
-      const acc_t s = static_cast<acc_t>(scale[L.a2() + k]);
-      for (int64_t p = 0; p < tp; ++p) {
-        sg += g2[k * tp + p];
-        sgz += g2[k * tp + p] * z2[k * tp + p];
-        g2[k * tp + p] *= s;
-      }
-      part[L.a2() + k] += sgz;
-      part[A + L.a2() + k] += sg;
-    }
+    affine_partials(g2, z2, hid, tp, scale, L.a2(), A, part);
     __syncthreads();
     // grad W2 (owned entries) and g1 = relu6'(u1) * (full correlation of g2 with W2)
     for (int64_t idx = threadIdx.x; idx < hid * 9; idx += blockDim.x) {
@@ -278,17 +282,7 @@ __global__ void __launch_bounds__(kThreads) meta_backward_kernel(
       g1[idx] = meta::relu6_passes(u) ? acc : acc_t(0);
     }
     __syncthreads();
-    for (int64_t k = threadIdx.x; k < hid; k += blockDim.x) {
-      acc_t sg = 0, sgz = 0;
-      const acc_t s = static_cast<acc_t>(scale[L.a1() + k]);
-      for (int64_t q = 0; q < hq; ++q) {
-        sg += g1[k * hq + q];
-        sgz += g1[k * hq + q] * z1[k * hq + q];
-        g1[k * hq + q] *= s;
-      }
-      part[L.a1() + k] += sgz;
-      part[A + L.a1() + k] += sg;
-    }
+    affine_partials(g1, z1, hid, hq, scale, L.a1(), A, part);
     __syncthreads();
     // grad W1 (owned entries) and the haloed grad_x of this tile, added into the patch buffer
     for (int64_t idx = threadIdx.x; idx < hid * Cin; idx += blockDim.x) {
@@ -302,7 +296,7 @@ __global__ void __launch_bounds__(kThreads) meta_backward_kernel(
         const int64_t c = idx / hq, q = idx % hq, a = q / hw, bb = q % hw;
         acc_t acc = 0;
         for (int64_t k = 0; k < hid; ++k) acc += w[L.w1() + k * Cin + c] * g1[k * hq + q];
-        gxb[(c * (PH + 2) + ti * th + a) * (PW + 2) + tj * tw + bb] += acc;
+        gxb[(c * (PH + 2) + tr0 - P.r0 + a) * (PW + 2) + tc0 - P.c0 + bb] += acc;
       }
     }
   }

@@ -29,25 +29,19 @@
 namespace pyseg {
 namespace {
 
-constexpr const char* kFwd = "pyseg::patchwise_conv2d";
-constexpr const char* kBwd = "pyseg::patchwise_conv2d_backward";
-
 at::Tensor patchwise_conv2d_cuda(const at::Tensor& x_, const at::Tensor& weight_,
                                  const c10::optional<at::Tensor>& bias_, at::IntArrayRef stride,
                                  at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-  const PwConvShape s = pw_check_args(kFwd, x_, weight_, stride, padding, dilation, groups);
-  pw_check_bias(kFwd, s, x_, bias_);
-  TORCH_CHECK(gpu::on_device(x_), kFwd, ": the CUDA kernel needs CUDA tensors, got x on ", x_.device());
+  TORCH_CHECK(gpu::on_device(x_), kPwConvForward, ": the CUDA kernel needs CUDA tensors, got x on ", x_.device());
   gpu::DeviceGuard guard(x_.device());
-  const at::Tensor x = x_.contiguous();
-  const at::Tensor weight = weight_.contiguous();
-  at::Tensor bias;
-  if (bias_.has_value() && bias_->defined()) bias = bias_->contiguous();
+  const PwConvForward a(x_, weight_, bias_, stride, padding, dilation, groups);
+  const PwConvShape& s = a.s;
+  const at::Tensor &x = a.x, &weight = a.weight;
   at::Tensor y = at::empty({s.B, s.Cout, s.Hout, s.Wout}, x.options());
   if (s.B == 0) return y;
 
   const int64_t GG = s.gh * s.gw;
-  TORCH_CHECK(s.B * GG <= std::numeric_limits<int32_t>::max(), kFwd, ": too many (sample, patch) pairs: ",
+  TORCH_CHECK(s.B * GG <= std::numeric_limits<int32_t>::max(), kPwConvForward, ": too many (sample, patch) pairs: ",
               s.B * GG);
   const cudaDeviceProp* prop = &gpu::props();
   const int64_t smem_limit = static_cast<int64_t>(prop->sharedMemPerBlock);  // without opt-in
@@ -60,9 +54,9 @@ at::Tensor patchwise_conv2d_cuda(const at::Tensor& x_, const at::Tensor& weight_
     int64_t OT = std::min<int64_t>(s.Cout, 64);
     if (use_smem) OT = std::max<int64_t>(1, std::min<int64_t>(OT, smem_limit / per_channel));
     const int64_t tiles = (s.Cout + OT - 1) / OT;
-    TORCH_CHECK(tiles <= 65535, kFwd, ": too many output-channel tiles: ", tiles);
+    TORCH_CHECK(tiles <= 65535, kPwConvForward, ": too many output-channel tiles: ", tiles);
     const dim3 grid(static_cast<unsigned>(s.B * GG), static_cast<unsigned>(tiles));
-    const scalar_t* bptr = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* bptr = a.bias_ptr<scalar_t>();
     if (use_smem) {
       const size_t smem = static_cast<size_t>(OT * per_channel);
       PYSEG_LAUNCH(grid, kThreads, smem, stream, pw_forward_kernel<scalar_t, true>)(
@@ -81,17 +75,12 @@ at::Tensor patchwise_conv2d_cuda(const at::Tensor& x_, const at::Tensor& weight_
 std::tuple<at::Tensor, at::Tensor, at::Tensor> patchwise_conv2d_backward_cuda(
     const at::Tensor& grad_out_, const at::Tensor& x_, const at::Tensor& weight_, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, std::array<bool, 3> output_mask) {
-  const PwConvShape s = pw_check_args(kBwd, x_, weight_, stride, padding, dilation, groups);
-  pw_check_grad_out(kBwd, s, x_, grad_out_);
-  TORCH_CHECK(gpu::on_device(x_), kBwd, ": the CUDA kernel needs CUDA tensors, got x on ", x_.device());
+  TORCH_CHECK(gpu::on_device(x_), kPwConvBackward, ": the CUDA kernel needs CUDA tensors, got x on ", x_.device());
   gpu::DeviceGuard guard(x_.device());
-  const at::Tensor x = x_.contiguous();
-  const at::Tensor weight = weight_.contiguous();
-  const at::Tensor gy = grad_out_.contiguous();
-  at::Tensor gx = output_mask[0] ? at::empty_like(x, at::MemoryFormat::Contiguous) : x.new_empty({0});
-  at::Tensor gw = output_mask[1] ? at::empty_like(weight, at::MemoryFormat::Contiguous) : weight.new_empty({0});
-  at::Tensor gb = output_mask[2] ? at::empty({s.B, s.Cout, s.gh, s.gw}, weight.options()) : weight.new_empty({0});
-  if (s.B == 0) return {gx, gw, gb};
+  const PwConvBackward a(grad_out_, x_, weight_, stride, padding, dilation, groups, output_mask);
+  const PwConvShape& s = a.s;
+  const at::Tensor &x = a.x, &weight = a.weight, &gy = a.gy, &gx = a.gx, &gw = a.gw, &gb = a.gb;
+  if (s.B == 0) return a.result();
   const int64_t GG = s.gh * s.gw;
   cudaStream_t stream = gpu::stream();
   const cudaDeviceProp* prop = &gpu::props();
@@ -111,7 +100,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> patchwise_conv2d_backward_cuda(
       const int64_t e_end = output_mask[2] ? CK + s.Cout : CK;
       const int64_t ET = kThreads;
       const int64_t tiles = (e_end - e_begin + ET - 1) / ET;
-      TORCH_CHECK(s.B * GG <= std::numeric_limits<int32_t>::max() && tiles <= 65535, kBwd,
+      TORCH_CHECK(s.B * GG <= std::numeric_limits<int32_t>::max() && tiles <= 65535, kPwConvBackward,
                   ": grid too large (", s.B * GG, " patches x ", tiles, " entry tiles)");
       const dim3 grid(static_cast<unsigned>(s.B * GG), static_cast<unsigned>(tiles));
       PYSEG_LAUNCH(grid, kThreads, 0, stream, pw_grad_weight_kernel<scalar_t>)(
@@ -121,14 +110,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> patchwise_conv2d_backward_cuda(
       PYSEG_LAUNCH_CHECK();
     }
   });
-  return {gx, gw, gb};
+  return a.result();
 }
 
 }  // namespace
 
-PYSEG_CUDA_OPS(m) {
-  PYSEG_CUDA_OP(m, "patchwise_conv2d", &patchwise_conv2d_cuda);
-  PYSEG_CUDA_OP(m, "patchwise_conv2d_backward", &patchwise_conv2d_backward_cuda);
-}
+PYSEG_CUDA_KERNELS(patchwise_conv2d, patchwise_conv2d_cuda, patchwise_conv2d_backward_cuda)
 
 }  // namespace pyseg

@@ -41,12 +41,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pointwise_block_backw
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
     const at::Tensor& shift, std::array<bool, 4> output_mask) {
   const int64_t Cout = meta::check_pointwise_block(x, weight, scale, shift);
-  meta::check_grad_out(x, grad_out, Cout);
   TORCH_CHECK(gpu::on_device(x), "pointwise_block_backward (CUDA): x must be a CUDA tensor");
   const gpu::DeviceGuard guard(x.device());
-  meta::BlockGrads R(x, weight, scale, shift, output_mask);
-  const bool need_x = R.need_x, need_w = R.need_w, need_affine = R.need_affine;
-  at::Tensor &gx = R.gx, &gw = R.gw, &gs = R.gs, &gt = R.gt;
+  meta::BlockGrads R(grad_out, x, weight, scale, shift, Cout, output_mask);
   if (!R.any()) return R.result();
   const int64_t B = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t gh = weight.size(2), gwid = weight.size(3), G = gh * gwid;
@@ -64,27 +61,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pointwise_block_backw
         shift.const_data_ptr<scalar_t>(), nullptr, z.mutable_data_ptr<acc_t>(), gu.mutable_data_ptr<acc_t>(),
         grad_out.const_data_ptr<scalar_t>(), B, Cin, Cout, H, W, gh, gwid);
     PYSEG_LAUNCH_CHECK();
-    if (need_x) {
+    if (R.need_x) {
       const dim3 grid2(static_cast<unsigned>(div_up(H * W, 256)), static_cast<unsigned>(div_up(Cin, kOC)),
                        static_cast<unsigned>(B));
       PYSEG_LAUNCH(grid2, 256, 0, stream, pointwise_grad_x_kernel<scalar_t>)(
           gu.const_data_ptr<acc_t>(), weight.const_data_ptr<scalar_t>(), scale.const_data_ptr<scalar_t>(),
-          gx.mutable_data_ptr<scalar_t>(), B, Cin, Cout, H, W, gh, gwid);
+          R.gx.mutable_data_ptr<scalar_t>(), B, Cin, Cout, H, W, gh, gwid);
       PYSEG_LAUNCH_CHECK();
     }
-    if (need_w || need_affine) {
-      at::Tensor partial = need_affine ? at::empty({B * G, 2 * Cout}, acc_opts) : at::Tensor();
+    if (R.need_w || R.need_affine) {
+      at::Tensor partial = R.need_affine ? at::empty({B * G, 2 * Cout}, acc_opts) : at::Tensor();
       PYSEG_LAUNCH(static_cast<unsigned>(B * G), 256, 0, stream, pointwise_grad_w_kernel<scalar_t>)(
           gu.const_data_ptr<acc_t>(), z.const_data_ptr<acc_t>(), x.const_data_ptr<scalar_t>(),
-          scale.const_data_ptr<scalar_t>(), need_w ? gw.mutable_data_ptr<scalar_t>() : nullptr,
-          need_affine ? partial.mutable_data_ptr<acc_t>() : nullptr, Cin, Cout, H, W, gh, gwid);
+          scale.const_data_ptr<scalar_t>(), R.need_w ? R.gw.mutable_data_ptr<scalar_t>() : nullptr,
+          R.need_affine ? partial.mutable_data_ptr<acc_t>() : nullptr, Cin, Cout, H, W, gh, gwid);
       PYSEG_LAUNCH_CHECK();
-      if (need_affine) {
-        PYSEG_LAUNCH(static_cast<unsigned>(div_up(2 * Cout, 128)), 128, 0, stream, reduce_partials_kernel<scalar_t>)(
-            partial.const_data_ptr<acc_t>(), B * G, Cout, gs.mutable_data_ptr<scalar_t>(),
-            gt.mutable_data_ptr<scalar_t>());
-        PYSEG_LAUNCH_CHECK();
-      }
+      if (R.need_affine) reduce_partials<scalar_t>(partial, Cout, R.gs, R.gt);
     }
   });
   return R.result();
@@ -92,9 +84,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pointwise_block_backw
 
 }  // namespace
 
-PYSEG_CUDA_OPS(m) {
-  PYSEG_CUDA_OP(m, "pointwise_block", &pointwise_block_cuda);
-  PYSEG_CUDA_OP(m, "pointwise_block_backward", &pointwise_block_backward_cuda);
-}
+PYSEG_CUDA_KERNELS(pointwise_block, pointwise_block_cuda, pointwise_block_backward_cuda)
 
 }  // namespace pyseg

@@ -12,6 +12,24 @@ namespace {
 
 constexpr int kOC = 8;
 
+// A thread of the per-pixel kernels (grid: pixel blocks, tiles of kOC channels, samples): its pixel,
+// sample, first channel, and wp, the pixel's patch weights in the (B, Cout*Cin, gh, gw) layout
+// (entry n at wp[n * gh * gw]; null when pix >= H*W, a thread without a pixel).
+template <typename scalar_t>
+struct PixelThread {
+  int64_t pix, b, c0;
+  const scalar_t* wp;
+};
+
+template <typename scalar_t>
+__device__ PixelThread<scalar_t> pixel_thread(const scalar_t* weight, int64_t Cin, int64_t Cout, int64_t H, int64_t W,
+                                              int64_t gh, int64_t gw) {
+  const int64_t pix = blockIdx.x * (int64_t)blockDim.x + threadIdx.x, b = blockIdx.z;
+  const scalar_t* wp = nullptr;
+  if (pix < H * W) wp = weight + b * Cout * Cin * gh * gw + patch_of(pix / W, gh, H) * gw + patch_of(pix % W, gw, W);
+  return {pix, b, static_cast<int64_t>(blockIdx.y) * kOC, wp};
+}
+
 template <typename scalar_t>
 __global__ void pointwise_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ weight,
                                          const scalar_t* __restrict__ scale, const scalar_t* __restrict__ shift,
@@ -23,16 +41,9 @@ __global__ void pointwise_forward_kernel(const scalar_t* __restrict__ x, const s
   // grad_out, both (B, Cout, H, W) in acc precision).
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t HW = H * W, G = gh * gw;
-  const int64_t pix = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
-  const int64_t b = blockIdx.z;
-  const int64_t o0 = blockIdx.y * kOC;
+  const auto [pix, b, o0, wp] = pixel_thread(weight, Cin, Cout, H, W, gh, gw);
   if (pix >= HW) return;
-  const int64_t r = pix / W, col = pix % W;
-  const int64_t patch = patch_of(r, gh, H) * gw + patch_of(col, gw, W);
-  const scalar_t* wp = weight + b * Cout * Cin * G + patch;
-  acc_t acc[kOC];
-#pragma unroll
-  for (int u = 0; u < kOC; ++u) acc[u] = 0;
+  acc_t acc[kOC] = {};
   for (int64_t c = 0; c < Cin; ++c) {
     const acc_t xv = static_cast<acc_t>(x[(b * Cin + c) * HW + pix]);
 #pragma unroll
@@ -61,15 +72,9 @@ __global__ void pointwise_grad_x_kernel(const at::opmath_type<scalar_t>* __restr
                                         int64_t W, int64_t gh, int64_t gw) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t HW = H * W, G = gh * gw;
-  const int64_t pix = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
-  const int64_t b = blockIdx.z;
-  const int64_t c0 = blockIdx.y * kOC;
+  const auto [pix, b, c0, wp] = pixel_thread(weight, Cin, Cout, H, W, gh, gw);
   if (pix >= HW) return;
-  const int64_t patch = patch_of(pix / W, gh, H) * gw + patch_of(pix % W, gw, W);
-  const scalar_t* wp = weight + b * Cout * Cin * G + patch;
-  acc_t acc[kOC];
-#pragma unroll
-  for (int u = 0; u < kOC; ++u) acc[u] = 0;
+  acc_t acc[kOC] = {};
   for (int64_t o = 0; o < Cout; ++o) {
     const acc_t g = gu[(b * Cout + o) * HW + pix] * static_cast<acc_t>(scale[o]);
 #pragma unroll

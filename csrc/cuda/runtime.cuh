@@ -5,7 +5,7 @@
 //   PYSEG_LAUNCH(grid, block, smem, stream, kernel)(args...)   kernel<<<grid, block, smem, stream>>>(args...)
 //   PYSEG_LAUNCH_CHECK()                                       C10_CUDA_KERNEL_LAUNCH_CHECK()
 //   PYSEG_DYNAMIC_SMEM(name)                                   extern __shared__ unsigned char name[] (16-aligned)
-//   PYSEG_CUDA_OPS(m) { PYSEG_CUDA_OP(m, "op", &fn); }         TORCH_LIBRARY_IMPL(pyseg, CUDA, m)
+//   PYSEG_CUDA_KERNELS(op, forward, backward)                 PYSEG_KERNELS(CUDA, op, forward, backward)
 //   gpu::props(), gpu::stream(), gpu::DeviceGuard, gpu::on_device(t), gpu::allow_dynamic_smem(kernel, bytes)
 #pragma once
 
@@ -15,6 +15,8 @@
 
 #include <cstddef>
 
+#include "common/register.h"
+
 #ifdef PYSEG_CUDA_EMULATOR
 #include "emu/cuda_emu.h"
 
@@ -22,8 +24,11 @@
   ::pyseg::emu::launch<__VA_ARGS__>(#__VA_ARGS__, dim3(grid), dim3(block), static_cast<size_t>(smem))
 #define PYSEG_LAUNCH_CHECK() ((void)0)
 #define PYSEG_DYNAMIC_SMEM(name) unsigned char* const name = ::pyseg::emu::tls_thread->dyn_smem
-#define PYSEG_CUDA_OPS(m) TORCH_LIBRARY_FRAGMENT(pyseg_emu, m)
-#define PYSEG_CUDA_OP(m, name, fn) m.def(name, fn)
+#define PYSEG_CUDA_KERNELS(op, forward, backward) \
+  TORCH_LIBRARY_FRAGMENT(pyseg_emu, m) {          \
+    m.def(#op, &forward);                         \
+    m.def(#op "_backward", &backward);            \
+  }
 
 namespace pyseg {
 namespace gpu {
@@ -49,8 +54,7 @@ void allow_dynamic_smem(K kernel, size_t bytes) {
 #define PYSEG_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
 #define PYSEG_LAUNCH_CHECK() C10_CUDA_KERNEL_LAUNCH_CHECK()
 #define PYSEG_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
-#define PYSEG_CUDA_OPS(m) TORCH_LIBRARY_IMPL(pyseg, CUDA, m)
-#define PYSEG_CUDA_OP(m, name, fn) m.impl(name, fn)
+#define PYSEG_CUDA_KERNELS(op, forward, backward) PYSEG_KERNELS(CUDA, op, forward, backward)
 
 namespace pyseg {
 namespace gpu {

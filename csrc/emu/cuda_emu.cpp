@@ -448,11 +448,17 @@ void disable_barrier(const std::string& site) {
     E().disabled.insert(site);
 }
 
+// The names in a container, one a line.
+template <typename Names>
+std::string one_a_line(const Names& names) {
+  std::string out;
+  for (const auto& s : names) out += s + "\n";
+  return out;
+}
+
 std::string launched() {
   std::lock_guard<std::mutex> g(E().mu);
-  std::string out;
-  for (const auto& s : E().launched) out += s + "\n";
-  return out;
+  return one_a_line(E().launched);
 }
 
 void clear_launched() {
@@ -464,9 +470,7 @@ void clear_launched() {
 
 std::string barrier_sites() {
   std::lock_guard<std::mutex> g(E().mu);
-  std::string out;
-  for (const auto& s : E().barrier_sites) out += s + "\n";
-  return out;
+  return one_a_line(E().barrier_sites);
 }
 
 int64_t barrier_count() {

@@ -14,35 +14,34 @@ expected trainable-parameter count of the public implementation (``public_params
 are not from the paper).
 """
 
+# What the v1_0 models share (the public ones and hyperseg-tiny); each config below states the rest.
+_V1_0 = dict(signal_unit=None, expand_ratio=2, context_head="v1_0", context_levels=2, decoder="v1_0",
+             unify_level=None, round_weight_counts=False)
+
+
+def _v1_0(**keys) -> dict:
+    return dict(_V1_0, **keys)
+
+
 HYPERSEG_CONFIGS = {
-    "hyperseg-m": dict(
+    "hyperseg-m": _v1_0(
         dataset="cityscapes", num_classes=19, input_size=(512, 1024), backbone="efficientnet_b1",
         out_feat_scale=[1.0, 0.25, 0.25, 0.25, 0.25], kernel_sizes=[1, 1, 1, 3, 3],
-        level_channels=[64, 32, 16, 16, 16], weight_groups=[32, 16, 8, 16, 4], signal_unit=None,
-        expand_ratio=2, context_head="v1_0", context_levels=2, decoder="v1_0", unify_level=None,
-        round_weight_counts=False, public_signal_layout="prefix", public_params=10_311_214,
-    ),
-    "hyperseg-s": dict(
+        level_channels=[64, 32, 16, 16, 16], weight_groups=[32, 16, 8, 16, 4],
+        public_signal_layout="prefix", public_params=10_311_214),
+    "hyperseg-s": _v1_0(
         dataset="cityscapes", num_classes=19, input_size=(768, 1536), backbone="efficientnet_b1",
         out_feat_scale=[1.0, 0.166, 0.2, 0.25, 0.4], kernel_sizes=[1, 1, 1, 3, 3],
-        level_channels=[32, 16, 8, 8, 8], weight_groups=[32, 16, 8, 16, 4], signal_unit=None,
-        expand_ratio=2, context_head="v1_0", context_levels=2, decoder="v1_0", unify_level=4,
-        round_weight_counts=False, public_signal_layout="disjoint", public_params=10_041_398,
-    ),
-    "hyperseg-s-camvid": dict(
+        level_channels=[32, 16, 8, 8, 8], weight_groups=[32, 16, 8, 16, 4], unify_level=4,
+        public_signal_layout="disjoint", public_params=10_041_398),
+    "hyperseg-s-camvid": _v1_0(
         dataset="camvid", num_classes=12, input_size=(576, 768), backbone="efficientnet_b1",
-        out_feat_scale=0.25, kernel_sizes=[1, 1, 1, 3, 3],
-        level_channels=[64, 32, 16, 16, 16], weight_groups=[64, 32, 32, 16, 8], signal_unit=None,
-        expand_ratio=2, context_head="v1_0", context_levels=2, decoder="v1_0", unify_level=None,
-        round_weight_counts=False, public_signal_layout="prefix", public_params=9_949_064,
-    ),
-    "hyperseg-l-camvid": dict(
+        out_feat_scale=0.25, kernel_sizes=[1, 1, 1, 3, 3], level_channels=[64, 32, 16, 16, 16],
+        weight_groups=[64, 32, 32, 16, 8], public_signal_layout="prefix", public_params=9_949_064),
+    "hyperseg-l-camvid": _v1_0(
         dataset="camvid", num_classes=12, input_size=(768, 1024), backbone="efficientnet_b1",
-        out_feat_scale=0.25, kernel_sizes=[1, 1, 1, 3, 3, 3],
-        level_channels=[64, 32, 16, 16, 16, 16], weight_groups=[64, 32, 32, 16, 8, 8], signal_unit=None,
-        expand_ratio=2, context_head="v1_0", context_levels=2, decoder="v1_0", unify_level=None,
-        round_weight_counts=False, public_signal_layout="prefix", public_params=9_969_104,
-    ),
+        out_feat_scale=0.25, kernel_sizes=[1, 1, 1, 3, 3, 3], level_channels=[64, 32, 16, 16, 16, 16],
+        weight_groups=[64, 32, 32, 16, 8, 8], public_signal_layout="prefix", public_params=9_969_104),
     "hyperseg-l-voc": dict(
         dataset="voc", num_classes=21, input_size=(512, 512), backbone="efficientnet_b3",
         out_feat_scale=0.25, kernel_sizes=[1, 1, 3, 3, 3, 3],
@@ -54,13 +53,10 @@ HYPERSEG_CONFIGS = {
     # pyseg.data.synthetic, 4 classes). Same structure as HyperSeg-M (v1_0 head, three 1x1 levels, two meta
     # blocks, output stride 2) on a width-0.5 MobileNetV2 (randomly initialised: no downloaded weights),
     # full-width skips (8, 16, 16, 48, 160 channels) and narrow decoder levels.
-    "hyperseg-tiny": dict(
+    "hyperseg-tiny": _v1_0(
         dataset="synthetic", num_classes=4, input_size=(128, 256), backbone="mobilenetv2_050",
-        out_feat_scale=1.0, kernel_sizes=[1, 1, 1, 3, 3],
-        level_channels=[32, 16, 16, 8, 8], weight_groups=[16, 8, 4, 8, 4], signal_unit=None,
-        expand_ratio=2, context_head="v1_0", context_levels=2, decoder="v1_0", unify_level=None,
-        round_weight_counts=False, public_signal_layout="disjoint", public_params=None,
-    ),
+        out_feat_scale=1.0, kernel_sizes=[1, 1, 1, 3, 3], level_channels=[32, 16, 16, 8, 8],
+        weight_groups=[16, 8, 4, 8, 4], public_signal_layout="disjoint", public_params=None),
 }
 
 DESCRIPTIONS = {

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops.meta_block import implementation as meta_implementation
 from ..ops.meta_block import meta_block, meta_weight_numel, normalize_meta_args, pointwise_block
 from ..ops.patchwise_conv2d import patchwise_conv2d
 from ..ops.reference import meta_block as _ref
@@ -60,13 +61,23 @@ class MetaBlock(nn.Module):
     The block owns its BatchNorm layers (shared by every patch); the dynamic weights are the
     ``weight`` argument of :meth:`forward`, flat (B, weight_numel, gh, gw).
 
-    * Eval mode (or BN without batch statistics): BN folds into per-channel affines and the fused
-      kernel runs (``backend``).
-    * Training mode with batch statistics: an unfused, differentiable composition. Its BN statistics
-      are computed over the patch pixels only; the public HyperSeg code computes the first BN's
-      statistics over the haloed patches (patch + 1-pixel ring, counting ring pixels once per patch
-      that reads them). The running statistics therefore differ slightly from the public code for
-      tiny patches; the eval-mode arithmetic is identical.
+    Each BN layer follows ``nn.BatchNorm2d``'s own rule: it normalises with batch statistics when
+    *it* is in training mode (or keeps no running statistics), else with its running statistics.
+
+    * No BN layer needs batch statistics (eval mode, or training with frozen BN layers, e.g.
+      ``bn.eval()`` after ``model.train()``): BN folds into per-channel affines and the op
+      (:func:`pyseg.ops.meta_block` / :func:`pyseg.ops.pointwise_block`) runs with ``backend``, forward
+      and fused backward, in training as in eval; gradients reach ``x``, ``weight`` and the BN
+      weight and bias (through the folded affine).
+    * Some BN layer needs batch statistics: an unfused, differentiable composition (the 1x1 level:
+      :func:`pyseg.ops.patchwise_conv2d` with ``backend``, then BN and ReLU). A batch statistic of the
+      projection needs every value of the block's unfused output, so the fused kernel could only
+      recompute it; ``backend`` is still checked (an unavailable one raises as in eval). Its BN
+      statistics are computed over the patch pixels only; the public HyperSeg code computes the first
+      BN's statistics over the haloed patches (patch + 1-pixel ring, counting ring pixels once per
+      patch that reads them). The running statistics therefore differ slightly from the public code
+      for tiny patches; the normalisation arithmetic (affine after each stage, halo included) is the
+      eval path's.
     """
 
     def __init__(self, in_channels: int, out_channels: int, expand_ratio: float = 2, kernel_size: int = 3,
@@ -97,8 +108,10 @@ class MetaBlock(nn.Module):
             return self.out_channels * self.in_channels
         return meta_weight_numel(self.in_channels, self.hidden_channels, self.out_channels)
 
-    def _uses_batch_stats(self, bn):
-        return self.training or not bn.track_running_stats or bn.running_mean is None
+    @staticmethod
+    def _uses_batch_stats(bn):
+        """nn.BatchNorm2d's rule: batch statistics in the layer's training mode or without running ones."""
+        return bn.training or not bn.track_running_stats or bn.running_mean is None
 
     def forward(self, x: Tensor, weight: Tensor) -> Tensor:
         if weight.dim() != 4 or weight.shape[1] != self.weight_numel:
@@ -112,12 +125,13 @@ class MetaBlock(nn.Module):
                 return torch.relu(self.bn(y))
             return pointwise_block(x, weight, bn_affine(self.bn), backend=self.backend)
         if any(self._uses_batch_stats(bn) for bn in (self.bn1, self.bn2, self.bn3)):
+            meta_implementation(self.backend, x.device)  # an unavailable backend raises, as in eval
             w1, w2, w3 = normalize_meta_args(x, weight, self.hidden_channels, self.out_channels)
             norms = [_bn_batch_stats(bn) if self._uses_batch_stats(bn) else _ref.affine_norm(*bn_affine(bn))
                      for bn in (self.bn1, self.bn2, self.bn3)]
             return _ref.meta_block_staged(x, w1, w2, w3, *norms)
         return meta_block(x, weight, self.hidden_channels, self.out_channels, bn_affine(self.bn1),
-                              bn_affine(self.bn2), bn_affine(self.bn3), backend=self.backend)
+                          bn_affine(self.bn2), bn_affine(self.bn3), backend=self.backend)
 
     def extra_repr(self) -> str:
         s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}"

@@ -13,7 +13,7 @@ from . import _library, reference
 from ._utils import check_same, check_tensor
 
 __all__ = ["meta_block", "pointwise_block", "normalize_meta_args", "meta_weight_numel", "supports",
-           "weight_memory_format"]
+           "implementation", "weight_memory_format"]
 
 OP = "meta_block"
 
@@ -153,6 +153,12 @@ _pointwise_op = _library.register(
                     "Tensor shift, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)",
     fake=_fake_pointwise_forward, fake_backward=_fake_backward, reference=_reference_pointwise_block,
     supports=supports, differentiable=(0, 1, 2, 3), saved=(0, 1, 2, 3), config=())
+
+
+def implementation(backend: str, device: torch.device) -> str:
+    """The implementation (reference, cpu, cuda, triton) :func:`meta_block` runs for ``backend`` on
+    ``device``; an unknown or unavailable backend raises."""
+    return _meta_op.resolve(backend, torch.device(device))
 
 
 def weight_memory_format(device: torch.device) -> torch.memory_format:
