@@ -370,9 +370,9 @@ def _px_block(pixels: int) -> int:
     return int(min(max(16, triton.next_power_of_2(max(int(pixels), 1))), 32))
 
 
-#: Warps and software-pipelining stages of every meta-block program (tiles are at most 64 x 32;
+#: Warps and software-pipelining stages of the meta-block programs (tiles are at most 64 x 32;
 #: pipelining the hidden-chunk loops would multiply the shared-memory buffers of its nine tl.dot
-#: per chunk and the live registers).
+#: per chunk and the live registers). _NUM_WARPS is also the pointwise_block kernels' default.
 _NUM_WARPS = 4
 _NUM_STAGES = 1
 #: Stage 1 of the backward holds the most per program (z1, u1, dL/dh1 and dL/dz1 tiles of
@@ -380,6 +380,16 @@ _NUM_STAGES = 1
 #: CIN_BLOCK, BLOCK_Q) = (32, 32, 32) needs ~40 B/thread of spill on sm_90; 8 warps halve every
 #: tile's share per thread (no spills, <= 255 registers x 256 threads: one program per SM half).
 _NUM_WARPS_STAGE1 = 8
+
+
+def _num_warps(cin_block: int, cout_block: int = 0) -> int:
+    """Warps of the forward, stage 2/3 and grad_x programs, from ptxas -v on sm_90 at every registry
+    model's blocks: (CIN_BLOCK, COUT_BLOCK) = (32, 32) tiles (HyperSeg-S) need 255 registers plus
+    28-36 B/thread of spill at 4 warps, and 16-channel inputs spill 4-28 B at 96-128 registers; both
+    compile clean at 8 warps (half of every tile per thread). Everything else (HyperSeg-M's levels,
+    64-channel inputs with hidden chunks of 16) is clean at 4 warps, where twice as many programs
+    fit an SM."""
+    return 8 if cin_block <= 16 or (cin_block <= 32 and cout_block >= 32) else _NUM_WARPS
 
 
 def _values_per_patch(x: torch.Tensor, weight: torch.Tensor, hid: int, cout: int) -> int:
@@ -404,8 +414,8 @@ def forward(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: t
     grid = (B * gh * gw, triton.cdiv(max_pix, bp))
     _launch(_meta_fwd_kernel, grid, x, weight, scale.contiguous(), shift.contiguous(), y, Cin, H, W, gh, gw,
             hidden, out_channels, N, CIN_BLOCK=_blk(Cin), HID_CHUNK=_hid_chunk(hidden, _blk(Cin)),
-            COUT_BLOCK=_blk(out_channels), BLOCK_P=bp, ACC_F64=x.dtype == torch.float64, num_warps=_NUM_WARPS,
-            num_stages=_NUM_STAGES)
+            COUT_BLOCK=_blk(out_channels), BLOCK_P=bp, ACC_F64=x.dtype == torch.float64,
+            num_warps=_num_warps(_blk(Cin), _blk(out_channels)), num_stages=_NUM_STAGES)
     return y
 
 
@@ -468,10 +478,11 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, scal
     gw_arg = outs[1] if need_w else weight
     _launch(_meta_bwd_stage3_kernel, (B * G,), x, weight, scale, shift, grad_out, g3, part,
             Cin, H, W, gh, gw, hid, Cout, N, A, NP, CIN_BLOCK=cb, HID_CHUNK=hc, COUT_BLOCK=ob, BLOCK_P=bp,
-            NEED_AFF=int(need_aff), ACC_F64=f64, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES)
+            NEED_AFF=int(need_aff), ACC_F64=f64, num_warps=_num_warps(cb, ob), num_stages=_NUM_STAGES)
     _launch(_meta_bwd_stage2_kernel, (B * G, nhc), x, weight, scale, shift, g3, g2, gw_arg, part,
             Cin, H, W, gh, gw, hid, Cout, N, A, NP, CIN_BLOCK=cb, HID_CHUNK=hc, COUT_BLOCK=ob, BLOCK_P=bp,
-            NEED_W=int(need_w), NEED_AFF=int(need_aff), ACC_F64=f64, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES)
+            NEED_W=int(need_w), NEED_AFF=int(need_aff), ACC_F64=f64, num_warps=_num_warps(cb, ob),
+            num_stages=_NUM_STAGES)
     _launch(_meta_bwd_stage1_kernel, (B * G, nhc), x, weight, scale, shift, g2, g1, gw_arg, part,
             Cin, H, W, gh, gw, hid, N, A, NP, NQ, CIN_BLOCK=cb, HID_CHUNK=hc, BLOCK_Q=bq,
             NEED_X=int(need_x), NEED_W=int(need_w), NEED_AFF=int(need_aff), ACC_F64=f64, num_warps=_NUM_WARPS_STAGE1,
@@ -481,7 +492,7 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, scal
         gxh[:, :, HB - 1, :] = 0
         gxh[:, :, :, WB - 1] = 0
         _launch(_meta_bwd_gradx_kernel, (B * G,), weight, g1, gxh, Cin, H, W, gh, gw, hid, N, NQ, PHH, PWH, HB, WB,
-                CIN_BLOCK=cb, HID_CHUNK=hc, BLOCK_Q=bq, ACC_F64=f64, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES)
+                CIN_BLOCK=cb, HID_CHUNK=hc, BLOCK_Q=bq, ACC_F64=f64, num_warps=_num_warps(cb), num_stages=_NUM_STAGES)
     if need_aff:
         _affine_grads(part, output_mask, scale, shift, outs)  # fixed-order reduction over the work items
     if need_x:
