@@ -44,3 +44,36 @@ def mm(a, b, acc, ACC_F64: tl.constexpr):
 @triton.jit
 def relu6(v):
     return tl.minimum(tl.maximum(v, 0.0), 6.0)
+
+
+@triton.jit
+def patch_item(gh, gw, H, W):
+    """The work item of a per-(sample, patch) program (program_id(0) = sample * G + patch, G = gh*gw):
+    (item, sample as int64 for element offsets, patch, G, first row, rows, first column, columns)."""
+    item = tl.program_id(0)
+    G = gh * gw
+    patch = item % G
+    b = (item // G).to(tl.int64)
+    r0, ph, c0, pw = patch_rect(patch, gh, gw, H, W)
+    return item, b, patch, G, r0, ph, c0, pw
+
+
+@triton.jit
+def block_range(start, n, BLOCK: tl.constexpr):
+    """Indices start .. start + BLOCK - 1 and their mask (< n)."""
+    i = start + tl.arange(0, BLOCK)
+    return i, i < n
+
+
+@triton.jit
+def unflatten(pid, n0, n1, n2, G):
+    """Split a flat program id into (i0, i1, i2, group, sample), i0 fastest: pid = (((sample * G +
+    group) * n2 + i2) * n1 + i1) * n0 + i0. pid, group and sample int64 (the grid may exceed
+    2**31 elements of the output); i0..i2 int32."""
+    i0 = (pid % n0).to(tl.int32)
+    rest = pid // n0
+    i1 = (rest % n1).to(tl.int32)
+    rest = rest // n1
+    i2 = (rest % n2).to(tl.int32)
+    rest = rest // n2
+    return i0, i1, i2, rest % G, rest // G

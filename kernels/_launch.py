@@ -105,3 +105,28 @@ def launch(kernel, grid, *args, **meta):
             if callable(grid):
                 grid = grid(dict(meta))
         kernel[grid](*args, **meta)
+
+
+def block_backward_inputs(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                          shift: torch.Tensor, out_channels: int, output_mask):
+    """Shared start of the meta_block / pointwise_block backward launchers: contiguous inputs,
+    grad_out checked against (B, out_channels, H, W), the gradient mask and the empty outputs.
+    Returns ``(grad_out, x, weight, scale, shift, (need_x, need_w, need_aff), [gx, gw, gs, gt])``."""
+    x, weight, grad_out = x.contiguous(), weight.contiguous(), grad_out.contiguous()
+    B, _, H, W = x.shape
+    if tuple(grad_out.shape) != (B, out_channels, H, W):
+        raise ValueError(f"grad_out must have shape {(B, out_channels, H, W)}, got {tuple(grad_out.shape)}")
+    need = (bool(output_mask[0]), bool(output_mask[1]), bool(output_mask[2]) or bool(output_mask[3]))
+    outs = [x.new_empty(0), weight.new_empty(0), scale.new_empty(0), shift.new_empty(0)]
+    return grad_out, x, weight, scale.contiguous(), shift.contiguous(), need, outs
+
+
+def affine_grads(part: torch.Tensor, output_mask, scale: torch.Tensor, shift: torch.Tensor, outs: list) -> None:
+    """grad_scale / grad_shift (outs[2], outs[3], where output_mask asks) from the per-work-item
+    partials ``part`` (items, 2, channels): summed in float64 over the items in a fixed order
+    (deterministic), stored as new tensors (outputs must not alias)."""
+    tot = part.double().sum(0)
+    if output_mask[2]:
+        outs[2] = tot[0].to(scale.dtype, copy=True)
+    if output_mask[3]:
+        outs[3] = tot[1].to(shift.dtype, copy=True)

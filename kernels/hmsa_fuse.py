@@ -1,7 +1,10 @@
 """Triton kernels of the hierarchical multi-scale attention fusion (``pyseg::hmsa_fuse_triton``).
 
-One program per block of output pixels of one sample; the recurrence is evaluated on the fly for
-every class (each class re-samples the attention maps: simple, and the logits gathers dominate).
+Forward in two kernels: ``_hmsa_fwd_kernel`` evaluates the recurrence once per pixel of the 1.0
+grid and class (one program per block of grid pixels of one sample; each class re-samples the
+attention maps: simple, and the logits gathers dominate) into a float32 (float64) scratch;
+``_hmsa_resize_kernel`` resizes it bilinearly to the output size (logits) or takes the argmax over
+classes (labels).
 Supported structures: up to 2 scales above 1.0 and up to 3 below (the compiled C++/CUDA kernels
 take any set of up to 8 scales). ``backward``: the two-scale training form's gradients
 (``pyseg::hmsa_fuse_triton_backward``, the compiled backward's math as deterministic gathers).
@@ -39,6 +42,16 @@ def _tap(dst, in_size, out_size, ACC: tl.constexpr):
 
 
 @triton.jit
+def _pixels(h, w, BLOCK: tl.constexpr):
+    """(sample, flat offsets, mask, row, column) of this program's BLOCK pixels of an h x w plane:
+    grid (pixel blocks, samples). The sample index is int64 (B * C * H * W may exceed 2**31)."""
+    b = tl.program_id(1).to(tl.int64)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < h * w
+    return b, offs, mask, offs // w, offs % w
+
+
+@triton.jit
 def _att(a_ptr, b, y, x, ha, wa, h, w, mask, ACC: tl.constexpr):
     # attention of sample b at pixel (y, x) of the h x w logit grid, resampled from ha x wa
     y0, y1, ly0, ly1 = _tap(y, ha, h, ACC)
@@ -73,15 +86,23 @@ def _logit(p_ptr, b, c, C, y, x, h, w, ph, pw, mask, RS: tl.constexpr, ACC: tl.c
 
 
 @triton.jit
+def _corner(t, y0, y1, ly0, ly1, x0, x1, lx0, lx1):
+    # corner t (0..3: (y0, x0), (y0, x1), (y1, x0), (y1, x1)) of a bilinear sample: row, column, weight
+    top = t < 2
+    left = (t % 2) == 0
+    return tl.where(top, y0, y1), tl.where(left, x0, x1), tl.where(top, ly0, ly1) * tl.where(left, lx0, lx1)
+
+
+@triton.jit
 def _down(p_ptr, b, c, C, y, x, h_in, w_in, ph, pw, h, w, mask, RS: tl.constexpr, ACC: tl.constexpr):
     # bilinear sample of a top-of-chain logit map (grid h_in x w_in) at pixel (y, x) of an h x w grid
     y0, y1, ly0, ly1 = _tap(y, h_in, h, ACC)
     x0, x1, lx0, lx1 = _tap(x, w_in, w, ACC)
-    v00 = _logit(p_ptr, b, c, C, y0, x0, h_in, w_in, ph, pw, mask, RS, ACC)
-    v01 = _logit(p_ptr, b, c, C, y0, x1, h_in, w_in, ph, pw, mask, RS, ACC)
-    v10 = _logit(p_ptr, b, c, C, y1, x0, h_in, w_in, ph, pw, mask, RS, ACC)
-    v11 = _logit(p_ptr, b, c, C, y1, x1, h_in, w_in, ph, pw, mask, RS, ACC)
-    return ly0 * (lx0 * v00 + lx1 * v01) + ly1 * (lx0 * v10 + lx1 * v11)
+    acc = tl.zeros(y.shape, dtype=ACC)
+    for t in range(4):  # a runtime loop, see _pred_h1
+        yy, xx, wt = _corner(t, y0, y1, ly0, ly1, x0, x1, lx0, lx1)
+        acc += wt * _logit(p_ptr, b, c, C, yy, xx, h_in, w_in, ph, pw, mask, RS, ACC)
+    return acc
 
 
 @triton.jit
@@ -94,27 +115,26 @@ def _blend_h1(b, c, C, y, x, mask,
         (1.0 - a) * _down(PH2, b, c, C, y, x, hh2, wh2, phh2, pwh2, hh1, wh1, mask, RS_H2, ACC)
 
 
+# The 4-corner sums of _pred_h1 and _low are runtime loops (not unrolled Python calls): each corner
+# nests further gathers (resampled logits, attention), and unrolled the four corners' addresses and
+# weights are class-invariant, so the compiler keeps them all live across the class loop (spills on
+# sm_90 at 2 scales above 1.0); in a loop only one corner's state is live.
 @triton.jit
 def _pred_h1(b, c, C, y, x, mask, PH1, AH1, hh1, wh1, hah1, wah1, phh1, pwh1, PH2, hh2, wh2, phh2, pwh2,
              h0, w0, N_HIGH: tl.constexpr, RS_H1: tl.constexpr, RS_H2: tl.constexpr, ACC: tl.constexpr):
     # D(pred_H1) at pixel (y, x) of the H0 (1.0) grid
     y0, y1, ly0, ly1 = _tap(y, hh1, h0, ACC)
     x0, x1, lx0, lx1 = _tap(x, wh1, w0, ACC)
-    if N_HIGH == 1:
-        v00 = _logit(PH1, b, c, C, y0, x0, hh1, wh1, phh1, pwh1, mask, RS_H1, ACC)
-        v01 = _logit(PH1, b, c, C, y0, x1, hh1, wh1, phh1, pwh1, mask, RS_H1, ACC)
-        v10 = _logit(PH1, b, c, C, y1, x0, hh1, wh1, phh1, pwh1, mask, RS_H1, ACC)
-        v11 = _logit(PH1, b, c, C, y1, x1, hh1, wh1, phh1, pwh1, mask, RS_H1, ACC)
-    else:
-        v00 = _blend_h1(b, c, C, y0, x0, mask, PH1, AH1, hh1, wh1, hah1, wah1, phh1, pwh1, PH2, hh2, wh2,
-                        phh2, pwh2, RS_H1, RS_H2, ACC)
-        v01 = _blend_h1(b, c, C, y0, x1, mask, PH1, AH1, hh1, wh1, hah1, wah1, phh1, pwh1, PH2, hh2, wh2,
-                        phh2, pwh2, RS_H1, RS_H2, ACC)
-        v10 = _blend_h1(b, c, C, y1, x0, mask, PH1, AH1, hh1, wh1, hah1, wah1, phh1, pwh1, PH2, hh2, wh2,
-                        phh2, pwh2, RS_H1, RS_H2, ACC)
-        v11 = _blend_h1(b, c, C, y1, x1, mask, PH1, AH1, hh1, wh1, hah1, wah1, phh1, pwh1, PH2, hh2, wh2,
-                        phh2, pwh2, RS_H1, RS_H2, ACC)
-    return ly0 * (lx0 * v00 + lx1 * v01) + ly1 * (lx0 * v10 + lx1 * v11)
+    acc = tl.zeros(y.shape, dtype=ACC)
+    for t in range(4):
+        yy, xx, wt = _corner(t, y0, y1, ly0, ly1, x0, x1, lx0, lx1)
+        if N_HIGH == 1:
+            v = _logit(PH1, b, c, C, yy, xx, hh1, wh1, phh1, pwh1, mask, RS_H1, ACC)
+        else:
+            v = _blend_h1(b, c, C, yy, xx, mask, PH1, AH1, hh1, wh1, hah1, wah1, phh1, pwh1, PH2, hh2, wh2,
+                          phh2, pwh2, RS_H1, RS_H2, ACC)
+        acc += wt * v
+    return acc
 
 
 @triton.jit
@@ -123,95 +143,81 @@ def _low(pred, b, c, C, y, x, mask, PL, AL, hl, wl, hal, wal, phl, pwl, h0, w0, 
     # pred = U(a p) + (1 - U(a)) pred at pixel (y, x) of the 1.0 grid (gate before upsampling)
     y0, y1, ly0, ly1 = _tap(y, hl, h0, ACC)
     x0, x1, lx0, lx1 = _tap(x, wl, w0, ACC)
-    a00 = _att(AL, b, y0, x0, hal, wal, hl, wl, mask, ACC)
-    a01 = _att(AL, b, y0, x1, hal, wal, hl, wl, mask, ACC)
-    a10 = _att(AL, b, y1, x0, hal, wal, hl, wl, mask, ACC)
-    a11 = _att(AL, b, y1, x1, hal, wal, hl, wl, mask, ACC)
-    m00 = a00 * _logit(PL, b, c, C, y0, x0, hl, wl, phl, pwl, mask, RS, ACC)
-    m01 = a01 * _logit(PL, b, c, C, y0, x1, hl, wl, phl, pwl, mask, RS, ACC)
-    m10 = a10 * _logit(PL, b, c, C, y1, x0, hl, wl, phl, pwl, mask, RS, ACC)
-    m11 = a11 * _logit(PL, b, c, C, y1, x1, hl, wl, phl, pwl, mask, RS, ACC)
-    um = ly0 * (lx0 * m00 + lx1 * m01) + ly1 * (lx0 * m10 + lx1 * m11)
-    ua = ly0 * (lx0 * a00 + lx1 * a01) + ly1 * (lx0 * a10 + lx1 * a11)
+    um = tl.zeros(y.shape, dtype=ACC)
+    ua = tl.zeros(y.shape, dtype=ACC)
+    for t in range(4):
+        yy, xx, wt = _corner(t, y0, y1, ly0, ly1, x0, x1, lx0, lx1)
+        a = _att(AL, b, yy, xx, hal, wal, hl, wl, mask, ACC)
+        um += wt * (a * _logit(PL, b, c, C, yy, xx, hl, wl, phl, pwl, mask, RS, ACC))
+        ua += wt * a
     return um + (1.0 - ua) * pred
 
 
-# per-slot argument groups: (P, A, h, w, ha, wa, ph, pw) for H0, H1, L0..L2; (P, h, w, ph, pw) for H2
 @triton.jit
-def _pred_r1(b, c, C, y, x, mask,
-             P0, A0, h0, w0, ha0, wa0, ph0, pw0, PH1, AH1, hh1, wh1, hah1, wah1, phh1, pwh1,
-             PH2, hh2, wh2, phh2, pwh2,
-             PL0, AL0, hl0, wl0, hal0, wal0, phl0, pwl0, PL1, AL1, hl1, wl1, hal1, wal1, phl1, pwl1,
-             PL2, AL2, hl2, wl2, hal2, wal2, phl2, pwl2,
-             N_HIGH: tl.constexpr, N_LOW: tl.constexpr, RS_H0: tl.constexpr, RS_H1: tl.constexpr,
-             RS_H2: tl.constexpr, RS_L0: tl.constexpr, RS_L1: tl.constexpr, RS_L2: tl.constexpr,
-             ACC: tl.constexpr):
-    p = _logit(P0, b, c, C, y, x, h0, w0, ph0, pw0, mask, RS_H0, ACC)
-    if N_HIGH == 0:
-        pred = p
-    else:
-        a = _att(A0, b, y, x, ha0, wa0, h0, w0, mask, ACC)
-        d = _pred_h1(b, c, C, y, x, mask, PH1, AH1, hh1, wh1, hah1, wah1, phh1, pwh1, PH2, hh2, wh2, phh2, pwh2,
-                     h0, w0, N_HIGH, RS_H1, RS_H2, ACC)
-        pred = a * p + (1.0 - a) * d
-    if N_LOW >= 1:
-        pred = _low(pred, b, c, C, y, x, mask, PL0, AL0, hl0, wl0, hal0, wal0, phl0, pwl0, h0, w0, RS_L0, ACC)
-    if N_LOW >= 2:
-        pred = _low(pred, b, c, C, y, x, mask, PL1, AL1, hl1, wl1, hal1, wal1, phl1, pwl1, h0, w0, RS_L1, ACC)
-    if N_LOW >= 3:
-        pred = _low(pred, b, c, C, y, x, mask, PL2, AL2, hl2, wl2, hal2, wal2, phl2, pwl2, h0, w0, RS_L2, ACC)
-    return pred
-
-
-@triton.jit
-def _hmsa_fwd_kernel(out_ptr, C, OH, OW,
+def _hmsa_fwd_kernel(pred_ptr, C,
                      P0, A0, h0, w0, ha0, wa0, ph0, pw0, PH1, AH1, hh1, wh1, hah1, wah1, phh1, pwh1,
                      PH2, hh2, wh2, phh2, pwh2,
                      PL0, AL0, hl0, wl0, hal0, wal0, phl0, pwl0, PL1, AL1, hl1, wl1, hal1, wal1, phl1, pwl1,
                      PL2, AL2, hl2, wl2, hal2, wal2, phl2, pwl2,
                      N_HIGH: tl.constexpr, N_LOW: tl.constexpr, RS_H0: tl.constexpr, RS_H1: tl.constexpr,
                      RS_H2: tl.constexpr, RS_L0: tl.constexpr, RS_L1: tl.constexpr, RS_L2: tl.constexpr,
-                     LABELS: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)  # B * C * H * W may exceed 2**31
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < OH * OW
-    oy = offs // OW
-    ox = offs % OW
+                     ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """Stage 1 of the forward: the fused prediction on the 1.0 grid (h0 x w0), every class, to the
+    accumulation-dtype scratch pred_ptr (B, C, h0, w0). Evaluated once per grid pixel (the resize
+    to the output size, _hmsa_resize_kernel, reads it 4 times per output pixel instead of
+    re-running the recurrence per output tap: the fused form kept four recurrences' gather
+    addresses and weights live across the class loop, 255 registers and 0.6-2.6 KB of spill
+    per thread on sm_90).
+
+    Per-slot argument groups: (P, A, h, w, ha, wa, ph, pw) for H0, H1, L0..L2; (P, h, w, ph, pw)
+    for H2."""
+    b, offs, mask, y, x = _pixels(h0, w0, BLOCK)
+    for c in range(0, C):
+        pred = _logit(P0, b, c, C, y, x, h0, w0, ph0, pw0, mask, RS_H0, ACC)
+        if N_HIGH > 0:
+            a = _att(A0, b, y, x, ha0, wa0, h0, w0, mask, ACC)
+            d = _pred_h1(b, c, C, y, x, mask, PH1, AH1, hh1, wh1, hah1, wah1, phh1, pwh1, PH2, hh2, wh2, phh2,
+                         pwh2, h0, w0, N_HIGH, RS_H1, RS_H2, ACC)
+            pred = a * pred + (1.0 - a) * d
+        if N_LOW >= 1:
+            pred = _low(pred, b, c, C, y, x, mask, PL0, AL0, hl0, wl0, hal0, wal0, phl0, pwl0, h0, w0, RS_L0, ACC)
+        if N_LOW >= 2:
+            pred = _low(pred, b, c, C, y, x, mask, PL1, AL1, hl1, wl1, hal1, wal1, phl1, pwl1, h0, w0, RS_L1, ACC)
+        if N_LOW >= 3:
+            pred = _low(pred, b, c, C, y, x, mask, PL2, AL2, hl2, wl2, hal2, wal2, phl2, pwl2, h0, w0, RS_L2, ACC)
+        tl.store(pred_ptr + (b * C + c) * h0 * w0 + offs, pred, mask=mask)
+
+
+@triton.jit
+def _hmsa_resize_kernel(pred_ptr, out_ptr, C, h0, w0, OH, OW, LABELS: tl.constexpr, CMP: tl.constexpr,
+                        ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """Stage 2 of the forward: bilinear resize of the 1.0-grid prediction to OH x OW, stored as
+    logits (out dtype) or reduced to labels (argmax over classes, compared in the logits dtype
+    CMP; NaN wins, first index on ties, as torch.argmax)."""
+    b, offs, mask, oy, ox = _pixels(OH, OW, BLOCK)
     y0, y1, ly0, ly1 = _tap(oy, h0, OH, ACC)
     x0, x1, lx0, lx1 = _tap(ox, w0, OW, ACC)
     best = tl.zeros([BLOCK], dtype=ACC)
     arg = tl.zeros([BLOCK], dtype=tl.int64)
     for c in range(0, C):
-        # bilinear resize of the 1.0-grid prediction to the output: its four taps
-        v = tl.zeros([BLOCK], dtype=ACC)
-        for t in tl.static_range(4):
-            if t // 2 == 0:
-                yy = y0
-                wy = ly0
-            else:
-                yy = y1
-                wy = ly1
-            if t % 2 == 0:
-                xx = x0
-                wx = lx0
-            else:
-                xx = x1
-                wx = lx1
-            v += (wy * wx) * _pred_r1(b, c, C, yy, xx, mask, P0, A0, h0, w0, ha0, wa0, ph0, pw0, PH1, AH1, hh1,
-                                      wh1, hah1, wah1, phh1, pwh1, PH2, hh2, wh2, phh2, pwh2, PL0, AL0, hl0, wl0,
-                                      hal0, wal0, phl0, pwl0, PL1, AL1, hl1, wl1, hal1, wal1, phl1, pwl1, PL2, AL2,
-                                      hl2, wl2, hal2, wal2, phl2, pwl2, N_HIGH, N_LOW, RS_H0, RS_H1, RS_H2, RS_L0,
-                                      RS_L1, RS_L2, ACC)
+        base = pred_ptr + (b * C + c) * h0 * w0
+        v = (ly0 * lx0) * tl.load(base + y0 * w0 + x0, mask=mask, other=0.0)
+        v += (ly0 * lx1) * tl.load(base + y0 * w0 + x1, mask=mask, other=0.0)
+        v += (ly1 * lx0) * tl.load(base + y1 * w0 + x0, mask=mask, other=0.0)
+        v += (ly1 * lx1) * tl.load(base + y1 * w0 + x1, mask=mask, other=0.0)
         if LABELS:
-            v = v.to(P0.dtype.element_ty).to(ACC)  # compare in the logits dtype
+            v = v.to(CMP).to(ACC)  # compare in the logits dtype
             take = (v > best) | ((v != v) & (best == best)) | (c == 0)
             best = tl.where(take, v, best)
             arg = tl.where(take, c, arg)
         else:
-            tl.store(out_ptr + ((b * C + c) * OH + oy) * OW + ox, v.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.store(out_ptr + (b * C + c) * OH * OW + offs, v.to(out_ptr.dtype.element_ty), mask=mask)
     if LABELS:
         tl.store(out_ptr + b * OH * OW + offs, arg, mask=mask)
+
+
+_TL_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64, torch.float16: tl.float16,
+             torch.bfloat16: tl.bfloat16}
 
 
 def forward(logits, attentions, scales, out_size, labels: bool, scale_sizes=None):
@@ -257,12 +263,17 @@ def forward(logits, attentions, scales, out_size, labels: bool, scale_sizes=None
         out = torch.empty(B, OH, OW, device=p[0].device, dtype=torch.int64)
     else:
         out = torch.empty(B, C, OH, OW, device=p[0].device, dtype=p[0].dtype)
-    acc = tl.float64 if p[0].dtype == torch.float64 else tl.float32
+    acc_t = torch.float64 if p[0].dtype == torch.float64 else torch.float32
+    acc = _TL_DTYPE[acc_t]
+    h0, w0 = grid_hw[one]
+    pred = _empty(B, C, h0, w0, dtype=acc_t, device=p[0].device)
+    # one pixel per thread (BLOCK = 4 warps x 32): the recurrence's gathers are the whole cost
     BLOCK = 128
-    grid = (triton.cdiv(OH * OW, BLOCK), B)
-    launch(_hmsa_fwd_kernel, grid, out, C, OH, OW, *args, N_HIGH=n_high, N_LOW=n_low, RS_H0=rs0, RS_H1=rsh1,
-                           RS_H2=rsh2, RS_L0=lows[0][1], RS_L1=lows[1][1], RS_L2=lows[2][1], LABELS=labels,
-                           ACC=acc, BLOCK=BLOCK)
+    launch(_hmsa_fwd_kernel, (triton.cdiv(h0 * w0, BLOCK), B), pred, C, *args, N_HIGH=n_high, N_LOW=n_low,
+           RS_H0=rs0, RS_H1=rsh1, RS_H2=rsh2, RS_L0=lows[0][1], RS_L1=lows[1][1], RS_L2=lows[2][1], ACC=acc,
+           BLOCK=BLOCK)
+    launch(_hmsa_resize_kernel, (triton.cdiv(OH * OW, BLOCK), B), pred, out, C, h0, w0, OH, OW, LABELS=labels,
+           CMP=_TL_DTYPE[p[0].dtype], ACC=acc, BLOCK=BLOCK)
     return out
 
 
@@ -337,21 +348,16 @@ def _gather(g_ptr, gw, y, x, IH, WH, KH, IW, WW, KW, mask, ACC: tl.constexpr):
 @triton.jit
 def _bwd_r1_kernel(grad_ptr, p1_ptr, a_ptr, gP_ptr, gp1_ptr, gua_ptr, C, OH, OW, h1, w1, hl, wl, ha, wa,
                    FIH, FWH, KFH, FIW, FWW, KFW, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)  # B * C * H * W may exceed 2**31
     plane = h1 * w1
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < plane
-    y = offs // w1
-    x = offs % w1
+    b, offs, mask, y, x = _pixels(h1, w1, BLOCK)
     # UA = U(Al) at (y, x), Al = R(a) sampled at the low-grid taps
     y0, y1, ly0, ly1 = _tap(y, hl, h1, ACC)
     x0, x1, lx0, lx1 = _tap(x, wl, w1, ACC)
-    a00 = _att(a_ptr, b, y0, x0, ha, wa, hl, wl, mask, ACC)
-    a01 = _att(a_ptr, b, y0, x1, ha, wa, hl, wl, mask, ACC)
-    a10 = _att(a_ptr, b, y1, x0, ha, wa, hl, wl, mask, ACC)
-    a11 = _att(a_ptr, b, y1, x1, ha, wa, hl, wl, mask, ACC)
-    keep = 1.0 - (ly0 * (lx0 * a00 + lx1 * a01) + ly1 * (lx0 * a10 + lx1 * a11))
+    ua = tl.zeros([BLOCK], dtype=ACC)
+    for t in range(4):  # as the forward's _low
+        yy, xx, wt = _corner(t, y0, y1, ly0, ly1, x0, x1, lx0, lx1)
+        ua += wt * _att(a_ptr, b, yy, xx, ha, wa, hl, wl, mask, ACC)
+    keep = 1.0 - ua
     gu = tl.zeros([BLOCK], dtype=ACC)
     for c in range(0, C):
         bc = b * C + c
@@ -366,14 +372,9 @@ def _bwd_r1_kernel(grad_ptr, p1_ptr, a_ptr, gP_ptr, gp1_ptr, gua_ptr, C, OH, OW,
 @triton.jit
 def _bwd_low_kernel(gP_ptr, gua_ptr, pl_ptr, a_ptr, gpl_ptr, gal_ptr, C, h1, w1, hl, wl, ha, wa,
                     UIH, UWH, KUH, UIW, UWW, KUW, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)  # B * C * H * W may exceed 2**31
     plane1 = h1 * w1
     planel = hl * wl
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < planel
-    y = offs // wl
-    x = offs % wl
+    b, offs, mask, y, x = _pixels(hl, wl, BLOCK)
     al = _att(a_ptr, b, y, x, ha, wa, hl, wl, mask, ACC)
     ga = _gather(gua_ptr + b * plane1, w1, y, x, UIH, UWH, KUH, UIW, UWW, KUW, mask, ACC)
     for c in range(0, C):
@@ -388,13 +389,8 @@ def _bwd_low_kernel(gP_ptr, gua_ptr, pl_ptr, a_ptr, gpl_ptr, gal_ptr, C, h1, w1,
 @triton.jit
 def _bwd_att_kernel(gal_ptr, ga_ptr, hl, wl, ha, wa, RIH, RWH, KRH, RIW, RWW, KRW, ACC: tl.constexpr,
                     BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)  # B * C * H * W may exceed 2**31
     plane = ha * wa
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < plane
-    y = offs // wa
-    x = offs % wa
+    b, offs, mask, y, x = _pixels(ha, wa, BLOCK)
     g = _gather(gal_ptr + b * hl * wl, wl, y, x, RIH, RWH, KRH, RIW, RWW, KRW, mask, ACC)
     tl.store(ga_ptr + b * plane + offs, g.to(ga_ptr.dtype.element_ty), mask=mask)
 

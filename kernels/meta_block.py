@@ -9,7 +9,7 @@ Forward: one program per (sample, patch, chunk of BLOCK_P patch pixels). Triton 
 registers and cannot be shifted, so the depthwise 3x3 is evaluated tap by tap: for each of the 9
 taps the program recomputes pw1 -> affine -> ReLU6 of the neighbour pixel (with the current patch's
 weights, reflect at the image borders), which is exactly the per-patch halo semantics; the hidden
-map never touches memory. Hidden channels are streamed in chunks of HID_CHUNK (16 or 32): per chunk
+map never touches memory. Hidden channels are streamed in chunks of HID_CHUNK (16 or 32, ``_hid_chunk``): per chunk
 the 9 pw1 products are tl.dot (W1 chunk x the tap's input tile), and the chunk's h2 is folded into
 the output accumulator at once (y += W3[:, chunk] h2, tl.dot), so only (<= 64) x (<= 32) tiles are
 ever live and the weights are read chunk by chunk rather than held. The price is 9x the pw1
@@ -44,11 +44,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ._index import patch_rect as _patch_rect
+from ._index import block_range as _block_range
 from ._index import mm as _mm
+from ._index import patch_item as _patch_item
 from ._index import reflect as _reflect
 from ._index import relu6 as _relu6
 from ._launch import acc_dtype as _acc_dtype
+from ._launch import affine_grads as _affine_grads
+from ._launch import block_backward_inputs as _block_backward_inputs
 from ._launch import dot_block as _blk
 from ._launch import empty as _empty
 from ._launch import launch as _launch
@@ -62,6 +65,17 @@ def _tap_rows_cols(r, c, H, W):
     image borders: tap d of pixel (r, c) is at row offset [ro0, ro1, ro2][d // 3] plus column
     [co0, co1, co2][d % 3] (_tap_offset). Shared by the forward and backward kernels."""
     return _reflect(r - 1, H) * W, r * W, _reflect(r + 1, H) * W, _reflect(c - 1, W), c, _reflect(c + 1, W)
+
+
+@triton.jit
+def _patch_pixels(start, r0, ph, c0, pw, H, W, BLOCK_P: tl.constexpr):
+    """BLOCK_P pixels of a patch from flat index start: (indices, mask, image rows, image columns,
+    and the 3x3 neighbourhood of _tap_rows_cols)."""
+    p, pmask = _block_range(start, ph * pw, BLOCK_P)
+    r = r0 + p // pw
+    q = c0 + p % pw
+    ro0, ro1, ro2, co0, co1, co2 = _tap_rows_cols(r, q, H, W)
+    return p, pmask, r, q, ro0, ro1, ro2, co0, co1, co2
 
 
 @triton.jit
@@ -92,53 +106,61 @@ def _z2_chunk(xrows, cmask, pmask, ro0, ro1, ro2, co0, co1, co2, w1, s1, t1, w2p
 
 
 @triton.jit
+def _affine(sc_ptr, sh_ptr, k, kmask, ACC_F64: tl.constexpr):
+    """Scale and shift of the channels k (zero where masked), in the accumulation dtype."""
+    acc_dtype: tl.constexpr = tl.float64 if ACC_F64 else tl.float32
+    return (tl.load(sc_ptr + k, mask=kmask, other=0.0).to(acc_dtype),
+            tl.load(sh_ptr + k, mask=kmask, other=0.0).to(acc_dtype))
+
+
+@triton.jit
+def _w1_chunk(wbase, k, kmask, c, cmask, Cin, G):
+    """W1[k, c] of the patch whose weights start at wbase (element n at wbase + n * G), as stored."""
+    return tl.load(wbase + (k[:, None] * Cin + c[None, :]) * G, mask=kmask[:, None] & cmask[None, :], other=0.0)
+
+
+@triton.jit
+def _z3_tile(xrows, c, cmask, pmask, ro0, ro1, ro2, co0, co1, co2, wbase, sc_ptr, sh_ptr, o, omask, Cin, hid, G,
+             HID_CHUNK: tl.constexpr, COUT_BLOCK: tl.constexpr, BLOCK_P: tl.constexpr, ACC_F64: tl.constexpr):
+    """z3 = W3 h2 (stage 3 before its affine) at BLOCK_P pixels. Hidden channels are streamed in
+    chunks of HID_CHUNK: pw1 (tl.dot per tap) -> affine -> ReLU6 -> depthwise tap sum -> affine ->
+    ReLU6, then z3 += W3[:, chunk] h2 (tl.dot); only the (COUT_BLOCK x BLOCK_P) accumulator lives
+    across chunks."""
+    acc_dtype: tl.constexpr = tl.float64 if ACC_F64 else tl.float32
+    w3off = hid * Cin + 9 * hid
+    z3 = tl.zeros((COUT_BLOCK, BLOCK_P), dtype=acc_dtype)
+    for k0 in range(0, hid, HID_CHUNK):
+        k, kmask = _block_range(k0, hid, HID_CHUNK)
+        w1 = _w1_chunk(wbase, k, kmask, c, cmask, Cin, G)
+        s1, t1 = _affine(sc_ptr, sh_ptr, k, kmask, ACC_F64)
+        z2 = _z2_chunk(xrows, cmask, pmask, ro0, ro1, ro2, co0, co1, co2, w1, s1, t1,
+                       wbase + (hid * Cin + k * 9) * G, G, kmask, HID_CHUNK, BLOCK_P, ACC_F64)
+        s2, t2 = _affine(sc_ptr + hid, sh_ptr + hid, k, kmask, ACC_F64)
+        h2 = tl.where(kmask[:, None], _relu6(z2 * s2[:, None] + t2[:, None]), 0.0)
+        w3 = tl.load(wbase + (w3off + o[:, None] * hid + k[None, :]) * G, mask=omask[:, None] & kmask[None, :],
+                     other=0.0).to(acc_dtype)  # (COUT, HID_CHUNK)
+        z3 = _mm(w3, h2, z3, ACC_F64)
+    return z3
+
+
+@triton.jit
 def _meta_fwd_kernel(x_ptr, w_ptr, sc_ptr, sh_ptr, y_ptr,
                      Cin, H, W, gh, gw, hid, Cout, N,
                      CIN_BLOCK: tl.constexpr, HID_CHUNK: tl.constexpr, COUT_BLOCK: tl.constexpr,
                      BLOCK_P: tl.constexpr, ACC_F64: tl.constexpr):
-    """One program per (sample, patch, chunk of BLOCK_P pixels). Hidden channels are streamed in
-    chunks of HID_CHUNK: pw1 (tl.dot per tap) -> affine -> ReLU6 -> depthwise tap sum -> affine ->
-    ReLU6, then y += W3[:, chunk] h2 (tl.dot); only the (COUT_BLOCK x BLOCK_P) output accumulator
-    lives across chunks."""
-    acc_dtype: tl.constexpr = tl.float64 if ACC_F64 else tl.float32
-    item = tl.program_id(0)
-    chunk = tl.program_id(1)
-    G = gh * gw
-    patch = item % G
-    b = (item // G).to(tl.int64)
-    r0, ph, c0, pw = _patch_rect(patch, gh, gw, H, W)
-
-    p = chunk * BLOCK_P + tl.arange(0, BLOCK_P)
-    pmask = p < ph * pw
-    i = p // pw
-    j = p % pw
-    c = tl.arange(0, CIN_BLOCK)
-    cmask = c < Cin
-    o = tl.arange(0, COUT_BLOCK)
-    omask = o < Cout
+    """One program per (sample, patch, chunk of BLOCK_P pixels): y = s3 * z3 + t3 (_z3_tile)."""
+    item, b, patch, G, r0, ph, c0, pw = _patch_item(gh, gw, H, W)
+    p, pmask, r, q, ro0, ro1, ro2, co0, co1, co2 = _patch_pixels(tl.program_id(1) * BLOCK_P, r0, ph, c0, pw, H, W,
+                                                                 BLOCK_P)
+    c, cmask = _block_range(0, Cin, CIN_BLOCK)
+    o, omask = _block_range(0, Cout, COUT_BLOCK)
     wbase = w_ptr + b * N * G + patch  # element n of this patch's weights: wbase + n * G (int64)
     xrows = x_ptr + (b * Cin + c[:, None]) * H * W  # (CIN, 1) channel planes of this sample (int64)
-    w3off = hid * Cin + 9 * hid
-    ro0, ro1, ro2, co0, co1, co2 = _tap_rows_cols(r0 + i, c0 + j, H, W)
-    y = tl.zeros((COUT_BLOCK, BLOCK_P), dtype=acc_dtype)
-    for k0 in range(0, hid, HID_CHUNK):
-        k = k0 + tl.arange(0, HID_CHUNK)
-        kmask = k < hid
-        w1 = tl.load(wbase + (k[:, None] * Cin + c[None, :]) * G, mask=kmask[:, None] & cmask[None, :], other=0.0)
-        s1 = tl.load(sc_ptr + k, mask=kmask, other=0.0).to(acc_dtype)
-        t1 = tl.load(sh_ptr + k, mask=kmask, other=0.0).to(acc_dtype)
-        z2 = _z2_chunk(xrows, cmask, pmask, ro0, ro1, ro2, co0, co1, co2, w1, s1, t1,
-                       wbase + (hid * Cin + k * 9) * G, G, kmask, HID_CHUNK, BLOCK_P, ACC_F64)
-        s2 = tl.load(sc_ptr + hid + k, mask=kmask, other=0.0).to(acc_dtype)
-        t2 = tl.load(sh_ptr + hid + k, mask=kmask, other=0.0).to(acc_dtype)
-        h2 = tl.where(kmask[:, None], _relu6(z2 * s2[:, None] + t2[:, None]), 0.0)
-        w3 = tl.load(wbase + (w3off + o[:, None] * hid + k[None, :]) * G, mask=omask[:, None] & kmask[None, :],
-                     other=0.0).to(acc_dtype)  # (COUT, HID_CHUNK)
-        y = _mm(w3, h2, y, ACC_F64)
-    s3 = tl.load(sc_ptr + 2 * hid + o, mask=omask, other=0.0).to(acc_dtype)
-    t3 = tl.load(sh_ptr + 2 * hid + o, mask=omask, other=0.0).to(acc_dtype)
+    y = _z3_tile(xrows, c, cmask, pmask, ro0, ro1, ro2, co0, co1, co2, wbase, sc_ptr, sh_ptr, o, omask, Cin, hid, G,
+                 HID_CHUNK, COUT_BLOCK, BLOCK_P, ACC_F64)
+    s3, t3 = _affine(sc_ptr + 2 * hid, sh_ptr + 2 * hid, o, omask, ACC_F64)
     y = y * s3[:, None] + t3[:, None]
-    out_off = (r0 + i) * W + (c0 + j)
+    out_off = r * W + q
     tl.store(y_ptr + (b * Cout + o[:, None]) * H * W + out_off[None, :], y.to(y_ptr.dtype.element_ty),
              mask=omask[:, None] & pmask[None, :])
 
@@ -155,47 +177,21 @@ def _meta_bwd_stage3_kernel(x_ptr, w_ptr, sc_ptr, sh_ptr, gy_ptr, g3_ptr, part_p
     chunks streamed as in the forward), then g3 = dL/dz3 = s3 * grad_y to the scratch g3_ptr
     (Cout x NP per work item) and the scale3/shift3 partials."""
     acc_dtype: tl.constexpr = tl.float64 if ACC_F64 else tl.float32
-    item = tl.program_id(0)
-    G = gh * gw
-    patch = item % G
-    b = (item // G).to(tl.int64)
-    r0, ph, c0, pw = _patch_rect(patch, gh, gw, H, W)
-    npx = ph * pw
-    c = tl.arange(0, CIN_BLOCK)
-    cmask = c < Cin
-    o = tl.arange(0, COUT_BLOCK)
-    omask = o < Cout
+    item, b, patch, G, r0, ph, c0, pw = _patch_item(gh, gw, H, W)
+    c, cmask = _block_range(0, Cin, CIN_BLOCK)
+    o, omask = _block_range(0, Cout, COUT_BLOCK)
     wbase = w_ptr + b * N * G + patch
     xrows = x_ptr + (b * Cin + c[:, None]) * H * W
     gyrows = gy_ptr + (b * Cout + o[:, None]) * H * W
     g3rows = g3_ptr + (item * Cout + o[:, None]).to(tl.int64) * NP
-    w3off = hid * Cin + 9 * hid
     s3 = tl.load(sc_ptr + 2 * hid + o, mask=omask, other=0.0).to(acc_dtype)
     acc_s3 = tl.zeros((COUT_BLOCK,), dtype=acc_dtype)
     acc_t3 = tl.zeros((COUT_BLOCK,), dtype=acc_dtype)
-    for p0 in range(0, npx, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        pmask = p < npx
-        i = p // pw
-        j = p % pw
-        ro0, ro1, ro2, co0, co1, co2 = _tap_rows_cols(r0 + i, c0 + j, H, W)
-        z3 = tl.zeros((COUT_BLOCK, BLOCK_P), dtype=acc_dtype)
-        for k0 in range(0, hid, HID_CHUNK):
-            k = k0 + tl.arange(0, HID_CHUNK)
-            kmask = k < hid
-            w1 = tl.load(wbase + (k[:, None] * Cin + c[None, :]) * G, mask=kmask[:, None] & cmask[None, :],
-                         other=0.0)
-            s1 = tl.load(sc_ptr + k, mask=kmask, other=0.0).to(acc_dtype)
-            t1 = tl.load(sh_ptr + k, mask=kmask, other=0.0).to(acc_dtype)
-            z2 = _z2_chunk(xrows, cmask, pmask, ro0, ro1, ro2, co0, co1, co2, w1, s1, t1,
-                           wbase + (hid * Cin + k * 9) * G, G, kmask, HID_CHUNK, BLOCK_P, ACC_F64)
-            s2 = tl.load(sc_ptr + hid + k, mask=kmask, other=0.0).to(acc_dtype)
-            t2 = tl.load(sh_ptr + hid + k, mask=kmask, other=0.0).to(acc_dtype)
-            h2 = tl.where(kmask[:, None], _relu6(z2 * s2[:, None] + t2[:, None]), 0.0)
-            w3 = tl.load(wbase + (w3off + o[:, None] * hid + k[None, :]) * G, mask=omask[:, None] & kmask[None, :],
-                         other=0.0).to(acc_dtype)
-            z3 = _mm(w3, h2, z3, ACC_F64)
-        out_off = (r0 + i) * W + (c0 + j)
+    for p0 in range(0, ph * pw, BLOCK_P):
+        p, pmask, r, q, ro0, ro1, ro2, co0, co1, co2 = _patch_pixels(p0, r0, ph, c0, pw, H, W, BLOCK_P)
+        z3 = _z3_tile(xrows, c, cmask, pmask, ro0, ro1, ro2, co0, co1, co2, wbase, sc_ptr, sh_ptr, o, omask, Cin,
+                      hid, G, HID_CHUNK, COUT_BLOCK, BLOCK_P, ACC_F64)
+        out_off = r * W + q
         gy = tl.load(gyrows + out_off[None, :], mask=omask[:, None] & pmask[None, :], other=0.0).to(acc_dtype)
         acc_s3 += tl.sum(gy * z3, axis=1)
         acc_t3 += tl.sum(gy, axis=1)
@@ -217,39 +213,25 @@ def _meta_bwd_stage2_kernel(x_ptr, w_ptr, sc_ptr, sh_ptr, g3_ptr, g2_ptr, gw_ptr
     scale2/shift2 of the chunk; g2 = dL/dz2 of the chunk to the scratch g2_ptr (hid x NP per work
     item) for stage 1."""
     acc_dtype: tl.constexpr = tl.float64 if ACC_F64 else tl.float32
-    item = tl.program_id(0)
-    k = tl.program_id(1) * HID_CHUNK + tl.arange(0, HID_CHUNK)
-    kmask = k < hid
-    G = gh * gw
-    patch = item % G
-    b = (item // G).to(tl.int64)
-    r0, ph, c0, pw = _patch_rect(patch, gh, gw, H, W)
-    npx = ph * pw
-    c = tl.arange(0, CIN_BLOCK)
-    cmask = c < Cin
-    o = tl.arange(0, COUT_BLOCK)
-    omask = o < Cout
+    item, b, patch, G, r0, ph, c0, pw = _patch_item(gh, gw, H, W)
+    k, kmask = _block_range(tl.program_id(1) * HID_CHUNK, hid, HID_CHUNK)
+    c, cmask = _block_range(0, Cin, CIN_BLOCK)
+    o, omask = _block_range(0, Cout, COUT_BLOCK)
     wbase = w_ptr + b * N * G + patch
     xrows = x_ptr + (b * Cin + c[:, None]) * H * W
     g3rows = g3_ptr + (item * Cout + o[:, None]).to(tl.int64) * NP
     g2rows = g2_ptr + (item * hid + k[:, None]).to(tl.int64) * NP
     w3off = hid * Cin + 9 * hid
-    w1 = tl.load(wbase + (k[:, None] * Cin + c[None, :]) * G, mask=kmask[:, None] & cmask[None, :], other=0.0)
+    w1 = _w1_chunk(wbase, k, kmask, c, cmask, Cin, G)
     w3t = tl.load(wbase + (w3off + o[None, :] * hid + k[:, None]) * G, mask=kmask[:, None] & omask[None, :],
                   other=0.0).to(acc_dtype)  # (HID_CHUNK, COUT)
-    s1 = tl.load(sc_ptr + k, mask=kmask, other=0.0).to(acc_dtype)
-    t1 = tl.load(sh_ptr + k, mask=kmask, other=0.0).to(acc_dtype)
-    s2 = tl.load(sc_ptr + hid + k, mask=kmask, other=0.0).to(acc_dtype)
-    t2 = tl.load(sh_ptr + hid + k, mask=kmask, other=0.0).to(acc_dtype)
+    s1, t1 = _affine(sc_ptr, sh_ptr, k, kmask, ACC_F64)
+    s2, t2 = _affine(sc_ptr + hid, sh_ptr + hid, k, kmask, ACC_F64)
     acc_w3 = tl.zeros((COUT_BLOCK, HID_CHUNK), dtype=acc_dtype)
     acc_s2 = tl.zeros((HID_CHUNK,), dtype=acc_dtype)
     acc_t2 = tl.zeros((HID_CHUNK,), dtype=acc_dtype)
-    for p0 in range(0, npx, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        pmask = p < npx
-        i = p // pw
-        j = p % pw
-        ro0, ro1, ro2, co0, co1, co2 = _tap_rows_cols(r0 + i, c0 + j, H, W)
+    for p0 in range(0, ph * pw, BLOCK_P):
+        p, pmask, r, q, ro0, ro1, ro2, co0, co1, co2 = _patch_pixels(p0, r0, ph, c0, pw, H, W, BLOCK_P)
         z2 = _z2_chunk(xrows, cmask, pmask, ro0, ro1, ro2, co0, co1, co2, w1, s1, t1,
                        wbase + (hid * Cin + k * 9) * G, G, kmask, HID_CHUNK, BLOCK_P, ACC_F64)
         u2 = z2 * s2[:, None] + t2[:, None]
@@ -284,24 +266,17 @@ def _meta_bwd_stage1_kernel(x_ptr, w_ptr, sc_ptr, sh_ptr, g2_ptr, g1_ptr, gw_ptr
     W2, W1, scale1, shift1 of the chunk; g1 = dL/dz1 goes to the scratch g1_ptr (hid x NQ per work
     item) for the grad_x kernel."""
     acc_dtype: tl.constexpr = tl.float64 if ACC_F64 else tl.float32
-    item = tl.program_id(0)
-    k = tl.program_id(1) * HID_CHUNK + tl.arange(0, HID_CHUNK)
-    kmask = k < hid
-    G = gh * gw
-    patch = item % G
-    b = (item // G).to(tl.int64)
-    r0, ph, c0, pw = _patch_rect(patch, gh, gw, H, W)
+    item, b, patch, G, r0, ph, c0, pw = _patch_item(gh, gw, H, W)
     hw = pw + 2
     nq = (ph + 2) * hw
-    c = tl.arange(0, CIN_BLOCK)
-    cmask = c < Cin
+    k, kmask = _block_range(tl.program_id(1) * HID_CHUNK, hid, HID_CHUNK)
+    c, cmask = _block_range(0, Cin, CIN_BLOCK)
     dcol = tl.arange(0, 16)
     wbase = w_ptr + b * N * G + patch
     w2ptr = wbase + (hid * Cin + k * 9) * G
     xrows = x_ptr + (b * Cin + c[:, None]) * H * W
-    w1 = tl.load(wbase + (k[:, None] * Cin + c[None, :]) * G, mask=kmask[:, None] & cmask[None, :], other=0.0)
-    s1 = tl.load(sc_ptr + k, mask=kmask, other=0.0).to(acc_dtype)
-    t1 = tl.load(sh_ptr + k, mask=kmask, other=0.0).to(acc_dtype)
+    w1 = _w1_chunk(wbase, k, kmask, c, cmask, Cin, G)
+    s1, t1 = _affine(sc_ptr, sh_ptr, k, kmask, ACC_F64)
     g2rows = g2_ptr + (item * hid + k[:, None]).to(tl.int64) * NP
     g1rows = g1_ptr + (item * hid + k[:, None]).to(tl.int64) * NQ
     acc_w1 = tl.zeros((HID_CHUNK, CIN_BLOCK), dtype=acc_dtype)
@@ -309,8 +284,7 @@ def _meta_bwd_stage1_kernel(x_ptr, w_ptr, sc_ptr, sh_ptr, g2_ptr, g1_ptr, gw_ptr
     acc_s1 = tl.zeros((HID_CHUNK,), dtype=acc_dtype)
     acc_t1 = tl.zeros((HID_CHUNK,), dtype=acc_dtype)
     for q0 in range(0, nq, BLOCK_Q):
-        q = q0 + tl.arange(0, BLOCK_Q)
-        qmask = q < nq
+        q, qmask = _block_range(q0, nq, BLOCK_Q)
         a = q // hw
         bb = q % hw
         off = _reflect(r0 - 1 + a, H) * W + _reflect(c0 - 1 + bb, W)
@@ -358,26 +332,19 @@ def _meta_bwd_gradx_kernel(w_ptr, g1_ptr, gxh_ptr, Cin, H, W, gh, gw, hid, N, NQ
     of the (B, Cin, HB, WB) buffer gxh (every position written exactly once; the launcher sums
     the positions that read the same pixel)."""
     acc_dtype: tl.constexpr = tl.float64 if ACC_F64 else tl.float32
-    item = tl.program_id(0)
-    G = gh * gw
-    patch = item % G
-    b = (item // G).to(tl.int64)
+    item, b, patch, G, r0, ph, c0, pw = _patch_item(gh, gw, H, W)
     gi = patch // gw
     gj = patch % gw
-    r0, ph, c0, pw = _patch_rect(patch, gh, gw, H, W)
     hw = pw + 2
     nq = (ph + 2) * hw
-    c = tl.arange(0, CIN_BLOCK)
-    cmask = c < Cin
+    c, cmask = _block_range(0, Cin, CIN_BLOCK)
     wbase = w_ptr + b * N * G + patch
     gxh_rows = gxh_ptr + (b * Cin + c[:, None]) * HB * WB  # (CIN, 1)
     for q0 in range(0, nq, BLOCK_Q):
-        q = q0 + tl.arange(0, BLOCK_Q)
-        qmask = q < nq
+        q, qmask = _block_range(q0, nq, BLOCK_Q)
         gx = tl.zeros((CIN_BLOCK, BLOCK_Q), dtype=acc_dtype)
         for k0 in range(0, hid, HID_CHUNK):
-            k = k0 + tl.arange(0, HID_CHUNK)
-            kmask = k < hid
+            k, kmask = _block_range(k0, hid, HID_CHUNK)
             w1t = tl.load(wbase + (k[None, :] * Cin + c[:, None]) * G, mask=cmask[:, None] & kmask[None, :],
                           other=0.0).to(acc_dtype)  # (CIN, HID_CHUNK)
             g1 = tl.load(g1_ptr + (item * hid + k[:, None]).to(tl.int64) * NQ + q[None, :],
@@ -387,9 +354,13 @@ def _meta_bwd_gradx_kernel(w_ptr, g1_ptr, gxh_ptr, Cin, H, W, gh, gw, hid, N, NQ
         tl.store(gxh_rows + hoff[None, :], gx, mask=cmask[:, None] & qmask[None, :])
 
 
-def _hid_chunk(hid: int) -> int:
-    """Hidden channels per streamed chunk (a tl.dot operand dimension: 16 or 32)."""
-    return 16 if hid <= 16 else 32
+def _hid_chunk(hid: int, cin_block: int) -> int:
+    """Hidden channels per streamed chunk (a tl.dot operand dimension: 16 or 32). 16 when the input
+    block is 64 channels or more: the W1 chunk (HID_CHUNK x CIN_BLOCK, plus its 3xTF32 hi/lo split in
+    float32) and the nine tap tiles then stay within 255 registers per thread at 4 warps on sm_90
+    (HyperSeg-M's 64-channel levels spilled 124-570 B per thread with chunks of 32); the chunk loop
+    runs twice as often, each tl.dot still K = CIN_BLOCK deep."""
+    return 16 if hid <= 16 or cin_block >= 64 else 32
 
 
 def _px_block(pixels: int) -> int:
@@ -399,11 +370,35 @@ def _px_block(pixels: int) -> int:
     return int(min(max(16, triton.next_power_of_2(max(int(pixels), 1))), 32))
 
 
-#: Warps and software-pipelining stages of every meta-block program (tiles are at most 64 x 32;
+#: Warps and software-pipelining stages of the meta-block programs (tiles are at most 64 x 32;
 #: pipelining the hidden-chunk loops would multiply the shared-memory buffers of its nine tl.dot
-#: per chunk and the live registers).
+#: per chunk and the live registers). _NUM_WARPS is also the pointwise_block kernels' default.
 _NUM_WARPS = 4
 _NUM_STAGES = 1
+#: Stage 1 of the backward holds the most per program (z1, u1, dL/dh1 and dL/dz1 tiles of
+#: HID_CHUNK x BLOCK_Q, the W1 chunk and the W1/W2 gradient accumulators): at 4 warps (HID_CHUNK,
+#: CIN_BLOCK, BLOCK_Q) = (32, 32, 32) needs ~40 B/thread of spill on sm_90; 8 warps halve every
+#: tile's share per thread (no spills, <= 255 registers x 256 threads: one program per SM half).
+_NUM_WARPS_STAGE1 = 8
+
+
+def _num_warps(cin_block: int, cout_block: int = 0) -> int:
+    """Warps of the forward, stage 2/3 and grad_x programs, from ptxas -v on sm_90 at every registry
+    model's blocks: (CIN_BLOCK, COUT_BLOCK) = (32, 32) tiles (HyperSeg-S) need 255 registers plus
+    28-36 B/thread of spill at 4 warps, and 16-channel inputs spill 4-28 B at 96-128 registers; both
+    compile clean at 8 warps (half of every tile per thread). Everything else (HyperSeg-M's levels,
+    64-channel inputs with hidden chunks of 16) is clean at 4 warps, where twice as many programs
+    fit an SM."""
+    return 8 if cin_block <= 16 or (cin_block <= 32 and cout_block >= 32) else _NUM_WARPS
+
+
+def _values_per_patch(x: torch.Tensor, weight: torch.Tensor, hid: int, cout: int) -> int:
+    """N, the weight values per patch (hid*Cin + 9*hid + Cout*hid, checked)."""
+    N, Cin = weight.shape[1], x.shape[1]
+    if N != hid * Cin + 9 * hid + cout * hid:
+        raise ValueError(f"weight has {N} values per patch; expected hid*Cin + 9*hid + Cout*hid for "
+                         f"Cin={Cin}, hid={hid}, Cout={cout}")
+    return N
 
 
 def forward(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, hidden: int,
@@ -412,17 +407,15 @@ def forward(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: t
     x, weight = x.contiguous(), weight.contiguous()
     B, Cin, H, W = x.shape
     gh, gw = weight.shape[-2:]
-    N = weight.shape[1]
-    if N != hidden * Cin + 9 * hidden + out_channels * hidden:
-        raise ValueError(f"weight has {N} values per patch; expected hid*Cin + 9*hid + Cout*hid for "
-                         f"Cin={Cin}, hid={hidden}, Cout={out_channels}")
+    N = _values_per_patch(x, weight, hidden, out_channels)
     y = _empty((B, out_channels, H, W), x)
     max_pix = -(-H // gh) * -(-W // gw)
     bp = _px_block(max_pix)
     grid = (B * gh * gw, triton.cdiv(max_pix, bp))
     _launch(_meta_fwd_kernel, grid, x, weight, scale.contiguous(), shift.contiguous(), y, Cin, H, W, gh, gw,
-            hidden, out_channels, N, CIN_BLOCK=_blk(Cin), HID_CHUNK=_hid_chunk(hidden), COUT_BLOCK=_blk(out_channels),
-            BLOCK_P=bp, ACC_F64=x.dtype == torch.float64, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES)
+            hidden, out_channels, N, CIN_BLOCK=_blk(Cin), HID_CHUNK=_hid_chunk(hidden, _blk(Cin)),
+            COUT_BLOCK=_blk(out_channels), BLOCK_P=bp, ACC_F64=x.dtype == torch.float64,
+            num_warps=_num_warps(_blk(Cin), _blk(out_channels)), num_stages=_NUM_STAGES)
     return y
 
 
@@ -456,23 +449,14 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, scal
     output_mask is false are empty tensors. Deterministic (no atomics): four kernels (stage 3,
     stage 2, stage 1, grad_x; see the module docstring), affine partials per work item summed in
     float64 in a fixed order, grad_x gathered from per-patch haloed buffers."""
-    x, weight, grad_out = x.contiguous(), weight.contiguous(), grad_out.contiguous()
-    scale, shift = scale.contiguous(), shift.contiguous()
+    hid, Cout = int(hidden), int(out_channels)
+    grad_out, x, weight, scale, shift, (need_x, need_w, need_aff), outs = _block_backward_inputs(
+        grad_out, x, weight, scale, shift, Cout, output_mask)
     B, Cin, H, W = x.shape
     gh, gw = weight.shape[-2:]
-    N = weight.shape[1]
-    hid, Cout = int(hidden), int(out_channels)
-    if N != hid * Cin + 9 * hid + Cout * hid:
-        raise ValueError(f"weight has {N} values per patch; expected hid*Cin + 9*hid + Cout*hid for "
-                         f"Cin={Cin}, hid={hid}, Cout={Cout}")
-    if tuple(grad_out.shape) != (B, Cout, H, W):
-        raise ValueError(f"grad_out must have shape {(B, Cout, H, W)}, got {tuple(grad_out.shape)}")
-    need_x, need_w = bool(output_mask[0]), bool(output_mask[1])
-    need_aff = bool(output_mask[2]) or bool(output_mask[3])
-    gx, gwt = x.new_empty(0), weight.new_empty(0)
-    gs, gt = scale.new_empty(0), shift.new_empty(0)
+    N = _values_per_patch(x, weight, hid, Cout)
     if not (need_x or need_w or need_aff):
-        return gx, gwt, gs, gt
+        return tuple(outs)
     G = gh * gw
     PH, PW = -(-H // gh), -(-W // gw)
     NP, A = PH * PW, 2 * hid + Cout
@@ -484,37 +468,36 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, scal
     g2 = _empty((B * G, hid, NP), x, f32)
     part = _empty((B * G, 2, A), x, f32) if need_aff else g2
     if need_w:
-        gwt = _empty(weight.shape, weight)
+        outs[1] = _empty(weight.shape, weight)
     g1 = _empty((B * G, hid, NQ), x, f32) if need_x else g2
-    cb, hc, ob = _blk(Cin), _hid_chunk(hid), _blk(Cout)
+    cb, ob = _blk(Cin), _blk(Cout)
+    hc = _hid_chunk(hid, cb)
     nhc = triton.cdiv(hid, hc)
     f64 = x.dtype == torch.float64
     bp, bq = _px_block(NP), _px_block(NQ)
-    gw_arg = gwt if need_w else weight
+    gw_arg = outs[1] if need_w else weight
     _launch(_meta_bwd_stage3_kernel, (B * G,), x, weight, scale, shift, grad_out, g3, part,
             Cin, H, W, gh, gw, hid, Cout, N, A, NP, CIN_BLOCK=cb, HID_CHUNK=hc, COUT_BLOCK=ob, BLOCK_P=bp,
-            NEED_AFF=int(need_aff), ACC_F64=f64, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES)
+            NEED_AFF=int(need_aff), ACC_F64=f64, num_warps=_num_warps(cb, ob), num_stages=_NUM_STAGES)
     _launch(_meta_bwd_stage2_kernel, (B * G, nhc), x, weight, scale, shift, g3, g2, gw_arg, part,
             Cin, H, W, gh, gw, hid, Cout, N, A, NP, CIN_BLOCK=cb, HID_CHUNK=hc, COUT_BLOCK=ob, BLOCK_P=bp,
-            NEED_W=int(need_w), NEED_AFF=int(need_aff), ACC_F64=f64, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES)
+            NEED_W=int(need_w), NEED_AFF=int(need_aff), ACC_F64=f64, num_warps=_num_warps(cb, ob),
+            num_stages=_NUM_STAGES)
     _launch(_meta_bwd_stage1_kernel, (B * G, nhc), x, weight, scale, shift, g2, g1, gw_arg, part,
             Cin, H, W, gh, gw, hid, N, A, NP, NQ, CIN_BLOCK=cb, HID_CHUNK=hc, BLOCK_Q=bq,
-            NEED_X=int(need_x), NEED_W=int(need_w), NEED_AFF=int(need_aff), ACC_F64=f64, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES)
+            NEED_X=int(need_x), NEED_W=int(need_w), NEED_AFF=int(need_aff), ACC_F64=f64, num_warps=_NUM_WARPS_STAGE1,
+            num_stages=_NUM_STAGES)
     if need_x:
         gxh = _empty((B, Cin, HB, WB), x, f32)
         gxh[:, :, HB - 1, :] = 0
         gxh[:, :, :, WB - 1] = 0
         _launch(_meta_bwd_gradx_kernel, (B * G,), weight, g1, gxh, Cin, H, W, gh, gw, hid, N, NQ, PHH, PWH, HB, WB,
-                CIN_BLOCK=cb, HID_CHUNK=hc, BLOCK_Q=bq, ACC_F64=f64, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES)
+                CIN_BLOCK=cb, HID_CHUNK=hc, BLOCK_Q=bq, ACC_F64=f64, num_warps=_num_warps(cb), num_stages=_NUM_STAGES)
     if need_aff:
-        tot = part.double().sum(0)  # fixed-order reduction over the work items
-        if output_mask[2]:
-            gs = tot[0].to(scale.dtype, copy=True)  # no views: outputs must not alias
-        if output_mask[3]:
-            gt = tot[1].to(shift.dtype, copy=True)
+        _affine_grads(part, output_mask, scale, shift, outs)  # fixed-order reduction over the work items
     if need_x:
         ridx = _halo_gather_index(H, gh, x.device)
         cidx = _halo_gather_index(W, gw, x.device)
         rows_sum = gxh.index_select(2, ridx.reshape(-1)).view(B, Cin, H, ridx.shape[1], WB).sum(3)
-        gx = rows_sum.index_select(3, cidx.reshape(-1)).view(B, Cin, H, W, cidx.shape[1]).sum(4).to(x.dtype)
-    return gx, gwt, gs, gt
+        outs[0] = rows_sum.index_select(3, cidx.reshape(-1)).view(B, Cin, H, W, cidx.shape[1]).sum(4).to(x.dtype)
+    return tuple(outs)

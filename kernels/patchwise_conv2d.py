@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from ._index import patch_rect as _patch_rect
+from ._index import unflatten as _unflatten
 from ._launch import empty, launch, pow2_bucket
 
 __all__ = ["forward", "backward", "choose_dot"]
@@ -71,26 +72,15 @@ def _fwd_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr,
     Cin, H, W, Cout, Hout, Wout, GH, GW, G, Cg, Og, K,
     SH, SW, PT, PL, DH, DW,
-    NPIX,  # largest patch pixel count (sizes the grid)
-    PIX_BUCKET,  # next power of two of NPIX (autotune key and pruning only)
+    NPIX, PIX_BUCKET,  # largest patch pixel count (sizes the grid); its next power of two (autotune key only)
     KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr,
     ACC_F64: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_CO: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    acc_dtype: tl.constexpr = tl.float64 if ACC_F64 else tl.float32
     npatch = GH * GW
-    n_co_blocks = tl.cdiv(Og, BLOCK_CO)
-    # 1-D grid (axis 0 allows 2**31 - 1 programs): pixel block fastest, then patch, ...
-    n_p_blocks = tl.cdiv(NPIX, BLOCK_P)
-    pid = tl.program_id(0).to(tl.int64)
-    pid_p = (pid % n_p_blocks).to(tl.int32)
-    pid0 = pid // n_p_blocks
-    patch = (pid0 % npatch).to(tl.int32)
-    rest = pid0 // npatch
-    cob = (rest % n_co_blocks).to(tl.int32)
-    rest = rest // n_co_blocks
-    g = rest % G
-    b = rest // G
+    # 1-D grid (axis 0 allows 2**31 - 1 programs): pixel block fastest, then patch, out-channel block, ...
+    pid_p, patch, cob, g, b = _unflatten(tl.program_id(0).to(tl.int64), tl.cdiv(NPIX, BLOCK_P), npatch,
+                                         tl.cdiv(Og, BLOCK_CO), G)
 
     r0, ph, c0, pw = _patch_rect(patch, GH, GW, Hout, Wout)  # the patch's output rect
     npx = ph * pw
@@ -108,6 +98,7 @@ def _fwd_kernel(
     w_row = (b * Cout + co_glob) * K  # int64, (BLOCK_CO,)
     x_base = x_ptr + (b * Cin + g * Cg) * H * W
 
+    acc_dtype: tl.constexpr = tl.float64 if ACC_F64 else tl.float32
     acc = tl.zeros((BLOCK_CO, BLOCK_P), dtype=acc_dtype)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
@@ -139,29 +130,42 @@ def _fwd_kernel(
 # backward: dX (gather)
 # --------------------------------------------------------------------------------------------
 @triton.jit
+def _tap_output(i, P, k, D, S, n_out, n_grid):
+    """Along one axis: the output index o that reads input coordinate i through kernel tap k
+    (o * S = i + P - k * D), whether it exists (divisible, inside the output), and its patch."""
+    t = i + P - k * D
+    tc = tl.maximum(t, 0)
+    o = tc // S
+    valid = (t >= 0) & (tc % S == 0) & (o < n_out)
+    return o, valid, tl.minimum(o, n_out - 1) * n_grid // n_out
+
+
+@triton.jit
+def _tap_patch_span(lo, hi, P, k, D, S, n_out, n_grid):
+    """Along one axis: the first and last patch of the outputs that read input coordinates lo..hi
+    through kernel tap k (last < first when there is none); scalars."""
+    a = tl.maximum(lo + P - k * D, 0)
+    o_lo = (a + S - 1) // S
+    e = hi + P - k * D
+    o_hi = tl.where(e >= 0, tl.minimum(tl.maximum(e, 0) // S, n_out - 1), -1)
+    first = tl.minimum(o_lo, n_out - 1) * n_grid // n_out
+    return first, tl.where(o_hi >= o_lo, tl.maximum(o_hi, 0) * n_grid // n_out, first - 1)
+
+
+@triton.jit
 def _dx_kernel(
     go_ptr, w_ptr, gx_ptr,
     Cin, H, W, Cout, Hout, Wout, GH, GW, G, Cg, Og,
     SH, SW, PT, PL, DH, DW, HALO_H, HALO_W,
-    NPIX,  # largest region pixel count (sizes the grid)
-    PIX_BUCKET,  # next power of two of NPIX (autotune key and pruning only)
+    NPIX, PIX_BUCKET,  # largest region pixel count (sizes the grid); its next power of two (autotune key only)
     KH: tl.constexpr, KW: tl.constexpr, USE_DOT: tl.constexpr,
     ACC_F64: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    acc_dtype: tl.constexpr = tl.float64 if ACC_F64 else tl.float32
     npatch = GH * GW
-    n_ci_blocks = tl.cdiv(Cg, BLOCK_CI)
-    n_p_blocks = tl.cdiv(NPIX, BLOCK_P)
-    pid = tl.program_id(0).to(tl.int64)
-    pid_p = (pid % n_p_blocks).to(tl.int32)
-    pid0 = pid // n_p_blocks
-    region = (pid0 % npatch).to(tl.int32)
-    rest = pid0 // npatch
-    cib = (rest % n_ci_blocks).to(tl.int32)
-    rest = rest // n_ci_blocks
-    g = rest % G
-    b = rest // G
+    # pixel block fastest, then region (one per output patch), in-channel block, ...
+    pid_p, region, cib, g, b = _unflatten(tl.program_id(0).to(tl.int64), tl.cdiv(NPIX, BLOCK_P), npatch,
+                                          tl.cdiv(Cg, BLOCK_CI), G)
 
     rr = region // GW
     rc = region % GW
@@ -197,36 +201,19 @@ def _dx_kernel(
     # weight row of (out channel co, in channel ci): ((b*Cout + g*Og + co)*Cg + ci) * KH*KW
     wb = (b * Cout + g * Og) * Cg  # int64
 
+    acc_dtype: tl.constexpr = tl.float64 if ACC_F64 else tl.float32
     acc = tl.zeros((BLOCK_CI, BLOCK_P), dtype=acc_dtype)
     for ky in tl.static_range(KH):
-        ty = iy + PT - ky * DH
-        tyc = tl.maximum(ty, 0)
-        oi = tyc // SH
-        vy = (ty >= 0) & (tyc % SH == 0) & (oi < Hout)
-        opr = tl.minimum(oi, Hout - 1) * GH // Hout
+        oi, vy, opr = _tap_output(iy, PT, ky, DH, SH, Hout, GH)
         for kx in tl.static_range(KW):
-            tx = ix + PL - kx * DW
-            txc = tl.maximum(tx, 0)
-            oj = txc // SW
-            vx = (tx >= 0) & (txc % SW == 0) & (oj < Wout)
-            opc = tl.minimum(oj, Wout - 1) * GW // Wout
+            oj, vx, opc = _tap_output(ix, PL, kx, DW, SW, Wout, GW)
             valid = pmask & vy & vx
             o_off = oi * Wout + oj
             tapoff = ky * KW + kx
             if USE_DOT:
                 # output rows/cols reachable from this block for this tap, then their patches
-                a = tl.maximum(row_lo + PT - ky * DH, 0)
-                oi_lo = (a + SH - 1) // SH
-                bh = row_hi + PT - ky * DH
-                oi_hi = tl.where(bh >= 0, tl.minimum(tl.maximum(bh, 0) // SH, Hout - 1), -1)
-                pr_lo = tl.minimum(oi_lo, Hout - 1) * GH // Hout
-                pr_hi = tl.where(oi_hi >= oi_lo, tl.maximum(oi_hi, 0) * GH // Hout, pr_lo - 1)
-                a2 = tl.maximum(col_lo + PL - kx * DW, 0)
-                oj_lo = (a2 + SW - 1) // SW
-                bw = col_hi + PL - kx * DW
-                oj_hi = tl.where(bw >= 0, tl.minimum(tl.maximum(bw, 0) // SW, Wout - 1), -1)
-                pc_lo = tl.minimum(oj_lo, Wout - 1) * GW // Wout
-                pc_hi = tl.where(oj_hi >= oj_lo, tl.maximum(oj_hi, 0) * GW // Wout, pc_lo - 1)
+                pr_lo, pr_hi = _tap_patch_span(row_lo, row_hi, PT, ky, DH, SH, Hout, GH)
+                pc_lo, pc_hi = _tap_patch_span(col_lo, col_hi, PL, kx, DW, SW, Wout, GW)
                 for co0 in range(0, Og, BLOCK_CO):
                     co = co0 + tl.arange(0, BLOCK_CO)
                     com = co < Og
@@ -235,12 +222,16 @@ def _dx_kernel(
                     wrow = ((wb + co.to(tl.int64)[None, :] * Cg + ci[:, None]) * (KH * KW) + tapoff) * npatch
                     wmask = cimask[:, None] & com[None, :]
                     # one masked GEMM per output patch this tap reaches (usually one, two at borders)
-                    for ppr in range(pr_lo, pr_hi + 1):
-                        for ppc in range(pc_lo, pc_hi + 1):
-                            m = (opr == ppr) & (opc == ppc)
-                            gm = tl.where(m[None, :], got, tl.zeros_like(got))
-                            wt = tl.load(w_ptr + wrow + (ppr * GW + ppc), mask=wmask, other=0.0)
-                            acc = tl.dot(wt, gm, acc, input_precision=PRECISION, out_dtype=acc_dtype)
+                    # (one flat loop over the (rows x cols) patch span: nested runtime loops inside the
+                    # unrolled taps made ptxas spill the accumulator in bfloat16)
+                    npc = pc_hi + 1 - pc_lo
+                    for pp in range(0, (pr_hi + 1 - pr_lo) * npc):
+                        ppr = pr_lo + pp // npc
+                        ppc = pc_lo + pp % npc
+                        m = (opr == ppr) & (opc == ppc)
+                        gm = tl.where(m[None, :], got, tl.zeros_like(got))
+                        wt = tl.load(w_ptr + wrow + (ppr * GW + ppc), mask=wmask, other=0.0)
+                        acc = tl.dot(wt, gm, acc, input_precision=PRECISION, out_dtype=acc_dtype)
             else:
                 pp = opr * GW + opc
                 for co0 in range(0, Og, BLOCK_CO):
@@ -274,20 +265,12 @@ def _dw_kernel(
 ):
     acc_dtype: tl.constexpr = tl.float64 if ACC_F64 else tl.float32
     npatch = GH * GW
-    n_co_blocks = tl.cdiv(Og, BLOCK_CO)
     if COMPUTE_W:
         n_k_blocks = tl.cdiv(K, BLOCK_K)
     else:
         n_k_blocks = 1
-    pid0 = tl.program_id(0).to(tl.int64)
-    patch = (pid0 % npatch).to(tl.int32)
-    rest = pid0 // npatch
-    kb = (rest % n_k_blocks).to(tl.int32)
-    rest = rest // n_k_blocks
-    cob = (rest % n_co_blocks).to(tl.int32)
-    rest = rest // n_co_blocks
-    g = rest % G
-    b = rest // G
+    # patch fastest, then K block, out-channel block, ...
+    patch, kb, cob, g, b = _unflatten(tl.program_id(0).to(tl.int64), npatch, n_k_blocks, tl.cdiv(Og, BLOCK_CO), G)
 
     r0, ph, c0, pw = _patch_rect(patch, GH, GW, Hout, Wout)  # the patch's output rect
     npx = ph * pw
@@ -458,10 +441,9 @@ def _check(x, weight, stride, padding, dilation, groups):
         raise ValueError("stride and dilation need 2 values, padding 4 (top, bottom, left, right)")
 
 
-def forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: Sequence[int],
-            padding: Sequence[int], dilation: Sequence[int], groups: int, *,
-            use_dot: Optional[bool] = None) -> torch.Tensor:
-    """y = patch-wise conv2d(x, weight) + bias. ``use_dot`` forces the tl.dot / fallback path."""
+def _geometry(x, weight, stride, padding, dilation, groups):
+    """Validated contiguous x and weight, and the convolution's geometry (B, Cin, H, W, Cout, Cg,
+    KH, KW, GH, GW, sh, sw, pt, pl, dh, dw, G, Og, K, Hout, Wout)."""
     _check(x, weight, stride, padding, dilation, groups)
     x = x.contiguous()
     weight = weight.contiguous()
@@ -471,10 +453,27 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     pt, pb, pl, pr = (int(p) for p in padding)
     dh, dw = int(dilation[0]), int(dilation[1])
     G = int(groups)
-    Og = Cout // G
     K = Cg * KH * KW
     Hout = _out_size(H, pt, pb, dh, KH, sh)
     Wout = _out_size(W, pl, pr, dw, KW, sw)
+    return x, weight, (B, Cin, H, W, Cout, Cg, KH, KW, GH, GW, sh, sw, pt, pl, dh, dw, G, Cout // G, K, Hout, Wout)
+
+
+def _run(name, dot, interp_meta, n_programs, args, common):
+    """Launch kernel ``name`` on a 1-D grid of ``n_programs(blocks)`` programs: with the fixed
+    blocks ``interp_meta`` under the interpreter, autotuned (tl.dot path ``dot`` or fallback) on a GPU."""
+    if _interpreting():
+        launch(_KERNELS[name], (n_programs(interp_meta),), *args, **common, **interp_meta)
+    else:
+        launch(_tuned(name, bool(dot)), lambda meta: (n_programs(meta),), *args, **common)
+
+
+def forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: Sequence[int],
+            padding: Sequence[int], dilation: Sequence[int], groups: int, *,
+            use_dot: Optional[bool] = None) -> torch.Tensor:
+    """y = patch-wise conv2d(x, weight) + bias. ``use_dot`` forces the tl.dot / fallback path."""
+    x, weight, geom = _geometry(x, weight, stride, padding, dilation, groups)
+    B, Cin, H, W, Cout, Cg, KH, KW, GH, GW, sh, sw, pt, pl, dh, dw, G, Og, K, Hout, Wout = geom
     y = _empty((B, Cout, Hout, Wout), x)
     if y.numel() == 0:
         return y
@@ -488,15 +487,8 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
             Cin, H, W, Cout, Hout, Wout, GH, GW, G, Cg, Og, K, sh, sw, pt, pl, dh, dw, npix, pow2_bucket(npix))
     common = dict(KH=KH, KW=KW, HAS_BIAS=bias is not None, USE_DOT=bool(use_dot), ACC_F64=acc64,
                   PRECISION=_precision(x.dtype))
-    if _interpreting():
-        meta = _fwd_meta_interp(use_dot, Og, K, npix)
-        grid = (B * G * triton.cdiv(Og, meta["BLOCK_CO"]) * GH * GW * triton.cdiv(npix, meta["BLOCK_P"]),)
-        launch(_fwd_kernel, grid, *args, **common, **meta)
-    else:
-        def grid(meta):
-            return (B * G * triton.cdiv(Og, meta["BLOCK_CO"]) * GH * GW * triton.cdiv(npix, meta["BLOCK_P"]),)
-
-        launch(_tuned("fwd", bool(use_dot)), grid, *args, **common)
+    _run("fwd", use_dot, _fwd_meta_interp(use_dot, Og, K, npix),
+         lambda m: B * G * triton.cdiv(Og, m["BLOCK_CO"]) * GH * GW * triton.cdiv(npix, m["BLOCK_P"]), args, common)
     return y
 
 
@@ -504,27 +496,15 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stri
              padding: Sequence[int], dilation: Sequence[int], groups: int, output_mask: Sequence[bool], *,
              use_dot: Optional[bool] = None):
     """(grad_x, grad_weight, grad_bias); masked-out entries are empty tensors."""
-    _check(x, weight, stride, padding, dilation, groups)
+    x, weight, geom = _geometry(x, weight, stride, padding, dilation, groups)
+    B, Cin, H, W, Cout, Cg, KH, KW, GH, GW, sh, sw, pt, pl, dh, dw, G, Og, K, Hout, Wout = geom
     grad_out = grad_out.contiguous()
-    x = x.contiguous()
-    weight = weight.contiguous()
-    B, Cin, H, W = x.shape
-    _, Cout, Cg, KH, KW, GH, GW = weight.shape
-    sh, sw = int(stride[0]), int(stride[1])
-    pt, pb, pl, pr = (int(p) for p in padding)
-    dh, dw = int(dilation[0]), int(dilation[1])
-    G = int(groups)
-    Og = Cout // G
-    K = Cg * KH * KW
-    Hout = _out_size(H, pt, pb, dh, KH, sh)
-    Wout = _out_size(W, pl, pr, dw, KW, sw)
     if tuple(grad_out.shape) != (B, Cout, Hout, Wout):
         raise ValueError(f"grad_out must have shape {(B, Cout, Hout, Wout)}, got {tuple(grad_out.shape)}")
     if grad_out.dtype != x.dtype:
         grad_out = grad_out.to(x.dtype)
     acc64 = x.dtype == torch.float64
     prec = _precision(x.dtype)
-    interp = _interpreting()
     npatch = GH * GW
     npix = -(-Hout // GH) * -(-Wout // GW)
 
@@ -542,15 +522,8 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stri
         args = (grad_out, weight, gx, Cin, H, W, Cout, Hout, Wout, GH, GW, G, Cg, Og,
                 sh, sw, pt, pl, dh, dw, halo_h, halo_w, rpix, pow2_bucket(rpix))
         common = dict(KH=KH, KW=KW, USE_DOT=bool(dot), ACC_F64=acc64, PRECISION=prec)
-        if interp:
-            meta = _dx_meta_interp(dot, Cg, Og, rpix)
-            grid = (B * G * triton.cdiv(Cg, meta["BLOCK_CI"]) * npatch * triton.cdiv(rpix, meta["BLOCK_P"]),)
-            launch(_dx_kernel, grid, *args, **common, **meta)
-        else:
-            def grid(meta):
-                return (B * G * triton.cdiv(Cg, meta["BLOCK_CI"]) * npatch * triton.cdiv(rpix, meta["BLOCK_P"]),)
-
-            launch(_tuned("dx", bool(dot)), grid, *args, **common)
+        _run("dx", dot, _dx_meta_interp(dot, Cg, Og, rpix),
+             lambda m: B * G * triton.cdiv(Cg, m["BLOCK_CI"]) * npatch * triton.cdiv(rpix, m["BLOCK_P"]), args, common)
 
     if output_mask[1] or output_mask[2]:
         cw, cb = bool(output_mask[1]), bool(output_mask[2])
@@ -564,17 +537,8 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stri
         common = dict(KH=KH, KW=KW, COMPUTE_W=cw, COMPUTE_B=cb, USE_DOT=bool(dot), ACC_F64=acc64,
                       PRECISION=prec)
 
-        def nkb(meta):
-            return triton.cdiv(K, meta["BLOCK_K"]) if cw else 1
-
-        if interp:
-            meta = _dw_meta_interp(dot, Og, K, npix)
-            grid = (B * G * triton.cdiv(Og, meta["BLOCK_CO"]) * nkb(meta) * npatch,)
-            launch(_dw_kernel, grid, *args, **common, **meta)
-        else:
-            def grid(meta):
-                return (B * G * triton.cdiv(Og, meta["BLOCK_CO"]) * nkb(meta) * npatch,)
-
-            launch(_tuned("dw", bool(dot)), grid, *args, **common)
+        _run("dw", dot, _dw_meta_interp(dot, Og, K, npix),
+             lambda m: B * G * triton.cdiv(Og, m["BLOCK_CO"]) * (triton.cdiv(K, m["BLOCK_K"]) if cw else 1) * npatch,
+             args, common)
     return gx, gw, gb
 

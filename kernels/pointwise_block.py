@@ -24,9 +24,12 @@ import torch
 import triton
 import triton.language as tl
 
+from ._index import block_range as _block_range
 from ._index import mm as _mm
-from ._index import patch_rect as _patch_rect
+from ._index import patch_item as _patch_item
 from ._launch import acc_dtype as _acc_dtype
+from ._launch import affine_grads as _affine_grads
+from ._launch import block_backward_inputs as _block_backward_inputs
 from ._launch import dot_block as _blk
 from ._launch import empty as _empty
 from ._launch import launch as _launch
@@ -39,17 +42,10 @@ __all__ = ["forward", "backward"]
 def _pw_fwd_kernel(x_ptr, w_ptr, sc_ptr, sh_ptr, y_ptr, Cin, H, W, gh, gw, Cout,
                    COUT_BLOCK: tl.constexpr, BLOCK_P: tl.constexpr, ACC_F64: tl.constexpr):
     acc_dtype: tl.constexpr = tl.float64 if ACC_F64 else tl.float32
-    item = tl.program_id(0)
-    chunk = tl.program_id(1)
-    G = gh * gw
-    patch = item % G
-    b = (item // G).to(tl.int64)  # sample / channel-plane offsets in int64
-    r0, ph, c0, pw = _patch_rect(patch, gh, gw, H, W)
-    p = chunk * BLOCK_P + tl.arange(0, BLOCK_P)
-    pmask = p < ph * pw
+    item, b, patch, G, r0, ph, c0, pw = _patch_item(gh, gw, H, W)  # b: int64 sample / channel-plane offsets
+    p, pmask = _block_range(tl.program_id(1) * BLOCK_P, ph * pw, BLOCK_P)
     off = (r0 + p // pw) * W + (c0 + p % pw)
-    o = tl.arange(0, COUT_BLOCK)
-    omask = o < Cout
+    o, omask = _block_range(0, Cout, COUT_BLOCK)
     wbase = w_ptr + b * Cout * Cin * G + patch
     acc = tl.zeros((COUT_BLOCK, BLOCK_P), dtype=acc_dtype)
     for c in range(0, Cin):
@@ -71,14 +67,8 @@ def _pw_bwd_gz_kernel(x_ptr, w_ptr, sc_ptr, sh_ptr, gy_ptr, gz_ptr, part_ptr, Ci
     recompute z = W x (input channels streamed in chunks, tl.dot), gz = dL/dz = s * ReLU'(s z + t)
     * grad_y to the scratch gz_ptr (Cout x NP per work item), and the scale/shift partials."""
     acc_dtype: tl.constexpr = tl.float64 if ACC_F64 else tl.float32
-    item = tl.program_id(0)
-    G = gh * gw
-    patch = item % G
-    b = (item // G).to(tl.int64)
-    r0, ph, c0, pw = _patch_rect(patch, gh, gw, H, W)
-    npx = ph * pw
-    o = tl.arange(0, COUT_BLOCK)
-    omask = o < Cout
+    item, b, patch, G, r0, ph, c0, pw = _patch_item(gh, gw, H, W)
+    o, omask = _block_range(0, Cout, COUT_BLOCK)
     wbase = w_ptr + b * Cout * Cin * G + patch
     s = tl.load(sc_ptr + o, mask=omask, other=0.0).to(acc_dtype)
     t = tl.load(sh_ptr + o, mask=omask, other=0.0).to(acc_dtype)
@@ -86,14 +76,12 @@ def _pw_bwd_gz_kernel(x_ptr, w_ptr, sc_ptr, sh_ptr, gy_ptr, gz_ptr, part_ptr, Ci
     gzrows = gz_ptr + (item * Cout + o[:, None]).to(tl.int64) * NP
     acc_s = tl.zeros((COUT_BLOCK,), dtype=acc_dtype)
     acc_t = tl.zeros((COUT_BLOCK,), dtype=acc_dtype)
-    for p0 in range(0, npx, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        pmask = p < npx
+    for p0 in range(0, ph * pw, BLOCK_P):
+        p, pmask = _block_range(p0, ph * pw, BLOCK_P)
         off = (r0 + p // pw) * W + (c0 + p % pw)
         z = tl.zeros((COUT_BLOCK, BLOCK_P), dtype=acc_dtype)
         for ci in range(0, Cin, CIN_CHUNK):
-            c = ci + tl.arange(0, CIN_CHUNK)
-            cmask = c < Cin
+            c, cmask = _block_range(ci, Cin, CIN_CHUNK)
             wt = tl.load(wbase + (o[:, None] * Cin + c[None, :]) * G, mask=omask[:, None] & cmask[None, :], other=0.0)
             xt = tl.load(x_ptr + (b * Cin + c[:, None]) * H * W + off[None, :], mask=cmask[:, None] & pmask[None, :],
                          other=0.0)
@@ -117,16 +105,9 @@ def _pw_bwd_grads_kernel(x_ptr, w_ptr, gz_ptr, gx_ptr, gw_ptr, Cin, H, W, gh, gw
     looping over the patch's pixels: grad_W[:, chunk] = gz x^T and grad_x[chunk] = W[:, chunk]^T gz
     (tl.dot). grad_x pixels belong to exactly one patch (no halo), so they are stored directly."""
     acc_dtype: tl.constexpr = tl.float64 if ACC_F64 else tl.float32
-    item = tl.program_id(0)
-    c = tl.program_id(1) * CIN_CHUNK + tl.arange(0, CIN_CHUNK)
-    cmask = c < Cin
-    G = gh * gw
-    patch = item % G
-    b = (item // G).to(tl.int64)
-    r0, ph, c0, pw = _patch_rect(patch, gh, gw, H, W)
-    npx = ph * pw
-    o = tl.arange(0, COUT_BLOCK)
-    omask = o < Cout
+    item, b, patch, G, r0, ph, c0, pw = _patch_item(gh, gw, H, W)
+    c, cmask = _block_range(tl.program_id(1) * CIN_CHUNK, Cin, CIN_CHUNK)
+    o, omask = _block_range(0, Cout, COUT_BLOCK)
     N = Cout * Cin
     wbase = w_ptr + b * N * G + patch
     wtt = tl.load(wbase + (o[None, :] * Cin + c[:, None]) * G, mask=cmask[:, None] & omask[None, :],
@@ -134,9 +115,8 @@ def _pw_bwd_grads_kernel(x_ptr, w_ptr, gz_ptr, gx_ptr, gw_ptr, Cin, H, W, gh, gw
     xrows = x_ptr + (b * Cin + c[:, None]) * H * W  # (CIN_CHUNK, 1)
     gzrows = gz_ptr + (item * Cout + o[:, None]).to(tl.int64) * NP
     acc_w = tl.zeros((COUT_BLOCK, CIN_CHUNK), dtype=acc_dtype)
-    for p0 in range(0, npx, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        pmask = p < npx
+    for p0 in range(0, ph * pw, BLOCK_P):
+        p, pmask = _block_range(p0, ph * pw, BLOCK_P)
         off = (r0 + p // pw) * W + (c0 + p % pw)
         gz = tl.load(gzrows + p[None, :], mask=omask[:, None] & pmask[None, :], other=0.0)
         if NEED_W:
@@ -183,24 +163,18 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, scal
     """(grad_x, grad_weight, grad_scale, grad_shift) of pointwise_block; masked-out entries are
     empty. Deterministic: weight gradients per (sample, patch), affine partials per work item
     summed in float64 in a fixed order, grad_x stored directly (every pixel in one patch)."""
-    x, weight, grad_out = x.contiguous(), weight.contiguous(), grad_out.contiguous()
-    scale, shift = scale.contiguous(), shift.contiguous()
+    Cout = weight.shape[1] // x.shape[1]
+    grad_out, x, weight, scale, shift, (need_x, need_w, need_aff), outs = _block_backward_inputs(
+        grad_out, x, weight, scale, shift, Cout, output_mask)
     B, Cin, H, W = x.shape
     gh, gw = weight.shape[-2:]
-    Cout = weight.shape[1] // Cin
-    if tuple(grad_out.shape) != (B, Cout, H, W):
-        raise ValueError(f"grad_out must have shape {(B, Cout, H, W)}, got {tuple(grad_out.shape)}")
-    need_x, need_w = bool(output_mask[0]), bool(output_mask[1])
-    need_aff = bool(output_mask[2]) or bool(output_mask[3])
-    gx, gwt = x.new_empty(0), weight.new_empty(0)
-    gs, gt = scale.new_empty(0), shift.new_empty(0)
     if not (need_x or need_w or need_aff):
-        return gx, gwt, gs, gt
+        return tuple(outs)
     G = gh * gw
     if need_x:
-        gx = _empty(x.shape, x)
+        outs[0] = _empty(x.shape, x)
     if need_w:
-        gwt = _empty(weight.shape, weight)
+        outs[1] = _empty(weight.shape, weight)
     NP = -(-H // gh) * -(-W // gw)
     gz = _empty((B * G, Cout, NP), x, _acc_dtype(x))
     part = _empty((B * G, 2, Cout), x, _acc_dtype(x)) if need_aff else gz
@@ -212,12 +186,8 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, scal
             NEED_AFF=int(need_aff), **meta)
     if need_x or need_w:
         _launch(_pw_bwd_grads_kernel, (B * G, triton.cdiv(Cin, _CIN_CHUNK)), x, weight, gz,
-                gx if need_x else x, gwt if need_w else weight, Cin, H, W, gh, gw, Cout, NP,
+                outs[0] if need_x else x, outs[1] if need_w else weight, Cin, H, W, gh, gw, Cout, NP,
                 NEED_X=int(need_x), NEED_W=int(need_w), **meta)
     if need_aff:
-        tot = part.double().sum(0)
-        if output_mask[2]:
-            gs = tot[0].to(scale.dtype, copy=True)  # no views: outputs must not alias
-        if output_mask[3]:
-            gt = tot[1].to(shift.dtype, copy=True)
-    return gx, gwt, gs, gt
+        _affine_grads(part, output_mask, scale, shift, outs)
+    return tuple(outs)

@@ -82,28 +82,9 @@ def test_every_kernel_is_launched_at_registry_shapes(results):
     assert _jit_kernels() - launched == set()
 
 
-#: Kernels not yet verified clean on sm_90 (issue 23 is still open for them), with the reason: their
-#: failures are reported as expected failures (xfail), every other kernel must pass.
-PENDING = {
-    # at the CI scope (hyperseg-m, hmsa-deeplabv3p-mobilenetv2, PatchWiseConv2d at HyperSeg-M's decoder
-    # shapes; float32 + bfloat16; first configuration) every variant fits the shared-memory limit and
-    # these still spill in some variants (benchmarks/results/2026-12-01-cpu/gpu_resources_ci_scope.txt)
-    "_hmsa_fwd_kernel": "the logits output of the fused HMSA forward spills 0.6-2.6 KB per thread (nested "
-                        "bilinear recurrences, 255 registers); not restructured yet",
-    "_meta_bwd_stage1_kernel": "spills up to ~256 B per thread at HyperSeg-M's levels 3/4",
-    "_meta_bwd_stage2_kernel": "spills up to ~128 B per thread in some variants",
-    "_meta_bwd_stage3_kernel": "spills up to ~1 KB per thread in some variants",
-    "_meta_fwd_kernel": "spills up to ~420 B per thread in some variants (clean at HyperSeg-M level 4, float32)",
-    "_dx_kernel": "patch-wise conv input gradient: spills ~20 B per thread in one variant",
-}
-
-
 def test_sm90_compiles_without_spills_within_shared_memory(results):
     bad = [r for r in results if r["problems"]]
     report = "\n".join(f"{r['kernel']} {r.get('constexprs')} warps={r.get('num_warps')} "
                        f"sig={r.get('signature')}: {'; '.join(r['problems'])} (uses: {r['uses'][:3]})"
                        for r in bad[:20])
-    hard = [r for r in bad if r["kernel"] not in PENDING]
-    assert not hard, f"{len(hard)} of {len(results)} variants fail on sm_90:\n{report}"
-    if bad:
-        pytest.xfail(f"{len(bad)} variants of kernels still pending (PENDING) fail on sm_90:\n{report}")
+    assert not bad, f"{len(bad)} of {len(results)} variants fail on sm_90:\n{report}"
