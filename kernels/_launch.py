@@ -19,7 +19,8 @@ from typing import Any, Dict, List, Optional
 import torch
 import triton
 
-__all__ = ["launch", "record", "empty", "acc_dtype", "device_ctx", "dot_block", "pow2_bucket", "autotune_enabled"]
+__all__ = ["launch", "record", "empty", "acc_dtype", "device_ctx", "dot_block", "pow2_bucket", "autotune_enabled",
+           "weight_strides"]
 
 _RECORDERS: List[list] = []
 
@@ -28,6 +29,20 @@ def empty(shape, like: torch.Tensor, dtype: Optional[torch.dtype] = None) -> tor
     """Allocation of every kernel output and scratch buffer (tests replace the launcher modules'
     ``_empty`` to poison them with NaN)."""
     return torch.empty(tuple(shape), device=like.device, dtype=dtype or like.dtype)
+
+
+def weight_strides(weight: torch.Tensor):
+    """A per-patch weight (B, N, gh, gw) as the kernels read it in place: ``(weight, WP, WS)``, value n of
+    patch p (= i * gw + j) of sample b at ``b * N * gh * gw + p * WP + n * WS``. Contiguous (one plane per
+    value): WP = 1, WS = gh * gw; patch-major (``torch.channels_last``: each patch's N values contiguous,
+    what the weight mappers emit for the fused blocks): WP = N, WS = 1 -- a patch's values are then read
+    as contiguous runs instead of one element per 32-byte sector. Any other layout is made contiguous."""
+    B, N, gh, gw = weight.shape
+    if weight.is_contiguous():
+        return weight, 1, gh * gw
+    if weight.is_contiguous(memory_format=torch.channels_last):
+        return weight, N, 1
+    return weight.contiguous(), 1, gh * gw
 
 
 def acc_dtype(x: torch.Tensor) -> torch.dtype:
@@ -108,11 +123,13 @@ def launch(kernel, grid, *args, **meta):
 
 
 def block_backward_inputs(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-                          shift: torch.Tensor, out_channels: int, output_mask):
-    """Shared start of the meta_block / pointwise_block backward launchers: contiguous inputs,
-    grad_out checked against (B, out_channels, H, W), the gradient mask and the empty outputs.
+                          shift: torch.Tensor, out_channels: int, output_mask, patch_major: bool = False):
+    """Shared start of the meta_block / pointwise_block backward launchers: contiguous inputs (with
+    ``patch_major``, a patch-major weight is kept as it is: see :func:`weight_strides`), grad_out checked
+    against (B, out_channels, H, W), the gradient mask and the empty outputs.
     Returns ``(grad_out, x, weight, scale, shift, (need_x, need_w, need_aff), [gx, gw, gs, gt])``."""
-    x, weight, grad_out = x.contiguous(), weight.contiguous(), grad_out.contiguous()
+    x, grad_out = x.contiguous(), grad_out.contiguous()
+    weight = weight_strides(weight)[0] if patch_major else weight.contiguous()
     B, _, H, W = x.shape
     if tuple(grad_out.shape) != (B, out_channels, H, W):
         raise ValueError(f"grad_out must have shape {(B, out_channels, H, W)}, got {tuple(grad_out.shape)}")

@@ -2,8 +2,11 @@
 The 1x1 level block (pointwise_block) has its own file, kernels/pointwise_block.py.
 
 Layouts as ``torch.ops.pyseg.meta_block`` (csrc/pyseg.cpp): x (B, Cin, H, W) contiguous; weight
-(B, hid*Cin + 9*hid + Cout*hid, gh, gw) contiguous, per patch [W1 (hid, Cin) | W2 (hid, 3, 3) |
-W3 (Cout, hid)]; scale/shift (2*hid + Cout,) = [stage 1 | stage 2 | stage 3].
+(B, hid*Cin + 9*hid + Cout*hid, gh, gw), per patch [W1 (hid, Cin) | W2 (hid, 3, 3) | W3 (Cout, hid)],
+read in place either contiguous or patch-major (``torch.channels_last``: each patch's values
+contiguous, so a chunk of W1/W3 is a run of consecutive values rather than one value per 32-byte
+sector; ``_launch.weight_strides``); the weight gradient has the weight's layout; scale/shift
+(2*hid + Cout,) = [stage 1 | stage 2 | stage 3].
 
 Forward: one program per (sample, patch, chunk of BLOCK_P patch pixels). Triton tiles live in
 registers and cannot be shifted, so the depthwise 3x3 is evaluated tap by tap: for each of the 9
@@ -55,6 +58,7 @@ from ._launch import block_backward_inputs as _block_backward_inputs
 from ._launch import dot_block as _blk
 from ._launch import empty as _empty
 from ._launch import launch as _launch
+from ._launch import weight_strides as _weight_strides
 
 __all__ = ["forward", "backward"]
 
@@ -88,7 +92,7 @@ def _tap_offset(ro0, ro1, ro2, co0, co1, co2, d):
 
 
 @triton.jit
-def _z2_chunk(xrows, cmask, pmask, ro0, ro1, ro2, co0, co1, co2, w1, s1, t1, w2ptr, G, kmask,
+def _z2_chunk(xrows, cmask, pmask, ro0, ro1, ro2, co0, co1, co2, w1, s1, t1, w2ptr, WS, kmask,
               HID_CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, ACC_F64: tl.constexpr):
     """Depthwise 3x3 output z2 (before its affine) of one chunk of hidden channels at BLOCK_P
     pixels: for each tap, pw1 of the neighbour pixel (the current patch's W1 chunk, one tl.dot),
@@ -100,7 +104,7 @@ def _z2_chunk(xrows, cmask, pmask, ro0, ro1, ro2, co0, co1, co2, w1, s1, t1, w2p
         xt = tl.load(xrows + off[None, :], mask=cmask[:, None] & pmask[None, :], other=0.0)
         z1 = _mm(w1, xt, tl.zeros((HID_CHUNK, BLOCK_P), dtype=acc_dtype), ACC_F64)
         h1 = _relu6(z1 * s1[:, None] + t1[:, None])
-        w2 = tl.load(w2ptr + d * G, mask=kmask, other=0.0).to(acc_dtype)
+        w2 = tl.load(w2ptr + d * WS, mask=kmask, other=0.0).to(acc_dtype)
         z2 += w2[:, None] * h1
     return z2
 
@@ -114,13 +118,13 @@ def _affine(sc_ptr, sh_ptr, k, kmask, ACC_F64: tl.constexpr):
 
 
 @triton.jit
-def _w1_chunk(wbase, k, kmask, c, cmask, Cin, G):
-    """W1[k, c] of the patch whose weights start at wbase (element n at wbase + n * G), as stored."""
-    return tl.load(wbase + (k[:, None] * Cin + c[None, :]) * G, mask=kmask[:, None] & cmask[None, :], other=0.0)
+def _w1_chunk(wbase, k, kmask, c, cmask, Cin, WS):
+    """W1[k, c] of the patch whose weights start at wbase (value n at wbase + n * WS), as stored."""
+    return tl.load(wbase + (k[:, None] * Cin + c[None, :]) * WS, mask=kmask[:, None] & cmask[None, :], other=0.0)
 
 
 @triton.jit
-def _z3_tile(xrows, c, cmask, pmask, ro0, ro1, ro2, co0, co1, co2, wbase, sc_ptr, sh_ptr, o, omask, Cin, hid, G,
+def _z3_tile(xrows, c, cmask, pmask, ro0, ro1, ro2, co0, co1, co2, wbase, sc_ptr, sh_ptr, o, omask, Cin, hid, WS,
              HID_CHUNK: tl.constexpr, COUT_BLOCK: tl.constexpr, BLOCK_P: tl.constexpr, ACC_F64: tl.constexpr):
     """z3 = W3 h2 (stage 3 before its affine) at BLOCK_P pixels. Hidden channels are streamed in
     chunks of HID_CHUNK: pw1 (tl.dot per tap) -> affine -> ReLU6 -> depthwise tap sum -> affine ->
@@ -131,13 +135,13 @@ def _z3_tile(xrows, c, cmask, pmask, ro0, ro1, ro2, co0, co1, co2, wbase, sc_ptr
     z3 = tl.zeros((COUT_BLOCK, BLOCK_P), dtype=acc_dtype)
     for k0 in range(0, hid, HID_CHUNK):
         k, kmask = _block_range(k0, hid, HID_CHUNK)
-        w1 = _w1_chunk(wbase, k, kmask, c, cmask, Cin, G)
+        w1 = _w1_chunk(wbase, k, kmask, c, cmask, Cin, WS)
         s1, t1 = _affine(sc_ptr, sh_ptr, k, kmask, ACC_F64)
         z2 = _z2_chunk(xrows, cmask, pmask, ro0, ro1, ro2, co0, co1, co2, w1, s1, t1,
-                       wbase + (hid * Cin + k * 9) * G, G, kmask, HID_CHUNK, BLOCK_P, ACC_F64)
+                       wbase + (hid * Cin + k * 9) * WS, WS, kmask, HID_CHUNK, BLOCK_P, ACC_F64)
         s2, t2 = _affine(sc_ptr + hid, sh_ptr + hid, k, kmask, ACC_F64)
         h2 = tl.where(kmask[:, None], _relu6(z2 * s2[:, None] + t2[:, None]), 0.0)
-        w3 = tl.load(wbase + (w3off + o[:, None] * hid + k[None, :]) * G, mask=omask[:, None] & kmask[None, :],
+        w3 = tl.load(wbase + (w3off + o[:, None] * hid + k[None, :]) * WS, mask=omask[:, None] & kmask[None, :],
                      other=0.0).to(acc_dtype)  # (COUT, HID_CHUNK)
         z3 = _mm(w3, h2, z3, ACC_F64)
     return z3
@@ -145,7 +149,7 @@ def _z3_tile(xrows, c, cmask, pmask, ro0, ro1, ro2, co0, co1, co2, wbase, sc_ptr
 
 @triton.jit
 def _meta_fwd_kernel(x_ptr, w_ptr, sc_ptr, sh_ptr, y_ptr,
-                     Cin, H, W, gh, gw, hid, Cout, N,
+                     Cin, H, W, gh, gw, hid, Cout, N, WP, WS,
                      CIN_BLOCK: tl.constexpr, HID_CHUNK: tl.constexpr, COUT_BLOCK: tl.constexpr,
                      BLOCK_P: tl.constexpr, ACC_F64: tl.constexpr):
     """One program per (sample, patch, chunk of BLOCK_P pixels): y = s3 * z3 + t3 (_z3_tile)."""
@@ -154,9 +158,9 @@ def _meta_fwd_kernel(x_ptr, w_ptr, sc_ptr, sh_ptr, y_ptr,
                                                                  BLOCK_P)
     c, cmask = _block_range(0, Cin, CIN_BLOCK)
     o, omask = _block_range(0, Cout, COUT_BLOCK)
-    wbase = w_ptr + b * N * G + patch  # element n of this patch's weights: wbase + n * G (int64)
+    wbase = w_ptr + b * N * G + patch * WP  # value n of this patch's weights: wbase + n * WS (_weight_strides)
     xrows = x_ptr + (b * Cin + c[:, None]) * H * W  # (CIN, 1) channel planes of this sample (int64)
-    y = _z3_tile(xrows, c, cmask, pmask, ro0, ro1, ro2, co0, co1, co2, wbase, sc_ptr, sh_ptr, o, omask, Cin, hid, G,
+    y = _z3_tile(xrows, c, cmask, pmask, ro0, ro1, ro2, co0, co1, co2, wbase, sc_ptr, sh_ptr, o, omask, Cin, hid, WS,
                  HID_CHUNK, COUT_BLOCK, BLOCK_P, ACC_F64)
     s3, t3 = _affine(sc_ptr + 2 * hid, sh_ptr + 2 * hid, o, omask, ACC_F64)
     y = y * s3[:, None] + t3[:, None]
@@ -170,7 +174,7 @@ def _meta_fwd_kernel(x_ptr, w_ptr, sc_ptr, sh_ptr, y_ptr,
 # --------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=["NEED_AFF"])
 def _meta_bwd_stage3_kernel(x_ptr, w_ptr, sc_ptr, sh_ptr, gy_ptr, g3_ptr, part_ptr,
-                            Cin, H, W, gh, gw, hid, Cout, N, A, NP,
+                            Cin, H, W, gh, gw, hid, Cout, N, WP, WS, A, NP,
                             CIN_BLOCK: tl.constexpr, HID_CHUNK: tl.constexpr, COUT_BLOCK: tl.constexpr,
                             BLOCK_P: tl.constexpr, NEED_AFF, ACC_F64: tl.constexpr):
     """One program per (sample, patch), looping over its pixel chunks: recompute z3 = W3 h2 (hidden
@@ -180,7 +184,7 @@ def _meta_bwd_stage3_kernel(x_ptr, w_ptr, sc_ptr, sh_ptr, gy_ptr, g3_ptr, part_p
     item, b, patch, G, r0, ph, c0, pw = _patch_item(gh, gw, H, W)
     c, cmask = _block_range(0, Cin, CIN_BLOCK)
     o, omask = _block_range(0, Cout, COUT_BLOCK)
-    wbase = w_ptr + b * N * G + patch
+    wbase = w_ptr + b * N * G + patch * WP
     xrows = x_ptr + (b * Cin + c[:, None]) * H * W
     gyrows = gy_ptr + (b * Cout + o[:, None]) * H * W
     g3rows = g3_ptr + (item * Cout + o[:, None]).to(tl.int64) * NP
@@ -190,7 +194,7 @@ def _meta_bwd_stage3_kernel(x_ptr, w_ptr, sc_ptr, sh_ptr, gy_ptr, g3_ptr, part_p
     for p0 in range(0, ph * pw, BLOCK_P):
         p, pmask, r, q, ro0, ro1, ro2, co0, co1, co2 = _patch_pixels(p0, r0, ph, c0, pw, H, W, BLOCK_P)
         z3 = _z3_tile(xrows, c, cmask, pmask, ro0, ro1, ro2, co0, co1, co2, wbase, sc_ptr, sh_ptr, o, omask, Cin,
-                      hid, G, HID_CHUNK, COUT_BLOCK, BLOCK_P, ACC_F64)
+                      hid, WS, HID_CHUNK, COUT_BLOCK, BLOCK_P, ACC_F64)
         out_off = r * W + q
         gy = tl.load(gyrows + out_off[None, :], mask=omask[:, None] & pmask[None, :], other=0.0).to(acc_dtype)
         acc_s3 += tl.sum(gy * z3, axis=1)
@@ -204,7 +208,7 @@ def _meta_bwd_stage3_kernel(x_ptr, w_ptr, sc_ptr, sh_ptr, gy_ptr, g3_ptr, part_p
 
 @triton.jit(do_not_specialize=["NEED_W", "NEED_AFF"])
 def _meta_bwd_stage2_kernel(x_ptr, w_ptr, sc_ptr, sh_ptr, g3_ptr, g2_ptr, gw_ptr, part_ptr,
-                            Cin, H, W, gh, gw, hid, Cout, N, A, NP,
+                            Cin, H, W, gh, gw, hid, Cout, N, WP, WS, A, NP,
                             CIN_BLOCK: tl.constexpr, HID_CHUNK: tl.constexpr, COUT_BLOCK: tl.constexpr,
                             BLOCK_P: tl.constexpr, NEED_W, NEED_AFF,
                             ACC_F64: tl.constexpr):
@@ -217,13 +221,13 @@ def _meta_bwd_stage2_kernel(x_ptr, w_ptr, sc_ptr, sh_ptr, g3_ptr, g2_ptr, gw_ptr
     k, kmask = _block_range(tl.program_id(1) * HID_CHUNK, hid, HID_CHUNK)
     c, cmask = _block_range(0, Cin, CIN_BLOCK)
     o, omask = _block_range(0, Cout, COUT_BLOCK)
-    wbase = w_ptr + b * N * G + patch
+    wbase = w_ptr + b * N * G + patch * WP
     xrows = x_ptr + (b * Cin + c[:, None]) * H * W
     g3rows = g3_ptr + (item * Cout + o[:, None]).to(tl.int64) * NP
     g2rows = g2_ptr + (item * hid + k[:, None]).to(tl.int64) * NP
     w3off = hid * Cin + 9 * hid
-    w1 = _w1_chunk(wbase, k, kmask, c, cmask, Cin, G)
-    w3t = tl.load(wbase + (w3off + o[None, :] * hid + k[:, None]) * G, mask=kmask[:, None] & omask[None, :],
+    w1 = _w1_chunk(wbase, k, kmask, c, cmask, Cin, WS)
+    w3t = tl.load(wbase + (w3off + o[None, :] * hid + k[:, None]) * WS, mask=kmask[:, None] & omask[None, :],
                   other=0.0).to(acc_dtype)  # (HID_CHUNK, COUT)
     s1, t1 = _affine(sc_ptr, sh_ptr, k, kmask, ACC_F64)
     s2, t2 = _affine(sc_ptr + hid, sh_ptr + hid, k, kmask, ACC_F64)
@@ -233,7 +237,7 @@ def _meta_bwd_stage2_kernel(x_ptr, w_ptr, sc_ptr, sh_ptr, g3_ptr, g2_ptr, gw_ptr
     for p0 in range(0, ph * pw, BLOCK_P):
         p, pmask, r, q, ro0, ro1, ro2, co0, co1, co2 = _patch_pixels(p0, r0, ph, c0, pw, H, W, BLOCK_P)
         z2 = _z2_chunk(xrows, cmask, pmask, ro0, ro1, ro2, co0, co1, co2, w1, s1, t1,
-                       wbase + (hid * Cin + k * 9) * G, G, kmask, HID_CHUNK, BLOCK_P, ACC_F64)
+                       wbase + (hid * Cin + k * 9) * WS, WS, kmask, HID_CHUNK, BLOCK_P, ACC_F64)
         u2 = z2 * s2[:, None] + t2[:, None]
         h2 = tl.where(kmask[:, None], _relu6(u2), 0.0)
         g3 = tl.load(g3rows + p[None, :], mask=omask[:, None] & pmask[None, :], other=0.0)
@@ -245,8 +249,8 @@ def _meta_bwd_stage2_kernel(x_ptr, w_ptr, sc_ptr, sh_ptr, g3_ptr, g2_ptr, gw_ptr
         acc_t2 += tl.sum(gu2, axis=1)
         tl.store(g2rows + p[None, :], gu2 * s2[:, None], mask=kmask[:, None] & pmask[None, :])
     if NEED_W:
-        gwbase = gw_ptr + b * N * G + patch
-        tl.store(gwbase + (w3off + o[:, None] * hid + k[None, :]) * G, acc_w3.to(gw_ptr.dtype.element_ty),
+        gwbase = gw_ptr + b * N * G + patch * WP
+        tl.store(gwbase + (w3off + o[:, None] * hid + k[None, :]) * WS, acc_w3.to(gw_ptr.dtype.element_ty),
                  mask=omask[:, None] & kmask[None, :])
     if NEED_AFF:
         pbase = part_ptr + item.to(tl.int64) * 2 * A
@@ -256,7 +260,7 @@ def _meta_bwd_stage2_kernel(x_ptr, w_ptr, sc_ptr, sh_ptr, g3_ptr, g2_ptr, gw_ptr
 
 @triton.jit(do_not_specialize=["NEED_X", "NEED_W", "NEED_AFF"])
 def _meta_bwd_stage1_kernel(x_ptr, w_ptr, sc_ptr, sh_ptr, g2_ptr, g1_ptr, gw_ptr, part_ptr,
-                            Cin, H, W, gh, gw, hid, N, A, NP, NQ,
+                            Cin, H, W, gh, gw, hid, N, WP, WS, A, NP, NQ,
                             CIN_BLOCK: tl.constexpr, HID_CHUNK: tl.constexpr, BLOCK_Q: tl.constexpr,
                             NEED_X, NEED_W, NEED_AFF,
                             ACC_F64: tl.constexpr):
@@ -272,10 +276,10 @@ def _meta_bwd_stage1_kernel(x_ptr, w_ptr, sc_ptr, sh_ptr, g2_ptr, g1_ptr, gw_ptr
     k, kmask = _block_range(tl.program_id(1) * HID_CHUNK, hid, HID_CHUNK)
     c, cmask = _block_range(0, Cin, CIN_BLOCK)
     dcol = tl.arange(0, 16)
-    wbase = w_ptr + b * N * G + patch
-    w2ptr = wbase + (hid * Cin + k * 9) * G
+    wbase = w_ptr + b * N * G + patch * WP
+    w2ptr = wbase + (hid * Cin + k * 9) * WS
     xrows = x_ptr + (b * Cin + c[:, None]) * H * W
-    w1 = _w1_chunk(wbase, k, kmask, c, cmask, Cin, G)
+    w1 = _w1_chunk(wbase, k, kmask, c, cmask, Cin, WS)
     s1, t1 = _affine(sc_ptr, sh_ptr, k, kmask, ACC_F64)
     g2rows = g2_ptr + (item * hid + k[:, None]).to(tl.int64) * NP
     g1rows = g1_ptr + (item * hid + k[:, None]).to(tl.int64) * NQ
@@ -299,7 +303,7 @@ def _meta_bwd_stage1_kernel(x_ptr, w_ptr, sc_ptr, sh_ptr, g2_ptr, g1_ptr, gw_ptr
             pj = bb - d % 3
             valid = qmask & (pi >= 0) & (pi < ph) & (pj >= 0) & (pj < pw)
             g2 = tl.load(g2rows + (pi * pw + pj)[None, :], mask=kmask[:, None] & valid[None, :], other=0.0)
-            w2 = tl.load(w2ptr + d * G, mask=kmask, other=0.0).to(acc_dtype)
+            w2 = tl.load(w2ptr + d * WS, mask=kmask, other=0.0).to(acc_dtype)
             gh1 += w2[:, None] * g2
             if NEED_W:
                 acc_w2 += tl.where(dcol[None, :] == d, tl.sum(h1 * g2, axis=1)[:, None], 0.0)
@@ -312,10 +316,10 @@ def _meta_bwd_stage1_kernel(x_ptr, w_ptr, sc_ptr, sh_ptr, g2_ptr, g1_ptr, gw_ptr
         if NEED_X:
             tl.store(g1rows + q[None, :], g1, mask=kmask[:, None] & qmask[None, :])
     if NEED_W:
-        gwbase = gw_ptr + b * N * G + patch
-        tl.store(gwbase + (k[:, None] * Cin + c[None, :]) * G, acc_w1.to(gw_ptr.dtype.element_ty),
+        gwbase = gw_ptr + b * N * G + patch * WP
+        tl.store(gwbase + (k[:, None] * Cin + c[None, :]) * WS, acc_w1.to(gw_ptr.dtype.element_ty),
                  mask=kmask[:, None] & cmask[None, :])
-        tl.store(gwbase + (hid * Cin + k[:, None] * 9 + dcol[None, :]) * G, acc_w2.to(gw_ptr.dtype.element_ty),
+        tl.store(gwbase + (hid * Cin + k[:, None] * 9 + dcol[None, :]) * WS, acc_w2.to(gw_ptr.dtype.element_ty),
                  mask=kmask[:, None] & (dcol[None, :] < 9))
     if NEED_AFF:
         pbase = part_ptr + item.to(tl.int64) * 2 * A
@@ -324,7 +328,7 @@ def _meta_bwd_stage1_kernel(x_ptr, w_ptr, sc_ptr, sh_ptr, g2_ptr, g1_ptr, gw_ptr
 
 
 @triton.jit
-def _meta_bwd_gradx_kernel(w_ptr, g1_ptr, gxh_ptr, Cin, H, W, gh, gw, hid, N, NQ, PHH, PWH, HB, WB,
+def _meta_bwd_gradx_kernel(w_ptr, g1_ptr, gxh_ptr, Cin, H, W, gh, gw, hid, N, WP, WS, NQ, PHH, PWH, HB, WB,
                            CIN_BLOCK: tl.constexpr, HID_CHUNK: tl.constexpr, BLOCK_Q: tl.constexpr,
                            ACC_F64: tl.constexpr):
     """One program per (sample, patch), looping over chunks of the haloed positions q: the patch's
@@ -338,14 +342,14 @@ def _meta_bwd_gradx_kernel(w_ptr, g1_ptr, gxh_ptr, Cin, H, W, gh, gw, hid, N, NQ
     hw = pw + 2
     nq = (ph + 2) * hw
     c, cmask = _block_range(0, Cin, CIN_BLOCK)
-    wbase = w_ptr + b * N * G + patch
+    wbase = w_ptr + b * N * G + patch * WP
     gxh_rows = gxh_ptr + (b * Cin + c[:, None]) * HB * WB  # (CIN, 1)
     for q0 in range(0, nq, BLOCK_Q):
         q, qmask = _block_range(q0, nq, BLOCK_Q)
         gx = tl.zeros((CIN_BLOCK, BLOCK_Q), dtype=acc_dtype)
         for k0 in range(0, hid, HID_CHUNK):
             k, kmask = _block_range(k0, hid, HID_CHUNK)
-            w1t = tl.load(wbase + (k[None, :] * Cin + c[:, None]) * G, mask=cmask[:, None] & kmask[None, :],
+            w1t = tl.load(wbase + (k[None, :] * Cin + c[:, None]) * WS, mask=cmask[:, None] & kmask[None, :],
                           other=0.0).to(acc_dtype)  # (CIN, HID_CHUNK)
             g1 = tl.load(g1_ptr + (item * hid + k[:, None]).to(tl.int64) * NQ + q[None, :],
                          mask=kmask[:, None] & qmask[None, :], other=0.0)
@@ -404,7 +408,8 @@ def _values_per_patch(x: torch.Tensor, weight: torch.Tensor, hid: int, cout: int
 def forward(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, hidden: int,
             out_channels: int) -> torch.Tensor:
     """Fused meta block forward (inputs already validated by pyseg.ops.meta_block)."""
-    x, weight = x.contiguous(), weight.contiguous()
+    x = x.contiguous()
+    weight, WP, WS = _weight_strides(weight)
     B, Cin, H, W = x.shape
     gh, gw = weight.shape[-2:]
     N = _values_per_patch(x, weight, hidden, out_channels)
@@ -413,7 +418,7 @@ def forward(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: t
     bp = _px_block(max_pix)
     grid = (B * gh * gw, triton.cdiv(max_pix, bp))
     _launch(_meta_fwd_kernel, grid, x, weight, scale.contiguous(), shift.contiguous(), y, Cin, H, W, gh, gw,
-            hidden, out_channels, N, CIN_BLOCK=_blk(Cin), HID_CHUNK=_hid_chunk(hidden, _blk(Cin)),
+            hidden, out_channels, N, WP, WS, CIN_BLOCK=_blk(Cin), HID_CHUNK=_hid_chunk(hidden, _blk(Cin)),
             COUT_BLOCK=_blk(out_channels), BLOCK_P=bp, ACC_F64=x.dtype == torch.float64,
             num_warps=_num_warps(_blk(Cin), _blk(out_channels)), num_stages=_NUM_STAGES)
     return y
@@ -451,7 +456,8 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, scal
     float64 in a fixed order, grad_x gathered from per-patch haloed buffers."""
     hid, Cout = int(hidden), int(out_channels)
     grad_out, x, weight, scale, shift, (need_x, need_w, need_aff), outs = _block_backward_inputs(
-        grad_out, x, weight, scale, shift, Cout, output_mask)
+        grad_out, x, weight, scale, shift, Cout, output_mask, patch_major=True)
+    weight, WP, WS = _weight_strides(weight)
     B, Cin, H, W = x.shape
     gh, gw = weight.shape[-2:]
     N = _values_per_patch(x, weight, hid, Cout)
@@ -467,8 +473,9 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, scal
     g3 = _empty((B * G, Cout, NP), x, f32)
     g2 = _empty((B * G, hid, NP), x, f32)
     part = _empty((B * G, 2, A), x, f32) if need_aff else g2
-    if need_w:
-        outs[1] = _empty(weight.shape, weight)
+    if need_w:  # in the weight's layout (the kernels write it with the weight's strides)
+        outs[1] = (_empty(weight.shape, weight) if WP == 1 else
+                   _empty((B, gh, gw, N), weight).permute(0, 3, 1, 2))
     g1 = _empty((B * G, hid, NQ), x, f32) if need_x else g2
     cb, ob = _blk(Cin), _blk(Cout)
     hc = _hid_chunk(hid, cb)
@@ -477,21 +484,21 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, scal
     bp, bq = _px_block(NP), _px_block(NQ)
     gw_arg = outs[1] if need_w else weight
     _launch(_meta_bwd_stage3_kernel, (B * G,), x, weight, scale, shift, grad_out, g3, part,
-            Cin, H, W, gh, gw, hid, Cout, N, A, NP, CIN_BLOCK=cb, HID_CHUNK=hc, COUT_BLOCK=ob, BLOCK_P=bp,
+            Cin, H, W, gh, gw, hid, Cout, N, WP, WS, A, NP, CIN_BLOCK=cb, HID_CHUNK=hc, COUT_BLOCK=ob, BLOCK_P=bp,
             NEED_AFF=int(need_aff), ACC_F64=f64, num_warps=_num_warps(cb, ob), num_stages=_NUM_STAGES)
     _launch(_meta_bwd_stage2_kernel, (B * G, nhc), x, weight, scale, shift, g3, g2, gw_arg, part,
-            Cin, H, W, gh, gw, hid, Cout, N, A, NP, CIN_BLOCK=cb, HID_CHUNK=hc, COUT_BLOCK=ob, BLOCK_P=bp,
+            Cin, H, W, gh, gw, hid, Cout, N, WP, WS, A, NP, CIN_BLOCK=cb, HID_CHUNK=hc, COUT_BLOCK=ob, BLOCK_P=bp,
             NEED_W=int(need_w), NEED_AFF=int(need_aff), ACC_F64=f64, num_warps=_num_warps(cb, ob),
             num_stages=_NUM_STAGES)
     _launch(_meta_bwd_stage1_kernel, (B * G, nhc), x, weight, scale, shift, g2, g1, gw_arg, part,
-            Cin, H, W, gh, gw, hid, N, A, NP, NQ, CIN_BLOCK=cb, HID_CHUNK=hc, BLOCK_Q=bq,
+            Cin, H, W, gh, gw, hid, N, WP, WS, A, NP, NQ, CIN_BLOCK=cb, HID_CHUNK=hc, BLOCK_Q=bq,
             NEED_X=int(need_x), NEED_W=int(need_w), NEED_AFF=int(need_aff), ACC_F64=f64, num_warps=_NUM_WARPS_STAGE1,
             num_stages=_NUM_STAGES)
     if need_x:
         gxh = _empty((B, Cin, HB, WB), x, f32)
         gxh[:, :, HB - 1, :] = 0
         gxh[:, :, :, WB - 1] = 0
-        _launch(_meta_bwd_gradx_kernel, (B * G,), weight, g1, gxh, Cin, H, W, gh, gw, hid, N, NQ, PHH, PWH, HB, WB,
+        _launch(_meta_bwd_gradx_kernel, (B * G,), weight, g1, gxh, Cin, H, W, gh, gw, hid, N, WP, WS, NQ, PHH, PWH, HB, WB,
                 CIN_BLOCK=cb, HID_CHUNK=hc, BLOCK_Q=bq, ACC_F64=f64, num_warps=_num_warps(cb), num_stages=_NUM_STAGES)
     if need_aff:
         _affine_grads(part, output_mask, scale, shift, outs)  # fixed-order reduction over the work items

@@ -202,8 +202,8 @@ def test_backward_vs_reference(backend, cfg):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_patch_major_weight(backend, dtype):
     """channels_last weights (each patch's vector contiguous; the CPU kernel reads them in place, or
-    converts them blockwise for half types): same outputs and gradients as the default layout, on every
-    backend; the weight gradient comes back in the default layout."""
+    converts them blockwise for half types; the Triton kernels read them in place, forward and backward):
+    same outputs and gradients as the default layout, on every backend."""
     if dtype != torch.float32 and backend in ("triton", "reference"):
         pytest.skip("float32 covers the layout on the interpreted / reference backends")
     cfg = (2, 3, 5, 4, 11, 14, 3, 4)

@@ -163,6 +163,51 @@ def test_meta_deterministic(poisoned):
         assert torch.equal(u, v)
 
 
+@pytest.mark.parametrize("cfg", [(2, 3, 5, 2, 7, 5, 3, 2), (1, 2, 7, 3, 4, 3, 4, 3)], ids=_cid)
+def test_meta_patch_major_weight_read_in_place(poisoned, cfg):
+    """A patch-major (channels_last) weight is read in place (no copy: value n of patch p at p * N + n)
+    by the forward and every backward kernel: bitwise the results of the contiguous layout, and the
+    weight gradient comes back in the weight's layout."""
+    B, Cin, hid, Cout, H, W, gh, gw = cfg
+    x, w, scale, shift, gy = (t.float().to(DEV) for t in _make(*cfg, seed=21))
+    wcl = w.contiguous(memory_format=torch.channels_last)
+    assert not wcl.is_contiguous()
+    same, WP, WS = poisoned._weight_strides(wcl)
+    assert same is wcl and (WP, WS) == (w.shape[1], 1)
+    assert poisoned._weight_strides(w)[1:] == (1, gh * gw)
+    assert torch.equal(poisoned.forward(x, wcl, scale, shift, hid, Cout), poisoned.forward(x, w, scale, shift, hid, Cout))
+    a = poisoned.backward(gy, x, wcl, scale, shift, hid, Cout, [True] * 4)
+    b = poisoned.backward(gy, x, w, scale, shift, hid, Cout, [True] * 4)
+    assert a[1].is_contiguous(memory_format=torch.channels_last) and not a[1].is_contiguous()
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)
+    _check(a, _ref_grads(*(t.double().cpu() for t in (x, w, scale, shift, gy)), hid, Cout), [True] * 4)
+
+
+def test_meta_patch_major_weight_through_autograd(poisoned, monkeypatch):
+    """Through pyseg.ops.meta_block(backend="triton") and autograd, the patch-major weight reaches both
+    launchers as given (the saved weight is not made contiguous for the Triton backward)."""
+    cfg = (1, 3, 5, 2, 6, 7, 2, 3)
+    x, w, scale, shift, gy = _make(*cfg, seed=23)
+    seen = []
+    for name in ("forward", "backward"):
+        fn = getattr(poisoned, name)
+
+        def spy(*args, _fn=fn, _name=name):
+            weight = args[1] if _name == "forward" else args[2]
+            seen.append((_name, weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()))
+            return _fn(*args)
+        monkeypatch.setattr(poisoned, name, spy)
+    ref = _ref_grads(x, w, scale, shift, gy, 5, 2)
+    leaves = [x.float().to(DEV), w.float().to(DEV).contiguous(memory_format=torch.channels_last), scale.float().to(DEV),
+              shift.float().to(DEV)]
+    leaves = [t.requires_grad_() for t in leaves]
+    xs, ws, ss, ts = leaves
+    y = meta_block(xs, ws, 5, 2, (ss[:5], ts[:5]), (ss[5:10], ts[5:10]), (ss[10:], ts[10:]), backend="triton")
+    _check(torch.autograd.grad(y, leaves, gy.float().to(DEV)), ref, [True] * 4)
+    assert seen == [("forward", True), ("backward", True)]
+
+
 def test_halo_gather_index_matches_reflect_semantics():
     """Every haloed position (cell g, offset a) appears exactly once, under the pixel it reads."""
     mod = _extension.triton_kernels().meta_block

@@ -147,7 +147,8 @@ class Op:
             out = [None] * ctx.n_inputs
             if not any(mask):
                 return tuple(out)
-            saved = [t.contiguous() if i in self.contiguous_weights else t
+            in_place = self.in_place.get(ctx.variant or "", ())  # the Triton backward reads these as given
+            saved = [t.contiguous() if i in self.contiguous_weights and i not in in_place else t
                      for i, t in zip(self.saved, ctx.saved_tensors)]
             result = self.backward_op(grads[0].contiguous(), *saved, *ctx.config, mask)
             for i, g, m in zip(self.differentiable, result, mask):

@@ -142,9 +142,9 @@ _meta_op = _library.register(
                     "int hidden, int out_channels, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)",
     fake=_fake_meta_forward, fake_backward=_fake_backward, reference=_reference_meta_block, supports=supports,
     differentiable=(0, 1, 2, 3), saved=(0, 1, 2, 3), config=(4, 5),
-    # the CPU forward reads patch-major (channels_last) weights in place; the backward kernels read the
-    # default layout
-    in_place={"cpu": (1,)}, contiguous_weights=(1,))
+    # the CPU forward and the Triton forward and backward read patch-major (channels_last) weights in
+    # place; the CPU backward reads the default layout
+    in_place={"cpu": (1,), "triton": (1,)}, contiguous_weights=(1,))
 
 _pointwise_op = _library.register(
     "pointwise_block",
