@@ -191,6 +191,9 @@ def test_meta_block_weight_layout_is_stated_by_the_op():
     from pyseg.ops.meta_block import weight_memory_format
 
     assert weight_memory_format(torch.device("cpu")) == torch.channels_last
+    assert weight_memory_format(torch.device("cpu"), "reference") == torch.contiguous_format
+    if _extension.triton_usable(torch.device("cpu")):  # the Triton kernels read it in place too
+        assert weight_memory_format(torch.device("cpu"), "triton") == torch.channels_last
     with record_backends() as ran:
         m = create_model("hyperseg-tiny", num_classes=3).eval()
         with torch.no_grad():

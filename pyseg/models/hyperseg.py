@@ -290,10 +290,11 @@ class HyperSeg(nn.Module):
         if self.grid is not None and tuple(phi.shape[-2:]) != self.grid:
             phi = F.adaptive_avg_pool2d(phi, self.grid)
         # phi is tiny; NCHW here makes the weight mapper emit the (B, N, gh, gw) layout the dynamic
-        # ops read, even when the trunk runs channels_last -- except for the meta block levels on the
-        # CPU, whose kernel reads each patch's weight vector in place from a channels_last tensor
+        # ops read, even when the trunk runs channels_last -- except for the meta block levels where
+        # the kernel that runs (CPU, Triton) reads each patch's weight vector in place from a
+        # channels_last tensor
         patch_major = (self._patch_major_generators
-                       if weight_memory_format(phi.device) == torch.channels_last else ())
+                       if weight_memory_format(phi.device, self.backend) == torch.channels_last else ())
         return feats, self.weight_mapper(phi.contiguous(), patch_major), phi
 
     def _decode(self, x: Tensor, feats: List[Tensor], weights: List[Tensor], attn_level: int = -1):

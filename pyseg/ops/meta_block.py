@@ -161,13 +161,17 @@ def implementation(backend: str, device: torch.device) -> str:
     return _meta_op.resolve(backend, torch.device(device))
 
 
-def weight_memory_format(device: torch.device) -> torch.memory_format:
-    """The layout of the flat (B, N, gh, gw) weight :func:`meta_block` reads fastest on ``device``:
-    ``torch.channels_last`` (patch-major: each patch's N weights contiguous, read in place without a
-    gather) where the compiled CPU kernel runs, else ``torch.contiguous_format``."""
-    if torch.device(device).type == "cpu" and _meta_op.compiled("CPU"):
-        return torch.channels_last
-    return torch.contiguous_format
+def weight_memory_format(device: torch.device, backend: str = "auto") -> torch.memory_format:
+    """The layout of the flat (B, N, gh, gw) weight :func:`meta_block` reads fastest with ``backend`` on
+    ``device``: ``torch.channels_last`` (patch-major: each patch's N weights contiguous) where the
+    implementation that runs reads it in place (the compiled CPU kernel; the Triton kernels), else
+    ``torch.contiguous_format`` (any layout still works: the op then makes it contiguous). A backend
+    that cannot run on ``device`` gives ``torch.contiguous_format`` (the op itself raises the error)."""
+    try:
+        impl = _meta_op.resolve(backend, torch.device(device))
+    except (ValueError, RuntimeError):
+        return torch.contiguous_format
+    return torch.channels_last if 1 in _meta_op.in_place.get(impl, ()) else torch.contiguous_format
 
 
 def _affine_vector(affines, channels, x):
