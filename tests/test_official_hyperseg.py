@@ -255,3 +255,38 @@ def test_fuse_absorbs_static_padding(tmp_path):
         assert not any(isinstance(m, nn.ZeroPad2d) for m in model.modules())
         got = model(x.contiguous(memory_format=torch.channels_last))
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+# ----------------------------------------------------------------------------------------------
+# benchmarks/compare_hyperseg.py (run by hand against the public code)
+def _compare_script():
+    import importlib.util
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "compare_hyperseg.py"
+    if not path.exists():
+        pytest.skip("benchmarks/ is not part of an installed package")
+    spec = importlib.util.spec_from_file_location("compare_hyperseg", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("manifest", MANIFESTS, ids=lambda p: p.stem)
+def test_compare_script_builds_the_released_configurations(manifest):
+    """The comparison script's configurations are the released checkpoints' constructor calls (the manifests'
+    arch strings, recorded from the public code): same constructor, trunk, classes, arguments and input size."""
+    rel = _compare_script().RELEASED
+    man = json.loads(manifest.read_text())
+    name = manifest.stem[len("hyperseg_official_"):]
+    module, num_classes, size, kwargs = rel[name]
+    fn, args, kw = parse_arch(man["arch"])
+    assert fn == f"hyperseg.models.{module}.hyperseg_efficientnet"
+    assert args == [_compare_script()._trunk(name)]
+    assert kw.pop("pretrained") is True and kw.pop("num_classes") == num_classes
+    assert kw == kwargs
+    assert list(size) == man["input_size"]
+
+
+def test_compare_script_rejects_a_wrong_source(tmp_path):
+    with pytest.raises(SystemExit, match="hyperseg/models"):
+        _compare_script().main(["compare", "--hyperseg-src", str(tmp_path), "--ckpt-dir", str(tmp_path)])
