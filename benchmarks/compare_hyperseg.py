@@ -12,7 +12,8 @@ comparison is not trivial.
     python benchmarks/compare_hyperseg.py save --hyperseg-src SRC --out ckpt/ [--manifests tests/data]
     # 2. their model vs pyseg.models.from_official(checkpoint), default path and fuse() + to_channels_last()
     python benchmarks/compare_hyperseg.py compare --hyperseg-src SRC --ckpt-dir ckpt/
-    # 3. speed, side by side in one process (forwards interleaved; table + JSON)
+    # 3. speed, side by side in one run (table + JSON): each model alone in its own processes, alternating
+    #    (--mode interleaved: both in one process, calls alternating)
     python benchmarks/compare_hyperseg.py speed --hyperseg-src SRC --ckpt-dir ckpt/ --threads 2 --rounds 12
 
 The configurations (constructor and arguments of each released checkpoint, as its ``arch`` string records them)
@@ -165,32 +166,76 @@ def cmd_compare(args) -> int:
     return 0 if worst <= args.tol else 1
 
 
-def cmd_speed(args) -> int:
+_PUBLIC, _PYSEG = "public (eager, NCHW)", "pyseg from_official + fuse() + channels_last"
+
+
+def _speed_models(name: str, ckpt_dir: str, which=(_PUBLIC, _PYSEG)):
+    """{label: callable} of the models to time, their input size and the pyseg-vs-public error."""
     from pyseg.models import from_official
 
-    torch.set_num_threads(args.threads)
-    name = _names(args)[0] if args.configs else "cityscapes_efficientnet_b1_hyperseg-m"  # the first one
-    public, path, (h, w) = _load_public(name, args.ckpt_dir)
-    model = from_official(path).fuse().to_channels_last()
+    public, path, (h, w) = _load_public(name, ckpt_dir)
     x = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(0))
     xcl = x.contiguous(memory_format=torch.channels_last)
-    runs = {"public (eager, NCHW)": lambda: public(x),
-            "pyseg from_official + fuse() + channels_last": lambda: model(xcl)}
+    runs, err = {}, None
+    with torch.inference_mode():
+        if _PYSEG in which:
+            model = from_official(path).fuse().to_channels_last()
+            ref = public(x)
+            err = ((model(xcl) - ref).abs().max() / ref.abs().max()).item()
+            runs[_PYSEG] = lambda: model(xcl)
+    if _PUBLIC in which:
+        runs[_PUBLIC] = lambda: public(x)
+    else:
+        del public
+    return runs, (h, w), err
+
+
+def _time(runs: dict, rounds: int) -> dict:
+    """Latencies (ms) of ``rounds`` calls of each run, interleaved, after 2 warm-up calls each."""
     lat = {k: [] for k in runs}
     with torch.inference_mode():
-        ref = public(x)
-        err = ((model(xcl) - ref).abs().max() / ref.abs().max()).item()
-        for f in runs.values():  # warm-up
+        for f in runs.values():
             f(), f()
-        for _ in range(args.rounds):  # interleaved: both see the same machine state
+        for _ in range(rounds):
             for k, f in runs.items():
                 t = time.perf_counter()
                 f()
                 lat[k].append((time.perf_counter() - t) * 1e3)
-    base = statistics.median(lat["public (eager, NCHW)"])
+    return lat
+
+
+def cmd_time_one(args) -> int:  # internal: one model in this process (``speed --mode process``)
+    torch.set_num_threads(args.threads)
+    runs, _, _ = _speed_models(args.configs[0], args.ckpt_dir, which=(args.which,))
+    print("LATENCIES " + json.dumps(_time(runs, args.rounds)[args.which]))
+    return 0
+
+
+def cmd_speed(args) -> int:
+    import subprocess
+
+    torch.set_num_threads(args.threads)
+    name = _names(args)[0] if args.configs else "cityscapes_efficientnet_b1_hyperseg-m"  # the first one
+    runs, (h, w), err = _speed_models(name, args.ckpt_dir)
+    if args.mode == "interleaved":
+        lat = _time(runs, args.rounds)
+        how = f"{args.rounds} interleaved rounds in one process after 2 warm-up calls each"
+    else:
+        del runs
+        lat = {_PUBLIC: [], _PYSEG: []}
+        per = max(1, -(-args.rounds // args.processes))
+        for _ in range(args.processes):
+            for which in (_PUBLIC, _PYSEG):
+                cmd = [sys.executable, os.path.abspath(__file__), "_time_one", "--hyperseg-src", args.hyperseg_src,
+                       "--configs", name, "--ckpt-dir", args.ckpt_dir, "--threads", str(args.threads),
+                       "--rounds", str(per), "--which", which]
+                out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+                lat[which] += json.loads(out.split("LATENCIES ", 1)[1].splitlines()[0])
+        how = (f"{args.processes} processes per model, alternating, each timing {per} calls after 2 warm-up calls "
+               f"(each model alone in its process: neither inherits the other's allocator and page-fault state)")
+    base = statistics.median(lat[_PUBLIC])
     print(f"{name}, {w}x{h}, batch 1, float32, CPU {platform.machine()}, {args.threads} threads, torch "
-          f"{torch.__version__}; {args.rounds} interleaved rounds after 2 warm-up calls each; "
-          f"max|pyseg - public| / max|logit| = {err:.2e}")
+          f"{torch.__version__}; {how}; max|pyseg - public| / max|logit| = {err:.2e}")
     print(f"{'model':46s} {'median ms':>10s} {'min ms':>8s} {'max ms':>8s} {'speed-up':>9s}")
     rec = {}
     for k, v in lat.items():
@@ -198,8 +243,8 @@ def cmd_speed(args) -> int:
         print(f"{k:46s} {med:10.1f} {min(v):8.1f} {max(v):8.1f} {base / med:8.2f}x")
         rec[k] = {"median_ms": med, "min_ms": min(v), "max_ms": max(v), "speedup_vs_public": base / med,
                   "latencies_ms": v}
-    out = {"config": name, "threads": args.threads, "rounds": args.rounds, "size": [h, w], "rel_err": err,
-           "torch": torch.__version__, "results": rec}
+    out = {"config": name, "threads": args.threads, "mode": args.mode, "calls": len(lat[_PUBLIC]), "size": [h, w],
+           "rel_err": err, "torch": torch.__version__, "results": rec}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
@@ -210,7 +255,7 @@ def cmd_speed(args) -> int:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    cmds = {"save": cmd_save, "compare": cmd_compare, "speed": cmd_speed}
+    cmds = {"save": cmd_save, "compare": cmd_compare, "speed": cmd_speed, "_time_one": cmd_time_one}
     for name in cmds:
         p = sub.add_parser(name)
         p.add_argument("--hyperseg-src", required=True, help="an export of github.com/YuvalNirkin/hyperseg")
@@ -219,13 +264,20 @@ def main(argv=None) -> int:
     s.add_argument("--out", required=True, help="folder for the checkpoints")
     s.add_argument("--manifests", help="also write key -> shape manifests (hyperseg_official_<name>.json) here")
     s.add_argument("--seed", type=int, default=0)
-    for name in ("compare", "speed"):
+    for name in ("compare", "speed", "_time_one"):
         p = sub.choices[name]
         p.add_argument("--ckpt-dir", required=True, help="the folder `save` wrote")
         p.add_argument("--threads", type=int, default=2)
     sub.choices["compare"].add_argument("--tol", type=float, default=1e-4)
-    sub.choices["speed"].add_argument("--rounds", type=int, default=12)
-    sub.choices["speed"].add_argument("--json", help="write the result here")
+    sp = sub.choices["speed"]
+    sp.add_argument("--rounds", type=int, default=12, help="timed calls per model")
+    sp.add_argument("--mode", choices=("process", "interleaved"), default="process",
+                    help="process (default): each model timed alone in its own processes, alternating; "
+                         "interleaved: both in this process, calls alternating")
+    sp.add_argument("--processes", type=int, default=3, help="processes per model (--mode process)")
+    sp.add_argument("--json", help="write the result here")
+    sub.choices["_time_one"].add_argument("--rounds", type=int, required=True)
+    sub.choices["_time_one"].add_argument("--which", choices=(_PUBLIC, _PYSEG), required=True)
     args = ap.parse_args(argv)
     setup_public(args.hyperseg_src)
     return cmds[args.cmd](args)
