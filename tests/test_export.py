@@ -209,7 +209,9 @@ print("REL", float((out - ref).abs().max() / ref.abs().max()))
 def _model_names():
     from pyseg.models import list_models
 
-    return [pytest.param(n, marks=() if n in FAST else pytest.mark.slow) for n in list_models()]
+    # the package's models only (other test modules register their own "test-*" models)
+    return [pytest.param(n, marks=() if n in FAST else pytest.mark.slow) for n in list_models()
+            if not n.startswith("test-")]
 
 
 def _small_model(name):
