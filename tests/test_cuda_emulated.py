@@ -361,3 +361,73 @@ def test_every_kernel_launched(request):
                  "hmsa_fuse_kernel<float, float, 40, false>", "hmsa_fuse_kernel<float, float, 160, false>",
                  "meta_forward_kernel<c10::Half>", "meta_backward_kernel<c10::BFloat16>"):
         assert any(want in v for v in variants), f"{want} never launched"
+
+
+# --------------------------------------------------------------------------------------------
+# the emulator's tensor cores (nvcuda::wmma, csrc/emu/wmma.h)
+# --------------------------------------------------------------------------------------------
+def _tf32(t, rounding):
+    """float32 -> tf32 (10 mantissa bits): "nearest" (ties away, cvt.rna) or "truncate"."""
+    bits = t.float().contiguous().view(torch.int32)
+    if rounding == "nearest":
+        bits = bits + 0x1000
+    return (bits & ~0x1FFF).view(torch.float32)
+
+
+@pytest.mark.cuda_emulated
+@pytest.mark.parametrize("dtype, shape", [(torch.float32, "16x16"), (torch.float16, "16x16"),
+                                          (torch.bfloat16, "16x16"), (torch.bfloat16, "32x8"),
+                                          (torch.float16, "8x32")])
+@pytest.mark.parametrize("layouts", [(False, False, False), (True, False, True), (False, True, False),
+                                     (True, True, True)], ids=["rrr", "crc", "rcr", "ccc"])
+def test_emulator_wmma_gemm(dtype, shape, layouts):
+    """2 (A B) + C on the emulated tensor cores, several warps and tiles, every operand layout, against
+    float64: exact products of the rounded operands (tf32 for float32), float accumulation."""
+    g = torch.Generator().manual_seed(1)
+    M, N, K = 32, 64, 48
+    a = torch.randn(M, K, generator=g).to(dtype)
+    b = torch.randn(K, N, generator=g).to(dtype)
+    c = torch.randn(M, N, generator=g)
+    if (shape == "32x8" and not layouts[1]) or (shape == "8x32" and layouts[0]):
+        # the 8-wide tiles start 16 bytes into a 16-bit row: not 256-bit aligned, refused as on a GPU
+        with pytest.raises(RuntimeError, match="not 256-bit"):
+            ce.ops().wmma_gemm(a, b, c, *layouts, shape)
+        return
+    d = ce.ops().wmma_gemm(a, b, c, *layouts, shape)
+    assert not d.isnan().any()
+    if dtype == torch.float32:
+        ra, rb = _tf32(a, "nearest"), _tf32(b, "nearest")
+    else:
+        ra, rb = a, b
+    want = 2 * (ra.double() @ rb.double()) + c.double()
+    assert (d.double() - want).abs().max() < 1e-4
+    if dtype == torch.float32:  # tf32 is really emulated: fp32 products differ by far more
+        assert (d.double() - (2 * (a.double() @ b.double()) + c.double())).abs().max() > 1e-3
+
+
+@pytest.mark.cuda_emulated
+def test_emulator_tf32_rounding():
+    """tf32 operands as the GPU converts them (cvt.rna: nearest, ties away from zero): A times the identity."""
+    vals = [1.0 + 2 ** -11, 1.0 + 2 ** -12, -(1.0 + 3 * 2 ** -11), 1.0 + 2 ** -10 + 2 ** -13, 0.1]
+    want = [1.0 + 2 ** -10, 1.0, -(1.0 + 2 * 2 ** -10), 1.0 + 2 ** -10, 0.0999755859375]
+    a = torch.zeros(16, 8)
+    a[0, :5] = torch.tensor(vals)
+    d = ce.ops().wmma_gemm(a, torch.eye(8, 16), torch.zeros(16, 16), False, False, False, "16x16")
+    assert (d[0, :5] / 2).tolist() == want
+    assert _tf32(torch.tensor(vals), "nearest").tolist() == want
+
+
+@pytest.mark.cuda_emulated
+@pytest.mark.parametrize("kind, message", [
+    ("wmma_exited_lane", "which has exited"),
+    ("wmma_divergent", "different warp operations"),
+    ("wmma_nonuniform", "pass a different pointer"),
+    ("wmma_misaligned", "not 256-bit"),
+    ("wmma_ldm", "not a multiple of 16 bytes"),
+    ("wmma_partial_warp", "which does not exist"),
+])
+def test_emulator_wmma_reports(kind, message):
+    """A wmma call that a lane misses, that lanes reach at different places or with different arguments,
+    or that breaks the alignment rules, is an error (undefined behaviour on a GPU)."""
+    with pytest.raises(RuntimeError, match=message):
+        ce.ops().selftest(kind)

@@ -1,0 +1,77 @@
+// Tensor-core matrix multiply-accumulate for the kernels of csrc/cuda, through nvcuda::wmma: <mma.h> with
+// nvcc, the CUDA emulator's csrc/emu/wmma.h with the host compiler (which checks that every call is
+// warp-collective and runs it with a lane mapping the code cannot rely on).
+//
+//   mma::Operand<scalar_t>   the tensor-core operand of a tensor's scalar type: c10::Half -> __half and
+//                            c10::BFloat16 -> __nv_bfloat16 (k = 16), float -> precision::tf32 (k = 8)
+//   mma::operand_ptr(p)      a scalar_t pointer as a pointer to Operand's memory type (same bits)
+//   mma::round_operand<S>(f) rounds a loaded tf32 operand fragment to nearest (cvt.rna); no-op for 16-bit S
+//
+// Every call must be reached by all 32 lanes of a warp; pointers 256-bit aligned, ldm a multiple of 16 bytes.
+// bf16 and tf32 tensor-core operations need sm_80 or newer (setup.py's default TORCH_CUDA_ARCH_LIST).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <type_traits>
+
+#include "cuda/runtime.cuh"
+
+#ifdef PYSEG_CUDA_EMULATOR
+#include "emu/wmma.h"
+#else
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#error "pyseg's tensor-core kernels (bf16, tf32 wmma) need sm_80 or newer: set TORCH_CUDA_ARCH_LIST to 8.0+"
+#endif
+#endif
+
+namespace pyseg {
+namespace mma {
+
+namespace wmma = nvcuda::wmma;
+
+template <class S>
+struct Operand;
+template <>
+struct Operand<c10::Half> {
+  using type = __half;  // fragment type parameter
+  using mem = __half;   // what load_matrix_sync reads
+  static constexpr int k = 16;
+};
+template <>
+struct Operand<c10::BFloat16> {
+  using type = __nv_bfloat16;
+  using mem = __nv_bfloat16;
+  static constexpr int k = 16;
+};
+template <>
+struct Operand<float> {
+  using type = wmma::precision::tf32;
+  using mem = float;
+  static constexpr int k = 8;
+};
+
+template <class S>
+__device__ __forceinline__ typename Operand<S>::mem* operand_ptr(S* p) {
+  return reinterpret_cast<typename Operand<S>::mem*>(p);
+}
+template <class S>
+__device__ __forceinline__ const typename Operand<S>::mem* operand_ptr(const S* p) {
+  return reinterpret_cast<const typename Operand<S>::mem*>(p);
+}
+
+// A loaded matrix_a/matrix_b fragment of scalar type S: for float (tf32) its values rounded to nearest
+// (the tensor core would drop the low 13 bits); 16-bit types unchanged.
+template <class S, class Frag>
+__device__ __forceinline__ void round_operand(Frag& f) {
+  if constexpr (std::is_same_v<S, float>) {
+#pragma unroll
+    for (int i = 0; i < f.num_elements; ++i) f.x[i] = wmma::__float_to_tf32(f.x[i]);
+  }
+}
+
+}  // namespace mma
+}  // namespace pyseg
