@@ -80,6 +80,15 @@ INT64_DIV = 40
 SECTOR = 32
 #: per-SM pipes per cycle: 4 warp-instructions issued, 1 shared-memory wavefront / L1 load instruction.
 ISSUE_PER_CLK, LSU_PER_CLK = 4, 1
+#: SM cycles of one dense 16x16x16 fp16/bf16 (8192 FLOP) or 16x16x8 tf32 (4096 FLOP) wmma with all four
+#: sub-partitions' tensor cores busy: 990 (495) TFLOP/s / 132 SMs / 1.98 GHz = 3787 (1894) FLOP/clk.
+MMA_CLK = 8192 / 3787
+#: cycles a block loses at a __syncthreads() (the slowest warp's last loads drain; ~ one L1/smem round trip
+#: plus the tail of the loop before it) when no other block on the SM has work.
+BARRIER_CLK = 120
+#: registers/thread of meta_forward_mma_kernel (ptxas -Xptxas -v, sm_90: 122-128 under its
+#: __launch_bounds__(256, 2), no spills; not yet in the committed resource table)
+MMA_META_REGS = 128
 
 
 def _bank_conflict(stride_words: int) -> int:
@@ -92,14 +101,19 @@ class _KernelCost:
 
     time = LAUNCH_US + max(t_dram, t_l2, t_sm), where
       t_dram = dram / (BW * f), t_l2 = l2 / (L2_X * BW * f), f = min(1, active SMs * SM_BW_SHARE / SMs);
-      t_sm   = ceil(blocks / SMs) * cycles_per_block * max(1, WARPS_TO_HIDE / resident warps) / clock.
-    cycles_per_block = max(LSU wavefronts / LSU_PER_CLK, instructions / ISSUE_PER_CLK), summed by ``loop``.
+      t_sm   = ceil(blocks / SMs / blocks per SM) * cycles_per_block * max(1, WARPS_TO_HIDE / resident warps)
+               / clock ... with the blocks resident on one SM sharing its pipes (see time_us);
+    cycles_per_block = max(LSU wavefronts / LSU_PER_CLK, instructions / ISSUE_PER_CLK, tensor-core cycles
+    ``tc``) + ``barriers`` * BARRIER_CLK; ``loop`` sums the first two, the tensor-core kernels add ``tc``.
     """
 
-    def __init__(self, name: str, blocks: int, threads: int, smem: int = 0):
+    def __init__(self, name: str, blocks: int, threads: int, smem: int = 0, regs: Optional[int] = None):
         self.name, self.blocks, self.threads, self.smem = name, max(1, int(blocks)), threads, smem
+        self.regs = regs  # None: the committed ptxas table (_regs)
         self.dram = self.l2 = 0.0
         self.lsu = self.issue = 0.0  # per block, in warp-level units
+        self.tc = 0.0  # per block: tensor-core cycles of the SM (all four sub-partitions)
+        self.barriers = 0  # per block: __syncthreads() executed (each drains the block's pipelines)
 
     def loop(self, items: float, inner: float = 1, lsu: float = 0, issue: float = 1, overhead: float = 0,
              conflict: float = 1):
@@ -113,15 +127,17 @@ class _KernelCost:
 
     def time_us(self, gpu: dict) -> float:
         sms = gpu["sms"]
-        bps = _blocks_per_sm(self.name, self.threads, self.smem, gpu)
+        bps = _blocks_per_sm(self.name, self.threads, self.smem, gpu, self.regs)
         active = min(sms, self.blocks)
         f = min(1.0, active * SM_BW_SHARE / sms)
         t_dram = self.dram / (gpu["bw"] * f)
         t_l2 = self.l2 / (L2_X * gpu["bw"] * f)
         per_sm = math.ceil(self.blocks / sms)
         resident = min(bps, per_sm) * self.threads / 32
-        cycles = max(self.lsu / LSU_PER_CLK, self.issue / ISSUE_PER_CLK)
+        cycles = max(self.lsu / LSU_PER_CLK, self.issue / ISSUE_PER_CLK, self.tc)
         t_sm = per_sm * cycles * max(1.0, WARPS_TO_HIDE / resident) / gpu["clock"]
+        # a barrier stalls its own block; co-resident blocks fill the gap, one block per SM cannot
+        t_sm += math.ceil(per_sm / min(bps, per_sm)) * self.barriers * BARRIER_CLK / gpu["clock"]
         return LAUNCH_US + 1e6 * max(t_dram, t_l2, t_sm)
 
 
@@ -138,9 +154,9 @@ def _regs(kernel: str) -> int:
     return _REGS.get(kernel.split("(")[0], 32)  # "name(variant)": the table's kernel name
 
 
-def _blocks_per_sm(kernel: str, threads: int, smem: int, gpu: dict) -> int:
+def _blocks_per_sm(kernel: str, threads: int, smem: int, gpu: dict, regs: Optional[int] = None) -> int:
     """Occupancy limit: registers (64K/SM), threads (2048), shared memory (+1 KB reserved/block), 32 blocks."""
-    by_regs = 65536 // max(1, _regs(kernel) * threads)
+    by_regs = 65536 // max(1, (regs or _regs(kernel)) * threads)
     by_smem = gpu["smem_per_sm"] // (smem + 1024) if smem else 32
     return max(1, min(by_regs, 2048 // threads, by_smem, 32))
 
@@ -277,10 +293,92 @@ def _meta_plan(PH, PW, Cin, hid, Cout, N, backward):
     raise ValueError("meta_block: channels too large for shared memory")
 
 
+def _mma_geometry(Cin, hid, Cout, th, tw, esize, k):
+    """mma_geometry (csrc/cuda/meta_block_kernels.cuh): padded MMA extents and shared-memory bytes."""
+    up = lambda v, m: -(-v // m) * m  # noqa: E731
+    pad = 16 // esize
+    k1, m1, m3 = up(Cin, k), up(hid, 16), up(Cout, 16)
+    nq, np_ = up((th + 2) * (tw + 2), 16), up(th * tw, 16)
+    regions = [m1 * (k1 + pad) * esize, m3 * (m1 + pad) * esize, 9 * hid * 4, 2 * (2 * hid + Cout) * 4,
+               k1 * (nq + pad) * esize, max(16 * (nq + 4), m3 * (np_ + 4)) * 4, 16 * (np_ + pad) * esize]
+    return dict(k1=k1, m1=m1, m3=m3, nq=nq, np=np_, bytes=sum(up(r, 128) for r in regions))
+
+
+def _mma_plan(PH, PW, Cin, hid, Cout, esize, k):
+    """plan_mma (csrc/cuda/meta_block.cu): the largest square-ish tile (32..1 px sides, clipped to the
+    patch) whose pw2 accumulators fit (m3/16 * np/16 <= 8 warps * 4 tiles) and whose smem fits 113 KB
+    (two blocks per SM), then 227 KB; None: the CUDA-core kernel runs."""
+    for budget in (113 * 1024, 227 * 1024):
+        for T in (32, 16, 8, 4, 2, 1):
+            th, tw = min(T, PH), min(T, PW)
+            g = _mma_geometry(Cin, hid, Cout, th, tw, esize, k)
+            if (g["m3"] // 16) * (g["np"] // 16) <= 8 * 4 and g["bytes"] <= budget:
+                return th, tw, g
+    return None
+
+
+def _cuda_meta_mma(x, wflat, hid, Cout, esize, plan, split):
+    """meta_forward_mma_kernel (csrc/cuda/meta_block_kernels.cuh), patch-major weights (what the models
+    emit on CUDA): one 256-thread block per (sample, patch), ``__launch_bounds__(256, 2)``; per tile the
+    haloed x tile is staged once, then per chunk of 16 hidden channels: pw1 on the tensor cores (warps over
+    16-px column tiles), affine+ReLU6 in place, the depthwise 3x3 with a thread per (channel, column, 4
+    rows) sliding a 3-row window, pw2 on the tensor cores into per-warp register accumulators; Y leaves
+    through shared memory with the last affine. Tensor-core work is never the bound here: each wmma needs
+    8 shared-memory wavefronts (A and B fragments, 512 B each) against ~2.2 tensor cycles, so the LSU is
+    the SM-side limit; the HBM traffic is x + weights + y once (halo re-reads hit L2)."""
+    B, Cin, H, W = x
+    N, gh, gw = wflat[1], wflat[2], wflat[3]
+    G = gh * gw
+    PH, PW = max(_patch_sizes(H, gh)), max(_patch_sizes(W, gw))
+    th, tw, g = plan
+    K = 16 if esize == 2 else 8
+    k = _KernelCost("meta_forward_mma_kernel", B * G, 256, g["bytes"], regs=MMA_META_REGS)
+    # weights: W1 (m1 x k1), W3 (m3 x m1) zero-padded, W2; one coalesced LDG + STS per element, int32 index
+    # splits (~20 instructions)
+    k.loop(g["m1"] * g["k1"] + g["m3"] * g["m1"] + 9 * hid, lsu=2, issue=20)
+    tiles = [(min(th, PH - i), min(tw, PW - j)) for i in range(0, PH, th) for j in range(0, PW, tw)]
+    chunks = g["m1"] // 16
+    halo_px = 0
+    for eh, ew in tiles:
+        hq, tp = (eh + 2) * (ew + 2), eh * ew
+        halo_px += hq
+        k.barriers += 2 + 3 * chunks
+        # x tile: a warp per haloed row (lanes along it: LDG + STS, reflect + convert per element; per row
+        # ~25 instructions of reflect, int64 row address and loop control), then the zero padding
+        k.loop(g["k1"] * (eh + 2) * 32, math.ceil((ew + 2) / 32), lsu=2, issue=14, overhead=25)
+        k.loop(g["k1"] * (g["nq"] - hq), lsu=1, issue=20)
+        nt1, nt3 = math.ceil(hq / 16), math.ceil(tp / 16)
+        for _ in range(chunks):
+            steps1 = nt1 * (g["k1"] // K)              # pw1: wmma k-steps of the block
+            steps3 = (g["m3"] // 16) * nt3 * (16 // K)  # pw2
+            k.lsu += (steps1 + steps3) * 8 + nt1 * 8     # A + B fragment loads; H1 fragment stores
+            k.issue += (steps1 + steps3) * (12 + (24 if split == 3 else 0))  # 3xTF32: hi/lo splits
+            k.tc += (steps1 + steps3) * split * MMA_CLK
+            # dw: per (channel, column, 4-row block): 13 broadcast LDS (taps, two affines) and the first two
+            # window rows (6 LDS + pw1's affine/ReLU6 on load); per output row 3 LDS (+ affine) + 9 FFMA +
+            # STS; lanes along a row of ew px, so a warp spans 32/ew row segments (worst case that
+            # many-way bank conflicts on the window loads)
+            rows = min(4, eh)
+            conflict = max(1, 32 // max(ew, 1))
+            k.loop(16 * math.ceil(eh / 4) * ew, rows, lsu=3 * conflict + 1, issue=22,
+                   overhead=13 + 6 * conflict + 18 + 30)
+        k.lsu += (g["m3"] // 16) * nt3 * 8               # Y fragments to shared memory
+        k.loop(Cout * tp, lsu=3, issue=12, overhead=20)  # y = Y * s3 + t3, coalesced stores
+    xb, yb, wb = _numel(x) * esize, B * Cout * H * W * esize, _numel(wflat) * esize
+    k.dram = xb + wb + yb
+    k.l2 = xb * halo_px / (PH * PW) + wb + yb
+    return [k]
+
+
 def _cuda_meta(x, wflat, hid, Cout, esize, backward):
     B, Cin, H, W = x
     N, gh, gw = wflat[1], wflat[2], wflat[3]
     PH, PW = max(_patch_sizes(H, gh)), max(_patch_sizes(W, gw))
+    if not backward:
+        plan = _mma_plan(PH, PW, Cin, hid, Cout, esize, 16 if esize == 2 else 8)
+        if plan is not None:
+            # float32: 3xTF32 (torch.backends.cuda.matmul.allow_tf32 off, PyTorch's default)
+            return _cuda_meta_mma(x, wflat, hid, Cout, esize, plan, 3 if esize == 4 else 1)
     th, tw, wsmem, smem = _meta_plan(PH, PW, Cin, hid, Cout, N, backward)
     ntile = math.ceil(PH / th) * math.ceil(PW / tw)
     hq, tp = (th + 2) * (tw + 2), th * tw

@@ -25,7 +25,8 @@ TARGETS = [
     pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
         not (CUDA_OK and _extension.has_kernel("meta_block", "CUDA")), reason="no CUDA device or CUDA kernels")]),
 ]
-TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+# "tf32": float32 tensors through tf32 tensor-core products (10-bit mantissas, torch.backends.cuda.matmul.allow_tf32)
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2, "tf32": 1e-3}
 
 
 @pytest.fixture(params=TARGETS)
@@ -185,6 +186,37 @@ def test_meta_block_partial_grads(target):
         torch.testing.assert_close(part[i], full[i], rtol=0, atol=0)
 
 
+@pytest.fixture
+def tf32_matmul(request):
+    """Sets torch.backends.cuda.matmul.allow_tf32 for the test (the CUDA kernels read it at launch)."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = request.param
+    yield request.param
+    torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@pytest.mark.parametrize("case", ["odd", "multi-tile", "smem-weights-large"])
+@pytest.mark.parametrize("dtype, tf32_matmul", [(torch.float32, False), (torch.float32, True),
+                                                (torch.float16, False), (torch.bfloat16, False)],
+                         indirect=["tf32_matmul"], ids=["fp32-3xtf32", "fp32-tf32", "fp16", "bf16"])
+def test_meta_block_forward_mma(target, case, dtype, tf32_matmul):
+    """The tensor-core forward: contiguous and patch-major (channels_last) weights give the same bits,
+    within the dtype's tolerance of float64 (float32: 3xTF32 unless TF32 is allowed)."""
+    run = Target(target)
+    x, w, scale, shift, hid, Cout = _meta_inputs(case, dtype)
+    ref = _meta_reference(x.double(), w.double(), scale.double(), shift.double(), hid, Cout)
+    if target == "emulated":
+        ce.ops().clear()
+    y = run("meta_block", x, w, scale, shift, hid, Cout)
+    y_pm = run("meta_block", x, w.contiguous(memory_format=torch.channels_last), scale, shift, hid, Cout)
+    assert torch.equal(y, y_pm)
+    close(y, ref, "tf32" if tf32_matmul else dtype, "y")
+    if target == "emulated":
+        split = 1 if dtype != torch.float32 or tf32_matmul else 3
+        name = {torch.float32: "float", torch.float16: "c10::Half", torch.bfloat16: "c10::BFloat16"}[dtype]
+        assert any(f"meta_forward_mma_kernel<{name}, {split}>" in v for _, v in ce.launched()), ce.launched()
+
+
 # (B, Cin, Cout, H, W, gh, gw)
 POINTWISE_CASES = {
     "odd": (2, 5, 11, 9, 13, 2, 3),      # Cout not a multiple of the 8 channels per thread
@@ -292,8 +324,15 @@ def test_schedules(order):
     close(y, _pw_reference(x.double(), w.double(), None, s, p, d, groups), torch.float32, "y")
 
 
+def _barrier_after(path, marker, n=0):
+    """The n-th ``__syncthreads()`` site of a csrc/cuda source after the first line containing ``marker``."""
+    start = next(i for i, line in enumerate((ce.CUDA_DIR / path).read_text().splitlines(), 1) if marker in line)
+    return [s for s in ce.barriers(path) if int(s.rsplit(":", 1)[1]) > start][n]
+
+
 @pytest.mark.cuda_emulated
-@pytest.mark.parametrize("site", [ce.barriers("meta_block_kernels.cuh")[1], ce.barriers("patchwise_conv2d_kernels.cuh")[0]])
+@pytest.mark.parametrize("site", [_barrier_after("meta_block_kernels.cuh", "meta_forward_mma_kernel(", 1),
+                                  ce.barriers("patchwise_conv2d_kernels.cuh")[0]])
 def test_missing_barrier_fails(site):
     """A build with this __syncthreads() removed gives wrong results (the emulator exposes the race);
     benchmarks/emulator_mutations.py shows it for every barrier of meta_block and patchwise_conv2d."""
@@ -359,7 +398,9 @@ def test_every_kernel_launched(request):
     for want in ("pw_forward_kernel<float, true>", "pw_forward_kernel<float, false>",
                  "hmsa_fuse_kernel<float, float, 20, true>", "hmsa_fuse_kernel<float, float, 20, false>",
                  "hmsa_fuse_kernel<float, float, 40, false>", "hmsa_fuse_kernel<float, float, 160, false>",
-                 "meta_forward_kernel<c10::Half>", "meta_backward_kernel<c10::BFloat16>"):
+                 "meta_forward_kernel<double>", "meta_backward_kernel<c10::BFloat16>",
+                 "meta_forward_mma_kernel<float, 3>", "meta_forward_mma_kernel<float, 1>",
+                 "meta_forward_mma_kernel<c10::Half, 1>", "meta_forward_mma_kernel<c10::BFloat16, 1>"):
         assert any(want in v for v in variants), f"{want} never launched"
 
 

@@ -6,6 +6,7 @@
 //                            c10::BFloat16 -> __nv_bfloat16 (k = 16), float -> precision::tf32 (k = 8)
 //   mma::operand_ptr(p)      a scalar_t pointer as a pointer to Operand's memory type (same bits)
 //   mma::round_operand<S>(f) rounds a loaded tf32 operand fragment to nearest (cvt.rna); no-op for 16-bit S
+//   mma::multiply_accumulate<S, kSplit>(acc, a, b)   acc += a b: one product, or 3xTF32 (kSplit 3, float)
 //
 // Every call must be reached by all 32 lanes of a warp; pointers 256-bit aligned, ldm a multiple of 16 bytes.
 // bf16 and tf32 tensor-core operations need sm_80 or newer (setup.py's default TORCH_CUDA_ARCH_LIST).
@@ -70,6 +71,38 @@ __device__ __forceinline__ void round_operand(Frag& f) {
   if constexpr (std::is_same_v<S, float>) {
 #pragma unroll
     for (int i = 0; i < f.num_elements; ++i) f.x[i] = wmma::__float_to_tf32(f.x[i]);
+  }
+}
+
+// acc += a b for loaded (unrounded) operand fragments of scalar type S. kSplit 1: one tensor-core
+// product (fp16/bf16 exact products; float as tf32, 10-bit mantissas). kSplit 3 (float only): "3xTF32",
+// a = a_hi + a_lo with both halves tf32, acc += a_lo b_hi + a_hi b_lo + a_hi b_hi (the a_lo b_lo term,
+// ~2^-22 relative, dropped): about float32 accuracy at three tensor-core products.
+template <class S, int kSplit, class FC, class FA, class FB>
+__device__ __forceinline__ void multiply_accumulate(FC& acc, FA& a, FB& b) {
+  static_assert(kSplit == 1 || (kSplit == 3 && std::is_same_v<S, float>), "3xTF32 is for float operands");
+  if constexpr (kSplit == 3) {
+    FA al;
+    FB bl;
+#pragma unroll
+    for (int i = 0; i < a.num_elements; ++i) {
+      const float hi = wmma::__float_to_tf32(a.x[i]);
+      al.x[i] = wmma::__float_to_tf32(a.x[i] - hi);
+      a.x[i] = hi;
+    }
+#pragma unroll
+    for (int i = 0; i < b.num_elements; ++i) {
+      const float hi = wmma::__float_to_tf32(b.x[i]);
+      bl.x[i] = wmma::__float_to_tf32(b.x[i] - hi);
+      b.x[i] = hi;
+    }
+    wmma::mma_sync(acc, al, b, acc);
+    wmma::mma_sync(acc, a, bl, acc);
+    wmma::mma_sync(acc, a, b, acc);
+  } else {
+    round_operand<S>(a);
+    round_operand<S>(b);
+    wmma::mma_sync(acc, a, b, acc);
   }
 }
 

@@ -142,9 +142,9 @@ _meta_op = _library.register(
                     "int hidden, int out_channels, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)",
     fake=_fake_meta_forward, fake_backward=_fake_backward, reference=_reference_meta_block, supports=supports,
     differentiable=(0, 1, 2, 3), saved=(0, 1, 2, 3), config=(4, 5),
-    # the CPU forward reads patch-major (channels_last) weights in place; the backward kernels read the
-    # default layout
-    in_place={"cpu": (1,)}, contiguous_weights=(1,))
+    # the CPU and CUDA forwards read patch-major (channels_last) weights in place; the backward kernels
+    # read the default layout
+    in_place={"cpu": (1,), "cuda": (1,)}, contiguous_weights=(1,))
 
 _pointwise_op = _library.register(
     "pointwise_block",
@@ -164,8 +164,9 @@ def implementation(backend: str, device: torch.device) -> str:
 def weight_memory_format(device: torch.device) -> torch.memory_format:
     """The layout of the flat (B, N, gh, gw) weight :func:`meta_block` reads fastest on ``device``:
     ``torch.channels_last`` (patch-major: each patch's N weights contiguous, read in place without a
-    gather) where the compiled CPU kernel runs, else ``torch.contiguous_format``."""
-    if torch.device(device).type == "cpu" and _meta_op.compiled("CPU"):
+    gather) where the compiled CPU or CUDA kernel runs, else ``torch.contiguous_format``."""
+    dev = torch.device(device).type
+    if (dev == "cpu" and _meta_op.compiled("CPU")) or (dev == "cuda" and _meta_op.compiled("CUDA")):
         return torch.channels_last
     return torch.contiguous_format
 
