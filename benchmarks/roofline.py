@@ -17,6 +17,9 @@ direction this prints:
   for float32 by default (``--fp32-path tf32``: the tf32 tensor-core peak for the GEMM-like ops), the dense
   bf16/fp16 tensor-core peak for bfloat16/float16; hmsa_fuse (bilinear gathers, no GEMM) always uses the
   FFMA peak.
+* **pred/lf**: predicted over the floor of a *launched* kernel sequence, max(floor, kernels * LAUNCH_US): a
+  floor below the launch latency (pointwise_block levels at 1-3 µs) cannot be approached by any separate
+  kernel, only by fusing the op into a neighbour; ``pred/fl`` keeps the pure roofline.
 * **predicted µs**: the current CUDA kernels (``csrc/cuda``, ``backend="cuda"``) as written, from a small
   model per kernel (see ``_KernelCost`` and the per-op ``_cuda_*`` functions; every factor is a named
   constant or a count read off the code, with the line/pattern it comes from). The Triton kernels are not
@@ -89,6 +92,8 @@ BARRIER_CLK = 120
 #: registers/thread of meta_forward_mma_kernel (ptxas -Xptxas -v, sm_90: 122-128 under its
 #: __launch_bounds__(256, 2), no spills; not yet in the committed resource table)
 MMA_META_REGS = 128
+#: output rows per thread of its depthwise stage (kDwRows)
+DW_ROWS = 8
 
 
 def _bank_conflict(stride_words: int) -> int:
@@ -300,7 +305,7 @@ def _mma_geometry(Cin, hid, Cout, th, tw, esize, k):
     k1, m1, m3 = up(Cin, k), up(hid, 16), up(Cout, 16)
     nq, np_ = up((th + 2) * (tw + 2), 16), up(th * tw, 16)
     regions = [m1 * (k1 + pad) * esize, m3 * (m1 + pad) * esize, 9 * hid * 4, 2 * (2 * hid + Cout) * 4,
-               k1 * (nq + pad) * esize, max(16 * (nq + 4), m3 * (np_ + 4)) * 4, 16 * (np_ + pad) * esize]
+               k1 * (nq + pad) * esize, max(16 * (nq + 4), m3 * (np_ + 4)) * 4, 16 * (np_ + pad) * esize, nq * 4]
     return dict(k1=k1, m1=m1, m3=m3, nq=nq, np=np_, bytes=sum(up(r, 128) for r in regions))
 
 
@@ -317,12 +322,29 @@ def _mma_plan(PH, PW, Cin, hid, Cout, esize, k):
     return None
 
 
+def _dw_conflict(eh, ew, ldh1):
+    """Shared-memory wavefronts of one window load of meta_forward_mma_kernel's depthwise stage: lanes
+    0..31 take items idx = lane (j = idx % ew, rb = idx / ew % nrb, channel row r = idx / ew / nrb) and
+    read word r*ldh1 + rb*DW_ROWS*(ew + 2) + j; the most distinct words in one of the 32 banks."""
+    nrb = -(-eh // DW_ROWS)
+    words = set()
+    for lane in range(32):
+        j, rest = lane % ew, lane // ew
+        rb, r = rest % nrb, rest // nrb
+        if r < 16:
+            words.add(r * ldh1 + rb * DW_ROWS * (ew + 2) + j)
+    per_bank: Dict[int, int] = {}
+    for w in words:
+        per_bank[w % 32] = per_bank.get(w % 32, 0) + 1
+    return max(per_bank.values())
+
+
 def _cuda_meta_mma(x, wflat, hid, Cout, esize, plan, split):
     """meta_forward_mma_kernel (csrc/cuda/meta_block_kernels.cuh), patch-major weights (what the models
     emit on CUDA): one 256-thread block per (sample, patch), ``__launch_bounds__(256, 2)``; per tile the
     haloed x tile is staged once, then per chunk of 16 hidden channels: pw1 on the tensor cores (warps over
-    16-px column tiles), affine+ReLU6 in place, the depthwise 3x3 with a thread per (channel, column, 4
-    rows) sliding a 3-row window, pw2 on the tensor cores into per-warp register accumulators; Y leaves
+    16-px column tiles), the depthwise 3x3 (pw1's affine+ReLU6 applied on load) with a thread per (channel,
+    column, 8 rows) sliding a 3-row window, pw2 on the tensor cores into per-warp register accumulators; Y leaves
     through shared memory with the last affine. Tensor-core work is never the bound here: each wmma needs
     8 shared-memory wavefronts (A and B fragments, 512 B each) against ~2.2 tensor cycles, so the LSU is
     the SM-side limit; the HBM traffic is x + weights + y once (halo re-reads hit L2)."""
@@ -342,11 +364,11 @@ def _cuda_meta_mma(x, wflat, hid, Cout, esize, plan, split):
     for eh, ew in tiles:
         hq, tp = (eh + 2) * (ew + 2), eh * ew
         halo_px += hq
-        k.barriers += 2 + 3 * chunks
-        # x tile: a warp per haloed row (lanes along it: LDG + STS, reflect + convert per element; per row
-        # ~25 instructions of reflect, int64 row address and loop control), then the zero padding
-        k.loop(g["k1"] * (eh + 2) * 32, math.ceil((ew + 2) / 32), lsu=2, issue=14, overhead=25)
-        k.loop(g["k1"] * (g["nq"] - hq), lsu=1, issue=20)
+        k.barriers += 3 + 2 * chunks
+        # x tile: the reflected offsets of the hq haloed pixels once (two int32 divisions, two reflects),
+        # then a warp per channel row of k1: per 32 pixels LDS offset, LDG, convert, STS, loop (~9 instr)
+        k.loop(hq, lsu=1, issue=60)
+        k.loop(g["k1"] * 32, math.ceil(g["nq"] / 32), lsu=3, issue=9)
         nt1, nt3 = math.ceil(hq / 16), math.ceil(tp / 16)
         for _ in range(chunks):
             steps1 = nt1 * (g["k1"] // K)              # pw1: wmma k-steps of the block
@@ -354,13 +376,13 @@ def _cuda_meta_mma(x, wflat, hid, Cout, esize, plan, split):
             k.lsu += (steps1 + steps3) * 8 + nt1 * 8     # A + B fragment loads; H1 fragment stores
             k.issue += (steps1 + steps3) * (12 + (24 if split == 3 else 0))  # 3xTF32: hi/lo splits
             k.tc += (steps1 + steps3) * split * MMA_CLK
-            # dw: per (channel, column, 4-row block): 13 broadcast LDS (taps, two affines) and the first two
+            # dw: per (channel, column, DW_ROWS-row block): 13 broadcast LDS (taps, two affines) and the first two
             # window rows (6 LDS + pw1's affine/ReLU6 on load); per output row 3 LDS (+ affine) + 9 FFMA +
-            # STS; lanes along a row of ew px, so a warp spans 32/ew row segments (worst case that
-            # many-way bank conflicts on the window loads)
-            rows = min(4, eh)
-            conflict = max(1, 32 // max(ew, 1))
-            k.loop(16 * math.ceil(eh / 4) * ew, rows, lsu=3 * conflict + 1, issue=22,
+            # STS; lanes along a row of ew px, so a warp spans 32/ew row segments: the bank conflicts of
+            # the window loads are counted from the first warp's addresses (_dw_conflict)
+            rows = min(DW_ROWS, eh)
+            conflict = _dw_conflict(eh, ew, g["nq"] + 4)
+            k.loop(16 * math.ceil(eh / DW_ROWS) * ew, rows, lsu=3 * conflict + 1, issue=22,
                    overhead=13 + 6 * conflict + 18 + 30)
         k.lsu += (g["m3"] // 16) * nt3 * 8               # Y fragments to shared memory
         k.loop(Cout * tp, lsu=3, issue=12, overhead=20)  # y = Y * s3 + t3, coalesced stores
@@ -663,6 +685,7 @@ def rows_for(calls, gpu_name: str, dtype: str, fp32_path: str = "fma") -> List[d
             rows.append(dict(model=model, level=lvl, op=op, direction=d, shape=shape, dtype=dtype, MB=by / 1e6,
                              GFLOP=fl / 1e9, peak=path, floor_us=floor, bound="mem" if t_mem >= t_fl else "compute",
                              predicted_us=pred, pred_over_floor=pred / floor,
+                             pred_over_launch_floor=pred / max(floor, len(ks) * LAUNCH_US),
                              kernels={k.name: round(k.time_us(gpu), 2) for k in ks}))
     return rows
 
@@ -756,7 +779,7 @@ def merge_measured(rows: List[dict], calls, paths: Sequence[str]) -> int:
 def format_table(rows: List[dict], gpu_name: str) -> str:
     measured = any("measured_us" in r for r in rows)
     hdr = (f"{'kernel':<17}{'dir':<4}{'model/level':<24}{'shape':<46}{'dtype':<9}{'MB':>8}{'GFLOP':>8}"
-           f"{'floor us':>9} {'bound':<14}{'pred us':>9}{'pred/fl':>8}")
+           f"{'floor us':>9} {'bound':<14}{'pred us':>9}{'pred/fl':>8}{'pred/lf':>8}")
     if measured:
         hdr += f"{'meas us':>9}{'%floor':>7}"
     g = GPUS[gpu_name]
@@ -767,7 +790,7 @@ def format_table(rows: List[dict], gpu_name: str) -> str:
         line = (f"{r['op']:<17}{r['direction']:<4}{(r['model'] + '/' + str(r['level']))[:23]:<24}{r['shape'][:45]:<46}"
                 f"{r['dtype']:<9}{r['MB']:>8.2f}{r['GFLOP']:>8.3f}{r['floor_us']:>9.2f} "
                 f"{r['bound'] + '(' + r['peak'].split()[0] + ')' if r['bound'] == 'compute' else 'mem':<14}"
-                f"{r['predicted_us']:>9.1f}{r['pred_over_floor']:>7.1f}x")
+                f"{r['predicted_us']:>9.1f}{r['pred_over_floor']:>7.1f}x{r['pred_over_launch_floor']:>7.1f}x")
         if measured:
             line += (f"{r['measured_us']:>9.1f}{r['pct_of_floor']:>6.0f}%" if "measured_us" in r else f"{'-':>9}{'-':>7}")
         lines.append(line)

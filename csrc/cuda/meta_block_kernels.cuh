@@ -174,7 +174,7 @@ __global__ void __launch_bounds__(kThreads) meta_forward_kernel(
 constexpr int kWarps = kThreads / 32;
 constexpr int kChunk = 16;      // hidden channels per chunk (one MMA depth of fp16/bf16, two of tf32)
 constexpr int kMaxAccTiles = 4;  // 16x16 pw2 accumulator tiles per warp (8 floats per lane each)
-constexpr int kDwRows = 4;       // output rows per thread of the depthwise stage
+constexpr int kDwRows = 8;       // output rows per thread of the depthwise stage
 
 struct MmaGeom {
   int th, tw;                      // tile, output pixels
@@ -182,7 +182,7 @@ struct MmaGeom {
   int m3, ldw3;                    // pw2: rows (Cout padded to 16), W3 stride (depth: m1)
   int nq, ldx, ldh1;               // haloed tile pixels padded to 16; X and H1 strides
   int np, ldh2, ldy;               // tile pixels padded to 16; H2 and Y strides
-  int64_t ow1, ow3, ow2, oaff, ox, oh1, oh2, bytes;  // shared-memory byte offsets, total
+  int64_t ow1, ow3, ow2, oaff, ox, oh1, oh2, ooff, bytes;  // shared-memory byte offsets, total
 };
 
 __host__ __device__ constexpr int round_up(int v, int m) { return (v + m - 1) / m * m; }
@@ -217,6 +217,7 @@ inline MmaGeom mma_geometry(int64_t Cin, int64_t hid, int64_t Cout, int th, int 
   g.ox = take(int64_t{g.k1} * g.ldx * esize);
   g.oh1 = take(std::max<int64_t>(int64_t{kChunk} * g.ldh1, int64_t{g.m3} * g.ldy) * 4);  // H1, then Y
   g.oh2 = take(int64_t{kChunk} * g.ldh2 * esize);
+  g.ooff = take(int64_t{g.nq} * 4);  // x offset of every haloed tile pixel
   g.bytes = off;
   return g;
 }
@@ -265,24 +266,26 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
   const int mt3 = g.m3 / 16;
   for (int64_t t = 0; t < div_up(P.ph, g.th) * div_up(P.pw, g.tw); ++t) {
     const auto [eh, ew, tr0, tc0, hw, hq, tp] = patch_tile(P, g.th, g.tw, t);
-    // x's haloed tile, rows = channels (zero rows up to k1, zero columns from hq to nq): a warp per
-    // haloed image row (lanes along it: coalesced, the index math once per row)
-    const int hh = static_cast<int>(eh) + 2, hwi = static_cast<int>(hw), hqi = static_cast<int>(hq);
+    // x's haloed tile, rows = channels (zero rows up to k1, zero columns from hq to nq). The reflected
+    // image offset of each haloed pixel is the same in every channel: computed once per tile into a
+    // table, then a warp per channel copies it with lanes along the pixels (no per-element division)
+    const int hwi = static_cast<int>(hw), hqi = static_cast<int>(hq);
     const int ewi = static_cast<int>(ew), tpi = static_cast<int>(tp);
-    for (int c = warp / hh, hr = warp % hh; c < g.k1;) {  // row (c, hr) = warp + kWarps * i, no division
-      T* dst = xs + c * g.ldx + hr * hwi;
+    int* xoff = reinterpret_cast<int*>(smem_raw + g.ooff);
+    for (int q = tid; q < hqi; q += kThreads)
+      xoff[q] = static_cast<int>(reflect_index(tr0 - 1 + q / hwi, H) * W + reflect_index(tc0 - 1 + q % hwi, W));
+    __syncthreads();  // offsets ready (and the previous tile's epilogue done with Y)
+    for (int c = warp; c < g.k1; c += kWarps) {
+      T* dst = xs + c * g.ldx;
       if (c < Cin) {
-        const scalar_t* srow = x + ((P.b * Cin + c) * H + reflect_index(tr0 - 1 + hr, H)) * W;
-        for (int j = lane; j < hwi; j += 32)
-          dst[j] = static_cast<T>(static_cast<float>(srow[reflect_index(tc0 - 1 + j, W)]));
+        const scalar_t* xc = x + (P.b * Cin + c) * H * W;
+        for (int q = lane; q < g.nq; q += 32)
+          dst[q] = q < hqi ? static_cast<T>(static_cast<float>(xc[xoff[q]])) : T(0.0f);
       } else {
-        for (int j = lane; j < hwi; j += 32) dst[j] = T(0.0f);
+        for (int q = lane; q < g.nq; q += 32) dst[q] = T(0.0f);
       }
-      for (hr += kWarps; hr >= hh; hr -= hh) ++c;
     }
-    for (int idx = tid; idx < g.k1 * (g.nq - hqi); idx += kThreads)
-      xs[(idx / (g.nq - hqi)) * g.ldx + hqi + idx % (g.nq - hqi)] = T(0.0f);
-    __syncthreads();  // weights and x staged; the previous tile's Y fully written out
+    __syncthreads();  // weights and x staged
     const int nt1 = static_cast<int>(div_up(hq, 16)), nt3 = static_cast<int>(div_up(tp, 16));
     const int mine = (mt3 * nt3 - warp + kWarps - 1) / kWarps;  // pw2 tiles of this warp: warp + kWarps * i
     FragC acc[kMaxAccTiles];
