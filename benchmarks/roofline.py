@@ -17,6 +17,9 @@ direction this prints:
   for float32 by default (``--fp32-path tf32``: the tf32 tensor-core peak for the GEMM-like ops), the dense
   bf16/fp16 tensor-core peak for bfloat16/float16; hmsa_fuse (bilinear gathers, no GEMM) always uses the
   FFMA peak.
+* **pred/lf**: predicted over the floor of a *launched* kernel sequence, max(floor, kernels * LAUNCH_US): a
+  floor below the launch latency (pointwise_block levels at 1-3 µs) cannot be approached by any separate
+  kernel, only by fusing the op into a neighbour; ``pred/fl`` keeps the pure roofline.
 * **predicted µs**: the current CUDA kernels (``csrc/cuda``, ``backend="cuda"``) as written, from a small
   model per kernel (see ``_KernelCost`` and the per-op ``_cuda_*`` functions; every factor is a named
   constant or a count read off the code, with the line/pattern it comes from). The Triton kernels are not
@@ -80,6 +83,17 @@ INT64_DIV = 40
 SECTOR = 32
 #: per-SM pipes per cycle: 4 warp-instructions issued, 1 shared-memory wavefront / L1 load instruction.
 ISSUE_PER_CLK, LSU_PER_CLK = 4, 1
+#: SM cycles of one dense 16x16x16 fp16/bf16 (8192 FLOP) or 16x16x8 tf32 (4096 FLOP) wmma with all four
+#: sub-partitions' tensor cores busy: 990 (495) TFLOP/s / 132 SMs / 1.98 GHz = 3787 (1894) FLOP/clk.
+MMA_CLK = 8192 / 3787
+#: cycles a block loses at a __syncthreads() (the slowest warp's last loads drain; ~ one L1/smem round trip
+#: plus the tail of the loop before it) when no other block on the SM has work.
+BARRIER_CLK = 120
+#: registers/thread of meta_forward_mma_kernel (ptxas -Xptxas -v, sm_90: 122-128 under its
+#: __launch_bounds__(256, 2), no spills; not yet in the committed resource table)
+MMA_META_REGS = 128
+#: output rows per thread of its depthwise stage (kDwRows)
+DW_ROWS = 8
 
 
 def _bank_conflict(stride_words: int) -> int:
@@ -92,14 +106,19 @@ class _KernelCost:
 
     time = LAUNCH_US + max(t_dram, t_l2, t_sm), where
       t_dram = dram / (BW * f), t_l2 = l2 / (L2_X * BW * f), f = min(1, active SMs * SM_BW_SHARE / SMs);
-      t_sm   = ceil(blocks / SMs) * cycles_per_block * max(1, WARPS_TO_HIDE / resident warps) / clock.
-    cycles_per_block = max(LSU wavefronts / LSU_PER_CLK, instructions / ISSUE_PER_CLK), summed by ``loop``.
+      t_sm   = ceil(blocks / SMs / blocks per SM) * cycles_per_block * max(1, WARPS_TO_HIDE / resident warps)
+               / clock ... with the blocks resident on one SM sharing its pipes (see time_us);
+    cycles_per_block = max(LSU wavefronts / LSU_PER_CLK, instructions / ISSUE_PER_CLK, tensor-core cycles
+    ``tc``) + ``barriers`` * BARRIER_CLK; ``loop`` sums the first two, the tensor-core kernels add ``tc``.
     """
 
-    def __init__(self, name: str, blocks: int, threads: int, smem: int = 0):
+    def __init__(self, name: str, blocks: int, threads: int, smem: int = 0, regs: Optional[int] = None):
         self.name, self.blocks, self.threads, self.smem = name, max(1, int(blocks)), threads, smem
+        self.regs = regs  # None: the committed ptxas table (_regs)
         self.dram = self.l2 = 0.0
         self.lsu = self.issue = 0.0  # per block, in warp-level units
+        self.tc = 0.0  # per block: tensor-core cycles of the SM (all four sub-partitions)
+        self.barriers = 0  # per block: __syncthreads() executed (each drains the block's pipelines)
 
     def loop(self, items: float, inner: float = 1, lsu: float = 0, issue: float = 1, overhead: float = 0,
              conflict: float = 1):
@@ -113,15 +132,17 @@ class _KernelCost:
 
     def time_us(self, gpu: dict) -> float:
         sms = gpu["sms"]
-        bps = _blocks_per_sm(self.name, self.threads, self.smem, gpu)
+        bps = _blocks_per_sm(self.name, self.threads, self.smem, gpu, self.regs)
         active = min(sms, self.blocks)
         f = min(1.0, active * SM_BW_SHARE / sms)
         t_dram = self.dram / (gpu["bw"] * f)
         t_l2 = self.l2 / (L2_X * gpu["bw"] * f)
         per_sm = math.ceil(self.blocks / sms)
         resident = min(bps, per_sm) * self.threads / 32
-        cycles = max(self.lsu / LSU_PER_CLK, self.issue / ISSUE_PER_CLK)
+        cycles = max(self.lsu / LSU_PER_CLK, self.issue / ISSUE_PER_CLK, self.tc)
         t_sm = per_sm * cycles * max(1.0, WARPS_TO_HIDE / resident) / gpu["clock"]
+        # a barrier stalls its own block; co-resident blocks fill the gap, one block per SM cannot
+        t_sm += math.ceil(per_sm / min(bps, per_sm)) * self.barriers * BARRIER_CLK / gpu["clock"]
         return LAUNCH_US + 1e6 * max(t_dram, t_l2, t_sm)
 
 
@@ -138,9 +159,9 @@ def _regs(kernel: str) -> int:
     return _REGS.get(kernel.split("(")[0], 32)  # "name(variant)": the table's kernel name
 
 
-def _blocks_per_sm(kernel: str, threads: int, smem: int, gpu: dict) -> int:
+def _blocks_per_sm(kernel: str, threads: int, smem: int, gpu: dict, regs: Optional[int] = None) -> int:
     """Occupancy limit: registers (64K/SM), threads (2048), shared memory (+1 KB reserved/block), 32 blocks."""
-    by_regs = 65536 // max(1, _regs(kernel) * threads)
+    by_regs = 65536 // max(1, (regs or _regs(kernel)) * threads)
     by_smem = gpu["smem_per_sm"] // (smem + 1024) if smem else 32
     return max(1, min(by_regs, 2048 // threads, by_smem, 32))
 
@@ -277,10 +298,109 @@ def _meta_plan(PH, PW, Cin, hid, Cout, N, backward):
     raise ValueError("meta_block: channels too large for shared memory")
 
 
+def _mma_geometry(Cin, hid, Cout, th, tw, esize, k):
+    """mma_geometry (csrc/cuda/meta_block_kernels.cuh): padded MMA extents and shared-memory bytes."""
+    up = lambda v, m: -(-v // m) * m  # noqa: E731
+    pad = 16 // esize
+    k1, m1, m3 = up(Cin, k), up(hid, 16), up(Cout, 16)
+    nq, np_ = up((th + 2) * (tw + 2), 16), up(th * tw, 16)
+    regions = [m1 * (k1 + pad) * esize, m3 * (m1 + pad) * esize, 9 * hid * 4, 2 * (2 * hid + Cout) * 4,
+               k1 * (nq + pad) * esize, max(16 * (nq + 4), m3 * (np_ + 4)) * 4, 16 * (np_ + pad) * esize, nq * 4]
+    return dict(k1=k1, m1=m1, m3=m3, nq=nq, np=np_, bytes=sum(up(r, 128) for r in regions))
+
+
+def _mma_plan(PH, PW, Cin, hid, Cout, esize, k):
+    """plan_mma (csrc/cuda/meta_block.cu): the largest square-ish tile (32..1 px sides, clipped to the
+    patch) whose pw2 accumulators fit (m3/16 * np/16 <= 8 warps * 4 tiles) and whose smem fits 113 KB
+    (two blocks per SM), then 227 KB; None: the CUDA-core kernel runs."""
+    for budget in (113 * 1024, 227 * 1024):
+        for T in (32, 16, 8, 4, 2, 1):
+            th, tw = min(T, PH), min(T, PW)
+            g = _mma_geometry(Cin, hid, Cout, th, tw, esize, k)
+            if (g["m3"] // 16) * (g["np"] // 16) <= 8 * 4 and g["bytes"] <= budget:
+                return th, tw, g
+    return None
+
+
+def _dw_conflict(eh, ew, ldh1):
+    """Shared-memory wavefronts of one window load of meta_forward_mma_kernel's depthwise stage: lanes
+    0..31 take items idx = lane (j = idx % ew, rb = idx / ew % nrb, channel row r = idx / ew / nrb) and
+    read word r*ldh1 + rb*DW_ROWS*(ew + 2) + j; the most distinct words in one of the 32 banks."""
+    nrb = -(-eh // DW_ROWS)
+    words = set()
+    for lane in range(32):
+        j, rest = lane % ew, lane // ew
+        rb, r = rest % nrb, rest // nrb
+        if r < 16:
+            words.add(r * ldh1 + rb * DW_ROWS * (ew + 2) + j)
+    per_bank: Dict[int, int] = {}
+    for w in words:
+        per_bank[w % 32] = per_bank.get(w % 32, 0) + 1
+    return max(per_bank.values())
+
+
+def _cuda_meta_mma(x, wflat, hid, Cout, esize, plan, split):
+    """meta_forward_mma_kernel (csrc/cuda/meta_block_kernels.cuh), patch-major weights (what the models
+    emit on CUDA): one 256-thread block per (sample, patch), ``__launch_bounds__(256, 2)``; per tile the
+    haloed x tile is staged once, then per chunk of 16 hidden channels: pw1 on the tensor cores (warps over
+    16-px column tiles), the depthwise 3x3 (pw1's affine+ReLU6 applied on load) with a thread per (channel,
+    column, 8 rows) sliding a 3-row window, pw2 on the tensor cores into per-warp register accumulators; Y leaves
+    through shared memory with the last affine. Tensor-core work is never the bound here: each wmma needs
+    8 shared-memory wavefronts (A and B fragments, 512 B each) against ~2.2 tensor cycles, so the LSU is
+    the SM-side limit; the HBM traffic is x + weights + y once (halo re-reads hit L2)."""
+    B, Cin, H, W = x
+    N, gh, gw = wflat[1], wflat[2], wflat[3]
+    G = gh * gw
+    PH, PW = max(_patch_sizes(H, gh)), max(_patch_sizes(W, gw))
+    th, tw, g = plan
+    K = 16 if esize == 2 else 8
+    k = _KernelCost("meta_forward_mma_kernel", B * G, 256, g["bytes"], regs=MMA_META_REGS)
+    # weights: W1 (m1 x k1), W3 (m3 x m1) zero-padded, W2; one coalesced LDG + STS per element, int32 index
+    # splits (~20 instructions)
+    k.loop(g["m1"] * g["k1"] + g["m3"] * g["m1"] + 9 * hid, lsu=2, issue=20)
+    tiles = [(min(th, PH - i), min(tw, PW - j)) for i in range(0, PH, th) for j in range(0, PW, tw)]
+    chunks = g["m1"] // 16
+    halo_px = 0
+    for eh, ew in tiles:
+        hq, tp = (eh + 2) * (ew + 2), eh * ew
+        halo_px += hq
+        k.barriers += 3 + 2 * chunks
+        # x tile: the reflected offsets of the hq haloed pixels once (two int32 divisions, two reflects),
+        # then a warp per channel row of k1: per 32 pixels LDS offset, LDG, convert, STS, loop (~9 instr)
+        k.loop(hq, lsu=1, issue=60)
+        k.loop(g["k1"] * 32, math.ceil(g["nq"] / 32), lsu=3, issue=9)
+        nt1, nt3 = math.ceil(hq / 16), math.ceil(tp / 16)
+        for _ in range(chunks):
+            steps1 = nt1 * (g["k1"] // K)              # pw1: wmma k-steps of the block
+            steps3 = (g["m3"] // 16) * nt3 * (16 // K)  # pw2
+            k.lsu += (steps1 + steps3) * 8 + nt1 * 8     # A + B fragment loads; H1 fragment stores
+            k.issue += (steps1 + steps3) * (12 + (24 if split == 3 else 0))  # 3xTF32: hi/lo splits
+            k.tc += (steps1 + steps3) * split * MMA_CLK
+            # dw: per (channel, column, DW_ROWS-row block): 13 broadcast LDS (taps, two affines) and the first two
+            # window rows (6 LDS + pw1's affine/ReLU6 on load); per output row 3 LDS (+ affine) + 9 FFMA +
+            # STS; lanes along a row of ew px, so a warp spans 32/ew row segments: the bank conflicts of
+            # the window loads are counted from the first warp's addresses (_dw_conflict)
+            rows = min(DW_ROWS, eh)
+            conflict = _dw_conflict(eh, ew, g["nq"] + 4)
+            k.loop(16 * math.ceil(eh / DW_ROWS) * ew, rows, lsu=3 * conflict + 1, issue=22,
+                   overhead=13 + 6 * conflict + 18 + 30)
+        k.lsu += (g["m3"] // 16) * nt3 * 8               # Y fragments to shared memory
+        k.loop(Cout * tp, lsu=3, issue=12, overhead=20)  # y = Y * s3 + t3, coalesced stores
+    xb, yb, wb = _numel(x) * esize, B * Cout * H * W * esize, _numel(wflat) * esize
+    k.dram = xb + wb + yb
+    k.l2 = xb * halo_px / (PH * PW) + wb + yb
+    return [k]
+
+
 def _cuda_meta(x, wflat, hid, Cout, esize, backward):
     B, Cin, H, W = x
     N, gh, gw = wflat[1], wflat[2], wflat[3]
     PH, PW = max(_patch_sizes(H, gh)), max(_patch_sizes(W, gw))
+    if not backward:
+        plan = _mma_plan(PH, PW, Cin, hid, Cout, esize, 16 if esize == 2 else 8)
+        if plan is not None:
+            # float32: 3xTF32 (torch.backends.cuda.matmul.allow_tf32 off, PyTorch's default)
+            return _cuda_meta_mma(x, wflat, hid, Cout, esize, plan, 3 if esize == 4 else 1)
     th, tw, wsmem, smem = _meta_plan(PH, PW, Cin, hid, Cout, N, backward)
     ntile = math.ceil(PH / th) * math.ceil(PW / tw)
     hq, tp = (th + 2) * (tw + 2), th * tw
@@ -565,6 +685,7 @@ def rows_for(calls, gpu_name: str, dtype: str, fp32_path: str = "fma") -> List[d
             rows.append(dict(model=model, level=lvl, op=op, direction=d, shape=shape, dtype=dtype, MB=by / 1e6,
                              GFLOP=fl / 1e9, peak=path, floor_us=floor, bound="mem" if t_mem >= t_fl else "compute",
                              predicted_us=pred, pred_over_floor=pred / floor,
+                             pred_over_launch_floor=pred / max(floor, len(ks) * LAUNCH_US),
                              kernels={k.name: round(k.time_us(gpu), 2) for k in ks}))
     return rows
 
@@ -658,7 +779,7 @@ def merge_measured(rows: List[dict], calls, paths: Sequence[str]) -> int:
 def format_table(rows: List[dict], gpu_name: str) -> str:
     measured = any("measured_us" in r for r in rows)
     hdr = (f"{'kernel':<17}{'dir':<4}{'model/level':<24}{'shape':<46}{'dtype':<9}{'MB':>8}{'GFLOP':>8}"
-           f"{'floor us':>9} {'bound':<14}{'pred us':>9}{'pred/fl':>8}")
+           f"{'floor us':>9} {'bound':<14}{'pred us':>9}{'pred/fl':>8}{'pred/lf':>8}")
     if measured:
         hdr += f"{'meas us':>9}{'%floor':>7}"
     g = GPUS[gpu_name]
@@ -669,7 +790,7 @@ def format_table(rows: List[dict], gpu_name: str) -> str:
         line = (f"{r['op']:<17}{r['direction']:<4}{(r['model'] + '/' + str(r['level']))[:23]:<24}{r['shape'][:45]:<46}"
                 f"{r['dtype']:<9}{r['MB']:>8.2f}{r['GFLOP']:>8.3f}{r['floor_us']:>9.2f} "
                 f"{r['bound'] + '(' + r['peak'].split()[0] + ')' if r['bound'] == 'compute' else 'mem':<14}"
-                f"{r['predicted_us']:>9.1f}{r['pred_over_floor']:>7.1f}x")
+                f"{r['predicted_us']:>9.1f}{r['pred_over_floor']:>7.1f}x{r['pred_over_launch_floor']:>7.1f}x")
         if measured:
             line += (f"{r['measured_us']:>9.1f}{r['pct_of_floor']:>6.0f}%" if "measured_us" in r else f"{'-':>9}{'-':>7}")
         lines.append(line)

@@ -25,7 +25,8 @@ TARGETS = [
     pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
         not (CUDA_OK and _extension.has_kernel("meta_block", "CUDA")), reason="no CUDA device or CUDA kernels")]),
 ]
-TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+# "tf32": float32 tensors through tf32 tensor-core products (10-bit mantissas, torch.backends.cuda.matmul.allow_tf32)
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2, "tf32": 1e-3}
 
 
 @pytest.fixture(params=TARGETS)
@@ -129,6 +130,7 @@ META_CASES = {
     "multi-tile": (1, 2, 4, 3, 37, 35, 1, 1),  # a 37x35 patch walked in 32x32 tiles (+ edge tiles)
     "smem-weights-large": (1, 64, 128, 16, 8, 8, 2, 2),   # weights in smem, ~81 KB (opt-in > 48 KB)
     "global-weights": (1, 128, 256, 16, 8, 8, 2, 2),      # hid 256: weights in global memory, > 48 KB smem
+    "deep-tile": (1, 3, 20, 5, 20, 18, 1, 1),  # tensor cores: 2 hidden chunks, warps with unequal pw1 work
 }
 
 
@@ -183,6 +185,37 @@ def test_meta_block_partial_grads(target):
         mask = [j == i for j in range(4)]
         part = run("meta_block_backward", gy, x, w, scale, shift, hid, Cout, mask)
         torch.testing.assert_close(part[i], full[i], rtol=0, atol=0)
+
+
+@pytest.fixture
+def tf32_matmul(request):
+    """Sets torch.backends.cuda.matmul.allow_tf32 for the test (the CUDA kernels read it at launch)."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = request.param
+    yield request.param
+    torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@pytest.mark.parametrize("case", ["odd", "multi-tile", "smem-weights-large", "deep-tile"])
+@pytest.mark.parametrize("dtype, tf32_matmul", [(torch.float32, False), (torch.float32, True),
+                                                (torch.float16, False), (torch.bfloat16, False)],
+                         indirect=["tf32_matmul"], ids=["fp32-3xtf32", "fp32-tf32", "fp16", "bf16"])
+def test_meta_block_forward_mma(target, case, dtype, tf32_matmul):
+    """The tensor-core forward: contiguous and patch-major (channels_last) weights give the same bits,
+    within the dtype's tolerance of float64 (float32: 3xTF32 unless TF32 is allowed)."""
+    run = Target(target)
+    x, w, scale, shift, hid, Cout = _meta_inputs(case, dtype)
+    ref = _meta_reference(x.double(), w.double(), scale.double(), shift.double(), hid, Cout)
+    before = len(ce.launched()) if target == "emulated" else 0
+    y = run("meta_block", x, w, scale, shift, hid, Cout)
+    y_pm = run("meta_block", x, w.contiguous(memory_format=torch.channels_last), scale, shift, hid, Cout)
+    assert torch.equal(y, y_pm)
+    close(y, ref, "tf32" if tf32_matmul else dtype, "y")
+    if target == "emulated":
+        split = 1 if dtype != torch.float32 or tf32_matmul else 3
+        name = {torch.float32: "float", torch.float16: "c10::Half", torch.bfloat16: "c10::BFloat16"}[dtype]
+        mine = ce.launched()[before:]
+        assert len(mine) == 2 and all(f"meta_forward_mma_kernel<{name}, {split}>" in v for _, v in mine), mine
 
 
 # (B, Cin, Cout, H, W, gh, gw)
@@ -292,8 +325,15 @@ def test_schedules(order):
     close(y, _pw_reference(x.double(), w.double(), None, s, p, d, groups), torch.float32, "y")
 
 
+def _barrier_after(path, marker, n=0):
+    """The n-th ``__syncthreads()`` site of a csrc/cuda source after the first line containing ``marker``."""
+    start = next(i for i, line in enumerate((ce.CUDA_DIR / path).read_text().splitlines(), 1) if marker in line)
+    return [s for s in ce.barriers(path) if int(s.rsplit(":", 1)[1]) > start][n]
+
+
 @pytest.mark.cuda_emulated
-@pytest.mark.parametrize("site", [ce.barriers("meta_block_kernels.cuh")[1], ce.barriers("patchwise_conv2d_kernels.cuh")[0]])
+@pytest.mark.parametrize("site", [_barrier_after("meta_block_kernels.cuh", "meta_forward_mma_kernel(", 2),
+                                  ce.barriers("patchwise_conv2d_kernels.cuh")[0]])
 def test_missing_barrier_fails(site):
     """A build with this __syncthreads() removed gives wrong results (the emulator exposes the race);
     benchmarks/emulator_mutations.py shows it for every barrier of meta_block and patchwise_conv2d."""
@@ -301,7 +341,7 @@ def test_missing_barrier_fails(site):
     with ce.without_barrier(site):
         with pytest.raises(AssertionError, match="max error"):
             if site.startswith("meta"):
-                check_meta(run, "odd", torch.float32, backward=False)
+                check_meta(run, "deep-tile", torch.float32, backward=False)  # warps with unequal pw1 work
             else:
                 test_patchwise_conv2d("emulated", "odd-3x3", torch.float32)
 
@@ -359,5 +399,77 @@ def test_every_kernel_launched(request):
     for want in ("pw_forward_kernel<float, true>", "pw_forward_kernel<float, false>",
                  "hmsa_fuse_kernel<float, float, 20, true>", "hmsa_fuse_kernel<float, float, 20, false>",
                  "hmsa_fuse_kernel<float, float, 40, false>", "hmsa_fuse_kernel<float, float, 160, false>",
-                 "meta_forward_kernel<c10::Half>", "meta_backward_kernel<c10::BFloat16>"):
+                 "meta_forward_kernel<double>", "meta_backward_kernel<c10::BFloat16>",
+                 "meta_forward_mma_kernel<float, 3>", "meta_forward_mma_kernel<float, 1>",
+                 "meta_forward_mma_kernel<c10::Half, 1>", "meta_forward_mma_kernel<c10::BFloat16, 1>"):
         assert any(want in v for v in variants), f"{want} never launched"
+
+
+# --------------------------------------------------------------------------------------------
+# the emulator's tensor cores (nvcuda::wmma, csrc/emu/wmma.h)
+# --------------------------------------------------------------------------------------------
+def _tf32(t, rounding):
+    """float32 -> tf32 (10 mantissa bits): "nearest" (ties away, cvt.rna) or "truncate"."""
+    bits = t.float().contiguous().view(torch.int32)
+    if rounding == "nearest":
+        bits = bits + 0x1000
+    return (bits & ~0x1FFF).view(torch.float32)
+
+
+@pytest.mark.cuda_emulated
+@pytest.mark.parametrize("dtype, shape", [(torch.float32, "16x16"), (torch.float16, "16x16"),
+                                          (torch.bfloat16, "16x16"), (torch.bfloat16, "32x8"),
+                                          (torch.float16, "8x32")])
+@pytest.mark.parametrize("layouts", [(False, False, False), (True, False, True), (False, True, False),
+                                     (True, True, True)], ids=["rrr", "crc", "rcr", "ccc"])
+def test_emulator_wmma_gemm(dtype, shape, layouts):
+    """2 (A B) + C on the emulated tensor cores, several warps and tiles, every operand layout, against
+    float64: exact products of the rounded operands (tf32 for float32), float accumulation."""
+    g = torch.Generator().manual_seed(1)
+    M, N, K = 32, 64, 48
+    a = torch.randn(M, K, generator=g).to(dtype)
+    b = torch.randn(K, N, generator=g).to(dtype)
+    c = torch.randn(M, N, generator=g)
+    if (shape == "32x8" and not layouts[1]) or (shape == "8x32" and layouts[0]):
+        # the 8-wide tiles start 16 bytes into a 16-bit row: not 256-bit aligned, refused as on a GPU
+        with pytest.raises(RuntimeError, match="not 256-bit"):
+            ce.ops().wmma_gemm(a, b, c, *layouts, shape)
+        return
+    d = ce.ops().wmma_gemm(a, b, c, *layouts, shape)
+    assert not d.isnan().any()
+    if dtype == torch.float32:
+        ra, rb = _tf32(a, "nearest"), _tf32(b, "nearest")
+    else:
+        ra, rb = a, b
+    want = 2 * (ra.double() @ rb.double()) + c.double()
+    assert (d.double() - want).abs().max() < 1e-4
+    if dtype == torch.float32:  # tf32 is really emulated: fp32 products differ by far more
+        assert (d.double() - (2 * (a.double() @ b.double()) + c.double())).abs().max() > 1e-3
+
+
+@pytest.mark.cuda_emulated
+def test_emulator_tf32_rounding():
+    """tf32 operands as the GPU converts them (cvt.rna: nearest, ties away from zero): A times the identity."""
+    vals = [1.0 + 2 ** -11, 1.0 + 2 ** -12, -(1.0 + 3 * 2 ** -11), 1.0 + 2 ** -10 + 2 ** -13, 0.1]
+    want = [1.0 + 2 ** -10, 1.0, -(1.0 + 2 * 2 ** -10), 1.0 + 2 ** -10, 0.0999755859375]
+    a = torch.zeros(16, 8)
+    a[0, :5] = torch.tensor(vals)
+    d = ce.ops().wmma_gemm(a, torch.eye(8, 16), torch.zeros(16, 16), False, False, False, "16x16")
+    assert (d[0, :5] / 2).tolist() == want
+    assert _tf32(torch.tensor(vals), "nearest").tolist() == want
+
+
+@pytest.mark.cuda_emulated
+@pytest.mark.parametrize("kind, message", [
+    ("wmma_exited_lane", "which has exited"),
+    ("wmma_divergent", "different warp operations"),
+    ("wmma_nonuniform", "pass a different pointer"),
+    ("wmma_misaligned", "not 256-bit"),
+    ("wmma_ldm", "not a multiple of 16 bytes"),
+    ("wmma_partial_warp", "which does not exist"),
+])
+def test_emulator_wmma_reports(kind, message):
+    """A wmma call that a lane misses, that lanes reach at different places or with different arguments,
+    or that breaks the alignment rules, is an error (undefined behaviour on a GPU)."""
+    with pytest.raises(RuntimeError, match=message):
+        ce.ops().selftest(kind)

@@ -19,8 +19,11 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <ATen/Context.h>
+
 #include <algorithm>
 #include <array>
+#include <type_traits>
 
 #include "common/meta_block.h"
 #include "common/meta_block_host.h"
@@ -61,16 +64,79 @@ TilePlan plan_tiles(int64_t PH, int64_t PW, size_t elem, F&& elems_of) {
   return {};
 }
 
-at::Tensor meta_block_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+// Tensor-core forward: the largest tile (whole patch, else 32/16/8/4-px sides) whose pw2 accumulators
+// fit the warps' registers (kMaxAccTiles 16x16 tiles per warp) and whose shared memory fits, preferring
+// <= 113 KB (two blocks per SM); ok false when nothing fits (the CUDA-core kernel runs instead).
+struct MmaPlan {
+  MmaGeom g;
+  bool ok;
+};
+
+MmaPlan plan_mma(int64_t Cin, int64_t hid, int64_t Cout, int64_t PH, int64_t PW, int esize, int k) {
+  const cudaDeviceProp* prop = &gpu::props();
+  const size_t limit = prop->sharedMemPerBlockOptin > 0 ? prop->sharedMemPerBlockOptin : prop->sharedMemPerBlock;
+  const int64_t sides[] = {32, 16, 8, 4, 2, 1};
+  for (size_t budget : {std::min<size_t>(limit, 113 * 1024), limit}) {
+    for (int64_t T : sides) {
+      const int th = static_cast<int>(std::min(T, PH)), tw = static_cast<int>(std::min(T, PW));
+      const MmaGeom g = mma_geometry(Cin, hid, Cout, th, tw, esize, k);
+      const int tiles = (g.m3 / 16) * (g.np / 16);
+      if (tiles <= kWarps * kMaxAccTiles && static_cast<size_t>(g.bytes) <= budget) return {g, true};
+    }
+  }
+  return {MmaGeom{}, false};
+}
+
+template <typename scalar_t, int kSplit>
+void launch_meta_mma(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& shift,
+                     at::Tensor& y, int64_t hidden, int64_t out_channels, const MmaGeom& g) {
+  const int64_t B = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t gh = weight.size(2), gw = weight.size(3);
+  gpu::allow_dynamic_smem(meta_forward_mma_kernel<scalar_t, kSplit>, static_cast<size_t>(g.bytes));
+  PYSEG_LAUNCH(static_cast<unsigned>(B * gh * gw), kThreads, g.bytes, gpu::stream(),
+               meta_forward_mma_kernel<scalar_t, kSplit>)(
+      x.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(), scale.const_data_ptr<scalar_t>(),
+      shift.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), Cin, hidden, out_channels, H, W, gh, gw,
+      meta::patch_major(weight), g);
+  PYSEG_LAUNCH_CHECK();
+}
+
+// Launches the tensor-core forward; false when its plan does not fit (then the caller runs the
+// CUDA-core kernel). float: tf32 products when torch.backends.cuda.matmul.allow_tf32 is set, else
+// 3xTF32 (about float32 accuracy).
+template <typename scalar_t>
+bool meta_forward_mma(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& shift,
+                      at::Tensor& y, int64_t hidden, int64_t out_channels) {
+  if constexpr (std::is_same_v<scalar_t, double>) {
+    return false;
+  } else {
+    using Op = mma::Operand<scalar_t>;
+    const int64_t Cin = x.size(1), H = x.size(2), W = x.size(3);
+    const int64_t gh = weight.size(2), gw = weight.size(3);
+    const MmaPlan plan = plan_mma(Cin, hidden, out_channels, meta::max_patch_size(H, gh),
+                                  meta::max_patch_size(W, gw), sizeof(typename Op::mem), Op::k);
+    if (!plan.ok) return false;
+    if (std::is_same_v<scalar_t, float> && !at::globalContext().allowTF32CuBLAS())
+      launch_meta_mma<scalar_t, std::is_same_v<scalar_t, float> ? 3 : 1>(x, weight, scale, shift, y, hidden,
+                                                                        out_channels, plan.g);
+    else
+      launch_meta_mma<scalar_t, 1>(x, weight, scale, shift, y, hidden, out_channels, plan.g);
+    return true;
+  }
+}
+
+at::Tensor meta_block_cuda(const at::Tensor& x, const at::Tensor& weight_in, const at::Tensor& scale,
                            const at::Tensor& shift, int64_t hidden, int64_t out_channels) {
-  const WeightLayout L = meta::check_meta_block(x, weight, scale, shift, hidden, out_channels);
+  const WeightLayout L = meta::check_meta_block(x, weight_in, scale, shift, hidden, out_channels, true);
   TORCH_CHECK(gpu::on_device(x), "meta_block (CUDA): x must be a CUDA tensor");
   const gpu::DeviceGuard guard(x.device());
   const int64_t B = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3);
-  const int64_t gh = weight.size(2), gw = weight.size(3), G = gh * gw;
+  const int64_t gh = weight_in.size(2), gw = weight_in.size(3), G = gh * gw;
   at::Tensor y = at::empty({B, out_channels, H, W}, x.options());
   const int64_t PH = meta::max_patch_size(H, gh), PW = meta::max_patch_size(W, gw);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "meta_block_cuda", [&] {
+    if (meta_forward_mma<scalar_t>(x, weight_in, scale, shift, y, hidden, out_channels)) return;
+    const at::Tensor weight = weight_in.contiguous();  // the CUDA-core kernel reads the default layout
     using acc_t = at::opmath_type<scalar_t>;
     const TilePlan plan = plan_tiles(PH, PW, sizeof(acc_t), [&](int64_t th, int64_t tw, bool wsmem) {
       return (wsmem ? L.numel() : 0) + (Cin + hidden) * (th + 2) * (tw + 2) + hidden * th * tw;

@@ -18,7 +18,10 @@
 #pragma once
 
 #include "common/meta_block.h"
+#include <algorithm>
+
 #include "cuda/block_kernels.cuh"
+#include "cuda/mma.cuh"
 #include "cuda/runtime.cuh"
 
 namespace pyseg {
@@ -153,6 +156,219 @@ __global__ void __launch_bounds__(kThreads) meta_forward_kernel(
       acc = acc * static_cast<acc_t>(scale[L.a3() + o]) + static_cast<acc_t>(shift[L.a3() + o]);
       y[((P.b * Cout + o) * H + tr0 + p / ew) * W + tc0 + p % ew] = static_cast<scalar_t>(acc);
     }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// forward on the tensor cores (float as tf32 or 3xTF32, fp16, bf16)
+// ------------------------------------------------------------------------------------------------
+// One block of 8 warps per (sample, patch), tiles of th x tw output pixels as above. Per tile the
+// block loads x's haloed tile once (operand type, rows = channels, zero-padded to the MMA depth),
+// then walks the hidden channels in chunks of 16:
+//   pw1   H1[16, haloed px] = W1[chunk, Cin] X[Cin, haloed px]      wmma, warps over 16-px columns
+//   dw    H2[16, px] = relu6(dw3x3(relu6(H1 s1 + t1)) s2 + t2)       CUDA cores (operand type out)
+//   pw2   Y[Cout, px] += W3[Cout, chunk] H2[chunk, px]               wmma, accumulators stay in registers
+// and finally stores Y (through shared memory) as y = Y * s3 + t3. Padded rows/columns of the MMA
+// operands are zero (a NaN there would reach real outputs through 0 * NaN); row strides are padded by
+// 16 bytes so that the 8 rows a tensor-core load touches at once fall in different banks.
+constexpr int kWarps = kThreads / 32;
+constexpr int kChunk = 16;      // hidden channels per chunk (one MMA depth of fp16/bf16, two of tf32)
+constexpr int kMaxAccTiles = 4;  // 16x16 pw2 accumulator tiles per warp (8 floats per lane each)
+constexpr int kDwRows = 8;       // output rows per thread of the depthwise stage
+
+struct MmaGeom {
+  int th, tw;                      // tile, output pixels
+  int k1, m1, ldw1;                // pw1: depth (Cin padded to the MMA k), rows (hid padded to 16), W1 stride
+  int m3, ldw3;                    // pw2: rows (Cout padded to 16), W3 stride (depth: m1)
+  int nq, ldx, ldh1;               // haloed tile pixels padded to 16; X and H1 strides
+  int np, ldh2, ldy;               // tile pixels padded to 16; H2 and Y strides
+  int64_t ow1, ow3, ow2, oaff, ox, oh1, oh2, ooff, bytes;  // shared-memory byte offsets, total
+};
+
+__host__ __device__ constexpr int round_up(int v, int m) { return (v + m - 1) / m * m; }
+
+// Geometry of a th x tw tile for operand size `esize` (bytes) and MMA depth k.
+inline MmaGeom mma_geometry(int64_t Cin, int64_t hid, int64_t Cout, int th, int tw, int esize, int k) {
+  MmaGeom g{};
+  const int pad = 16 / esize;  // 16 bytes of row padding (operands); 4 floats for float buffers
+  g.th = th;
+  g.tw = tw;
+  g.k1 = round_up(static_cast<int>(Cin), k);
+  g.m1 = round_up(static_cast<int>(hid), kChunk);
+  g.ldw1 = g.k1 + pad;
+  g.m3 = round_up(static_cast<int>(Cout), 16);
+  g.ldw3 = g.m1 + pad;
+  g.nq = round_up((th + 2) * (tw + 2), 16);
+  g.ldx = g.nq + pad;
+  g.ldh1 = g.nq + 4;
+  g.np = round_up(th * tw, 16);
+  g.ldh2 = g.np + pad;
+  g.ldy = g.np + 4;
+  int64_t off = 0;
+  auto take = [&](int64_t bytes) {
+    const int64_t o = off;
+    off += (bytes + 127) / 128 * 128;
+    return o;
+  };
+  g.ow1 = take(int64_t{g.m1} * g.ldw1 * esize);
+  g.ow3 = take(int64_t{g.m3} * g.ldw3 * esize);
+  g.ow2 = take(9 * hid * 4);
+  g.oaff = take(2 * (2 * hid + Cout) * 4);
+  g.ox = take(int64_t{g.k1} * g.ldx * esize);
+  g.oh1 = take(std::max<int64_t>(int64_t{kChunk} * g.ldh1, int64_t{g.m3} * g.ldy) * 4);  // H1, then Y
+  g.oh2 = take(int64_t{kChunk} * g.ldh2 * esize);
+  g.ooff = take(int64_t{g.nq} * 4);  // x offset of every haloed tile pixel
+  g.bytes = off;
+  return g;
+}
+
+template <typename scalar_t, int kSplit>
+__global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
+    const scalar_t* __restrict__ x, const scalar_t* __restrict__ weight, const scalar_t* __restrict__ scale,
+    const scalar_t* __restrict__ shift, scalar_t* __restrict__ y, int64_t Cin, int64_t hid, int64_t Cout, int64_t H,
+    int64_t W, int64_t gh, int64_t gw, bool patch_major, MmaGeom g) {
+  namespace wmma = mma::wmma;
+  using Op = mma::Operand<scalar_t>;
+  using T = typename Op::mem;
+  constexpr int K = Op::k;
+  using FragA = wmma::fragment<wmma::matrix_a, 16, 16, K, typename Op::type, wmma::row_major>;
+  using FragB = wmma::fragment<wmma::matrix_b, 16, 16, K, typename Op::type, wmma::row_major>;
+  using FragC = wmma::fragment<wmma::accumulator, 16, 16, K, float>;
+  PYSEG_DYNAMIC_SMEM(smem_raw);
+  T* w1s = reinterpret_cast<T*>(smem_raw + g.ow1);
+  T* w3s = reinterpret_cast<T*>(smem_raw + g.ow3);
+  float* w2s = reinterpret_cast<float*>(smem_raw + g.ow2);
+  float* aff = reinterpret_cast<float*>(smem_raw + g.oaff);  // [scale (2 hid + Cout) | shift (2 hid + Cout)]
+  T* xs = reinterpret_cast<T*>(smem_raw + g.ox);
+  float* h1 = reinterpret_cast<float*>(smem_raw + g.oh1);
+  float* ys = h1;  // Y reuses H1's space after the last chunk
+  T* h2 = reinterpret_cast<T*>(smem_raw + g.oh2);
+  const WeightLayout L{Cin, hid, Cout};
+  const int64_t N = L.numel(), G = gh * gw, A = L.affine_numel();
+  const DevPatch P(blockIdx.x, gh, gw, H, W);
+  const int tid = static_cast<int>(threadIdx.x), warp = tid / 32, lane = tid % 32;
+  // weights of this patch: contiguous (patch-major) or strided by G; W1/W3 zero-padded
+  const scalar_t* src = patch_major ? weight + (P.b * G + P.patch) * N : weight + P.b * N * G + P.patch;
+  const int64_t ws = patch_major ? 1 : G;
+  for (int idx = tid; idx < g.m1 * g.k1; idx += kThreads) {
+    const int r = idx / g.k1, c = idx % g.k1;
+    w1s[r * g.ldw1 + c] = (r < hid && c < Cin) ? static_cast<T>(static_cast<float>(src[(L.w1() + r * Cin + c) * ws])) : T(0.0f);
+  }
+  for (int idx = tid; idx < g.m3 * g.m1; idx += kThreads) {
+    const int r = idx / g.m1, c = idx % g.m1;
+    w3s[r * g.ldw3 + c] = (r < Cout && c < hid) ? static_cast<T>(static_cast<float>(src[(L.w3() + r * hid + c) * ws])) : T(0.0f);
+  }
+  for (int idx = tid; idx < 9 * hid; idx += kThreads) w2s[idx] = static_cast<float>(src[(L.w2() + idx) * ws]);
+  for (int idx = tid; idx < A; idx += kThreads) {
+    aff[idx] = static_cast<float>(scale[idx]);
+    aff[A + idx] = static_cast<float>(shift[idx]);
+  }
+  const int mt3 = g.m3 / 16;
+  for (int64_t t = 0; t < div_up(P.ph, g.th) * div_up(P.pw, g.tw); ++t) {
+    const auto [eh, ew, tr0, tc0, hw, hq, tp] = patch_tile(P, g.th, g.tw, t);
+    // x's haloed tile, rows = channels (zero rows up to k1, zero columns from hq to nq). The reflected
+    // image offset of each haloed pixel is the same in every channel: computed once per tile into a
+    // table, then a warp per channel copies it with lanes along the pixels (no per-element division)
+    const int hwi = static_cast<int>(hw), hqi = static_cast<int>(hq);
+    const int ewi = static_cast<int>(ew), tpi = static_cast<int>(tp);
+    int* xoff = reinterpret_cast<int*>(smem_raw + g.ooff);
+    for (int q = tid; q < hqi; q += kThreads)
+      xoff[q] = static_cast<int>(reflect_index(tr0 - 1 + q / hwi, H) * W + reflect_index(tc0 - 1 + q % hwi, W));
+    __syncthreads();  // offsets ready (and the previous tile's epilogue done with Y)
+    for (int c = warp; c < g.k1; c += kWarps) {
+      T* dst = xs + c * g.ldx;
+      if (c < Cin) {
+        const scalar_t* xc = x + (P.b * Cin + c) * H * W;
+        for (int q = lane; q < g.nq; q += 32)
+          dst[q] = q < hqi ? static_cast<T>(static_cast<float>(xc[xoff[q]])) : T(0.0f);
+      } else {
+        for (int q = lane; q < g.nq; q += 32) dst[q] = T(0.0f);
+      }
+    }
+    __syncthreads();  // weights and x staged
+    const int nt1 = static_cast<int>(div_up(hq, 16)), nt3 = static_cast<int>(div_up(tp, 16));
+    const int mine = (mt3 * nt3 - warp + kWarps - 1) / kWarps;  // pw2 tiles of this warp: warp + kWarps * i
+    FragC acc[kMaxAccTiles];
+#pragma unroll
+    for (int i = 0; i < kMaxAccTiles; ++i)
+      if (i < mine) wmma::fill_fragment(acc[i], 0.0f);
+    for (int k0 = 0; k0 < g.m1; k0 += kChunk) {
+      // pw1 of the chunk
+      for (int n = warp; n < nt1; n += kWarps) {
+        FragC c1;
+        wmma::fill_fragment(c1, 0.0f);
+        for (int kk = 0; kk < g.k1; kk += K) {
+          FragA a;
+          FragB b;
+          wmma::load_matrix_sync(a, w1s + k0 * g.ldw1 + kk, g.ldw1);
+          wmma::load_matrix_sync(b, xs + kk * g.ldx + n * 16, g.ldx);
+          mma::multiply_accumulate<scalar_t, kSplit>(c1, a, b);
+        }
+        wmma::store_matrix_sync(h1 + n * 16, c1, g.ldh1, wmma::mem_row_major);
+      }
+      __syncthreads();
+      // dw3x3 of the chunk; rows past hid are zero (pw2 reads them against W3's zero columns). A thread
+      // per (channel, column, block of kDwRows output rows): lanes along a row (no bank conflicts within
+      // a row), the 9 taps in registers, a 3-row window sliding down (3 (kDwRows + 2) loads per kDwRows px)
+      const int nrb = (static_cast<int>(eh) + kDwRows - 1) / kDwRows;
+      for (int idx = tid; idx < kChunk * nrb * ewi; idx += kThreads) {
+        const int j = idx % ewi, rest = idx / ewi, rb = rest % nrb, r = rest / nrb;
+        const int64_t k = k0 + r;
+        const int i0 = rb * kDwRows, i1 = min(i0 + kDwRows, static_cast<int>(eh));
+        T* out = h2 + r * g.ldh2 + j;
+        if (k >= hid) {
+          for (int i = i0; i < i1; ++i) out[i * ewi] = T(0.0f);
+          continue;
+        }
+        float wk[9];
+#pragma unroll
+        for (int d = 0; d < 9; ++d) wk[d] = w2s[9 * k + d];
+        const float s1 = aff[L.a1() + k], t1 = aff[A + L.a1() + k];
+        const float s2 = aff[L.a2() + k], t2 = aff[A + L.a2() + k];
+        const float* hk = h1 + r * g.ldh1 + j;
+        auto act = [&](float v) { return meta::relu6(v * s1 + t1); };  // pw1's affine + ReLU6, on load
+        float a0 = act(hk[i0 * hwi]), a1 = act(hk[i0 * hwi + 1]), a2 = act(hk[i0 * hwi + 2]);
+        float b0 = act(hk[(i0 + 1) * hwi]), b1 = act(hk[(i0 + 1) * hwi + 1]), b2 = act(hk[(i0 + 1) * hwi + 2]);
+        for (int i = i0; i < i1; ++i) {
+          const float* row = hk + (i + 2) * hwi;
+          const float c0 = act(row[0]), c1 = act(row[1]), c2 = act(row[2]);
+          const float v = wk[0] * a0 + wk[1] * a1 + wk[2] * a2 + wk[3] * b0 + wk[4] * b1 + wk[5] * b2 + wk[6] * c0 +
+                          wk[7] * c1 + wk[8] * c2;
+          out[i * ewi] = static_cast<T>(meta::relu6(v * s2 + t2));
+          a0 = b0, a1 = b1, a2 = b2;
+          b0 = c0, b1 = c1, b2 = c2;
+        }
+      }
+      __syncthreads();  // H2 complete (and H1 free for the next chunk's pw1)
+      // pw2: this warp's accumulator tiles += W3[:, chunk] H2
+#pragma unroll
+      for (int i = 0; i < kMaxAccTiles; ++i) {
+        if (i >= mine) continue;
+        const int tile = warp + kWarps * i, m = tile % mt3, n = tile / mt3;
+        for (int kk = 0; kk < kChunk; kk += K) {
+          FragA a;
+          FragB b;
+          wmma::load_matrix_sync(a, w3s + m * 16 * g.ldw3 + k0 + kk, g.ldw3);
+          wmma::load_matrix_sync(b, h2 + kk * g.ldh2 + n * 16, g.ldh2);
+          mma::multiply_accumulate<scalar_t, kSplit>(acc[i], a, b);
+        }
+      }
+      // the next chunk's pw1 writes H1 (not read here) and its dw writes H2 only after a barrier
+    }
+    // Y through shared memory (H1's space: its last reader, the dw, finished before the last barrier)
+#pragma unroll
+    for (int i = 0; i < kMaxAccTiles; ++i) {
+      if (i >= mine) continue;
+      const int tile = warp + kWarps * i, m = tile % mt3, n = tile / mt3;
+      wmma::store_matrix_sync(ys + m * 16 * g.ldy + n * 16, acc[i], g.ldy, wmma::mem_row_major);
+    }
+    __syncthreads();
+    for (int idx = tid; idx < Cout * tpi; idx += kThreads) {
+      const int o = idx / tpi, p = idx % tpi;
+      const float v = ys[o * g.ldy + p] * aff[L.a3() + o] + aff[A + L.a3() + o];
+      y[((P.b * Cout + o) * H + tr0 + p / ewi) * W + tc0 + p % ewi] = static_cast<scalar_t>(v);
+    }
+    // the next tile's first barrier keeps its pw1 (which overwrites Y) behind these reads
   }
 }
 

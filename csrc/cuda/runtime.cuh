@@ -4,7 +4,7 @@
 //
 //   PYSEG_LAUNCH(grid, block, smem, stream, kernel)(args...)   kernel<<<grid, block, smem, stream>>>(args...)
 //   PYSEG_LAUNCH_CHECK()                                       C10_CUDA_KERNEL_LAUNCH_CHECK()
-//   PYSEG_DYNAMIC_SMEM(name)                                   extern __shared__ unsigned char name[] (16-aligned)
+//   PYSEG_DYNAMIC_SMEM(name)                                   extern __shared__ unsigned char name[] (128-byte aligned)
 //   PYSEG_CUDA_KERNELS(op, forward, backward)                 PYSEG_KERNELS(CUDA, op, forward, backward)
 //   gpu::props(), gpu::stream(), gpu::DeviceGuard, gpu::on_device(t), gpu::allow_dynamic_smem(kernel, bytes)
 #pragma once
@@ -53,7 +53,7 @@ void allow_dynamic_smem(K kernel, size_t bytes) {
 
 #define PYSEG_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
 #define PYSEG_LAUNCH_CHECK() C10_CUDA_KERNEL_LAUNCH_CHECK()
-#define PYSEG_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#define PYSEG_DYNAMIC_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
 #define PYSEG_CUDA_KERNELS(op, forward, backward) PYSEG_KERNELS(CUDA, op, forward, backward)
 
 namespace pyseg {

@@ -1,6 +1,7 @@
 // The CUDA emulator's scheduler, barriers, warp collectives, shared memory and launch checks
 // (see cuda_emu.h).
 #include "emu/cuda_emu.h"
+#include "emu/wmma.h"
 
 #include <c10/util/Exception.h>
 #include <torch/library.h>
@@ -45,6 +46,8 @@ struct Thread {
   unsigned wmask = 0;
   unsigned char wval[8] = {0};
   unsigned long long wresult = 0;
+  void (*whook)(void* const*) = nullptr;  // warp collective (kind 8): runs once all lanes have arrived
+  void* wpayload = nullptr;
   std::string error;
 };
 
@@ -144,8 +147,9 @@ void map_smem(size_t bytes) {
   TORCH_CHECK(p != MAP_FAILED, "CUDA emulator: cannot map shared memory");
   e.smem_map = static_cast<unsigned char*>(p);
   mprotect(e.smem_map + body, page, PROT_NONE);
-  // the data ends at the guard page (16-byte aligned start, as extern __shared__ __align__(16))
-  e.smem = e.smem_map + ((body - bytes) & ~static_cast<size_t>(15));
+  // the data ends at the guard page when its size is a multiple of 128 bytes (the start is 128-byte aligned,
+  // as extern __shared__ __align__(128); wmma needs 32); a tail below 128 is checked as a canary
+  e.smem = e.smem_map + ((body - bytes) & ~static_cast<size_t>(127));
   e.smem_bytes = bytes;
 }
 
@@ -164,6 +168,11 @@ void check_canary(const LaunchInfo& info, dim3 bid) {
   for (unsigned char* p = e.smem_map; p < e.smem; ++p)
     TORCH_CHECK(*p == kPoison, "CUDA emulator: kernel ", info.expr, " wrote to dynamic shared memory ",
                 (e.smem - p), " bytes before its start in block (", bid.x, ",", bid.y, ",", bid.z, ")");
+  const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  for (unsigned char* p = e.smem + e.smem_bytes; p < e.smem_map + e.smem_map_bytes - page; ++p)
+    TORCH_CHECK(*p == kPoison, "CUDA emulator: kernel ", info.expr, " wrote to dynamic shared memory at byte ",
+                (p - e.smem), " of a ", e.smem_bytes, "-byte allocation in block (", bid.x, ",", bid.y, ",", bid.z,
+                ")");
 }
 
 [[noreturn]] void fail_block(const std::string& what) { TORCH_CHECK(false, "CUDA emulator: ", what); }
@@ -207,6 +216,18 @@ bool resolve_warps(std::vector<Thread>& th) {
                    " and " + site_name(t.site_file, t.site_line) + " (" + thread_name(t) + ")");
     }
     if (!complete) continue;
+    if (f.wkind == 8) {  // a tensor-core (wmma) call: the hook does the whole warp's work
+      void* payloads[kWarp];
+      for (int l = 0; l < kWarp; ++l) {
+        if (th[w0 + l].whook != f.whook)
+          fail_block("lanes of one warp meet at different wmma calls at " + site_name(f.site_file, f.site_line));
+        payloads[l] = th[w0 + l].wpayload;
+      }
+      f.whook(payloads);
+      for (int l = 0; l < kWarp; ++l) th[w0 + l].state = State::kReady;
+      any = true;
+      continue;
+    }
     // compute
     unsigned long long ballot = 0;
     for (int l = 0; l < lanes; ++l)
@@ -378,6 +399,17 @@ unsigned long long warp_op(int kind, unsigned mask, void* value, int nbytes, int
   return t->wresult;
 }
 
+void warp_collective(void (*hook)(void* const* lanes), void* payload, const char* file, int line) {
+  Emulator& e = E();
+  Thread* t = e.running;
+  TORCH_CHECK(t != nullptr, "CUDA emulator: wmma call outside a kernel");
+  t->whook = hook;
+  t->wpayload = payload;
+  warp_op(8, 0xffffffffu, nullptr, 0, 0, 32, 0, file, line);
+  t->whook = nullptr;
+  t->wpayload = nullptr;
+}
+
 void set_max_dynamic_smem(const void* fn, int bytes) {
   TORCH_CHECK(bytes >= 0 && static_cast<size_t>(bytes) <= kSmemOptin,
               "CUDA emulator: cudaFuncSetAttribute(MaxDynamicSharedMemorySize, ", bytes,
@@ -480,6 +512,19 @@ int64_t barrier_count() {
 
 }  // namespace emu
 }  // namespace pyseg
+
+namespace nvcuda {
+namespace wmma {
+namespace detail {
+void fail(const char* what, const char* file, int line, const std::string& why) {
+  TORCH_CHECK(false, "CUDA emulator: ", what, " at ", pyseg::emu::site_name(file, line), ": ", why);
+}
+void collective(void (*hook)(void* const* lanes), void* payload, const char* file, int line) {
+  pyseg::emu::warp_collective(hook, payload, file, line);
+}
+}  // namespace detail
+}  // namespace wmma
+}  // namespace nvcuda
 
 // ---------------------------------------------------------------------------------------------
 // Control ops for the tests: torch.ops.pyseg_emu.*

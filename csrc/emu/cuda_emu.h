@@ -8,9 +8,11 @@
 // __syncthreads() the barrier opens. Anything else (a barrier that part of the block reaches, lanes
 // of a warp at different calls, an exited lane named in a mask) is a clear error. Between barriers
 // the threads run in a configurable order (forward, reverse or shuffled), so a missing barrier
-// changes the result. Dynamic shared memory is poisoned (NaN bytes) at block start, fenced by a
-// guard page after its end (a read or write past the end is reported) and by a canary before its
-// start (a write before it is reported). Launches are checked against an H100's limits (threads
+// changes the result. Dynamic shared memory is poisoned (NaN bytes) at block start, starts 128-byte
+// aligned, and is fenced by a guard page after its end (a read or write past the end is reported; a
+// size that is not a multiple of 128 leaves a tail checked as a canary) and by a canary before its
+// start (a write before it is reported). Tensor-core calls (nvcuda::wmma, emu/wmma.h) are warp
+// collectives like the shuffles. Launches are checked against an H100's limits (threads
 // per block, grid, dynamic shared memory up to 48 KB, or 227 KB after the opt-in
 // cudaFuncSetAttribute) and recorded by kernel name.
 //
@@ -73,10 +75,14 @@ const cudaDeviceProp& device_props();
 // Block barrier (site: the source line, so that divergent barriers and disabled ones are known).
 void syncthreads(const char* file, int line);
 
-// Warp collectives. kind: 0 shfl idx, 1 up, 2 down, 3 xor, 4 all, 5 any, 6 ballot, 7 syncwarp.
+// Warp collectives. kind: 0 shfl idx, 1 up, 2 down, 3 xor, 4 all, 5 any, 6 ballot, 7 syncwarp, 8 wmma.
 // `value` is in/out (up to 8 bytes); returns the vote result for kinds 4..6.
 unsigned long long warp_op(int kind, unsigned mask, void* value, int nbytes, int arg, int width, int pred,
                            const char* file, int line);
+
+// Warp-collective call with a hook (the tensor-core calls of emu/wmma.h): all 32 lanes of the warp must
+// reach it at one call site; then hook(payloads of lanes 0..31) runs once and the lanes go on.
+void warp_collective(void (*hook)(void* const* lanes), void* payload, const char* file, int line);
 
 // Host side of the launcher.
 struct LaunchInfo {

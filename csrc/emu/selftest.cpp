@@ -8,6 +8,7 @@
 
 #include <string>
 
+#include "cuda/mma.cuh"
 #include "cuda/runtime.cuh"
 
 namespace pyseg {
@@ -90,6 +91,106 @@ __global__ void neighbour_kernel(int* out) {
   out[t] = buf[(t + 1) % n];
 }
 
+// Tensor cores: D = 2 * (A B) + C, one 16x16 (MxN) output tile per warp, A (M x K) and B (K x N) read in
+// row- or column-major memory as the fragment layouts say, C and D in row- or column-major memory; the
+// doubling and the addition of C are elementwise on the accumulator fragments (same mapping).
+template <class S, int M, int N, class LA, class LB>
+__global__ void wmma_gemm_kernel(const S* a, const S* b, const float* c, float* d, int rows, int cols, int depth,
+                                 bool c_col) {
+  using Op = mma::Operand<S>;
+  namespace wmma = mma::wmma;
+  constexpr int K = Op::k;
+  constexpr bool a_col = std::is_same_v<LA, wmma::col_major>, b_col = std::is_same_v<LB, wmma::col_major>;
+  const int warp = static_cast<int>(threadIdx.x / 32), tiles_n = cols / N;
+  const int tile = static_cast<int>(blockIdx.x) * static_cast<int>(blockDim.x / 32) + warp;
+  if (tile >= (rows / M) * tiles_n) return;  // whole warps only
+  const int r0 = (tile / tiles_n) * M, c0 = (tile % tiles_n) * N;
+  wmma::fragment<wmma::matrix_a, M, N, K, typename Op::type, LA> fa;
+  wmma::fragment<wmma::matrix_b, M, N, K, typename Op::type, LB> fb;
+  wmma::fragment<wmma::accumulator, M, N, K, float> acc, fc;
+  wmma::fill_fragment(acc, 0.0f);
+  for (int k0 = 0; k0 < depth; k0 += K) {
+    // A(r, k) at a[r * depth + k] (row-major) or a[k * rows + r] (column-major); B likewise
+    wmma::load_matrix_sync(fa, mma::operand_ptr(a) + (a_col ? k0 * rows + r0 : r0 * depth + k0), a_col ? rows : depth);
+    wmma::load_matrix_sync(fb, mma::operand_ptr(b) + (b_col ? c0 * depth + k0 : k0 * cols + c0), b_col ? depth : cols);
+    mma::round_operand<S>(fa);
+    mma::round_operand<S>(fb);
+    wmma::mma_sync(acc, fa, fb, acc);
+  }
+  const auto lay = c_col ? wmma::mem_col_major : wmma::mem_row_major;
+  const int off = c_col ? c0 * rows + r0 : r0 * cols + c0, ld = c_col ? rows : cols;
+  wmma::load_matrix_sync(fc, c + off, ld, lay);
+  for (int i = 0; i < acc.num_elements; ++i) acc.x[i] = 2.0f * acc.x[i] + fc.x[i];
+  wmma::store_matrix_sync(d + off, acc, ld, lay);
+}
+
+// Faulty uses of the tensor cores (each must be reported): kind 0 a lane exits before mma_sync, 1 lanes
+// at different loads, 2 a lane passes another pointer, 3 a misaligned pointer, 4 ldm of 12 bytes.
+__global__ void wmma_fault_kernel(const float* a, float* d, int kind) {
+  namespace wmma = mma::wmma;
+  wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> fa;
+  wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major> fb;
+  wmma::fragment<wmma::accumulator, 16, 16, 8, float> acc;
+  const int lane = static_cast<int>(threadIdx.x % 32);
+  wmma::fill_fragment(acc, 0.0f);
+  if (kind == 1 && lane % 2) {
+    wmma::load_matrix_sync(fa, a, 16);
+  } else {
+    wmma::load_matrix_sync(fa, a + (kind == 2 && lane == 7 ? 8 : 0) + (kind == 3 ? 4 : 0), kind == 4 ? 3 : 16);
+  }
+  wmma::load_matrix_sync(fb, a, 16);
+  if (kind == 0 && lane == 3) return;
+  wmma::mma_sync(acc, fa, fb, acc);
+  wmma::store_matrix_sync(d, acc, 16, wmma::mem_row_major);
+}
+
+// d = emulated tensor-core result of 2 * (a @ b) + c; a (M x K), b (K x N), c (M x N) as row-major tensors,
+// passed to the kernel in the memory order given by the flags; shape "16x16", "32x8" or "8x32" (MxN).
+at::Tensor wmma_gemm(at::Tensor a, at::Tensor b, at::Tensor c, bool a_col, bool b_col, bool c_col, std::string shape) {
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && c.dim() == 2 && a.size(1) == b.size(0) && c.size(0) == a.size(0) &&
+                  c.size(1) == b.size(1) && c.scalar_type() == at::kFloat && a.scalar_type() == b.scalar_type(),
+              "wmma_gemm: bad shapes or types");
+  const int rows = static_cast<int>(a.size(0)), cols = static_cast<int>(b.size(1)), depth = static_cast<int>(a.size(1));
+  at::Tensor am = (a_col ? a.t() : a).contiguous(), bm = (b_col ? b.t() : b).contiguous();
+  at::Tensor cm = (c_col ? c.t() : c).contiguous();
+  at::Tensor d = at::full_like(cm, std::nanf(""));
+  cudaStream_t s = gpu::stream();
+  const int m = shape == "32x8" ? 32 : shape == "8x32" ? 8 : 16, n = 256 / m;
+  TORCH_CHECK(rows % m == 0 && cols % n == 0, "wmma_gemm: sizes must be multiples of the tile");
+  const int tiles = (rows / m) * (cols / n), blocks = (tiles + 1) / 2;
+  auto run = [&](auto tag, auto la, auto lb) {
+    using S = decltype(tag);
+    using LA = decltype(la);
+    using LB = decltype(lb);
+    const S* ap = am.const_data_ptr<S>();
+    const S* bp = bm.const_data_ptr<S>();
+    if (m == 32) {
+      if constexpr (!std::is_same_v<S, float>)
+        PYSEG_LAUNCH(blocks, 64, 0, s, wmma_gemm_kernel<S, 32, 8, LA, LB>)(ap, bp, cm.const_data_ptr<float>(),
+                                                                           d.mutable_data_ptr<float>(), rows, cols, depth, c_col);
+    } else if (m == 8) {
+      if constexpr (!std::is_same_v<S, float>)
+        PYSEG_LAUNCH(blocks, 64, 0, s, wmma_gemm_kernel<S, 8, 32, LA, LB>)(ap, bp, cm.const_data_ptr<float>(),
+                                                                           d.mutable_data_ptr<float>(), rows, cols, depth, c_col);
+    } else {
+      PYSEG_LAUNCH(blocks, 64, 0, s, wmma_gemm_kernel<S, 16, 16, LA, LB>)(ap, bp, cm.const_data_ptr<float>(),
+                                                                         d.mutable_data_ptr<float>(), rows, cols, depth, c_col);
+    }
+  };
+  TORCH_CHECK(m == 16 || a.scalar_type() != at::kFloat, "wmma_gemm: tf32 has only the 16x16 shape");
+  auto with_layouts = [&](auto tag) {
+    namespace wmma = mma::wmma;
+    if (a_col && b_col) run(tag, wmma::col_major{}, wmma::col_major{});
+    else if (a_col) run(tag, wmma::col_major{}, wmma::row_major{});
+    else if (b_col) run(tag, wmma::row_major{}, wmma::col_major{});
+    else run(tag, wmma::row_major{}, wmma::row_major{});
+  };
+  if (a.scalar_type() == at::kFloat) with_layouts(float{});
+  else if (a.scalar_type() == at::kHalf) with_layouts(c10::Half{});
+  else with_layouts(c10::BFloat16{});
+  return c_col ? d.t() : d;
+}
+
 at::Tensor selftest(std::string kind) {
   at::Tensor out = at::zeros({1024}, at::kInt);
   int* o = out.mutable_data_ptr<int>();
@@ -114,6 +215,16 @@ at::Tensor selftest(std::string kind) {
     PYSEG_LAUNCH(1, 32, 0, s, warp_exited_kernel)(o);
   } else if (kind == "warp_divergent") {
     PYSEG_LAUNCH(1, 32, 0, s, warp_divergent_kernel)(o);
+  } else if (kind.rfind("wmma_", 0) == 0) {
+    const char* kinds[] = {"wmma_exited_lane", "wmma_divergent", "wmma_nonuniform", "wmma_misaligned", "wmma_ldm",
+                           "wmma_partial_warp"};
+    int k = 0;
+    while (k < 6 && kind != kinds[k]) ++k;
+    TORCH_CHECK(k < 6, "selftest: unknown kind ", kind);
+    at::Tensor a = at::ones({1024}, at::kFloat), d = at::zeros({1024}, at::kFloat);
+    PYSEG_LAUNCH(1, k == 5 ? 48 : 64, 0, s, wmma_fault_kernel)(a.const_data_ptr<float>(), d.mutable_data_ptr<float>(),
+                                                               k == 5 ? 9 : k);
+    return d.to(at::kInt);
   } else if (kind == "warp_ops") {
     out.fill_(1);
     PYSEG_LAUNCH(2, 64, 0, s, warp_ops_kernel)(o);
@@ -133,4 +244,8 @@ at::Tensor selftest(std::string kind) {
 }  // namespace
 }  // namespace pyseg
 
-TORCH_LIBRARY_FRAGMENT(pyseg_emu, m) { m.def("selftest(str kind) -> Tensor", &pyseg::selftest); }
+TORCH_LIBRARY_FRAGMENT(pyseg_emu, m) {
+  m.def("selftest(str kind) -> Tensor", &pyseg::selftest);
+  m.def("wmma_gemm(Tensor a, Tensor b, Tensor c, bool a_col, bool b_col, bool c_col, str shape) -> Tensor",
+        &pyseg::wmma_gemm);
+}

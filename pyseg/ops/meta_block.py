@@ -142,9 +142,9 @@ _meta_op = _library.register(
                     "int hidden, int out_channels, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)",
     fake=_fake_meta_forward, fake_backward=_fake_backward, reference=_reference_meta_block, supports=supports,
     differentiable=(0, 1, 2, 3), saved=(0, 1, 2, 3), config=(4, 5),
-    # the CPU forward and the Triton forward and backward read patch-major (channels_last) weights in
-    # place; the CPU backward reads the default layout
-    in_place={"cpu": (1,), "triton": (1,)}, contiguous_weights=(1,))
+    # the CPU and CUDA forwards and the Triton forward and backward read patch-major (channels_last)
+    # weights in place; the CPU and CUDA backward kernels read the default layout
+    in_place={"cpu": (1,), "cuda": (1,), "triton": (1,)}, contiguous_weights=(1,))
 
 _pointwise_op = _library.register(
     "pointwise_block",
@@ -164,7 +164,7 @@ def implementation(backend: str, device: torch.device) -> str:
 def weight_memory_format(device: torch.device, backend: str = "auto") -> torch.memory_format:
     """The layout of the flat (B, N, gh, gw) weight :func:`meta_block` reads fastest with ``backend`` on
     ``device``: ``torch.channels_last`` (patch-major: each patch's N weights contiguous) where the
-    implementation that runs reads it in place (the compiled CPU kernel; the Triton kernels), else
+    implementation that runs reads it in place (the compiled CPU and CUDA kernels; the Triton kernels), else
     ``torch.contiguous_format`` (any layout still works: the op then makes it contiguous). A backend
     that cannot run on ``device`` gives ``torch.contiguous_format`` (the op itself raises the error)."""
     try:

@@ -1,0 +1,110 @@
+// Tensor-core matrix multiply-accumulate for the kernels of csrc/cuda, through nvcuda::wmma: <mma.h> with
+// nvcc, the CUDA emulator's csrc/emu/wmma.h with the host compiler (which checks that every call is
+// warp-collective and runs it with a lane mapping the code cannot rely on).
+//
+//   mma::Operand<scalar_t>   the tensor-core operand of a tensor's scalar type: c10::Half -> __half and
+//                            c10::BFloat16 -> __nv_bfloat16 (k = 16), float -> precision::tf32 (k = 8)
+//   mma::operand_ptr(p)      a scalar_t pointer as a pointer to Operand's memory type (same bits)
+//   mma::round_operand<S>(f) rounds a loaded tf32 operand fragment to nearest (cvt.rna); no-op for 16-bit S
+//   mma::multiply_accumulate<S, kSplit>(acc, a, b)   acc += a b: one product, or 3xTF32 (kSplit 3, float)
+//
+// Every call must be reached by all 32 lanes of a warp; pointers 256-bit aligned, ldm a multiple of 16 bytes.
+// bf16 and tf32 tensor-core operations need sm_80 or newer (setup.py's default TORCH_CUDA_ARCH_LIST).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <type_traits>
+
+#include "cuda/runtime.cuh"
+
+#ifdef PYSEG_CUDA_EMULATOR
+#include "emu/wmma.h"
+#else
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#error "pyseg's tensor-core kernels (bf16, tf32 wmma) need sm_80 or newer: set TORCH_CUDA_ARCH_LIST to 8.0+"
+#endif
+#endif
+
+namespace pyseg {
+namespace mma {
+
+namespace wmma = nvcuda::wmma;
+
+template <class S>
+struct Operand;
+template <>
+struct Operand<c10::Half> {
+  using type = __half;  // fragment type parameter
+  using mem = __half;   // what load_matrix_sync reads
+  static constexpr int k = 16;
+};
+template <>
+struct Operand<c10::BFloat16> {
+  using type = __nv_bfloat16;
+  using mem = __nv_bfloat16;
+  static constexpr int k = 16;
+};
+template <>
+struct Operand<float> {
+  using type = wmma::precision::tf32;
+  using mem = float;
+  static constexpr int k = 8;
+};
+
+template <class S>
+__device__ __forceinline__ typename Operand<S>::mem* operand_ptr(S* p) {
+  return reinterpret_cast<typename Operand<S>::mem*>(p);
+}
+template <class S>
+__device__ __forceinline__ const typename Operand<S>::mem* operand_ptr(const S* p) {
+  return reinterpret_cast<const typename Operand<S>::mem*>(p);
+}
+
+// A loaded matrix_a/matrix_b fragment of scalar type S: for float (tf32) its values rounded to nearest
+// (the tensor core would drop the low 13 bits); 16-bit types unchanged.
+template <class S, class Frag>
+__device__ __forceinline__ void round_operand(Frag& f) {
+  if constexpr (std::is_same_v<S, float>) {
+#pragma unroll
+    for (int i = 0; i < f.num_elements; ++i) f.x[i] = wmma::__float_to_tf32(f.x[i]);
+  }
+}
+
+// acc += a b for loaded (unrounded) operand fragments of scalar type S. kSplit 1: one tensor-core
+// product (fp16/bf16 exact products; float as tf32, 10-bit mantissas). kSplit 3 (float only): "3xTF32",
+// a = a_hi + a_lo with both halves tf32, acc += a_lo b_hi + a_hi b_lo + a_hi b_hi (the a_lo b_lo term,
+// ~2^-22 relative, dropped): about float32 accuracy at three tensor-core products.
+template <class S, int kSplit, class FC, class FA, class FB>
+__device__ __forceinline__ void multiply_accumulate(FC& acc, FA& a, FB& b) {
+  static_assert(kSplit == 1 || (kSplit == 3 && std::is_same_v<S, float>), "3xTF32 is for float operands");
+  if constexpr (kSplit == 3) {
+    FA al;
+    FB bl;
+#pragma unroll
+    for (int i = 0; i < a.num_elements; ++i) {
+      const float hi = wmma::__float_to_tf32(a.x[i]);
+      al.x[i] = wmma::__float_to_tf32(a.x[i] - hi);
+      a.x[i] = hi;
+    }
+#pragma unroll
+    for (int i = 0; i < b.num_elements; ++i) {
+      const float hi = wmma::__float_to_tf32(b.x[i]);
+      bl.x[i] = wmma::__float_to_tf32(b.x[i] - hi);
+      b.x[i] = hi;
+    }
+    wmma::mma_sync(acc, al, b, acc);
+    wmma::mma_sync(acc, a, bl, acc);
+    wmma::mma_sync(acc, a, b, acc);
+  } else {
+    round_operand<S>(a);
+    round_operand<S>(b);
+    wmma::mma_sync(acc, a, b, acc);
+  }
+}
+
+}  // namespace mma
+}  // namespace pyseg
