@@ -12,7 +12,149 @@ namespace {
 constexpr int kThreads = 256;
 
 // ------------------------------------------------------------------------------------------
-// forward
+// forward, tiled (the default path; the scheme is described in patchwise_conv2d.cu)
+// ------------------------------------------------------------------------------------------
+// Threads per output-channel group: a group's 64 threads hold kPwRP pixels each of a tile of at
+// most kPwTilePixels output pixels.
+constexpr int kPwGroupThreads = 64;
+constexpr int kPwRP = 4;
+constexpr int kPwTilePixels = kPwGroupThreads * kPwRP;
+constexpr int kPwMaxGroups = 8;  // <= 512 threads per block
+
+__device__ __forceinline__ int64_t pw_lo(int64_t a, int64_t b) { return a < b ? a : b; }
+__device__ __forceinline__ int64_t pw_hi(int64_t a, int64_t b) { return a < b ? b : a; }
+
+// The launcher's plan of the tiled forward (all sizes in elements of the accumulation type).
+struct PwTilePlan {
+  int OT, NG;         // output channels per block (NG groups of RO) and groups
+  int TR, TC;         // pixel tile: TR rows x TC columns of a patch
+  int IR, IC;         // staged input tile per channel: IR rows, row stride IC (>= the columns read)
+  int CC;             // input channels staged per chunk
+  int64_t w_entry, w_patch;  // weight strides (PwConvForward)
+};
+
+// RO consecutive accumulation-type values, loaded from shared memory as one vector (LDS.128 for
+// four floats: the output-channel slice of a thread, 16-byte aligned by the plan).
+template <typename T, int N>
+struct alignas(sizeof(T) * N > 16 ? 16 : sizeof(T) * N) PwVec {
+  T v[N];
+};
+
+// One block per (sample, patch) x output-channel tile (grid.y) x pixel tile of the patch (grid.z).
+// Shared memory: ws[(cl*kh*kw + tap) * OT + ol] (weights of the chunk's channels, zero outside the
+// channel's group), then xs[cl][IR][IC] (the input tile + halo, zero-padded). Thread (og, tp) owns
+// output channels o0 + og*RO + [0, RO) and pixels tp + q*64, q < RP (row-major in the tile), so
+// a warp's lanes read consecutive input words (IC is chosen by the launcher to avoid bank
+// conflicts) and one broadcast vector of weights per tap.
+template <typename scalar_t, int RO>
+__global__ void __launch_bounds__(kPwGroupThreads * kPwMaxGroups)
+    pw_forward_tiled_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ w,
+                            const scalar_t* __restrict__ bias, scalar_t* __restrict__ y, const PwConvShape s,
+                            const PwTilePlan t) {
+  using acc_t = at::opmath_type<scalar_t>;
+  PYSEG_DYNAMIC_SMEM(pw_smem_raw);
+  const int KK = static_cast<int>(s.kh * s.kw);
+  acc_t* ws = reinterpret_cast<acc_t*>(pw_smem_raw);
+  acc_t* xs = ws + static_cast<int64_t>(t.CC) * KK * t.OT;
+
+  const int64_t GG = s.gh * s.gw;
+  const int64_t pidx = static_cast<int64_t>(blockIdx.x) % GG;
+  const int64_t b = static_cast<int64_t>(blockIdx.x) / GG;
+  const int64_t pi = pidx / s.gw, pj = pidx % s.gw;
+  const int64_t r0 = patch_begin(pi, s.gh, s.Hout), r1 = patch_begin(pi + 1, s.gh, s.Hout);
+  const int64_t c0 = patch_begin(pj, s.gw, s.Wout), c1 = patch_begin(pj + 1, s.gw, s.Wout);
+  const int ntc = static_cast<int>((c1 - c0 + t.TC - 1) / t.TC);
+  const int tz = static_cast<int>(blockIdx.z);
+  const int64_t tr0 = r0 + static_cast<int64_t>(tz / ntc) * t.TR, tc0 = c0 + static_cast<int64_t>(tz % ntc) * t.TC;
+  if (tr0 >= r1) return;  // this patch has fewer tiles than the largest one (whole block, before any barrier)
+  const int nr = static_cast<int>(pw_lo(t.TR, r1 - tr0)), nc = static_cast<int>(pw_lo(t.TC, c1 - tc0));
+  const int npix = nr * nc;
+  const int64_t o0 = static_cast<int64_t>(blockIdx.y) * t.OT;
+  const int nO = static_cast<int>(pw_lo(t.OT, s.Cout - o0));
+  // input channels the tile's output channels read: whole groups, contiguous
+  const int64_t c_lo = (o0 / s.Og) * s.Cg, c_hi = ((o0 + nO - 1) / s.Og + 1) * s.Cg;
+
+  const int og = static_cast<int>(threadIdx.x) / kPwGroupThreads, tp = static_cast<int>(threadIdx.x) % kPwGroupThreads;
+  const bool active = og * RO < nO;
+  // the thread's RO channels lie in one group (the launcher picks RO = 1 unless Og % 4 == 0 or groups == 1)
+  const int64_t my_g = (o0 + min(og * RO, nO - 1)) / s.Og;
+  const int64_t my_lo = active ? my_g * s.Cg : 0, my_hi = active ? (my_g + 1) * s.Cg : 0;
+
+  int off[kPwRP];
+  for (int q = 0; q < kPwRP; ++q) {
+    const int p = min(tp + q * kPwGroupThreads, npix - 1);
+    off[q] = (p / nc) * static_cast<int>(s.sh) * t.IC + (p % nc) * static_cast<int>(s.sw);
+  }
+  acc_t acc[kPwRP][RO];
+  for (int q = 0; q < kPwRP; ++q)
+    for (int r = 0; r < RO; ++r) acc[q][r] = acc_t(0);
+
+  const int irn = (nr - 1) * static_cast<int>(s.sh) + static_cast<int>((s.kh - 1) * s.dh) + 1;
+  const int icn = (nc - 1) * static_cast<int>(s.sw) + static_cast<int>((s.kw - 1) * s.dw) + 1;
+  const int64_t ih0 = tr0 * s.sh - s.pt, iw0 = tc0 * s.sw - s.pl;
+  const int64_t wb = b * s.Cout * s.K * GG + pidx * t.w_patch;
+  const int plane = t.IR * t.IC;
+
+  for (int64_t cc = c_lo; cc < c_hi; cc += t.CC) {
+    const int ncc = static_cast<int>(pw_lo(t.CC, c_hi - cc));
+    // stage the input tile: lanes along columns (coalesced global reads)
+    for (int e = threadIdx.x; e < ncc * irn * icn; e += blockDim.x) {
+      const int cl = e / (irn * icn), rem = e % (irn * icn);
+      const int r = rem / icn, c = rem % icn;
+      const int64_t ih = ih0 + r, iw = iw0 + c;
+      acc_t v = acc_t(0);
+      if (ih >= 0 && ih < s.H && iw >= 0 && iw < s.W)
+        v = static_cast<acc_t>(x[((b * s.Cin + cc + cl) * s.H + ih) * s.W + iw]);
+      xs[cl * plane + r * t.IC + c] = v;
+    }
+    // stage the weights: entry (ol, cl, tap), tap fastest (consecutive in a patch-major weight)
+    for (int e = threadIdx.x; e < t.OT * ncc * KK; e += blockDim.x) {
+      const int ol = e / (ncc * KK), rem = e % (ncc * KK);
+      const int cl = rem / KK, tap = rem % KK;
+      acc_t v = acc_t(0);
+      if (ol < nO) {
+        const int64_t o = o0 + ol, ci = cc + cl - (o / s.Og) * s.Cg;
+        if (ci >= 0 && ci < s.Cg) v = static_cast<acc_t>(w[wb + ((o * s.Cg + ci) * KK + tap) * t.w_entry]);
+      }
+      ws[(cl * KK + tap) * t.OT + ol] = v;
+    }
+    __syncthreads();
+    const int cl_lo = static_cast<int>(pw_hi(my_lo, cc) - cc);
+    const int cl_hi = static_cast<int>(pw_lo(my_hi, cc + ncc) - cc);
+    for (int cl = cl_lo; cl < cl_hi; ++cl) {
+      const acc_t* xc = xs + cl * plane;
+      const acc_t* wc = ws + cl * KK * t.OT + og * RO;
+      for (int ky = 0; ky < s.kh; ++ky) {
+        const acc_t* xr = xc + ky * static_cast<int>(s.dh) * t.IC;
+        for (int kx = 0; kx < s.kw; ++kx) {
+          const PwVec<acc_t, RO> wv = *reinterpret_cast<const PwVec<acc_t, RO>*>(wc + (ky * s.kw + kx) * t.OT);
+          const int xo = kx * static_cast<int>(s.dw);
+          for (int q = 0; q < kPwRP; ++q) {
+            const acc_t xv = xr[off[q] + xo];
+            for (int r = 0; r < RO; ++r) acc[q][r] += wv.v[r] * xv;
+          }
+        }
+      }
+    }
+    __syncthreads();
+  }
+  if (!active) return;
+  for (int r = 0; r < RO; ++r) {
+    const int ol = og * RO + r;
+    if (ol >= nO) break;
+    const int64_t o = o0 + ol;
+    const acc_t bv = bias ? static_cast<acc_t>(bias[(b * s.Cout + o) * GG + pidx]) : acc_t(0);
+    scalar_t* yo = y + ((b * s.Cout + o) * s.Hout + tr0) * s.Wout + tc0;
+    for (int q = 0; q < kPwRP; ++q) {
+      const int p = tp + q * kPwGroupThreads;
+      if (p < npix) yo[(p / nc) * s.Wout + p % nc] = static_cast<scalar_t>(acc[q][r] + bv);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// forward, fallback: shapes whose staged input tile of one channel exceeds the shared-memory budget
+// (large dilations); one thread per (channel, pixel) of the patch
 // ------------------------------------------------------------------------------------------
 template <typename scalar_t, bool kSmem>
 __global__ void __launch_bounds__(kThreads)
