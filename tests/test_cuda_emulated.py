@@ -385,8 +385,9 @@ def test_every_kernel_launched(request):
     assert kernels - names == set(), f"never launched: {sorted(kernels - names)}"
     variants = {v for _, v in launched}
     for want in ("pw_forward_kernel<float, true>", "pw_forward_kernel<float, false>",
-                 "pw_forward_tiled_kernel<float, 4>", "pw_forward_tiled_kernel<float, 1>",
-                 "pw_forward_tiled_kernel<c10::BFloat16, 4>", "pw_forward_tiled_kernel<double, 4>",
+                 "pw_forward_tiled_kernel<float, 4, true>", "pw_forward_tiled_kernel<float, 4, false>",
+                 "pw_forward_tiled_kernel<float, 1, true>", "pw_forward_tiled_kernel<float, 1, false>",
+                 "pw_forward_tiled_kernel<c10::BFloat16, 4, true>", "pw_forward_tiled_kernel<double, 4, true>",
                  "hmsa_fuse_kernel<float, float, 20, true>", "hmsa_fuse_kernel<float, float, 20, false>",
                  "hmsa_fuse_kernel<float, float, 40, false>", "hmsa_fuse_kernel<float, float, 160, false>",
                  "meta_forward_kernel<c10::Half>", "meta_backward_kernel<c10::BFloat16>"):

@@ -138,14 +138,18 @@ at::Tensor patchwise_conv2d_cuda(const at::Tensor& x_, const at::Tensor& weight_
       const dim3 grid(static_cast<unsigned>(s.B * GG), static_cast<unsigned>(tiles), static_cast<unsigned>(ptiles));
       const size_t smem = static_cast<size_t>(pw_tile_smem_elems(s, t) * static_cast<int64_t>(sizeof(acc_t)));
       const int threads = t.NG * kPwGroupThreads;
-      if (RO == 4) {
-        PYSEG_LAUNCH(grid, threads, smem, stream, pw_forward_tiled_kernel<scalar_t, 4>)(
-            x.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(), bptr, y.mutable_data_ptr<scalar_t>(),
-            s, t);
+      const bool unit = s.kh == 3 && s.kw == 3 && s.sh == 1 && s.sw == 1 && s.dh == 1 && s.dw == 1;
+      const scalar_t* xp = x.const_data_ptr<scalar_t>();
+      const scalar_t* wp = weight.const_data_ptr<scalar_t>();
+      scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+      if (RO == 4 && unit) {
+        PYSEG_LAUNCH(grid, threads, smem, stream, pw_forward_tiled_kernel<scalar_t, 4, true>)(xp, wp, bptr, yp, s, t);
+      } else if (RO == 4) {
+        PYSEG_LAUNCH(grid, threads, smem, stream, pw_forward_tiled_kernel<scalar_t, 4, false>)(xp, wp, bptr, yp, s, t);
+      } else if (unit) {
+        PYSEG_LAUNCH(grid, threads, smem, stream, pw_forward_tiled_kernel<scalar_t, 1, true>)(xp, wp, bptr, yp, s, t);
       } else {
-        PYSEG_LAUNCH(grid, threads, smem, stream, pw_forward_tiled_kernel<scalar_t, 1>)(
-            x.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(), bptr, y.mutable_data_ptr<scalar_t>(),
-            s, t);
+        PYSEG_LAUNCH(grid, threads, smem, stream, pw_forward_tiled_kernel<scalar_t, 1, false>)(xp, wp, bptr, yp, s, t);
       }
       PYSEG_LAUNCH_CHECK();
       return;

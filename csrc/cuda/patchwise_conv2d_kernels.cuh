@@ -22,7 +22,6 @@ constexpr int kPwTilePixels = kPwGroupThreads * kPwRP;
 constexpr int kPwMaxGroups = 8;  // <= 512 threads per block
 
 __device__ __forceinline__ int64_t pw_lo(int64_t a, int64_t b) { return a < b ? a : b; }
-__device__ __forceinline__ int64_t pw_hi(int64_t a, int64_t b) { return a < b ? b : a; }
 
 // The launcher's plan of the tiled forward (all sizes in elements of the accumulation type).
 struct PwTilePlan {
@@ -45,17 +44,26 @@ struct alignas(sizeof(T) * N > 16 ? 16 : sizeof(T) * N) PwVec {
 // channel's group), then xs[cl][IR][IC] (the input tile + halo, zero-padded). Thread (og, tp) owns
 // output channels o0 + og*RO + [0, RO) and pixels tp + q*64, q < RP (row-major in the tile), so
 // a warp's lanes read consecutive input words (IC is chosen by the launcher to avoid bank
-// conflicts) and one broadcast vector of weights per tap.
-template <typename scalar_t, int RO>
-__global__ void __launch_bounds__(kPwGroupThreads * kPwMaxGroups)
+// conflicts) and one broadcast vector of weights per tap. kUnit: 3x3, stride 1, dilation 1 (taps
+// unrolled: the three taps of a kernel row are immediate offsets from one address per pixel).
+template <typename scalar_t, int RO, bool kUnit>
+// Registers: the 3x3 path of 4-byte accumulators fits 64 (two 512-thread blocks per SM; ptxas -v:
+// no spills); the general path and double get up to 128.
+__global__ void __launch_bounds__(kPwGroupThreads * kPwMaxGroups,
+                                  (kUnit && sizeof(at::opmath_type<scalar_t>) == 4) ? 2 : 1)
     pw_forward_tiled_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ w,
                             const scalar_t* __restrict__ bias, scalar_t* __restrict__ y, const PwConvShape s,
                             const PwTilePlan t) {
   using acc_t = at::opmath_type<scalar_t>;
+  using vec_t = PwVec<acc_t, RO>;
   PYSEG_DYNAMIC_SMEM(pw_smem_raw);
-  const int KK = static_cast<int>(s.kh * s.kw);
+  // per-tap sizes as int (every staged index fits: the plan bounds the tile by the shared memory)
+  const int kh = kUnit ? 3 : static_cast<int>(s.kh), kw = kUnit ? 3 : static_cast<int>(s.kw);
+  const int sh = kUnit ? 1 : static_cast<int>(s.sh), sw = kUnit ? 1 : static_cast<int>(s.sw);
+  const int dh = kUnit ? 1 : static_cast<int>(s.dh), dw = kUnit ? 1 : static_cast<int>(s.dw);
+  const int KK = kh * kw, OT = t.OT, IC = t.IC, IR = t.IR;
   acc_t* ws = reinterpret_cast<acc_t*>(pw_smem_raw);
-  acc_t* xs = ws + static_cast<int64_t>(t.CC) * KK * t.OT;
+  acc_t* xs = ws + t.CC * KK * OT;
 
   const int64_t GG = s.gh * s.gw;
   const int64_t pidx = static_cast<int64_t>(blockIdx.x) % GG;
@@ -65,73 +73,107 @@ __global__ void __launch_bounds__(kPwGroupThreads * kPwMaxGroups)
   const int64_t c0 = patch_begin(pj, s.gw, s.Wout), c1 = patch_begin(pj + 1, s.gw, s.Wout);
   const int ntc = static_cast<int>((c1 - c0 + t.TC - 1) / t.TC);
   const int tz = static_cast<int>(blockIdx.z);
-  const int64_t tr0 = r0 + static_cast<int64_t>(tz / ntc) * t.TR, tc0 = c0 + static_cast<int64_t>(tz % ntc) * t.TC;
+  // rows, columns and channels fit in int (only products of them may not)
+  const int tr0 = static_cast<int>(r0) + (tz / ntc) * t.TR, tc0 = static_cast<int>(c0) + (tz % ntc) * t.TC;
   if (tr0 >= r1) return;  // this patch has fewer tiles than the largest one (whole block, before any barrier)
-  const int nr = static_cast<int>(pw_lo(t.TR, r1 - tr0)), nc = static_cast<int>(pw_lo(t.TC, c1 - tc0));
+  const int nr = min(t.TR, static_cast<int>(r1) - tr0), nc = min(t.TC, static_cast<int>(c1) - tc0);
   const int npix = nr * nc;
-  const int64_t o0 = static_cast<int64_t>(blockIdx.y) * t.OT;
-  const int nO = static_cast<int>(pw_lo(t.OT, s.Cout - o0));
+  const int64_t o0 = static_cast<int64_t>(blockIdx.y) * OT;
+  const int nO = static_cast<int>(pw_lo(OT, s.Cout - o0));
   // input channels the tile's output channels read: whole groups, contiguous
-  const int64_t c_lo = (o0 / s.Og) * s.Cg, c_hi = ((o0 + nO - 1) / s.Og + 1) * s.Cg;
+  const int Cg = static_cast<int>(s.Cg), Og = static_cast<int>(s.Og);
+  const int c_lo = static_cast<int>(o0 / Og) * Cg, c_hi = static_cast<int>((o0 + nO - 1) / Og + 1) * Cg;
 
-  const int og = static_cast<int>(threadIdx.x) / kPwGroupThreads, tp = static_cast<int>(threadIdx.x) % kPwGroupThreads;
+  const int tid = static_cast<int>(threadIdx.x), nthreads = static_cast<int>(blockDim.x);
+  const int og = tid / kPwGroupThreads, tp = tid % kPwGroupThreads;
   const bool active = og * RO < nO;
   // the thread's RO channels lie in one group (the launcher picks RO = 1 unless Og % 4 == 0 or groups == 1)
-  const int64_t my_g = (o0 + min(og * RO, nO - 1)) / s.Og;
-  const int64_t my_lo = active ? my_g * s.Cg : 0, my_hi = active ? (my_g + 1) * s.Cg : 0;
+  const int my_g = static_cast<int>((o0 + min(og * RO, nO - 1)) / Og);
+  const int my_lo = active ? my_g * Cg : 0, my_hi = active ? (my_g + 1) * Cg : 0;
 
   int off[kPwRP];
+#pragma unroll
   for (int q = 0; q < kPwRP; ++q) {
     const int p = min(tp + q * kPwGroupThreads, npix - 1);
-    off[q] = (p / nc) * static_cast<int>(s.sh) * t.IC + (p % nc) * static_cast<int>(s.sw);
+    off[q] = (p / nc) * sh * IC + (p % nc) * sw;
   }
   acc_t acc[kPwRP][RO];
+#pragma unroll
   for (int q = 0; q < kPwRP; ++q)
+#pragma unroll
     for (int r = 0; r < RO; ++r) acc[q][r] = acc_t(0);
 
-  const int irn = (nr - 1) * static_cast<int>(s.sh) + static_cast<int>((s.kh - 1) * s.dh) + 1;
-  const int icn = (nc - 1) * static_cast<int>(s.sw) + static_cast<int>((s.kw - 1) * s.dw) + 1;
-  const int64_t ih0 = tr0 * s.sh - s.pt, iw0 = tc0 * s.sw - s.pl;
+  const int icn = (nc - 1) * sw + (kw - 1) * dw + 1;  // input columns this tile reads (<= IC)
+  const int irn = (nr - 1) * sh + (kh - 1) * dh + 1;  // input rows (<= IR)
+  const int H = static_cast<int>(s.H), W = static_cast<int>(s.W);
+  const int ih0 = tr0 * sh - static_cast<int>(s.pt), iw0 = tc0 * sw - static_cast<int>(s.pl);
   const int64_t wb = b * s.Cout * s.K * GG + pidx * t.w_patch;
-  const int plane = t.IR * t.IC;
+  const int plane = IR * IC;
+  const int warp = tid / 32, lane = tid % 32, nwarps = nthreads / 32;
 
-  for (int64_t cc = c_lo; cc < c_hi; cc += t.CC) {
-    const int ncc = static_cast<int>(pw_lo(t.CC, c_hi - cc));
-    // stage the input tile: lanes along columns (coalesced global reads)
-    for (int e = threadIdx.x; e < ncc * irn * icn; e += blockDim.x) {
-      const int cl = e / (irn * icn), rem = e % (irn * icn);
-      const int r = rem / icn, c = rem % icn;
-      const int64_t ih = ih0 + r, iw = iw0 + c;
+  for (int cc = c_lo; cc < c_hi; cc += t.CC) {
+    const int ncc = min(t.CC, c_hi - cc);
+    const scalar_t* xb = x + (b * s.Cin + cc) * s.H * s.W;
+    // stage the input tile: consecutive threads along a row (coalesced global reads, consecutive banks)
+    #pragma unroll 1
+    for (int e = tid; e < ncc * irn * icn; e += nthreads) {
+      const int row = e / icn, c = e - row * icn;
+      const int cl = row / irn, r = row - cl * irn;
+      const int ih = ih0 + r, iw = iw0 + c;
       acc_t v = acc_t(0);
-      if (ih >= 0 && ih < s.H && iw >= 0 && iw < s.W)
-        v = static_cast<acc_t>(x[((b * s.Cin + cc + cl) * s.H + ih) * s.W + iw]);
-      xs[cl * plane + r * t.IC + c] = v;
+      if (ih >= 0 && ih < H && iw >= 0 && iw < W) v = static_cast<acc_t>(xb[static_cast<int64_t>(cl * H + ih) * W + iw]);
+      xs[cl * plane + r * IC + c] = v;
     }
-    // stage the weights: entry (ol, cl, tap), tap fastest (consecutive in a patch-major weight)
-    for (int e = threadIdx.x; e < t.OT * ncc * KK; e += blockDim.x) {
-      const int ol = e / (ncc * KK), rem = e % (ncc * KK);
-      const int cl = rem / KK, tap = rem % KK;
-      acc_t v = acc_t(0);
-      if (ol < nO) {
-        const int64_t o = o0 + ol, ci = cc + cl - (o / s.Og) * s.Cg;
-        if (ci >= 0 && ci < s.Cg) v = static_cast<acc_t>(w[wb + ((o * s.Cg + ci) * KK + tap) * t.w_entry]);
+    // stage the weights: a warp per output channel, lanes along its (channel, tap) entries of the chunk
+    // (consecutive in a patch-major weight; gh*gw apart in the default layout)
+    #pragma unroll 1
+    for (int ol = warp; ol < OT; ol += nwarps) {
+      const int o = static_cast<int>(o0) + ol;
+      const int ci0 = ol < nO ? cc - (o / Og) * Cg : 0;  // the chunk's first channel in o's group
+      const scalar_t* wo = w + wb + (static_cast<int64_t>(o) * Cg + ci0) * KK * t.w_entry;
+      #pragma unroll 1
+      for (int k = lane; k < ncc * KK; k += 32) {
+        const int ci = ci0 + k / KK;
+        const acc_t v = (ol < nO && ci >= 0 && ci < s.Cg) ? static_cast<acc_t>(wo[k * t.w_entry]) : acc_t(0);
+        ws[k * OT + ol] = v;
       }
-      ws[(cl * KK + tap) * t.OT + ol] = v;
     }
     __syncthreads();
-    const int cl_lo = static_cast<int>(pw_hi(my_lo, cc) - cc);
-    const int cl_hi = static_cast<int>(pw_lo(my_hi, cc + ncc) - cc);
+    const int cl_lo = max(my_lo, cc) - cc, cl_hi = min(my_hi, cc + ncc) - cc;
+    #pragma unroll 1
     for (int cl = cl_lo; cl < cl_hi; ++cl) {
       const acc_t* xc = xs + cl * plane;
-      const acc_t* wc = ws + cl * KK * t.OT + og * RO;
-      for (int ky = 0; ky < s.kh; ++ky) {
-        const acc_t* xr = xc + ky * static_cast<int>(s.dh) * t.IC;
-        for (int kx = 0; kx < s.kw; ++kx) {
-          const PwVec<acc_t, RO> wv = *reinterpret_cast<const PwVec<acc_t, RO>*>(wc + (ky * s.kw + kx) * t.OT);
-          const int xo = kx * static_cast<int>(s.dw);
+      const acc_t* wc = ws + cl * KK * OT + og * RO;
+      if constexpr (kUnit) {
+#pragma unroll
+        for (int ky = 0; ky < 3; ++ky) {
+          const acc_t* xr = xc + ky * IC;
+          vec_t wv[3];
+#pragma unroll
+          for (int kx = 0; kx < 3; ++kx) wv[kx] = *reinterpret_cast<const vec_t*>(wc + (ky * 3 + kx) * OT);
+#pragma unroll
           for (int q = 0; q < kPwRP; ++q) {
-            const acc_t xv = xr[off[q] + xo];
-            for (int r = 0; r < RO; ++r) acc[q][r] += wv.v[r] * xv;
+            const acc_t* xp = xr + off[q];
+#pragma unroll
+            for (int kx = 0; kx < 3; ++kx) {
+              const acc_t xv = xp[kx];
+#pragma unroll
+              for (int r = 0; r < RO; ++r) acc[q][r] += wv[kx].v[r] * xv;
+            }
+          }
+        }
+      } else {
+        for (int ky = 0; ky < kh; ++ky) {
+          const acc_t* xr = xc + ky * dh * IC;
+          for (int kx = 0; kx < kw; ++kx) {
+            const vec_t wv = *reinterpret_cast<const vec_t*>(wc + (ky * kw + kx) * OT);
+            const int xo = kx * dw;
+#pragma unroll
+            for (int q = 0; q < kPwRP; ++q) {
+              const acc_t xv = xr[off[q] + xo];
+#pragma unroll
+              for (int r = 0; r < RO; ++r) acc[q][r] += wv.v[r] * xv;
+            }
           }
         }
       }
@@ -139,15 +181,18 @@ __global__ void __launch_bounds__(kPwGroupThreads * kPwMaxGroups)
     __syncthreads();
   }
   if (!active) return;
+#pragma unroll
   for (int r = 0; r < RO; ++r) {
     const int ol = og * RO + r;
-    if (ol >= nO) break;
-    const int64_t o = o0 + ol;
-    const acc_t bv = bias ? static_cast<acc_t>(bias[(b * s.Cout + o) * GG + pidx]) : acc_t(0);
-    scalar_t* yo = y + ((b * s.Cout + o) * s.Hout + tr0) * s.Wout + tc0;
-    for (int q = 0; q < kPwRP; ++q) {
-      const int p = tp + q * kPwGroupThreads;
-      if (p < npix) yo[(p / nc) * s.Wout + p % nc] = static_cast<scalar_t>(acc[q][r] + bv);
+    if (ol < nO) {
+      const int64_t o = o0 + ol;
+      const acc_t bv = bias ? static_cast<acc_t>(bias[(b * s.Cout + o) * GG + pidx]) : acc_t(0);
+      scalar_t* yo = y + ((b * s.Cout + o) * s.Hout + tr0) * s.Wout + tc0;
+#pragma unroll
+      for (int q = 0; q < kPwRP; ++q) {
+        const int p = tp + q * kPwGroupThreads;
+        if (p < npix) yo[(p / nc) * s.Wout + p % nc] = static_cast<scalar_t>(acc[q][r] + bv);
+      }
     }
   }
 }
