@@ -74,18 +74,23 @@ def grads(fn, inputs, grad_out):
 # --------------------------------------------------------------------------------------------
 # (B, Cin, Cout, H, W, k, stride, padding, dilation, groups, grid, bias)
 PW_CASES = {
+    # patches under 64 pixels: pw_forward_direct_kernel
     "odd-3x3": (2, 3, 5, 9, 11, 3, 1, 1, 1, 1, (2, 3), True),        # uneven patches, edge taps
     "stride-dil-groups": (1, 4, 6, 13, 10, 3, 2, 2, 2, 2, (3, 2), True),
-    "warp-reduce": (1, 2, 3, 16, 16, 3, 1, 1, 1, 1, (2, 2), False),  # 64-px patches: warp shuffle dW
     "1x1": (2, 5, 4, 7, 9, 1, 1, 0, 1, 1, (7, 3), True),
-    "global-weights": (1, 1400, 2, 4, 4, 3, 1, 1, 1, 1, (1, 1), False),  # 1400 channels staged in 9 chunks
-    "groups-vec": (1, 4, 8, 9, 10, 3, 1, 1, 1, 2, (2, 2), True),     # Og = 4: 4 channels per thread, 2 groups
-    "depthwise": (1, 6, 6, 11, 13, 3, 1, 1, 1, 6, (2, 3), True),     # one channel per thread
+    # pw_forward_tiled_kernel: 3x3 stride-1 path (RO = 4 / 1 channels per thread) and the general path
+    "warp-reduce": (1, 2, 3, 16, 16, 3, 1, 1, 1, 1, (2, 2), False),  # 64-px patches: warp shuffle dW
+    "global-weights": (1, 1400, 2, 8, 8, 3, 1, 1, 1, 1, (1, 1), False),  # 1400 channels staged in 30 chunks
+    "groups-vec": (1, 4, 8, 17, 18, 3, 1, 1, 1, 2, (2, 2), True),     # Og = 4: 4 channels per thread, 2 groups
+    "depthwise": (1, 6, 6, 19, 21, 3, 1, 1, 1, 6, (2, 2), True),     # one channel per thread
+    "odd-tiled": (2, 3, 5, 33, 35, 3, 2, 2, 2, 1, (2, 1), True),     # general path, 4 channels, uneven patches
+    "stride-groups-tiled": (1, 4, 6, 26, 20, 3, 2, 2, 2, 2, (1, 1), True),  # general path, 1 channel (Og = 3)
     "tiles": (1, 3, 37, 40, 70, 3, 1, 1, 1, 1, (1, 2), True),       # 2 channel tiles, 5x2 pixel tiles per patch
-    "fallback-smem": (1, 2, 3, 125, 126, 3, 1, 0, 60, 1, (2, 2), True),  # one channel's tile > 48 KB
-    "fallback-global": (1, 2, 2, 80, 81, 79, 1, 0, 1, 1, (1, 1), False),  # ... and K*4 B > 48 KB
+    # pw_forward_kernel (fallback): one channel's input tile over 48 KB
+    "fallback-smem": (1, 2, 3, 128, 128, 3, 1, 0, 60, 1, (1, 1), True),
+    "fallback-global": (1, 2, 2, 86, 86, 79, 1, 0, 1, 1, (1, 1), False),  # ... and K*4 B > 48 KB
 }
-PW_ONE_DTYPE = ("global-weights", "tiles", "fallback-smem", "fallback-global")
+PW_ONE_DTYPE = ("global-weights", "tiles", "fallback-smem", "fallback-global", "stride-groups-tiled")
 
 
 def _pw_inputs(case, dtype, seed=0):
@@ -331,7 +336,7 @@ def test_missing_barrier_fails(site):
             if site.startswith("meta"):
                 check_meta(run, "odd", torch.float32, backward=False)
             else:
-                test_patchwise_conv2d("emulated", "odd-3x3", torch.float32)
+                test_patchwise_conv2d("emulated", "warp-reduce", torch.float32)
 
 
 @pytest.mark.cuda_emulated
@@ -388,6 +393,8 @@ def test_every_kernel_launched(request):
                  "pw_forward_tiled_kernel<float, 4, true>", "pw_forward_tiled_kernel<float, 4, false>",
                  "pw_forward_tiled_kernel<float, 1, true>", "pw_forward_tiled_kernel<float, 1, false>",
                  "pw_forward_tiled_kernel<c10::BFloat16, 4, true>", "pw_forward_tiled_kernel<double, 4, true>",
+                 "pw_forward_direct_kernel<float, 4>", "pw_forward_direct_kernel<float, 1>",
+                 "pw_forward_direct_kernel<double, 4>",
                  "hmsa_fuse_kernel<float, float, 20, true>", "hmsa_fuse_kernel<float, float, 20, false>",
                  "hmsa_fuse_kernel<float, float, 40, false>", "hmsa_fuse_kernel<float, float, 160, false>",
                  "meta_forward_kernel<c10::Half>", "meta_backward_kernel<c10::BFloat16>"):

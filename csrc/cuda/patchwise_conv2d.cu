@@ -128,10 +128,27 @@ at::Tensor patchwise_conv2d_cuda(const at::Tensor& x_, const at::Tensor& weight_
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* bptr = a.bias_ptr<scalar_t>();
     const int RO = pw_channels_per_thread(s);
+    const int64_t ph = (s.Hout + s.gh - 1) / s.gh, pw = (s.Wout + s.gw - 1) / s.gw;
+    if (ph * pw < kPwGroupThreads) {  // small patches: a thread per (channels, pixel), weights from global
+      const int64_t work = s.B * ((s.Cout + RO - 1) / RO) * s.Hout * s.Wout;
+      const int64_t max_blocks = static_cast<int64_t>(prop->multiProcessorCount) * 32;
+      const unsigned blocks = static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((work + 255) / 256, max_blocks)));
+      const scalar_t* xp = x.const_data_ptr<scalar_t>();
+      const scalar_t* wp = weight.const_data_ptr<scalar_t>();
+      scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+      if (RO == 4) {
+        PYSEG_LAUNCH(blocks, 256, 0, stream, pw_forward_direct_kernel<scalar_t, 4>)(xp, wp, bptr, yp, s, a.w_entry,
+                                                                                  a.w_patch);
+      } else {
+        PYSEG_LAUNCH(blocks, 256, 0, stream, pw_forward_direct_kernel<scalar_t, 1>)(xp, wp, bptr, yp, s, a.w_entry,
+                                                                                  a.w_patch);
+      }
+      PYSEG_LAUNCH_CHECK();
+      return;
+    }
     PwTilePlan t;
     if (pw_plan_tiles(s, RO, static_cast<int64_t>(sizeof(acc_t)), smem_limit, a.w_entry, a.w_patch, &t)) {
       const int64_t tiles = (s.Cout + t.OT - 1) / t.OT;
-      const int64_t ph = (s.Hout + s.gh - 1) / s.gh, pw = (s.Wout + s.gw - 1) / s.gw;
       const int64_t ptiles = ((ph + t.TR - 1) / t.TR) * ((pw + t.TC - 1) / t.TC);
       TORCH_CHECK(tiles <= 65535 && ptiles <= 65535, kPwConvForward, ": grid too large (", tiles,
                   " output-channel tiles x ", ptiles, " pixel tiles per patch)");

@@ -198,6 +198,62 @@ __global__ void __launch_bounds__(kPwGroupThreads * kPwMaxGroups,
 }
 
 // ------------------------------------------------------------------------------------------
+// forward, small patches (fewer pixels than a 64-thread group: e.g. a 1x1 level whose grid is its size)
+// ------------------------------------------------------------------------------------------
+// A thread per (sample, RO output channels, output pixel), pixel fastest: a warp's lanes are
+// consecutive pixels, hence consecutive (or equal) patches, so weights in the default layout
+// (patch innermost) are read coalesced, and each input value is used for RO channels.
+template <typename scalar_t, int RO>
+__global__ void __launch_bounds__(256)
+    pw_forward_direct_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ w,
+                             const scalar_t* __restrict__ bias, scalar_t* __restrict__ y, const PwConvShape s,
+                             const int64_t w_entry, const int64_t w_patch) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t HWo = s.Hout * s.Wout, GG = s.gh * s.gw;
+  const int64_t n_ot = (s.Cout + RO - 1) / RO;
+  const int64_t total = s.B * n_ot * HWo;
+  const int kh = static_cast<int>(s.kh), kw = static_cast<int>(s.kw), Cg = static_cast<int>(s.Cg);
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t pix = idx % HWo, ot = (idx / HWo) % n_ot, b = idx / (HWo * n_ot);
+    const int64_t i = pix / s.Wout, j = pix % s.Wout;
+    const int64_t pidx = patch_of(i, s.gh, s.Hout) * s.gw + patch_of(j, s.gw, s.Wout);
+    const int64_t o0 = ot * RO;
+    const int nO = static_cast<int>(pw_lo(RO, s.Cout - o0));
+    const int64_t g = o0 / s.Og;  // the RO channels lie in one group (as for the tiled kernel)
+    const scalar_t* xb = x + (b * s.Cin + g * Cg) * s.H * s.W;
+    const scalar_t* wb = w + b * s.Cout * s.K * GG + pidx * w_patch + o0 * s.K * w_entry;
+    const int64_t ih0 = i * s.sh - s.pt, iw0 = j * s.sw - s.pl;
+    acc_t acc[RO];
+#pragma unroll
+    for (int r = 0; r < RO; ++r) acc[r] = acc_t(0);
+    for (int ci = 0; ci < Cg; ++ci) {
+      for (int ky = 0; ky < kh; ++ky) {
+        const int64_t ih = ih0 + ky * s.dh;
+        if (ih < 0 || ih >= s.H) continue;
+        for (int kx = 0; kx < kw; ++kx) {
+          const int64_t iw = iw0 + kx * s.dw;
+          if (iw < 0 || iw >= s.W) continue;
+          const acc_t xv = static_cast<acc_t>(xb[(ci * s.H + ih) * s.W + iw]);
+          const int64_t k = (ci * kh + ky) * kw + kx;
+#pragma unroll
+          for (int r = 0; r < RO; ++r)
+            if (r < nO) acc[r] += static_cast<acc_t>(wb[(r * s.K + k) * w_entry]) * xv;
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < RO; ++r) {
+      if (r < nO) {
+        const int64_t o = o0 + r;
+        const acc_t bv = bias ? static_cast<acc_t>(bias[(b * s.Cout + o) * GG + pidx]) : acc_t(0);
+        y[(b * s.Cout + o) * HWo + pix] = static_cast<scalar_t>(acc[r] + bv);
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------
 // forward, fallback: shapes whose staged input tile of one channel exceeds the shared-memory budget
 // (large dilations); one thread per (channel, pixel) of the patch
 // ------------------------------------------------------------------------------------------
