@@ -78,6 +78,7 @@ PW_CASES = {
     "odd-3x3": (2, 3, 5, 9, 11, 3, 1, 1, 1, 1, (2, 3), True),        # uneven patches, edge taps
     "stride-dil-groups": (1, 4, 6, 13, 10, 3, 2, 2, 2, 2, (3, 2), True),
     "1x1": (2, 5, 4, 7, 9, 1, 1, 0, 1, 1, (7, 3), True),
+    "direct-vec": (1, 2, 8, 184, 184, 1, 1, 0, 1, 1, (30, 30), True),  # enough pixels for 4 channels per thread
     # pw_forward_tiled_kernel: 3x3 stride-1 path (RO = 4 / 1 channels per thread) and the general path
     "warp-reduce": (1, 2, 3, 16, 16, 3, 1, 1, 1, 1, (2, 2), False),  # 64-px patches: warp shuffle dW
     "global-weights": (1, 1400, 2, 8, 8, 3, 1, 1, 1, 1, (1, 1), False),  # 1400 channels staged in 30 chunks
@@ -90,7 +91,7 @@ PW_CASES = {
     "fallback-smem": (1, 2, 3, 128, 128, 3, 1, 0, 60, 1, (1, 1), True),
     "fallback-global": (1, 2, 2, 86, 86, 79, 1, 0, 1, 1, (1, 1), False),  # ... and K*4 B > 48 KB
 }
-PW_ONE_DTYPE = ("global-weights", "tiles", "fallback-smem", "fallback-global", "stride-groups-tiled")
+PW_ONE_DTYPE = ("direct-vec", "global-weights", "tiles", "fallback-smem", "fallback-global", "stride-groups-tiled")
 
 
 def _pw_inputs(case, dtype, seed=0):
@@ -394,7 +395,7 @@ def test_every_kernel_launched(request):
                  "pw_forward_tiled_kernel<float, 1, true>", "pw_forward_tiled_kernel<float, 1, false>",
                  "pw_forward_tiled_kernel<c10::BFloat16, 4, true>", "pw_forward_tiled_kernel<double, 4, true>",
                  "pw_forward_direct_kernel<float, 4>", "pw_forward_direct_kernel<float, 1>",
-                 "pw_forward_direct_kernel<double, 4>",
+                 "pw_forward_direct_kernel<double, 1>",
                  "hmsa_fuse_kernel<float, float, 20, true>", "hmsa_fuse_kernel<float, float, 20, false>",
                  "hmsa_fuse_kernel<float, float, 40, false>", "hmsa_fuse_kernel<float, float, 160, false>",
                  "meta_forward_kernel<c10::Half>", "meta_backward_kernel<c10::BFloat16>"):

@@ -127,9 +127,11 @@ at::Tensor patchwise_conv2d_cuda(const at::Tensor& x_, const at::Tensor& weight_
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "patchwise_conv2d_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* bptr = a.bias_ptr<scalar_t>();
-    const int RO = pw_channels_per_thread(s);
+    int RO = pw_channels_per_thread(s);
     const int64_t ph = (s.Hout + s.gh - 1) / s.gh, pw = (s.Wout + s.gw - 1) / s.gw;
     if (ph * pw < kPwGroupThreads) {  // small patches: a thread per (channels, pixel), weights from global
+      // one channel per thread when four would leave fewer than two blocks per SM (batch 1, small maps)
+      if (s.B * ((s.Cout + 3) / 4) * s.Hout * s.Wout < 2 * 256 * static_cast<int64_t>(prop->multiProcessorCount)) RO = 1;
       const int64_t work = s.B * ((s.Cout + RO - 1) / RO) * s.Hout * s.Wout;
       const int64_t max_blocks = static_cast<int64_t>(prop->multiProcessorCount) * 32;
       const unsigned blocks = static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((work + 255) / 256, max_blocks)));

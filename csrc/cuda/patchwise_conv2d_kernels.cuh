@@ -110,37 +110,48 @@ __global__ void __launch_bounds__(kPwGroupThreads * kPwMaxGroups,
   const int64_t wb = b * s.Cout * s.K * GG + pidx * t.w_patch;
   const int plane = IR * IC;
   const int warp = tid / 32, lane = tid % 32, nwarps = nthreads / 32;
+  const int step_c = nthreads % icn, step_r = nthreads / icn;
 
   for (int cc = c_lo; cc < c_hi; cc += t.CC) {
     const int ncc = min(t.CC, c_hi - cc);
     const scalar_t* xb = x + (b * s.Cin + cc) * s.H * s.W;
-    // stage the input tile: consecutive threads along a row (coalesced global reads, consecutive banks)
-    #pragma unroll 1
+    // stage the input tile: consecutive threads along a row (coalesced global reads, consecutive banks);
+    // the element's (channel, row, column) advance by the block size without a division per element
+    int c = tid % icn, r = tid / icn, cl = r / irn;
+    r -= cl * irn;
+#pragma unroll 1
     for (int e = tid; e < ncc * irn * icn; e += nthreads) {
-      const int row = e / icn, c = e - row * icn;
-      const int cl = row / irn, r = row - cl * irn;
       const int ih = ih0 + r, iw = iw0 + c;
       acc_t v = acc_t(0);
       if (ih >= 0 && ih < H && iw >= 0 && iw < W) v = static_cast<acc_t>(xb[static_cast<int64_t>(cl * H + ih) * W + iw]);
       xs[cl * plane + r * IC + c] = v;
+      c += step_c;
+      r += step_r;
+      if (c >= icn) {
+        c -= icn;
+        ++r;
+      }
+      while (r >= irn) {
+        r -= irn;
+        ++cl;
+      }
     }
     // stage the weights: a warp per output channel, lanes along its (channel, tap) entries of the chunk
     // (consecutive in a patch-major weight; gh*gw apart in the default layout)
-    #pragma unroll 1
+#pragma unroll 1
     for (int ol = warp; ol < OT; ol += nwarps) {
       const int o = static_cast<int>(o0) + ol;
       const int ci0 = ol < nO ? cc - (o / Og) * Cg : 0;  // the chunk's first channel in o's group
       const scalar_t* wo = w + wb + (static_cast<int64_t>(o) * Cg + ci0) * KK * t.w_entry;
-      #pragma unroll 1
-      for (int k = lane; k < ncc * KK; k += 32) {
-        const int ci = ci0 + k / KK;
-        const acc_t v = (ol < nO && ci >= 0 && ci < s.Cg) ? static_cast<acc_t>(wo[k * t.w_entry]) : acc_t(0);
-        ws[k * OT + ol] = v;
-      }
+      // entries of channels in o's group: [k_lo, k_hi) (all of them when groups == 1); zero elsewhere
+      const int k_lo = ol < nO ? max(0, -ci0) * KK : 0, k_hi = ol < nO ? min(ncc, Cg - ci0) * KK : 0;
+#pragma unroll 1
+      for (int k = lane; k < ncc * KK; k += 32)
+        ws[k * OT + ol] = (k >= k_lo && k < k_hi) ? static_cast<acc_t>(wo[k * t.w_entry]) : acc_t(0);
     }
     __syncthreads();
     const int cl_lo = max(my_lo, cc) - cc, cl_hi = min(my_hi, cc + ncc) - cc;
-    #pragma unroll 1
+#pragma unroll 1
     for (int cl = cl_lo; cl < cl_hi; ++cl) {
       const acc_t* xc = xs + cl * plane;
       const acc_t* wc = ws + cl * KK * OT + og * RO;
