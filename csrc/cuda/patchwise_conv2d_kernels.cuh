@@ -19,7 +19,7 @@ constexpr int kThreads = 256;
 constexpr int kPwGroupThreads = 64;
 constexpr int kPwRP = 4;
 constexpr int kPwTilePixels = kPwGroupThreads * kPwRP;
-constexpr int kPwMaxGroups = 8;  // <= 512 threads per block
+constexpr int kPwMaxGroups = 6;  // <= 384 threads per block
 
 __device__ __forceinline__ int64_t pw_lo(int64_t a, int64_t b) { return a < b ? a : b; }
 
@@ -47,7 +47,7 @@ struct alignas(sizeof(T) * N > 16 ? 16 : sizeof(T) * N) PwVec {
 // conflicts) and one broadcast vector of weights per tap. kUnit: 3x3, stride 1, dilation 1 (taps
 // unrolled: the three taps of a kernel row are immediate offsets from one address per pixel).
 template <typename scalar_t, int RO, bool kUnit>
-// Registers: the 3x3 path of 4-byte accumulators fits 64 (two 512-thread blocks per SM; ptxas -v:
+// Registers: the 3x3 path of 4-byte accumulators fits 85 (two 384-thread blocks per SM; ptxas -v:
 // no spills); the general path and double get up to 128.
 __global__ void __launch_bounds__(kPwGroupThreads * kPwMaxGroups,
                                   (kUnit && sizeof(at::opmath_type<scalar_t>) == 4) ? 2 : 1)
