@@ -81,7 +81,7 @@ PW_CASES = {
     "direct-vec": (1, 2, 8, 184, 184, 1, 1, 0, 1, 1, (30, 30), True),  # enough pixels for 4 channels per thread
     # pw_forward_tiled_kernel: 3x3 stride-1 path (RO = 4 / 1 channels per thread) and the general path
     "warp-reduce": (1, 2, 3, 16, 16, 3, 1, 1, 1, 1, (2, 2), False),  # 64-px patches: warp shuffle dW
-    "global-weights": (1, 1400, 2, 8, 8, 3, 1, 1, 1, 1, (1, 1), False),  # 1400 channels staged in 30 chunks
+    "global-weights": (1, 700, 2, 8, 8, 3, 1, 1, 1, 1, (1, 1), False),  # 700 channels staged in 15 chunks
     "groups-vec": (1, 4, 8, 17, 18, 3, 1, 1, 1, 2, (2, 2), True),     # Og = 4: 4 channels per thread, 2 groups
     "depthwise": (1, 6, 6, 19, 21, 3, 1, 1, 1, 6, (2, 2), True),     # one channel per thread
     "odd-tiled": (2, 3, 5, 33, 35, 3, 2, 2, 2, 1, (2, 1), True),     # general path, 4 channels, uneven patches

@@ -1,18 +1,24 @@
 // CUDA launchers of pyseg::patchwise_conv2d and pyseg::patchwise_conv2d_backward (device code in
 // patchwise_conv2d_kernels.cuh).
 //
-//  * forward: one block per (sample, patch, tile of OT output channels). The tile's weights of
-//    that patch (OT x Cin/groups*kh*kw, strided by gh*gw in global memory) are staged in dynamic
-//    shared memory in the accumulation type; threads then compute (channel, pixel) pairs of the
-//    patch, pixel fastest (coalesced x/y), accumulating in float (double for double). When one
-//    output channel's weights do not fit the device's shared memory per block, a variant reads
-//    the weights from global memory (read-only cache).
+//  * forward, patches of >= 64 pixels: pw_forward_tiled_kernel, one block per (sample, patch) x tile
+//    of OT output channels (NG groups of 64 threads, RO = 4 or 1 channels per thread) x pixel tile of
+//    the patch (at most 256 pixels, 32 columns). Per chunk of input channels the block stages the
+//    input tile + halo (zero-padded; row stride IC picked by pw_plan_tiles for conflict-free warp
+//    loads) and the tile's weights (ws[tap][channel], zero outside a channel's group) in shared memory
+//    (<= 48 KB), then every thread accumulates 4 pixels x RO channels in registers. Weights are read
+//    in the default layout (gh*gw apart) or patch-major (contiguous per patch) through two strides.
+//  * forward, smaller patches: pw_forward_direct_kernel, a thread per (sample, RO channels, pixel),
+//    pixel fastest (coalesced default-layout weights).
+//  * forward, a channel's tile over 48 KB: the former kernel (pw_forward_kernel): one thread per
+//    (channel, pixel) of the patch, weights staged in shared memory when one channel's fit.
 //  * dX: gather, one thread per input element: it visits the outputs that read it, each with
 //    that output's patch weights. No atomics; deterministic.
 //  * dW/dBias: one block per (sample, patch, tile of weight/bias entries). Each entry is a
 //    reduction over the patch's pixels: a warp per entry with a fixed-order shuffle reduction for
 //    patches of >= 32 pixels, a thread per entry otherwise. No atomics; deterministic.
-// All index arithmetic is int64.#include <ATen/ATen.h>
+// Global offsets are int64; the tiled kernel's in-tile indices (bounded by its shared memory) are int32.
+#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 

@@ -46,11 +46,13 @@ struct alignas(sizeof(T) * N > 16 ? 16 : sizeof(T) * N) PwVec {
 // a warp's lanes read consecutive input words (IC is chosen by the launcher to avoid bank
 // conflicts) and one broadcast vector of weights per tap. kUnit: 3x3, stride 1, dilation 1 (taps
 // unrolled: the three taps of a kernel row are immediate offsets from one address per pixel).
-template <typename scalar_t, int RO, bool kUnit>
 // Registers: the 3x3 path of 4-byte accumulators fits 85 (two 384-thread blocks per SM; ptxas -v:
-// no spills); the general path and double get up to 128.
-__global__ void __launch_bounds__(kPwGroupThreads * kPwMaxGroups,
-                                  (kUnit && sizeof(at::opmath_type<scalar_t>) == 4) ? 2 : 1)
+// no spills); the general path and double get up to 168.
+template <typename scalar_t, bool kUnit>
+constexpr int kPwMinBlocks = kUnit && sizeof(at::opmath_type<scalar_t>) == 4 ? 2 : 1;
+
+template <typename scalar_t, int RO, bool kUnit>
+__global__ void __launch_bounds__(kPwGroupThreads * kPwMaxGroups, kPwMinBlocks<scalar_t, kUnit>)
     pw_forward_tiled_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ w,
                             const scalar_t* __restrict__ bias, scalar_t* __restrict__ y, const PwConvShape s,
                             const PwTilePlan t) {
