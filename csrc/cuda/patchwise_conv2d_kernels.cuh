@@ -11,6 +11,24 @@ namespace {
 
 constexpr int kThreads = 256;
 
+// The (sample, patch) of a block whose blockIdx.x is b * gh*gw + patch, and the patch's output rows
+// [r0, r1) and columns [c0, c1).
+struct PwBlockPatch {
+  int64_t b, pidx, r0, r1, c0, c1;
+};
+__device__ __forceinline__ PwBlockPatch pw_block_patch(const PwConvShape& s) {
+  const int64_t GG = s.gh * s.gw;
+  PwBlockPatch q;
+  q.pidx = static_cast<int64_t>(blockIdx.x) % GG;
+  q.b = static_cast<int64_t>(blockIdx.x) / GG;
+  const int64_t pi = q.pidx / s.gw, pj = q.pidx % s.gw;
+  q.r0 = patch_begin(pi, s.gh, s.Hout);
+  q.r1 = patch_begin(pi + 1, s.gh, s.Hout);
+  q.c0 = patch_begin(pj, s.gw, s.Wout);
+  q.c1 = patch_begin(pj + 1, s.gw, s.Wout);
+  return q;
+}
+
 // ------------------------------------------------------------------------------------------
 // forward, tiled (the default path; the scheme is described in patchwise_conv2d.cu)
 // ------------------------------------------------------------------------------------------
@@ -68,11 +86,8 @@ __global__ void __launch_bounds__(kPwGroupThreads * kPwMaxGroups, kPwMinBlocks<s
   acc_t* xs = ws + t.CC * KK * OT;
 
   const int64_t GG = s.gh * s.gw;
-  const int64_t pidx = static_cast<int64_t>(blockIdx.x) % GG;
-  const int64_t b = static_cast<int64_t>(blockIdx.x) / GG;
-  const int64_t pi = pidx / s.gw, pj = pidx % s.gw;
-  const int64_t r0 = patch_begin(pi, s.gh, s.Hout), r1 = patch_begin(pi + 1, s.gh, s.Hout);
-  const int64_t c0 = patch_begin(pj, s.gw, s.Wout), c1 = patch_begin(pj + 1, s.gw, s.Wout);
+  const PwBlockPatch bp = pw_block_patch(s);
+  const int64_t pidx = bp.pidx, b = bp.b, r0 = bp.r0, r1 = bp.r1, c0 = bp.c0, c1 = bp.c1;
   const int ntc = static_cast<int>((c1 - c0 + t.TC - 1) / t.TC);
   const int tz = static_cast<int>(blockIdx.z);
   // rows, columns and channels fit in int (only products of them may not)
@@ -405,11 +420,8 @@ __global__ void __launch_bounds__(kThreads)
                           const int64_t e_begin, const int64_t e_end, const int64_t ET) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t GG = s.gh * s.gw;
-  const int64_t pidx = static_cast<int64_t>(blockIdx.x) % GG;
-  const int64_t b = static_cast<int64_t>(blockIdx.x) / GG;
-  const int64_t pi = pidx / s.gw, pj = pidx % s.gw;
-  const int64_t r0 = patch_begin(pi, s.gh, s.Hout), r1 = patch_begin(pi + 1, s.gh, s.Hout);
-  const int64_t c0 = patch_begin(pj, s.gw, s.Wout), c1 = patch_begin(pj + 1, s.gw, s.Wout);
+  const PwBlockPatch bp = pw_block_patch(s);
+  const int64_t pidx = bp.pidx, b = bp.b, r0 = bp.r0, r1 = bp.r1, c0 = bp.c0, c1 = bp.c1;
   const int64_t pw = c1 - c0;
   const int64_t P = (r1 - r0) * pw;
   const int64_t eb = e_begin + static_cast<int64_t>(blockIdx.y) * ET;
