@@ -36,7 +36,7 @@ def checks():
     for case in ("odd", "multi-tile", "smem-weights-large"):
         out[f"meta_block forward {case}"] = lambda c=case: T.check_meta(run, c, f32, backward=False)
         out[f"meta_block backward {case}"] = lambda c=case: T.check_meta(run, c, f32, backward=True)
-    for case in ("odd-3x3", "warp-reduce"):
+    for case in ("warp-reduce", "global-weights", "fallback-smem"):  # tiled (1 and 8 chunks), fallback
         out[f"patchwise_conv2d {case}"] = lambda c=case: T.test_patchwise_conv2d("emulated", c, f32)
     return out
 

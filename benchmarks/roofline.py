@@ -503,24 +503,134 @@ def _cuda_pointwise(x, wflat, esize, backward):
     return [f, gx, gw_, red]
 
 
+#: patchwise_conv2d_kernels.cuh: kPwGroupThreads (threads per output-channel group), kPwRP (pixels per
+#: thread), kPwMaxGroups (groups per block); the launcher's shared-memory budget (no opt-in).
+PW_GROUP_THREADS, PW_RP, PW_MAX_GROUPS, PW_SMEM = 64, 4, 6, 48 * 1024
+#: registers/thread of pw_forward_tiled_kernel (ptxas -v, sm_90, CUDA 13.0; 4-byte accumulators), by
+#: (channels per thread, 3x3 path): the 3x3/stride-1 path is held to 85 by __launch_bounds__(384, 2).
+PW_TILED_REGS = {(4, True): 80, (1, True): 80, (4, False): 95, (1, False): 168}
+#: registers/thread of pw_forward_direct_kernel (same ptxas run), by channels per thread.
+PW_DIRECT_REGS = {4: 80, 1: 72}
+
+
+def _pw_conflict(TR, TC, IC, sh, sw):
+    """pw_tile_conflict (patchwise_conv2d.cu): most distinct words a bank serves in one warp's load of the
+    staged input (thread pixel p = lane + 32*warp + 64*q, row-major in the TR x TC tile)."""
+    worst = 1
+    for base in range(0, min(PW_GROUP_THREADS * PW_RP, TR * TC), 32):
+        words = {(p // TC) * sh * IC + (p % TC) * sw for p in range(base, min(base + 32, TR * TC))}
+        per_bank: Dict[int, int] = {}
+        for wd in words:
+            per_bank[wd % 32] = per_bank.get(wd % 32, 0) + 1
+        worst = max(worst, max(per_bank.values()))
+    return worst
+
+
+def _pw_plan(Cin, Cout, groups, kh, kw, stride, dilation, Hout, Wout, gh, gw, acc):
+    """pw_channels_per_thread + pw_plan_tiles (patchwise_conv2d.cu): None when one channel's tile does not
+    fit (the fallback kernel)."""
+    Og, Cg = Cout // groups, Cin // groups
+    RO = 4 if (Cout >= 4 if groups == 1 else Og % 4 == 0) else 1
+    ot_max = RO * PW_MAX_GROUPS
+    tiles = math.ceil(Cout / ot_max)
+    OT = math.ceil(math.ceil(Cout / tiles) / RO) * RO
+    ph, pw = math.ceil(Hout / gh), math.ceil(Wout / gw)
+    TC = min(pw, 32)
+    TR = min(ph, max(1, PW_GROUP_THREADS * PW_RP // TC))
+    IR = (TR - 1) * stride[0] + (kh - 1) * dilation[0] + 1
+    ICn = (TC - 1) * stride[1] + (kw - 1) * dilation[1] + 1
+    budget, KK = PW_SMEM // acc, kh * kw
+    if IR * ICn + KK * OT > budget:
+        return None
+    IC, best = ICn, _pw_conflict(TR, TC, ICn, stride[0], stride[1])
+    for ic in range(ICn + 1, ICn + 32):
+        if best == 1 or IR * ic + KK * OT > budget:
+            break
+        c = _pw_conflict(TR, TC, ic, stride[0], stride[1])
+        if c < best:
+            best, IC = c, ic
+    span = Cin if groups == 1 else min(Cin, ((OT - 1) // Og + 2) * Cg)
+    cc_max = max(1, budget // (IR * IC + KK * OT))
+    chunks = math.ceil(span / cc_max)
+    CC = math.ceil(span / chunks)
+    return dict(RO=RO, OT=OT, NG=OT // RO, tiles=tiles, TR=TR, TC=TC, IR=IR, IC=IC, CC=CC, chunks=chunks,
+                span=span, conflict=best, smem=CC * (IR * IC + KK * OT) * acc)
+
+
 def _cuda_patchwise(x, w, has_bias, stride, padding, dilation, groups, esize, backward):
-    """patchwise_conv2d_kernels.cuh: forward grid (B*G, ceil(Cout/OT)), OT = min(Cout, 64), 256 threads, a
-    thread per (channel, pixel) of the patch looping over Cg*kh*kw taps; weights staged in smem from the
-    strided layout (one sector per element), x read from global (L1) per tap with int64 index math."""
+    """patchwise_conv2d_kernels.cuh. Forward, patches of fewer than 64 pixels: pw_forward_direct_kernel (below).
+    Otherwise pw_forward_tiled_kernel, grid (B*G, Cout tiles, pixel tiles per
+    patch), NG*64 threads; per block the input tile + halo and the tile's weights are staged in shared memory
+    channel chunk by chunk (2 barriers per chunk), then each thread accumulates 4 pixels x RO output channels
+    in registers: per tap RO weights as one broadcast vector load (LDS.128) and 4 conflict-free input loads
+    for 4*RO FFMA. The 3x3/stride-1 path unrolls the taps (3 immediate-offset loads per pixel and kernel row).
+    Weights in the default layout are read a sector per element (gh*gw apart) through L2; the DRAM traffic
+    stays one pass (neighbouring patches' blocks run at the same time and share the sectors). Backward: the
+    gather kernels (dX one thread per input element, dW/dBias per patch)."""
     B, Cin, H, W = x
     _, Cout, Cg, kh, kw, gh, gw = w
     _, _, _, _, y = patchwise_counts(x, w, has_bias, stride, padding, dilation, groups, esize)
     Hout, Wout = y[2], y[3]
     G, K = gh * gw, Cg * kh * kw
-    use_smem = K * 4 <= 48 * 1024  # patchwise_conv2d.cu:58-61: a channel's float weights fit 48 KB (no opt-in)
-    OT = max(1, min(Cout, 64, 48 * 1024 // (K * 4))) if use_smem else min(Cout, 64)
-    P = max(_patch_sizes(Hout, gh)) * max(_patch_sizes(Wout, gw))
     xb, wb, yb = _numel(x) * esize, _numel(w) * esize, _numel(y) * esize
     bb = B * Cout * G * esize if has_bias else 0
+    acc = 4  # float accumulators for fp32/bf16/fp16 (smem and registers)
+    ph, pw = max(_patch_sizes(Hout, gh)), max(_patch_sizes(Wout, gw))
+    if not backward and ph * pw < PW_GROUP_THREADS:
+        # pw_forward_direct_kernel: a thread per (sample, RO channels, pixel), pixel fastest, grid-stride over
+        # at most 32 blocks per SM; per tap 1 input load + RO weight loads (L1) + RO FFMA + bounds/addressing
+        RO = 4 if (Cout >= 4 if groups == 1 else (Cout // groups) % 4 == 0) else 1
+        if B * math.ceil(Cout / 4) * Hout * Wout < 2 * 256 * 132:  # the launcher keeps >= 2 blocks per SM
+            RO = 1
+        name = f"pw_forward_direct_kernel<RO={RO}>"
+        _regs(name)
+        _REGS.setdefault(name, PW_DIRECT_REGS[RO])
+        items = B * math.ceil(Cout / RO) * Hout * Wout
+        f = _KernelCost(name, min(math.ceil(items / 256), 132 * 32), 256)
+        f.loop(256 * math.ceil(items / (f.blocks * 256)), Cg * kh * kw, lsu=1 + RO, issue=2 * RO + 9,
+               overhead=8 * INT64_DIV)  # idx -> (b, channels, pixel), pixel -> (i, j), patch_of twice
+        f.dram = xb + wb + bb + yb
+        # lanes are consecutive pixels, so consecutive (or equal) patches: weights coalesced, each weight
+        # re-read once per pixel row of its patch; x re-read per channel group (taps hit L1)
+        f.l2 = xb * math.ceil(Cout / RO) + wb * ph + yb + bb
+        return [f]
+    plan = None if backward else _pw_plan(Cin, Cout, groups, kh, kw, stride, dilation, Hout, Wout, gh, gw, acc)
+    if plan is not None:
+        RO, OT, NG, TR, TC = plan["RO"], plan["OT"], plan["NG"], plan["TR"], plan["TC"]
+        unit = kh == kw == 3 and tuple(stride) == (1, 1) and tuple(dilation) == (1, 1)
+        name = f"pw_forward_tiled_kernel<RO={RO},{'3x3' if unit else 'general'}>"
+        _regs(name)  # load the committed table, then add this kernel's ptxas count (not in that table yet)
+        _REGS.setdefault(name, PW_TILED_REGS[(RO, unit)])
+        rows, cols = _patch_sizes(Hout, gh), _patch_sizes(Wout, gw)
+        ptiles = sum(math.ceil(a / TR) for a in rows) * sum(math.ceil(b / TC) for b in cols)
+        f = _KernelCost(name, B * ptiles * plan["tiles"], NG * PW_GROUP_THREADS, plan["smem"])
+        nr, nc = min(TR, max(rows)), min(TC, max(cols))
+        irn = (nr - 1) * stride[0] + (kh - 1) * dilation[0] + 1
+        icn = (nc - 1) * stride[1] + (kw - 1) * dilation[1] + 1
+        span = plan["span"]
+        # staging, per chunk: input tile (LDG + bounds + STS; (channel, row, column) stepped by the block size)
+        f.loop(span * irn * icn, lsu=2, issue=18)
+        # weights: a warp per output channel, lanes along its (channel, tap) entries (LDG + range test + STS)
+        f.loop(OT * 32, math.ceil(span * kh * kw / 32), lsu=2, issue=8)
+        # compute: every active thread walks its group's Cg channels; conflict-free input loads (plan)
+        xl = PW_RP * plan["conflict"]
+        if unit:  # per channel: 3 kernel rows x (4 address adds + 3 weight vectors + 12 input loads + 12*RO FFMA)
+            f.loop(NG * PW_GROUP_THREADS, Cg, lsu=3 * (3 + 3 * xl), issue=3 * (PW_RP + 3 + 3 * PW_RP + 3 * PW_RP * RO) + 3)
+        else:  # per tap: 1 weight vector + 4 input loads + 4 address adds + 4*RO FFMA + loop
+            f.loop(NG * PW_GROUP_THREADS, Cg * kh * kw, lsu=1 + xl, issue=1 + 2 * PW_RP + PW_RP * RO + 2)
+        f.loop(NG * PW_GROUP_THREADS, RO * PW_RP, lsu=1, issue=4)  # stores (+ bias)
+        f.dram = xb + wb + bb + yb
+        f.l2 = (B * ptiles * plan["tiles"] * span * irn * icn * esize  # each block's tile + halo
+                + B * Cout * K * G * SECTOR + yb + bb)  # default layout: one sector per weight element
+        if not backward:
+            return [f]
+    # fallback kernel (a channel's tile over 48 KB), as before: a thread per (channel, pixel)
+    use_smem = K * 4 <= 48 * 1024  # patchwise_conv2d.cu: a channel's float weights fit 48 KB (no opt-in)
+    OT = max(1, min(Cout, 64, 48 * 1024 // (K * 4))) if use_smem else min(Cout, 64)
+    P = max(_patch_sizes(Hout, gh)) * max(_patch_sizes(Wout, gw))
     f = _KernelCost("pw_forward_kernel", B * G * math.ceil(Cout / OT), 256, OT * K * 4 if use_smem else 0)
     if use_smem:
-        f.loop(OT * K, lsu=2, issue=6)  # weight staging ws[t] = wb[t * GG] (kernels.cuh:40)
-    # per tap: LDS weight (broadcast) + LDG x (L1) + FFMA + 2 bounds checks + int64 addressing (:52-62)
+        f.loop(OT * K, lsu=2, issue=6)  # weight staging ws[t] = wb[t * GG]
     f.loop(OT * P, K, lsu=2, issue=12, overhead=4 * INT64_DIV + 12)
     f.dram = xb + wb + bb + yb
     halo_x = B * Cin * sum((a * stride[0] + kh - 1) * (b * stride[1] + kw - 1)

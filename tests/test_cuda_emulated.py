@@ -75,12 +75,24 @@ def grads(fn, inputs, grad_out):
 # --------------------------------------------------------------------------------------------
 # (B, Cin, Cout, H, W, k, stride, padding, dilation, groups, grid, bias)
 PW_CASES = {
+    # patches under 64 pixels: pw_forward_direct_kernel
     "odd-3x3": (2, 3, 5, 9, 11, 3, 1, 1, 1, 1, (2, 3), True),        # uneven patches, edge taps
     "stride-dil-groups": (1, 4, 6, 13, 10, 3, 2, 2, 2, 2, (3, 2), True),
-    "warp-reduce": (1, 2, 3, 16, 16, 3, 1, 1, 1, 1, (2, 2), False),  # 64-px patches: warp shuffle dW
     "1x1": (2, 5, 4, 7, 9, 1, 1, 0, 1, 1, (7, 3), True),
-    "global-weights": (1, 1400, 2, 4, 4, 3, 1, 1, 1, 1, (1, 1), False),  # K*4 B > 48 KB: no smem
+    "direct-vec": (1, 2, 8, 184, 184, 1, 1, 0, 1, 1, (30, 30), True),  # enough pixels for 4 channels per thread
+    # pw_forward_tiled_kernel: 3x3 stride-1 path (RO = 4 / 1 channels per thread) and the general path
+    "warp-reduce": (1, 2, 3, 16, 16, 3, 1, 1, 1, 1, (2, 2), False),  # 64-px patches: warp shuffle dW
+    "global-weights": (1, 700, 2, 8, 8, 3, 1, 1, 1, 1, (1, 1), False),  # 700 channels staged in 15 chunks
+    "groups-vec": (1, 4, 8, 17, 18, 3, 1, 1, 1, 2, (2, 2), True),     # Og = 4: 4 channels per thread, 2 groups
+    "depthwise": (1, 6, 6, 19, 21, 3, 1, 1, 1, 6, (2, 2), True),     # one channel per thread
+    "odd-tiled": (2, 3, 5, 33, 35, 3, 2, 2, 2, 1, (2, 1), True),     # general path, 4 channels, uneven patches
+    "stride-groups-tiled": (1, 4, 6, 26, 20, 3, 2, 2, 2, 2, (1, 1), True),  # general path, 1 channel (Og = 3)
+    "tiles": (1, 3, 37, 40, 70, 3, 1, 1, 1, 1, (1, 2), True),       # 2 channel tiles, 5x2 pixel tiles per patch
+    # pw_forward_kernel (fallback): one channel's input tile over 48 KB
+    "fallback-smem": (1, 2, 3, 128, 128, 3, 1, 0, 60, 1, (1, 1), True),
+    "fallback-global": (1, 2, 2, 86, 86, 79, 1, 0, 1, 1, (1, 1), False),  # ... and K*4 B > 48 KB
 }
+PW_ONE_DTYPE = ("direct-vec", "global-weights", "tiles", "fallback-smem", "fallback-global", "stride-groups-tiled")
 
 
 def _pw_inputs(case, dtype, seed=0):
@@ -104,8 +116,8 @@ def _pw_args(s, p, d, groups):
 @pytest.mark.parametrize("case", list(PW_CASES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_patchwise_conv2d(target, case, dtype):
-    if case == "global-weights" and dtype != torch.float32:
-        pytest.skip("one dtype is enough for the large-K path")
+    if case in PW_ONE_DTYPE and dtype != torch.float32:
+        pytest.skip("one dtype is enough for this path")
     run = Target(target)
     x, w, b, s, p, d, groups = _pw_inputs(case, dtype)
     y = run("patchwise_conv2d", x, w, b, *_pw_args(s, p, d, groups))
@@ -119,6 +131,28 @@ def test_patchwise_conv2d(target, case, dtype):
     close(gw, gw_r, dtype, "grad_weight")
     if b is not None:
         close(gb, gb_r[0], dtype, "grad_bias")
+
+
+@pytest.mark.parametrize("case", ["odd-3x3", "groups-vec", "depthwise"])
+def test_patchwise_conv2d_float64_patch_major(target, case):
+    """float64 (two 16-byte weight vectors per tap) and a patch-major weight (each patch's weights
+    contiguous: read in place by the forward, made contiguous by the backward)."""
+    run = Target(target)
+    x, w, b, s, p, d, groups = _pw_inputs(case, torch.float64, seed=1)
+    pm = w.permute(0, 5, 6, 1, 2, 3, 4).contiguous().permute(0, 3, 4, 5, 6, 1, 2)
+    assert not pm.is_contiguous() and torch.equal(pm, w)
+    ref = _pw_reference(x, w, b, s, p, d, groups)
+    for weight in (w, pm):
+        close(run("patchwise_conv2d", x, weight, b, *_pw_args(s, p, d, groups)), ref, torch.float64, "y")
+    pm32 = pm.float()  # patch-major float32: the layout survives .float() (preserve_format)
+    assert not pm32.is_contiguous()
+    y32 = run("patchwise_conv2d", x.float(), pm32, b.float(), *_pw_args(s, p, d, groups))
+    close(y32, ref, torch.float32, "y (float32, patch-major)")
+    gy = torch.randn(ref.shape, dtype=torch.float64)
+    got = run("patchwise_conv2d_backward", gy, x, pm, *_pw_args(s, p, d, groups), [True, True, True])
+    want = run("patchwise_conv2d_backward", gy, x, w, *_pw_args(s, p, d, groups), [True, True, True])
+    for a, c in zip(got, want):
+        torch.testing.assert_close(a, c, rtol=0, atol=0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -343,7 +377,7 @@ def test_missing_barrier_fails(site):
             if site.startswith("meta"):
                 check_meta(run, "deep-tile", torch.float32, backward=False)  # warps with unequal pw1 work
             else:
-                test_patchwise_conv2d("emulated", "odd-3x3", torch.float32)
+                test_patchwise_conv2d("emulated", "warp-reduce", torch.float32)
 
 
 @pytest.mark.cuda_emulated
@@ -397,6 +431,11 @@ def test_every_kernel_launched(request):
     assert kernels - names == set(), f"never launched: {sorted(kernels - names)}"
     variants = {v for _, v in launched}
     for want in ("pw_forward_kernel<float, true>", "pw_forward_kernel<float, false>",
+                 "pw_forward_tiled_kernel<float, 4, true>", "pw_forward_tiled_kernel<float, 4, false>",
+                 "pw_forward_tiled_kernel<float, 1, true>", "pw_forward_tiled_kernel<float, 1, false>",
+                 "pw_forward_tiled_kernel<c10::BFloat16, 4, true>", "pw_forward_tiled_kernel<double, 4, true>",
+                 "pw_forward_direct_kernel<float, 4>", "pw_forward_direct_kernel<float, 1>",
+                 "pw_forward_direct_kernel<double, 1>",
                  "hmsa_fuse_kernel<float, float, 20, true>", "hmsa_fuse_kernel<float, float, 20, false>",
                  "hmsa_fuse_kernel<float, float, 40, false>", "hmsa_fuse_kernel<float, float, 160, false>",
                  "meta_forward_kernel<double>", "meta_backward_kernel<c10::BFloat16>",

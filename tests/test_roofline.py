@@ -189,3 +189,19 @@ def test_cli_outside_checkout(tmp_path):
     assert d["gpu"] == "h200" and len(d["rows"]) == 10
     m = [x for x in d["rows"] if "measured_us" in x]
     assert len(m) == 1 and m[0]["measured_us"] == 40.0 and m[0]["level"] == 4
+
+
+def test_patchwise_forward_plan_and_prediction(hyperseg_m):
+    """The modelled patch-wise forward (pw_forward_tiled_kernel / pw_forward_direct_kernel): the launcher's
+    plan for HyperSeg-M's 3x3 level, its bank-conflict-free row stride, and every float32 forward of
+    HyperSeg-M's patch-wise shapes predicted within 2x of its floor (the acceptance of issue 20)."""
+    plan = rl._pw_plan(34, 19, 1, 3, 3, (1, 1), (1, 1), 256, 512, 16, 32, 4)
+    assert (plan["RO"], plan["OT"], plan["NG"], plan["TR"], plan["TC"], plan["IR"]) == (4, 20, 5, 16, 16, 18)
+    assert plan["IC"] == 48 and plan["conflict"] == 1 and rl._pw_conflict(16, 16, 18, 1, 1) == 2
+    assert plan["smem"] <= 48 * 1024 and plan["chunks"] * plan["CC"] >= 34
+    assert rl._pw_plan(1, 2, 1, 3, 3, (1, 1), (60, 60), 8, 8, 1, 1, 4) is None  # the fallback kernel's case
+    calls, _ = hyperseg_m
+    rows = [r for r in rl.rows_for(calls, "h100", "float32") if r["op"] == "patchwise_conv2d" and r["direction"] == "fwd"]
+    assert len(rows) == 3
+    for r in rows:
+        assert r["pred_over_floor"] <= 2.0, r

@@ -134,17 +134,31 @@ inline void pw_check_grad_out(const char* op, const PwConvShape& s, const at::Te
 constexpr const char* kPwConvForward = "pyseg::patchwise_conv2d";
 constexpr const char* kPwConvBackward = "pyseg::patchwise_conv2d_backward";
 
+// True when the 7-D weight is stored patch-major: each patch's Cout*Cin/groups*kh*kw weights
+// contiguous, patches of a sample contiguous (the memory of a (B, gh, gw, Cout, Cin/groups, kh, kw)
+// tensor; a flat (B, N, gh, gw) weight in channels_last viewed as 7-D).
+inline bool pw_patch_major(const at::Tensor& w) {
+  return w.dim() == 7 && !w.is_contiguous() && w.permute({0, 5, 6, 1, 2, 3, 4}).is_contiguous();
+}
+
 // The forward's operands, checked (pw_check_args, pw_check_bias) and contiguous; bias undefined when
-// absent. Shared by the CPU and CUDA launchers (each checks the device first).
+// absent. Shared by the CPU and CUDA launchers (each checks the device first). allow_patch_major: a
+// patch-major weight (pw_patch_major) is kept as it is (the CUDA kernel reads both layouts through
+// the strides w_entry / w_patch); otherwise the weight is made contiguous.
 struct PwConvForward {
   PwConvShape s;
   at::Tensor x, weight, bias;
+  int64_t w_entry = 0, w_patch = 0;  // element distance between consecutive weight entries / patches
   PwConvForward(const at::Tensor& x_, const at::Tensor& weight_, const c10::optional<at::Tensor>& bias_,
-                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups)
+                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                bool allow_patch_major = false)
       : s(pw_check_args(kPwConvForward, x_, weight_, stride, padding, dilation, groups)) {
     pw_check_bias(kPwConvForward, s, x_, bias_);
     x = x_.contiguous();
-    weight = weight_.contiguous();
+    const bool pm = allow_patch_major && pw_patch_major(weight_);
+    weight = pm ? weight_ : weight_.contiguous();
+    w_entry = pm ? 1 : s.gh * s.gw;
+    w_patch = pm ? s.Cout * s.K : 1;
     if (bias_.has_value() && bias_->defined()) bias = bias_->contiguous();
   }
   template <typename scalar_t>

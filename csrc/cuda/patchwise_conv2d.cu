@@ -1,18 +1,24 @@
 // CUDA launchers of pyseg::patchwise_conv2d and pyseg::patchwise_conv2d_backward (device code in
 // patchwise_conv2d_kernels.cuh).
 //
-//  * forward: one block per (sample, patch, tile of OT output channels). The tile's weights of
-//    that patch (OT x Cin/groups*kh*kw, strided by gh*gw in global memory) are staged in dynamic
-//    shared memory in the accumulation type; threads then compute (channel, pixel) pairs of the
-//    patch, pixel fastest (coalesced x/y), accumulating in float (double for double). When one
-//    output channel's weights do not fit the device's shared memory per block, a variant reads
-//    the weights from global memory (read-only cache).
+//  * forward, patches of >= 64 pixels: pw_forward_tiled_kernel, one block per (sample, patch) x tile
+//    of OT output channels (NG groups of 64 threads, RO = 4 or 1 channels per thread) x pixel tile of
+//    the patch (at most 256 pixels, 32 columns). Per chunk of input channels the block stages the
+//    input tile + halo (zero-padded; row stride IC picked by pw_plan_tiles for conflict-free warp
+//    loads) and the tile's weights (ws[tap][channel], zero outside a channel's group) in shared memory
+//    (<= 48 KB), then every thread accumulates 4 pixels x RO channels in registers. Weights are read
+//    in the default layout (gh*gw apart) or patch-major (contiguous per patch) through two strides.
+//  * forward, smaller patches: pw_forward_direct_kernel, a thread per (sample, RO channels, pixel),
+//    pixel fastest (coalesced default-layout weights).
+//  * forward, a channel's tile over 48 KB: the former kernel (pw_forward_kernel): one thread per
+//    (channel, pixel) of the patch, weights staged in shared memory when one channel's fit.
 //  * dX: gather, one thread per input element: it visits the outputs that read it, each with
 //    that output's patch weights. No atomics; deterministic.
 //  * dW/dBias: one block per (sample, patch, tile of weight/bias entries). Each entry is a
 //    reduction over the patch's pixels: a warp per entry with a fixed-order shuffle reduction for
 //    patches of >= 32 pixels, a thread per entry otherwise. No atomics; deterministic.
-// All index arithmetic is int64.#include <ATen/ATen.h>
+// Global offsets are int64; the tiled kernel's in-tile indices (bounded by its shared memory) are int32.
+#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
@@ -29,12 +35,89 @@
 namespace pyseg {
 namespace {
 
+// Output channels per thread of the tiled forward: 4 (a vector of weights per tap) when a thread's
+// four channels always lie in one group (groups == 1 with Cout >= 4, or Og % 4 == 0), else 1.
+inline int pw_channels_per_thread(const PwConvShape& s) {
+  return (s.G == 1 ? s.Cout >= 4 : s.Og % 4 == 0) ? 4 : 1;
+}
+
+// Most distinct shared-memory words any bank serves in one warp-wide load of the input tile
+// (thread pixel p = lane + 32*warp + 64*q, row-major in a TR x TC tile, word (p / TC)*sh*IC +
+// (p % TC)*sw): 1 = conflict-free.
+inline int pw_tile_conflict(int TR, int TC, int IC, int64_t sh, int64_t sw) {
+  int worst = 1;
+  for (int base = 0; base < kPwTilePixels && base < TR * TC; base += 32) {
+    int64_t words[32];
+    int n = 0;
+    for (int l = 0; l < 32 && base + l < TR * TC; ++l) {
+      const int p = base + l;
+      words[n++] = (p / TC) * sh * IC + (p % TC) * sw;
+    }
+    for (int bank = 0; bank < 32; ++bank) {
+      int distinct = 0;
+      for (int i = 0; i < n; ++i) {
+        if (words[i] % 32 != bank) continue;
+        bool seen = false;
+        for (int j = 0; j < i; ++j) seen |= words[j] == words[i];
+        distinct += seen ? 0 : 1;
+      }
+      worst = std::max(worst, distinct);
+    }
+  }
+  return worst;
+}
+
+inline int64_t pw_tile_smem_elems(const PwConvShape& s, const PwTilePlan& t) {
+  return static_cast<int64_t>(t.CC) * (static_cast<int64_t>(t.IR) * t.IC + s.kh * s.kw * t.OT);
+}
+
+// The tiled forward's plan: output-channel tiles of OT = NG*RO (balanced, NG <= 8), a pixel tile of
+// at most 256 pixels (up to 32 columns wide), the input row stride IC in [columns, columns + 32)
+// with the fewest bank conflicts (when that still fits), and the most channels per chunk that fit
+// smem_limit (balanced over the chunks). False when one channel does not fit (the fallback kernel).
+inline bool pw_plan_tiles(const PwConvShape& s, int RO, int64_t esize, int64_t smem_limit, int64_t w_entry,
+                          int64_t w_patch, PwTilePlan* out) {
+  PwTilePlan t;
+  const int64_t ot_max = static_cast<int64_t>(RO) * kPwMaxGroups;
+  const int64_t tiles = (s.Cout + ot_max - 1) / ot_max;
+  const int64_t ot = ((s.Cout + tiles - 1) / tiles + RO - 1) / RO * RO;
+  t.OT = static_cast<int>(ot);
+  t.NG = t.OT / RO;
+  const int64_t ph = (s.Hout + s.gh - 1) / s.gh, pw = (s.Wout + s.gw - 1) / s.gw;
+  t.TC = static_cast<int>(std::min<int64_t>(pw, 32));
+  t.TR = static_cast<int>(std::min<int64_t>(ph, std::max<int64_t>(1, kPwTilePixels / t.TC)));
+  const int64_t ir = (t.TR - 1) * s.sh + (s.kh - 1) * s.dh + 1;
+  const int64_t icn = (t.TC - 1) * s.sw + (s.kw - 1) * s.dw + 1;
+  const int64_t budget = smem_limit / esize;
+  const int64_t KK = s.kh * s.kw;
+  if (ir * icn + KK * t.OT > budget || ir * (icn + 31) > std::numeric_limits<int32_t>::max()) return false;
+  t.IR = static_cast<int>(ir);
+  t.IC = static_cast<int>(icn);
+  int best = pw_tile_conflict(t.TR, t.TC, t.IC, s.sh, s.sw);
+  for (int64_t ic = icn + 1; ic < icn + 32 && best > 1; ++ic) {
+    if (ir * ic + KK * t.OT > budget) break;
+    const int c = pw_tile_conflict(t.TR, t.TC, static_cast<int>(ic), s.sh, s.sw);
+    if (c < best) {
+      best = c;
+      t.IC = static_cast<int>(ic);
+    }
+  }
+  const int64_t span = s.G == 1 ? s.Cin : std::min<int64_t>(s.Cin, ((t.OT - 1) / s.Og + 2) * s.Cg);
+  const int64_t cc_max = std::max<int64_t>(1, budget / (ir * t.IC + KK * t.OT));
+  const int64_t chunks = (span + cc_max - 1) / cc_max;
+  t.CC = static_cast<int>((span + chunks - 1) / chunks);
+  t.w_entry = w_entry;
+  t.w_patch = w_patch;
+  *out = t;
+  return true;
+}
+
 at::Tensor patchwise_conv2d_cuda(const at::Tensor& x_, const at::Tensor& weight_,
                                  const c10::optional<at::Tensor>& bias_, at::IntArrayRef stride,
                                  at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   TORCH_CHECK(gpu::on_device(x_), kPwConvForward, ": the CUDA kernel needs CUDA tensors, got x on ", x_.device());
   gpu::DeviceGuard guard(x_.device());
-  const PwConvForward a(x_, weight_, bias_, stride, padding, dilation, groups);
+  const PwConvForward a(x_, weight_, bias_, stride, padding, dilation, groups, /*allow_patch_major=*/true);
   const PwConvShape& s = a.s;
   const at::Tensor &x = a.x, &weight = a.weight;
   at::Tensor y = at::empty({s.B, s.Cout, s.Hout, s.Wout}, x.options());
@@ -49,6 +132,55 @@ at::Tensor patchwise_conv2d_cuda(const at::Tensor& x_, const at::Tensor& weight_
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "patchwise_conv2d_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* bptr = a.bias_ptr<scalar_t>();
+    int RO = pw_channels_per_thread(s);
+    const int64_t ph = (s.Hout + s.gh - 1) / s.gh, pw = (s.Wout + s.gw - 1) / s.gw;
+    if (ph * pw < kPwGroupThreads) {  // small patches: a thread per (channels, pixel), weights from global
+      // one channel per thread when four would leave fewer than two blocks per SM (batch 1, small maps)
+      if (s.B * ((s.Cout + 3) / 4) * s.Hout * s.Wout < 2 * 256 * static_cast<int64_t>(prop->multiProcessorCount)) RO = 1;
+      const int64_t work = s.B * ((s.Cout + RO - 1) / RO) * s.Hout * s.Wout;
+      const int64_t max_blocks = static_cast<int64_t>(prop->multiProcessorCount) * 32;
+      const unsigned blocks = static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((work + 255) / 256, max_blocks)));
+      const scalar_t* xp = x.const_data_ptr<scalar_t>();
+      const scalar_t* wp = weight.const_data_ptr<scalar_t>();
+      scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+      if (RO == 4) {
+        PYSEG_LAUNCH(blocks, 256, 0, stream, pw_forward_direct_kernel<scalar_t, 4>)(xp, wp, bptr, yp, s, a.w_entry,
+                                                                                  a.w_patch);
+      } else {
+        PYSEG_LAUNCH(blocks, 256, 0, stream, pw_forward_direct_kernel<scalar_t, 1>)(xp, wp, bptr, yp, s, a.w_entry,
+                                                                                  a.w_patch);
+      }
+      PYSEG_LAUNCH_CHECK();
+      return;
+    }
+    PwTilePlan t;
+    if (pw_plan_tiles(s, RO, static_cast<int64_t>(sizeof(acc_t)), smem_limit, a.w_entry, a.w_patch, &t)) {
+      const int64_t tiles = (s.Cout + t.OT - 1) / t.OT;
+      const int64_t ptiles = ((ph + t.TR - 1) / t.TR) * ((pw + t.TC - 1) / t.TC);
+      TORCH_CHECK(tiles <= 65535 && ptiles <= 65535, kPwConvForward, ": grid too large (", tiles,
+                  " output-channel tiles x ", ptiles, " pixel tiles per patch)");
+      const dim3 grid(static_cast<unsigned>(s.B * GG), static_cast<unsigned>(tiles), static_cast<unsigned>(ptiles));
+      const size_t smem = static_cast<size_t>(pw_tile_smem_elems(s, t) * static_cast<int64_t>(sizeof(acc_t)));
+      const int threads = t.NG * kPwGroupThreads;
+      const bool unit = s.kh == 3 && s.kw == 3 && s.sh == 1 && s.sw == 1 && s.dh == 1 && s.dw == 1;
+      const scalar_t* xp = x.const_data_ptr<scalar_t>();
+      const scalar_t* wp = weight.const_data_ptr<scalar_t>();
+      scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+      if (RO == 4 && unit) {
+        PYSEG_LAUNCH(grid, threads, smem, stream, pw_forward_tiled_kernel<scalar_t, 4, true>)(xp, wp, bptr, yp, s, t);
+      } else if (RO == 4) {
+        PYSEG_LAUNCH(grid, threads, smem, stream, pw_forward_tiled_kernel<scalar_t, 4, false>)(xp, wp, bptr, yp, s, t);
+      } else if (unit) {
+        PYSEG_LAUNCH(grid, threads, smem, stream, pw_forward_tiled_kernel<scalar_t, 1, true>)(xp, wp, bptr, yp, s, t);
+      } else {
+        PYSEG_LAUNCH(grid, threads, smem, stream, pw_forward_tiled_kernel<scalar_t, 1, false>)(xp, wp, bptr, yp, s, t);
+      }
+      PYSEG_LAUNCH_CHECK();
+      return;
+    }
+    // fallback (one channel's input tile does not fit): the simple kernel reads the default layout
+    const at::Tensor wc = weight.contiguous();
     const int64_t per_channel = s.K * static_cast<int64_t>(sizeof(acc_t));
     const bool use_smem = per_channel <= smem_limit;
     int64_t OT = std::min<int64_t>(s.Cout, 64);
@@ -56,15 +188,14 @@ at::Tensor patchwise_conv2d_cuda(const at::Tensor& x_, const at::Tensor& weight_
     const int64_t tiles = (s.Cout + OT - 1) / OT;
     TORCH_CHECK(tiles <= 65535, kPwConvForward, ": too many output-channel tiles: ", tiles);
     const dim3 grid(static_cast<unsigned>(s.B * GG), static_cast<unsigned>(tiles));
-    const scalar_t* bptr = a.bias_ptr<scalar_t>();
     if (use_smem) {
       const size_t smem = static_cast<size_t>(OT * per_channel);
       PYSEG_LAUNCH(grid, kThreads, smem, stream, pw_forward_kernel<scalar_t, true>)(
-          x.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(), bptr, y.mutable_data_ptr<scalar_t>(), s,
+          x.const_data_ptr<scalar_t>(), wc.const_data_ptr<scalar_t>(), bptr, y.mutable_data_ptr<scalar_t>(), s,
           OT);
     } else {
       PYSEG_LAUNCH(grid, kThreads, 0, stream, pw_forward_kernel<scalar_t, false>)(
-          x.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(), bptr, y.mutable_data_ptr<scalar_t>(), s,
+          x.const_data_ptr<scalar_t>(), wc.const_data_ptr<scalar_t>(), bptr, y.mutable_data_ptr<scalar_t>(), s,
           OT);
     }
     PYSEG_LAUNCH_CHECK();

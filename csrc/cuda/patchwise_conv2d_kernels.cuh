@@ -11,8 +11,279 @@ namespace {
 
 constexpr int kThreads = 256;
 
+// The (sample, patch) of a block whose blockIdx.x is b * gh*gw + patch, and the patch's output rows
+// [r0, r1) and columns [c0, c1).
+struct PwBlockPatch {
+  int64_t b, pidx, r0, r1, c0, c1;
+};
+__device__ __forceinline__ PwBlockPatch pw_block_patch(const PwConvShape& s) {
+  const int64_t GG = s.gh * s.gw;
+  PwBlockPatch q;
+  q.pidx = static_cast<int64_t>(blockIdx.x) % GG;
+  q.b = static_cast<int64_t>(blockIdx.x) / GG;
+  const int64_t pi = q.pidx / s.gw, pj = q.pidx % s.gw;
+  q.r0 = patch_begin(pi, s.gh, s.Hout);
+  q.r1 = patch_begin(pi + 1, s.gh, s.Hout);
+  q.c0 = patch_begin(pj, s.gw, s.Wout);
+  q.c1 = patch_begin(pj + 1, s.gw, s.Wout);
+  return q;
+}
+
 // ------------------------------------------------------------------------------------------
-// forward
+// forward, tiled (the default path; the scheme is described in patchwise_conv2d.cu)
+// ------------------------------------------------------------------------------------------
+// Threads per output-channel group: a group's 64 threads hold kPwRP pixels each of a tile of at
+// most kPwTilePixels output pixels.
+constexpr int kPwGroupThreads = 64;
+constexpr int kPwRP = 4;
+constexpr int kPwTilePixels = kPwGroupThreads * kPwRP;
+constexpr int kPwMaxGroups = 6;  // <= 384 threads per block
+
+__device__ __forceinline__ int64_t pw_lo(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// The launcher's plan of the tiled forward (all sizes in elements of the accumulation type).
+struct PwTilePlan {
+  int OT, NG;         // output channels per block (NG groups of RO) and groups
+  int TR, TC;         // pixel tile: TR rows x TC columns of a patch
+  int IR, IC;         // staged input tile per channel: IR rows, row stride IC (>= the columns read)
+  int CC;             // input channels staged per chunk
+  int64_t w_entry, w_patch;  // weight strides (PwConvForward)
+};
+
+// RO consecutive accumulation-type values, loaded from shared memory as one vector (LDS.128 for
+// four floats: the output-channel slice of a thread, 16-byte aligned by the plan).
+template <typename T, int N>
+struct alignas(sizeof(T) * N > 16 ? 16 : sizeof(T) * N) PwVec {
+  T v[N];
+};
+
+// One block per (sample, patch) x output-channel tile (grid.y) x pixel tile of the patch (grid.z).
+// Shared memory: ws[(cl*kh*kw + tap) * OT + ol] (weights of the chunk's channels, zero outside the
+// channel's group), then xs[cl][IR][IC] (the input tile + halo, zero-padded). Thread (og, tp) owns
+// output channels o0 + og*RO + [0, RO) and pixels tp + q*64, q < RP (row-major in the tile), so
+// a warp's lanes read consecutive input words (IC is chosen by the launcher to avoid bank
+// conflicts) and one broadcast vector of weights per tap. kUnit: 3x3, stride 1, dilation 1 (taps
+// unrolled: the three taps of a kernel row are immediate offsets from one address per pixel).
+// Registers: the 3x3 path of 4-byte accumulators fits 85 (two 384-thread blocks per SM; ptxas -v:
+// no spills); the general path and double get up to 168.
+template <typename scalar_t, bool kUnit>
+constexpr int kPwMinBlocks = kUnit && sizeof(at::opmath_type<scalar_t>) == 4 ? 2 : 1;
+
+template <typename scalar_t, int RO, bool kUnit>
+__global__ void __launch_bounds__(kPwGroupThreads * kPwMaxGroups, kPwMinBlocks<scalar_t, kUnit>)
+    pw_forward_tiled_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ w,
+                            const scalar_t* __restrict__ bias, scalar_t* __restrict__ y, const PwConvShape s,
+                            const PwTilePlan t) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using vec_t = PwVec<acc_t, RO>;
+  PYSEG_DYNAMIC_SMEM(pw_smem_raw);
+  // per-tap sizes as int (every staged index fits: the plan bounds the tile by the shared memory)
+  const int kh = kUnit ? 3 : static_cast<int>(s.kh), kw = kUnit ? 3 : static_cast<int>(s.kw);
+  const int sh = kUnit ? 1 : static_cast<int>(s.sh), sw = kUnit ? 1 : static_cast<int>(s.sw);
+  const int dh = kUnit ? 1 : static_cast<int>(s.dh), dw = kUnit ? 1 : static_cast<int>(s.dw);
+  const int KK = kh * kw, OT = t.OT, IC = t.IC, IR = t.IR;
+  acc_t* ws = reinterpret_cast<acc_t*>(pw_smem_raw);
+  acc_t* xs = ws + t.CC * KK * OT;
+
+  const int64_t GG = s.gh * s.gw;
+  const PwBlockPatch bp = pw_block_patch(s);
+  const int64_t pidx = bp.pidx, b = bp.b, r0 = bp.r0, r1 = bp.r1, c0 = bp.c0, c1 = bp.c1;
+  const int ntc = static_cast<int>((c1 - c0 + t.TC - 1) / t.TC);
+  const int tz = static_cast<int>(blockIdx.z);
+  // rows, columns and channels fit in int (only products of them may not)
+  const int tr0 = static_cast<int>(r0) + (tz / ntc) * t.TR, tc0 = static_cast<int>(c0) + (tz % ntc) * t.TC;
+  if (tr0 >= r1) return;  // this patch has fewer tiles than the largest one (whole block, before any barrier)
+  const int nr = min(t.TR, static_cast<int>(r1) - tr0), nc = min(t.TC, static_cast<int>(c1) - tc0);
+  const int npix = nr * nc;
+  const int64_t o0 = static_cast<int64_t>(blockIdx.y) * OT;
+  const int nO = static_cast<int>(pw_lo(OT, s.Cout - o0));
+  // input channels the tile's output channels read: whole groups, contiguous
+  const int Cg = static_cast<int>(s.Cg), Og = static_cast<int>(s.Og);
+  const int c_lo = static_cast<int>(o0 / Og) * Cg, c_hi = static_cast<int>((o0 + nO - 1) / Og + 1) * Cg;
+
+  const int tid = static_cast<int>(threadIdx.x), nthreads = static_cast<int>(blockDim.x);
+  const int og = tid / kPwGroupThreads, tp = tid % kPwGroupThreads;
+  const bool active = og * RO < nO;
+  // the thread's RO channels lie in one group (the launcher picks RO = 1 unless Og % 4 == 0 or groups == 1)
+  const int my_g = static_cast<int>((o0 + min(og * RO, nO - 1)) / Og);
+  const int my_lo = active ? my_g * Cg : 0, my_hi = active ? (my_g + 1) * Cg : 0;
+
+  int off[kPwRP];
+#pragma unroll
+  for (int q = 0; q < kPwRP; ++q) {
+    const int p = min(tp + q * kPwGroupThreads, npix - 1);
+    off[q] = (p / nc) * sh * IC + (p % nc) * sw;
+  }
+  acc_t acc[kPwRP][RO];
+#pragma unroll
+  for (int q = 0; q < kPwRP; ++q)
+#pragma unroll
+    for (int r = 0; r < RO; ++r) acc[q][r] = acc_t(0);
+
+  const int icn = (nc - 1) * sw + (kw - 1) * dw + 1;  // input columns this tile reads (<= IC)
+  const int irn = (nr - 1) * sh + (kh - 1) * dh + 1;  // input rows (<= IR)
+  const int H = static_cast<int>(s.H), W = static_cast<int>(s.W);
+  const int ih0 = tr0 * sh - static_cast<int>(s.pt), iw0 = tc0 * sw - static_cast<int>(s.pl);
+  const int64_t wb = b * s.Cout * s.K * GG + pidx * t.w_patch;
+  const int plane = IR * IC;
+  const int warp = tid / 32, lane = tid % 32, nwarps = nthreads / 32;
+  const int step_c = nthreads % icn, step_r = nthreads / icn;
+
+  for (int cc = c_lo; cc < c_hi; cc += t.CC) {
+    const int ncc = min(t.CC, c_hi - cc);
+    const scalar_t* xb = x + (b * s.Cin + cc) * s.H * s.W;
+    // stage the input tile: consecutive threads along a row (coalesced global reads, consecutive banks);
+    // the element's (channel, row, column) advance by the block size without a division per element
+    int c = tid % icn, r = tid / icn, cl = r / irn;
+    r -= cl * irn;
+#pragma unroll 1
+    for (int e = tid; e < ncc * irn * icn; e += nthreads) {
+      const int ih = ih0 + r, iw = iw0 + c;
+      acc_t v = acc_t(0);
+      if (ih >= 0 && ih < H && iw >= 0 && iw < W) v = static_cast<acc_t>(xb[static_cast<int64_t>(cl * H + ih) * W + iw]);
+      xs[cl * plane + r * IC + c] = v;
+      c += step_c;
+      r += step_r;
+      if (c >= icn) {
+        c -= icn;
+        ++r;
+      }
+      while (r >= irn) {
+        r -= irn;
+        ++cl;
+      }
+    }
+    // stage the weights: a warp per output channel, lanes along its (channel, tap) entries of the chunk
+    // (consecutive in a patch-major weight; gh*gw apart in the default layout)
+#pragma unroll 1
+    for (int ol = warp; ol < OT; ol += nwarps) {
+      const int o = static_cast<int>(o0) + ol;
+      const int ci0 = ol < nO ? cc - (o / Og) * Cg : 0;  // the chunk's first channel in o's group
+      const scalar_t* wo = w + wb + (static_cast<int64_t>(o) * Cg + ci0) * KK * t.w_entry;
+      // entries of channels in o's group: [k_lo, k_hi) (all of them when groups == 1); zero elsewhere
+      const int k_lo = ol < nO ? max(0, -ci0) * KK : 0, k_hi = ol < nO ? min(ncc, Cg - ci0) * KK : 0;
+#pragma unroll 1
+      for (int k = lane; k < ncc * KK; k += 32)
+        ws[k * OT + ol] = (k >= k_lo && k < k_hi) ? static_cast<acc_t>(wo[k * t.w_entry]) : acc_t(0);
+    }
+    __syncthreads();
+    const int cl_lo = max(my_lo, cc) - cc, cl_hi = min(my_hi, cc + ncc) - cc;
+#pragma unroll 1
+    for (int cl = cl_lo; cl < cl_hi; ++cl) {
+      const acc_t* xc = xs + cl * plane;
+      const acc_t* wc = ws + cl * KK * OT + og * RO;
+      if constexpr (kUnit) {
+#pragma unroll
+        for (int ky = 0; ky < 3; ++ky) {
+          const acc_t* xr = xc + ky * IC;
+          vec_t wv[3];
+#pragma unroll
+          for (int kx = 0; kx < 3; ++kx) wv[kx] = *reinterpret_cast<const vec_t*>(wc + (ky * 3 + kx) * OT);
+#pragma unroll
+          for (int q = 0; q < kPwRP; ++q) {
+            const acc_t* xp = xr + off[q];
+#pragma unroll
+            for (int kx = 0; kx < 3; ++kx) {
+              const acc_t xv = xp[kx];
+#pragma unroll
+              for (int r = 0; r < RO; ++r) acc[q][r] += wv[kx].v[r] * xv;
+            }
+          }
+        }
+      } else {
+        for (int ky = 0; ky < kh; ++ky) {
+          const acc_t* xr = xc + ky * dh * IC;
+          for (int kx = 0; kx < kw; ++kx) {
+            const vec_t wv = *reinterpret_cast<const vec_t*>(wc + (ky * kw + kx) * OT);
+            const int xo = kx * dw;
+#pragma unroll
+            for (int q = 0; q < kPwRP; ++q) {
+              const acc_t xv = xr[off[q] + xo];
+#pragma unroll
+              for (int r = 0; r < RO; ++r) acc[q][r] += wv.v[r] * xv;
+            }
+          }
+        }
+      }
+    }
+    __syncthreads();
+  }
+  if (!active) return;
+#pragma unroll
+  for (int r = 0; r < RO; ++r) {
+    const int ol = og * RO + r;
+    if (ol < nO) {
+      const int64_t o = o0 + ol;
+      const acc_t bv = bias ? static_cast<acc_t>(bias[(b * s.Cout + o) * GG + pidx]) : acc_t(0);
+      scalar_t* yo = y + ((b * s.Cout + o) * s.Hout + tr0) * s.Wout + tc0;
+#pragma unroll
+      for (int q = 0; q < kPwRP; ++q) {
+        const int p = tp + q * kPwGroupThreads;
+        if (p < npix) yo[(p / nc) * s.Wout + p % nc] = static_cast<scalar_t>(acc[q][r] + bv);
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// forward, small patches (fewer pixels than a 64-thread group: e.g. a 1x1 level whose grid is its size)
+// ------------------------------------------------------------------------------------------
+// A thread per (sample, RO output channels, output pixel), pixel fastest: a warp's lanes are
+// consecutive pixels, hence consecutive (or equal) patches, so weights in the default layout
+// (patch innermost) are read coalesced, and each input value is used for RO channels.
+template <typename scalar_t, int RO>
+__global__ void __launch_bounds__(256)
+    pw_forward_direct_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ w,
+                             const scalar_t* __restrict__ bias, scalar_t* __restrict__ y, const PwConvShape s,
+                             const int64_t w_entry, const int64_t w_patch) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t HWo = s.Hout * s.Wout, GG = s.gh * s.gw;
+  const int64_t n_ot = (s.Cout + RO - 1) / RO;
+  const int64_t total = s.B * n_ot * HWo;
+  const int kh = static_cast<int>(s.kh), kw = static_cast<int>(s.kw), Cg = static_cast<int>(s.Cg);
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t pix = idx % HWo, ot = (idx / HWo) % n_ot, b = idx / (HWo * n_ot);
+    const int64_t i = pix / s.Wout, j = pix % s.Wout;
+    const int64_t pidx = patch_of(i, s.gh, s.Hout) * s.gw + patch_of(j, s.gw, s.Wout);
+    const int64_t o0 = ot * RO;
+    const int nO = static_cast<int>(pw_lo(RO, s.Cout - o0));
+    const int64_t g = o0 / s.Og;  // the RO channels lie in one group (as for the tiled kernel)
+    const scalar_t* xb = x + (b * s.Cin + g * Cg) * s.H * s.W;
+    const scalar_t* wb = w + b * s.Cout * s.K * GG + pidx * w_patch + o0 * s.K * w_entry;
+    const int64_t ih0 = i * s.sh - s.pt, iw0 = j * s.sw - s.pl;
+    acc_t acc[RO];
+#pragma unroll
+    for (int r = 0; r < RO; ++r) acc[r] = acc_t(0);
+    for (int ci = 0; ci < Cg; ++ci) {
+      for (int ky = 0; ky < kh; ++ky) {
+        const int64_t ih = ih0 + ky * s.dh;
+        if (ih < 0 || ih >= s.H) continue;
+        for (int kx = 0; kx < kw; ++kx) {
+          const int64_t iw = iw0 + kx * s.dw;
+          if (iw < 0 || iw >= s.W) continue;
+          const acc_t xv = static_cast<acc_t>(xb[(ci * s.H + ih) * s.W + iw]);
+          const int64_t k = (ci * kh + ky) * kw + kx;
+#pragma unroll
+          for (int r = 0; r < RO; ++r)
+            if (r < nO) acc[r] += static_cast<acc_t>(wb[(r * s.K + k) * w_entry]) * xv;
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < RO; ++r) {
+      if (r < nO) {
+        const int64_t o = o0 + r;
+        const acc_t bv = bias ? static_cast<acc_t>(bias[(b * s.Cout + o) * GG + pidx]) : acc_t(0);
+        y[(b * s.Cout + o) * HWo + pix] = static_cast<scalar_t>(acc[r] + bv);
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// forward, fallback: shapes whose staged input tile of one channel exceeds the shared-memory budget
+// (large dilations); one thread per (channel, pixel) of the patch
 // ------------------------------------------------------------------------------------------
 template <typename scalar_t, bool kSmem>
 __global__ void __launch_bounds__(kThreads)
@@ -149,11 +420,8 @@ __global__ void __launch_bounds__(kThreads)
                           const int64_t e_begin, const int64_t e_end, const int64_t ET) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t GG = s.gh * s.gw;
-  const int64_t pidx = static_cast<int64_t>(blockIdx.x) % GG;
-  const int64_t b = static_cast<int64_t>(blockIdx.x) / GG;
-  const int64_t pi = pidx / s.gw, pj = pidx % s.gw;
-  const int64_t r0 = patch_begin(pi, s.gh, s.Hout), r1 = patch_begin(pi + 1, s.gh, s.Hout);
-  const int64_t c0 = patch_begin(pj, s.gw, s.Wout), c1 = patch_begin(pj + 1, s.gw, s.Wout);
+  const PwBlockPatch bp = pw_block_patch(s);
+  const int64_t pidx = bp.pidx, b = bp.b, r0 = bp.r0, r1 = bp.r1, c0 = bp.c0, c1 = bp.c1;
   const int64_t pw = c1 - c0;
   const int64_t P = (r1 - r0) * pw;
   const int64_t eb = e_begin + static_cast<int64_t>(blockIdx.y) * ET;
