@@ -17,7 +17,8 @@ block and the occupancy they imply on an H100 SM.
 
 Run with TRITON_INTERPRET unset. ``--no-triton`` / ``--no-cuda`` skip a half; ``--triton-from FILE``
 takes the Triton half from a previous result (this script's JSON, or the JSON of ``kernels/_aot.py`` /
-tests/test_triton_sm90.py) instead of compiling it again, e.g. to refresh only the CUDA half:
+tests/test_triton_sm90.py) instead of compiling it again, ``--cuda-from FILE`` the CUDA half (this
+script's JSON); e.g. to refresh only the CUDA half (nvcc on csrc/cuda, minutes):
 
     python benchmarks/gpu_resources.py --triton-from benchmarks/results/2026-12-01-cpu/triton_sm90_full.json \
       --out benchmarks/results/2026-12-01-cpu/gpu_resources_full
@@ -249,6 +250,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-triton", action="store_true")
     p.add_argument("--triton-from", default=None, metavar="FILE",
                    help="Triton variants from this JSON (kernels/_aot.py's list, or this script's output)")
+    p.add_argument("--cuda-from", default=None, metavar="FILE", help="CUDA instantiations from this script's JSON")
     p.add_argument("--no-cuda", action="store_true")
     a = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -265,7 +267,11 @@ def main(argv=None) -> int:
                                              jobs=a.jobs, all_configs=not a.first_config)
     for r in tri:
         r["problems"] = [] if r.get("skipped") else aot.problems(r)
-    cu = [] if a.no_cuda else cuda_resources(a.arch)
+    if a.cuda_from:
+        with open(a.cuda_from) as f:
+            cu = json.load(f)["cuda"]
+    else:
+        cu = [] if a.no_cuda else cuda_resources(a.arch)
     rows = triton_rows(aot, tri) + cuda_rows(aot, cu)
     table = format_table(rows, a.arch)
     bad = [r for r in tri if r.get("problems")]
