@@ -13,11 +13,14 @@ set by conftest) cannot compile.
 Deduplication: one variant per program, i.e. per (kernel, constexprs, argument dtypes, num_warps,
 num_stages); integer arguments are compiled unspecialised. Triton's integer specialisation
 (``tt.divisibility`` = 16 on arguments divisible by 16, arguments equal to 1 turned into
-constants) only adds facts about the arguments; tiles, layouts, loops and shared-memory buffers
-are fixed by the constexprs, dtypes and warps, so the specialised variants have the same shared
-memory and differ in address arithmetic and vector widths. At the registry shapes they are 828
-variants of the 390 programs, which would triple the cost; ``PYSEG_SM90_FULL=1`` compiles them as
-well (the un-deduplicated run: 1218 variants). Cost with a cold Triton cache (as in CI): 313 s of
+constants) only adds facts about the arguments: tiles, layouts, loops and shared-memory buffers
+are fixed by the constexprs, dtypes and warps, so shared memory is the same, but registers are not
+(constant strides change ptxas's allocation). At the registry shapes there are 828 specialised
+variants of the 390 programs; ``PYSEG_SM90_FULL=1`` compiles them as well (the un-deduplicated run,
+1218 variants, about twice the cost) and does not pass yet: 8 of them spill 4-88 B, all patch-wise
+3x3 tl.dot variants at the ``PatchWiseConv2d`` shape with stride, padding, dilation and groups equal to 1
+(benchmarks/results/2026-12-01-cpu/triton_sm90_full_specialised.json).
+Cost with a cold Triton cache (as in CI): 313 s of
 CPU time, the compiles in a pool of ``os.cpu_count()`` workers (about 3 minutes on 2 idle cores;
 README, Tests).
 """
