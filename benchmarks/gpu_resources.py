@@ -15,7 +15,13 @@ block and the occupancy they imply on an H100 SM.
     python benchmarks/gpu_resources.py --out benchmarks/results/<date>-<machine>/gpu_resources
       -> gpu_resources.txt (table) and gpu_resources.json (every variant / instantiation)
 
-Run with TRITON_INTERPRET unset. ``--no-triton`` / ``--no-cuda`` skip a half.
+Run with TRITON_INTERPRET unset. ``--no-triton`` / ``--no-cuda`` skip a half; ``--triton-from FILE``
+takes the Triton half from a previous result (this script's JSON, or the JSON of ``kernels/_aot.py`` /
+tests/test_triton_sm90.py) instead of compiling it again, ``--cuda-from FILE`` the CUDA half (this
+script's JSON); e.g. to refresh only the CUDA half (nvcc on csrc/cuda, minutes):
+
+    python benchmarks/gpu_resources.py --triton-from benchmarks/results/2026-12-01-cpu/triton_sm90_full.json \
+      --out benchmarks/results/2026-12-01-cpu/gpu_resources_full
 """
 from __future__ import annotations
 
@@ -242,6 +248,9 @@ def main(argv=None) -> int:
     p.add_argument("--first-config", action="store_true",
                    help="only the first pruned configuration of each autotuned launch (PYSEG_TRITON_AUTOTUNE=0)")
     p.add_argument("--no-triton", action="store_true")
+    p.add_argument("--triton-from", default=None, metavar="FILE",
+                   help="Triton variants from this JSON (kernels/_aot.py's list, or this script's output)")
+    p.add_argument("--cuda-from", default=None, metavar="FILE", help="CUDA instantiations from this script's JSON")
     p.add_argument("--no-cuda", action="store_true")
     a = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -249,11 +258,20 @@ def main(argv=None) -> int:
     aot = _aot()
     import torch
 
-    tri = [] if a.no_triton else aot.run(a.models, dtypes=[getattr(torch, d) for d in a.dtypes], arch=a.arch,
-                                         jobs=a.jobs, all_configs=not a.first_config)
+    if a.triton_from:
+        with open(a.triton_from) as f:
+            tri = json.load(f)
+        tri = tri["triton"] if isinstance(tri, dict) else tri
+    else:
+        tri = [] if a.no_triton else aot.run(a.models, dtypes=[getattr(torch, d) for d in a.dtypes], arch=a.arch,
+                                             jobs=a.jobs, all_configs=not a.first_config)
     for r in tri:
         r["problems"] = [] if r.get("skipped") else aot.problems(r)
-    cu = [] if a.no_cuda else cuda_resources(a.arch)
+    if a.cuda_from:
+        with open(a.cuda_from) as f:
+            cu = json.load(f)["cuda"]
+    else:
+        cu = [] if a.no_cuda else cuda_resources(a.arch)
     rows = triton_rows(aot, tri) + cuda_rows(aot, cu)
     table = format_table(rows, a.arch)
     bad = [r for r in tri if r.get("problems")]

@@ -9,10 +9,12 @@ for a GPU target (default sm_90, H100/H200) on any machine, GPU or not.
    and without TF32 for float32), forward and backward for every gradient mask; the launchers
    record each kernel launch (autotuned kernels: every configuration pruning keeps) instead of
    running it. The list of variants therefore comes from the launchers themselves.
-3. ``variants()``: each launch specialised exactly as ``JITFunction.run`` would for the target
-   (signature, constexprs, divisibility attributes, options), deduplicated.
-4. ``compile_variant()``: ``triton.compile`` for the target, then ``ptxas -v`` on its PTX for
-   registers and spill bytes; shared memory from the compiled kernel's metadata.
+3. ``variants()``: each launch specialised as ``JITFunction.run`` would for the target
+   (signature, constexprs, options), deduplicated; integer arguments unspecialised (one variant
+   per program), or also on their recorded values (``--specialise-ints``: the divisibility-by-16
+   and value-1 variants a launch at the registry shapes compiles).
+4. ``compile_variant()``: ``triton.compile`` for the target, registers and spill bytes from the
+   ``ptxas -v`` log of its cubin step; shared memory from the compiled kernel's metadata.
 
 Must run with ``TRITON_INTERPRET`` unset (the interpreter replaces ``@triton.jit`` functions), so
 the test runs ``python -m pyseg.kernels._aot`` in a subprocess. float64 is excluded: it is the
@@ -216,10 +218,11 @@ def _target(arch: int):
 _BINDERS: dict = {}
 
 
-def specialise(fn, args, meta, arch: int = 90) -> dict:
-    """The compile inputs JITFunction.run would derive for ``fn[grid](*args, **meta)`` on ``arch``,
-    except that integer arguments are left unspecialised (plain i32: no divisibility-by-16 or
-    value-1 variants), so that one variant covers every shape with the same constexprs."""
+def specialise(fn, args, meta, arch: int = 90, ints: bool = False) -> dict:
+    """The compile inputs JITFunction.run would derive for ``fn[grid](*args, **meta)`` on ``arch``.
+    Integer arguments are left unspecialised (plain i32: no divisibility-by-16 or value-1
+    variants), so that one variant covers every shape with the same constexprs, unless ``ints``:
+    then they are specialised on their recorded values, exactly as a launch at these shapes."""
     from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
 
@@ -230,7 +233,7 @@ def specialise(fn, args, meta, arch: int = 90) -> dict:
     # 1000003: an odd, non-1 int32 (no specialisation); kept wide where the launcher passes a wide value
     args = [_Ptr(a.dtype) if isinstance(a, torch.Tensor) else
             ((1000003 if -2**31 <= a < 2**31 else 2**40 + 3) if isinstance(a, int) and not isinstance(a, bool)
-             and p.name not in meta and not p.is_constexpr else a)
+             and p.name not in meta and not p.is_constexpr and not ints else a)
             for a, p in zip(args, fn.params)]
     kw = dict(meta)
     kw.setdefault("debug", False)
@@ -246,19 +249,22 @@ def _key(v: dict) -> str:
                        sorted(map(repr, v["attrs"].items())), v["options"]], sort_keys=True, default=str)
 
 
-def variants(recorded, arch: int = 90) -> List[dict]:
-    """Unique compile variants of the recorded launches, each with the (model, op, dtype) uses."""
+def variants(recorded, arch: int = 90, specialise_ints: bool = False) -> List[dict]:
+    """Unique compile variants of the recorded launches, each with the (model, op, dtype) uses:
+    integer arguments unspecialised (one variant per program), and with ``specialise_ints`` also
+    every variant Triton's integer specialisation makes of it at the recorded shapes."""
     out: Dict[str, dict] = {}
     for model, op, dtype, fn, args, meta in recorded:
-        v = specialise(fn, args, meta, arch)
-        k = _key(v)
-        if k not in out:
-            v["uses"] = []
-            v["blocks"] = {n: c for n, c in v["constexprs"].items() if isinstance(n, tuple)}
-            out[k] = v
-        use = f"{model}:{op}:{dtype}"
-        if use not in out[k]["uses"]:
-            out[k]["uses"].append(use)
+        for ints in (False, True) if specialise_ints else (False,):
+            v = specialise(fn, args, meta, arch, ints)
+            k = _key(v)
+            if k not in out:
+                v["uses"] = []
+                v["ints_specialised"] = ints
+                out[k] = v
+            use = f"{model}:{op}:{dtype}"
+            if use not in out[k]["uses"]:
+                out[k]["uses"].append(use)
     return list(out.values())
 
 
@@ -270,9 +276,22 @@ _PTXAS_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 _PTXAS_STACK = re.compile(r"(\d+) bytes stack frame")
 
 
+def parse_ptxas(log: str) -> Optional[dict]:
+    """Registers, spill stores/loads and stack frame from a ``ptxas -v`` log of one kernel (None
+    without a report)."""
+    used = _PTXAS_USED.search(log)
+    if used is None:
+        return None
+    spill, stack = _PTXAS_SPILL.search(log), _PTXAS_STACK.search(log)
+    return dict(regs=int(used.group(1)),
+                spill_stores=int(spill.group(1)) if spill else 0,
+                spill_loads=int(spill.group(2)) if spill else 0,
+                stack=int(stack.group(1)) if stack else 0)
+
+
 def ptxas_report(ptx: str, arch: int) -> dict:
-    """Registers, spill stores/loads and stack frame of one kernel from ``ptxas -v`` (Triton's ptxas,
-    with the flags Triton's own cubin step uses)."""
+    """``parse_ptxas`` of a ptxas run on ``ptx`` with the flags of Triton's cubin step (for a kernel
+    that came from Triton's cache, whose cubin step did not run)."""
     from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 
     ptxas = get_ptxas(arch).path
@@ -283,12 +302,25 @@ def ptxas_report(ptx: str, arch: int) -> dict:
             f.write(ptx)
         r = subprocess.run([ptxas, "-v", "--regAllocOptLevel=2", f"--gpu-name={arch}", src, "-o",
                             os.path.join(d, "k.cubin")], capture_output=True, text=True, check=True)
-    log = r.stdout + r.stderr
-    spill = _PTXAS_SPILL.search(log)
-    return dict(regs=int(_PTXAS_USED.search(log).group(1)),
-                spill_stores=int(spill.group(1)) if spill else 0,
-                spill_loads=int(spill.group(2)) if spill else 0,
-                stack=int(_PTXAS_STACK.search(log).group(1)) if _PTXAS_STACK.search(log) else 0)
+    return parse_ptxas(r.stdout + r.stderr)
+
+
+@contextlib.contextmanager
+def _ptxas_log():
+    """Capture the ``ptxas -v`` log of Triton's cubin step (printed with ``dump_ptxas_log``): one
+    ptxas run per variant instead of two. Yields the capture buffer."""
+    import io
+
+    from triton import knobs
+
+    old = knobs.nvidia.dump_ptxas_log
+    knobs.nvidia.dump_ptxas_log = True
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf):
+            yield buf
+    finally:
+        knobs.nvidia.dump_ptxas_log = old
 
 
 def occupancy(regs: int, shared: int, threads: int, sm: dict = SM90) -> float:
@@ -316,14 +348,16 @@ def compile_variant(v: dict, arch: int = 90) -> dict:
     res = dict(kernel=v["name"], module=v["module"].rsplit(".", 1)[-1], signature=v["signature"],
                constexprs={str(k[0] if isinstance(k, tuple) and len(k) == 1 else k): c for k, c in constexprs.items()},
                num_warps=v["options"]["num_warps"], num_stages=v["options"]["num_stages"],
-               threads=32 * v["options"]["num_warps"], uses=v.get("uses", []))
+               threads=32 * v["options"]["num_warps"], ints_specialised=v.get("ints_specialised", False),
+               uses=v.get("uses", []))
     try:
-        k = triton.compile(ASTSource(fn, v["signature"], constexprs, attrs), target=_target(arch),
-                           options=dict(v["options"]))
+        with _ptxas_log() as log:
+            k = triton.compile(ASTSource(fn, v["signature"], constexprs, attrs), target=_target(arch),
+                               options=dict(v["options"]))
     except Exception as e:  # noqa: BLE001 - reported per variant
         res["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:500]
         return res
-    res.update(ptxas_report(k.asm["ptx"], arch))
+    res.update(parse_ptxas(log.getvalue()) or ptxas_report(k.asm["ptx"], arch))
     res["shared"] = int(k.metadata.shared)
     res["mma"] = bool(re.search(r"\b(mma|wgmma)\.", k.asm["ptx"]))
     res["occupancy"] = occupancy(res["regs"], res["shared"], res["threads"])
@@ -348,11 +382,11 @@ def problems(r: dict, max_shared: int = SM90_MAX_SHARED_PER_BLOCK) -> List[str]:
 
 
 def run(models=None, dtypes=DTYPES, arch: int = 90, jobs: Optional[int] = None, skip=(), only=None,
-        all_configs: bool = True, verbose: bool = False) -> List[dict]:
+        all_configs: bool = True, verbose: bool = False, specialise_ints: bool = False) -> List[dict]:
     """Enumerate, deduplicate and compile every launched variant; one result dict per variant.
     Variants of the kernels named in ``skip`` (or not in ``only``) are listed (``"skipped": True``)
     but not compiled."""
-    vs = variants(launches(op_calls(models), dtypes, all_configs), arch)
+    vs = variants(launches(op_calls(models), dtypes, all_configs), arch, specialise_ints)
     drop = [v for v in vs if v["name"] in skip or (only is not None and v["name"] not in only)]
     skipped = [dict(kernel=v["name"], module=v["module"].rsplit(".", 1)[-1], skipped=True, uses=v["uses"])
                for v in drop]
@@ -389,11 +423,15 @@ def main(argv=None) -> int:
     p.add_argument("--first-config", action="store_true",
                    help="only the first pruned configuration of each autotuned launch (PYSEG_TRITON_AUTOTUNE=0)")
     p.add_argument("--dtypes", nargs="*", default=[str(d).replace("torch.", "") for d in DTYPES])
+    p.add_argument("--specialise-ints", action="store_true",
+                   help="also compile each variant Triton's integer specialisation (divisibility by 16, "
+                        "value 1) makes at the registry shapes")
     a = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         p.error("unset TRITON_INTERPRET: the interpreter cannot compile kernels")
     res = run(a.models, dtypes=[getattr(torch, d) for d in a.dtypes], arch=a.arch, jobs=a.jobs, skip=set(a.skip),
-              only=None if a.only is None else set(a.only), all_configs=not a.first_config, verbose=a.verbose)
+              only=None if a.only is None else set(a.only), all_configs=not a.first_config, verbose=a.verbose,
+              specialise_ints=a.specialise_ints)
     for r in res:
         r["problems"] = [] if r.get("skipped") else problems(r)
     text = json.dumps(res, indent=1, default=str)

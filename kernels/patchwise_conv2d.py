@@ -364,7 +364,9 @@ def _cfgs(dicts, stages=(2, 3), warps=(4,)):
 
 def _prune(dims, floor):
     """Keep the configs whose blocks do not exceed the problem dims (rounded up to a power of
-    two, and never below ``floor``, the tl.dot minimum); else the smallest config."""
+    two, and never below ``floor``, the tl.dot minimum); else the smallest config. A dW launch
+    for the bias only (``COMPUTE_W`` false) has one K block: only the smallest ``BLOCK_K`` is kept
+    (the others would compile the same reduction again)."""
 
     def prune(configs, nargs, **kwargs):
         a = dict(nargs)
@@ -373,6 +375,9 @@ def _prune(dims, floor):
         out = [c for c in configs if all(c.kwargs[n] <= v for n, v in lim.items())]
         if not out:
             out = [min(configs, key=lambda c: sum(c.kwargs[n] for n in dims))]
+        if "BLOCK_K" in dims and a.get("COMPUTE_W", True) is False:
+            k = min(c.kwargs["BLOCK_K"] for c in out)
+            out = [c for c in out if c.kwargs["BLOCK_K"] == k]
         return out
 
     return prune
@@ -380,24 +385,30 @@ def _prune(dims, floor):
 
 # (kernel, dot?) -> (block dicts, autotune key, {block name: kernel arg it must not exceed}).
 # Small spaces (a few configurations per problem after pruning), sized to HyperSeg's patches
-# (4x4 .. 32x32 pixels: BLOCK_P from 16) and kept within the register file: every configuration
-# compiles for sm_90 without spills (tests/test_triton_sm90.py).
+# (4x4 .. 32x32 pixels: pixel blocks of 16..64 on the tensor cores, up to 256 on the CUDA-core
+# fallback, whose tiles are a few channels wide) and kept within the register file: every
+# configuration the registry models' shapes keep compiles for sm_90 without spills
+# (tests/test_triton_sm90.py). Left out because they spilled there: 128-pixel tl.dot tiles of the
+# forward (float32 "ieee" holds whole K rows per thread: up to 1.1 KB), dW tl.dot tiles that reduce
+# over more than 16 pixels or are 32 channels wide (4-812 B), dX tl.dot tiles over more than 16
+# input or output channels (8-108 B), and fallback tiles of more than 2048 products (8 B).
 def _gpu_space(name, dot):
     if name == "fwd" or name == "dw":
-        if dot:
+        if dot and name == "fwd":
             blocks = [dict(BLOCK_CO=co, BLOCK_K=k, BLOCK_P=p) for co in (16, 32, 64) for k in (32, 64)
-                      for p in (16, 64, 128) if co * p <= 4096 and co * k <= 2048]
+                      for p in (16, 64) if co * p <= 2048 and co * k <= 1024]
+        elif dot:  # dW: BLOCK_P is the reduction dimension of its tl.dot
+            blocks = [dict(BLOCK_CO=16, BLOCK_K=k, BLOCK_P=16) for k in (32, 64)]
         else:
             blocks = [dict(BLOCK_CO=co, BLOCK_K=k, BLOCK_P=p) for co in (1, 4, 8) for k in (4, 16)
-                      for p in (16, 64, 256) if co * k * p <= 8192]
+                      for p in (16, 64, 256) if co * k * p <= 2048 and (k == 16 or co == 1)]
         key = ["Og", "K", "PIX_BUCKET", "KH", "KW"] + (["COMPUTE_W"] if name == "dw" else [])
         return blocks, key, {"BLOCK_CO": "Og", "BLOCK_K": "K", "BLOCK_P": "PIX_BUCKET"}
     if dot:
-        blocks = [dict(BLOCK_CI=ci, BLOCK_CO=co, BLOCK_P=p)
-                  for ci in (16, 32, 64) for co in (16, 32) for p in (16, 64) if ci * co <= 1024]
+        blocks = [dict(BLOCK_CI=16, BLOCK_CO=16, BLOCK_P=p) for p in (16, 64)]
     else:
-        blocks = [dict(BLOCK_CI=ci, BLOCK_CO=co, BLOCK_P=p) for ci in (1, 4, 8) for co in (1, 8)
-                  for p in (16, 64, 256) if ci * co * p <= 8192]
+        blocks = [dict(BLOCK_CI=ci, BLOCK_CO=co, BLOCK_P=p) for ci in (1, 8) for co in (1, 8)
+                  for p in (16, 64, 256) if ci * co * p <= 2048]
     return blocks, ["Cg", "Og", "PIX_BUCKET", "KH", "KW"], {"BLOCK_CI": "Cg", "BLOCK_CO": "Og", "BLOCK_P": "PIX_BUCKET"}
 
 
@@ -486,7 +497,7 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     args = (x, weight, bias if bias is not None else x, y,
             Cin, H, W, Cout, Hout, Wout, GH, GW, G, Cg, Og, K, sh, sw, pt, pl, dh, dw, npix, pow2_bucket(npix))
     common = dict(KH=KH, KW=KW, HAS_BIAS=bias is not None, USE_DOT=bool(use_dot), ACC_F64=acc64,
-                  PRECISION=_precision(x.dtype))
+                  PRECISION=_precision(x.dtype) if use_dot else "ieee")
     _run("fwd", use_dot, _fwd_meta_interp(use_dot, Og, K, npix),
          lambda m: B * G * triton.cdiv(Og, m["BLOCK_CO"]) * GH * GW * triton.cdiv(npix, m["BLOCK_P"]), args, common)
     return y
@@ -521,7 +532,7 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stri
         dot = use_dot if use_dot is not None else choose_dot(Cg, Og, x.dtype)
         args = (grad_out, weight, gx, Cin, H, W, Cout, Hout, Wout, GH, GW, G, Cg, Og,
                 sh, sw, pt, pl, dh, dw, halo_h, halo_w, rpix, pow2_bucket(rpix))
-        common = dict(KH=KH, KW=KW, USE_DOT=bool(dot), ACC_F64=acc64, PRECISION=prec)
+        common = dict(KH=KH, KW=KW, USE_DOT=bool(dot), ACC_F64=acc64, PRECISION=prec if dot else "ieee")
         _run("dx", dot, _dx_meta_interp(dot, Cg, Og, rpix),
              lambda m: B * G * triton.cdiv(Cg, m["BLOCK_CI"]) * npatch * triton.cdiv(rpix, m["BLOCK_P"]), args, common)
 
@@ -531,11 +542,12 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stri
             gw = _empty(weight.shape, weight)
         if cb:
             gb = _empty((B, Cout, GH, GW), weight)
-        dot = use_dot if use_dot is not None else choose_dot(Og, K, x.dtype)
+        # the bias alone is a plain sum over the patch: no GEMM, so no tl.dot variant
+        dot = cw and (use_dot if use_dot is not None else choose_dot(Og, K, x.dtype))
         args = (grad_out, x, gw if cw else weight, gb if cb else weight,
                 Cin, H, W, Cout, Hout, Wout, GH, GW, G, Cg, Og, K, sh, sw, pt, pl, dh, dw, npix, pow2_bucket(npix))
         common = dict(KH=KH, KW=KW, COMPUTE_W=cw, COMPUTE_B=cb, USE_DOT=bool(dot), ACC_F64=acc64,
-                      PRECISION=prec)
+                      PRECISION=prec if dot else "ieee")
 
         _run("dw", dot, _dw_meta_interp(dot, Og, K, npix),
              lambda m: B * G * triton.cdiv(Og, m["BLOCK_CO"]) * (triton.cdiv(K, m["BLOCK_K"]) if cw else 1) * npatch,

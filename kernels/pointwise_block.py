@@ -100,33 +100,42 @@ def _pw_bwd_gz_kernel(x_ptr, w_ptr, sc_ptr, sh_ptr, gy_ptr, gz_ptr, part_ptr, Ci
 @triton.jit(do_not_specialize=["NEED_X", "NEED_W"])
 def _pw_bwd_grads_kernel(x_ptr, w_ptr, gz_ptr, gx_ptr, gw_ptr, Cin, H, W, gh, gw, Cout, NP,
                          CIN_CHUNK: tl.constexpr, COUT_BLOCK: tl.constexpr, BLOCK_P: tl.constexpr,
-                         NEED_X, NEED_W, ACC_F64: tl.constexpr):
+                         NEED_X, NEED_W, ACC_F64: tl.constexpr, COUT_SUB: tl.constexpr):
     """Backward, step 2: one program per (sample, patch, chunk of CIN_CHUNK input channels),
-    looping over the patch's pixels: grad_W[:, chunk] = gz x^T and grad_x[chunk] = W[:, chunk]^T gz
-    (tl.dot). grad_x pixels belong to exactly one patch (no halo), so they are stored directly."""
+    looping over the patch's pixels: grad_x[chunk] = W[:, chunk]^T gz, the reduction over the output
+    channels in slices of COUT_SUB (at most 64: a whole 128-channel W^T chunk held across the loop
+    spilled on sm_90), then grad_W[:, chunk] = gz x^T (tl.dot). grad_x pixels belong to exactly one
+    patch (no halo), so they are stored directly."""
     acc_dtype: tl.constexpr = tl.float64 if ACC_F64 else tl.float32
     item, b, patch, G, r0, ph, c0, pw = _patch_item(gh, gw, H, W)
     c, cmask = _block_range(tl.program_id(1) * CIN_CHUNK, Cin, CIN_CHUNK)
     o, omask = _block_range(0, Cout, COUT_BLOCK)
     N = Cout * Cin
     wbase = w_ptr + b * N * G + patch
-    wtt = tl.load(wbase + (o[None, :] * Cin + c[:, None]) * G, mask=cmask[:, None] & omask[None, :],
-                  other=0.0).to(acc_dtype)  # (CIN_CHUNK, COUT)
     xrows = x_ptr + (b * Cin + c[:, None]) * H * W  # (CIN_CHUNK, 1)
     gzrows = gz_ptr + (item * Cout + o[:, None]).to(tl.int64) * NP
-    acc_w = tl.zeros((COUT_BLOCK, CIN_CHUNK), dtype=acc_dtype)
-    for p0 in range(0, ph * pw, BLOCK_P):
-        p, pmask = _block_range(p0, ph * pw, BLOCK_P)
-        off = (r0 + p // pw) * W + (c0 + p % pw)
-        gz = tl.load(gzrows + p[None, :], mask=omask[:, None] & pmask[None, :], other=0.0)
-        if NEED_W:
-            xt = tl.load(xrows + off[None, :], mask=cmask[:, None] & pmask[None, :], other=0.0).to(acc_dtype)
-            acc_w = _mm(gz, tl.trans(xt), acc_w, ACC_F64)
-        if NEED_X:
-            gxv = _mm(wtt, gz, tl.zeros((CIN_CHUNK, BLOCK_P), dtype=acc_dtype), ACC_F64)
+    if NEED_X:  # grad_x first, then grad_W: W^T and the grad_W accumulator are never live together
+        for p0 in range(0, ph * pw, BLOCK_P):
+            p, pmask = _block_range(p0, ph * pw, BLOCK_P)
+            off = (r0 + p // pw) * W + (c0 + p % pw)
+            gxv = tl.zeros((CIN_CHUNK, BLOCK_P), dtype=acc_dtype)
+            for o0 in range(0, Cout, COUT_SUB):  # reduction over the output channels in slices
+                s, smask = _block_range(o0, Cout, COUT_SUB)
+                wtt = tl.load(wbase + (s[None, :] * Cin + c[:, None]) * G, mask=cmask[:, None] & smask[None, :],
+                              other=0.0).to(acc_dtype)  # (CIN_CHUNK, COUT_SUB)
+                gz = tl.load(gz_ptr + (item * Cout + s[:, None]).to(tl.int64) * NP + p[None, :],
+                             mask=smask[:, None] & pmask[None, :], other=0.0)
+                gxv = _mm(wtt, gz, gxv, ACC_F64)
             tl.store(gx_ptr + (b * Cin + c[:, None]) * H * W + off[None, :], gxv.to(gx_ptr.dtype.element_ty),
                      mask=cmask[:, None] & pmask[None, :])
     if NEED_W:
+        acc_w = tl.zeros((COUT_BLOCK, CIN_CHUNK), dtype=acc_dtype)
+        for p0 in range(0, ph * pw, BLOCK_P):
+            p, pmask = _block_range(p0, ph * pw, BLOCK_P)
+            off = (r0 + p // pw) * W + (c0 + p % pw)
+            gz = tl.load(gzrows + p[None, :], mask=omask[:, None] & pmask[None, :], other=0.0)
+            xt = tl.load(xrows + off[None, :], mask=cmask[:, None] & pmask[None, :], other=0.0).to(acc_dtype)
+            acc_w = _mm(gz, tl.trans(xt), acc_w, ACC_F64)
         tl.store(gw_ptr + b * N * G + patch + (o[:, None] * Cin + c[None, :]) * G, acc_w.to(gw_ptr.dtype.element_ty),
                  mask=omask[:, None] & cmask[None, :])
 
@@ -187,7 +196,7 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, scal
     if need_x or need_w:
         _launch(_pw_bwd_grads_kernel, (B * G, triton.cdiv(Cin, _CIN_CHUNK)), x, weight, gz,
                 outs[0] if need_x else x, outs[1] if need_w else weight, Cin, H, W, gh, gw, Cout, NP,
-                NEED_X=int(need_x), NEED_W=int(need_w), **meta)
+                NEED_X=int(need_x), NEED_W=int(need_w), COUT_SUB=min(ob, 64), **meta)
     if need_aff:
         _affine_grads(part, output_mask, scale, shift, outs)
     return tuple(outs)

@@ -233,7 +233,10 @@ def test_halo_gather_index_matches_reflect_semantics():
 # --------------------------------------------------------------------------------------------
 # pointwise_block
 # --------------------------------------------------------------------------------------------
-PW_CONFIGS = [(2, 3, 4, 7, 9, 2, 3), (1, 5, 3, 5, 4, 5, 4), (1, 17, 18, 13, 11, 1, 1), (2, 1, 2, 3, 2, 3, 2)]
+# the last: more than 64 output channels (grad_x reduces over two COUT_SUB slices, the second partial)
+# and more than one 32-channel input chunk
+PW_CONFIGS = [(2, 3, 4, 7, 9, 2, 3), (1, 5, 3, 5, 4, 5, 4), (1, 17, 18, 13, 11, 1, 1), (2, 1, 2, 3, 2, 3, 2),
+              (1, 35, 70, 9, 7, 2, 2)]
 
 
 def _pw_make(B, Cin, Cout, H, W, gh, gw, seed):
