@@ -64,10 +64,18 @@ def _region_starts(out, grid, S, P, halo, size) -> List[int]:
     return res
 
 
+#: the kernels' integer arguments are not specialised by value (==1, divisible by 16): at the
+#: PatchWiseConv2d shapes (stride/padding/dilation/groups 1, sizes divisible by 16) Triton's value-specialised
+#: variants of the 3x3 tl.dot configurations spilled 4-88 B per thread on sm_90 (kernels/_aot.py
+#: --specialise-ints), the unspecialised ones none; so what launches is what tests/test_triton_sm90.py checks.
+_INT_ARGS = ["Cin", "H", "W", "Cout", "Hout", "Wout", "GH", "GW", "G", "Cg", "Og", "K", "SH", "SW", "PT", "PL", "DH",
+             "DW", "HALO_H", "HALO_W", "NPIX", "PIX_BUCKET"]
+
+
 # --------------------------------------------------------------------------------------------
 # forward
 # --------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=[n for n in _INT_ARGS if n not in ("HALO_H", "HALO_W")])
 def _fwd_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr,
     Cin, H, W, Cout, Hout, Wout, GH, GW, G, Cg, Og, K,
@@ -152,7 +160,7 @@ def _tap_patch_span(lo, hi, P, k, D, S, n_out, n_grid):
     return first, tl.where(o_hi >= o_lo, tl.maximum(o_hi, 0) * n_grid // n_out, first - 1)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=[n for n in _INT_ARGS if n != "K"])
 def _dx_kernel(
     go_ptr, w_ptr, gx_ptr,
     Cin, H, W, Cout, Hout, Wout, GH, GW, G, Cg, Og,
@@ -252,7 +260,7 @@ def _dx_kernel(
 # --------------------------------------------------------------------------------------------
 # backward: dW and dBias (per-patch reductions)
 # --------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=[n for n in _INT_ARGS if n not in ("HALO_H", "HALO_W")])
 def _dw_kernel(
     go_ptr, x_ptr, gw_ptr, gb_ptr,
     Cin, H, W, Cout, Hout, Wout, GH, GW, G, Cg, Og, K,
