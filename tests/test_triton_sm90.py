@@ -15,11 +15,12 @@ num_stages); integer arguments are compiled unspecialised. Triton's integer spec
 (``tt.divisibility`` = 16 on arguments divisible by 16, arguments equal to 1 turned into
 constants) only adds facts about the arguments: tiles, layouts, loops and shared-memory buffers
 are fixed by the constexprs, dtypes and warps, so shared memory is the same, but registers are not
-(constant strides change ptxas's allocation). At the registry shapes there are 828 specialised
-variants of the 390 programs; ``PYSEG_SM90_FULL=1`` compiles them as well (the un-deduplicated run,
-1218 variants, about twice the cost) and does not pass yet: 8 of them spill 4-88 B, all patch-wise
-3x3 tl.dot variants at the ``PatchWiseConv2d`` shape with stride, padding, dilation and groups equal to 1
-(benchmarks/results/2026-12-01-cpu/triton_sm90_full_specialised.json).
+(constant strides change ptxas's allocation). ``PYSEG_SM90_FULL=1`` compiles the specialised
+variants at the registry shapes as well (the un-deduplicated run: 705 variants, all clean,
+benchmarks/results/2026-12-01-cpu/triton_sm90_full_specialised.json). The patch-wise kernels are not
+specialised on their integer arguments at all (``do_not_specialize``: specialised, eight 3x3 tl.dot
+variants at the ``PatchWiseConv2d`` shape spilled 4-88 B), so for them the deduplicated variant is
+exactly the launched one.
 Cost with a cold Triton cache (as in CI): 313 s of
 CPU time, the compiles in a pool of ``os.cpu_count()`` workers (about 3 minutes on 2 idle cores;
 README, Tests).
