@@ -49,7 +49,7 @@ except ImportError:  # a source checkout run as a script
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-RESOURCES = os.path.join(HERE, "results", "2026-12-01-cpu", "gpu_resources_ci_scope.json")
+RESOURCES = os.path.join(HERE, "results", "2026-12-01-cpu", "gpu_resources_full.json")
 
 # ------------------------------------------------------------------------------------------------
 # GPUs (SPEC.md section 8; the brief of issue 20)
