@@ -90,7 +90,7 @@ MMA_CLK = 8192 / 3787
 #: plus the tail of the loop before it) when no other block on the SM has work.
 BARRIER_CLK = 120
 #: registers/thread of meta_forward_mma_kernel (ptxas -Xptxas -v, sm_90: 122-128 under its
-#: __launch_bounds__(256, 2), no spills; not yet in the committed resource table)
+#: __launch_bounds__(256, 2), no spills; gpu_resources_full.txt lists it too)
 MMA_META_REGS = 128
 #: output rows per thread of its depthwise stage (kDwRows)
 DW_ROWS = 8
