@@ -125,7 +125,8 @@ def cuda_resources(arch: int = 90, src_dir: str = os.path.join(ROOT, "csrc")) ->
     rows = []
     for cu in sorted(glob.glob(os.path.join(src_dir, "cuda", "*.cu"))):
         with tempfile.TemporaryDirectory() as d:
-            cmd = [nvcc, "-cubin", f"-arch=sm_{arch}", "-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo",
+            # torch's own nvcc flags (COMMON_NVCC_FLAGS: no implicit half/bfloat16 conversions), as the build
+            cmd = [nvcc, "-cubin", f"-arch=sm_{arch}", "-O3", "-std=c++20", *cpp_extension.COMMON_NVCC_FLAGS, "-lineinfo",
                    "-Xptxas", "-v", "-DPYSEG_WITH_CUDA", "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H",
                    *[f"-I{i}" for i in incs], cu, "-o", os.path.join(d, "k.cubin")]
             r = subprocess.run(cmd, capture_output=True, text=True)

@@ -252,11 +252,11 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
   const int64_t ws = patch_major ? 1 : G;
   for (int idx = tid; idx < g.m1 * g.k1; idx += kThreads) {
     const int r = idx / g.k1, c = idx % g.k1;
-    w1s[r * g.ldw1 + c] = (r < hid && c < Cin) ? static_cast<T>(static_cast<float>(src[(L.w1() + r * Cin + c) * ws])) : T(0.0f);
+    w1s[r * g.ldw1 + c] = (r < hid && c < Cin) ? mma::from_float<T>(static_cast<float>(src[(L.w1() + r * Cin + c) * ws])) : mma::from_float<T>(0.0f);
   }
   for (int idx = tid; idx < g.m3 * g.m1; idx += kThreads) {
     const int r = idx / g.m1, c = idx % g.m1;
-    w3s[r * g.ldw3 + c] = (r < Cout && c < hid) ? static_cast<T>(static_cast<float>(src[(L.w3() + r * hid + c) * ws])) : T(0.0f);
+    w3s[r * g.ldw3 + c] = (r < Cout && c < hid) ? mma::from_float<T>(static_cast<float>(src[(L.w3() + r * hid + c) * ws])) : mma::from_float<T>(0.0f);
   }
   for (int idx = tid; idx < 9 * hid; idx += kThreads) w2s[idx] = static_cast<float>(src[(L.w2() + idx) * ws]);
   for (int idx = tid; idx < A; idx += kThreads) {
@@ -280,9 +280,9 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
       if (c < Cin) {
         const scalar_t* xc = x + (P.b * Cin + c) * H * W;
         for (int q = lane; q < g.nq; q += 32)
-          dst[q] = q < hqi ? static_cast<T>(static_cast<float>(xc[xoff[q]])) : T(0.0f);
+          dst[q] = q < hqi ? mma::from_float<T>(static_cast<float>(xc[xoff[q]])) : mma::from_float<T>(0.0f);
       } else {
-        for (int q = lane; q < g.nq; q += 32) dst[q] = T(0.0f);
+        for (int q = lane; q < g.nq; q += 32) dst[q] = mma::from_float<T>(0.0f);
       }
     }
     __syncthreads();  // weights and x staged
@@ -317,7 +317,7 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
         const int i0 = rb * kDwRows, i1 = min(i0 + kDwRows, static_cast<int>(eh));
         T* out = h2 + r * g.ldh2 + j;
         if (k >= hid) {
-          for (int i = i0; i < i1; ++i) out[i * ewi] = T(0.0f);
+          for (int i = i0; i < i1; ++i) out[i * ewi] = mma::from_float<T>(0.0f);
           continue;
         }
         float wk[9];
@@ -334,7 +334,7 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
           const float c0 = act(row[0]), c1 = act(row[1]), c2 = act(row[2]);
           const float v = wk[0] * a0 + wk[1] * a1 + wk[2] * a2 + wk[3] * b0 + wk[4] * b1 + wk[5] * b2 + wk[6] * c0 +
                           wk[7] * c1 + wk[8] * c2;
-          out[i * ewi] = static_cast<T>(meta::relu6(v * s2 + t2));
+          out[i * ewi] = mma::from_float<T>(meta::relu6(v * s2 + t2));
           a0 = b0, a1 = b1, a2 = b2;
           b0 = c0, b1 = c1, b2 = c2;
         }

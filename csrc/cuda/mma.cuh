@@ -64,6 +64,24 @@ __device__ __forceinline__ const typename Operand<S>::mem* operand_ptr(const S* 
   return reinterpret_cast<const typename Operand<S>::mem*>(p);
 }
 
+// v converted to a tensor-core operand's memory type M (float, __half, __nv_bfloat16). torch's CUDA builds
+// define __CUDA_NO_HALF_CONVERSIONS__ / __CUDA_NO_BFLOAT16_CONVERSIONS__, so the conversion intrinsics,
+// not constructors, do it under nvcc; the emulator's types (c10::Half / c10::BFloat16) convert directly.
+template <class M>
+__device__ __forceinline__ M from_float(float v) {
+#ifndef PYSEG_CUDA_EMULATOR
+  if constexpr (std::is_same_v<M, __half>) {
+    return __float2half_rn(v);
+  } else if constexpr (std::is_same_v<M, __nv_bfloat16>) {
+    return __float2bfloat16_rn(v);
+  } else {
+    return static_cast<M>(v);
+  }
+#else
+  return static_cast<M>(v);
+#endif
+}
+
 // A loaded matrix_a/matrix_b fragment of scalar type S: for float (tf32) its values rounded to nearest
 // (the tensor core would drop the low 13 bits); 16-bit types unchanged.
 template <class S, class Frag>
