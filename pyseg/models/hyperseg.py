@@ -291,7 +291,7 @@ class HyperSeg(nn.Module):
             phi = F.adaptive_avg_pool2d(phi, self.grid)
         # phi is tiny; NCHW here makes the weight mapper emit the (B, N, gh, gw) layout the dynamic
         # ops read, even when the trunk runs channels_last -- except for the meta block levels where
-        # the kernel that runs (CPU, Triton) reads each patch's weight vector in place from a
+        # the kernel that runs (CPU, CUDA, Triton) reads each patch's weight vector in place from a
         # channels_last tensor
         patch_major = (self._patch_major_generators
                        if weight_memory_format(phi.device, self.backend) == torch.channels_last else ())
