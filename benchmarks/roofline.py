@@ -461,42 +461,117 @@ def _cuda_meta(x, wflat, hid, Cout, esize, backward):
     return [zero, k, red, gat]
 
 
+#: pointwise_block_kernels.cuh: kPwOC output channels and kPwTP pixels per block at most, (channel, quad)
+#: items per thread, input channels per staged chunk (pw_kc: 256 B of a row, 64 floats).
+PWB_OC, PWB_TP, PWB_ITEMS, PWB_KC = 64, 64, 4, 64
+#: registers/thread of pointwise_forward_kernel (ptxas -Xptxas -v, sm_90, CUDA 13.0, torch's nvcc flags:
+#: float/half/bfloat16 under its __launch_bounds__(256, 4), no spills; without the bound ptxas took 125)
+PWB_FWD_REGS = 64
+#: instructions of one int32 division or modulo by a runtime value (inline: reciprocal + fix-up)
+PWB_INT32_DIV = 20
+#: warp-instructions of warp 0's block preamble: the patch geometry in int32 (four patch_begin_as<int>
+#: divisions, blockIdx / ntiles, patch / gw) and the base pointers; the other warps wait at the barrier
+PWB_PREAMBLE = 6 * PWB_INT32_DIV + 40
+
+
+def _pw_row_bytes(H, W, gh, gw, esize):
+    """L2 bytes of reading (or writing) one channel plane of x (y) patch by patch: each patch row is a
+    segment of pw elements, at least one 32-B sector."""
+    return sum(ph * max(pw * esize, SECTOR) for ph in _patch_sizes(H, gh) for pw in _patch_sizes(W, gw))
+
+
+def _pw_block_plan(B, G, npx, Cout, sms):
+    """launch_pointwise_forward (pointwise_block.cu): pixels per tile (a power of two covering a patch
+    of up to PWB_TP px) and output channels per block (up to PWB_OC), halved -- channels first, down to
+    16 each -- while the grid has under two blocks per SM."""
+    tpb, ocb = 1, min(Cout, PWB_OC)
+    while tpb < min(npx, PWB_TP):
+        tpb *= 2
+    while B * G * math.ceil(npx / tpb) * math.ceil(Cout / ocb) < 2 * sms:
+        if ocb > 16 and ocb >= tpb // 2:
+            ocb = math.ceil(ocb / 2)
+        elif tpb > 16:
+            tpb //= 2
+        else:
+            break
+    return tpb, ocb
+
+
 def _cuda_pointwise(x, wflat, esize, backward):
-    """pointwise_block_kernels.cuh: one thread per pixel, kOC = 8 output channels in registers, grid
-    (ceil(HW/256), ceil(Cout/8), B); weights wp[(o*Cin + c)*G] read through L1 (a warp's pixels share
-    1-4 patches, consecutive in the (.., gh, gw) layout)."""
+    """pointwise_forward_kernel (pointwise_block_kernels.cuh) with patch-major weights (what the models emit
+    on CUDA): one 256-thread block per (sample, patch, tile of <= PWB_TP pixels, <= PWB_OC output
+    channels), __launch_bounds__(256, 4) (_pw_block_plan sizes tiles and channel blocks for >= 2 blocks
+    per SM). Warp 0 computes the patch geometry and the tile's offset table (one barrier); per chunk of
+    PWB_KC input channels the weights are staged by a warp per row (coalesced, one LDG + STS per
+    element) and the x tile through the offset table (two barriers from the second chunk on); then
+    PWB_ITEMS (channel, 4-pixel) items per thread, per input channel one LDS of w (lanes on distinct rows:
+    odd row stride, one wavefront), one 16-B LDS of 4 pixels and 4 FFMA. Memory-bound at HyperSeg's
+    shapes (<= 16 pixels per weight); HBM traffic = x + weights + y once, x re-read from L2 per channel
+    block and weights per pixel tile (1x1 grids).
+
+    Backward: the forward kernel writes z and the masked grad_out instead of y, then grad_x (thread per
+    pixel, kOC = 8 input channels, weights wp[n * sn] through L1) and grad_w (block per patch)."""
     B, Cin, H, W = x
     Cout, gh, gw = wflat[1] // Cin, wflat[2], wflat[3]
     HW, G = H * W, gh * gw
-    ph = max(_patch_sizes(H, gh))
+    ph, pw = max(_patch_sizes(H, gh)), max(_patch_sizes(W, gw))
+    npx = ph * pw
     xb, wb, yb = _numel(x) * esize, _numel(wflat) * esize, B * Cout * HW * esize
+    tpb, ocb = _pw_block_plan(B, G, npx, Cout, GPUS["h100"]["sms"])  # both GPUs: 132 SMs
+    ntiles, nz = math.ceil(npx / tpb), math.ceil(Cout / ocb)
 
-    def pix_kernel(name, outer, inner_ch):
-        k = _KernelCost(name, math.ceil(HW / 256) * math.ceil(outer / 8) * B, 256)
-        # per input channel: 1 LDG of x + 8 LDG of weights, 8 FFMA with a guard each (:37-41)
-        k.loop(256, inner_ch, lsu=9, issue=9 + 8 * 2, overhead=2 * INT64_DIV + 20)
-        return k
-
-    f = pix_kernel("pointwise_forward_kernel", Cout, Cin)
-    # x re-read once per 8-channel tile (grid.y) from L2; weights re-read per pixel row of a patch (a block
-    # covers whole rows; L1 does not outlive a block)
+    # the launcher's shared memory (float accumulators): header | ws (odd row stride) | xs (PX per channel)
+    kcmax = min(Cin, PWB_KC)
+    PX = 4
+    while PX < min(npx, tpb):
+        PX *= 2
+    smem = (PWB_TP + 8) * 4 + (math.ceil(ocb * (kcmax | 1) / 4) * 4 + kcmax * PX) * 4
+    f = _KernelCost("pointwise_forward_kernel", B * G * ntiles * nz, 256, smem, regs=PWB_FWD_REGS)
+    # per-block work averaged over the largest patch's tiles and the channel blocks
+    tiles = [min(tpb, npx - t * tpb) for t in range(ntiles)]
+    chans = [min(ocb, Cout - z * ocb) for z in range(nz)]
+    for tp in tiles:
+        NQ = 1
+        while 4 * NQ < tp:  # the tile's pixel quads rounded up to a power of two
+            NQ *= 2
+        for ocn in chans:
+            f.issue += PWB_PREAMBLE + 7 * 10 + math.ceil(tp / 32) * (PWB_INT32_DIV + 10)  # warp 0; the others
+            f.lsu += math.ceil(tp / 32)
+            f.barriers += 1
+            for cc in range(0, Cin, PWB_KC):
+                kcn = min(PWB_KC, Cin - cc)
+                f.barriers += 2 if cc else 1
+                rows = ocn * math.ceil(kcn / 32)  # warp-iterations of the weight staging
+                f.lsu += rows * 2
+                f.issue += rows * 6
+                f.loop(kcn * 4 * NQ, lsu=3, issue=8)  # x: LDS offset, LDG, STS (+ shifts, convert)
+                # compute: w LDS (1 wavefront) + 16-B x LDS (NQ distinct quads: NQ*16 B / 128 B)
+                f.loop(ocn * NQ, kcn, lsu=1 + max(1, NQ * 16 / 128), issue=7)
+            f.loop(ocn * NQ, 4, lsu=1, issue=8, overhead=10)  # affine + ReLU + store, 4 pixels
+    nblk = len(tiles) * len(chans)
+    f.lsu, f.issue, f.barriers = f.lsu / nblk, f.issue / nblk, math.ceil(f.barriers / nblk)
+    # HBM: x, weights, y once; L2: x per channel block and weights per tile, row segments of at least
+    # one sector (1-pixel patches read and write one sector per element)
+    rowb = _pw_row_bytes(H, W, gh, gw, esize)
     f.dram = xb + wb + yb
-    f.l2 = xb * math.ceil(Cout / 8) + wb * ph + yb
+    f.l2 = B * Cin * rowb * nz + wb * ntiles + B * Cout * rowb
     if not backward:
         return [f]
-    acc = B * Cout * HW * 4
+    acc_b = B * Cout * HW * 4
     f.name = "pointwise_forward_kernel(z, gu)"
-    f.dram, f.l2 = xb + wb + yb + 2 * acc, f.l2 + 2 * acc  # reads grad_out, writes z and gu in float
-    gx = pix_kernel("pointwise_grad_x_kernel", Cin, Cout)
-    gx.dram = acc + wb + xb
-    gx.l2 = acc * math.ceil(Cin / 8) + wb * ph + xb
+    # reads grad_out where the forward writes y (the same row segments), writes z and gu in float
+    f.dram, f.l2 = xb + wb + yb + 2 * acc_b, f.l2 + 2 * acc_b
+    gx = _KernelCost("pointwise_grad_x_kernel", math.ceil(HW / 256) * math.ceil(Cin / 8) * B, 256)
+    # per output channel: 1 LDG of gu + 8 LDG of weights, 8 FFMA with a guard each
+    gx.loop(256, Cout, lsu=9, issue=9 + 8 * 2, overhead=2 * INT64_DIV + 20)
+    gx.dram = acc_b + wb + xb
+    gx.l2 = acc_b * math.ceil(Cin / 8) + wb * ph + xb
     # grad_w: one block per patch, Cout*Cin entries per thread loop over the patch pixels (:57)
-    np_ = max(_patch_sizes(H, gh)) * max(_patch_sizes(W, gw))
     gw_ = _KernelCost("pointwise_grad_w_kernel", B * G, 256)
-    gw_.loop(Cout * Cin, np_, lsu=2, issue=6, overhead=2 * INT64_DIV)
-    gw_.loop(Cout, np_, lsu=2, issue=6)
-    gw_.dram = acc + xb + wb
-    gw_.l2 = B * G * Cout * Cin * SECTOR + acc + xb * math.ceil(Cout * Cin / 256)
+    gw_.loop(Cout * Cin, npx, lsu=2, issue=6, overhead=2 * INT64_DIV)
+    gw_.loop(Cout, npx, lsu=2, issue=6)
+    gw_.dram = acc_b + xb + wb
+    gw_.l2 = B * G * Cout * Cin * SECTOR + acc_b + xb * math.ceil(Cout * Cin / 256)
     red = _KernelCost("reduce_partials_kernel", math.ceil(2 * Cout / 128), 128)
     red.loop(128, B * G, lsu=1, issue=4)
     red.dram = red.l2 = B * G * 2 * Cout * 4

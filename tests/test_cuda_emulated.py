@@ -10,6 +10,8 @@ dynamic shared memory, multi-tile patches, warp and thread reductions). The emul
 mutation (one ``__syncthreads()`` removed) that must fail; benchmarks/emulator_mutations.py does it
 for every barrier.
 """
+import contextlib
+
 import pytest
 import torch
 
@@ -253,10 +255,18 @@ def test_meta_block_forward_mma(target, case, dtype, tf32_matmul):
 
 
 # (B, Cin, Cout, H, W, gh, gw)
+# The launcher halves tiles and channel blocks (to 16 px / 16 channels) while the grid has under 264
+# blocks (2 per emulated H100 SM), so the small cases run small tiles; "full" has 272 patches and
+# runs 64-px tiles x 64 channels (4 items per thread).
 POINTWISE_CASES = {
-    "odd": (2, 5, 11, 9, 13, 2, 3),      # Cout not a multiple of the 8 channels per thread
-    "wide": (1, 20, 260, 17, 19, 3, 2),  # 323 px (2 blocks of 256), 260 output channels
+    "odd": (2, 5, 11, 9, 13, 2, 3),      # unequal patches (16-25 px): 16-px tiles, a 9-px and a 4-px tail
+    "one-pixel": (1, 7, 9, 4, 6, 4, 6),  # 1-pixel patches: one item per output channel, ws rows in 32 banks
+    "wide": (1, 20, 260, 17, 19, 3, 2),  # 260 output channels: 17 channel blocks of 16 (the last of 4)
+    "tiled": (1, 3, 5, 11, 13, 1, 1),    # a 1x1 grid: the 143-px image patch in 9 tiles of 16 px
+    "chunked": (1, 70, 3, 5, 3, 2, 1),   # 70 input channels: chunks of 64 + 6 (float64: 32 + 32 + 6)
+    "full": (1, 3, 64, 128, 136, 16, 17),  # 8x8-px patches: 64-px tiles x 64 channels, 1024 items
 }
+POINTWISE_ONE_DTYPE = ("wide", "tiled", "chunked", "full")
 
 
 def _pointwise_inputs(case, dtype, seed=0):
@@ -269,21 +279,55 @@ def _pointwise_inputs(case, dtype, seed=0):
     return x.to(dtype), w.to(dtype), scale.to(dtype), shift.to(dtype)
 
 
+def _patch_major(w):
+    """The same weights with each patch's Cout*Cin entries contiguous (channels_last), read in place."""
+    pm = w.contiguous(memory_format=torch.channels_last)
+    if w.shape[-2:] != (1, 1):
+        assert not pm.is_contiguous()
+    return pm
+
+
 @pytest.mark.parametrize("case", list(POINTWISE_CASES))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 def test_pointwise_block(target, case, dtype):
-    if case == "wide" and dtype != torch.float32:
-        pytest.skip("one dtype is enough for the wide case")
-    run = Target(target)
+    """Forward and backward vs float64, default and patch-major weights (same bits). Outputs and the
+    backward's z / gu buffers start as NaN (deterministic mode fills torch.empty), so an element a
+    kernel leaves unwritten shows."""
+    if case in POINTWISE_ONE_DTYPE and dtype not in (torch.float32, torch.float64):
+        pytest.skip("one dtype is enough for this case")
+    with _poisoned_empty():
+        _check_pointwise(Target(target), case, dtype)
+
+
+@contextlib.contextmanager
+def _poisoned_empty():
+    """torch.empty (and at::empty in the kernels' launchers) fills floating memory with NaN."""
+    import torch.utils.deterministic as det
+    old = (torch.are_deterministic_algorithms_enabled(), det.fill_uninitialized_memory)
+    torch.use_deterministic_algorithms(True)
+    det.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(old[0])
+        det.fill_uninitialized_memory = old[1]
+
+
+def _check_pointwise(run, case, dtype):
     x, w, scale, shift = _pointwise_inputs(case, dtype)
     y = run("pointwise_block", x, w, scale, shift)
+    y_pm = run("pointwise_block", x, _patch_major(w), scale, shift)
+    assert torch.equal(y, y_pm)
     gy = torch.randn(y.shape, dtype=torch.float64).to(dtype)
     ref, grads_r = grads(lambda xx, ww, s, t: pointwise_block(xx, ww, (s, t), backend="reference"),
                          [x, w, scale, shift], gy)
     close(y, ref, dtype, "y")
     got = run("pointwise_block_backward", gy, x, w, scale, shift, [True] * 4)
-    for name, a, b in zip(("grad_x", "grad_weight", "grad_scale", "grad_shift"), got, grads_r):
+    got_pm = run("pointwise_block_backward", gy, x, _patch_major(w), scale, shift, [True] * 4)
+    for name, a, a_pm, b in zip(("grad_x", "grad_weight", "grad_scale", "grad_shift"), got, got_pm, grads_r):
         close(a, b, dtype, name)
+        assert torch.equal(a, a_pm), name
+    assert got_pm[1].is_contiguous()  # grad W in the default layout, as the fake kernel says
 
 
 # --------------------------------------------------------------------------------------------

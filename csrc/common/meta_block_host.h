@@ -93,15 +93,16 @@ struct BlockGrads {
   }
 };
 
-// Checks of pointwise_block; returns Cout.
+// Checks of pointwise_block; returns Cout. allow_patch_major: the kernels also read a patch_major() weight.
 inline int64_t check_pointwise_block(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
-                                     const at::Tensor& shift) {
+                                     const at::Tensor& shift, bool allow_patch_major = false) {
   check_float(x, "x");
   check_like(x, weight, "weight");
   check_like(x, scale, "scale");
   check_like(x, shift, "shift");
   TORCH_CHECK(x.dim() == 4 && weight.dim() == 4, "x must be (B, Cin, H, W) and weight (B, Cout*Cin, gh, gw)");
-  TORCH_CHECK(x.is_contiguous() && weight.is_contiguous(), "x and weight must be contiguous");
+  TORCH_CHECK(x.is_contiguous() && (weight.is_contiguous() || (allow_patch_major && patch_major(weight))),
+              "x and weight must be contiguous", allow_patch_major ? " (weight: or channels_last)" : "");
   const int64_t B = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3);
   TORCH_CHECK(B > 0 && Cin > 0 && H > 0 && W > 0, "x must be non-empty, got shape ", x.sizes());
   TORCH_CHECK(weight.size(0) == B && weight.size(1) % Cin == 0 && weight.size(1) > 0,

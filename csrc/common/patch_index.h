@@ -19,10 +19,13 @@ PYSEG_HD int64_t patch_of(int64_t i, int64_t grid, int64_t out) {
 }
 
 // First output coordinate that belongs to cell g: smallest i with floor(i*grid/out) >= g,
-// i.e. ceil(g*out/grid). Cell g covers [patch_begin(g), patch_begin(g+1)).
-PYSEG_HD int64_t patch_begin(int64_t g, int64_t grid, int64_t out) {
+// i.e. ceil(g*out/grid). Cell g covers [patch_begin(g), patch_begin(g+1)). patch_begin_as<I>
+// computes it in the integer type I (int for kernels whose launcher checks grid * out < 2^31).
+template <typename I>
+PYSEG_HD I patch_begin_as(I g, I grid, I out) {
   return (g * out + grid - 1) / grid;
 }
+PYSEG_HD int64_t patch_begin(int64_t g, int64_t grid, int64_t out) { return patch_begin_as<int64_t>(g, grid, out); }
 
 // Output size of a convolution along one axis.
 PYSEG_HD int64_t conv_out_size(int64_t in, int64_t pad_before, int64_t pad_after, int64_t k,

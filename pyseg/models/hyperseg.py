@@ -231,10 +231,11 @@ class HyperSeg(nn.Module):
                                                [_static_fan_ins(b) for b in blocks])
             for module in [self.context_head] + signal_only_modules(self.encoder):
                 module.requires_grad_(False)
-        # generators that feed fused meta blocks only (a unified generator's split would not be
-        # patch-contiguous per level)
-        self._patch_major_generators = [len(span) == 1 and isinstance(blocks[span[0]], MetaBlock)
-                                        and blocks[span[0]].kernel_size == 3 for span in self.weight_mapper.spans]
+        # per generator, the fused op of the one level it feeds ("meta_block" / "pointwise_block"), else
+        # None (a unified generator's split would not be patch-contiguous per level)
+        self._generator_ops = [("meta_block" if blocks[span[0]].kernel_size == 3 else "pointwise_block")
+                               if len(span) == 1 and isinstance(blocks[span[0]], MetaBlock) else None
+                               for span in self.weight_mapper.spans]
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -290,11 +291,11 @@ class HyperSeg(nn.Module):
         if self.grid is not None and tuple(phi.shape[-2:]) != self.grid:
             phi = F.adaptive_avg_pool2d(phi, self.grid)
         # phi is tiny; NCHW here makes the weight mapper emit the (B, N, gh, gw) layout the dynamic
-        # ops read, even when the trunk runs channels_last -- except for the meta block levels where
-        # the kernel that runs (CPU, CUDA, Triton) reads each patch's weight vector in place from a
-        # channels_last tensor
-        patch_major = (self._patch_major_generators
-                       if weight_memory_format(phi.device, self.backend) == torch.channels_last else ())
+        # ops read, even when the trunk runs channels_last -- except for the levels whose kernel reads
+        # each patch's weight vector in place from a channels_last tensor (weight_memory_format: the
+        # meta block on CPU, CUDA and Triton; the 1x1 level block on CUDA)
+        patch_major = [op is not None and weight_memory_format(phi.device, self.backend, op) == torch.channels_last
+                       for op in self._generator_ops]
         return feats, self.weight_mapper(phi.contiguous(), patch_major), phi
 
     def _decode(self, x: Tensor, feats: List[Tensor], weights: List[Tensor], attn_level: int = -1):

@@ -152,7 +152,10 @@ _pointwise_op = _library.register(
     backward_schema="pointwise_block_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor scale, "
                     "Tensor shift, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)",
     fake=_fake_pointwise_forward, fake_backward=_fake_backward, reference=_reference_pointwise_block,
-    supports=supports, differentiable=(0, 1, 2, 3), saved=(0, 1, 2, 3), config=())
+    supports=supports, differentiable=(0, 1, 2, 3), saved=(0, 1, 2, 3), config=(),
+    # every CUDA kernel (forward, grad_x, grad_w) reads patch-major (channels_last) weights in place
+    # (the backward writes grad_weight contiguous); the CPU and Triton kernels read the default layout
+    in_place={"cuda": (1,)})
 
 
 def implementation(backend: str, device: torch.device) -> str:
@@ -161,17 +164,23 @@ def implementation(backend: str, device: torch.device) -> str:
     return _meta_op.resolve(backend, torch.device(device))
 
 
-def weight_memory_format(device: torch.device, backend: str = "auto") -> torch.memory_format:
-    """The layout of the flat (B, N, gh, gw) weight :func:`meta_block` reads fastest with ``backend`` on
-    ``device``: ``torch.channels_last`` (patch-major: each patch's N weights contiguous) where the
-    implementation that runs reads it in place (the compiled CPU and CUDA kernels; the Triton kernels), else
-    ``torch.contiguous_format`` (any layout still works: the op then makes it contiguous). A backend
-    that cannot run on ``device`` gives ``torch.contiguous_format`` (the op itself raises the error)."""
+def weight_memory_format(device: torch.device, backend: str = "auto",
+                         op: str = "meta_block") -> torch.memory_format:
+    """The layout of the flat (B, N, gh, gw) weight :func:`meta_block` (``op="pointwise_block"``:
+    :func:`pointwise_block`) reads fastest with ``backend`` on ``device``: ``torch.channels_last``
+    (patch-major: each patch's N weights contiguous) where the implementation that runs reads it in place
+    (meta_block: the compiled CPU and CUDA kernels and the Triton kernels; pointwise_block: the CUDA
+    kernels), else ``torch.contiguous_format`` (any layout still works: the op then makes it contiguous).
+    A backend that cannot run on ``device`` gives ``torch.contiguous_format`` (the op itself raises the
+    error)."""
+    ops = {"meta_block": _meta_op, "pointwise_block": _pointwise_op}
+    if op not in ops:
+        raise ValueError(f"op must be one of {sorted(ops)}, got {op!r}")
     try:
-        impl = _meta_op.resolve(backend, torch.device(device))
+        impl = ops[op].resolve(backend, torch.device(device))
     except (ValueError, RuntimeError):
         return torch.contiguous_format
-    return torch.channels_last if 1 in _meta_op.in_place.get(impl, ()) else torch.contiguous_format
+    return torch.channels_last if 1 in ops[op].in_place.get(impl, ()) else torch.contiguous_format
 
 
 def _affine_vector(affines, channels, x):
