@@ -199,3 +199,27 @@ def test_meta_block_weight_layout_is_stated_by_the_op():
         with torch.no_grad():
             m(torch.randn(1, 3, 64, 64))
     assert ("meta_block", "cpu") in ran
+
+
+@pytest.mark.skipif(not _extension.HAS_C, reason="no compiled kernels")
+def test_pointwise_block_weight_layout_is_stated_by_the_op(monkeypatch):
+    """pointwise_block reads patch-major weights in place only on CUDA (the CPU kernel reads the default
+    layout); HyperSeg's generators of the 1x1 levels follow what weight_memory_format says for that op."""
+    import pyseg.models.hyperseg as hs
+    from pyseg.ops.meta_block import weight_memory_format
+
+    assert weight_memory_format(torch.device("cpu"), op="pointwise_block") == torch.contiguous_format
+    with pytest.raises(ValueError, match="op must be one of"):
+        weight_memory_format(torch.device("cpu"), op="conv")
+    m = create_model("hyperseg-tiny", num_classes=3).eval()
+    kinds = [b.kernel_size for b in m.decoder]
+    assert 1 in kinds and 3 in kinds
+    # as on a GPU with the CUDA kernels: patch-major for the 1x1 levels only
+    monkeypatch.setattr(hs, "weight_memory_format",
+                        lambda device, backend="auto", op="meta_block":
+                        torch.channels_last if op == "pointwise_block" else torch.contiguous_format)
+    with torch.no_grad():
+        _, weights, _ = m.generate_weights(torch.randn(1, 3, 64, 64))
+    for k, w in zip(kinds, weights):
+        patch_major = w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+        assert patch_major == (k == 1), (k, w.shape, w.stride())

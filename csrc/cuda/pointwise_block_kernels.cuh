@@ -3,25 +3,27 @@
 // patch at n*G + patch) or patch-major (channels_last: at patch*N + n); every kernel takes the element
 // stride of n (sn) and of the patch (sp), so both layouts are read in place.
 //
-// Forward (pointwise_forward_kernel): one 256-thread block per (sample, patch, tile of kPwTP pixels).
-// Why this shape (HyperSeg-M's pointwise levels, batch 1: Cin 82/94/44 -> Cout 64/32/16 on a 16x32
-// grid of 1x1 / 2x2 / 4x4-pixel patches): each patch weight is used by <= 16 pixels, i.e. <= 32 FLOP
-// per weight element read (8 FLOP/B in fp32, 16 in bf16) against the H100's 67e12/3.35e12 = 20 FLOP/B
-// FFMA ridge: the op is memory-bound, so plain FFMA in float suffices and the design goal is to stream
-// the weights (94-98% of the bytes) once, coalesced, with enough blocks: G = 512 blocks at batch 1
-// (3.9 per SM, full waves), each reading its patch's Cout*Cin weights as contiguous rows (patch-major,
-// what the models emit on CUDA: a warp per row, lanes over c, no integer division per element).
-// Per pass of <= kPwOC output channels and chunk of <= kPwKC input channels the block stages
+// Forward (pointwise_forward_kernel): one 256-thread block per (sample, patch, tile of <= kPwTP pixels,
+// block of <= kPwOC output channels). Why this shape (HyperSeg-M's pointwise levels, batch 1: Cin
+// 82/94/44 -> Cout 64/32/16 on a 16x32 grid of 1x1 / 2x2 / 4x4-pixel patches): each patch weight is used
+// by <= 16 pixels, i.e. <= 32 FLOP per weight element read (8 FLOP/B in fp32, 16 in bf16) against the
+// H100's 67e12/3.35e12 = 20 FLOP/B FFMA ridge: the op is memory-bound, so plain FFMA in float suffices and
+// the design goal is to stream the weights (94-98% of the bytes) once, coalesced, with enough blocks:
+// G = 512 blocks at batch 1 (3.9 per SM, full waves), each reading its patch's Cout*Cin weights as
+// contiguous rows (patch-major, what the models emit on CUDA: a warp per row, lanes over c, no integer
+// division per element). The launcher halves the channel block, then the tile (to 16 each), while the
+// grid has under 2 blocks per SM (few large patches: a 1x1 grid on a small image, the *-static models).
+// Warp 0 computes the patch geometry and the tile's pixel offsets (one barrier); per chunk of <= KC input
+// channels the block stages
 //   ws[o][c] (float, row stride ldw odd: the 32 lanes of a 1-pixel patch read 32 rows -> 32 banks)
-//   xs[c][p] (float, the tile's pixels through a per-block offset table, zero past the tile; row of
-//             PX = 4 * NQ floats, NQ = the tile's pixel quads rounded up to a power of two)
+//   xs[c][s] (float, the tile's pixels through the offset table, zero past the tile; rows of PX = 4 * NQ
+//             slots, NQ = the tile's pixel quads rounded up to a power of two)
 // then each thread accumulates (1 channel x 4 pixels q + j*NQ) items in registers: one broadcast-or-
 // distinct LDS of w, one 16-B LDS of 4 pixels, 4 FFMA per input channel (1 useful FFMA on 1-pixel patches,
 // where the 64 busy threads still finish a patch's 82 channels in ~250 cycles, hidden behind the
-// 21 KB weight stream). Smem <= (64*65 + 64*64) * 4 B + 256 B = 33 KB (float): 6 blocks/SM. A 1x1
-// grid (the *-static models) is a whole-image patch cut into 64-pixel tiles (512 blocks at 64x128 px);
-// unequal patches end early (tiles past the patch exit). int32 index math within a sample (the
-// launcher checks every per-sample extent < 2^31).
+// 21 KB weight stream). Smem <= 288 B + (64*65 + 64*64) * 4 B = 33 KB (float); 64 registers: 4 blocks/SM.
+// Unequal patches: tiles past a smaller patch exit after the first barrier. int32 index math within a
+// sample (the launcher checks every per-sample extent < 2^31).
 #pragma once
 
 #include "common/patch_index.h"
@@ -34,8 +36,8 @@ namespace {
 constexpr int kOC = 8;  // channels per thread of the backward grad_x kernel
 
 constexpr int kPwThreads = 256;
-constexpr int kPwOC = 64;                                 // output channels per pass
-constexpr int kPwTP = 64;                                 // pixels per tile
+constexpr int kPwOC = 64;                                 // output channels per block (at most)
+constexpr int kPwTP = 64;                                 // pixels per tile (at most)
 constexpr int kPwItems = kPwOC * (kPwTP / 4) / kPwThreads;  // (channel, pixel quad) items per thread: 4
 // input channels per chunk: 64 floats (32 doubles) keep ws + xs at ~33 KB, under the 48 KB default
 template <typename acc_t>
