@@ -89,7 +89,7 @@ MMA_CLK = 8192 / 3787
 #: cycles a block loses at a __syncthreads() (the slowest warp's last loads drain; ~ one L1/smem round trip
 #: plus the tail of the loop before it) when no other block on the SM has work.
 BARRIER_CLK = 120
-#: registers/thread of meta_forward_mma_kernel (ptxas -Xptxas -v, sm_90: 123-128 under its
+#: registers/thread of meta_forward_mma_kernel (ptxas -Xptxas -v, sm_90: 125-128 under its
 #: __launch_bounds__(256, 2), no spills; gpu_resources_full.txt lists it too)
 MMA_META_REGS = 128
 #: output rows and columns per thread of its depthwise stage (kDwRows, kDwCols)
@@ -305,8 +305,8 @@ def _mma_geometry(Cin, hid, Cout, th, tw, esize, k):
     k1, m1, m3 = up(Cin + 1, k), up(hid, 16), up(Cout, 16)  # k1: + the ones row carrying t1
     nq, np_ = up((th + 2) * (tw + 2), 16), up(th * tw, 16)
     regions = [m1 * (k1 + pad) * esize, m3 * (m1 + pad) * esize, 9 * hid * 4, (hid + Cout) * 4,
-               k1 * (nq + pad) * esize, max(16 * _dw_ldh1(nq, tw), m3 * (np_ + 4)) * 4, 16 * (np_ + pad) * esize, nq * 4,
-               np_ * 4]
+               k1 * (nq + pad) * esize, max(16 * _dw_ldh1(nq, tw), m3 * (np_ + 4)) * 4, 16 * (np_ + pad) * esize,
+               2 * np_ * 4]
     return dict(k1=k1, m1=m1, m3=m3, nq=nq, np=np_, bytes=sum(up(r, 128) for r in regions))
 
 
@@ -397,7 +397,7 @@ def _cuda_meta_mma(x, wflat, hid, Cout, esize, plan, split):
     th, tw, g = plan
     K = 16 if esize == 2 else 8
     kfrag = g["k1"] // K                     # pw1 k-steps
-    keep_a1 = g["k1"] <= (48 if K == 16 else 40 if split == 1 else 24)  # kA1Depth<K, kSplit>
+    keep_a1 = g["k1"] <= (48 if K == 16 else 40 if split == 1 else 16)  # kA1Depth<K, kSplit>
     k = _KernelCost("meta_forward_mma_kernel", B * G, 256, g["bytes"], regs=MMA_META_REGS)
     # weights: a warp per row of W1' (m1 x k1) and W3' (m3 x m1), lanes along it: per 32 columns LDG + STS,
     # ~8 instructions (address, bound selects, FMUL by the scale, convert, loop); per row two scalar loads
@@ -414,16 +414,15 @@ def _cuda_meta_mma(x, wflat, hid, Cout, esize, plan, split):
     for eh, ew in tiles:
         hq, tp = (eh + 2) * (ew + 2), eh * ew
         halo_px += hq
-        k.barriers += 3 + 2 * chunks
-        # x tile: the reflected offsets of the hq haloed pixels once (two int32 divisions, two reflects),
-        # the tp output-pixel offsets (two int32 divisions), then per warp and 32 pixels one LDS of the
-        # offsets (~3 instr) and per channel of the warp (c = warp + 8 i < k1; ones and zero rows cost as
-        # much) LDG, convert, STS, address and loop (~7 instr)
-        k.loop(hq, lsu=1, issue=60)
+        k.barriers += 2 + 2 * chunks
+        # x tile: a thread per haloed pixel (nq, 32 consecutive per warp-iteration): its reflected offset
+        # once (two int32 divisions, two reflects, ~60 instr), then per channel of k1 (ones and zero rows
+        # cost as much) LDG, convert, STS, address and loop (~6 instr); the tp output-pixel offsets (two
+        # int32 divisions, STS)
+        xw = math.ceil(g["nq"] / 32)
+        k.lsu += xw * 2 * g["k1"]
+        k.issue += xw * (60 + 6 * g["k1"])
         k.loop(tp, lsu=1, issue=50)
-        xw = 8 * math.ceil(g["nq"] / 32)  # warp-iterations over 32 pixels
-        k.lsu += xw * (1 + 2 * math.ceil(g["k1"] / 8))
-        k.issue += xw * (3 + 7 * math.ceil(g["k1"] / 8))
         nt1, nt3 = math.ceil(hq / 16), math.ceil(tp / 16)
         mt3 = g["m3"] // 16
         busy1 = min(8, nt1)  # warps with a pw1 column tile

@@ -392,7 +392,7 @@ def _barrier_after(path, marker, n=0):
 
 
 @pytest.mark.cuda_emulated
-@pytest.mark.parametrize("site", [_barrier_after("meta_block_kernels.cuh", "meta_forward_mma_kernel(", 2),
+@pytest.mark.parametrize("site", [_barrier_after("meta_block_kernels.cuh", "meta_forward_mma_kernel(", 1),
                                   ce.barriers("patchwise_conv2d_kernels.cuh")[0]])
 def test_missing_barrier_fails(site):
     """A build with this __syncthreads() removed gives wrong results (the emulator exposes the race);

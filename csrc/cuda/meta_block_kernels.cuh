@@ -181,10 +181,10 @@ constexpr int kMaxAccTiles = 4;  // 16x16 pw2 accumulator tiles per warp (8 floa
 constexpr int kDwRows = 8;       // output rows per thread of the depthwise stage
 constexpr int kDwCols = 2;       // output columns per thread of the depthwise stage
 // pw1: the W1' fragments of a chunk (k1 <= this depth) stay in registers across a warp's column tiles:
-// 3 bf16/fp16 fragments (24 registers), 5 tf32 ones (20) or 3 split 3xTF32 ones (hi + lo: 24), within
-// the 128 of __launch_bounds__(256, 2) next to the pw2 accumulators (ptxas: no spills; 4 split ones spill)
+// 3 bf16/fp16 fragments (24 registers), 5 tf32 ones (20) or 2 split 3xTF32 ones (hi + lo: 16), within
+// the 128 of __launch_bounds__(256, 2) next to the pw2 accumulators (ptxas: no spills; 3 split ones spill)
 template <int K, int kSplit>
-constexpr int kA1Depth = K == 16 ? 48 : kSplit == 1 ? 40 : 24;
+constexpr int kA1Depth = K == 16 ? 48 : kSplit == 1 ? 40 : 16;
 
 // Two adjacent elements moved by one 2-element (4- or 8-byte) shared-memory access.
 template <class E>
@@ -198,7 +198,7 @@ struct MmaGeom {
   int m3, ldw3;                    // pw2: rows (Cout padded to 16), W3 stride (depth: m1)
   int nq, ldx, ldh1;               // haloed tile pixels padded to 16; X and H1 strides
   int np, ldh2, ldy;               // tile pixels padded to 16; H2 and Y strides
-  int64_t ow1, ow3, ow2, oaff, ox, oh1, oh2, ooff, oyoff, bytes;  // shared-memory byte offsets, total
+  int64_t ow1, ow3, ow2, oaff, ox, oh1, oh2, oyoff, bytes;  // shared-memory byte offsets, total
 };
 
 __host__ __device__ constexpr int round_up(int v, int m) { return (v + m - 1) / m * m; }
@@ -236,8 +236,7 @@ inline MmaGeom mma_geometry(int64_t Cin, int64_t hid, int64_t Cout, int th, int 
   g.ox = take(int64_t{g.k1} * g.ldx * esize);
   g.oh1 = take(std::max<int64_t>(int64_t{kChunk} * g.ldh1, int64_t{g.m3} * g.ldy) * 4);  // H1, then Y
   g.oh2 = take(int64_t{kChunk} * g.ldh2 * esize);
-  g.ooff = take(int64_t{g.nq} * 4);   // x offset of every haloed tile pixel
-  g.oyoff = take(int64_t{g.np} * 4);  // y offset of every tile pixel
+  g.oyoff = take(2 * int64_t{g.np} * 4);  // y offset of every tile pixel, two tables (tile parity)
   g.bytes = off;
   return g;
 }
@@ -264,8 +263,7 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
   float* h1 = reinterpret_cast<float*>(smem_raw + g.oh1);
   float* ys = h1;  // Y reuses H1's space after the last chunk
   T* h2 = reinterpret_cast<T*>(smem_raw + g.oh2);
-  int* xoff = reinterpret_cast<int*>(smem_raw + g.ooff);
-  int* yoff = reinterpret_cast<int*>(smem_raw + g.oyoff);
+  int* yoffs = reinterpret_cast<int*>(smem_raw + g.oyoff);  // two tables (tile parity)
   const WeightLayout L{Cin, hid, Cout};
   const int64_t N = L.numel(), G = gh * gw;
   const DevPatch P(blockIdx.x, gh, gw, H, W);
@@ -298,26 +296,27 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
   const int mt3 = g.m3 / 16;
   for (int64_t t = 0; t < div_up(P.ph, g.th) * div_up(P.pw, g.tw); ++t) {
     const auto [eh, ew, tr0, tc0, hw, hq, tp] = patch_tile(P, g.th, g.tw, t);
-    // x's haloed tile, rows = channels (row Cin ones, zero rows up to k1, zero columns from hq to nq). The
-    // reflected image offset of each haloed pixel is the same in every channel: computed once per tile
-    // into a table, then copied with lanes along the pixels (no per-element division)
+    // x's haloed tile, rows = channels (row Cin ones, zero rows up to k1, zero columns from hq to nq): a
+    // thread per haloed pixel computes its reflected image offset once (the same in every channel) and
+    // copies the pixel's k1 channels, consecutive threads on consecutive pixels (coalesced). No barrier
+    // before it: xs was last read by the previous tile's pw1, before that tile's later barriers, and the
+    // y offsets alternate between two tables (the previous tile's epilogue may still read its own)
     const int hwi = static_cast<int>(hw), hqi = static_cast<int>(hq);
     const int ewi = static_cast<int>(ew), tpi = static_cast<int>(tp);
-    for (int q = tid; q < hqi; q += kThreads)
-      xoff[q] = static_cast<int>(reflect_index(tr0 - 1 + q / hwi, H) * W + reflect_index(tc0 - 1 + q % hwi, W));
-    __syncthreads();  // offsets ready (and the previous tile's epilogue done with Y and yoff)
-    for (int p = tid; p < tpi; p += kThreads) yoff[p] = static_cast<int>((tr0 + p / ewi) * W + tc0 + p % ewi);
-    // lanes along 32 pixels (one offset load), the warp's channels c = warp + kWarps i in turn
     const scalar_t* xb = x + P.b * Cin * H * W;
-    for (int q = lane; q < g.nq; q += 32) {
+    for (int q = tid; q < g.nq; q += kThreads) {
       const bool in = q < hqi;
-      const int off = in ? xoff[q] : 0;
-      for (int c = warp; c < g.k1; c += kWarps) {
+      const int off =
+          in ? static_cast<int>(reflect_index(tr0 - 1 + q / hwi, H) * W + reflect_index(tc0 - 1 + q % hwi, W)) : 0;
+#pragma unroll 4
+      for (int c = 0; c < g.k1; ++c) {
         const float v = c < cin ? (in ? static_cast<float>(xb[c * H * W + off]) : 0.0f) : c == cin ? 1.0f : 0.0f;
         xs[c * g.ldx + q] = mma::from_float<T>(v);
       }
     }
-    __syncthreads();  // weights, x and yoff staged
+    int* yoff = yoffs + (t & 1) * g.np;
+    for (int p = tid; p < tpi; p += kThreads) yoff[p] = static_cast<int>((tr0 + p / ewi) * W + tc0 + p % ewi);
+    __syncthreads();  // weights, x and yoff staged (and the previous tile's epilogue done with Y)
     const int nt1 = static_cast<int>(div_up(hq, 16)), nt3 = static_cast<int>(div_up(tp, 16));
     const int mine = (mt3 * nt3 - warp + kWarps - 1) / kWarps;  // pw2 tiles of this warp: warp + kWarps * i
     const bool keep_a1 = g.k1 <= kA1Depth<K, kSplit>;                       // block-uniform
@@ -465,7 +464,7 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
       scalar_t* dst = y + (P.b * Cout + o) * H * W;
       for (int p = lane; p < tpi; p += 32) dst[yoff[p]] = static_cast<scalar_t>(yo[p] + t3);
     }
-    // the next tile's first barrier keeps its pw1 (which overwrites Y) and yoff writes behind these reads
+    // the next tile's first barrier keeps its pw1 (which overwrites Y) behind these reads
   }
 }
 
