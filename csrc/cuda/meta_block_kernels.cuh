@@ -319,7 +319,7 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
     __syncthreads();  // weights, x and yoff staged (and the previous tile's epilogue done with Y)
     const int nt1 = static_cast<int>(div_up(hq, 16)), nt3 = static_cast<int>(div_up(tp, 16));
     const int mine = (mt3 * nt3 - warp + kWarps - 1) / kWarps;  // pw2 tiles of this warp: warp + kWarps * i
-    const bool keep_a1 = g.k1 <= kA1Depth<K, kSplit>;                       // block-uniform
+    const bool keep_a1 = g.k1 <= kA1Depth<K, kSplit>;  // block-uniform
     FragC acc[kMaxAccTiles];
 #pragma unroll
     for (int i = 0; i < kMaxAccTiles; ++i)
