@@ -89,11 +89,11 @@ MMA_CLK = 8192 / 3787
 #: cycles a block loses at a __syncthreads() (the slowest warp's last loads drain; ~ one L1/smem round trip
 #: plus the tail of the loop before it) when no other block on the SM has work.
 BARRIER_CLK = 120
-#: registers/thread of meta_forward_mma_kernel (ptxas -Xptxas -v, sm_90: 122-128 under its
+#: registers/thread of meta_forward_mma_kernel (ptxas -Xptxas -v, sm_90: 125-128 under its
 #: __launch_bounds__(256, 2), no spills; gpu_resources_full.txt lists it too)
 MMA_META_REGS = 128
-#: output rows per thread of its depthwise stage (kDwRows)
-DW_ROWS = 8
+#: output rows and columns per thread of its depthwise stage (kDwRows, kDwCols)
+DW_ROWS, DW_COLS = 8, 2
 
 
 def _bank_conflict(stride_words: int) -> int:
@@ -302,90 +302,164 @@ def _mma_geometry(Cin, hid, Cout, th, tw, esize, k):
     """mma_geometry (csrc/cuda/meta_block_kernels.cuh): padded MMA extents and shared-memory bytes."""
     up = lambda v, m: -(-v // m) * m  # noqa: E731
     pad = 16 // esize
-    k1, m1, m3 = up(Cin, k), up(hid, 16), up(Cout, 16)
+    k1, m1, m3 = up(Cin + 1, k), up(hid, 16), up(Cout, 16)  # k1: + the ones row carrying t1
     nq, np_ = up((th + 2) * (tw + 2), 16), up(th * tw, 16)
-    regions = [m1 * (k1 + pad) * esize, m3 * (m1 + pad) * esize, 9 * hid * 4, 2 * (2 * hid + Cout) * 4,
-               k1 * (nq + pad) * esize, max(16 * (nq + 4), m3 * (np_ + 4)) * 4, 16 * (np_ + pad) * esize, nq * 4]
+    regions = [m1 * (k1 + pad) * esize, m3 * (m1 + pad) * esize, 9 * hid * 4, (hid + Cout) * 4,
+               k1 * (nq + pad) * esize, max(16 * _dw_ldh1(nq, tw), m3 * (np_ + 4)) * 4, 16 * (np_ + pad) * esize,
+               2 * np_ * 4]
     return dict(k1=k1, m1=m1, m3=m3, nq=nq, np=np_, bytes=sum(up(r, 128) for r in regions))
 
 
 def _mma_plan(PH, PW, Cin, hid, Cout, esize, k):
-    """plan_mma (csrc/cuda/meta_block.cu): the largest square-ish tile (32..1 px sides, clipped to the
+    """plan_mma (csrc/cuda/meta_block.cu): the largest tile of T x T or T/2 x T (T = 32..1, clipped to the
     patch) whose pw2 accumulators fit (m3/16 * np/16 <= 8 warps * 4 tiles) and whose smem fits 113 KB
     (two blocks per SM), then 227 KB; None: the CUDA-core kernel runs."""
+    shapes = ((32, 32), (16, 32), (16, 16), (8, 16), (8, 8), (4, 8), (4, 4), (2, 4), (2, 2), (1, 2), (1, 1))
     for budget in (113 * 1024, 227 * 1024):
-        for T in (32, 16, 8, 4, 2, 1):
-            th, tw = min(T, PH), min(T, PW)
+        for sh, sw in shapes:
+            th, tw = min(sh, PH), min(sw, PW)
             g = _mma_geometry(Cin, hid, Cout, th, tw, esize, k)
             if (g["m3"] // 16) * (g["np"] // 16) <= 8 * 4 and g["bytes"] <= budget:
                 return th, tw, g
     return None
 
 
+def _wavefronts(addrs, width: int = 4) -> int:
+    """Shared-memory wavefronts of one warp access of ``width`` bytes per lane at byte addresses ``addrs``
+    (lane order): per group of lanes served together (all 32 for 4-byte accesses, half-warps of 16 for
+    8-byte ones), the most distinct 4-byte words in one of the 32 banks (lanes reading the same word
+    share it); the groups add up."""
+    group = 32 if width <= 4 else 16
+    total = 0
+    for g0 in range(0, len(addrs), group):
+        per_bank: Dict[int, set] = {}
+        for a in addrs[g0:g0 + group]:
+            for w in range(a // 4, (a + max(width, 4) - 1) // 4 + 1):
+                per_bank.setdefault(w % 32, set()).add(w)
+        total += max(len(v) for v in per_bank.values())
+    return total
+
+
+def _dw_lanes(eh, ew):
+    """Items of the first warp of meta_forward_mma_kernel's depthwise stage: lane -> (channel row r, row
+    block rb, first column j): idx = lane, jp = idx % ewp, r = idx / ewp % 16, rb = idx / ewp / 16,
+    j = DW_COLS * jp (kernel's ``for (int idx = tid; idx < kChunk * nrb * ewp; ...)``)."""
+    nrb, ewp = -(-eh // DW_ROWS), -(-ew // DW_COLS)
+    out = []
+    for lane in range(min(32, 16 * nrb * ewp)):
+        jp, rest = lane % ewp, lane // ewp
+        out.append((rest % 16, rest // 16, DW_COLS * jp))
+    return out
+
+
+def _dw_ldh1(nq, tw):
+    """H1's row stride (mma_geometry): round_up(nq, 32) + (2 ceil(tw/2) mod 32, rounded up to 4; else 4)."""
+    dww = (DW_COLS * -(-tw // DW_COLS)) % 32
+    return -(-nq // 32) * 32 + (-(-dww // 4) * 4 if dww else 4)
+
+
 def _dw_conflict(eh, ew, ldh1):
-    """Shared-memory wavefronts of one window load of meta_forward_mma_kernel's depthwise stage: lanes
-    0..31 take items idx = lane (j = idx % ew, rb = idx / ew % nrb, channel row r = idx / ew / nrb) and
-    read word r*ldh1 + rb*DW_ROWS*(ew + 2) + j; the most distinct words in one of the 32 banks."""
-    nrb = -(-eh // DW_ROWS)
-    words = set()
-    for lane in range(32):
-        j, rest = lane % ew, lane // ew
-        rb, r = rest % nrb, rest // nrb
-        if r < 16:
-            words.add(r * ldh1 + rb * DW_ROWS * (ew + 2) + j)
-    per_bank: Dict[int, int] = {}
-    for w in words:
-        per_bank[w % 32] = per_bank.get(w % 32, 0) + 1
-    return max(per_bank.values())
+    """Wavefronts of one window-row load of the depthwise stage (float H1): even ew, two 8-byte loads (pair
+    j, j+1 and j+2, j+3); odd ew, four 4-byte loads. Lane reads r*ldh1 + rb*DW_ROWS*(ew + 2) + j (+ the
+    column offset)."""
+    base = [4 * (r * ldh1 + rb * DW_ROWS * (ew + 2) + j) for r, rb, j in _dw_lanes(eh, ew)]
+    if ew % 2 == 0:
+        return sum(_wavefronts([a + 8 * c for a in base], 8) for c in range(2))
+    return sum(_wavefronts([a + 4 * c for a in base]) for c in range(4))
+
+
+def _dw_store_conflict(eh, ew, ldh2, esize):
+    """Wavefronts of one row's H2 stores (operand type, row stride ldh2 elements): even ew, one 2-element
+    store per lane at element r*ldh2 + rb*DW_ROWS*ew + j; odd ew, two 1-element stores."""
+    base = [esize * (r * ldh2 + rb * DW_ROWS * ew + j) for r, rb, j in _dw_lanes(eh, ew)]
+    if ew % 2 == 0:
+        return _wavefronts(base, 2 * esize)
+    return sum(_wavefronts([a + esize * c for a in base], esize) for c in range(2))
 
 
 def _cuda_meta_mma(x, wflat, hid, Cout, esize, plan, split):
     """meta_forward_mma_kernel (csrc/cuda/meta_block_kernels.cuh), patch-major weights (what the models
-    emit on CUDA): one 256-thread block per (sample, patch), ``__launch_bounds__(256, 2)``; per tile the
-    haloed x tile is staged once, then per chunk of 16 hidden channels: pw1 on the tensor cores (warps over
-    16-px column tiles), the depthwise 3x3 (pw1's affine+ReLU6 applied on load) with a thread per (channel,
-    column, 8 rows) sliding a 3-row window, pw2 on the tensor cores into per-warp register accumulators; Y leaves
-    through shared memory with the last affine. Tensor-core work is never the bound here: each wmma needs
-    8 shared-memory wavefronts (A and B fragments, 512 B each) against ~2.2 tensor cycles, so the LSU is
-    the SM-side limit; the HBM traffic is x + weights + y once (halo re-reads hit L2)."""
+    emit on CUDA): one 256-thread block per (sample, patch), ``__launch_bounds__(256, 2)``. The weights are
+    staged once with the first two affines' scales folded in (W1' = s1 W1 with t1 as an extra column
+    against a row of ones in X, W2' = s2 W2, W3' = s3 W3); per tile the haloed x tile is staged once, then
+    per chunk of 16 hidden channels: pw1 on the tensor cores (warps over 16-px column tiles, the chunk's
+    W1' fragments kept in registers across a warp's tiles when k1 <= kA1Depth, ReLU6 on the accumulator
+    fragment), the depthwise 3x3 with a thread per (channel, 2 columns, 8 rows) sliding a 3x4 window
+    (unrolled: no register moves), pw2 on the tensor cores into per-warp register accumulators (W3'
+    fragments reloaded only when a warp's row block changes); Y leaves through shared memory, + t3, at
+    precomputed pixel offsets. Each wmma operand load is 4 shared-memory wavefronts (512 B) against
+    ~2.2 tensor cycles per step, so the LSU and issue slots, not the tensor cores, bound it; the HBM
+    traffic is x + weights + y once (halo re-reads hit L2)."""
     B, Cin, H, W = x
     N, gh, gw = wflat[1], wflat[2], wflat[3]
     G = gh * gw
     PH, PW = max(_patch_sizes(H, gh)), max(_patch_sizes(W, gw))
     th, tw, g = plan
     K = 16 if esize == 2 else 8
+    kfrag = g["k1"] // K                     # pw1 k-steps
+    keep_a1 = g["k1"] <= (48 if K == 16 else 40 if split == 1 else 16)  # kA1Depth<K, kSplit>
     k = _KernelCost("meta_forward_mma_kernel", B * G, 256, g["bytes"], regs=MMA_META_REGS)
-    # weights: W1 (m1 x k1), W3 (m3 x m1) zero-padded, W2; one coalesced LDG + STS per element, int32 index
-    # splits (~20 instructions)
-    k.loop(g["m1"] * g["k1"] + g["m3"] * g["m1"] + 9 * hid, lsu=2, issue=20)
+    # weights: a warp per row of W1' (m1 x k1) and W3' (m3 x m1), lanes along it: per 32 columns LDG + STS,
+    # ~8 instructions (address, bound selects, FMUL by the scale, convert, loop); per row two scalar loads
+    # (scale, shift) and the row pointer (~8); W2' and the shifts: a thread per element (idx / 9 by a
+    # constant: multiply-shift), ~10 instructions with LDG scale, LDG w, STS
+    rows = g["m1"] * math.ceil(g["k1"] / 32) + g["m3"] * math.ceil(g["m1"] / 32)
+    k.lsu += rows * 2
+    k.issue += rows * 8 + (g["m1"] + g["m3"]) * 8
+    k.loop(9 * hid, lsu=3, issue=10)
+    k.loop(hid + Cout, lsu=2, issue=6)
     tiles = [(min(th, PH - i), min(tw, PW - j)) for i in range(0, PH, th) for j in range(0, PW, tw)]
     chunks = g["m1"] // 16
     halo_px = 0
     for eh, ew in tiles:
         hq, tp = (eh + 2) * (ew + 2), eh * ew
         halo_px += hq
-        k.barriers += 3 + 2 * chunks
-        # x tile: the reflected offsets of the hq haloed pixels once (two int32 divisions, two reflects),
-        # then a warp per channel row of k1: per 32 pixels LDS offset, LDG, convert, STS, loop (~9 instr)
-        k.loop(hq, lsu=1, issue=60)
-        k.loop(g["k1"] * 32, math.ceil(g["nq"] / 32), lsu=3, issue=9)
+        k.barriers += 2 + 2 * chunks
+        # x tile: a thread per haloed pixel (nq, 32 consecutive per warp-iteration): its reflected offset
+        # once (two int32 divisions, two reflects, ~60 instr), then per channel of k1 (ones and zero rows
+        # cost as much) LDG, convert, STS, address and loop (~6 instr); the tp output-pixel offsets (two
+        # int32 divisions, STS)
+        xw = math.ceil(g["nq"] / 32)
+        k.lsu += xw * 2 * g["k1"]
+        k.issue += xw * (60 + 6 * g["k1"])
+        k.loop(tp, lsu=1, issue=50)
         nt1, nt3 = math.ceil(hq / 16), math.ceil(tp / 16)
+        mt3 = g["m3"] // 16
+        busy1 = min(8, nt1)  # warps with a pw1 column tile
+        # pw2 W3' loads: per warp, the row-block changes along its tiles warp + 8 i (kernel: m != mprev)
+        a3_loads = 0
+        for w in range(8):
+            ms = [(w + 8 * i) % mt3 for i in range(4) if w + 8 * i < mt3 * nt3]
+            a3_loads += sum(1 for i, m in enumerate(ms) if i == 0 or m != ms[i - 1])
         for _ in range(chunks):
-            steps1 = nt1 * (g["k1"] // K)              # pw1: wmma k-steps of the block
-            steps3 = (g["m3"] // 16) * nt3 * (16 // K)  # pw2
-            k.lsu += (steps1 + steps3) * 8 + nt1 * 8     # A + B fragment loads; H1 fragment stores
-            k.issue += (steps1 + steps3) * (12 + (24 if split == 3 else 0))  # 3xTF32: hi/lo splits
+            steps1 = nt1 * kfrag                        # pw1: wmma k-steps of the block
+            steps3 = mt3 * nt3 * (16 // K)              # pw2
+            a1 = (busy1 if keep_a1 else nt1) * kfrag    # W1' fragment loads
+            a3 = a3_loads * (16 // K)                   # W3' fragment loads
+            k.lsu += (a1 + steps1 + a3 + steps3) * 4 + nt1 * 8  # A, B fragment loads (4 each); H1 stores
+            # per step ~12 (operand loads' addressing, mma); 3xTF32: ~12 more per fragment loaded (hi/lo
+            # split); ReLU6 on each pw1 accumulator fragment (8 elements, 2 instructions each)
+            k.issue += (steps1 + steps3) * 12 + nt1 * 16
+            if split == 3:
+                k.issue += (a1 + steps1 + a3 + steps3) * 12
             k.tc += (steps1 + steps3) * split * MMA_CLK
-            # dw: per (channel, column, DW_ROWS-row block): 13 broadcast LDS (taps, two affines) and the first two
-            # window rows (6 LDS + pw1's affine/ReLU6 on load); per output row 3 LDS (+ affine) + 9 FFMA +
-            # STS; lanes along a row of ew px, so a warp spans 32/ew row segments: the bank conflicts of
-            # the window loads are counted from the first warp's addresses (_dw_conflict)
+            # dw: per (2 columns, channel, DW_ROWS-row block) item: one int32 division by ewp (~20) and
+            # constant ones, 10 broadcast LDS (taps, t2), the first two window rows, loop (~5); per output
+            # row (unrolled): the window row (even ew: 2 8-byte LDS, else 4), 18 FFMA, per column FADD +
+            # 2 FMNMX (ReLU6) + convert, the store(s) (even ew: 1 pair, else 2); wavefronts of the window
+            # loads and H2 stores from the first warp's addresses (_dw_conflict, _dw_store_conflict)
             rows = min(DW_ROWS, eh)
-            conflict = _dw_conflict(eh, ew, g["nq"] + 4)
-            k.loop(16 * math.ceil(eh / DW_ROWS) * ew, rows, lsu=3 * conflict + 1, issue=22,
-                   overhead=13 + 6 * conflict + 18 + 30)
-        k.lsu += (g["m3"] // 16) * nt3 * 8               # Y fragments to shared memory
-        k.loop(Cout * tp, lsu=3, issue=12, overhead=20)  # y = Y * s3 + t3, coalesced stores
+            nld, nst = (2, 1) if ew % 2 == 0 else (4, 2)
+            cl = _dw_conflict(eh, ew, _dw_ldh1(g["nq"], tw))
+            cs = _dw_store_conflict(eh, ew, g["np"] + 16 // esize, esize)
+            items = 16 * math.ceil(eh / DW_ROWS) * math.ceil(ew / DW_COLS)
+            k.loop(items, rows, lsu=cl + cs, issue=nld + 18 + 2 * 4 + nst, overhead=20 + 10 + 2 * nld + 5)
+            k.loop(items, lsu=10 + 2 * cl)
+        k.lsu += mt3 * nt3 * 8                          # Y fragments to shared memory
+        # y = Y + t3: a warp per output channel (LDS t3, row pointers ~6), per 32 pixels LDS yoff, LDS Y,
+        # FADD, convert, address, STG, loop (~10)
+        k.lsu += Cout * math.ceil(tp / 32) * 3
+        k.issue += Cout * (math.ceil(tp / 32) * 10 + 6)
     xb, yb, wb = _numel(x) * esize, B * Cout * H * W * esize, _numel(wflat) * esize
     k.dram = xb + wb + yb
     k.l2 = xb * halo_px / (PH * PW) + wb + yb

@@ -167,7 +167,11 @@ META_CASES = {
     "smem-weights-large": (1, 64, 128, 16, 8, 8, 2, 2),   # weights in smem, ~81 KB (opt-in > 48 KB)
     "global-weights": (1, 128, 256, 16, 8, 8, 2, 2),      # hid 256: weights in global memory, > 48 KB smem
     "deep-tile": (1, 3, 20, 5, 20, 18, 1, 1),  # tensor cores: 2 hidden chunks, warps with unequal pw1 work
+    # tensor cores: float32 plans 8x16 tiles (16x16 exceed 113 KB; edge tiles 7 rows / 1 column: odd-width
+    # depthwise path), k1 = 56 past the registers' W1 depth; fp16/bf16 one odd-width 15x17 tile
+    "half-tile": (1, 48, 16, 3, 15, 17, 1, 1),
 }
+MMA_ONLY = {"half-tile"}  # cases of the tensor-core forward tests only
 
 
 def _meta_inputs(case, dtype, seed=0):
@@ -202,7 +206,7 @@ def check_meta(run, case, dtype, backward=True):
             close(a, b, dtype, name)
 
 
-@pytest.mark.parametrize("case", list(META_CASES))
+@pytest.mark.parametrize("case", [c for c in META_CASES if c not in MMA_ONLY])
 def test_meta_block(target, case):
     check_meta(Target(target), case, torch.float32)
 
@@ -232,7 +236,7 @@ def tf32_matmul(request):
     torch.backends.cuda.matmul.allow_tf32 = old
 
 
-@pytest.mark.parametrize("case", ["odd", "multi-tile", "smem-weights-large", "deep-tile"])
+@pytest.mark.parametrize("case", ["odd", "multi-tile", "smem-weights-large", "deep-tile", "half-tile"])
 @pytest.mark.parametrize("dtype, tf32_matmul", [(torch.float32, False), (torch.float32, True),
                                                 (torch.float16, False), (torch.bfloat16, False)],
                          indirect=["tf32_matmul"], ids=["fp32-3xtf32", "fp32-tf32", "fp16", "bf16"])
@@ -252,6 +256,28 @@ def test_meta_block_forward_mma(target, case, dtype, tf32_matmul):
         name = {torch.float32: "float", torch.float16: "c10::Half", torch.bfloat16: "c10::BFloat16"}[dtype]
         mine = ce.launched()[before:]
         assert len(mine) == 2 and all(f"meta_forward_mma_kernel<{name}, {split}>" in v for _, v in mine), mine
+
+
+@pytest.fixture
+def poisoned_empty():
+    """Uninitialised tensors (the ops' outputs, at::empty) filled with NaN for the test."""
+    old = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    assert torch.utils.deterministic.fill_uninitialized_memory
+    yield
+    torch.use_deterministic_algorithms(old)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_meta_block_forward_mma_poisoned(target, dtype, poisoned_empty):
+    """The tensor-core forward writes every output element (y starts as NaN): multi-tile and odd patches."""
+    run = Target(target)
+    for case in ("odd", "half-tile"):
+        x, w, scale, shift, hid, Cout = _meta_inputs(case, dtype, seed=1)
+        ref = _meta_reference(x.double(), w.double(), scale.double(), shift.double(), hid, Cout)
+        y = run("meta_block", x, w, scale, shift, hid, Cout)
+        assert torch.isnan(torch.empty(3, dtype=dtype)).all()  # the poisoning is on
+        close(y, ref, dtype, f"y ({case})")
 
 
 # (B, Cin, Cout, H, W, gh, gw)
@@ -410,7 +436,7 @@ def _barrier_after(path, marker, n=0):
 
 
 @pytest.mark.cuda_emulated
-@pytest.mark.parametrize("site", [_barrier_after("meta_block_kernels.cuh", "meta_forward_mma_kernel(", 2),
+@pytest.mark.parametrize("site", [_barrier_after("meta_block_kernels.cuh", "meta_forward_mma_kernel(", 1),
                                   ce.barriers("patchwise_conv2d_kernels.cuh")[0]])
 def test_missing_barrier_fails(site):
     """A build with this __syncthreads() removed gives wrong results (the emulator exposes the race);

@@ -64,7 +64,7 @@ TilePlan plan_tiles(int64_t PH, int64_t PW, size_t elem, F&& elems_of) {
   return {};
 }
 
-// Tensor-core forward: the largest tile (whole patch, else 32/16/8/4-px sides) whose pw2 accumulators
+// Tensor-core forward: the largest tile (whole patch, else T x T or T/2 x T, T = 32/16/8/...) whose pw2 accumulators
 // fit the warps' registers (kMaxAccTiles 16x16 tiles per warp) and whose shared memory fits, preferring
 // <= 113 KB (two blocks per SM); ok false when nothing fits (the CUDA-core kernel runs instead).
 struct MmaPlan {
@@ -75,10 +75,12 @@ struct MmaPlan {
 MmaPlan plan_mma(int64_t Cin, int64_t hid, int64_t Cout, int64_t PH, int64_t PW, int esize, int k) {
   const cudaDeviceProp* prop = &gpu::props();
   const size_t limit = prop->sharedMemPerBlockOptin > 0 ? prop->sharedMemPerBlockOptin : prop->sharedMemPerBlock;
-  const int64_t sides[] = {32, 16, 8, 4, 2, 1};
+  // tile shapes by decreasing area: squares and half squares (T/2 x T: fewer halo pixels per output
+  // pixel and fewer tiles than the next square when T x T does not fit, e.g. float at 16 x 16 patches)
+  const int64_t shapes[][2] = {{32, 32}, {16, 32}, {16, 16}, {8, 16}, {8, 8}, {4, 8}, {4, 4}, {2, 4}, {2, 2}, {1, 2}, {1, 1}};
   for (size_t budget : {std::min<size_t>(limit, 113 * 1024), limit}) {
-    for (int64_t T : sides) {
-      const int th = static_cast<int>(std::min(T, PH)), tw = static_cast<int>(std::min(T, PW));
+    for (const auto& s : shapes) {
+      const int th = static_cast<int>(std::min(s[0], PH)), tw = static_cast<int>(std::min(s[1], PW));
       const MmaGeom g = mma_geometry(Cin, hid, Cout, th, tw, esize, k);
       const int tiles = (g.m3 / 16) * (g.np / 16);
       if (tiles <= kWarps * kMaxAccTiles && static_cast<size_t>(g.bytes) <= budget) return {g, true};

@@ -162,27 +162,43 @@ __global__ void __launch_bounds__(kThreads) meta_forward_kernel(
 // ------------------------------------------------------------------------------------------------
 // forward on the tensor cores (float as tf32 or 3xTF32, fp16, bf16)
 // ------------------------------------------------------------------------------------------------
-// One block of 8 warps per (sample, patch), tiles of th x tw output pixels as above. Per tile the
-// block loads x's haloed tile once (operand type, rows = channels, zero-padded to the MMA depth),
-// then walks the hidden channels in chunks of 16:
-//   pw1   H1[16, haloed px] = W1[chunk, Cin] X[Cin, haloed px]      wmma, warps over 16-px columns
-//   dw    H2[16, px] = relu6(dw3x3(relu6(H1 s1 + t1)) s2 + t2)       CUDA cores (operand type out)
-//   pw2   Y[Cout, px] += W3[Cout, chunk] H2[chunk, px]               wmma, accumulators stay in registers
-// and finally stores Y (through shared memory) as y = Y * s3 + t3. Padded rows/columns of the MMA
-// operands are zero (a NaN there would reach real outputs through 0 * NaN); row strides are padded by
-// 16 bytes so that the 8 rows a tensor-core load touches at once fall in different banks.
+// One block of 8 warps per (sample, patch), tiles of th x tw output pixels as above. The block stages
+// the patch's weights with the first two affines' scales folded in (W1' = s1 W1 with t1 as an extra
+// column, W2' = s2 W2, W3' = s3 W3), then per tile loads x's haloed tile once (operand type, rows =
+// channels, a row of ones at row Cin against W1's t1 column, zero rows up to the MMA depth) and walks
+// the hidden channels in chunks of 16:
+//   pw1   H1[16, haloed px] = relu6(W1'[chunk] [X; 1])             wmma (ReLU6 on the fragment), warps over
+//                                                                  16-px columns, W1' fragments in registers
+//   dw    H2[16, px] = relu6(dw3x3'(H1) + t2)                      CUDA cores, 2 columns x kDwRows rows/thread
+//   pw2   Y[Cout, px] += W3'[:, chunk] H2[chunk, px]               wmma, accumulators stay in registers
+// and finally stores Y (through shared memory) as y = Y + t3. Padded rows/columns of the MMA operands are
+// zero (a NaN there would reach real outputs through 0 * NaN); row strides are padded by 16 bytes so that
+// the 8 rows a tensor-core load touches at once fall in different banks. Folding the scales rounds the
+// products s*w once to the operand type (16-bit types: one rounding of the weight, as before).
 constexpr int kWarps = kThreads / 32;
 constexpr int kChunk = 16;      // hidden channels per chunk (one MMA depth of fp16/bf16, two of tf32)
 constexpr int kMaxAccTiles = 4;  // 16x16 pw2 accumulator tiles per warp (8 floats per lane each)
 constexpr int kDwRows = 8;       // output rows per thread of the depthwise stage
+constexpr int kDwCols = 2;       // output columns per thread of the depthwise stage
+// pw1: the W1' fragments of a chunk (k1 <= this depth) stay in registers across a warp's column tiles:
+// 3 bf16/fp16 fragments (24 registers), 5 tf32 ones (20) or 2 split 3xTF32 ones (hi + lo: 16), within
+// the 128 of __launch_bounds__(256, 2) next to the pw2 accumulators (ptxas: no spills; 3 split ones spill)
+template <int K, int kSplit>
+constexpr int kA1Depth = K == 16 ? 48 : kSplit == 1 ? 40 : 16;
+
+// Two adjacent elements moved by one 2-element (4- or 8-byte) shared-memory access.
+template <class E>
+struct alignas(2 * sizeof(E)) Pair {
+  E a, b;
+};
 
 struct MmaGeom {
   int th, tw;                      // tile, output pixels
-  int k1, m1, ldw1;                // pw1: depth (Cin padded to the MMA k), rows (hid padded to 16), W1 stride
+  int k1, m1, ldw1;                // pw1: depth (Cin + 1 padded to the MMA k), rows (hid padded to 16), W1 stride
   int m3, ldw3;                    // pw2: rows (Cout padded to 16), W3 stride (depth: m1)
   int nq, ldx, ldh1;               // haloed tile pixels padded to 16; X and H1 strides
   int np, ldh2, ldy;               // tile pixels padded to 16; H2 and Y strides
-  int64_t ow1, ow3, ow2, oaff, ox, oh1, oh2, ooff, bytes;  // shared-memory byte offsets, total
+  int64_t ow1, ow3, ow2, oaff, ox, oh1, oh2, oyoff, bytes;  // shared-memory byte offsets, total
 };
 
 __host__ __device__ constexpr int round_up(int v, int m) { return (v + m - 1) / m * m; }
@@ -193,14 +209,17 @@ inline MmaGeom mma_geometry(int64_t Cin, int64_t hid, int64_t Cout, int th, int 
   const int pad = 16 / esize;  // 16 bytes of row padding (operands); 4 floats for float buffers
   g.th = th;
   g.tw = tw;
-  g.k1 = round_up(static_cast<int>(Cin), k);
+  g.k1 = round_up(static_cast<int>(Cin) + 1, k);  // + the ones row (t1)
   g.m1 = round_up(static_cast<int>(hid), kChunk);
   g.ldw1 = g.k1 + pad;
   g.m3 = round_up(static_cast<int>(Cout), 16);
   g.ldw3 = g.m1 + pad;
   g.nq = round_up((th + 2) * (tw + 2), 16);
   g.ldx = g.nq + pad;
-  g.ldh1 = g.nq + 4;
+  // H1 (float) row stride: channels r and r + 1 of the depthwise stage's half-warp (pairs fastest, 2 ceil(tw/2)
+  // words per channel row) in different banks: stride = that width mod 32 words, else 4 (wmma: 16-byte multiple)
+  const int dww = (kDwCols * ((tw + kDwCols - 1) / kDwCols)) % 32;
+  g.ldh1 = round_up(g.nq, 32) + (dww ? round_up(dww, 4) : 4);
   g.np = round_up(th * tw, 16);
   g.ldh2 = g.np + pad;
   g.ldy = g.np + 4;
@@ -213,11 +232,11 @@ inline MmaGeom mma_geometry(int64_t Cin, int64_t hid, int64_t Cout, int th, int 
   g.ow1 = take(int64_t{g.m1} * g.ldw1 * esize);
   g.ow3 = take(int64_t{g.m3} * g.ldw3 * esize);
   g.ow2 = take(9 * hid * 4);
-  g.oaff = take(2 * (2 * hid + Cout) * 4);
+  g.oaff = take((hid + Cout) * 4);  // t2, t3
   g.ox = take(int64_t{g.k1} * g.ldx * esize);
   g.oh1 = take(std::max<int64_t>(int64_t{kChunk} * g.ldh1, int64_t{g.m3} * g.ldy) * 4);  // H1, then Y
   g.oh2 = take(int64_t{kChunk} * g.ldh2 * esize);
-  g.ooff = take(int64_t{g.nq} * 4);  // x offset of every haloed tile pixel
+  g.oyoff = take(2 * int64_t{g.np} * 4);  // y offset of every tile pixel, two tables (tile parity)
   g.bytes = off;
   return g;
 }
@@ -231,6 +250,7 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
   using Op = mma::Operand<scalar_t>;
   using T = typename Op::mem;
   constexpr int K = Op::k;
+  constexpr int kA1 = kA1Depth<K, kSplit> / K;  // W1' fragments a warp keeps
   using FragA = wmma::fragment<wmma::matrix_a, 16, 16, K, typename Op::type, wmma::row_major>;
   using FragB = wmma::fragment<wmma::matrix_b, 16, 16, K, typename Op::type, wmma::row_major>;
   using FragC = wmma::fragment<wmma::accumulator, 16, 16, K, float>;
@@ -238,119 +258,193 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
   T* w1s = reinterpret_cast<T*>(smem_raw + g.ow1);
   T* w3s = reinterpret_cast<T*>(smem_raw + g.ow3);
   float* w2s = reinterpret_cast<float*>(smem_raw + g.ow2);
-  float* aff = reinterpret_cast<float*>(smem_raw + g.oaff);  // [scale (2 hid + Cout) | shift (2 hid + Cout)]
+  float* aff = reinterpret_cast<float*>(smem_raw + g.oaff);  // [t2 (hid) | t3 (Cout)]
   T* xs = reinterpret_cast<T*>(smem_raw + g.ox);
   float* h1 = reinterpret_cast<float*>(smem_raw + g.oh1);
   float* ys = h1;  // Y reuses H1's space after the last chunk
   T* h2 = reinterpret_cast<T*>(smem_raw + g.oh2);
+  int* yoffs = reinterpret_cast<int*>(smem_raw + g.oyoff);  // two tables (tile parity)
   const WeightLayout L{Cin, hid, Cout};
-  const int64_t N = L.numel(), G = gh * gw, A = L.affine_numel();
+  const int64_t N = L.numel(), G = gh * gw;
   const DevPatch P(blockIdx.x, gh, gw, H, W);
   const int tid = static_cast<int>(threadIdx.x), warp = tid / 32, lane = tid % 32;
-  // weights of this patch: contiguous (patch-major) or strided by G; W1/W3 zero-padded
+  const int cin = static_cast<int>(Cin), nh = static_cast<int>(hid), co = static_cast<int>(Cout);
+  // weights of this patch: contiguous (patch-major) or strided by G; W1'/W3' zero-padded. A warp per
+  // row, lanes along it (no index division)
   const scalar_t* src = patch_major ? weight + (P.b * G + P.patch) * N : weight + P.b * N * G + P.patch;
   const int64_t ws = patch_major ? 1 : G;
-  for (int idx = tid; idx < g.m1 * g.k1; idx += kThreads) {
-    const int r = idx / g.k1, c = idx % g.k1;
-    w1s[r * g.ldw1 + c] = (r < hid && c < Cin) ? mma::from_float<T>(static_cast<float>(src[(L.w1() + r * Cin + c) * ws])) : mma::from_float<T>(0.0f);
+  for (int r = warp; r < g.m1; r += kWarps) {
+    const bool real = r < nh;
+    const float s1 = real ? static_cast<float>(scale[L.a1() + r]) : 0.0f;
+    const float t1 = real ? static_cast<float>(shift[L.a1() + r]) : 0.0f;
+    const scalar_t* wr = src + (L.w1() + int64_t{r} * Cin) * ws;
+    for (int c = lane; c < g.k1; c += 32) {
+      const float v = !real ? 0.0f : c < cin ? s1 * static_cast<float>(wr[c * ws]) : c == cin ? t1 : 0.0f;
+      w1s[r * g.ldw1 + c] = mma::from_float<T>(v);
+    }
   }
-  for (int idx = tid; idx < g.m3 * g.m1; idx += kThreads) {
-    const int r = idx / g.m1, c = idx % g.m1;
-    w3s[r * g.ldw3 + c] = (r < Cout && c < hid) ? mma::from_float<T>(static_cast<float>(src[(L.w3() + r * hid + c) * ws])) : mma::from_float<T>(0.0f);
+  for (int r = warp; r < g.m3; r += kWarps) {
+    const bool real = r < co;
+    const float s3 = real ? static_cast<float>(scale[L.a3() + r]) : 0.0f;
+    const scalar_t* wr = src + (L.w3() + int64_t{r} * hid) * ws;
+    for (int c = lane; c < g.m1; c += 32)
+      w3s[r * g.ldw3 + c] = mma::from_float<T>(real && c < nh ? s3 * static_cast<float>(wr[c * ws]) : 0.0f);
   }
-  for (int idx = tid; idx < 9 * hid; idx += kThreads) w2s[idx] = static_cast<float>(src[(L.w2() + idx) * ws]);
-  for (int idx = tid; idx < A; idx += kThreads) {
-    aff[idx] = static_cast<float>(scale[idx]);
-    aff[A + idx] = static_cast<float>(shift[idx]);
-  }
+  for (int idx = tid; idx < 9 * nh; idx += kThreads)
+    w2s[idx] = static_cast<float>(scale[L.a2() + idx / 9]) * static_cast<float>(src[(L.w2() + idx) * ws]);
+  for (int idx = tid; idx < nh + co; idx += kThreads) aff[idx] = static_cast<float>(shift[L.a2() + idx]);
   const int mt3 = g.m3 / 16;
   for (int64_t t = 0; t < div_up(P.ph, g.th) * div_up(P.pw, g.tw); ++t) {
     const auto [eh, ew, tr0, tc0, hw, hq, tp] = patch_tile(P, g.th, g.tw, t);
-    // x's haloed tile, rows = channels (zero rows up to k1, zero columns from hq to nq). The reflected
-    // image offset of each haloed pixel is the same in every channel: computed once per tile into a
-    // table, then a warp per channel copies it with lanes along the pixels (no per-element division)
+    // x's haloed tile, rows = channels (row Cin ones, zero rows up to k1, zero columns from hq to nq): a
+    // thread per haloed pixel computes its reflected image offset once (the same in every channel) and
+    // copies the pixel's k1 channels, consecutive threads on consecutive pixels (coalesced). No barrier
+    // before it: xs was last read by the previous tile's pw1, before that tile's later barriers, and the
+    // y offsets alternate between two tables (the previous tile's epilogue may still read its own)
     const int hwi = static_cast<int>(hw), hqi = static_cast<int>(hq);
     const int ewi = static_cast<int>(ew), tpi = static_cast<int>(tp);
-    int* xoff = reinterpret_cast<int*>(smem_raw + g.ooff);
-    for (int q = tid; q < hqi; q += kThreads)
-      xoff[q] = static_cast<int>(reflect_index(tr0 - 1 + q / hwi, H) * W + reflect_index(tc0 - 1 + q % hwi, W));
-    __syncthreads();  // offsets ready (and the previous tile's epilogue done with Y)
-    for (int c = warp; c < g.k1; c += kWarps) {
-      T* dst = xs + c * g.ldx;
-      if (c < Cin) {
-        const scalar_t* xc = x + (P.b * Cin + c) * H * W;
-        for (int q = lane; q < g.nq; q += 32)
-          dst[q] = q < hqi ? mma::from_float<T>(static_cast<float>(xc[xoff[q]])) : mma::from_float<T>(0.0f);
-      } else {
-        for (int q = lane; q < g.nq; q += 32) dst[q] = mma::from_float<T>(0.0f);
+    const scalar_t* xb = x + P.b * Cin * H * W;
+    for (int q = tid; q < g.nq; q += kThreads) {
+      const bool in = q < hqi;
+      const int off =
+          in ? static_cast<int>(reflect_index(tr0 - 1 + q / hwi, H) * W + reflect_index(tc0 - 1 + q % hwi, W)) : 0;
+#pragma unroll 4
+      for (int c = 0; c < g.k1; ++c) {
+        const float v = c < cin ? (in ? static_cast<float>(xb[c * H * W + off]) : 0.0f) : c == cin ? 1.0f : 0.0f;
+        xs[c * g.ldx + q] = mma::from_float<T>(v);
       }
     }
-    __syncthreads();  // weights and x staged
+    int* yoff = yoffs + (t & 1) * g.np;
+    for (int p = tid; p < tpi; p += kThreads) yoff[p] = static_cast<int>((tr0 + p / ewi) * W + tc0 + p % ewi);
+    __syncthreads();  // weights, x and yoff staged (and the previous tile's epilogue done with Y)
     const int nt1 = static_cast<int>(div_up(hq, 16)), nt3 = static_cast<int>(div_up(tp, 16));
     const int mine = (mt3 * nt3 - warp + kWarps - 1) / kWarps;  // pw2 tiles of this warp: warp + kWarps * i
+    const bool keep_a1 = g.k1 <= kA1Depth<K, kSplit>;  // block-uniform
     FragC acc[kMaxAccTiles];
 #pragma unroll
     for (int i = 0; i < kMaxAccTiles; ++i)
       if (i < mine) wmma::fill_fragment(acc[i], 0.0f);
     for (int k0 = 0; k0 < g.m1; k0 += kChunk) {
-      // pw1 of the chunk
+      // pw1 of the chunk: H1 = relu6(W1' [X; 1]) (t1 rides on the ones row). The warp's W1' fragments are
+      // loaded (and split) once per chunk when k1 <= kA1Depth, else per tile
+      FragA a1[kA1], a1lo[kA1];
+      if (keep_a1 && warp < nt1) {
+#pragma unroll
+        for (int f = 0; f < kA1; ++f) {
+          if (f * K < g.k1) {
+            wmma::load_matrix_sync(a1[f], w1s + k0 * g.ldw1 + f * K, g.ldw1);
+            mma::split_operand<scalar_t, kSplit>(a1[f], a1lo[f]);
+          }
+        }
+      }
       for (int n = warp; n < nt1; n += kWarps) {
         FragC c1;
         wmma::fill_fragment(c1, 0.0f);
-        for (int kk = 0; kk < g.k1; kk += K) {
-          FragA a;
-          FragB b;
-          wmma::load_matrix_sync(a, w1s + k0 * g.ldw1 + kk, g.ldw1);
-          wmma::load_matrix_sync(b, xs + kk * g.ldx + n * 16, g.ldx);
-          mma::multiply_accumulate<scalar_t, kSplit>(c1, a, b);
+        if (keep_a1) {
+#pragma unroll
+          for (int f = 0; f < kA1; ++f) {
+            if (f * K < g.k1) {
+              FragB b, blo;
+              wmma::load_matrix_sync(b, xs + f * K * g.ldx + n * 16, g.ldx);
+              mma::split_operand<scalar_t, kSplit>(b, blo);
+              mma::multiply_accumulate_split<scalar_t, kSplit>(c1, a1[f], a1lo[f], b, blo);
+            }
+          }
+        } else {
+          for (int kk = 0; kk < g.k1; kk += K) {
+            FragA a;
+            FragB b;
+            wmma::load_matrix_sync(a, w1s + k0 * g.ldw1 + kk, g.ldw1);
+            wmma::load_matrix_sync(b, xs + kk * g.ldx + n * 16, g.ldx);
+            mma::multiply_accumulate<scalar_t, kSplit>(c1, a, b);
+          }
         }
+#pragma unroll
+        for (int e = 0; e < c1.num_elements; ++e) c1.x[e] = meta::relu6(c1.x[e]);
         wmma::store_matrix_sync(h1 + n * 16, c1, g.ldh1, wmma::mem_row_major);
       }
       __syncthreads();
       // dw3x3 of the chunk; rows past hid are zero (pw2 reads them against W3's zero columns). A thread
-      // per (channel, column, block of kDwRows output rows): lanes along a row (no bank conflicts within
-      // a row), the 9 taps in registers, a 3-row window sliding down (3 (kDwRows + 2) loads per kDwRows px)
-      const int nrb = (static_cast<int>(eh) + kDwRows - 1) / kDwRows;
-      for (int idx = tid; idx < kChunk * nrb * ewi; idx += kThreads) {
-        const int j = idx % ewi, rest = idx / ewi, rb = rest % nrb, r = rest / nrb;
-        const int64_t k = k0 + r;
+      // per (pair of columns, channel, block of kDwRows output rows), pairs fastest: the 9 taps in registers,
+      // a 3-row x 4-column window sliding down (unrolled), for even tile widths read as two 8-byte loads per
+      // row (ldh1 spaces the channels of a half-warp over the banks) and the pair stored at once
+      const int nrb = (static_cast<int>(eh) + kDwRows - 1) / kDwRows, ewp = (ewi + kDwCols - 1) / kDwCols;
+      const bool even = ewi % 2 == 0;  // block-uniform: pairs aligned to 8 bytes (H1) / 2 elements (H2)
+      for (int idx = tid; idx < kChunk * nrb * ewp; idx += kThreads) {
+        const int jp = idx % ewp, rest = idx / ewp, r = rest % kChunk, rb = rest / kChunk;
+        const int k = k0 + r, j = kDwCols * jp;
+        const bool two = j + 1 < ewi;  // the pair's second column is in the tile
         const int i0 = rb * kDwRows, i1 = min(i0 + kDwRows, static_cast<int>(eh));
         T* out = h2 + r * g.ldh2 + j;
-        if (k >= hid) {
-          for (int i = i0; i < i1; ++i) out[i * ewi] = mma::from_float<T>(0.0f);
+        auto put = [&](int i, float v, float u) {
+          if (even) {
+            *reinterpret_cast<Pair<T>*>(out + i * ewi) = Pair<T>{mma::from_float<T>(v), mma::from_float<T>(u)};
+          } else {
+            out[i * ewi] = mma::from_float<T>(v);
+            if (two) out[i * ewi + 1] = mma::from_float<T>(u);
+          }
+        };
+        if (k >= nh) {
+          for (int i = i0; i < i1; ++i) put(i, 0.0f, 0.0f);
           continue;
         }
         float wk[9];
 #pragma unroll
         for (int d = 0; d < 9; ++d) wk[d] = w2s[9 * k + d];
-        const float s1 = aff[L.a1() + k], t1 = aff[A + L.a1() + k];
-        const float s2 = aff[L.a2() + k], t2 = aff[A + L.a2() + k];
+        const float t2 = aff[k];
         const float* hk = h1 + r * g.ldh1 + j;
-        auto act = [&](float v) { return meta::relu6(v * s1 + t1); };  // pw1's affine + ReLU6, on load
-        float a0 = act(hk[i0 * hwi]), a1 = act(hk[i0 * hwi + 1]), a2 = act(hk[i0 * hwi + 2]);
-        float b0 = act(hk[(i0 + 1) * hwi]), b1 = act(hk[(i0 + 1) * hwi + 1]), b2 = act(hk[(i0 + 1) * hwi + 2]);
-        for (int i = i0; i < i1; ++i) {
-          const float* row = hk + (i + 2) * hwi;
-          const float c0 = act(row[0]), c1 = act(row[1]), c2 = act(row[2]);
+        // window columns j .. j + 3 (column j + 3 exists only for a full pair)
+        auto ld = [&](const float* row, float& v0, float& v1, float& v2, float& v3) {
+          if (even) {
+            const Pair<float> p = *reinterpret_cast<const Pair<float>*>(row);
+            const Pair<float> q = *reinterpret_cast<const Pair<float>*>(row + 2);
+            v0 = p.a, v1 = p.b, v2 = q.a, v3 = q.b;
+          } else {
+            v0 = row[0], v1 = row[1], v2 = row[2];
+            v3 = two ? row[3] : 0.0f;
+          }
+        };
+        float a0, a1, a2, a3, b0, b1, b2, b3;
+        ld(hk + i0 * hwi, a0, a1, a2, a3);
+        ld(hk + (i0 + 1) * hwi, b0, b1, b2, b3);
+#pragma unroll
+        for (int ii = 0; ii < kDwRows; ++ii) {  // unrolled: the window moves are register renames
+          const int i = i0 + ii;
+          if (i >= i1) break;
+          float c0, c1, c2, c3;
+          ld(hk + (i + 2) * hwi, c0, c1, c2, c3);
           const float v = wk[0] * a0 + wk[1] * a1 + wk[2] * a2 + wk[3] * b0 + wk[4] * b1 + wk[5] * b2 + wk[6] * c0 +
                           wk[7] * c1 + wk[8] * c2;
-          out[i * ewi] = mma::from_float<T>(meta::relu6(v * s2 + t2));
-          a0 = b0, a1 = b1, a2 = b2;
-          b0 = c0, b1 = c1, b2 = c2;
+          const float u = wk[0] * a1 + wk[1] * a2 + wk[2] * a3 + wk[3] * b1 + wk[4] * b2 + wk[5] * b3 + wk[6] * c1 +
+                          wk[7] * c2 + wk[8] * c3;
+          put(i, meta::relu6(v + t2), meta::relu6(u + t2));
+          a0 = b0, a1 = b1, a2 = b2, a3 = b3;
+          b0 = c0, b1 = c1, b2 = c2, b3 = c3;
         }
       }
       __syncthreads();  // H2 complete (and H1 free for the next chunk's pw1)
-      // pw2: this warp's accumulator tiles += W3[:, chunk] H2
+      // pw2: this warp's accumulator tiles += W3'[:, chunk] H2; the W3' fragments are loaded (and split)
+      // again only when the tile's row block m changes (never when mt3 divides kWarps)
+      FragA a3[kChunk / K], a3lo[kChunk / K];
+      int mprev = -1;
 #pragma unroll
       for (int i = 0; i < kMaxAccTiles; ++i) {
         if (i >= mine) continue;
         const int tile = warp + kWarps * i, m = tile % mt3, n = tile / mt3;
-        for (int kk = 0; kk < kChunk; kk += K) {
-          FragA a;
-          FragB b;
-          wmma::load_matrix_sync(a, w3s + m * 16 * g.ldw3 + k0 + kk, g.ldw3);
-          wmma::load_matrix_sync(b, h2 + kk * g.ldh2 + n * 16, g.ldh2);
-          mma::multiply_accumulate<scalar_t, kSplit>(acc[i], a, b);
+        if (m != mprev) {
+#pragma unroll
+          for (int f = 0; f < kChunk / K; ++f) {
+            wmma::load_matrix_sync(a3[f], w3s + m * 16 * g.ldw3 + k0 + f * K, g.ldw3);
+            mma::split_operand<scalar_t, kSplit>(a3[f], a3lo[f]);
+          }
+          mprev = m;
+        }
+#pragma unroll
+        for (int f = 0; f < kChunk / K; ++f) {
+          FragB b, blo;
+          wmma::load_matrix_sync(b, h2 + f * K * g.ldh2 + n * 16, g.ldh2);
+          mma::split_operand<scalar_t, kSplit>(b, blo);
+          mma::multiply_accumulate_split<scalar_t, kSplit>(acc[i], a3[f], a3lo[f], b, blo);
         }
       }
       // the next chunk's pw1 writes H1 (not read here) and its dw writes H2 only after a barrier
@@ -363,10 +457,12 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
       wmma::store_matrix_sync(ys + m * 16 * g.ldy + n * 16, acc[i], g.ldy, wmma::mem_row_major);
     }
     __syncthreads();
-    for (int idx = tid; idx < Cout * tpi; idx += kThreads) {
-      const int o = idx / tpi, p = idx % tpi;
-      const float v = ys[o * g.ldy + p] * aff[L.a3() + o] + aff[A + L.a3() + o];
-      y[((P.b * Cout + o) * H + tr0 + p / ewi) * W + tc0 + p % ewi] = static_cast<scalar_t>(v);
+    // y = Y + t3: a warp per output channel, lanes along the tile's pixels (offsets from yoff)
+    for (int o = warp; o < co; o += kWarps) {
+      const float t3 = aff[nh + o];
+      const float* yo = ys + o * g.ldy;
+      scalar_t* dst = y + (P.b * Cout + o) * H * W;
+      for (int p = lane; p < tpi; p += 32) dst[yoff[p]] = static_cast<scalar_t>(yo[p] + t3);
     }
     // the next tile's first barrier keeps its pw1 (which overwrites Y) behind these reads
   }

@@ -7,6 +7,8 @@
 //   mma::operand_ptr(p)      a scalar_t pointer as a pointer to Operand's memory type (same bits)
 //   mma::round_operand<S>(f) rounds a loaded tf32 operand fragment to nearest (cvt.rna); no-op for 16-bit S
 //   mma::multiply_accumulate<S, kSplit>(acc, a, b)   acc += a b: one product, or 3xTF32 (kSplit 3, float)
+//   mma::split_operand<S, kSplit>(f, lo), mma::multiply_accumulate_split<S, kSplit>(acc, a, alo, b, blo):
+//                            the same with the split done once per fragment (reused fragments)
 //
 // Every call must be reached by all 32 lanes of a warp; pointers 256-bit aligned, ldm a multiple of 16 bytes.
 // bf16 and tf32 tensor-core operations need sm_80 or newer (setup.py's default TORCH_CUDA_ARCH_LIST).
@@ -92,36 +94,47 @@ __device__ __forceinline__ void round_operand(Frag& f) {
   }
 }
 
-// acc += a b for loaded (unrounded) operand fragments of scalar type S. kSplit 1: one tensor-core
-// product (fp16/bf16 exact products; float as tf32, 10-bit mantissas). kSplit 3 (float only): "3xTF32",
-// a = a_hi + a_lo with both halves tf32, acc += a_lo b_hi + a_hi b_lo + a_hi b_hi (the a_lo b_lo term,
-// ~2^-22 relative, dropped): about float32 accuracy at three tensor-core products.
-template <class S, int kSplit, class FC, class FA, class FB>
-__device__ __forceinline__ void multiply_accumulate(FC& acc, FA& a, FB& b) {
+// A loaded (unrounded) operand fragment of scalar type S prepared for multiply_accumulate_split: kSplit 1
+// rounds f to its tensor-core type (tf32 for float, no-op for 16-bit S) and leaves lo untouched; kSplit 3
+// (float only): f = hi, lo = f - hi, both tf32 ("3xTF32"). A split fragment can be reused for any number
+// of products (the pw kernels keep one in registers across the column tiles of a warp).
+template <class S, int kSplit, class F>
+__device__ __forceinline__ void split_operand(F& f, F& lo) {
   static_assert(kSplit == 1 || (kSplit == 3 && std::is_same_v<S, float>), "3xTF32 is for float operands");
   if constexpr (kSplit == 3) {
-    FA al;
-    FB bl;
 #pragma unroll
-    for (int i = 0; i < a.num_elements; ++i) {
-      const float hi = wmma::__float_to_tf32(a.x[i]);
-      al.x[i] = wmma::__float_to_tf32(a.x[i] - hi);
-      a.x[i] = hi;
+    for (int i = 0; i < f.num_elements; ++i) {
+      const float hi = wmma::__float_to_tf32(f.x[i]);
+      lo.x[i] = wmma::__float_to_tf32(f.x[i] - hi);
+      f.x[i] = hi;
     }
-#pragma unroll
-    for (int i = 0; i < b.num_elements; ++i) {
-      const float hi = wmma::__float_to_tf32(b.x[i]);
-      bl.x[i] = wmma::__float_to_tf32(b.x[i] - hi);
-      b.x[i] = hi;
-    }
-    wmma::mma_sync(acc, al, b, acc);
-    wmma::mma_sync(acc, a, bl, acc);
-    wmma::mma_sync(acc, a, b, acc);
   } else {
-    round_operand<S>(a);
-    round_operand<S>(b);
-    wmma::mma_sync(acc, a, b, acc);
+    round_operand<S>(f);
   }
+}
+
+// acc += a b for split fragments (split_operand). kSplit 1: one tensor-core product (fp16/bf16 exact
+// products; float as tf32, 10-bit mantissas; alo/blo unused). kSplit 3: acc += a_lo b_hi + a_hi b_lo +
+// a_hi b_hi (the a_lo b_lo term, ~2^-22 relative, dropped): about float32 accuracy at three products.
+template <class S, int kSplit, class FC, class FA, class FB>
+__device__ __forceinline__ void multiply_accumulate_split(FC& acc, const FA& a, const FA& alo, const FB& b,
+                                                          const FB& blo) {
+  if constexpr (kSplit == 3) {
+    wmma::mma_sync(acc, alo, b, acc);
+    wmma::mma_sync(acc, a, blo, acc);
+  }
+  wmma::mma_sync(acc, a, b, acc);
+}
+
+// acc += a b for loaded (unrounded) operand fragments of scalar type S (split, then multiplied; a and b
+// are left split).
+template <class S, int kSplit, class FC, class FA, class FB>
+__device__ __forceinline__ void multiply_accumulate(FC& acc, FA& a, FB& b) {
+  FA al;
+  FB bl;
+  split_operand<S, kSplit>(a, al);
+  split_operand<S, kSplit>(b, bl);
+  multiply_accumulate_split<S, kSplit>(acc, a, al, b, bl);
 }
 
 }  // namespace mma
