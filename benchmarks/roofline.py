@@ -89,7 +89,7 @@ MMA_CLK = 8192 / 3787
 #: cycles a block loses at a __syncthreads() (the slowest warp's last loads drain; ~ one L1/smem round trip
 #: plus the tail of the loop before it) when no other block on the SM has work.
 BARRIER_CLK = 120
-#: registers/thread of meta_forward_mma_kernel (ptxas -Xptxas -v, sm_90: 125-128 under its
+#: registers/thread of meta_forward_mma_kernel (ptxas -Xptxas -v, sm_90: 127-128 under its
 #: __launch_bounds__(256, 2), no spills; gpu_resources_full.txt lists it too)
 MMA_META_REGS = 128
 #: output rows and columns per thread of its depthwise stage (kDwRows, kDwCols)
@@ -298,29 +298,43 @@ def _meta_plan(PH, PW, Cin, hid, Cout, N, backward):
     raise ValueError("meta_block: channels too large for shared memory")
 
 
-def _mma_geometry(Cin, hid, Cout, th, tw, esize, k):
-    """mma_geometry (csrc/cuda/meta_block_kernels.cuh): padded MMA extents and shared-memory bytes."""
+def _mma_geometry(Cin, hid, Cout, th, tw, esize, k, hc=16):
+    """mma_geometry (csrc/cuda/meta_block_kernels.cuh): padded MMA extents and shared-memory bytes; hc hidden
+    channels per stage (H1 and H2 hold one stage)."""
     up = lambda v, m: -(-v // m) * m  # noqa: E731
     pad = 16 // esize
     k1, m1, m3 = up(Cin + 1, k), up(hid, 16), up(Cout, 16)  # k1: + the ones row carrying t1
     nq, np_ = up((th + 2) * (tw + 2), 16), up(th * tw, 16)
     regions = [m1 * (k1 + pad) * esize, m3 * (m1 + pad) * esize, 9 * hid * 4, (hid + Cout) * 4,
-               k1 * (nq + pad) * esize, max(16 * _dw_ldh1(nq, tw), m3 * (np_ + 4)) * 4, 16 * (np_ + pad) * esize,
+               k1 * (nq + pad) * esize, max(hc * _dw_ldh1(nq, tw), m3 * (np_ + 4)) * 4, hc * (np_ + pad) * esize,
                2 * np_ * 4]
-    return dict(k1=k1, m1=m1, m3=m3, nq=nq, np=np_, bytes=sum(up(r, 128) for r in regions))
+    return dict(k1=k1, m1=m1, m3=m3, nq=nq, np=np_, hc=hc, bytes=sum(up(r, 128) for r in regions))
 
 
-def _mma_plan(PH, PW, Cin, hid, Cout, esize, k):
+def _a1_depth(k, split):
+    """kA1Depth<K, kSplit> (meta_block_kernels.cuh): the deepest W1' a warp keeps in registers across its tiles."""
+    return 48 if k == 16 else 40 if split == 1 else 0
+
+
+def _mma_plan(PH, PW, Cin, hid, Cout, esize, k, split=1):
     """plan_mma (csrc/cuda/meta_block.cu): the largest tile of T x T or T/2 x T (T = 32..1, clipped to the
     patch) whose pw2 accumulators fit (m3/16 * np/16 <= 8 warps * 4 tiles) and whose smem fits 113 KB
-    (two blocks per SM), then 227 KB; None: the CUDA-core kernel runs."""
+    (two blocks per SM), then 227 KB; per tile the widest stage of hc = 48, 32, 16 hidden channels that
+    fits (hc > 16 only where no warp keeps W1' fragments across several column tiles: k1 > kA1Depth or
+    nq/16 <= 8 warps); None: the CUDA-core kernel runs."""
     shapes = ((32, 32), (16, 32), (16, 16), (8, 16), (8, 8), (4, 8), (4, 4), (2, 4), (2, 2), (1, 2), (1, 1))
+    m1 = -(-hid // 16) * 16
     for budget in (113 * 1024, 227 * 1024):
         for sh, sw in shapes:
             th, tw = min(sh, PH), min(sw, PW)
-            g = _mma_geometry(Cin, hid, Cout, th, tw, esize, k)
-            if (g["m3"] // 16) * (g["np"] // 16) <= 8 * 4 and g["bytes"] <= budget:
-                return th, tw, g
+            for hc in (48, 32, 16):
+                if hc > 16 and hc > m1:
+                    continue
+                g = _mma_geometry(Cin, hid, Cout, th, tw, esize, k, hc)
+                if hc > 16 and g["k1"] <= _a1_depth(k, split) and g["nq"] // 16 > 8:
+                    continue
+                if (g["m3"] // 16) * (g["np"] // 16) <= 8 * 4 and g["bytes"] <= budget:
+                    return th, tw, g
     return None
 
 
@@ -340,15 +354,15 @@ def _wavefronts(addrs, width: int = 4) -> int:
     return total
 
 
-def _dw_lanes(eh, ew):
-    """Items of the first warp of meta_forward_mma_kernel's depthwise stage: lane -> (channel row r, row
-    block rb, first column j): idx = lane, jp = idx % ewp, r = idx / ewp % 16, rb = idx / ewp / 16,
-    j = DW_COLS * jp (kernel's ``for (int idx = tid; idx < kChunk * nrb * ewp; ...)``)."""
+def _dw_lanes(eh, ew, nc=16):
+    """Items of the first warp of meta_forward_mma_kernel's depthwise stage over nc hidden channels: lane ->
+    (channel row r, row block rb, first column j): idx = lane, jp = idx % ewp, r = idx / ewp % nc,
+    rb = idx / ewp / nc, j = DW_COLS * jp (kernel's ``for (int idx = tid; idx < nc * nrb * ewp; ...)``)."""
     nrb, ewp = -(-eh // DW_ROWS), -(-ew // DW_COLS)
     out = []
-    for lane in range(min(32, 16 * nrb * ewp)):
+    for lane in range(min(32, nc * nrb * ewp)):
         jp, rest = lane % ewp, lane // ewp
-        out.append((rest % 16, rest // 16, DW_COLS * jp))
+        out.append((rest % nc, rest // nc, DW_COLS * jp))
     return out
 
 
@@ -358,20 +372,20 @@ def _dw_ldh1(nq, tw):
     return -(-nq // 32) * 32 + (-(-dww // 4) * 4 if dww else 4)
 
 
-def _dw_conflict(eh, ew, ldh1):
+def _dw_conflict(eh, ew, ldh1, nc=16):
     """Wavefronts of one window-row load of the depthwise stage (float H1): even ew, two 8-byte loads (pair
     j, j+1 and j+2, j+3); odd ew, four 4-byte loads. Lane reads r*ldh1 + rb*DW_ROWS*(ew + 2) + j (+ the
     column offset)."""
-    base = [4 * (r * ldh1 + rb * DW_ROWS * (ew + 2) + j) for r, rb, j in _dw_lanes(eh, ew)]
+    base = [4 * (r * ldh1 + rb * DW_ROWS * (ew + 2) + j) for r, rb, j in _dw_lanes(eh, ew, nc)]
     if ew % 2 == 0:
         return sum(_wavefronts([a + 8 * c for a in base], 8) for c in range(2))
     return sum(_wavefronts([a + 4 * c for a in base]) for c in range(4))
 
 
-def _dw_store_conflict(eh, ew, ldh2, esize):
+def _dw_store_conflict(eh, ew, ldh2, esize, nc=16):
     """Wavefronts of one row's H2 stores (operand type, row stride ldh2 elements): even ew, one 2-element
     store per lane at element r*ldh2 + rb*DW_ROWS*ew + j; odd ew, two 1-element stores."""
-    base = [esize * (r * ldh2 + rb * DW_ROWS * ew + j) for r, rb, j in _dw_lanes(eh, ew)]
+    base = [esize * (r * ldh2 + rb * DW_ROWS * ew + j) for r, rb, j in _dw_lanes(eh, ew, nc)]
     if ew % 2 == 0:
         return _wavefronts(base, 2 * esize)
     return sum(_wavefronts([a + esize * c for a in base], esize) for c in range(2))
@@ -382,14 +396,16 @@ def _cuda_meta_mma(x, wflat, hid, Cout, esize, plan, split):
     emit on CUDA): one 256-thread block per (sample, patch), ``__launch_bounds__(256, 2)``. The weights are
     staged once with the first two affines' scales folded in (W1' = s1 W1 with t1 as an extra column
     against a row of ones in X, W2' = s2 W2, W3' = s3 W3); per tile the haloed x tile is staged once, then
-    per chunk of 16 hidden channels: pw1 on the tensor cores (warps over 16-px column tiles, the chunk's
-    W1' fragments kept in registers across a warp's tiles when k1 <= kA1Depth, ReLU6 on the accumulator
+    per stage of hc = 16, 32 or 48 hidden channels (the plan's widest that fits; 2 barriers each): pw1 on
+    the tensor cores (a warp per (16-channel block, 16-px column tile); in 16-channel stages the W1'
+    fragments kept in registers across a warp's tiles when k1 <= kA1Depth; ReLU6 on the accumulator
     fragment), the depthwise 3x3 with a thread per (channel, 2 columns, 8 rows) sliding a 3x4 window
     (unrolled: no register moves), pw2 on the tensor cores into per-warp register accumulators (W3'
     fragments reloaded only when a warp's row block changes); Y leaves through shared memory, + t3, at
     precomputed pixel offsets. Each wmma operand load is 4 shared-memory wavefronts (512 B) against
     ~2.2 tensor cycles per step, so the LSU and issue slots, not the tensor cores, bound it; the HBM
-    traffic is x + weights + y once (halo re-reads hit L2)."""
+    traffic is x + weights + y once (halo re-reads hit L2). Per tile and stage the counts below read off
+    the stage loop (``for (int k0 = 0; k0 < g.m1; k0 += g.hc)``)."""
     B, Cin, H, W = x
     N, gh, gw = wflat[1], wflat[2], wflat[3]
     G = gh * gw
@@ -397,7 +413,7 @@ def _cuda_meta_mma(x, wflat, hid, Cout, esize, plan, split):
     th, tw, g = plan
     K = 16 if esize == 2 else 8
     kfrag = g["k1"] // K                     # pw1 k-steps
-    keep_a1 = g["k1"] <= (48 if K == 16 else 40 if split == 1 else 16)  # kA1Depth<K, kSplit>
+    keep_a1 = g["k1"] <= _a1_depth(K, split)  # kA1Depth<K, kSplit>
     k = _KernelCost("meta_forward_mma_kernel", B * G, 256, g["bytes"], regs=MMA_META_REGS)
     # weights: a warp per row of W1' (m1 x k1) and W3' (m3 x m1), lanes along it: per 32 columns LDG + STS,
     # ~8 instructions (address, bound selects, FMUL by the scale, convert, loop); per row two scalar loads
@@ -409,12 +425,13 @@ def _cuda_meta_mma(x, wflat, hid, Cout, esize, plan, split):
     k.loop(9 * hid, lsu=3, issue=10)
     k.loop(hid + Cout, lsu=2, issue=6)
     tiles = [(min(th, PH - i), min(tw, PW - j)) for i in range(0, PH, th) for j in range(0, PW, tw)]
-    chunks = g["m1"] // 16
+    hc = g["hc"]
+    stages = [min(hc, g["m1"] - k0) // 16 for k0 in range(0, g["m1"], hc)]  # 16-channel blocks per stage
     halo_px = 0
     for eh, ew in tiles:
         hq, tp = (eh + 2) * (ew + 2), eh * ew
         halo_px += hq
-        k.barriers += 2 + 2 * chunks
+        k.barriers += 2 + 2 * len(stages)
         # x tile: a thread per haloed pixel (nq, 32 consecutive per warp-iteration): its reflected offset
         # once (two int32 divisions, two reflects, ~60 instr), then per channel of k1 (ones and zero rows
         # cost as much) LDG, convert, STS, address and loop (~6 instr); the tp output-pixel offsets (two
@@ -431,29 +448,32 @@ def _cuda_meta_mma(x, wflat, hid, Cout, esize, plan, split):
         for w in range(8):
             ms = [(w + 8 * i) % mt3 for i in range(4) if w + 8 * i < mt3 * nt3]
             a3_loads += sum(1 for i, m in enumerate(ms) if i == 0 or m != ms[i - 1])
-        for _ in range(chunks):
-            steps1 = nt1 * kfrag                        # pw1: wmma k-steps of the block
-            steps3 = mt3 * nt3 * (16 // K)              # pw2
-            a1 = (busy1 if keep_a1 else nt1) * kfrag    # W1' fragment loads
-            a3 = a3_loads * (16 // K)                   # W3' fragment loads
-            k.lsu += (a1 + steps1 + a3 + steps3) * 4 + nt1 * 8  # A, B fragment loads (4 each); H1 stores
+        for nb in stages:
+            kept = keep_a1 and hc == 16                # kernel: keep_a1 (one-block stages only)
+            steps1 = nb * nt1 * kfrag                   # pw1: wmma k-steps (a warp per (block, column tile))
+            b1 = steps1                                 # pw1: X fragment loads (one per step)
+            steps3 = nb * mt3 * nt3 * (16 // K)         # pw2 (per 16-channel block of the stage)
+            a1 = busy1 * kfrag if kept else steps1      # W1' fragment loads
+            a3 = nb * a3_loads * (16 // K)              # W3' fragment loads
+            k.lsu += (a1 + b1 + a3 + steps3) * 4 + nb * nt1 * 8  # A, B fragment loads (4 each); H1 stores
             # per step ~12 (operand loads' addressing, mma); 3xTF32: ~12 more per fragment loaded (hi/lo
             # split); ReLU6 on each pw1 accumulator fragment (8 elements, 2 instructions each)
-            k.issue += (steps1 + steps3) * 12 + nt1 * 16
+            k.issue += (steps1 + steps3) * 12 + nt1 * nb * 16
             if split == 3:
-                k.issue += (a1 + steps1 + a3 + steps3) * 12
+                k.issue += (a1 + b1 + a3 + steps3) * 12
             k.tc += (steps1 + steps3) * split * MMA_CLK
-            # dw: per (2 columns, channel, DW_ROWS-row block) item: one int32 division by ewp (~20) and
-            # constant ones, 10 broadcast LDS (taps, t2), the first two window rows, loop (~5); per output
-            # row (unrolled): the window row (even ew: 2 8-byte LDS, else 4), 18 FFMA, per column FADD +
-            # 2 FMNMX (ReLU6) + convert, the store(s) (even ew: 1 pair, else 2); wavefronts of the window
-            # loads and H2 stores from the first warp's addresses (_dw_conflict, _dw_store_conflict)
+            # dw: per (2 columns, channel, DW_ROWS-row block) item: int32 divisions by ewp and by the stage's
+            # channel count (~20 each), 10 broadcast LDS (taps, t2), the first two
+            # window rows, loop (~5); per output row (unrolled): the window row (even ew: 2 8-byte LDS, else
+            # 4), 18 FFMA, per column FADD + 2 FMNMX (ReLU6) + convert, the store(s) (even ew: 1 pair, else
+            # 2); wavefronts of the window loads and H2 stores from the first warp's addresses
+            # (_dw_conflict, _dw_store_conflict)
             rows = min(DW_ROWS, eh)
             nld, nst = (2, 1) if ew % 2 == 0 else (4, 2)
-            cl = _dw_conflict(eh, ew, _dw_ldh1(g["nq"], tw))
-            cs = _dw_store_conflict(eh, ew, g["np"] + 16 // esize, esize)
-            items = 16 * math.ceil(eh / DW_ROWS) * math.ceil(ew / DW_COLS)
-            k.loop(items, rows, lsu=cl + cs, issue=nld + 18 + 2 * 4 + nst, overhead=20 + 10 + 2 * nld + 5)
+            cl = _dw_conflict(eh, ew, _dw_ldh1(g["nq"], tw), 16 * nb)
+            cs = _dw_store_conflict(eh, ew, g["np"] + 16 // esize, esize, 16 * nb)
+            items = 16 * nb * math.ceil(eh / DW_ROWS) * math.ceil(ew / DW_COLS)
+            k.loop(items, rows, lsu=cl + cs, issue=nld + 18 + 2 * 4 + nst, overhead=40 + 10 + 2 * nld + 5)
             k.loop(items, lsu=10 + 2 * cl)
         k.lsu += mt3 * nt3 * 8                          # Y fragments to shared memory
         # y = Y + t3: a warp per output channel (LDS t3, row pointers ~6), per 32 pixels LDS yoff, LDS Y,
@@ -471,10 +491,11 @@ def _cuda_meta(x, wflat, hid, Cout, esize, backward):
     N, gh, gw = wflat[1], wflat[2], wflat[3]
     PH, PW = max(_patch_sizes(H, gh)), max(_patch_sizes(W, gw))
     if not backward:
-        plan = _mma_plan(PH, PW, Cin, hid, Cout, esize, 16 if esize == 2 else 8)
+        # float32: 3xTF32 (torch.backends.cuda.matmul.allow_tf32 off, PyTorch's default)
+        split = 3 if esize == 4 else 1
+        plan = _mma_plan(PH, PW, Cin, hid, Cout, esize, 16 if esize == 2 else 8, split)
         if plan is not None:
-            # float32: 3xTF32 (torch.backends.cuda.matmul.allow_tf32 off, PyTorch's default)
-            return _cuda_meta_mma(x, wflat, hid, Cout, esize, plan, 3 if esize == 4 else 1)
+            return _cuda_meta_mma(x, wflat, hid, Cout, esize, plan, split)
     th, tw, wsmem, smem = _meta_plan(PH, PW, Cin, hid, Cout, N, backward)
     ntile = math.ceil(PH / th) * math.ceil(PW / tw)
     hq, tp = (th + 2) * (tw + 2), th * tw

@@ -170,8 +170,11 @@ META_CASES = {
     # tensor cores: float32 plans 8x16 tiles (16x16 exceed 113 KB; edge tiles 7 rows / 1 column: odd-width
     # depthwise path), k1 = 56 past the registers' W1 depth; fp16/bf16 one odd-width 15x17 tile
     "half-tile": (1, 48, 16, 3, 15, 17, 1, 1),
+    # tensor cores: 48-channel stages (m1 = 64: a stage of 3 blocks, then a partial one of 1; a warp per
+    # (block, column tile)); unequal 11/12 x 5/6 patches of 12-row tiles (two depthwise row blocks), batch 2
+    "wide-stage": (2, 5, 50, 7, 23, 11, 2, 2),
 }
-MMA_ONLY = {"half-tile"}  # cases of the tensor-core forward tests only
+MMA_ONLY = {"half-tile", "wide-stage"}  # cases of the tensor-core forward tests only
 
 
 def _meta_inputs(case, dtype, seed=0):
@@ -236,7 +239,7 @@ def tf32_matmul(request):
     torch.backends.cuda.matmul.allow_tf32 = old
 
 
-@pytest.mark.parametrize("case", ["odd", "multi-tile", "smem-weights-large", "deep-tile", "half-tile"])
+@pytest.mark.parametrize("case", ["odd", "multi-tile", "smem-weights-large", "deep-tile", "half-tile", "wide-stage"])
 @pytest.mark.parametrize("dtype, tf32_matmul", [(torch.float32, False), (torch.float32, True),
                                                 (torch.float16, False), (torch.bfloat16, False)],
                          indirect=["tf32_matmul"], ids=["fp32-3xtf32", "fp32-tf32", "fp16", "bf16"])
@@ -270,9 +273,10 @@ def poisoned_empty():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_meta_block_forward_mma_poisoned(target, dtype, poisoned_empty):
-    """The tensor-core forward writes every output element (y starts as NaN): multi-tile and odd patches."""
+    """The tensor-core forward writes every output element (y starts as NaN): multi-tile, odd patches and
+    wide stages."""
     run = Target(target)
-    for case in ("odd", "half-tile"):
+    for case in ("odd", "half-tile", "wide-stage"):
         x, w, scale, shift, hid, Cout = _meta_inputs(case, dtype, seed=1)
         ref = _meta_reference(x.double(), w.double(), scale.double(), shift.double(), hid, Cout)
         y = run("meta_block", x, w, scale, shift, hid, Cout)

@@ -66,24 +66,32 @@ TilePlan plan_tiles(int64_t PH, int64_t PW, size_t elem, F&& elems_of) {
 
 // Tensor-core forward: the largest tile (whole patch, else T x T or T/2 x T, T = 32/16/8/...) whose pw2 accumulators
 // fit the warps' registers (kMaxAccTiles 16x16 tiles per warp) and whose shared memory fits, preferring
-// <= 113 KB (two blocks per SM); ok false when nothing fits (the CUDA-core kernel runs instead).
+// <= 113 KB (two blocks per SM); per tile the widest stage of hc = 48, 32 or 16 hidden channels that fits
+// (fewer barriers, each X fragment used for hc/16 W1' blocks), wider than 16 only where no warp would keep
+// W1' fragments across several column tiles (k1 > a1_depth, the kernel's kA1Depth, or nq/16 <= kWarps);
+// ok false when nothing fits (the CUDA-core kernel runs instead).
 struct MmaPlan {
   MmaGeom g;
   bool ok;
 };
 
-MmaPlan plan_mma(int64_t Cin, int64_t hid, int64_t Cout, int64_t PH, int64_t PW, int esize, int k) {
+MmaPlan plan_mma(int64_t Cin, int64_t hid, int64_t Cout, int64_t PH, int64_t PW, int esize, int k, int a1_depth) {
   const cudaDeviceProp* prop = &gpu::props();
   const size_t limit = prop->sharedMemPerBlockOptin > 0 ? prop->sharedMemPerBlockOptin : prop->sharedMemPerBlock;
   // tile shapes by decreasing area: squares and half squares (T/2 x T: fewer halo pixels per output
   // pixel and fewer tiles than the next square when T x T does not fit, e.g. float at 16 x 16 patches)
   const int64_t shapes[][2] = {{32, 32}, {16, 32}, {16, 16}, {8, 16}, {8, 8}, {4, 8}, {4, 4}, {2, 4}, {2, 2}, {1, 2}, {1, 1}};
+  const int m1 = round_up(static_cast<int>(hid), kChunk);
   for (size_t budget : {std::min<size_t>(limit, 113 * 1024), limit}) {
     for (const auto& s : shapes) {
       const int th = static_cast<int>(std::min(s[0], PH)), tw = static_cast<int>(std::min(s[1], PW));
-      const MmaGeom g = mma_geometry(Cin, hid, Cout, th, tw, esize, k);
-      const int tiles = (g.m3 / 16) * (g.np / 16);
-      if (tiles <= kWarps * kMaxAccTiles && static_cast<size_t>(g.bytes) <= budget) return {g, true};
+      for (int hc = kMaxStage; hc >= kChunk; hc -= kChunk) {
+        if (hc > kChunk && hc > m1) continue;
+        const MmaGeom g = mma_geometry(Cin, hid, Cout, th, tw, esize, k, hc);
+        if (hc > kChunk && g.k1 <= a1_depth && g.nq / 16 > kWarps) continue;
+        const int tiles = (g.m3 / 16) * (g.np / 16);
+        if (tiles <= kWarps * kMaxAccTiles && static_cast<size_t>(g.bytes) <= budget) return {g, true};
+      }
     }
   }
   return {MmaGeom{}, false};
@@ -115,10 +123,12 @@ bool meta_forward_mma(const at::Tensor& x, const at::Tensor& weight, const at::T
     using Op = mma::Operand<scalar_t>;
     const int64_t Cin = x.size(1), H = x.size(2), W = x.size(3);
     const int64_t gh = weight.size(2), gw = weight.size(3);
+    const bool split3 = std::is_same_v<scalar_t, float> && !at::globalContext().allowTF32CuBLAS();
     const MmaPlan plan = plan_mma(Cin, hidden, out_channels, meta::max_patch_size(H, gh),
-                                  meta::max_patch_size(W, gw), sizeof(typename Op::mem), Op::k);
+                                  meta::max_patch_size(W, gw), sizeof(typename Op::mem), Op::k,
+                                  split3 ? kA1Depth<Op::k, 3> : kA1Depth<Op::k, 1>);
     if (!plan.ok) return false;
-    if (std::is_same_v<scalar_t, float> && !at::globalContext().allowTF32CuBLAS())
+    if (split3)
       launch_meta_mma<scalar_t, std::is_same_v<scalar_t, float> ? 3 : 1>(x, weight, scale, shift, y, hidden,
                                                                         out_channels, plan.g);
     else

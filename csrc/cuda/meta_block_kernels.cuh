@@ -166,25 +166,28 @@ __global__ void __launch_bounds__(kThreads) meta_forward_kernel(
 // the patch's weights with the first two affines' scales folded in (W1' = s1 W1 with t1 as an extra
 // column, W2' = s2 W2, W3' = s3 W3), then per tile loads x's haloed tile once (operand type, rows =
 // channels, a row of ones at row Cin against W1's t1 column, zero rows up to the MMA depth) and walks
-// the hidden channels in chunks of 16:
-//   pw1   H1[16, haloed px] = relu6(W1'[chunk] [X; 1])             wmma (ReLU6 on the fragment), warps over
+// the hidden channels in stages of hc = 16, 32 or 48 (the plan's widest that fits; two barriers each):
+//   pw1   H1[hc, haloed px] = relu6(W1'[stage] [X; 1])             wmma (ReLU6 on the fragment), warps over
 //                                                                  16-px columns, W1' fragments in registers
-//   dw    H2[16, px] = relu6(dw3x3'(H1) + t2)                      CUDA cores, 2 columns x kDwRows rows/thread
-//   pw2   Y[Cout, px] += W3'[:, chunk] H2[chunk, px]               wmma, accumulators stay in registers
+//                                                                  (hc 16) or each X fragment used hc/16 times
+//   dw    H2[hc, px] = relu6(dw3x3'(H1) + t2)                      CUDA cores, 2 columns x kDwRows rows/thread
+//   pw2   Y[Cout, px] += W3'[:, stage] H2[stage, px]               wmma, accumulators stay in registers
 // and finally stores Y (through shared memory) as y = Y + t3. Padded rows/columns of the MMA operands are
 // zero (a NaN there would reach real outputs through 0 * NaN); row strides are padded by 16 bytes so that
 // the 8 rows a tensor-core load touches at once fall in different banks. Folding the scales rounds the
 // products s*w once to the operand type (16-bit types: one rounding of the weight, as before).
 constexpr int kWarps = kThreads / 32;
-constexpr int kChunk = 16;      // hidden channels per chunk (one MMA depth of fp16/bf16, two of tf32)
+constexpr int kChunk = 16;      // hidden channels per block of a stage (one MMA depth of fp16/bf16, two of tf32)
+constexpr int kMaxStage = 48;   // hidden channels per stage at most (3 blocks of kChunk)
 constexpr int kMaxAccTiles = 4;  // 16x16 pw2 accumulator tiles per warp (8 floats per lane each)
 constexpr int kDwRows = 8;       // output rows per thread of the depthwise stage
 constexpr int kDwCols = 2;       // output columns per thread of the depthwise stage
-// pw1: the W1' fragments of a chunk (k1 <= this depth) stay in registers across a warp's column tiles:
-// 3 bf16/fp16 fragments (24 registers), 5 tf32 ones (20) or 2 split 3xTF32 ones (hi + lo: 16), within
-// the 128 of __launch_bounds__(256, 2) next to the pw2 accumulators (ptxas: no spills; 3 split ones spill)
+// pw1: the W1' fragments of a 16-channel stage (k1 <= this depth) stay in registers across a warp's column
+// tiles: 3 bf16/fp16 fragments (24 registers) or 5 tf32 ones (20), within the 128 of __launch_bounds__(256, 2)
+// next to the pw2 accumulators; none for 3xTF32 (ptxas: kept split fragments, hi + lo, spill next to the
+// stage loop; HyperSeg-M's float levels have k1 = 32 and 40, past 2 of them anyway)
 template <int K, int kSplit>
-constexpr int kA1Depth = K == 16 ? 48 : kSplit == 1 ? 40 : 16;
+constexpr int kA1Depth = K == 16 ? 48 : kSplit == 1 ? 40 : 0;
 
 // Two adjacent elements moved by one 2-element (4- or 8-byte) shared-memory access.
 template <class E>
@@ -198,14 +201,17 @@ struct MmaGeom {
   int m3, ldw3;                    // pw2: rows (Cout padded to 16), W3 stride (depth: m1)
   int nq, ldx, ldh1;               // haloed tile pixels padded to 16; X and H1 strides
   int np, ldh2, ldy;               // tile pixels padded to 16; H2 and Y strides
+  int hc;                          // hidden channels per stage (a multiple of kChunk, <= kMaxStage)
   int64_t ow1, ow3, ow2, oaff, ox, oh1, oh2, oyoff, bytes;  // shared-memory byte offsets, total
 };
 
 __host__ __device__ constexpr int round_up(int v, int m) { return (v + m - 1) / m * m; }
 
-// Geometry of a th x tw tile for operand size `esize` (bytes) and MMA depth k.
-inline MmaGeom mma_geometry(int64_t Cin, int64_t hid, int64_t Cout, int th, int tw, int esize, int k) {
+// Geometry of a th x tw tile for operand size `esize` (bytes), MMA depth k and hc hidden channels per stage
+// (H1 and H2 hold one stage).
+inline MmaGeom mma_geometry(int64_t Cin, int64_t hid, int64_t Cout, int th, int tw, int esize, int k, int hc) {
   MmaGeom g{};
+  g.hc = hc;
   const int pad = 16 / esize;  // 16 bytes of row padding (operands); 4 floats for float buffers
   g.th = th;
   g.tw = tw;
@@ -234,8 +240,8 @@ inline MmaGeom mma_geometry(int64_t Cin, int64_t hid, int64_t Cout, int th, int 
   g.ow2 = take(9 * hid * 4);
   g.oaff = take((hid + Cout) * 4);  // t2, t3
   g.ox = take(int64_t{g.k1} * g.ldx * esize);
-  g.oh1 = take(std::max<int64_t>(int64_t{kChunk} * g.ldh1, int64_t{g.m3} * g.ldy) * 4);  // H1, then Y
-  g.oh2 = take(int64_t{kChunk} * g.ldh2 * esize);
+  g.oh1 = take(std::max<int64_t>(int64_t{hc} * g.ldh1, int64_t{g.m3} * g.ldy) * 4);  // H1, then Y
+  g.oh2 = take(int64_t{hc} * g.ldh2 * esize);
   g.oyoff = take(2 * int64_t{g.np} * 4);  // y offset of every tile pixel, two tables (tile parity)
   g.bytes = off;
   return g;
@@ -250,7 +256,7 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
   using Op = mma::Operand<scalar_t>;
   using T = typename Op::mem;
   constexpr int K = Op::k;
-  constexpr int kA1 = kA1Depth<K, kSplit> / K;  // W1' fragments a warp keeps
+  constexpr int kA1 = kA1Depth<K, kSplit> / K > 0 ? kA1Depth<K, kSplit> / K : 1;  // W1' fragments a warp keeps
   using FragA = wmma::fragment<wmma::matrix_a, 16, 16, K, typename Op::type, wmma::row_major>;
   using FragB = wmma::fragment<wmma::matrix_b, 16, 16, K, typename Op::type, wmma::row_major>;
   using FragC = wmma::fragment<wmma::accumulator, 16, 16, K, float>;
@@ -261,7 +267,7 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
   float* aff = reinterpret_cast<float*>(smem_raw + g.oaff);  // [t2 (hid) | t3 (Cout)]
   T* xs = reinterpret_cast<T*>(smem_raw + g.ox);
   float* h1 = reinterpret_cast<float*>(smem_raw + g.oh1);
-  float* ys = h1;  // Y reuses H1's space after the last chunk
+  float* ys = h1;  // Y reuses H1's space after the last stage
   T* h2 = reinterpret_cast<T*>(smem_raw + g.oh2);
   int* yoffs = reinterpret_cast<int*>(smem_raw + g.oyoff);  // two tables (tile parity)
   const WeightLayout L{Cin, hid, Cout};
@@ -319,14 +325,18 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
     __syncthreads();  // weights, x and yoff staged (and the previous tile's epilogue done with Y)
     const int nt1 = static_cast<int>(div_up(hq, 16)), nt3 = static_cast<int>(div_up(tp, 16));
     const int mine = (mt3 * nt3 - warp + kWarps - 1) / kWarps;  // pw2 tiles of this warp: warp + kWarps * i
-    const bool keep_a1 = g.k1 <= kA1Depth<K, kSplit>;  // block-uniform
+    // W1' fragments kept across a warp's column tiles: one-block stages only (the plan widens a stage only
+    // where no warp would keep them across several tiles); block-uniform
+    const bool keep_a1 = g.hc == kChunk && g.k1 <= kA1Depth<K, kSplit>;
     FragC acc[kMaxAccTiles];
 #pragma unroll
     for (int i = 0; i < kMaxAccTiles; ++i)
       if (i < mine) wmma::fill_fragment(acc[i], 0.0f);
-    for (int k0 = 0; k0 < g.m1; k0 += kChunk) {
-      // pw1 of the chunk: H1 = relu6(W1' [X; 1]) (t1 rides on the ones row). The warp's W1' fragments are
-      // loaded (and split) once per chunk when k1 <= kA1Depth, else per tile
+    for (int k0 = 0; k0 < g.m1; k0 += g.hc) {
+      const int nc = min(g.hc, g.m1 - k0), nb = nc / kChunk;  // the stage's channels, 16-channel blocks
+      // pw1 of the stage: H1 = relu6(W1' [X; 1]) (t1 rides on the ones row), a warp per (16-channel block,
+      // 16-px column tile). keep_a1: the warp's W1' fragments are loaded (and split) once per stage; else
+      // per item and k-step (ptxas: reusing an X fragment for the stage's blocks spills)
       FragA a1[kA1], a1lo[kA1];
       if (keep_a1 && warp < nt1) {
 #pragma unroll
@@ -337,7 +347,8 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
           }
         }
       }
-      for (int n = warp; n < nt1; n += kWarps) {
+      for (int item = warp; item < nb * nt1; item += kWarps) {  // (row block mb, column tile n); keep_a1: nb = 1
+        const int mb = item / nt1, n = item - mb * nt1;
         FragC c1;
         wmma::fill_fragment(c1, 0.0f);
         if (keep_a1) {
@@ -354,24 +365,24 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
           for (int kk = 0; kk < g.k1; kk += K) {
             FragA a;
             FragB b;
-            wmma::load_matrix_sync(a, w1s + k0 * g.ldw1 + kk, g.ldw1);
+            wmma::load_matrix_sync(a, w1s + (k0 + mb * kChunk) * g.ldw1 + kk, g.ldw1);
             wmma::load_matrix_sync(b, xs + kk * g.ldx + n * 16, g.ldx);
             mma::multiply_accumulate<scalar_t, kSplit>(c1, a, b);
           }
         }
 #pragma unroll
         for (int e = 0; e < c1.num_elements; ++e) c1.x[e] = meta::relu6(c1.x[e]);
-        wmma::store_matrix_sync(h1 + n * 16, c1, g.ldh1, wmma::mem_row_major);
+        wmma::store_matrix_sync(h1 + mb * kChunk * g.ldh1 + n * 16, c1, g.ldh1, wmma::mem_row_major);
       }
       __syncthreads();
-      // dw3x3 of the chunk; rows past hid are zero (pw2 reads them against W3's zero columns). A thread
+      // dw3x3 of the stage; rows past hid are zero (pw2 reads them against W3's zero columns). A thread
       // per (pair of columns, channel, block of kDwRows output rows), pairs fastest: the 9 taps in registers,
       // a 3-row x 4-column window sliding down (unrolled), for even tile widths read as two 8-byte loads per
       // row (ldh1 spaces the channels of a half-warp over the banks) and the pair stored at once
       const int nrb = (static_cast<int>(eh) + kDwRows - 1) / kDwRows, ewp = (ewi + kDwCols - 1) / kDwCols;
       const bool even = ewi % 2 == 0;  // block-uniform: pairs aligned to 8 bytes (H1) / 2 elements (H2)
-      for (int idx = tid; idx < kChunk * nrb * ewp; idx += kThreads) {
-        const int jp = idx % ewp, rest = idx / ewp, r = rest % kChunk, rb = rest / kChunk;
+      for (int idx = tid; idx < nc * nrb * ewp; idx += kThreads) {
+        const int jp = idx % ewp, rest = idx / ewp, rb = rest / nc, r = rest - rb * nc;
         const int k = k0 + r, j = kDwCols * jp;
         const bool two = j + 1 < ewi;  // the pair's second column is in the tile
         const int i0 = rb * kDwRows, i1 = min(i0 + kDwRows, static_cast<int>(eh));
@@ -422,32 +433,38 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
           b0 = c0, b1 = c1, b2 = c2, b3 = c3;
         }
       }
-      __syncthreads();  // H2 complete (and H1 free for the next chunk's pw1)
-      // pw2: this warp's accumulator tiles += W3'[:, chunk] H2; the W3' fragments are loaded (and split)
-      // again only when the tile's row block m changes (never when mt3 divides kWarps)
-      FragA a3[kChunk / K], a3lo[kChunk / K];
-      int mprev = -1;
+      __syncthreads();  // H2 complete (and H1 free for the next stage's pw1)
+      // pw2, per 16-channel block s of the stage: this warp's accumulator tiles += W3'[:, block] H2[block];
+      // the W3' fragments are loaded (and split) again only when the tile's row block m changes (never
+      // when mt3 divides kWarps)
+#pragma unroll 1
+      for (int s = 0; s < nb; ++s) {
+        const int ks = k0 + s * kChunk;
+        const T* h2s = h2 + s * kChunk * g.ldh2;
+        FragA a3[kChunk / K], a3lo[kChunk / K];
+        int mprev = -1;
 #pragma unroll
-      for (int i = 0; i < kMaxAccTiles; ++i) {
-        if (i >= mine) continue;
-        const int tile = warp + kWarps * i, m = tile % mt3, n = tile / mt3;
-        if (m != mprev) {
+        for (int i = 0; i < kMaxAccTiles; ++i) {
+          if (i >= mine) continue;
+          const int tile = warp + kWarps * i, m = tile % mt3, n = tile / mt3;
+          if (m != mprev) {
+#pragma unroll
+            for (int f = 0; f < kChunk / K; ++f) {
+              wmma::load_matrix_sync(a3[f], w3s + m * 16 * g.ldw3 + ks + f * K, g.ldw3);
+              mma::split_operand<scalar_t, kSplit>(a3[f], a3lo[f]);
+            }
+            mprev = m;
+          }
 #pragma unroll
           for (int f = 0; f < kChunk / K; ++f) {
-            wmma::load_matrix_sync(a3[f], w3s + m * 16 * g.ldw3 + k0 + f * K, g.ldw3);
-            mma::split_operand<scalar_t, kSplit>(a3[f], a3lo[f]);
+            FragB b, blo;
+            wmma::load_matrix_sync(b, h2s + f * K * g.ldh2 + n * 16, g.ldh2);
+            mma::split_operand<scalar_t, kSplit>(b, blo);
+            mma::multiply_accumulate_split<scalar_t, kSplit>(acc[i], a3[f], a3lo[f], b, blo);
           }
-          mprev = m;
-        }
-#pragma unroll
-        for (int f = 0; f < kChunk / K; ++f) {
-          FragB b, blo;
-          wmma::load_matrix_sync(b, h2 + f * K * g.ldh2 + n * 16, g.ldh2);
-          mma::split_operand<scalar_t, kSplit>(b, blo);
-          mma::multiply_accumulate_split<scalar_t, kSplit>(acc[i], a3[f], a3lo[f], b, blo);
         }
       }
-      // the next chunk's pw1 writes H1 (not read here) and its dw writes H2 only after a barrier
+      // the next stage's pw1 writes H1 (not read here) and its dw writes H2 only after a barrier
     }
     // Y through shared memory (H1's space: its last reader, the dw, finished before the last barrier)
 #pragma unroll
