@@ -2,8 +2,12 @@
 // scheme is described there).
 #pragma once
 
+#include <cstdint>
+#include <type_traits>
+
 #include "common/patch_index.h"
 #include "common/patchwise_conv2d.h"
+#include "cuda/mma.cuh"
 #include "cuda/runtime.cuh"
 
 namespace pyseg {
@@ -335,6 +339,201 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
     y[((b * s.Cout + o) * s.Hout + i) * s.Wout + j] = static_cast<scalar_t>(acc);
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// forward on the tensor cores (fp16, bf16; groups == 1, Cin*kh*kw >= 16): an implicit GEMM per
+// (sample, patch, pixel tile, tile of 16*MT output channels)
+// ------------------------------------------------------------------------------------------
+//   Y[o, px] = sum over (ky, c, kx) of W[o, (c, kx)]_ky X_ky[(c, kx), px]
+// with px = the tile's pixels in n-tiles of 16 consecutive columns of one output row. Per chunk of
+// CC input channels the block stages, in the operand type:
+//   xs[(c*kw + kx)][ir][j] = x[c][ih0 + ir][iw0 + j*sw + kx*dw]  (zero outside the image; rows from
+//                          CC*kw to the MMA depth zero), one kw-shifted copy of the haloed tile per kx, so
+//                          that the B operand of (ky, n-tile) starts at row (r*sh + ky*dh), column 16*ct of
+//                          every copy: a 32-byte-aligned wmma pointer for any stride, dilation and padding;
+//   ws[ky][o][(c*kw + kx)] = w[o][c][ky][kx]                    (the A operand, read in place from either
+//                          weight layout through w_entry / w_patch).
+// K of one ky is CC*kw (a multiple of 16 for full chunks of 16 channels), so a 3x3 kernel over 34
+// channels takes 3 * 7 k-steps. Each warp owns kPwMmaNT n-tiles x MT m-tiles of float accumulators (A
+// fragments loaded once per k-step for kPwMmaNT B fragments); the result leaves through shared memory
+// (float, reusing the staging space) for coalesced stores with the bias. Row strides (cstride, ldw) are
+// an odd multiple of 16 bytes: the 8 rows of one tensor-core load phase fall in 8 distinct 16-byte bank
+// groups (conflict-free). Pad rows of B are zero and every staged element is finite, so pad rows/columns
+// of A (zeroed once; later chunks leave stale finite weights there) contribute exactly 0.
+constexpr int kPwMmaNT = 4;       // n-tiles (16-pixel row segments) per warp
+constexpr int kPwMmaWarps = 4;    // at most 4 warps: 16 n-tiles (256 pixels) per block
+constexpr int kPwMmaChunk = 16;   // input channels per chunk (K = 16*kw rows: whole k-steps)
+
+struct PwMmaPlan {
+  int CT, TCP, TR, NW;  // pixel tile: TR output rows x TCP = 16*CT columns; NW warps
+  int CC, IR;           // channels per chunk, staged input rows
+  int cstride, ldw, ldy;  // xs row (copy) stride, ws row stride (operand elements), ys row stride (floats)
+  int kpad;             // rows of xs (CC*kw rounded up to the MMA depth)
+  int64_t ow, bytes;    // byte offset of ws; shared memory in all
+  int64_t w_entry, w_patch;
+};
+
+template <typename scalar_t, int MT>
+__global__ void __launch_bounds__(32 * kPwMmaWarps, 4)
+    pw_forward_mma_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ w,
+                          const scalar_t* __restrict__ bias, scalar_t* __restrict__ y, const PwConvShape s,
+                          const PwMmaPlan t) {
+  namespace wmma = mma::wmma;
+  using Op = mma::Operand<scalar_t>;
+  using T = typename Op::mem;
+  constexpr int K = Op::k;
+  using FragA = wmma::fragment<wmma::matrix_a, 16, 16, K, typename Op::type, wmma::row_major>;
+  using FragB = wmma::fragment<wmma::matrix_b, 16, 16, K, typename Op::type, wmma::row_major>;
+  using FragC = wmma::fragment<wmma::accumulator, 16, 16, K, float>;
+  // staging copies raw bits (same type in and out): two columns per 2x-wide store
+  using Bits = std::conditional_t<sizeof(T) == 2, uint16_t, uint32_t>;
+  using Pair = std::conditional_t<sizeof(T) == 2, uint32_t, unsigned long long>;
+  static_assert(sizeof(T) == sizeof(scalar_t), "operand and tensor element sizes differ");
+  PYSEG_DYNAMIC_SMEM(pw_smem_raw);
+  T* xs = reinterpret_cast<T*>(pw_smem_raw);
+  T* ws = reinterpret_cast<T*>(pw_smem_raw + t.ow);
+  float* ys = reinterpret_cast<float*>(pw_smem_raw);  // the epilogue reuses the staging space
+
+  const int64_t GG = s.gh * s.gw;
+  const PwBlockPatch bp = pw_block_patch(s);
+  const int64_t pidx = bp.pidx, b = bp.b;
+  const int TCP = t.TCP, TR = t.TR, CT = t.CT;
+  const int ntc = static_cast<int>((bp.c1 - bp.c0 + TCP - 1) / TCP);
+  const int tz = static_cast<int>(blockIdx.z);
+  const int tr0 = static_cast<int>(bp.r0) + (tz / ntc) * TR, tc0 = static_cast<int>(bp.c0) + (tz % ntc) * TCP;
+  if (tr0 >= bp.r1) return;  // this patch has fewer tiles than the largest one (whole block, before any barrier)
+  const int nr = min(TR, static_cast<int>(bp.r1) - tr0), nc = min(TCP, static_cast<int>(bp.c1) - tc0);
+  constexpr int MR = 16 * MT;
+  const int64_t o0 = static_cast<int64_t>(blockIdx.y) * MR;
+  const int nO = static_cast<int>(pw_lo(MR, s.Cout - o0));
+
+  const int tid = static_cast<int>(threadIdx.x), nthreads = static_cast<int>(blockDim.x);
+  const int warp = tid / 32, lane = tid % 32;
+  const int kh = static_cast<int>(s.kh), kw = static_cast<int>(s.kw), KK = kh * kw;
+  const int sh = static_cast<int>(s.sh), sw = static_cast<int>(s.sw);
+  const int dh = static_cast<int>(s.dh), dw = static_cast<int>(s.dw);
+  const int H = static_cast<int>(s.H), W = static_cast<int>(s.W), Cin = static_cast<int>(s.Cin);
+  const int ih0 = tr0 * sh - static_cast<int>(s.pt), iw0 = tc0 * sw - static_cast<int>(s.pl);
+  const int IR = t.IR, cstride = t.cstride, ldw = t.ldw;
+
+  // A: zero once (rows past Cout and columns past a chunk stay finite; see above)
+  {
+    uint32_t* wz = reinterpret_cast<uint32_t*>(ws);
+    const int words = static_cast<int>(static_cast<int64_t>(kh) * MR * ldw * sizeof(T) / 4);
+    for (int i = tid; i < words; i += nthreads) wz[i] = 0u;
+  }
+  FragC acc[MT][kPwMmaNT];
+#pragma unroll
+  for (int m = 0; m < MT; ++m)
+#pragma unroll
+    for (int i = 0; i < kPwMmaNT; ++i) wmma::fill_fragment(acc[m][i], 0.0f);
+
+  const Bits* xbits = reinterpret_cast<const Bits*>(x);
+  const int64_t wb = b * s.Cout * s.K * GG + pidx * t.w_patch;
+  const int NP = TCP / 2;  // column pairs per staged row
+  const int jp = tid % NP, step_r = nthreads / NP;  // NP divides the block (8, 16 or 32 | 32*NW)
+  const int j = 2 * jp;
+  for (int cc = 0; cc < Cin; cc += t.CC) {
+    const int ncc = min(t.CC, Cin - cc), rows = ncc * kw;
+    const int kpad = (rows + K - 1) / K * K;
+    // x: a thread per (channel, staged row, column pair), all kw copies from one pass over the columns
+    const int64_t xoff = (b * s.Cin + cc) * s.H * s.W;
+    int cl = 0, ir = tid / NP;
+    while (ir >= IR) {
+      ir -= IR;
+      ++cl;
+    }
+#pragma unroll 1
+    for (; cl < ncc;) {
+      const int ih = ih0 + ir;
+      const bool row_ok = ih >= 0 && ih < H;
+      const Bits* xr = xbits + xoff + (static_cast<int64_t>(cl) * H + (row_ok ? ih : 0)) * W;
+      auto ld = [&](int iw) -> Bits { return (row_ok && iw >= 0 && iw < W) ? xr[iw] : Bits(0); };
+      int ca = iw0 + j * sw;
+      Bits va = ld(ca);
+      T* dst = xs + cl * kw * cstride + ir * TCP + j;
+#pragma unroll 1
+      for (int kx = 0; kx < kw; ++kx) {
+        const Bits vb = ld(ca + sw);
+        *reinterpret_cast<Pair*>(dst + kx * cstride) =
+            static_cast<Pair>(va) | (static_cast<Pair>(vb) << (8 * sizeof(Bits)));
+        ca += dw;
+        va = dw == sw ? vb : ld(ca);  // stride == dilation (1 and 1): the next copy's first column is this one's second
+      }
+      ir += step_r;
+      while (ir >= IR) {
+        ir -= IR;
+        ++cl;
+      }
+    }
+    // zero rows [rows, kpad) of B
+    for (int e = tid; e < (kpad - rows) * IR * NP; e += nthreads)
+      reinterpret_cast<Pair*>(xs + rows * cstride)[(e / (IR * NP)) * (cstride / 2) + e % (IR * NP)] = Pair(0);
+    // A: lanes along the chunk's (channel, kx) entries, a warp per (ky, output channel)
+#pragma unroll 1
+    for (int q = lane; q < rows; q += 32) {
+      const int c = q / kw, kx = q - c * kw;
+      const scalar_t* wq = w + wb + ((static_cast<int64_t>(cc) + c) * KK + kx) * t.w_entry;
+#pragma unroll 1
+      for (int ky = 0; ky < kh; ++ky) {
+#pragma unroll 1
+        for (int ol = warp; ol < nO; ol += t.NW)
+          ws[(ky * MR + ol) * ldw + q] = *reinterpret_cast<const T*>(wq + ((o0 + ol) * s.K + ky * kw) * t.w_entry);
+      }
+    }
+    __syncthreads();  // chunk staged
+#pragma unroll 1
+    for (int ky = 0; ky < kh; ++ky) {
+#pragma unroll 1
+      for (int k0 = 0; k0 < kpad; k0 += K) {
+        FragA a[MT];
+#pragma unroll
+        for (int m = 0; m < MT; ++m) wmma::load_matrix_sync(a[m], ws + (ky * MR + m * 16) * ldw + k0, ldw);
+#pragma unroll
+        for (int i = 0; i < kPwMmaNT; ++i) {
+          const int tile = warp * kPwMmaNT + i;  // uniform over the warp
+          if (tile >= TR * CT) break;
+          const int r = tile / CT, ct = tile - r * CT;
+          FragB bf;
+          wmma::load_matrix_sync(bf, xs + k0 * cstride + (r * sh + ky * dh) * TCP + ct * 16, cstride);
+#pragma unroll
+          for (int m = 0; m < MT; ++m) mma::multiply_accumulate<scalar_t, 1>(acc[m][i], a[m], bf);
+        }
+      }
+    }
+    __syncthreads();  // the chunk's operands read (the next chunk, or Y, overwrites them)
+  }
+  // Y through shared memory: ys[o][r*TCP + column]
+#pragma unroll
+  for (int i = 0; i < kPwMmaNT; ++i) {
+    const int tile = warp * kPwMmaNT + i;
+    if (tile >= TR * CT) break;
+    const int r = tile / CT, ct = tile - r * CT;
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+      wmma::store_matrix_sync(ys + m * 16 * t.ldy + r * TCP + ct * 16, acc[m][i], t.ldy, wmma::mem_row_major);
+  }
+  __syncthreads();
+  // a thread per (channel, row, column) of the tile, columns fastest (coalesced stores)
+  const int step_c = nthreads % TCP, step_rr = nthreads / TCP;
+  int c = tid % TCP, rr = tid / TCP;
+#pragma unroll 1
+  for (; rr < nO * TR;) {
+    const int ol = rr / TR, r = rr - ol * TR;
+    if (r < nr && c < nc) {
+      const int64_t o = o0 + ol;
+      const float bv = bias ? static_cast<float>(bias[(b * s.Cout + o) * GG + pidx]) : 0.0f;
+      y[((b * s.Cout + o) * s.Hout + tr0 + r) * s.Wout + tc0 + c] =
+          static_cast<scalar_t>(ys[ol * t.ldy + r * TCP + c] + bv);
+    }
+    c += step_c;
+    rr += step_rr;
+    if (c >= TCP) {
+      c -= TCP;
+      ++rr;
+    }
   }
 }
 
