@@ -205,3 +205,23 @@ def test_patchwise_forward_plan_and_prediction(hyperseg_m):
     assert len(rows) == 3
     for r in rows:
         assert r["pred_over_floor"] <= 2.0, r
+
+
+def test_patchwise_mma_plan_and_prediction(hyperseg_m):
+    """The modelled tensor-core forward (pw_forward_mma_kernel) at HyperSeg-M's 3x3 shape: the launcher's
+    plan (16x16-px tiles, 4 warps, chunks of 16 channels, odd-16-byte strides), where it does not run
+    (float32, groups > 1, tiny patches), and its prediction against the FFMA kernel's in bfloat16."""
+    plan = rl._pw_mma_plan(34, 19, 1, 3, 3, (1, 1), (1, 1), 256, 512, 16, 32, 2)
+    assert (plan["TR"], plan["CT"], plan["NW"], plan["CC"], plan["IR"], plan["kpad"], plan["MT"]) == \
+        (16, 1, 4, 16, 18, 48, 2)
+    assert (plan["cstride"] * 2 // 16) % 2 == 1 and (plan["ldw"] * 2 // 16) % 2 == 1 and plan["smem"] <= 48 * 1024
+    assert rl._pw_mma_plan(34, 19, 1, 3, 3, (1, 1), (1, 1), 256, 512, 16, 32, 4) is None  # float32: FFMA
+    assert rl._pw_mma_plan(34, 34, 34, 3, 3, (1, 1), (1, 1), 256, 512, 16, 32, 2) is None  # depthwise
+    assert rl._pw_mma_plan(82, 64, 1, 1, 1, (1, 1), (1, 1), 16, 32, 16, 32, 2) is None    # 1-px patches
+    x, w = (1, 34, 256, 512), (1, 19, 34, 3, 3, 16, 32)
+    g = rl.GPUS["h100"]
+    mma = [rl._cuda_patchwise(x, w, True, (1, 1), (1, 1, 1, 1), (1, 1), 1, 2, False, pm)[0] for pm in (False, True)]
+    assert all(k.name == "pw_forward_mma_kernel<MT=2>" for k in mma)
+    assert mma[1].time_us(g) < mma[0].time_us(g)  # the default layout's weight sectors through L2
+    ffma = rl._cuda_patchwise(x, w, True, (1, 1), (1, 1, 1, 1), (1, 1), 1, 4, False)[0]
+    assert ffma.name.startswith("pw_forward_tiled_kernel") and mma[0].time_us(g) < ffma.time_us(g) / 2
