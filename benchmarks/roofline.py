@@ -710,8 +710,8 @@ def _pw_plan(Cin, Cout, groups, kh, kw, stride, dilation, Hout, Wout, gh, gw, ac
 #: channels per chunk, __launch_bounds__(128, 4).
 PW_MMA_NT, PW_MMA_WARPS, PW_MMA_CHUNK = 4, 4, 16
 #: registers/thread of pw_forward_mma_kernel (ptxas -v, sm_90, CUDA 13.0, torch's nvcc flags; no spills), by
-#: MT (m-tiles of 16 output channels), the larger of fp16/bf16: MT=2 119 (half) / 126 (bf16), MT=1 83 / 104.
-PW_MMA_REGS = {1: 104, 2: 126}
+#: MT (m-tiles of 16 output channels), the larger of fp16/bf16: MT=2 118 (half) / 126 (bf16), MT=1 84 / 96.
+PW_MMA_REGS = {1: 96, 2: 126}
 #: shared-memory wavefronts of one 16x16 fragment load (512 B of 16-bit operands; conflict-free rows) and of
 #: one float accumulator fragment store (1 KB)
 FRAG_WF, ACC_WF = 4, 8
@@ -755,7 +755,7 @@ def _cuda_patchwise_mma(x, w, has_bias, stride, dilation, esize, plan, Hout, Wou
     pair): 1 + kw (stride == dilation) or 2 kw loads, kw 4-byte stores) and the chunk's weights (a warp per
     (ky, channel), lanes along the (channel, kx) entries), then every warp runs, per ky and 16-deep k-step,
     MT A fragment loads + its (up to 4) B fragment loads + 4*MT wmma into register accumulators; Y leaves
-    through shared memory (8 wavefronts per float fragment) with coalesced stores (+bias). With conflict-free
+    through shared memory (8 wavefronts per float fragment) with coalesced column-pair stores (+bias). With conflict-free
     rows every fragment load is 4 wavefronts (512 B) and each B fragment feeds MT (<= 2) MMAs: the
     shared-memory pipe, not the tensor cores (~2.2 cycles per wmma), bounds the SM side, about 2.7
     wavefronts per wmma at HyperSeg-M's 3x3 level. HBM: x + weights + bias + y once; L2->SM: each block's
@@ -799,7 +799,9 @@ def _cuda_patchwise_mma(x, w, has_bias, stride, dilation, esize, plan, Hout, Wou
         f.tc += mmas * MMA_CLK
     f.lsu += ntiles * MT * ACC_WF  # accumulators to shared memory
     f.barriers += 1
-    f.loop(nO * TR * TCP, lsu=3, issue=20)  # LDS + bias (L1) + STG, an int32 division per item
+    # a thread per (channel, row, column pair): 8-byte LDS + bias (L1) + one 4-byte STG (aligned rows), an
+    # int32 division per item
+    f.loop(nO * TR * TCP // 2, lsu=3, issue=24)
     f.dram = xb + wb + bb + yb
     IC = (TCP - 1) * stride[1] + (kw - 1) * dilation[1] + 1
     f.l2 = (B * ptiles * ctiles * Cin * IR * IC * esize + yb + bb

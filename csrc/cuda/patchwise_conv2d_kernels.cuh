@@ -366,6 +366,12 @@ constexpr int kPwMmaNT = 4;       // n-tiles (16-pixel row segments) per warp
 constexpr int kPwMmaWarps = 4;    // at most 4 warps: 16 n-tiles (256 pixels) per block
 constexpr int kPwMmaChunk = 16;   // input channels per chunk (K = 16*kw rows: whole k-steps)
 
+// Two consecutive outputs, stored as one 4-byte word (16-bit types).
+template <typename T>
+struct alignas(2 * sizeof(T)) PwPair {
+  T v[2];
+};
+
 struct PwMmaPlan {
   int CT, TCP, TR, NW;  // pixel tile: TR output rows x TCP = 16*CT columns; NW warps
   int CC, IR;           // channels per chunk, staged input rows
@@ -516,22 +522,33 @@ __global__ void __launch_bounds__(32 * kPwMmaWarps, 4)
       wmma::store_matrix_sync(ys + m * 16 * t.ldy + r * TCP + ct * 16, acc[m][i], t.ldy, wmma::mem_row_major);
   }
   __syncthreads();
-  // a thread per (channel, row, column) of the tile, columns fastest (coalesced stores)
-  const int step_c = nthreads % TCP, step_rr = nthreads / TCP;
-  int c = tid % TCP, rr = tid / TCP;
+  // a thread per (channel, row, column pair) of the tile, pairs fastest (coalesced stores): one 4-byte
+  // store where the pair's address is 4-byte aligned (every row when Wout and the patch columns are even)
+  const int NQ = TCP / 2;
+  const int step_c = nthreads % NQ, step_rr = nthreads / NQ;
+  int cp = tid % NQ, rr = tid / NQ;
 #pragma unroll 1
   for (; rr < nO * TR;) {
-    const int ol = rr / TR, r = rr - ol * TR;
+    const int ol = rr / TR, r = rr - ol * TR, c = 2 * cp;
     if (r < nr && c < nc) {
       const int64_t o = o0 + ol;
       const float bv = bias ? static_cast<float>(bias[(b * s.Cout + o) * GG + pidx]) : 0.0f;
-      y[((b * s.Cout + o) * s.Hout + tr0 + r) * s.Wout + tc0 + c] =
-          static_cast<scalar_t>(ys[ol * t.ldy + r * TCP + c] + bv);
+      const int64_t gi = ((b * s.Cout + o) * s.Hout + tr0 + r) * s.Wout + tc0 + c;
+      const PwPair<float> v = *reinterpret_cast<const PwPair<float>*>(ys + ol * t.ldy + r * TCP + c);
+      if (c + 1 < nc && gi % 2 == 0) {
+        PwPair<scalar_t> q;
+        q.v[0] = static_cast<scalar_t>(v.v[0] + bv);
+        q.v[1] = static_cast<scalar_t>(v.v[1] + bv);
+        *reinterpret_cast<PwPair<scalar_t>*>(y + gi) = q;
+      } else {
+        y[gi] = static_cast<scalar_t>(v.v[0] + bv);
+        if (c + 1 < nc) y[gi + 1] = static_cast<scalar_t>(v.v[1] + bv);
+      }
     }
-    c += step_c;
+    cp += step_c;
     rr += step_rr;
-    if (c >= TCP) {
-      c -= TCP;
+    if (cp >= NQ) {
+      cp -= NQ;
       ++rr;
     }
   }
