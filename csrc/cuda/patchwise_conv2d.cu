@@ -1,7 +1,14 @@
 // CUDA launchers of pyseg::patchwise_conv2d and pyseg::patchwise_conv2d_backward (device code in
 // patchwise_conv2d_kernels.cuh).
 //
-//  * forward, patches of >= 64 pixels: pw_forward_tiled_kernel, one block per (sample, patch) x tile
+//  * forward, fp16/bf16 with groups == 1, Cin*kh*kw >= 16 and patches of >= 64 pixels:
+//    pw_forward_mma_kernel, an implicit GEMM on the tensor cores (nvcuda::wmma, float accumulators) per
+//    (sample, patch) x 32 (or 16) output channels x pixel tile (at most 16 n-tiles of 16 pixels of one
+//    row): per chunk of 16 input channels the block stages kw column-shifted copies of the haloed input
+//    tile and the chunk's weights (either layout) in shared memory, warps accumulate 4 n-tiles x 1-2
+//    m-tiles, and the result leaves through shared memory (scheme: patchwise_conv2d_kernels.cuh). float
+//    and double, grouped and depthwise convolutions and small patches take the CUDA-core kernels below.
+//  * forward, patches of >= 64 pixels otherwise: pw_forward_tiled_kernel, one block per (sample, patch) x tile
 //    of OT output channels (NG groups of 64 threads, RO = 4 or 1 channels per thread) x pixel tile of
 //    the patch (at most 256 pixels, 32 columns). Per chunk of input channels the block stages the
 //    input tile + halo (zero-padded; row stride IC picked by pw_plan_tiles for conflict-free warp
