@@ -709,9 +709,10 @@ def _pw_plan(Cin, Cout, groups, kh, kw, stride, dilation, Hout, Wout, gh, gw, ac
 #: pw_forward_mma_kernel (patchwise_conv2d_kernels.cuh): kPwMmaNT n-tiles per warp, kPwMmaWarps, kPwMmaChunk
 #: channels per chunk, __launch_bounds__(128, 4).
 PW_MMA_NT, PW_MMA_WARPS, PW_MMA_CHUNK = 4, 4, 16
-#: registers/thread of pw_forward_mma_kernel (ptxas -v, sm_90, CUDA 13.0, torch's nvcc flags; no spills), by
-#: MT (m-tiles of 16 output channels), the larger of fp16/bf16: MT=2 118 (half) / 126 (bf16), MT=1 84 / 96.
-PW_MMA_REGS = {1: 96, 2: 126}
+#: registers/thread of pw_forward_mma_kernel (ptxas -v, sm_90, CUDA 13.0, torch's nvcc flags, under its
+#: __launch_bounds__(256, 2); no spills), by MT (m-tiles of 16 output channels), the larger of fp16/bf16:
+#: MT=2 123 (half) / 128 (bf16), MT=1 91 / 107.
+PW_MMA_REGS = {1: 107, 2: 128}
 #: shared-memory wavefronts of one 16x16 fragment load (512 B of 16-bit operands; conflict-free rows) and of
 #: one float accumulator fragment store (1 KB)
 FRAG_WF, ACC_WF = 4, 8
@@ -724,9 +725,11 @@ def _pw_odd16(n, esize):
     return (v + 1 if v % 2 == 0 else v) * u
 
 
-def _pw_mma_plan(Cin, Cout, groups, kh, kw, stride, dilation, Hout, Wout, gh, gw, esize, smem_limit=PW_SMEM):
+def _pw_mma_plan(Cin, Cout, groups, kh, kw, stride, dilation, Hout, Wout, gh, gw, esize, smem_limit=PW_SMEM,
+                 patch_major=False):
     """pw_plan_mma (patchwise_conv2d.cu): None where the tensor-core forward does not run (not 16-bit,
-    groups > 1, Cin*kh*kw < 16, patches under 64 px, or no tile fits 48 KB)."""
+    groups > 1, Cin*kh*kw < 16, patches under 64 px, or no tile fits 48 KB per patch); ``smem`` per patch,
+    ``PP`` patches per block."""
     ph, pw = math.ceil(Hout / gh), math.ceil(Wout / gw)
     if esize != 2 or groups != 1 or Cin * kh * kw < 16 or ph * pw < PW_GROUP_THREADS:
         return None
@@ -740,10 +743,11 @@ def _pw_mma_plan(Cin, Cout, groups, kh, kw, stride, dilation, Hout, Wout, gh, gw
             kpad = -(-CC * kw // k) * k
             cstride, ldw, ldy = _pw_odd16(IR * TCP, esize), _pw_odd16(kpad, esize), tr * TCP + 4
             ow = -(-kpad * cstride * esize // 128) * 128
-            smem = max(ow + kh * MR * ldw * esize, MR * ldy * 4)
+            smem = -(-max(ow + kh * MR * ldw * esize, MR * ldy * 4) // 128) * 128
             if smem <= smem_limit:
+                PP = 2 if not patch_major and gw >= 2 else 1  # pairs of patches per block (default layout)
                 return dict(CT=CT, TCP=TCP, TR=tr, NW=math.ceil(tr * CT / PW_MMA_NT), CC=CC, IR=IR, kpad=kpad,
-                            cstride=cstride, ldw=ldw, ldy=ldy, MT=MR // 16, smem=smem)
+                            cstride=cstride, ldw=ldw, ldy=ldy, MT=MR // 16, smem=smem, PP=PP)
             tr //= 2
     return None
 
@@ -758,20 +762,25 @@ def _cuda_patchwise_mma(x, w, has_bias, stride, dilation, esize, plan, Hout, Wou
     through shared memory (8 wavefronts per float fragment) with coalesced column-pair stores (+bias). With conflict-free
     rows every fragment load is 4 wavefronts (512 B) and each B fragment feeds MT (<= 2) MMAs: the
     shared-memory pipe, not the tensor cores (~2.2 cycles per wmma), bounds the SM side, about 2.7
-    wavefronts per wmma at HyperSeg-M's 3x3 level. HBM: x + weights + bias + y once; L2->SM: each block's
-    haloed tile, and the weights, one 32-byte sector per element in the default layout (patches gh*gw
-    apart: the public ``patchwise_conv2d`` passes a contiguous weight) or contiguous when patch-major."""
+    wavefronts per wmma at HyperSeg-M's 3x3 level. HBM: x + weights + bias + y once; L2->SM: each tile's
+    haloed input, and the weights: contiguous when patch-major; in the default layout (patches gh*gw apart:
+    the public ``patchwise_conv2d`` passes a contiguous weight) one 32-byte sector per element and block,
+    which is why a block there runs a pair of horizontally neighbouring patches (PP = 2 sub-blocks of NW
+    warps, each with its own tile and shared memory) and loads both patches' value of an entry back to back
+    (the second from L1): half the sectors (95 -> 48 MB at HyperSeg-M's 3x3 level in bfloat16)."""
     B, Cin, H, W = x
     _, Cout, Cg, kh, kw, gh, gw = w
     G, K = gh * gw, Cin * kh * kw
     xb, wb, yb = _numel(x) * esize, _numel(w) * esize, B * Cout * Hout * Wout * esize
     bb = B * Cout * G * esize if has_bias else 0
-    TR, TCP, CT, NW, MT, IR = plan["TR"], plan["TCP"], plan["CT"], plan["NW"], plan["MT"], plan["IR"]
+    TR, TCP, CT, NW, MT, IR, PP = (plan[k] for k in ("TR", "TCP", "CT", "NW", "MT", "IR", "PP"))
     rows, cols = _patch_sizes(Hout, gh), _patch_sizes(Wout, gw)
-    ptiles = sum(math.ceil(a / TR) for a in rows) * sum(math.ceil(b / TCP) for b in cols)
+    ptiles = math.ceil(max(rows) / TR) * math.ceil(max(cols) / TCP)  # grid.z: the largest patch's tiles
     ctiles = math.ceil(Cout / 32)
     name = f"pw_forward_mma_kernel<MT={MT}>"
-    f = _KernelCost(name, B * ptiles * ctiles, 32 * NW, plan["smem"], regs=PW_MMA_REGS[MT])
+    # PP sub-blocks per block: every per-block count below is per sub-block, times PP
+    blocks = B * gh * math.ceil(gw / PP) * ptiles * ctiles
+    f = _KernelCost(name, blocks, 32 * NW * PP, plan["smem"] * PP, regs=PW_MMA_REGS[MT])
     nO = min(Cout, 16 * MT)
     ntiles = TR * CT
     NP = TCP // 2
@@ -802,10 +811,15 @@ def _cuda_patchwise_mma(x, w, has_bias, stride, dilation, esize, plan, Hout, Wou
     # a thread per (channel, row, column pair): 8-byte LDS + bias (L1) + one 4-byte STG (aligned rows), an
     # int32 division per item
     f.loop(nO * TR * TCP // 2, lsu=3, issue=24)
+    f.lsu *= PP
+    f.issue *= PP
+    f.tc *= PP
     f.dram = xb + wb + bb + yb
     IC = (TCP - 1) * stride[1] + (kw - 1) * dilation[1] + 1
-    f.l2 = (B * ptiles * ctiles * Cin * IR * IC * esize + yb + bb
-            + (wb if patch_major else B * Cout * K * G * SECTOR))
+    # weights: contiguous when patch-major; else a sector per element and block (PP patches' values of an
+    # entry share it: the second load hits L1)
+    f.l2 = (B * G * ptiles * ctiles * Cin * IR * IC * esize + yb + bb
+            + (wb if patch_major else B * Cout * K * G * SECTOR / PP))
     return f
 
 
@@ -846,7 +860,8 @@ def _cuda_patchwise(x, w, has_bias, stride, padding, dilation, groups, esize, ba
         # re-read once per pixel row of its patch; x re-read per channel group (taps hit L1)
         f.l2 = xb * math.ceil(Cout / RO) + wb * ph + yb + bb
         return [f]
-    mplan = None if backward else _pw_mma_plan(Cin, Cout, groups, kh, kw, stride, dilation, Hout, Wout, gh, gw, esize)
+    mplan = None if backward else _pw_mma_plan(Cin, Cout, groups, kh, kw, stride, dilation, Hout, Wout, gh, gw, esize,
+                                               patch_major=patch_major)
     if mplan is not None:
         return [_cuda_patchwise_mma(x, w, has_bias, stride, dilation, esize, mplan, Hout, Wout, patch_major)]
     plan = None if backward else _pw_plan(Cin, Cout, groups, kh, kw, stride, dilation, Hout, Wout, gh, gw, acc)

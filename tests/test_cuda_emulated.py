@@ -168,6 +168,9 @@ PW_MMA_CASES = {
     "mma-1x1-wide": (1, 20, 33, 12, 70, 1, 1, 0, 1, (1, 1), True),
     # 5x5, dilation 2, padding 2 on 8 x 8/9 patches (K = 3*25 = 75; B rows 15 -> 16), three uneven patch columns
     "mma-5x5-dil": (1, 3, 4, 20, 30, 5, 1, 2, 2, (2, 3), True),
+    # a pair of patches 64 and 65 columns wide in one block (default layout): 1 and 2 column tiles, so
+    # the pixel tiles 3-5 exist for the second patch only
+    "mma-pair-uneven": (1, 4, 5, 10, 129, 3, 1, 1, 1, (1, 2), False),
 }
 
 

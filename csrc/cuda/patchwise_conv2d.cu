@@ -6,7 +6,8 @@
 //    (sample, patch) x 32 (or 16) output channels x pixel tile (at most 16 n-tiles of 16 pixels of one
 //    row): per chunk of 16 input channels the block stages kw column-shifted copies of the haloed input
 //    tile and the chunk's weights (either layout) in shared memory, warps accumulate 4 n-tiles x 1-2
-//    m-tiles, and the result leaves through shared memory (scheme: patchwise_conv2d_kernels.cuh). float
+//    m-tiles, and the result leaves through shared memory (scheme: patchwise_conv2d_kernels.cuh). In the
+//    default weight layout a block runs two neighbouring patches (half the L2 sectors of the weights). float
 //    and double, grouped and depthwise convolutions and small patches take the CUDA-core kernels below.
 //  * forward, patches of >= 64 pixels otherwise: pw_forward_tiled_kernel, one block per (sample, patch) x tile
 //    of OT output channels (NG groups of 64 threads, RO = 4 or 1 channels per thread) x pixel tile of
@@ -131,7 +132,7 @@ inline int pw_odd16(int64_t n, int esize) {
 
 // The tensor-core forward's plan (pw_forward_mma_kernel): a pixel tile of TR rows x 16*CT columns
 // (CT = 1, 2 or 4 n-tiles across, at most 16 n-tiles), chunks of 16 input channels (8 when that does
-// not fit), within `smem_limit` bytes; false when it does not apply (the caller runs the CUDA-core
+// not fit), within `smem_limit` bytes per patch (two patches per block in the default weight layout); false when it does not apply (the caller runs the CUDA-core
 // kernels): not fp16/bf16, groups > 1, Cin*kh*kw < 16, patches under 64 pixels, or no tile fits.
 template <typename scalar_t>
 bool pw_plan_mma(const PwConvShape& s, int64_t smem_limit, int64_t w_entry, int64_t w_patch, PwMmaPlan* out) {
@@ -157,8 +158,10 @@ bool pw_plan_mma(const PwConvShape& s, int64_t smem_limit, int64_t w_entry, int6
         t.ldw = pw_odd16(t.kpad, esize);
         t.ldy = t.TR * t.TCP + 4;
         t.ow = (static_cast<int64_t>(t.kpad) * t.cstride * esize + 127) / 128 * 128;
-        t.bytes = std::max<int64_t>(t.ow + s.kh * MR * t.ldw * esize, int64_t{MR} * t.ldy * 4);
+        t.bytes = (std::max<int64_t>(t.ow + s.kh * MR * t.ldw * esize, int64_t{MR} * t.ldy * 4) + 127) / 128 * 128;
         t.NW = static_cast<int>((t.TR * t.CT + kPwMmaNT - 1) / kPwMmaNT);
+        // pairs of patches per block in the default weight layout (half the L2 sectors of the weights)
+        t.PP = w_entry != 1 && s.gw >= 2 ? kPwMmaMaxPP : 1;
         t.w_entry = w_entry;
         t.w_patch = w_patch;
         if (t.bytes <= smem_limit) {
@@ -185,16 +188,21 @@ bool pw_forward_mma(const PwConvForward& a, at::Tensor& y, int64_t smem_limit, c
     const int64_t ptiles = ((ph + m.TR - 1) / m.TR) * ((pw + m.TCP - 1) / m.TCP);
     TORCH_CHECK(ctiles <= 65535 && ptiles <= 65535, kPwConvForward, ": grid too large (", ctiles,
                 " output-channel tiles x ", ptiles, " pixel tiles per patch)");
-    const dim3 grid(static_cast<unsigned>(s.B * s.gh * s.gw), static_cast<unsigned>(ctiles),
-                    static_cast<unsigned>(ptiles));
+    const int64_t blocks = s.B * s.gh * ((s.gw + m.PP - 1) / m.PP);
+    TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), kPwConvForward, ": too many blocks: ", blocks);
+    const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(ctiles), static_cast<unsigned>(ptiles));
+    const int threads = 32 * m.NW * m.PP;
+    const int64_t smem = m.bytes * m.PP;
     const scalar_t* xp = a.x.const_data_ptr<scalar_t>();
     const scalar_t* wp = a.weight.const_data_ptr<scalar_t>();
     const scalar_t* bptr = a.bias_ptr<scalar_t>();
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     if (s.Cout <= 16) {
-      PYSEG_LAUNCH(grid, 32 * m.NW, m.bytes, stream, pw_forward_mma_kernel<scalar_t, 1>)(xp, wp, bptr, yp, s, m);
+      gpu::allow_dynamic_smem(pw_forward_mma_kernel<scalar_t, 1>, static_cast<size_t>(smem));
+      PYSEG_LAUNCH(grid, threads, smem, stream, pw_forward_mma_kernel<scalar_t, 1>)(xp, wp, bptr, yp, s, m);
     } else {
-      PYSEG_LAUNCH(grid, 32 * m.NW, m.bytes, stream, pw_forward_mma_kernel<scalar_t, 2>)(xp, wp, bptr, yp, s, m);
+      gpu::allow_dynamic_smem(pw_forward_mma_kernel<scalar_t, 2>, static_cast<size_t>(smem));
+      PYSEG_LAUNCH(grid, threads, smem, stream, pw_forward_mma_kernel<scalar_t, 2>)(xp, wp, bptr, yp, s, m);
     }
     PYSEG_LAUNCH_CHECK();
     return true;

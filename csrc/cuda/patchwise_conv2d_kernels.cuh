@@ -362,9 +362,14 @@ __global__ void __launch_bounds__(kThreads)
 // an odd multiple of 16 bytes: the 8 rows of one tensor-core load phase fall in 8 distinct 16-byte bank
 // groups (conflict-free). Pad rows of B are zero and every staged element is finite, so pad rows/columns
 // of A (zeroed once; later chunks leave stale finite weights there) contribute exactly 0.
+// Pairs of patches (PP = 2, default weight layout): a block runs two horizontally neighbouring patches
+// as two independent sub-blocks (own warps, own shared memory, own pixel tile), and stages both
+// patches' weights in one pass: their values are adjacent in memory (gh*gw apart between entries), so
+// the second load hits the 32-byte sector the first brought into L1 -- half the L2 sectors per weight.
 constexpr int kPwMmaNT = 4;       // n-tiles (16-pixel row segments) per warp
-constexpr int kPwMmaWarps = 4;    // at most 4 warps: 16 n-tiles (256 pixels) per block
+constexpr int kPwMmaWarps = 4;    // at most 4 warps per sub-block: 16 n-tiles (256 pixels)
 constexpr int kPwMmaChunk = 16;   // input channels per chunk (K = 16*kw rows: whole k-steps)
+constexpr int kPwMmaMaxPP = 2;    // patches (sub-blocks) per block
 
 // Two consecutive outputs, stored as one 4-byte word (16-bit types).
 template <typename T>
@@ -373,16 +378,41 @@ struct alignas(2 * sizeof(T)) PwPair {
 };
 
 struct PwMmaPlan {
-  int CT, TCP, TR, NW;  // pixel tile: TR output rows x TCP = 16*CT columns; NW warps
+  int CT, TCP, TR, NW;  // pixel tile: TR output rows x TCP = 16*CT columns; NW warps per sub-block
   int CC, IR;           // channels per chunk, staged input rows
   int cstride, ldw, ldy;  // xs row (copy) stride, ws row stride (operand elements), ys row stride (floats)
   int kpad;             // rows of xs (CC*kw rounded up to the MMA depth)
-  int64_t ow, bytes;    // byte offset of ws; shared memory in all
+  int PP;               // patches per block (sub-blocks): 1, or 2 for the default weight layout
+  int64_t ow, bytes;    // byte offset of ws in a sub-block's space; bytes per sub-block (128-byte multiple)
   int64_t w_entry, w_patch;
 };
 
+// One sub-block's patch and pixel tile.
+struct PwMmaTile {
+  bool ok;              // the patch exists and has this tile
+  int64_t pidx;         // patch index pi*gw + pj
+  int tr0, tc0, nr, nc;  // first output row / column, rows / columns in the tile
+};
+
+__device__ __forceinline__ PwMmaTile pw_mma_tile(const PwConvShape& s, const PwMmaPlan& t, int64_t pi, int64_t pj) {
+  PwMmaTile q{};
+  q.ok = pj < s.gw;
+  if (!q.ok) return q;
+  q.pidx = pi * s.gw + pj;
+  const int64_t r0 = patch_begin(pi, s.gh, s.Hout), r1 = patch_begin(pi + 1, s.gh, s.Hout);
+  const int64_t c0 = patch_begin(pj, s.gw, s.Wout), c1 = patch_begin(pj + 1, s.gw, s.Wout);
+  const int ntc = static_cast<int>((c1 - c0 + t.TCP - 1) / t.TCP);
+  const int tz = static_cast<int>(blockIdx.z);
+  q.tr0 = static_cast<int>(r0) + (tz / ntc) * t.TR;
+  q.tc0 = static_cast<int>(c0) + (tz % ntc) * t.TCP;
+  q.ok = q.tr0 < r1;  // this patch may have fewer tiles than the largest one
+  q.nr = min(t.TR, static_cast<int>(r1) - q.tr0);
+  q.nc = min(t.TCP, static_cast<int>(c1) - q.tc0);
+  return q;
+}
+
 template <typename scalar_t, int MT>
-__global__ void __launch_bounds__(32 * kPwMmaWarps, 4)
+__global__ void __launch_bounds__(32 * kPwMmaWarps * kPwMmaMaxPP, 2)
     pw_forward_mma_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ w,
                           const scalar_t* __restrict__ bias, scalar_t* __restrict__ y, const PwConvShape s,
                           const PwMmaPlan t) {
@@ -398,37 +428,43 @@ __global__ void __launch_bounds__(32 * kPwMmaWarps, 4)
   using Pair = std::conditional_t<sizeof(T) == 2, uint32_t, unsigned long long>;
   static_assert(sizeof(T) == sizeof(scalar_t), "operand and tensor element sizes differ");
   PYSEG_DYNAMIC_SMEM(pw_smem_raw);
-  T* xs = reinterpret_cast<T*>(pw_smem_raw);
-  T* ws = reinterpret_cast<T*>(pw_smem_raw + t.ow);
-  float* ys = reinterpret_cast<float*>(pw_smem_raw);  // the epilogue reuses the staging space
 
   const int64_t GG = s.gh * s.gw;
-  const PwBlockPatch bp = pw_block_patch(s);
-  const int64_t pidx = bp.pidx, b = bp.b;
+  const int64_t gwp = (s.gw + t.PP - 1) / t.PP;  // blocks per patch row
+  const int64_t b = static_cast<int64_t>(blockIdx.x) / (s.gh * gwp);
+  const int64_t pi = static_cast<int64_t>(blockIdx.x) / gwp % s.gh, pj0 = static_cast<int64_t>(blockIdx.x) % gwp * t.PP;
+  const int tid = static_cast<int>(threadIdx.x), warp = tid / 32, lane = tid % 32;
+  const int snt = 32 * t.NW;  // threads per sub-block
+  const int sb = tid / snt, stid = tid - sb * snt, swarp = warp - sb * t.NW;
+  int okmask = 0;  // bit i: sub-block i has a tile
+#pragma unroll
+  for (int i = 0; i < kPwMmaMaxPP; ++i)
+    if (i < t.PP && pw_mma_tile(s, t, pi, pj0 + i).ok) okmask |= 1 << i;
+  if (okmask == 0) return;  // whole block, before any barrier
+  const PwMmaTile me = pw_mma_tile(s, t, pi, pj0 + sb);  // this thread's sub-block (warp-uniform)
+  const int64_t pbase = pi * s.gw + pj0;  // the block's first patch
+  unsigned char* sub = pw_smem_raw + sb * t.bytes;
+  T* xs = reinterpret_cast<T*>(sub);
+  T* ws = reinterpret_cast<T*>(sub + t.ow);
+  float* ys = reinterpret_cast<float*>(sub);  // the epilogue reuses the staging space
   const int TCP = t.TCP, TR = t.TR, CT = t.CT;
-  const int ntc = static_cast<int>((bp.c1 - bp.c0 + TCP - 1) / TCP);
-  const int tz = static_cast<int>(blockIdx.z);
-  const int tr0 = static_cast<int>(bp.r0) + (tz / ntc) * TR, tc0 = static_cast<int>(bp.c0) + (tz % ntc) * TCP;
-  if (tr0 >= bp.r1) return;  // this patch has fewer tiles than the largest one (whole block, before any barrier)
-  const int nr = min(TR, static_cast<int>(bp.r1) - tr0), nc = min(TCP, static_cast<int>(bp.c1) - tc0);
   constexpr int MR = 16 * MT;
   const int64_t o0 = static_cast<int64_t>(blockIdx.y) * MR;
   const int nO = static_cast<int>(pw_lo(MR, s.Cout - o0));
 
-  const int tid = static_cast<int>(threadIdx.x), nthreads = static_cast<int>(blockDim.x);
-  const int warp = tid / 32, lane = tid % 32;
   const int kh = static_cast<int>(s.kh), kw = static_cast<int>(s.kw), KK = kh * kw;
   const int sh = static_cast<int>(s.sh), sw = static_cast<int>(s.sw);
   const int dh = static_cast<int>(s.dh), dw = static_cast<int>(s.dw);
   const int H = static_cast<int>(s.H), W = static_cast<int>(s.W), Cin = static_cast<int>(s.Cin);
-  const int ih0 = tr0 * sh - static_cast<int>(s.pt), iw0 = tc0 * sw - static_cast<int>(s.pl);
+  const int ih0 = me.tr0 * sh - static_cast<int>(s.pt), iw0 = me.tc0 * sw - static_cast<int>(s.pl);
   const int IR = t.IR, cstride = t.cstride, ldw = t.ldw;
+  const int nthreads = static_cast<int>(blockDim.x), nwarps = nthreads / 32;
 
-  // A: zero once (rows past Cout and columns past a chunk stay finite; see above)
+  // A of every sub-block: zero once (rows past Cout and columns past a chunk stay finite; see above)
   {
-    uint32_t* wz = reinterpret_cast<uint32_t*>(ws);
-    const int words = static_cast<int>(static_cast<int64_t>(kh) * MR * ldw * sizeof(T) / 4);
-    for (int i = tid; i < words; i += nthreads) wz[i] = 0u;
+    const int per = static_cast<int>(static_cast<int64_t>(kh) * MR * ldw * sizeof(T) / 4);
+    for (int i = tid; i < t.PP * per; i += nthreads)
+      reinterpret_cast<uint32_t*>(pw_smem_raw + (i / per) * t.bytes + t.ow)[i % per] = 0u;
   }
   FragC acc[MT][kPwMmaNT];
 #pragma unroll
@@ -437,75 +473,87 @@ __global__ void __launch_bounds__(32 * kPwMmaWarps, 4)
     for (int i = 0; i < kPwMmaNT; ++i) wmma::fill_fragment(acc[m][i], 0.0f);
 
   const Bits* xbits = reinterpret_cast<const Bits*>(x);
-  const int64_t wb = b * s.Cout * s.K * GG + pidx * t.w_patch;
+  const int64_t wb = b * s.Cout * s.K * GG;
   const int NP = TCP / 2;  // column pairs per staged row
-  const int jp = tid % NP, step_r = nthreads / NP;  // NP divides the block (8, 16 or 32 | 32*NW)
+  const int jp = stid % NP, step_r = snt / NP;  // NP divides the sub-block (8, 16 or 32 | 32*NW)
   const int j = 2 * jp;
   for (int cc = 0; cc < Cin; cc += t.CC) {
     const int ncc = min(t.CC, Cin - cc), rows = ncc * kw;
     const int kpad = (rows + K - 1) / K * K;
-    // x: a thread per (channel, staged row, column pair), all kw copies from one pass over the columns
-    const int64_t xoff = (b * s.Cin + cc) * s.H * s.W;
-    int cl = 0, ir = tid / NP;
-    while (ir >= IR) {
-      ir -= IR;
-      ++cl;
-    }
-#pragma unroll 1
-    for (; cl < ncc;) {
-      const int ih = ih0 + ir;
-      const bool row_ok = ih >= 0 && ih < H;
-      const Bits* xr = xbits + xoff + (static_cast<int64_t>(cl) * H + (row_ok ? ih : 0)) * W;
-      auto ld = [&](int iw) -> Bits { return (row_ok && iw >= 0 && iw < W) ? xr[iw] : Bits(0); };
-      int ca = iw0 + j * sw;
-      Bits va = ld(ca);
-      T* dst = xs + cl * kw * cstride + ir * TCP + j;
-#pragma unroll 1
-      for (int kx = 0; kx < kw; ++kx) {
-        const Bits vb = ld(ca + sw);
-        *reinterpret_cast<Pair*>(dst + kx * cstride) =
-            static_cast<Pair>(va) | (static_cast<Pair>(vb) << (8 * sizeof(Bits)));
-        ca += dw;
-        va = dw == sw ? vb : ld(ca);  // stride == dilation (1 and 1): the next copy's first column is this one's second
-      }
-      ir += step_r;
+    if (me.ok) {
+      // x: a thread per (channel, staged row, column pair), all kw copies from one pass over the columns
+      const int64_t xoff = (b * s.Cin + cc) * s.H * s.W;
+      int cl = 0, ir = stid / NP;
       while (ir >= IR) {
         ir -= IR;
         ++cl;
       }
+#pragma unroll 1
+      for (; cl < ncc;) {
+        const int ih = ih0 + ir;
+        const bool row_ok = ih >= 0 && ih < H;
+        const Bits* xr = xbits + xoff + (static_cast<int64_t>(cl) * H + (row_ok ? ih : 0)) * W;
+        auto ld = [&](int iw) -> Bits { return (row_ok && iw >= 0 && iw < W) ? xr[iw] : Bits(0); };
+        int ca = iw0 + j * sw;
+        Bits va = ld(ca);
+        T* dst = xs + cl * kw * cstride + ir * TCP + j;
+#pragma unroll 1
+        for (int kx = 0; kx < kw; ++kx) {
+          const Bits vb = ld(ca + sw);
+          *reinterpret_cast<Pair*>(dst + kx * cstride) =
+              static_cast<Pair>(va) | (static_cast<Pair>(vb) << (8 * sizeof(Bits)));
+          ca += dw;
+          va = dw == sw ? vb : ld(ca);  // stride == dilation: the next copy's first column is this one's second
+        }
+        ir += step_r;
+        while (ir >= IR) {
+          ir -= IR;
+          ++cl;
+        }
+      }
+      // zero rows [rows, kpad) of B
+      for (int e = stid; e < (kpad - rows) * IR * NP; e += snt)
+        reinterpret_cast<Pair*>(xs + rows * cstride)[(e / (IR * NP)) * (cstride / 2) + e % (IR * NP)] = Pair(0);
     }
-    // zero rows [rows, kpad) of B
-    for (int e = tid; e < (kpad - rows) * IR * NP; e += nthreads)
-      reinterpret_cast<Pair*>(xs + rows * cstride)[(e / (IR * NP)) * (cstride / 2) + e % (IR * NP)] = Pair(0);
-    // A: lanes along the chunk's (channel, kx) entries, a warp per (ky, output channel)
+    // A of every sub-block: lanes along the chunk's (channel, kx) entries, a warp of the block per (ky,
+    // output channel), the sub-blocks' values of one entry loaded back to back (one sector)
 #pragma unroll 1
     for (int q = lane; q < rows; q += 32) {
       const int c = q / kw, kx = q - c * kw;
-      const scalar_t* wq = w + wb + ((static_cast<int64_t>(cc) + c) * KK + kx) * t.w_entry;
+      const int64_t eq = ((static_cast<int64_t>(cc) + c) * KK + kx) * t.w_entry;
 #pragma unroll 1
       for (int ky = 0; ky < kh; ++ky) {
 #pragma unroll 1
-        for (int ol = warp; ol < nO; ol += t.NW)
-          ws[(ky * MR + ol) * ldw + q] = *reinterpret_cast<const T*>(wq + ((o0 + ol) * s.K + ky * kw) * t.w_entry);
+        for (int ol = warp; ol < nO; ol += nwarps) {
+          const int64_t e = wb + eq + ((o0 + ol) * s.K + ky * kw) * t.w_entry;
+          const int d = (ky * MR + ol) * ldw + q;
+#pragma unroll
+          for (int i = 0; i < kPwMmaMaxPP; ++i)
+            if (okmask & (1 << i))
+              reinterpret_cast<T*>(pw_smem_raw + i * t.bytes + t.ow)[d] =
+                  *reinterpret_cast<const T*>(w + e + (pbase + i) * t.w_patch);
+        }
       }
     }
     __syncthreads();  // chunk staged
+    if (me.ok) {
 #pragma unroll 1
-    for (int ky = 0; ky < kh; ++ky) {
+      for (int ky = 0; ky < kh; ++ky) {
 #pragma unroll 1
-      for (int k0 = 0; k0 < kpad; k0 += K) {
-        FragA a[MT];
+        for (int k0 = 0; k0 < kpad; k0 += K) {
+          FragA a[MT];
 #pragma unroll
-        for (int m = 0; m < MT; ++m) wmma::load_matrix_sync(a[m], ws + (ky * MR + m * 16) * ldw + k0, ldw);
+          for (int m = 0; m < MT; ++m) wmma::load_matrix_sync(a[m], ws + (ky * MR + m * 16) * ldw + k0, ldw);
 #pragma unroll
-        for (int i = 0; i < kPwMmaNT; ++i) {
-          const int tile = warp * kPwMmaNT + i;  // uniform over the warp
-          if (tile >= TR * CT) break;
-          const int r = tile / CT, ct = tile - r * CT;
-          FragB bf;
-          wmma::load_matrix_sync(bf, xs + k0 * cstride + (r * sh + ky * dh) * TCP + ct * 16, cstride);
+          for (int i = 0; i < kPwMmaNT; ++i) {
+            const int tile = swarp * kPwMmaNT + i;  // uniform over the warp
+            if (tile >= TR * CT) break;
+            const int r = tile / CT, ct = tile - r * CT;
+            FragB bf;
+            wmma::load_matrix_sync(bf, xs + k0 * cstride + (r * sh + ky * dh) * TCP + ct * 16, cstride);
 #pragma unroll
-          for (int m = 0; m < MT; ++m) mma::multiply_accumulate<scalar_t, 1>(acc[m][i], a[m], bf);
+            for (int m = 0; m < MT; ++m) mma::multiply_accumulate<scalar_t, 1>(acc[m][i], a[m], bf);
+          }
         }
       }
     }
@@ -514,8 +562,8 @@ __global__ void __launch_bounds__(32 * kPwMmaWarps, 4)
   // Y through shared memory: ys[o][r*TCP + column]
 #pragma unroll
   for (int i = 0; i < kPwMmaNT; ++i) {
-    const int tile = warp * kPwMmaNT + i;
-    if (tile >= TR * CT) break;
+    const int tile = swarp * kPwMmaNT + i;
+    if (!me.ok || tile >= TR * CT) break;
     const int r = tile / CT, ct = tile - r * CT;
 #pragma unroll
     for (int m = 0; m < MT; ++m)
@@ -525,10 +573,12 @@ __global__ void __launch_bounds__(32 * kPwMmaWarps, 4)
   // a thread per (channel, row, column pair) of the tile, pairs fastest (coalesced stores): one 4-byte
   // store where the pair's address is 4-byte aligned (every row when Wout and the patch columns are even)
   const int NQ = TCP / 2;
-  const int step_c = nthreads % NQ, step_rr = nthreads / NQ;
-  int cp = tid % NQ, rr = tid / NQ;
+  const int step_c = snt % NQ, step_rr = snt / NQ;
+  int cp = stid % NQ, rr = stid / NQ;
+  const int nr = me.nr, nc = me.nc, tr0 = me.tr0, tc0 = me.tc0;
+  const int64_t pidx = me.pidx;
 #pragma unroll 1
-  for (; rr < nO * TR;) {
+  for (; me.ok && rr < nO * TR;) {
     const int ol = rr / TR, r = rr - ol * TR, c = 2 * cp;
     if (r < nr && c < nc) {
       const int64_t o = o0 + ol;
