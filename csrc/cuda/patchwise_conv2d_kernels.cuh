@@ -417,12 +417,12 @@ __global__ void __launch_bounds__(32 * kPwMmaWarps * kPwMmaMaxPP, 2)
                           const scalar_t* __restrict__ bias, scalar_t* __restrict__ y, const PwConvShape s,
                           const PwMmaPlan t) {
   namespace wmma = mma::wmma;
-  using Op = mma::Operand<scalar_t>;
-  using T = typename Op::mem;
-  constexpr int K = Op::k;
-  using FragA = wmma::fragment<wmma::matrix_a, 16, 16, K, typename Op::type, wmma::row_major>;
-  using FragB = wmma::fragment<wmma::matrix_b, 16, 16, K, typename Op::type, wmma::row_major>;
-  using FragC = wmma::fragment<wmma::accumulator, 16, 16, K, float>;
+  using Tiles = mma::Tiles<scalar_t>;
+  using T = typename Tiles::T;
+  constexpr int K = Tiles::K;
+  using FragA = typename Tiles::A;
+  using FragB = typename Tiles::B;
+  using FragC = typename Tiles::C;
   // staging copies raw bits (same type in and out): two columns per 2x-wide store
   using Bits = std::conditional_t<sizeof(T) == 2, uint16_t, uint32_t>;
   using Pair = std::conditional_t<sizeof(T) == 2, uint32_t, unsigned long long>;
