@@ -171,6 +171,9 @@ PW_MMA_CASES = {
     # a pair of patches 64 and 65 columns wide in one block (default layout): 1 and 2 column tiles, so
     # the pixel tiles 3-5 exist for the second patch only
     "mma-pair-uneven": (1, 4, 5, 10, 129, 3, 1, 1, 1, (1, 2), False),
+    # HyperSeg-M's plan: 16x16-px patches (one 16-row tile, 4 warps per patch), 17 channels (chunks of 16 and
+    # 1), two patches per block with 2 x 39 KB of shared memory (over 48 KB: the opt-in)
+    "mma-16x16-pairs": (1, 17, 19, 32, 32, 3, 1, 1, 1, (2, 2), True),
 }
 
 
