@@ -727,7 +727,124 @@ def _pw_plan(Cin, Cout, groups, kh, kw, stride, dilation, Hout, Wout, gh, gw, ac
                 span=span, conflict=best, smem=CC * (IR * IC + KK * OT) * acc)
 
 
-def _cuda_patchwise(x, w, has_bias, stride, padding, dilation, groups, esize, backward):
+#: pw_forward_mma_kernel (patchwise_conv2d_kernels.cuh): kPwMmaNT n-tiles per warp, kPwMmaWarps, kPwMmaChunk
+#: channels per chunk, __launch_bounds__(128, 4).
+PW_MMA_NT, PW_MMA_WARPS, PW_MMA_CHUNK = 4, 4, 16
+#: registers/thread of pw_forward_mma_kernel (ptxas -v, sm_90, CUDA 13.0, torch's nvcc flags, under its
+#: __launch_bounds__(256, 2); no spills), by MT (m-tiles of 16 output channels), the larger of fp16/bf16:
+#: MT=2 123 (half) / 128 (bf16), MT=1 91 / 107.
+PW_MMA_REGS = {1: 107, 2: 128}
+#: shared-memory wavefronts of one 16x16 fragment load (512 B of 16-bit operands; conflict-free rows) and of
+#: one float accumulator fragment store (1 KB)
+FRAG_WF, ACC_WF = 4, 8
+
+
+def _pw_odd16(n, esize):
+    """pw_odd16 (patchwise_conv2d.cu): the smallest stride >= n that is an odd multiple of 16 bytes."""
+    u = 16 // esize
+    v = -(-n // u)
+    return (v + 1 if v % 2 == 0 else v) * u
+
+
+def _pw_mma_plan(Cin, Cout, groups, kh, kw, stride, dilation, Hout, Wout, gh, gw, esize, smem_limit=PW_SMEM,
+                 patch_major=False):
+    """pw_plan_mma (patchwise_conv2d.cu): None where the tensor-core forward does not run (not 16-bit,
+    groups > 1, Cin*kh*kw < 16, patches under 64 px, or no tile fits 48 KB per patch); ``smem`` per patch,
+    ``PP`` patches per block."""
+    ph, pw = math.ceil(Hout / gh), math.ceil(Wout / gw)
+    if esize != 2 or groups != 1 or Cin * kh * kw < 16 or ph * pw < PW_GROUP_THREADS:
+        return None
+    CT = 1 if pw <= 16 else 2 if pw <= 32 else 4
+    TCP, MR, k = 16 * CT, 16 if Cout <= 16 else 32, 16
+    for cc in (PW_MMA_CHUNK, PW_MMA_CHUNK // 2):
+        tr = min(ph, 16 // CT)
+        while tr >= 1:
+            IR = (tr - 1) * stride[0] + (kh - 1) * dilation[0] + 1
+            CC = min(cc, Cin)
+            kpad = -(-CC * kw // k) * k
+            cstride, ldw, ldy = _pw_odd16(IR * TCP, esize), _pw_odd16(kpad, esize), tr * TCP + 4
+            ow = -(-kpad * cstride * esize // 128) * 128
+            smem = -(-max(ow + kh * MR * ldw * esize, MR * ldy * 4) // 128) * 128
+            if smem <= smem_limit:
+                PP = 2 if not patch_major and gw >= 2 else 1  # pairs of patches per block (default layout)
+                return dict(CT=CT, TCP=TCP, TR=tr, NW=math.ceil(tr * CT / PW_MMA_NT), CC=CC, IR=IR, kpad=kpad,
+                            cstride=cstride, ldw=ldw, ldy=ldy, MT=MR // 16, smem=smem, PP=PP)
+            tr //= 2
+    return None
+
+
+def _cuda_patchwise_mma(x, w, has_bias, stride, dilation, esize, plan, Hout, Wout, patch_major):
+    """pw_forward_mma_kernel (patchwise_conv2d_kernels.cuh): an implicit GEMM per (sample, patch, pixel tile
+    of TR rows x 16*CT columns, 16*MT output channels) on the tensor cores. Per chunk of CC input channels
+    the block stages kw column-shifted copies of the haloed input tile (a thread per (channel, row, column
+    pair): 1 + kw (stride == dilation) or 2 kw loads, kw 4-byte stores) and the chunk's weights (a warp per
+    (ky, channel), lanes along the (channel, kx) entries), then every warp runs, per ky and 16-deep k-step,
+    MT A fragment loads + its (up to 4) B fragment loads + 4*MT wmma into register accumulators; Y leaves
+    through shared memory (8 wavefronts per float fragment) with coalesced column-pair stores (+bias). With conflict-free
+    rows every fragment load is 4 wavefronts (512 B) and each B fragment feeds MT (<= 2) MMAs: the
+    shared-memory pipe, not the tensor cores (~2.2 cycles per wmma), bounds the SM side, about 2.7
+    wavefronts per wmma at HyperSeg-M's 3x3 level. HBM: x + weights + bias + y once; L2->SM: each tile's
+    haloed input, and the weights: contiguous when patch-major; in the default layout (patches gh*gw apart:
+    the public ``patchwise_conv2d`` passes a contiguous weight) one 32-byte sector per element and block,
+    which is why a block there runs a pair of horizontally neighbouring patches (PP = 2 sub-blocks of NW
+    warps, each with its own tile and shared memory) and loads both patches' value of an entry back to back
+    (the second from L1): half the sectors (95 -> 48 MB at HyperSeg-M's 3x3 level in bfloat16)."""
+    B, Cin, H, W = x
+    _, Cout, Cg, kh, kw, gh, gw = w
+    G, K = gh * gw, Cin * kh * kw
+    xb, wb, yb = _numel(x) * esize, _numel(w) * esize, B * Cout * Hout * Wout * esize
+    bb = B * Cout * G * esize if has_bias else 0
+    TR, TCP, CT, NW, MT, IR, PP = (plan[k] for k in ("TR", "TCP", "CT", "NW", "MT", "IR", "PP"))
+    rows, cols = _patch_sizes(Hout, gh), _patch_sizes(Wout, gw)
+    ptiles = math.ceil(max(rows) / TR) * math.ceil(max(cols) / TCP)  # grid.z: the largest patch's tiles
+    ctiles = math.ceil(Cout / 32)
+    name = f"pw_forward_mma_kernel<MT={MT}>"
+    # PP sub-blocks per block: every per-block count below is per sub-block, times PP
+    blocks = B * gh * math.ceil(gw / PP) * ptiles * ctiles
+    f = _KernelCost(name, blocks, 32 * NW * PP, plan["smem"] * PP, regs=PW_MMA_REGS[MT])
+    nO = min(Cout, 16 * MT)
+    ntiles = TR * CT
+    NP = TCP // 2
+    # A zeroed once: 4-byte words, a store each
+    f.loop(kh * 16 * MT * plan["ldw"] * esize // 4, lsu=1, issue=3)
+    same = stride[1] == dilation[1]
+    for cc in range(0, Cin, plan["CC"]):
+        ncc = min(plan["CC"], Cin - cc)
+        krows = ncc * kw
+        kpad = -(-krows // 16) * 16
+        # x copies: per (channel, row, pair) item: row setup + first load (~12), per kx a load, a pack and a
+        # store (~10), the step to the next item (~5)
+        loads = 1 + kw if same else 2 * kw
+        f.loop(ncc * IR * NP, lsu=loads + kw, issue=17 + 10 * kw)
+        f.loop((kpad - krows) * IR * NP, lsu=1, issue=25)  # zero rows (two int32 divisions per pair)
+        # weights: per lane entry q (an int32 division), per ky, a warp per output channel: LDG + STS (~6)
+        f.lsu += NW * math.ceil(krows / 32) * kh * math.ceil(nO / NW) * 2
+        f.issue += NW * math.ceil(krows / 32) * (20 + kh * math.ceil(nO / NW) * 6)
+        f.barriers += 2
+        steps = kh * (kpad // 16)
+        frags = steps * (NW * MT + ntiles)  # A per warp, B per n-tile
+        mmas = steps * ntiles * MT
+        f.lsu += frags * FRAG_WF
+        f.issue += frags * 3 + mmas * 3 + steps * NW * 4  # LDSM + address; 2 HMMA + moves; loop
+        f.tc += mmas * MMA_CLK
+    f.lsu += ntiles * MT * ACC_WF  # accumulators to shared memory
+    f.barriers += 1
+    # a thread per (channel, row, column pair): 8-byte LDS + bias (L1) + one 4-byte STG (aligned rows), an
+    # int32 division per item
+    f.loop(nO * TR * TCP // 2, lsu=3, issue=24)
+    f.lsu *= PP
+    f.issue *= PP
+    f.tc *= PP
+    f.dram = xb + wb + bb + yb
+    IC = (TCP - 1) * stride[1] + (kw - 1) * dilation[1] + 1
+    # weights: contiguous when patch-major; else a sector per element and block (PP patches' values of an
+    # entry share it: the second load hits L1)
+    f.l2 = (B * G * ptiles * ctiles * Cin * IR * IC * esize + yb + bb
+            + (wb if patch_major else B * Cout * K * G * SECTOR / PP))
+    return f
+
+
+def _cuda_patchwise(x, w, has_bias, stride, padding, dilation, groups, esize, backward, patch_major=False):
     """patchwise_conv2d_kernels.cuh. Forward, patches of fewer than 64 pixels: pw_forward_direct_kernel (below).
     Otherwise pw_forward_tiled_kernel, grid (B*G, Cout tiles, pixel tiles per
     patch), NG*64 threads; per block the input tile + halo and the tile's weights are staged in shared memory
@@ -764,6 +881,10 @@ def _cuda_patchwise(x, w, has_bias, stride, padding, dilation, groups, esize, ba
         # re-read once per pixel row of its patch; x re-read per channel group (taps hit L1)
         f.l2 = xb * math.ceil(Cout / RO) + wb * ph + yb + bb
         return [f]
+    mplan = None if backward else _pw_mma_plan(Cin, Cout, groups, kh, kw, stride, dilation, Hout, Wout, gh, gw, esize,
+                                               patch_major=patch_major)
+    if mplan is not None:
+        return [_cuda_patchwise_mma(x, w, has_bias, stride, dilation, esize, mplan, Hout, Wout, patch_major)]
     plan = None if backward else _pw_plan(Cin, Cout, groups, kh, kw, stride, dilation, Hout, Wout, gh, gw, acc)
     if plan is not None:
         RO, OT, NG, TR, TC = plan["RO"], plan["OT"], plan["NG"], plan["TR"], plan["TC"]

@@ -157,6 +157,59 @@ def test_patchwise_conv2d_float64_patch_major(target, case):
         torch.testing.assert_close(a, c, rtol=0, atol=0)
 
 
+# pw_forward_mma_kernel (fp16/bf16, groups 1, Cin*k*k >= 16, patches of >= 64 px): the implicit GEMM on the
+# tensor cores. (B, Cin, Cout, H, W, k, stride, padding, dilation, grid, bias)
+PW_MMA_CASES = {
+    # Cout 19 (two m-tiles, 13 pad rows), K 45, 2-wide pixel tiles over 10/11 x 18/19 patches (2 row tiles each)
+    "mma-odd": (2, 5, 19, 21, 37, 3, 1, 1, 1, (2, 2), True),
+    # 18 channels: a full chunk of 16 and one of 2 (K rows 6 -> 16), stride 2, Cout 7 (one m-tile)
+    "mma-stride": (1, 18, 7, 30, 40, 3, 2, 2, 1, (1, 1), False),
+    # 1x1: 4-wide tiles (64 columns, 6 unused), 2 output-channel tiles (Cout 33), 3 x 2 pixel tiles
+    "mma-1x1-wide": (1, 20, 33, 12, 70, 1, 1, 0, 1, (1, 1), True),
+    # 5x5, dilation 2, padding 2 on 8 x 8/9 patches (K = 3*25 = 75; B rows 15 -> 16), three uneven patch columns
+    "mma-5x5-dil": (1, 3, 4, 20, 30, 5, 1, 2, 2, (2, 3), True),
+    # a pair of patches 64 and 65 columns wide in one block (default layout): 1 and 2 column tiles, so
+    # the pixel tiles 3-5 exist for the second patch only
+    "mma-pair-uneven": (1, 4, 5, 10, 129, 3, 1, 1, 1, (1, 2), False),
+    # HyperSeg-M's plan: 16x16-px patches (one 16-row tile, 4 warps per patch), 17 channels (chunks of 16 and
+    # 1), two patches per block with 2 x 39 KB of shared memory (over 48 KB: the opt-in)
+    "mma-16x16-pairs": (1, 17, 19, 32, 32, 3, 1, 1, 1, (2, 2), True),
+}
+
+
+@pytest.mark.parametrize("case", list(PW_MMA_CASES))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_patchwise_conv2d_mma(target, case, dtype):
+    """The tensor-core forward against the float64 reference, default and patch-major weights, with the
+    output's memory poisoned first (a NaN-filled tensor of its size freed just before the call: the
+    allocator usually hands its block to the op's output, so a pixel the kernel skips stays NaN)."""
+    B, Cin, Cout, H, W, k, s, p, d, (gh, gw), bias = PW_MMA_CASES[case]
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(B, Cin, H, W, generator=g, dtype=torch.float64)
+    w = torch.randn(B, Cout, Cin, k, k, gh, gw, generator=g, dtype=torch.float64) / (Cin * k) ** 0.5
+    b = torch.randn(B, Cout, gh, gw, generator=g, dtype=torch.float64) if bias else None
+    args = _pw_args((s, s), (p, p), (d, d), 1)
+    ref = _pw_reference(x, w, b, (s, s), (p, p), (d, d), 1)
+    run = Target(target)
+    xd, wd, bd = x.to(dtype), w.to(dtype), None if b is None else b.to(dtype)
+    pm = wd.permute(0, 5, 6, 1, 2, 3, 4).contiguous().permute(0, 3, 4, 5, 6, 1, 2)
+    # the reference on the rounded inputs: only the kernel's float accumulation differs
+    want = _pw_reference(xd.double(), wd.double(), None if bd is None else bd.double(), (s, s), (p, p), (d, d), 1)
+    before = len(ce.launched()) if target == "emulated" else 0
+    for weight in (wd, pm):
+        poison = torch.full(ref.shape, float("nan"), dtype=dtype)
+        del poison
+        y = run("patchwise_conv2d", xd, weight, bd, *args)
+        assert y.dtype == dtype and not y.isnan().any()
+        close(y, ref, dtype, "y")
+        assert (y.double() - want).abs().max().item() <= 4 * torch.finfo(dtype).eps * (1 + want.abs().max().item())
+    if target == "emulated":
+        name = {torch.float16: "c10::Half", torch.bfloat16: "c10::BFloat16"}[dtype]
+        mine = ce.launched()[before:]
+        mt = 1 if Cout <= 16 else 2
+        assert len(mine) == 2 and all(f"pw_forward_mma_kernel<{name}, {mt}>" in v for _, v in mine), mine
+
+
 # --------------------------------------------------------------------------------------------
 # meta_block and pointwise_block
 # --------------------------------------------------------------------------------------------
@@ -430,7 +483,10 @@ def test_schedules(order):
         check_meta(run, "odd", torch.float32)
         x, w, b, s, p, d, groups = _pw_inputs("warp-reduce", torch.float32)
         y = run("patchwise_conv2d", x, w, b, *_pw_args(s, p, d, groups))
+        x16, w16, b16 = x.bfloat16(), w.bfloat16(), None  # pw_forward_mma_kernel
+        y16 = run("patchwise_conv2d", x16, w16, b16, *_pw_args(s, p, d, groups))
     close(y, _pw_reference(x.double(), w.double(), None, s, p, d, groups), torch.float32, "y")
+    assert torch.equal(y16, run("patchwise_conv2d", x16, w16, b16, *_pw_args(s, p, d, groups)))
 
 
 def _barrier_after(path, marker, n=0):
@@ -509,7 +565,9 @@ def test_every_kernel_launched(request):
                  "pw_forward_tiled_kernel<float, 1, true>", "pw_forward_tiled_kernel<float, 1, false>",
                  "pw_forward_tiled_kernel<c10::BFloat16, 4, true>", "pw_forward_tiled_kernel<double, 4, true>",
                  "pw_forward_direct_kernel<float, 4>", "pw_forward_direct_kernel<float, 1>",
-                 "pw_forward_direct_kernel<double, 1>",
+                 "pw_forward_direct_kernel<double, 1>", "pw_forward_mma_kernel<c10::Half, 1>",
+                 "pw_forward_mma_kernel<c10::Half, 2>", "pw_forward_mma_kernel<c10::BFloat16, 1>",
+                 "pw_forward_mma_kernel<c10::BFloat16, 2>",
                  "hmsa_fuse_kernel<float, float, 20, true>", "hmsa_fuse_kernel<float, float, 20, false>",
                  "hmsa_fuse_kernel<float, float, 40, false>", "hmsa_fuse_kernel<float, float, 160, false>",
                  "meta_forward_kernel<double>", "meta_backward_kernel<c10::BFloat16>",

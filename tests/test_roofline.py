@@ -205,3 +205,27 @@ def test_patchwise_forward_plan_and_prediction(hyperseg_m):
     assert len(rows) == 3
     for r in rows:
         assert r["pred_over_floor"] <= 2.0, r
+
+
+def test_patchwise_mma_plan_and_prediction(hyperseg_m):
+    """The modelled tensor-core forward (pw_forward_mma_kernel) at HyperSeg-M's 3x3 shape: the launcher's
+    plan (16x16-px tiles, 4 warps, chunks of 16 channels, odd-16-byte strides), where it does not run
+    (float32, groups > 1, tiny patches), and its prediction against the FFMA kernel's in bfloat16."""
+    plan = rl._pw_mma_plan(34, 19, 1, 3, 3, (1, 1), (1, 1), 256, 512, 16, 32, 2)
+    assert (plan["TR"], plan["CT"], plan["NW"], plan["CC"], plan["IR"], plan["kpad"], plan["MT"]) == \
+        (16, 1, 4, 16, 18, 48, 2)
+    assert (plan["cstride"] * 2 // 16) % 2 == 1 and (plan["ldw"] * 2 // 16) % 2 == 1 and plan["smem"] <= 48 * 1024
+    assert rl._pw_mma_plan(34, 19, 1, 3, 3, (1, 1), (1, 1), 256, 512, 16, 32, 4) is None  # float32: FFMA
+    assert rl._pw_mma_plan(34, 34, 34, 3, 3, (1, 1), (1, 1), 256, 512, 16, 32, 2) is None  # depthwise
+    assert rl._pw_mma_plan(82, 64, 1, 1, 1, (1, 1), (1, 1), 16, 32, 16, 32, 2) is None    # 1-px patches
+    x, w = (1, 34, 256, 512), (1, 19, 34, 3, 3, 16, 32)
+    g = rl.GPUS["h100"]
+    mma = [rl._cuda_patchwise(x, w, True, (1, 1), (1, 1, 1, 1), (1, 1), 1, 2, False, pm)[0] for pm in (False, True)]
+    assert all(k.name == "pw_forward_mma_kernel<MT=2>" for k in mma)
+    assert mma[0].threads == 256 and mma[1].threads == 128  # pairs of patches per block in the default layout
+    assert mma[1].l2 < mma[0].l2  # the default layout's weight sectors through L2
+    rows = [r for r in rl.rows_for(hyperseg_m[0], "h100", "bfloat16") if r["op"] == "patchwise_conv2d"
+            and r["direction"] == "fwd" and "x3x3x16 g1" in r["shape"]]
+    assert len(rows) == 1 and rows[0]["pred_over_launch_floor"] <= 2.0, rows  # issue 20's acceptance
+    ffma = rl._cuda_patchwise(x, w, True, (1, 1), (1, 1, 1, 1), (1, 1), 1, 4, False)[0]
+    assert ffma.name.startswith("pw_forward_tiled_kernel") and mma[0].time_us(g) < ffma.time_us(g) / 2

@@ -137,5 +137,16 @@ __device__ __forceinline__ void multiply_accumulate(FC& acc, FA& a, FB& b) {
   multiply_accumulate_split<S, kSplit>(acc, a, al, b, bl);
 }
 
+// The 16x16 tiles of scalar type S with row-major operands: Tiles<S>::A / B / C (matrix_a, matrix_b, float
+// accumulator), Tiles<S>::T the operands' memory type, Tiles<S>::K the depth of one product.
+template <class S>
+struct Tiles {
+  using T = typename Operand<S>::mem;
+  static constexpr int K = Operand<S>::k;
+  using A = wmma::fragment<wmma::matrix_a, 16, 16, K, typename Operand<S>::type, wmma::row_major>;
+  using B = wmma::fragment<wmma::matrix_b, 16, 16, K, typename Operand<S>::type, wmma::row_major>;
+  using C = wmma::fragment<wmma::accumulator, 16, 16, K, float>;
+};
+
 }  // namespace mma
 }  // namespace pyseg

@@ -1,7 +1,15 @@
 // CUDA launchers of pyseg::patchwise_conv2d and pyseg::patchwise_conv2d_backward (device code in
 // patchwise_conv2d_kernels.cuh).
 //
-//  * forward, patches of >= 64 pixels: pw_forward_tiled_kernel, one block per (sample, patch) x tile
+//  * forward, fp16/bf16 with groups == 1, Cin*kh*kw >= 16 and patches of >= 64 pixels:
+//    pw_forward_mma_kernel, an implicit GEMM on the tensor cores (nvcuda::wmma, float accumulators) per
+//    (sample, patch) x 32 (or 16) output channels x pixel tile (at most 16 n-tiles of 16 pixels of one
+//    row): per chunk of 16 input channels the block stages kw column-shifted copies of the haloed input
+//    tile and the chunk's weights (either layout) in shared memory, warps accumulate 4 n-tiles x 1-2
+//    m-tiles, and the result leaves through shared memory (scheme: patchwise_conv2d_kernels.cuh). In the
+//    default weight layout a block runs two neighbouring patches (half the L2 sectors of the weights). float
+//    and double, grouped and depthwise convolutions and small patches take the CUDA-core kernels below.
+//  * forward, patches of >= 64 pixels otherwise: pw_forward_tiled_kernel, one block per (sample, patch) x tile
 //    of OT output channels (NG groups of 64 threads, RO = 4 or 1 channels per thread) x pixel tile of
 //    the patch (at most 256 pixels, 32 columns). Per chunk of input channels the block stages the
 //    input tile + halo (zero-padded; row stride IC picked by pw_plan_tiles for conflict-free warp
@@ -26,6 +34,7 @@
 #include <array>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 
 #include "common/patch_index.h"
 #include "common/patchwise_conv2d.h"
@@ -112,6 +121,94 @@ inline bool pw_plan_tiles(const PwConvShape& s, int RO, int64_t esize, int64_t s
   return true;
 }
 
+// Smallest stride >= n (elements of `esize` bytes) that is an odd multiple of 16 bytes (conflict-free
+// tensor-core loads: the 8 rows of a load phase land in 8 distinct 16-byte bank groups).
+inline int pw_odd16(int64_t n, int esize) {
+  const int64_t u = 16 / esize;
+  int64_t v = (n + u - 1) / u;
+  if (v % 2 == 0) ++v;
+  return static_cast<int>(v * u);
+}
+
+// The tensor-core forward's plan (pw_forward_mma_kernel): a pixel tile of TR rows x 16*CT columns
+// (CT = 1, 2 or 4 n-tiles across, at most 16 n-tiles), chunks of 16 input channels (8 when that does
+// not fit), within `smem_limit` bytes per patch (two patches per block in the default weight layout); false when it does not apply (the caller runs the CUDA-core
+// kernels): not fp16/bf16, groups > 1, Cin*kh*kw < 16, patches under 64 pixels, or no tile fits.
+template <typename scalar_t>
+bool pw_plan_mma(const PwConvShape& s, int64_t smem_limit, int64_t w_entry, int64_t w_patch, PwMmaPlan* out) {
+  if constexpr (!std::is_same_v<scalar_t, c10::Half> && !std::is_same_v<scalar_t, c10::BFloat16>) {
+    return false;
+  } else {
+    constexpr int esize = 2, k = mma::Operand<scalar_t>::k;
+    const int64_t ph = (s.Hout + s.gh - 1) / s.gh, pw = (s.Wout + s.gw - 1) / s.gw;
+    if (s.G != 1 || s.K < 16 || ph * pw < kPwGroupThreads) return false;
+    PwMmaPlan t;
+    t.CT = pw <= 16 ? 1 : pw <= 32 ? 2 : 4;
+    t.TCP = 16 * t.CT;
+    const int MR = s.Cout <= 16 ? 16 : 32;
+    for (const int cc : {kPwMmaChunk, kPwMmaChunk / 2}) {
+      for (int64_t tr = std::min<int64_t>(ph, 16 / t.CT); tr >= 1; tr /= 2) {
+        const int64_t ir = (tr - 1) * s.sh + (s.kh - 1) * s.dh + 1;
+        if (ir * t.TCP > (1 << 20)) continue;
+        t.TR = static_cast<int>(tr);
+        t.IR = static_cast<int>(ir);
+        t.CC = static_cast<int>(std::min<int64_t>(cc, s.Cin));
+        t.kpad = static_cast<int>((t.CC * s.kw + k - 1) / k * k);
+        t.cstride = pw_odd16(ir * t.TCP, esize);
+        t.ldw = pw_odd16(t.kpad, esize);
+        t.ldy = t.TR * t.TCP + 4;
+        t.ow = (static_cast<int64_t>(t.kpad) * t.cstride * esize + 127) / 128 * 128;
+        t.bytes = (std::max<int64_t>(t.ow + s.kh * MR * t.ldw * esize, int64_t{MR} * t.ldy * 4) + 127) / 128 * 128;
+        t.NW = static_cast<int>((t.TR * t.CT + kPwMmaNT - 1) / kPwMmaNT);
+        // pairs of patches per block in the default weight layout (half the L2 sectors of the weights)
+        t.PP = w_entry != 1 && s.gw >= 2 ? kPwMmaMaxPP : 1;
+        t.w_entry = w_entry;
+        t.w_patch = w_patch;
+        if (t.bytes <= smem_limit) {
+          *out = t;
+          return true;
+        }
+      }
+    }
+    return false;
+  }
+}
+
+// Launches pw_forward_mma_kernel when its plan applies (pw_plan_mma); false otherwise.
+template <typename scalar_t>
+bool pw_forward_mma(const PwConvForward& a, at::Tensor& y, int64_t smem_limit, cudaStream_t stream) {
+  if constexpr (!std::is_same_v<scalar_t, c10::Half> && !std::is_same_v<scalar_t, c10::BFloat16>) {
+    return false;
+  } else {
+    const PwConvShape& s = a.s;
+    PwMmaPlan m;
+    if (!pw_plan_mma<scalar_t>(s, smem_limit, a.w_entry, a.w_patch, &m)) return false;
+    const int64_t ph = (s.Hout + s.gh - 1) / s.gh, pw = (s.Wout + s.gw - 1) / s.gw;
+    const int64_t ctiles = (s.Cout + 31) / 32;
+    const int64_t ptiles = ((ph + m.TR - 1) / m.TR) * ((pw + m.TCP - 1) / m.TCP);
+    TORCH_CHECK(ctiles <= 65535 && ptiles <= 65535, kPwConvForward, ": grid too large (", ctiles,
+                " output-channel tiles x ", ptiles, " pixel tiles per patch)");
+    const int64_t blocks = s.B * s.gh * ((s.gw + m.PP - 1) / m.PP);
+    TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), kPwConvForward, ": too many blocks: ", blocks);
+    const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(ctiles), static_cast<unsigned>(ptiles));
+    const int threads = 32 * m.NW * m.PP;
+    const int64_t smem = m.bytes * m.PP;
+    const scalar_t* xp = a.x.const_data_ptr<scalar_t>();
+    const scalar_t* wp = a.weight.const_data_ptr<scalar_t>();
+    const scalar_t* bptr = a.bias_ptr<scalar_t>();
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    if (s.Cout <= 16) {
+      gpu::allow_dynamic_smem(pw_forward_mma_kernel<scalar_t, 1>, static_cast<size_t>(smem));
+      PYSEG_LAUNCH(grid, threads, smem, stream, pw_forward_mma_kernel<scalar_t, 1>)(xp, wp, bptr, yp, s, m);
+    } else {
+      gpu::allow_dynamic_smem(pw_forward_mma_kernel<scalar_t, 2>, static_cast<size_t>(smem));
+      PYSEG_LAUNCH(grid, threads, smem, stream, pw_forward_mma_kernel<scalar_t, 2>)(xp, wp, bptr, yp, s, m);
+    }
+    PYSEG_LAUNCH_CHECK();
+    return true;
+  }
+}
+
 at::Tensor patchwise_conv2d_cuda(const at::Tensor& x_, const at::Tensor& weight_,
                                  const c10::optional<at::Tensor>& bias_, at::IntArrayRef stride,
                                  at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
@@ -133,8 +230,9 @@ at::Tensor patchwise_conv2d_cuda(const at::Tensor& x_, const at::Tensor& weight_
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "patchwise_conv2d_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* bptr = a.bias_ptr<scalar_t>();
-    int RO = pw_channels_per_thread(s);
     const int64_t ph = (s.Hout + s.gh - 1) / s.gh, pw = (s.Wout + s.gw - 1) / s.gw;
+    if (pw_forward_mma<scalar_t>(a, y, smem_limit, stream)) return;  // fp16/bf16 on the tensor cores
+    int RO = pw_channels_per_thread(s);
     if (ph * pw < kPwGroupThreads) {  // small patches: a thread per (channels, pixel), weights from global
       // one channel per thread when four would leave fewer than two blocks per SM (batch 1, small maps)
       if (s.B * ((s.Cout + 3) / 4) * s.Hout * s.Wout < 2 * 256 * static_cast<int64_t>(prop->multiProcessorCount)) RO = 1;

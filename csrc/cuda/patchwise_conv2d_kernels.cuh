@@ -2,8 +2,12 @@
 // scheme is described there).
 #pragma once
 
+#include <cstdint>
+#include <type_traits>
+
 #include "common/patch_index.h"
 #include "common/patchwise_conv2d.h"
+#include "cuda/mma.cuh"
 #include "cuda/runtime.cuh"
 
 namespace pyseg {
@@ -335,6 +339,268 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
     y[((b * s.Cout + o) * s.Hout + i) * s.Wout + j] = static_cast<scalar_t>(acc);
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// forward on the tensor cores (fp16, bf16; groups == 1, Cin*kh*kw >= 16): an implicit GEMM per
+// (sample, patch, pixel tile, tile of 16*MT output channels)
+// ------------------------------------------------------------------------------------------
+//   Y[o, px] = sum over (ky, c, kx) of W[o, (c, kx)]_ky X_ky[(c, kx), px]
+// with px = the tile's pixels in n-tiles of 16 consecutive columns of one output row. Per chunk of
+// CC input channels the block stages, in the operand type:
+//   xs[(c*kw + kx)][ir][j] = x[c][ih0 + ir][iw0 + j*sw + kx*dw]  (zero outside the image; rows from
+//                          CC*kw to the MMA depth zero), one kw-shifted copy of the haloed tile per kx, so
+//                          that the B operand of (ky, n-tile) starts at row (r*sh + ky*dh), column 16*ct of
+//                          every copy: a 32-byte-aligned wmma pointer for any stride, dilation and padding;
+//   ws[ky][o][(c*kw + kx)] = w[o][c][ky][kx]                    (the A operand, read in place from either
+//                          weight layout through w_entry / w_patch).
+// K of one ky is CC*kw (a multiple of 16 for full chunks of 16 channels), so a 3x3 kernel over 34
+// channels takes 3 * 7 k-steps. Each warp owns kPwMmaNT n-tiles x MT m-tiles of float accumulators (A
+// fragments loaded once per k-step for kPwMmaNT B fragments); the result leaves through shared memory
+// (float, reusing the staging space) for coalesced stores with the bias. Row strides (cstride, ldw) are
+// an odd multiple of 16 bytes: the 8 rows of one tensor-core load phase fall in 8 distinct 16-byte bank
+// groups (conflict-free). Pad rows of B are zero and every staged element is finite, so pad rows/columns
+// of A (zeroed once; later chunks leave stale finite weights there) contribute exactly 0.
+// Pairs of patches (PP = 2, default weight layout): a block runs two horizontally neighbouring patches
+// as two independent sub-blocks (own warps, own shared memory, own pixel tile), and stages both
+// patches' weights in one pass: their values are adjacent in memory (gh*gw apart between entries), so
+// the second load hits the 32-byte sector the first brought into L1 -- half the L2 sectors per weight.
+constexpr int kPwMmaNT = 4;       // n-tiles (16-pixel row segments) per warp
+constexpr int kPwMmaWarps = 4;    // at most 4 warps per sub-block: 16 n-tiles (256 pixels)
+constexpr int kPwMmaChunk = 16;   // input channels per chunk (K = 16*kw rows: whole k-steps)
+constexpr int kPwMmaMaxPP = 2;    // patches (sub-blocks) per block
+
+// Two consecutive outputs, stored as one 4-byte word (16-bit types).
+template <typename T>
+struct alignas(2 * sizeof(T)) PwPair {
+  T v[2];
+};
+
+struct PwMmaPlan {
+  int CT, TCP, TR, NW;  // pixel tile: TR output rows x TCP = 16*CT columns; NW warps per sub-block
+  int CC, IR;           // channels per chunk, staged input rows
+  int cstride, ldw, ldy;  // xs row (copy) stride, ws row stride (operand elements), ys row stride (floats)
+  int kpad;             // rows of xs (CC*kw rounded up to the MMA depth)
+  int PP;               // patches per block (sub-blocks): 1, or 2 for the default weight layout
+  int64_t ow, bytes;    // byte offset of ws in a sub-block's space; bytes per sub-block (128-byte multiple)
+  int64_t w_entry, w_patch;
+};
+
+// One sub-block's patch and pixel tile.
+struct PwMmaTile {
+  bool ok;              // the patch exists and has this tile
+  int64_t pidx;         // patch index pi*gw + pj
+  int tr0, tc0, nr, nc;  // first output row / column, rows / columns in the tile
+};
+
+__device__ __forceinline__ PwMmaTile pw_mma_tile(const PwConvShape& s, const PwMmaPlan& t, int64_t pi, int64_t pj) {
+  PwMmaTile q{};
+  q.ok = pj < s.gw;
+  if (!q.ok) return q;
+  q.pidx = pi * s.gw + pj;
+  const int64_t r0 = patch_begin(pi, s.gh, s.Hout), r1 = patch_begin(pi + 1, s.gh, s.Hout);
+  const int64_t c0 = patch_begin(pj, s.gw, s.Wout), c1 = patch_begin(pj + 1, s.gw, s.Wout);
+  const int ntc = static_cast<int>((c1 - c0 + t.TCP - 1) / t.TCP);
+  const int tz = static_cast<int>(blockIdx.z);
+  q.tr0 = static_cast<int>(r0) + (tz / ntc) * t.TR;
+  q.tc0 = static_cast<int>(c0) + (tz % ntc) * t.TCP;
+  q.ok = q.tr0 < r1;  // this patch may have fewer tiles than the largest one
+  q.nr = min(t.TR, static_cast<int>(r1) - q.tr0);
+  q.nc = min(t.TCP, static_cast<int>(c1) - q.tc0);
+  return q;
+}
+
+template <typename scalar_t, int MT>
+__global__ void __launch_bounds__(32 * kPwMmaWarps * kPwMmaMaxPP, 2)
+    pw_forward_mma_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ w,
+                          const scalar_t* __restrict__ bias, scalar_t* __restrict__ y, const PwConvShape s,
+                          const PwMmaPlan t) {
+  namespace wmma = mma::wmma;
+  using Tiles = mma::Tiles<scalar_t>;
+  using T = typename Tiles::T;
+  constexpr int K = Tiles::K;
+  using FragA = typename Tiles::A;
+  using FragB = typename Tiles::B;
+  using FragC = typename Tiles::C;
+  // staging copies raw bits (same type in and out): two columns per 2x-wide store
+  using Bits = std::conditional_t<sizeof(T) == 2, uint16_t, uint32_t>;
+  using Pair = std::conditional_t<sizeof(T) == 2, uint32_t, unsigned long long>;
+  static_assert(sizeof(T) == sizeof(scalar_t), "operand and tensor element sizes differ");
+  PYSEG_DYNAMIC_SMEM(pw_smem_raw);
+
+  const int64_t GG = s.gh * s.gw;
+  const int64_t gwp = (s.gw + t.PP - 1) / t.PP;  // blocks per patch row
+  const int64_t b = static_cast<int64_t>(blockIdx.x) / (s.gh * gwp);
+  const int64_t pi = static_cast<int64_t>(blockIdx.x) / gwp % s.gh, pj0 = static_cast<int64_t>(blockIdx.x) % gwp * t.PP;
+  const int tid = static_cast<int>(threadIdx.x), warp = tid / 32, lane = tid % 32;
+  const int snt = 32 * t.NW;  // threads per sub-block
+  const int sb = tid / snt, stid = tid - sb * snt, swarp = warp - sb * t.NW;
+  int okmask = 0;  // bit i: sub-block i has a tile
+#pragma unroll
+  for (int i = 0; i < kPwMmaMaxPP; ++i)
+    if (i < t.PP && pw_mma_tile(s, t, pi, pj0 + i).ok) okmask |= 1 << i;
+  if (okmask == 0) return;  // whole block, before any barrier
+  const PwMmaTile me = pw_mma_tile(s, t, pi, pj0 + sb);  // this thread's sub-block (warp-uniform)
+  const int64_t pbase = pi * s.gw + pj0;  // the block's first patch
+  unsigned char* sub = pw_smem_raw + sb * t.bytes;
+  T* xs = reinterpret_cast<T*>(sub);
+  T* ws = reinterpret_cast<T*>(sub + t.ow);
+  float* ys = reinterpret_cast<float*>(sub);  // the epilogue reuses the staging space
+  const int TCP = t.TCP, TR = t.TR, CT = t.CT;
+  constexpr int MR = 16 * MT;
+  const int64_t o0 = static_cast<int64_t>(blockIdx.y) * MR;
+  const int nO = static_cast<int>(pw_lo(MR, s.Cout - o0));
+
+  const int kh = static_cast<int>(s.kh), kw = static_cast<int>(s.kw), KK = kh * kw;
+  const int sh = static_cast<int>(s.sh), sw = static_cast<int>(s.sw);
+  const int dh = static_cast<int>(s.dh), dw = static_cast<int>(s.dw);
+  const int H = static_cast<int>(s.H), W = static_cast<int>(s.W), Cin = static_cast<int>(s.Cin);
+  const int ih0 = me.tr0 * sh - static_cast<int>(s.pt), iw0 = me.tc0 * sw - static_cast<int>(s.pl);
+  const int IR = t.IR, cstride = t.cstride, ldw = t.ldw;
+  const int nthreads = static_cast<int>(blockDim.x), nwarps = nthreads / 32;
+
+  // A of every sub-block: zero once (rows past Cout and columns past a chunk stay finite; see above)
+  {
+    const int per = static_cast<int>(static_cast<int64_t>(kh) * MR * ldw * sizeof(T) / 4);
+    for (int i = tid; i < t.PP * per; i += nthreads)
+      reinterpret_cast<uint32_t*>(pw_smem_raw + (i / per) * t.bytes + t.ow)[i % per] = 0u;
+  }
+  FragC acc[MT][kPwMmaNT];
+#pragma unroll
+  for (int m = 0; m < MT; ++m)
+#pragma unroll
+    for (int i = 0; i < kPwMmaNT; ++i) wmma::fill_fragment(acc[m][i], 0.0f);
+
+  const Bits* xbits = reinterpret_cast<const Bits*>(x);
+  const int64_t wb = b * s.Cout * s.K * GG;
+  const int NP = TCP / 2;  // column pairs per staged row
+  const int jp = stid % NP, step_r = snt / NP;  // NP divides the sub-block (8, 16 or 32 | 32*NW)
+  const int j = 2 * jp;
+  for (int cc = 0; cc < Cin; cc += t.CC) {
+    const int ncc = min(t.CC, Cin - cc), rows = ncc * kw;
+    const int kpad = (rows + K - 1) / K * K;
+    if (me.ok) {
+      // x: a thread per (channel, staged row, column pair), all kw copies from one pass over the columns
+      const int64_t xoff = (b * s.Cin + cc) * s.H * s.W;
+      int cl = 0, ir = stid / NP;
+      while (ir >= IR) {
+        ir -= IR;
+        ++cl;
+      }
+#pragma unroll 1
+      for (; cl < ncc;) {
+        const int ih = ih0 + ir;
+        const bool row_ok = ih >= 0 && ih < H;
+        const Bits* xr = xbits + xoff + (static_cast<int64_t>(cl) * H + (row_ok ? ih : 0)) * W;
+        auto ld = [&](int iw) -> Bits { return (row_ok && iw >= 0 && iw < W) ? xr[iw] : Bits(0); };
+        int ca = iw0 + j * sw;
+        Bits va = ld(ca);
+        T* dst = xs + cl * kw * cstride + ir * TCP + j;
+#pragma unroll 1
+        for (int kx = 0; kx < kw; ++kx) {
+          const Bits vb = ld(ca + sw);
+          *reinterpret_cast<Pair*>(dst + kx * cstride) =
+              static_cast<Pair>(va) | (static_cast<Pair>(vb) << (8 * sizeof(Bits)));
+          ca += dw;
+          va = dw == sw ? vb : ld(ca);  // stride == dilation: the next copy's first column is this one's second
+        }
+        ir += step_r;
+        while (ir >= IR) {
+          ir -= IR;
+          ++cl;
+        }
+      }
+      // zero rows [rows, kpad) of B
+      for (int e = stid; e < (kpad - rows) * IR * NP; e += snt)
+        reinterpret_cast<Pair*>(xs + rows * cstride)[(e / (IR * NP)) * (cstride / 2) + e % (IR * NP)] = Pair(0);
+    }
+    // A of every sub-block: lanes along the chunk's (channel, kx) entries, a warp of the block per (ky,
+    // output channel), the sub-blocks' values of one entry loaded back to back (one sector)
+#pragma unroll 1
+    for (int q = lane; q < rows; q += 32) {
+      const int c = q / kw, kx = q - c * kw;
+      const int64_t eq = ((static_cast<int64_t>(cc) + c) * KK + kx) * t.w_entry;
+#pragma unroll 1
+      for (int ky = 0; ky < kh; ++ky) {
+#pragma unroll 1
+        for (int ol = warp; ol < nO; ol += nwarps) {
+          const int64_t e = wb + eq + ((o0 + ol) * s.K + ky * kw) * t.w_entry;
+          const int d = (ky * MR + ol) * ldw + q;
+#pragma unroll
+          for (int i = 0; i < kPwMmaMaxPP; ++i)
+            if (okmask & (1 << i))
+              reinterpret_cast<T*>(pw_smem_raw + i * t.bytes + t.ow)[d] =
+                  *reinterpret_cast<const T*>(w + e + (pbase + i) * t.w_patch);
+        }
+      }
+    }
+    __syncthreads();  // chunk staged
+    if (me.ok) {
+#pragma unroll 1
+      for (int ky = 0; ky < kh; ++ky) {
+#pragma unroll 1
+        for (int k0 = 0; k0 < kpad; k0 += K) {
+          FragA a[MT];
+#pragma unroll
+          for (int m = 0; m < MT; ++m) wmma::load_matrix_sync(a[m], ws + (ky * MR + m * 16) * ldw + k0, ldw);
+#pragma unroll
+          for (int i = 0; i < kPwMmaNT; ++i) {
+            const int tile = swarp * kPwMmaNT + i;  // uniform over the warp
+            if (tile >= TR * CT) break;
+            const int r = tile / CT, ct = tile - r * CT;
+            FragB bf;
+            wmma::load_matrix_sync(bf, xs + k0 * cstride + (r * sh + ky * dh) * TCP + ct * 16, cstride);
+#pragma unroll
+            for (int m = 0; m < MT; ++m) mma::multiply_accumulate<scalar_t, 1>(acc[m][i], a[m], bf);
+          }
+        }
+      }
+    }
+    __syncthreads();  // the chunk's operands read (the next chunk, or Y, overwrites them)
+  }
+  // Y through shared memory: ys[o][r*TCP + column]
+#pragma unroll
+  for (int i = 0; i < kPwMmaNT; ++i) {
+    const int tile = swarp * kPwMmaNT + i;
+    if (!me.ok || tile >= TR * CT) break;
+    const int r = tile / CT, ct = tile - r * CT;
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+      wmma::store_matrix_sync(ys + m * 16 * t.ldy + r * TCP + ct * 16, acc[m][i], t.ldy, wmma::mem_row_major);
+  }
+  __syncthreads();
+  // a thread per (channel, row, column pair) of the tile, pairs fastest (coalesced stores): one 4-byte
+  // store where the pair's address is 4-byte aligned (every row when Wout and the patch columns are even)
+  const int NQ = TCP / 2;
+  const int step_c = snt % NQ, step_rr = snt / NQ;
+  int cp = stid % NQ, rr = stid / NQ;
+  const int nr = me.nr, nc = me.nc, tr0 = me.tr0, tc0 = me.tc0;
+  const int64_t pidx = me.pidx;
+#pragma unroll 1
+  for (; me.ok && rr < nO * TR;) {
+    const int ol = rr / TR, r = rr - ol * TR, c = 2 * cp;
+    if (r < nr && c < nc) {
+      const int64_t o = o0 + ol;
+      const float bv = bias ? static_cast<float>(bias[(b * s.Cout + o) * GG + pidx]) : 0.0f;
+      const int64_t gi = ((b * s.Cout + o) * s.Hout + tr0 + r) * s.Wout + tc0 + c;
+      const PwPair<float> v = *reinterpret_cast<const PwPair<float>*>(ys + ol * t.ldy + r * TCP + c);
+      if (c + 1 < nc && gi % 2 == 0) {
+        PwPair<scalar_t> q;
+        q.v[0] = static_cast<scalar_t>(v.v[0] + bv);
+        q.v[1] = static_cast<scalar_t>(v.v[1] + bv);
+        *reinterpret_cast<PwPair<scalar_t>*>(y + gi) = q;
+      } else {
+        y[gi] = static_cast<scalar_t>(v.v[0] + bv);
+        if (c + 1 < nc) y[gi + 1] = static_cast<scalar_t>(v.v[1] + bv);
+      }
+    }
+    cp += step_c;
+    rr += step_rr;
+    if (cp >= NQ) {
+      cp -= NQ;
+      ++rr;
+    }
   }
 }
 
