@@ -302,13 +302,13 @@ def _mma_geometry(Cin, hid, Cout, th, tw, esize, k, hc=16):
     """mma_geometry (csrc/cuda/meta_block_kernels.cuh): padded MMA extents and shared-memory bytes; hc hidden
     channels per stage (H1 and H2 hold one stage)."""
     up = lambda v, m: -(-v // m) * m  # noqa: E731
-    pad = 16 // esize
+    pad, bpad = 16 // esize, 8  # row padding of the A operands (16 bytes) and of the B operands (8 elements)
     k1, m1, m3 = up(Cin + 1, k), up(hid, 16), up(Cout, 16)  # k1: + the ones row carrying t1
     nq, np_ = up((th + 2) * (tw + 2), 16), up(th * tw, 16)
     regions = [m1 * (k1 + pad) * esize, m3 * (m1 + pad) * esize, 9 * hid * 4, (hid + Cout) * 4,
-               k1 * (nq + pad) * esize, max(hc * _dw_ldh1(nq, tw), m3 * (np_ + 4)) * 4, hc * (np_ + pad) * esize,
-               2 * np_ * 4]
-    return dict(k1=k1, m1=m1, m3=m3, nq=nq, np=np_, hc=hc, bytes=sum(up(r, 128) for r in regions))
+               k1 * (nq + bpad) * esize, max(hc * _dw_ldh1(nq, tw), m3 * (np_ + 8)) * 4,
+               hc * (np_ + bpad) * esize, np_ * 4]
+    return dict(k1=k1, m1=m1, m3=m3, nq=nq, np=np_, hc=hc, ldh2=np_ + bpad, bytes=sum(up(r, 128) for r in regions))
 
 
 def _a1_depth(k, split):
@@ -397,12 +397,14 @@ def _cuda_meta_mma(x, wflat, hid, Cout, esize, plan, split):
     staged once with the first two affines' scales folded in (W1' = s1 W1 with t1 as an extra column
     against a row of ones in X, W2' = s2 W2, W3' = s3 W3); per tile the haloed x tile is staged once, then
     per stage of hc = 16, 32 or 48 hidden channels (the plan's widest that fits; 2 barriers each): pw1 on
-    the tensor cores (a warp per (16-channel block, 16-px column tile); in 16-channel stages the W1'
-    fragments kept in registers across a warp's tiles when k1 <= kA1Depth; ReLU6 on the accumulator
-    fragment), the depthwise 3x3 with a thread per (channel, 2 columns, 8 rows) sliding a 3x4 window
+    the tensor cores (a warp per 16-px column tile; in 16-channel stages the W1' fragments kept in
+    registers across a warp's tiles when k1 <= kA1Depth, else the warp computes all of the stage's
+    16-channel blocks, loading and splitting each X fragment once per k-step; ReLU6 on the accumulator
+    fragments), the depthwise 3x3 with a thread per (channel, 2 columns, 8 rows) sliding a 3x4 window
     (unrolled: no register moves), pw2 on the tensor cores into per-warp register accumulators (W3'
-    fragments reloaded only when a warp's row block changes); Y leaves through shared memory, + t3, at
-    precomputed pixel offsets. Each wmma operand load is 4 shared-memory wavefronts (512 B) against
+    fragments reloaded only when a warp's row block changes); each warp stores its own Y tiles to shared
+    memory and writes them out (+ t3, at precomputed pixel offsets) without a barrier: 1 + 2 per stage
+    per tile. Each wmma operand load is 4 shared-memory wavefronts (512 B) against
     ~2.2 tensor cycles per step, so the LSU and issue slots, not the tensor cores, bound it; the HBM
     traffic is x + weights + y once (halo re-reads hit L2). Per tile and stage the counts below read off
     the stage loop (``for (int k0 = 0; k0 < g.m1; k0 += g.hc)``)."""
@@ -424,6 +426,10 @@ def _cuda_meta_mma(x, wflat, hid, Cout, esize, plan, split):
     k.issue += rows * 8 + (g["m1"] + g["m3"]) * 8
     k.loop(9 * hid, lsu=3, issue=10)
     k.loop(hid + Cout, lsu=2, issue=6)
+    # X's rows Cin..k1 - 1 (ones, zeros), once per block: per haloed pixel and row STS, address, loop (~3)
+    xw = math.ceil(g["nq"] / 32)
+    k.lsu += xw * (g["k1"] - Cin)
+    k.issue += xw * (g["k1"] - Cin) * 3
     tiles = [(min(th, PH - i), min(tw, PW - j)) for i in range(0, PH, th) for j in range(0, PW, tw)]
     hc = g["hc"]
     stages = [min(hc, g["m1"] - k0) // 16 for k0 in range(0, g["m1"], hc)]  # 16-channel blocks per stage
@@ -431,14 +437,13 @@ def _cuda_meta_mma(x, wflat, hid, Cout, esize, plan, split):
     for eh, ew in tiles:
         hq, tp = (eh + 2) * (ew + 2), eh * ew
         halo_px += hq
-        k.barriers += 2 + 2 * len(stages)
+        k.barriers += 1 + 2 * len(stages)
         # x tile: a thread per haloed pixel (nq, 32 consecutive per warp-iteration): its reflected offset
-        # once (two int32 divisions, two reflects, ~60 instr), then per channel of k1 (ones and zero rows
-        # cost as much) LDG, convert, STS, address and loop (~6 instr); the tp output-pixel offsets (two
-        # int32 divisions, STS)
+        # once (two int32 divisions, two reflects, ~60 instr), then per image channel LDG, convert, STS,
+        # address and loop (~6 instr); the tp output-pixel offsets (two int32 divisions, STS)
         xw = math.ceil(g["nq"] / 32)
-        k.lsu += xw * 2 * g["k1"]
-        k.issue += xw * (60 + 6 * g["k1"])
+        k.lsu += xw * 2 * Cin
+        k.issue += xw * (60 + 6 * Cin)
         k.loop(tp, lsu=1, issue=50)
         nt1, nt3 = math.ceil(hq / 16), math.ceil(tp / 16)
         mt3 = g["m3"] // 16
@@ -450,36 +455,40 @@ def _cuda_meta_mma(x, wflat, hid, Cout, esize, plan, split):
             a3_loads += sum(1 for i, m in enumerate(ms) if i == 0 or m != ms[i - 1])
         for nb in stages:
             kept = keep_a1 and hc == 16                # kernel: keep_a1 (one-block stages only)
-            steps1 = nb * nt1 * kfrag                   # pw1: wmma k-steps (a warp per (block, column tile))
-            b1 = steps1                                 # pw1: X fragment loads (one per step)
+            steps1 = nb * nt1 * kfrag                   # pw1: wmma k-steps (nb blocks x column tiles x k)
+            b1 = nt1 * kfrag                            # pw1: X fragment loads (one per column tile and k-step)
             steps3 = nb * mt3 * nt3 * (16 // K)         # pw2 (per 16-channel block of the stage)
             a1 = busy1 * kfrag if kept else steps1      # W1' fragment loads
             a3 = nb * a3_loads * (16 // K)              # W3' fragment loads
             k.lsu += (a1 + b1 + a3 + steps3) * 4 + nb * nt1 * 8  # A, B fragment loads (4 each); H1 stores
-            # per step ~12 (operand loads' addressing, mma); 3xTF32: ~12 more per fragment loaded (hi/lo
-            # split); ReLU6 on each pw1 accumulator fragment (8 elements, 2 instructions each)
+            # per step ~12 (operand loads' addressing, mma); 3xTF32: 8 more per fragment loaded (hi/lo
+            # split, mma.cuh split_operand: LOP3 + FADD for each of its 4 elements); ReLU6 on each pw1
+            # accumulator fragment (8 elements, 2 instructions each)
             k.issue += (steps1 + steps3) * 12 + nt1 * nb * 16
             if split == 3:
-                k.issue += (a1 + b1 + a3 + steps3) * 12
+                k.issue += (a1 + b1 + a3 + steps3) * 8
             k.tc += (steps1 + steps3) * split * MMA_CLK
             # dw: per (2 columns, channel, DW_ROWS-row block) item: int32 divisions by ewp and by the stage's
             # channel count (~20 each), 10 broadcast LDS (taps, t2), the first two
             # window rows, loop (~5); per output row (unrolled): the window row (even ew: 2 8-byte LDS, else
-            # 4), 18 FFMA, per column FADD + 2 FMNMX (ReLU6) + convert, the store(s) (even ew: 1 pair, else
-            # 2); wavefronts of the window loads and H2 stores from the first warp's addresses
-            # (_dw_conflict, _dw_store_conflict)
+            # 4), 18 FFMA (t2 starts each chain), per column 2 FMNMX (ReLU6) + the conversion to a 16-bit
+            # H2 (none for float), the store(s) (even ew: 1 pair, else 2); wavefronts of the window loads
+            # and H2 stores from the first warp's addresses (_dw_conflict, _dw_store_conflict)
             rows = min(DW_ROWS, eh)
             nld, nst = (2, 1) if ew % 2 == 0 else (4, 2)
             cl = _dw_conflict(eh, ew, _dw_ldh1(g["nq"], tw), 16 * nb)
-            cs = _dw_store_conflict(eh, ew, g["np"] + 16 // esize, esize, 16 * nb)
+            cs = _dw_store_conflict(eh, ew, g["ldh2"], esize, 16 * nb)
             items = 16 * nb * math.ceil(eh / DW_ROWS) * math.ceil(ew / DW_COLS)
-            k.loop(items, rows, lsu=cl + cs, issue=nld + 18 + 2 * 4 + nst, overhead=40 + 10 + 2 * nld + 5)
+            cvt = 1 if esize == 2 else 0
+            k.loop(items, rows, lsu=cl + cs, issue=nld + 18 + 2 * (2 + cvt) + nst, overhead=40 + 10 + 2 * nld + 5)
             k.loop(items, lsu=10 + 2 * cl)
-        k.lsu += mt3 * nt3 * 8                          # Y fragments to shared memory
-        # y = Y + t3: a warp per output channel (LDS t3, row pointers ~6), per 32 pixels LDS yoff, LDS Y,
-        # FADD, convert, address, STG, loop (~10)
-        k.lsu += Cout * math.ceil(tp / 32) * 3
-        k.issue += Cout * (math.ceil(tp / 32) * 10 + 6)
+        # Y: per 16x16 accumulator tile its warp's fragment store (8 wavefronts: 1 KB, conflict-free at
+        # ldy = np + 8), LDS yoff, then per round of two rows (rows 0 1 4 5 8 9 12 13 and + 2; the rounds
+        # past Cout skipped) LDS Y, LDS t3, FADD, convert, bound checks, address, STG (~8); ~10 per tile
+        for m in range(mt3):
+            rounds = sum(1 for it in range(8) if 16 * m + (it // 2) * 4 + it % 2 < Cout)
+            k.lsu += nt3 * (8 + 1 + 2 * rounds)
+            k.issue += nt3 * (10 + 8 * rounds)
     xb, yb, wb = _numel(x) * esize, B * Cout * H * W * esize, _numel(wflat) * esize
     k.dram = xb + wb + yb
     k.l2 = xb * halo_px / (PH * PW) + wb + yb

@@ -226,8 +226,12 @@ META_CASES = {
     # tensor cores: 48-channel stages (m1 = 64: a stage of 3 blocks, then a partial one of 1; a warp per
     # (block, column tile)); unequal 11/12 x 5/6 patches of 12-row tiles (two depthwise row blocks), batch 2
     "wide-stage": (2, 5, 50, 7, 23, 11, 2, 2),
+    # tensor cores: Cout 19 = two pw2 row blocks, the second of 3 rows (each warp writes its own Y tiles,
+    # rounds past Cout skipped); hid 24: one stage of 2 blocks in every dtype (a warp per column tile
+    # computes both); 10x6 and 10x7 patches in 10x7 tiles (even and odd widths, two depthwise row blocks)
+    "two-row-blocks": (1, 6, 24, 19, 10, 13, 1, 2),
 }
-MMA_ONLY = {"half-tile", "wide-stage"}  # cases of the tensor-core forward tests only
+MMA_ONLY = {"half-tile", "wide-stage", "two-row-blocks"}  # cases of the tensor-core forward tests only
 
 
 def _meta_inputs(case, dtype, seed=0):
@@ -292,7 +296,8 @@ def tf32_matmul(request):
     torch.backends.cuda.matmul.allow_tf32 = old
 
 
-@pytest.mark.parametrize("case", ["odd", "multi-tile", "smem-weights-large", "deep-tile", "half-tile", "wide-stage"])
+@pytest.mark.parametrize("case", ["odd", "multi-tile", "smem-weights-large", "deep-tile", "half-tile", "wide-stage",
+                                  "two-row-blocks"])
 @pytest.mark.parametrize("dtype, tf32_matmul", [(torch.float32, False), (torch.float32, True),
                                                 (torch.float16, False), (torch.bfloat16, False)],
                          indirect=["tf32_matmul"], ids=["fp32-3xtf32", "fp32-tf32", "fp16", "bf16"])
@@ -326,10 +331,10 @@ def poisoned_empty():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_meta_block_forward_mma_poisoned(target, dtype, poisoned_empty):
-    """The tensor-core forward writes every output element (y starts as NaN): multi-tile, odd patches and
-    wide stages."""
+    """The tensor-core forward writes every output element (y starts as NaN): multi-tile, odd patches,
+    wide stages and a partial second row block of output channels."""
     run = Target(target)
-    for case in ("odd", "half-tile", "wide-stage"):
+    for case in ("odd", "half-tile", "wide-stage", "two-row-blocks"):
         x, w, scale, shift, hid, Cout = _meta_inputs(case, dtype, seed=1)
         ref = _meta_reference(x.double(), w.double(), scale.double(), shift.double(), hid, Cout)
         y = run("meta_block", x, w, scale, shift, hid, Cout)

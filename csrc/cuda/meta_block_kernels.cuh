@@ -212,7 +212,11 @@ __host__ __device__ constexpr int round_up(int v, int m) { return (v + m - 1) / 
 inline MmaGeom mma_geometry(int64_t Cin, int64_t hid, int64_t Cout, int th, int tw, int esize, int k, int hc) {
   MmaGeom g{};
   g.hc = hc;
-  const int pad = 16 / esize;  // 16 bytes of row padding (operands); 4 floats for float buffers
+  // row padding of the A operands (W1', W3'): 16 bytes (tf32 A fragments: lanes read rows g, g + 8 at columns
+  // t, t + 4, a stride of 4 mod 32 words is conflict-free; 16-bit: ldmatrix rows in distinct banks); of the B
+  // operands (X, H2): 8 elements (tf32 B fragments: lanes read rows t, t + 4 at columns g, conflict-free at
+  // 8 mod 32 words; 16-bit: 16 bytes as for A)
+  const int pad = 16 / esize, bpad = 8;
   g.th = th;
   g.tw = tw;
   g.k1 = round_up(static_cast<int>(Cin) + 1, k);  // + the ones row (t1)
@@ -221,14 +225,14 @@ inline MmaGeom mma_geometry(int64_t Cin, int64_t hid, int64_t Cout, int th, int 
   g.m3 = round_up(static_cast<int>(Cout), 16);
   g.ldw3 = g.m1 + pad;
   g.nq = round_up((th + 2) * (tw + 2), 16);
-  g.ldx = g.nq + pad;
+  g.ldx = g.nq + bpad;
   // H1 (float) row stride: channels r and r + 1 of the depthwise stage's half-warp (pairs fastest, 2 ceil(tw/2)
   // words per channel row) in different banks: stride = that width mod 32 words, else 4 (wmma: 16-byte multiple)
   const int dww = (kDwCols * ((tw + kDwCols - 1) / kDwCols)) % 32;
   g.ldh1 = round_up(g.nq, 32) + (dww ? round_up(dww, 4) : 4);
   g.np = round_up(th * tw, 16);
-  g.ldh2 = g.np + pad;
-  g.ldy = g.np + 4;
+  g.ldh2 = g.np + bpad;
+  g.ldy = g.np + 8;  // 8 mod 32 words: Y's fragment stores (rows g, columns 2t) and epilogue reads conflict-free
   int64_t off = 0;
   auto take = [&](int64_t bytes) {
     const int64_t o = off;
@@ -242,7 +246,7 @@ inline MmaGeom mma_geometry(int64_t Cin, int64_t hid, int64_t Cout, int th, int 
   g.ox = take(int64_t{g.k1} * g.ldx * esize);
   g.oh1 = take(std::max<int64_t>(int64_t{hc} * g.ldh1, int64_t{g.m3} * g.ldy) * 4);  // H1, then Y
   g.oh2 = take(int64_t{hc} * g.ldh2 * esize);
-  g.oyoff = take(2 * int64_t{g.np} * 4);  // y offset of every tile pixel, two tables (tile parity)
+  g.oyoff = take(int64_t{g.np} * 4);  // y offset of every tile pixel
   g.bytes = off;
   return g;
 }
@@ -269,7 +273,7 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
   float* h1 = reinterpret_cast<float*>(smem_raw + g.oh1);
   float* ys = h1;  // Y reuses H1's space after the last stage
   T* h2 = reinterpret_cast<T*>(smem_raw + g.oh2);
-  int* yoffs = reinterpret_cast<int*>(smem_raw + g.oyoff);  // two tables (tile parity)
+  int* yoff = reinterpret_cast<int*>(smem_raw + g.oyoff);  // y offset of every tile pixel
   const WeightLayout L{Cin, hid, Cout};
   const int64_t N = L.numel(), G = gh * gw;
   const DevPatch P(blockIdx.x, gh, gw, H, W);
@@ -300,30 +304,35 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
     w2s[idx] = static_cast<float>(scale[L.a2() + idx / 9]) * static_cast<float>(src[(L.w2() + idx) * ws]);
   for (int idx = tid; idx < nh + co; idx += kThreads) aff[idx] = static_cast<float>(shift[L.a2() + idx]);
   const int mt3 = g.m3 / 16;
-  for (int64_t t = 0; t < div_up(P.ph, g.th) * div_up(P.pw, g.tw); ++t) {
-    const auto [eh, ew, tr0, tc0, hw, hq, tp] = patch_tile(P, g.th, g.tw, t);
-    // x's haloed tile, rows = channels (row Cin ones, zero rows up to k1, zero columns from hq to nq): a
+  // X's rows past the image channels, the same in every tile: row Cin ones (against W1's t1 column), then
+  // zeros up to k1 (visible to the first tile's pw1 after its first barrier; never overwritten)
+  for (int q = tid; q < g.nq; q += kThreads)
+    for (int c = cin; c < g.k1; ++c) xs[c * g.ldx + q] = mma::from_float<T>(c == cin ? 1.0f : 0.0f);
+  // the tile loop keeps its geometry in 32 bits (fewer long-lived registers next to the pw2 accumulators:
+  // ptxas fits the kernel in the 128 registers of __launch_bounds__(256, 2) without spills)
+  const int pc0 = static_cast<int>(P.c0), rend = static_cast<int>(P.r0 + P.ph), cend = static_cast<int>(P.c0 + P.pw);
+  const scalar_t* xb = x + P.b * Cin * H * W;
+  scalar_t* yb = y + P.b * Cout * H * W;
+  // tiles in row-major order: (tr0, tc0) their first pixel
+  for (int tr0 = static_cast<int>(P.r0), tc0 = pc0; tr0 < rend;
+       tc0 = tc0 + g.tw < cend ? tc0 + g.tw : pc0, tr0 = tc0 == pc0 ? tr0 + g.th : tr0) {
+    const int ehi = min(g.th, rend - tr0), ewi = min(g.tw, cend - tc0);
+    const int hwi = ewi + 2, hqi = (ehi + 2) * hwi, tpi = ehi * ewi;
+    // x's haloed tile, rows = channels (zero columns from hq to nq; rows Cin.. staged once, above): a
     // thread per haloed pixel computes its reflected image offset once (the same in every channel) and
-    // copies the pixel's k1 channels, consecutive threads on consecutive pixels (coalesced). No barrier
-    // before it: xs was last read by the previous tile's pw1, before that tile's later barriers, and the
-    // y offsets alternate between two tables (the previous tile's epilogue may still read its own)
-    const int hwi = static_cast<int>(hw), hqi = static_cast<int>(hq);
-    const int ewi = static_cast<int>(ew), tpi = static_cast<int>(tp);
-    const scalar_t* xb = x + P.b * Cin * H * W;
+    // copies the pixel's Cin channels, consecutive threads on consecutive pixels (coalesced). No barrier
+    // before it: xs was last read by the previous tile's pw1, before that tile's later barriers
     for (int q = tid; q < g.nq; q += kThreads) {
       const bool in = q < hqi;
       const int off =
           in ? static_cast<int>(reflect_index(tr0 - 1 + q / hwi, H) * W + reflect_index(tc0 - 1 + q % hwi, W)) : 0;
 #pragma unroll 4
-      for (int c = 0; c < g.k1; ++c) {
-        const float v = c < cin ? (in ? static_cast<float>(xb[c * H * W + off]) : 0.0f) : c == cin ? 1.0f : 0.0f;
-        xs[c * g.ldx + q] = mma::from_float<T>(v);
-      }
+      for (int c = 0; c < cin; ++c) xs[c * g.ldx + q] = mma::from_float<T>(in ? static_cast<float>(xb[c * H * W + off]) : 0.0f);
     }
-    int* yoff = yoffs + (t & 1) * g.np;
+    __syncthreads();  // weights and x staged (and the previous tile's epilogue done with Y and yoff)
+    // the y offset of every tile pixel (read by the epilogue, after the stages' barriers)
     for (int p = tid; p < tpi; p += kThreads) yoff[p] = static_cast<int>((tr0 + p / ewi) * W + tc0 + p % ewi);
-    __syncthreads();  // weights, x and yoff staged (and the previous tile's epilogue done with Y)
-    const int nt1 = static_cast<int>(div_up(hq, 16)), nt3 = static_cast<int>(div_up(tp, 16));
+    const int nt1 = (hqi + 15) / 16, nt3 = (tpi + 15) / 16;
     const int mine = (mt3 * nt3 - warp + kWarps - 1) / kWarps;  // pw2 tiles of this warp: warp + kWarps * i
     // W1' fragments kept across a warp's column tiles: one-block stages only (the plan widens a stage only
     // where no warp would keep them across several tiles); block-uniform
@@ -334,24 +343,24 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
       if (i < mine) wmma::fill_fragment(acc[i], 0.0f);
     for (int k0 = 0; k0 < g.m1; k0 += g.hc) {
       const int nc = min(g.hc, g.m1 - k0), nb = nc / kChunk;  // the stage's channels, 16-channel blocks
-      // pw1 of the stage: H1 = relu6(W1' [X; 1]) (t1 rides on the ones row), a warp per (16-channel block,
-      // 16-px column tile). keep_a1: the warp's W1' fragments are loaded (and split) once per stage; else
-      // per item and k-step (ptxas: reusing an X fragment for the stage's blocks spills)
-      FragA a1[kA1], a1lo[kA1];
-      if (keep_a1 && warp < nt1) {
+      // pw1 of the stage: H1 = relu6(W1' [X; 1]) (t1 rides on the ones row). keep_a1 (one-block stages): a
+      // warp per 16-px column tile with the stage's W1' fragments loaded (and split) once per stage. Else a
+      // warp per 16-px column tile computes all nb <= 3 16-channel blocks of the stage: per k-step its X
+      // fragment is loaded (and split) once and used for the nb W1' fragments (loaded per block and k-step)
+      if (keep_a1) {
+        FragA a1[kA1], a1lo[kA1];
+        if (warp < nt1) {
 #pragma unroll
-        for (int f = 0; f < kA1; ++f) {
-          if (f * K < g.k1) {
-            wmma::load_matrix_sync(a1[f], w1s + k0 * g.ldw1 + f * K, g.ldw1);
-            mma::split_operand<scalar_t, kSplit>(a1[f], a1lo[f]);
+          for (int f = 0; f < kA1; ++f) {
+            if (f * K < g.k1) {
+              wmma::load_matrix_sync(a1[f], w1s + k0 * g.ldw1 + f * K, g.ldw1);
+              mma::split_operand<scalar_t, kSplit>(a1[f], a1lo[f]);
+            }
           }
         }
-      }
-      for (int item = warp; item < nb * nt1; item += kWarps) {  // (row block mb, column tile n); keep_a1: nb = 1
-        const int mb = item / nt1, n = item - mb * nt1;
-        FragC c1;
-        wmma::fill_fragment(c1, 0.0f);
-        if (keep_a1) {
+        for (int n = warp; n < nt1; n += kWarps) {
+          FragC c1;
+          wmma::fill_fragment(c1, 0.0f);
 #pragma unroll
           for (int f = 0; f < kA1; ++f) {
             if (f * K < g.k1) {
@@ -361,31 +370,54 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
               mma::multiply_accumulate_split<scalar_t, kSplit>(c1, a1[f], a1lo[f], b, blo);
             }
           }
-        } else {
+#pragma unroll
+          for (int e = 0; e < c1.num_elements; ++e) c1.x[e] = meta::relu6(c1.x[e]);
+          wmma::store_matrix_sync(h1 + n * 16, c1, g.ldh1, wmma::mem_row_major);
+        }
+      } else {
+        constexpr int kBlocks = kMaxStage / kChunk;
+        for (int n = warp; n < nt1; n += kWarps) {
+          FragC c1[kBlocks];
+#pragma unroll
+          for (int mb = 0; mb < kBlocks; ++mb)
+            if (mb < nb) wmma::fill_fragment(c1[mb], 0.0f);
+#pragma unroll 1
           for (int kk = 0; kk < g.k1; kk += K) {
-            FragA a;
-            FragB b;
-            wmma::load_matrix_sync(a, w1s + (k0 + mb * kChunk) * g.ldw1 + kk, g.ldw1);
+            FragB b, blo;
             wmma::load_matrix_sync(b, xs + kk * g.ldx + n * 16, g.ldx);
-            mma::multiply_accumulate<scalar_t, kSplit>(c1, a, b);
+            mma::split_operand<scalar_t, kSplit>(b, blo);
+#pragma unroll
+            for (int mb = 0; mb < kBlocks; ++mb) {
+              if (mb < nb) {
+                FragA a, alo;
+                wmma::load_matrix_sync(a, w1s + (k0 + mb * kChunk) * g.ldw1 + kk, g.ldw1);
+                mma::split_operand<scalar_t, kSplit>(a, alo);
+                mma::multiply_accumulate_split<scalar_t, kSplit>(c1[mb], a, alo, b, blo);
+              }
+            }
+          }
+#pragma unroll
+          for (int mb = 0; mb < kBlocks; ++mb) {
+            if (mb < nb) {
+#pragma unroll
+              for (int e = 0; e < c1[mb].num_elements; ++e) c1[mb].x[e] = meta::relu6(c1[mb].x[e]);
+              wmma::store_matrix_sync(h1 + mb * kChunk * g.ldh1 + n * 16, c1[mb], g.ldh1, wmma::mem_row_major);
+            }
           }
         }
-#pragma unroll
-        for (int e = 0; e < c1.num_elements; ++e) c1.x[e] = meta::relu6(c1.x[e]);
-        wmma::store_matrix_sync(h1 + mb * kChunk * g.ldh1 + n * 16, c1, g.ldh1, wmma::mem_row_major);
       }
       __syncthreads();
       // dw3x3 of the stage; rows past hid are zero (pw2 reads them against W3's zero columns). A thread
       // per (pair of columns, channel, block of kDwRows output rows), pairs fastest: the 9 taps in registers,
       // a 3-row x 4-column window sliding down (unrolled), for even tile widths read as two 8-byte loads per
       // row (ldh1 spaces the channels of a half-warp over the banks) and the pair stored at once
-      const int nrb = (static_cast<int>(eh) + kDwRows - 1) / kDwRows, ewp = (ewi + kDwCols - 1) / kDwCols;
+      const int nrb = (ehi + kDwRows - 1) / kDwRows, ewp = (ewi + kDwCols - 1) / kDwCols;
       const bool even = ewi % 2 == 0;  // block-uniform: pairs aligned to 8 bytes (H1) / 2 elements (H2)
       for (int idx = tid; idx < nc * nrb * ewp; idx += kThreads) {
         const int jp = idx % ewp, rest = idx / ewp, rb = rest / nc, r = rest - rb * nc;
         const int k = k0 + r, j = kDwCols * jp;
         const bool two = j + 1 < ewi;  // the pair's second column is in the tile
-        const int i0 = rb * kDwRows, i1 = min(i0 + kDwRows, static_cast<int>(eh));
+        const int i0 = rb * kDwRows, i1 = min(i0 + kDwRows, ehi);
         T* out = h2 + r * g.ldh2 + j;
         auto put = [&](int i, float v, float u) {
           if (even) {
@@ -424,11 +456,12 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
           if (i >= i1) break;
           float c0, c1, c2, c3;
           ld(hk + (i + 2) * hwi, c0, c1, c2, c3);
-          const float v = wk[0] * a0 + wk[1] * a1 + wk[2] * a2 + wk[3] * b0 + wk[4] * b1 + wk[5] * b2 + wk[6] * c0 +
-                          wk[7] * c1 + wk[8] * c2;
-          const float u = wk[0] * a1 + wk[1] * a2 + wk[2] * a3 + wk[3] * b1 + wk[4] * b2 + wk[5] * b3 + wk[6] * c1 +
-                          wk[7] * c2 + wk[8] * c3;
-          put(i, meta::relu6(v + t2), meta::relu6(u + t2));
+          // t2 first: 9 FFMA per output, no separate add
+          const float v = t2 + wk[0] * a0 + wk[1] * a1 + wk[2] * a2 + wk[3] * b0 + wk[4] * b1 + wk[5] * b2 +
+                          wk[6] * c0 + wk[7] * c1 + wk[8] * c2;
+          const float u = t2 + wk[0] * a1 + wk[1] * a2 + wk[2] * a3 + wk[3] * b1 + wk[4] * b2 + wk[5] * b3 +
+                          wk[6] * c1 + wk[7] * c2 + wk[8] * c3;
+          put(i, meta::relu6(v), meta::relu6(u));
           a0 = b0, a1 = b1, a2 = b2, a3 = b3;
           b0 = c0, b1 = c1, b2 = c2, b3 = c3;
         }
@@ -466,22 +499,28 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
       }
       // the next stage's pw1 writes H1 (not read here) and its dw writes H2 only after a barrier
     }
-    // Y through shared memory (H1's space: its last reader, the dw, finished before the last barrier)
+    // Y through shared memory (H1's space: its last reader, the dw, finished before the last stage's second
+    // barrier), no barrier: each warp stores its own accumulator tiles (disjoint 16x16 blocks of Y) and
+    // writes them out itself, y = Y + t3: lanes along the tile's 16 pixels (offsets from yoff), the two
+    // half-warps on rows r and r + 2 of the tile, rounds past Cout skipped (warp-uniform). ldy = 8 mod 32
+    // words makes both the fragment stores and these reads conflict-free
 #pragma unroll
     for (int i = 0; i < kMaxAccTiles; ++i) {
       if (i >= mine) continue;
       const int tile = warp + kWarps * i, m = tile % mt3, n = tile / mt3;
+      const float* yt = ys + m * 16 * g.ldy + n * 16;
       wmma::store_matrix_sync(ys + m * 16 * g.ldy + n * 16, acc[i], g.ldy, wmma::mem_row_major);
+      __syncwarp();
+      const int px = lane % 16, p = n * 16 + px, hr = lane / 16;
+      scalar_t* dst = yb + int64_t{m * 16} * H * W + (p < tpi ? yoff[p] : 0);
+#pragma unroll
+      for (int it = 0; it < 8; ++it) {
+        const int r0 = (it / 2) * 4 + it % 2, r = r0 + 2 * hr, o = m * 16 + r;  // rows 0 1 4 5 .. (+ 2)
+        if (m * 16 + r0 >= co) break;
+        if (p < tpi && o < co) dst[int64_t{r} * H * W] = static_cast<scalar_t>(yt[r * g.ldy + px] + aff[nh + o]);
+      }
     }
-    __syncthreads();
-    // y = Y + t3: a warp per output channel, lanes along the tile's pixels (offsets from yoff)
-    for (int o = warp; o < co; o += kWarps) {
-      const float t3 = aff[nh + o];
-      const float* yo = ys + o * g.ldy;
-      scalar_t* dst = y + (P.b * Cout + o) * H * W;
-      for (int p = lane; p < tpi; p += 32) dst[yoff[p]] = static_cast<scalar_t>(yo[p] + t3);
-    }
-    // the next tile's first barrier keeps its pw1 (which overwrites Y) behind these reads
+    // the next tile's first barrier keeps its pw1 (which overwrites Y) behind every warp's reads of Y
   }
 }
 

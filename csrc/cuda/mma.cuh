@@ -16,6 +16,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cstring>
 #include <type_traits>
 
 #include "cuda/runtime.cuh"
@@ -94,18 +95,36 @@ __device__ __forceinline__ void round_operand(Frag& f) {
   }
 }
 
+// v with its low 13 mantissa bits cleared: the tf32 value the tensor core reads from v's bits (one LOP3).
+__device__ __forceinline__ float tf32_truncate(float v) {
+#ifdef PYSEG_CUDA_EMULATOR
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  u &= 0xffffe000u;
+  std::memcpy(&v, &u, 4);
+  return v;
+#else
+  return __uint_as_float(__float_as_uint(v) & 0xffffe000u);
+#endif
+}
+
 // A loaded (unrounded) operand fragment of scalar type S prepared for multiply_accumulate_split: kSplit 1
 // rounds f to its tensor-core type (tf32 for float, no-op for 16-bit S) and leaves lo untouched; kSplit 3
-// (float only): f = hi, lo = f - hi, both tf32 ("3xTF32"). A split fragment can be reused for any number
-// of products (the pw kernels keep one in registers across the column tiles of a warp).
+// (float only, "3xTF32"): hi = f truncated to tf32 (bit mask), lo = f - hi (exact in float, |lo| < 2^-10 |f|),
+// lo left as a float: the tensor core reads only its top 10 mantissa bits (tf32 operands' low 13 bits are
+// ignored; ptxas's own cvt.rna.tf32 on sm_80+ is "add half an ulp" without the mask for the same reason, and
+// the emulator drops them too), i.e. lo truncated: 2 instructions per element (LOP3, FADD) instead of the
+// ~7 of two cvt.rna.tf32 (each IADD + FSETP + SEL in SASS) and the mask that the subtraction needs.
+// A split fragment can be reused for any number of products (the pw kernels keep one in registers across
+// the column tiles of a warp).
 template <class S, int kSplit, class F>
 __device__ __forceinline__ void split_operand(F& f, F& lo) {
   static_assert(kSplit == 1 || (kSplit == 3 && std::is_same_v<S, float>), "3xTF32 is for float operands");
   if constexpr (kSplit == 3) {
 #pragma unroll
     for (int i = 0; i < f.num_elements; ++i) {
-      const float hi = wmma::__float_to_tf32(f.x[i]);
-      lo.x[i] = wmma::__float_to_tf32(f.x[i] - hi);
+      const float hi = tf32_truncate(f.x[i]);
+      lo.x[i] = f.x[i] - hi;
       f.x[i] = hi;
     }
   } else {
@@ -115,7 +134,9 @@ __device__ __forceinline__ void split_operand(F& f, F& lo) {
 
 // acc += a b for split fragments (split_operand). kSplit 1: one tensor-core product (fp16/bf16 exact
 // products; float as tf32, 10-bit mantissas; alo/blo unused). kSplit 3: acc += a_lo b_hi + a_hi b_lo +
-// a_hi b_hi (the a_lo b_lo term, ~2^-22 relative, dropped): about float32 accuracy at three products.
+// a_hi b_hi: per product a relative error below 3 * 2^-20 (~2.9e-6: the dropped a_lo b_lo term and the
+// truncation of each lo, each < 2^-20; typically far less, the errors being of either sign across a sum),
+// summed in float: close to float32 accuracy at three products.
 template <class S, int kSplit, class FC, class FA, class FB>
 __device__ __forceinline__ void multiply_accumulate_split(FC& acc, const FA& a, const FA& alo, const FB& b,
                                                           const FB& blo) {
