@@ -463,7 +463,10 @@ def _cuda_meta_mma(x, wflat, hid, Cout, esize, plan, split):
             k.lsu += (a1 + b1 + a3 + steps3) * 4 + nb * nt1 * 8  # A, B fragment loads (4 each); H1 stores
             # per step ~12 (operand loads' addressing, mma); 3xTF32: 8 more per fragment loaded (hi/lo
             # split, mma.cuh split_operand: LOP3 + FADD for each of its 4 elements); ReLU6 on each pw1
-            # accumulator fragment (8 elements, 2 instructions each)
+            # accumulator fragment (8 elements, 2 instructions each). Caveat (ptxas 13.0, sm_90 SASS of
+            # the 3xTF32 pw1 loop): a (block, k-step) is ~50 instructions, not 12 + 8: nvcuda::wmma's
+            # m16n16k8 tf32 mma_sync is 4 HMMA.1684 (12 per 3xTF32 step), its loads 4 generic LD.E each
+            # with the lane's address recomputed per load (S2R laneid, ~20 IMAD/LEA); not yet counted here
             k.issue += (steps1 + steps3) * 12 + nt1 * nb * 16
             if split == 3:
                 k.issue += (a1 + b1 + a3 + steps3) * 8
