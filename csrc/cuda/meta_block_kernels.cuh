@@ -165,17 +165,20 @@ __global__ void __launch_bounds__(kThreads) meta_forward_kernel(
 // One block of 8 warps per (sample, patch), tiles of th x tw output pixels as above. The block stages
 // the patch's weights with the first two affines' scales folded in (W1' = s1 W1 with t1 as an extra
 // column, W2' = s2 W2, W3' = s3 W3), then per tile loads x's haloed tile once (operand type, rows =
-// channels, a row of ones at row Cin against W1's t1 column, zero rows up to the MMA depth) and walks
-// the hidden channels in stages of hc = 16, 32 or 48 (the plan's widest that fits; two barriers each):
-//   pw1   H1[hc, haloed px] = relu6(W1'[stage] [X; 1])             wmma (ReLU6 on the fragment), warps over
-//                                                                  16-px columns, W1' fragments in registers
-//                                                                  (hc 16) or each X fragment used hc/16 times
+// channels; the row of ones at row Cin against W1's t1 column and the zero rows up to the MMA depth are
+// written once per block) and walks the hidden channels in stages of hc = 16, 32 or 48 (the plan's widest
+// that fits; two barriers each, plus one per tile):
+//   pw1   H1[hc, haloed px] = relu6(W1'[stage] [X; 1])             wmma (ReLU6 on the fragments), a warp per
+//                                                                  16-px column tile: W1' fragments in registers
+//                                                                  (hc 16) or all hc/16 blocks, each X fragment
+//                                                                  loaded and split once per k-step
 //   dw    H2[hc, px] = relu6(dw3x3'(H1) + t2)                      CUDA cores, 2 columns x kDwRows rows/thread
 //   pw2   Y[Cout, px] += W3'[:, stage] H2[stage, px]               wmma, accumulators stay in registers
-// and finally stores Y (through shared memory) as y = Y + t3. Padded rows/columns of the MMA operands are
-// zero (a NaN there would reach real outputs through 0 * NaN); row strides are padded by 16 bytes so that
-// the 8 rows a tensor-core load touches at once fall in different banks. Folding the scales rounds the
-// products s*w once to the operand type (16-bit types: one rounding of the weight, as before).
+// and finally each warp stores its Y tiles (through shared memory, no barrier) as y = Y + t3. Padded
+// rows/columns of the MMA operands are zero (a NaN there would reach real outputs through 0 * NaN); row
+// strides are padded (A operands by 16 bytes, B operands and Y by 8 elements: see mma_geometry) so that
+// the rows a tensor-core load or store touches at once fall in different banks. Folding the scales rounds
+// the products s*w once to the operand type (16-bit types: one rounding of the weight, as before).
 constexpr int kWarps = kThreads / 32;
 constexpr int kChunk = 16;      // hidden channels per block of a stage (one MMA depth of fp16/bf16, two of tf32)
 constexpr int kMaxStage = 48;   // hidden channels per stage at most (3 blocks of kChunk)
@@ -185,7 +188,8 @@ constexpr int kDwCols = 2;       // output columns per thread of the depthwise s
 // pw1: the W1' fragments of a 16-channel stage (k1 <= this depth) stay in registers across a warp's column
 // tiles: 3 bf16/fp16 fragments (24 registers) or 5 tf32 ones (20), within the 128 of __launch_bounds__(256, 2)
 // next to the pw2 accumulators; none for 3xTF32 (ptxas: kept split fragments, hi + lo, spill next to the
-// stage loop; HyperSeg-M's float levels have k1 = 32 and 40, past 2 of them anyway)
+// stage loop; HyperSeg-M's float levels have k1 = 32 and 40, past 2 of them anyway: there a warp computes
+// all blocks of a wider stage instead, up to 3 accumulators, reusing each split X fragment)
 template <int K, int kSplit>
 constexpr int kA1Depth = K == 16 ? 48 : kSplit == 1 ? 40 : 0;
 
