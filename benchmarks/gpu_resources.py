@@ -106,8 +106,9 @@ def cuda_launches(src_dir: str) -> dict:
     return out
 
 
-def cuda_resources(arch: int = 90, src_dir: str = os.path.join(ROOT, "csrc")) -> list:
-    """One dict per (kernel instantiation) of every csrc/cuda/*.cu, from nvcc -Xptxas -v."""
+def nvcc_command(cu: str, out: str, arch: int = 90, src_dir: str = os.path.join(ROOT, "csrc")) -> list:
+    """nvcc's command line compiling the csrc/cuda file `cu` to the cubin `out` for sm_`arch`, with the flags of
+    setup.py's CUDA build (torch's COMMON_NVCC_FLAGS: no implicit half/bfloat16 conversions) and -Xptxas -v."""
     import sysconfig
 
     from torch.utils import cpp_extension
@@ -121,14 +122,18 @@ def cuda_resources(arch: int = 90, src_dir: str = os.path.join(ROOT, "csrc")) ->
         d = os.path.join(os.path.dirname(sp), sub)
         if os.path.isdir(d):
             incs.append(d)
+    return [nvcc, "-cubin", f"-arch=sm_{arch}", "-O3", "-std=c++20", *cpp_extension.COMMON_NVCC_FLAGS, "-lineinfo",
+            "-Xptxas", "-v", "-DPYSEG_WITH_CUDA", "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H",
+            *[f"-I{i}" for i in incs], cu, "-o", out]
+
+
+def cuda_resources(arch: int = 90, src_dir: str = os.path.join(ROOT, "csrc")) -> list:
+    """One dict per (kernel instantiation) of every csrc/cuda/*.cu, from nvcc -Xptxas -v."""
     launches = cuda_launches(src_dir)
     rows = []
     for cu in sorted(glob.glob(os.path.join(src_dir, "cuda", "*.cu"))):
         with tempfile.TemporaryDirectory() as d:
-            # torch's own nvcc flags (COMMON_NVCC_FLAGS: no implicit half/bfloat16 conversions), as the build
-            cmd = [nvcc, "-cubin", f"-arch=sm_{arch}", "-O3", "-std=c++20", *cpp_extension.COMMON_NVCC_FLAGS, "-lineinfo",
-                   "-Xptxas", "-v", "-DPYSEG_WITH_CUDA", "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H",
-                   *[f"-I{i}" for i in incs], cu, "-o", os.path.join(d, "k.cubin")]
+            cmd = nvcc_command(cu, os.path.join(d, "k.cubin"), arch, src_dir)
             r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"nvcc failed on {cu}:\n{r.stderr[-3000:]}")
