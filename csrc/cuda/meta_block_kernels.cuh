@@ -19,6 +19,7 @@
 
 #include "common/meta_block.h"
 #include <algorithm>
+#include <type_traits>
 
 #include "cuda/block_kernels.cuh"
 #include "cuda/mma.cuh"
@@ -357,7 +358,7 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
 #pragma unroll
           for (int f = 0; f < kA1; ++f) {
             if (f * K < g.k1) {
-              wmma::load_matrix_sync(a1[f], w1s + k0 * g.ldw1 + f * K, g.ldw1);
+              mma::load_shared(a1[f], w1s + k0 * g.ldw1 + f * K, g.ldw1);
               mma::split_operand<scalar_t, kSplit>(a1[f], a1lo[f]);
             }
           }
@@ -369,7 +370,7 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
           for (int f = 0; f < kA1; ++f) {
             if (f * K < g.k1) {
               FragB b, blo;
-              wmma::load_matrix_sync(b, xs + f * K * g.ldx + n * 16, g.ldx);
+              mma::load_shared(b, xs + f * K * g.ldx + n * 16, g.ldx);
               mma::split_operand<scalar_t, kSplit>(b, blo);
               mma::multiply_accumulate_split<scalar_t, kSplit>(c1, a1[f], a1lo[f], b, blo);
             }
@@ -379,35 +380,43 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
           wmma::store_matrix_sync(h1 + n * 16, c1, g.ldh1, wmma::mem_row_major);
         }
       } else {
-        constexpr int kBlocks = kMaxStage / kChunk;
-        for (int n = warp; n < nt1; n += kWarps) {
-          FragC c1[kBlocks];
+        // the stage's block count as a compile-time constant (one copy of the loop per count): every fragment
+        // load of the k-loop unconditional, so ptxas computes the lanes' fragment offsets once, before the
+        // loop, instead of per guarded load (benchmarks/sass_counts.py)
+        static_assert(kMaxStage / kChunk == 3, "pw1 is instantiated for 1..3 blocks per stage");
+        auto pw1 = [&](auto blocks) {
+          constexpr int kBlocks = decltype(blocks)::value;
+          for (int n = warp; n < nt1; n += kWarps) {
+            FragC c1[kBlocks];
 #pragma unroll
-          for (int mb = 0; mb < kBlocks; ++mb)
-            if (mb < nb) wmma::fill_fragment(c1[mb], 0.0f);
+            for (int mb = 0; mb < kBlocks; ++mb) wmma::fill_fragment(c1[mb], 0.0f);
 #pragma unroll 1
-          for (int kk = 0; kk < g.k1; kk += K) {
-            FragB b, blo;
-            wmma::load_matrix_sync(b, xs + kk * g.ldx + n * 16, g.ldx);
-            mma::split_operand<scalar_t, kSplit>(b, blo);
+            for (int kk = 0; kk < g.k1; kk += K) {
+              FragB b, blo;
+              mma::load_shared(b, xs + kk * g.ldx + n * 16, g.ldx);
+              mma::split_operand<scalar_t, kSplit>(b, blo);
 #pragma unroll
-            for (int mb = 0; mb < kBlocks; ++mb) {
-              if (mb < nb) {
+              for (int mb = 0; mb < kBlocks; ++mb) {
                 FragA a, alo;
-                wmma::load_matrix_sync(a, w1s + (k0 + mb * kChunk) * g.ldw1 + kk, g.ldw1);
+                mma::load_shared(a, w1s + (k0 + mb * kChunk) * g.ldw1 + kk, g.ldw1);
                 mma::split_operand<scalar_t, kSplit>(a, alo);
                 mma::multiply_accumulate_split<scalar_t, kSplit>(c1[mb], a, alo, b, blo);
               }
             }
-          }
 #pragma unroll
-          for (int mb = 0; mb < kBlocks; ++mb) {
-            if (mb < nb) {
+            for (int mb = 0; mb < kBlocks; ++mb) {
 #pragma unroll
               for (int e = 0; e < c1[mb].num_elements; ++e) c1[mb].x[e] = meta::relu6(c1[mb].x[e]);
               wmma::store_matrix_sync(h1 + mb * kChunk * g.ldh1 + n * 16, c1[mb], g.ldh1, wmma::mem_row_major);
             }
           }
+        };
+        if (nb == 3) {
+          pw1(std::integral_constant<int, 3>{});
+        } else if (nb == 2) {
+          pw1(std::integral_constant<int, 2>{});
+        } else {
+          pw1(std::integral_constant<int, 1>{});
         }
       }
       __syncthreads();
@@ -474,32 +483,63 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
       // pw2, per 16-channel block s of the stage: this warp's accumulator tiles += W3'[:, block] H2[block];
       // the W3' fragments are loaded (and split) again only when the tile's row block m changes (never
       // when mt3 divides kWarps)
+      // this warp's tiles warp + kWarps * i = n * mt3 + m: the first one's (m0, n0) and the step (dm, dn),
+      // divisions once per stage, not per tile (here rather than before the tile loop: no registers held
+      // across the stages, which spilled). Warps without tiles skip it (warp-uniform), so the first tile's
+      // loads are unconditional (ptxas then computes the lanes' fragment offsets once). Copies of the loop:
+      // where mt3 divides kWarps (a warp's tiles all in one row block) one per tile count kTiles = mine, which
+      // loads W3' once and every H2 fragment unconditionally; else (kTiles = 0) one that guards the tiles
+      // and reloads W3' when the row block changes
+      const int m0 = warp % mt3, n0 = warp / mt3, dm = kWarps % mt3, dn = kWarps / mt3;
+      auto pw2 = [&](auto tiles) {
+        constexpr int kTiles = decltype(tiles)::value;
+        constexpr bool kUniform = kTiles > 0;
 #pragma unroll 1
-      for (int s = 0; s < nb; ++s) {
-        const int ks = k0 + s * kChunk;
-        const T* h2s = h2 + s * kChunk * g.ldh2;
-        FragA a3[kChunk / K], a3lo[kChunk / K];
-        int mprev = -1;
+        for (int s = 0; s < nb; ++s) {
+          const int ks = k0 + s * kChunk;
+          const T* h2s = h2 + s * kChunk * g.ldh2;
+          FragA a3[kChunk / K], a3lo[kChunk / K];
+          int mprev = -1;
+          int m = m0, n = n0;  // tile warp + kWarps * i = n * mt3 + m, stepped without a division
 #pragma unroll
-        for (int i = 0; i < kMaxAccTiles; ++i) {
-          if (i >= mine) continue;
-          const int tile = warp + kWarps * i, m = tile % mt3, n = tile / mt3;
-          if (m != mprev) {
+          for (int i = 0; i < kMaxAccTiles; ++i) {
+            if (i > 0) {
+              if (kUniform ? i >= kTiles : i >= mine) continue;
+              n += dn;
+              if (!kUniform) {
+                m += dm;
+                if (m >= mt3) m -= mt3, ++n;
+              }
+            }
+            if (i == 0 || (!kUniform && m != mprev)) {
+#pragma unroll
+              for (int f = 0; f < kChunk / K; ++f) {
+                mma::load_shared(a3[f], w3s + m * 16 * g.ldw3 + ks + f * K, g.ldw3);
+                mma::split_operand<scalar_t, kSplit>(a3[f], a3lo[f]);
+              }
+              mprev = m;
+            }
 #pragma unroll
             for (int f = 0; f < kChunk / K; ++f) {
-              wmma::load_matrix_sync(a3[f], w3s + m * 16 * g.ldw3 + ks + f * K, g.ldw3);
-              mma::split_operand<scalar_t, kSplit>(a3[f], a3lo[f]);
+              FragB b, blo;
+              mma::load_shared(b, h2s + f * K * g.ldh2 + n * 16, g.ldh2);
+              mma::split_operand<scalar_t, kSplit>(b, blo);
+              mma::multiply_accumulate_split<scalar_t, kSplit>(acc[i], a3[f], a3lo[f], b, blo);
             }
-            mprev = m;
-          }
-#pragma unroll
-          for (int f = 0; f < kChunk / K; ++f) {
-            FragB b, blo;
-            wmma::load_matrix_sync(b, h2s + f * K * g.ldh2 + n * 16, g.ldh2);
-            mma::split_operand<scalar_t, kSplit>(b, blo);
-            mma::multiply_accumulate_split<scalar_t, kSplit>(acc[i], a3[f], a3lo[f], b, blo);
           }
         }
+      };
+      static_assert(kMaxAccTiles == 4, "pw2 is instantiated for 1..4 tiles per warp");
+      if (dm != 0) {
+        if (mine > 0) pw2(std::integral_constant<int, 0>{});
+      } else if (mine == 4) {
+        pw2(std::integral_constant<int, 4>{});
+      } else if (mine == 3) {
+        pw2(std::integral_constant<int, 3>{});
+      } else if (mine == 2) {
+        pw2(std::integral_constant<int, 2>{});
+      } else if (mine == 1) {
+        pw2(std::integral_constant<int, 1>{});
       }
       // the next stage's pw1 writes H1 (not read here) and its dw writes H2 only after a barrier
     }

@@ -7,6 +7,7 @@
 //   mma::operand_ptr(p)      a scalar_t pointer as a pointer to Operand's memory type (same bits)
 //   mma::round_operand<S>(f) rounds a loaded tf32 operand fragment to nearest (cvt.rna); no-op for 16-bit S
 //   mma::multiply_accumulate<S, kSplit>(acc, a, b)   acc += a b: one product, or 3xTF32 (kSplit 3, float)
+//   mma::load_shared(f, p, ldm)  wmma::load_matrix_sync of an operand in shared memory (PTX .shared loads)
 //   mma::split_operand<S, kSplit>(f, lo), mma::multiply_accumulate_split<S, kSplit>(acc, a, alo, b, blo):
 //                            the same with the split done once per fragment (reused fragments)
 //
@@ -157,6 +158,59 @@ __device__ __forceinline__ void multiply_accumulate(FC& acc, FA& a, FB& b) {
   split_operand<S, kSplit>(b, bl);
   multiply_accumulate_split<S, kSplit>(acc, a, al, b, bl);
 }
+
+// load_shared(f, p, ldm): wmma::load_matrix_sync(f, p, ldm) for a row-major matrix_a / matrix_b fragment whose
+// operand p points into shared memory. Under nvcc the load is PTX wmma.load with the .shared state space and a
+// 32-bit shared address (__cvta_generic_to_shared): nvcuda::wmma's bf16 and tf32 loads take a generic address
+// (ptxas 13.0 emits 4 generic LD.E per fragment with the lane's address rebuilt per load, S2R laneid included:
+// benchmarks/sass_counts.py); this is LDS with the lane offset computed once. The fragment stays an opaque
+// wmma fragment (its registers in load order, as wmma::load_matrix_sync leaves them). The emulator calls
+// load_matrix_sync itself. p: 256-bit aligned, ldm (elements) a multiple of 16 bytes, as for load_matrix_sync.
+#ifdef PYSEG_CUDA_EMULATOR
+template <class Frag, class M>
+__device__ __forceinline__ void load_shared(Frag& f, const M* p, unsigned ldm) {
+  wmma::load_matrix_sync(f, p, ldm);
+}
+#else
+namespace detail {
+// the PTX load of one fragment type into its 32-bit registers r
+template <class Frag>
+struct LoadPtx;
+#define PYSEG_MMA_REGS4 "{%0, %1, %2, %3}, [%4], %5;"
+#define PYSEG_MMA_REGS8 "{%0, %1, %2, %3, %4, %5, %6, %7}, [%8], %9;"
+#define PYSEG_MMA_OUT4(r) "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+#define PYSEG_MMA_OUT8(r) PYSEG_MMA_OUT4(r), "=r"(r[4]), "=r"(r[5]), "=r"(r[6]), "=r"(r[7])
+#define PYSEG_MMA_LOAD_PTX(USE, AB, KD, TYPE, PTXTYPE, NREG)                                                  \
+  template <>                                                                                                 \
+  struct LoadPtx<wmma::fragment<wmma::USE, 16, 16, KD, TYPE, wmma::row_major>> {                              \
+    static constexpr int regs = NREG;                                                                         \
+    static __device__ __forceinline__ void load(uint32_t* r, unsigned a, unsigned ldm) {                      \
+      asm volatile("wmma.load." AB ".sync.aligned.row.m16n16k" #KD ".shared." PTXTYPE " " PYSEG_MMA_REGS##NREG \
+                   : PYSEG_MMA_OUT##NREG(r)                                                                   \
+                   : "r"(a), "r"(ldm));                                                                       \
+    }                                                                                                         \
+  };
+PYSEG_MMA_LOAD_PTX(matrix_a, "a", 8, wmma::precision::tf32, "tf32", 4)
+PYSEG_MMA_LOAD_PTX(matrix_b, "b", 8, wmma::precision::tf32, "tf32", 4)
+PYSEG_MMA_LOAD_PTX(matrix_a, "a", 16, __nv_bfloat16, "bf16", 4)
+PYSEG_MMA_LOAD_PTX(matrix_b, "b", 16, __nv_bfloat16, "bf16", 4)
+PYSEG_MMA_LOAD_PTX(matrix_a, "a", 16, __half, "f16", 8)
+PYSEG_MMA_LOAD_PTX(matrix_b, "b", 16, __half, "f16", 8)
+#undef PYSEG_MMA_LOAD_PTX
+#undef PYSEG_MMA_OUT8
+#undef PYSEG_MMA_OUT4
+#undef PYSEG_MMA_REGS8
+#undef PYSEG_MMA_REGS4
+}  // namespace detail
+
+// volatile asm: ordered with the barriers that publish the operand (as CUTLASS's ldmatrix wrappers)
+template <class Frag, class M>
+__device__ __forceinline__ void load_shared(Frag& f, const M* p, unsigned ldm) {
+  using L = detail::LoadPtx<Frag>;
+  static_assert(sizeof(f.x) == 4 * L::regs, "fragment storage is not the PTX fragment's registers");
+  L::load(reinterpret_cast<uint32_t*>(&f.x[0]), static_cast<unsigned>(__cvta_generic_to_shared(p)), ldm);
+}
+#endif
 
 // The 16x16 tiles of scalar type S with row-major operands: Tiles<S>::A / B / C (matrix_a, matrix_b, float
 // accumulator), Tiles<S>::T the operands' memory type, Tiles<S>::K the depth of one product.

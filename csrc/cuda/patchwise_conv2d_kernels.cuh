@@ -472,6 +472,11 @@ __global__ void __launch_bounds__(32 * kPwMmaWarps * kPwMmaMaxPP, 2)
 #pragma unroll
     for (int i = 0; i < kPwMmaNT; ++i) wmma::fill_fragment(acc[m][i], 0.0f);
 
+  // this warp's n-tiles swarp * kPwMmaNT + i (i < ntw; warp-uniform): the first one's row r0 and column tile
+  // ct0, its B operand offset in a staged copy, and the step from a tile row's last n-tile to the next row's first
+  const int tile0 = swarp * kPwMmaNT, ntw = min(kPwMmaNT, TR * CT - tile0);
+  const int r0 = tile0 / CT, ct0 = tile0 - r0 * CT;
+  const int boff0 = r0 * sh * TCP + ct0 * 16, brow = sh * TCP - (CT - 1) * 16;
   const Bits* xbits = reinterpret_cast<const Bits*>(x);
   const int64_t wb = b * s.Cout * s.K * GG;
   const int NP = TCP / 2;  // column pairs per staged row
@@ -536,26 +541,41 @@ __global__ void __launch_bounds__(32 * kPwMmaWarps * kPwMmaMaxPP, 2)
       }
     }
     __syncthreads();  // chunk staged
-    if (me.ok) {
+    // the MMAs: one copy of the loops for warps with all kPwMmaNT n-tiles (every fragment load unconditional,
+    // so ptxas computes the lanes' fragment offsets once, before the loops: benchmarks/sass_counts.py), one
+    // for a warp with fewer (warp-uniform: its first n-tile unconditional)
+    auto mmas = [&](auto full) {
 #pragma unroll 1
       for (int ky = 0; ky < kh; ++ky) {
 #pragma unroll 1
         for (int k0 = 0; k0 < kpad; k0 += K) {
           FragA a[MT];
 #pragma unroll
-          for (int m = 0; m < MT; ++m) wmma::load_matrix_sync(a[m], ws + (ky * MR + m * 16) * ldw + k0, ldw);
+          for (int m = 0; m < MT; ++m) mma::load_shared(a[m], ws + (ky * MR + m * 16) * ldw + k0, ldw);
+          // the warp's n-tiles from its first one's offset, stepping along the tile row (no division here)
+          const T* bp = xs + k0 * cstride + ky * dh * TCP + boff0;
+          int ct = ct0;
 #pragma unroll
           for (int i = 0; i < kPwMmaNT; ++i) {
-            const int tile = swarp * kPwMmaNT + i;  // uniform over the warp
-            if (tile >= TR * CT) break;
-            const int r = tile / CT, ct = tile - r * CT;
+            if (!decltype(full)::value && i > 0 && i >= ntw) break;  // uniform over the warp
             FragB bf;
-            wmma::load_matrix_sync(bf, xs + k0 * cstride + (r * sh + ky * dh) * TCP + ct * 16, cstride);
+            mma::load_shared(bf, bp, cstride);
 #pragma unroll
             for (int m = 0; m < MT; ++m) mma::multiply_accumulate<scalar_t, 1>(acc[m][i], a[m], bf);
+            if (++ct == CT) {
+              ct = 0;
+              bp += brow;
+            } else {
+              bp += 16;
+            }
           }
         }
       }
+    };
+    if (me.ok && ntw == kPwMmaNT) {
+      mmas(std::true_type{});
+    } else if (me.ok && ntw > 0) {
+      mmas(std::false_type{});
     }
     __syncthreads();  // the chunk's operands read (the next chunk, or Y, overwrites them)
   }
