@@ -92,6 +92,27 @@ BARRIER_CLK = 120
 #: registers/thread of meta_forward_mma_kernel (ptxas -Xptxas -v, sm_90: 127-128 under its
 #: __launch_bounds__(256, 2), no spills; gpu_resources_full.txt lists it too)
 MMA_META_REGS = 128
+#: SASS instructions of its tensor-core loops per step (one k-step of one 16x16 accumulator tile), by (operand
+#: bytes, kSplit): the loop bodies of ptxas 13.0's sm_90 code (benchmarks/sass_counts.py; raw file
+#: results/2026-12-01-cpu/sass_counts_aac30d7.txt: loop instructions / steps, HMMA.1684 x4 per tf32 product,
+#: HMMA.16816 x2 per fp16/bf16 one). Fragment loads are PTX wmma.load.shared (mma::load_shared: LDSM for the 16-bit
+#: operands, 4 LDS per tf32 fragment); each load still rebuilds its lane address (S2R laneid + IMAD/LEA), and the
+#: loops carry their guards (nb, mine, k1), tile-index divisions and pointer arithmetic, so a step is 20-80
+#: instructions, not the ~12 of the HMMA and the loads alone.
+#:   pw1: the stage loop, one copy per block count nb = 1, 2, 3 (a column tile's k-step: 1 X fragment and nb
+#:        W1' fragments loaded and split, all unconditional: the lane offsets are computed before the loop)
+#:   pw1_kept: the kept-W1' loop (per column tile: its k-steps, ReLU6 and fragment store included)
+#:   pw2: the pw2 loop (per 16-channel block: a warp's <= 4 accumulator tiles, W3' reloaded when m changes);
+#:   pw2_uniform: its copies for a warp whose tiles all lie in one row block (mt3 divides 8), one per tile
+#:        count 1..4: W3' loaded once, every H2 fragment load unconditional
+META_MMA_STEP_ISSUE = {
+    (4, 3): dict(pw1={1: 52.0, 2: 40.5, 3: 36.7}, pw1_kept=83.0, pw2=61.5,
+                 pw2_uniform={1: 49.5, 2: 40.5, 3: 37.0, 4: 35.2}),
+    (4, 1): dict(pw1={1: 45.0, 2: 33.0, 3: 29.0}, pw1_kept=44.4, pw2=58.4,
+                 pw2_uniform={1: 42.0, 2: 32.8, 3: 29.2, 4: 27.4}),
+    (2, 1): dict(pw1={1: 15.0, 2: 10.0, 3: 8.3}, pw1_kept=31.0, pw2=35.8,  # the larger of fp16 / bf16
+                 pw2_uniform={1: 16.0, 2: 11.5, 3: 9.7, 4: 8.8}),
+}
 #: output rows and columns per thread of its depthwise stage (kDwRows, kDwCols)
 DW_ROWS, DW_COLS = 8, 2
 
@@ -450,9 +471,11 @@ def _cuda_meta_mma(x, wflat, hid, Cout, esize, plan, split):
         busy1 = min(8, nt1)  # warps with a pw1 column tile
         # pw2 W3' loads: per warp, the row-block changes along its tiles warp + 8 i (kernel: m != mprev)
         a3_loads = 0
+        warp_tiles = []  # pw2 tiles per warp (the loop copy a warp runs: uniform where mt3 divides 8)
         for w in range(8):
             ms = [(w + 8 * i) % mt3 for i in range(4) if w + 8 * i < mt3 * nt3]
             a3_loads += sum(1 for i, m in enumerate(ms) if i == 0 or m != ms[i - 1])
+            warp_tiles.append(len(ms))
         for nb in stages:
             kept = keep_a1 and hc == 16                # kernel: keep_a1 (one-block stages only)
             steps1 = nb * nt1 * kfrag                   # pw1: wmma k-steps (nb blocks x column tiles x k)
@@ -461,15 +484,14 @@ def _cuda_meta_mma(x, wflat, hid, Cout, esize, plan, split):
             a1 = busy1 * kfrag if kept else steps1      # W1' fragment loads
             a3 = nb * a3_loads * (16 // K)              # W3' fragment loads
             k.lsu += (a1 + b1 + a3 + steps3) * 4 + nb * nt1 * 8  # A, B fragment loads (4 each); H1 stores
-            # per step ~12 (operand loads' addressing, mma); 3xTF32: 8 more per fragment loaded (hi/lo
-            # split, mma.cuh split_operand: LOP3 + FADD for each of its 4 elements); ReLU6 on each pw1
-            # accumulator fragment (8 elements, 2 instructions each). Caveat (ptxas 13.0, sm_90 SASS of
-            # the 3xTF32 pw1 loop): a (block, k-step) is ~50 instructions, not 12 + 8: nvcuda::wmma's
-            # m16n16k8 tf32 mma_sync is 4 HMMA.1684 (12 per 3xTF32 step), its loads 4 generic LD.E each
-            # with the lane's address recomputed per load (S2R laneid, ~20 IMAD/LEA); not yet counted here
-            k.issue += (steps1 + steps3) * 12 + nt1 * nb * 16
-            if split == 3:
-                k.issue += (a1 + b1 + a3 + steps3) * 8
+            # instructions per step as the SASS shows them (META_MMA_STEP_ISSUE: loads, lane addressing,
+            # 3xTF32 splits, HMMA, guards, loop); the stage loop's ReLU6 and store of each pw1 accumulator
+            # fragment (8 elements, 2 instructions each) outside it; the kept loop's count includes them
+            per = META_MMA_STEP_ISSUE[(esize, split)]
+            k.issue += steps1 * per["pw1_kept"] if kept else steps1 * per["pw1"][nb] + nt1 * nb * 16
+            for t in warp_tiles:
+                if t:
+                    k.issue += nb * t * (16 // K) * (per["pw2_uniform"][t] if 8 % mt3 == 0 else per["pw2"])
             k.tc += (steps1 + steps3) * split * MMA_CLK
             # dw: per (2 columns, channel, DW_ROWS-row block) item: int32 divisions by ewp and by the stage's
             # channel count (~20 each), 10 broadcast LDS (taps, t2), the first two
@@ -744,8 +766,14 @@ def _pw_plan(Cin, Cout, groups, kh, kw, stride, dilation, Hout, Wout, gh, gw, ac
 PW_MMA_NT, PW_MMA_WARPS, PW_MMA_CHUNK = 4, 4, 16
 #: registers/thread of pw_forward_mma_kernel (ptxas -v, sm_90, CUDA 13.0, torch's nvcc flags, under its
 #: __launch_bounds__(256, 2); no spills), by MT (m-tiles of 16 output channels), the larger of fp16/bf16:
-#: MT=2 123 (half) / 128 (bf16), MT=1 91 / 107.
-PW_MMA_REGS = {1: 107, 2: 128}
+#: MT=2 127 (both), MT=1 103 (both).
+PW_MMA_REGS = {1: 103, 2: 127}
+#: SASS instructions of one warp's k-step (MT A fragments, kPwMmaNT B fragments, MT * kPwMmaNT wmma) in
+#: pw_forward_mma_kernel's ky/k0 loop, by MT, the larger of fp16 / bf16 (benchmarks/sass_counts.py, raw
+#: file results/2026-12-01-cpu/sass_counts_aac30d7.txt; LDSM loads through mma::load_shared): "full", the
+#: loop copy of a warp with all its n-tiles (every load unconditional: lane offsets computed once, before
+#: the loop); "part", the copy with the n-tile guards (lane offsets rebuilt after the first tile)
+PW_MMA_KSTEP_ISSUE = {1: dict(full=30, part=48), 2: dict(full=46, part=65)}
 #: shared-memory wavefronts of one 16x16 fragment load (512 B of 16-bit operands; conflict-free rows) and of
 #: one float accumulator fragment store (1 KB)
 FRAG_WF, ACC_WF = 4, 8
@@ -837,7 +865,10 @@ def _cuda_patchwise_mma(x, w, has_bias, stride, dilation, esize, plan, Hout, Wou
         frags = steps * (NW * MT + ntiles)  # A per warp, B per n-tile
         mmas = steps * ntiles * MT
         f.lsu += frags * FRAG_WF
-        f.issue += frags * 3 + mmas * 3 + steps * NW * 4  # LDSM + address; 2 HMMA + moves; loop
+        # instructions: a warp's k-step as the SASS shows it (PW_MMA_KSTEP_ISSUE): the loop copy of the warps
+        # with all kPwMmaNT n-tiles, the guarded copy (pro rata) for a warp with fewer
+        full, rest = divmod(ntiles, PW_MMA_NT)
+        f.issue += steps * (full * PW_MMA_KSTEP_ISSUE[MT]["full"] + rest / PW_MMA_NT * PW_MMA_KSTEP_ISSUE[MT]["part"])
         f.tc += mmas * MMA_CLK
     f.lsu += ntiles * MT * ACC_WF  # accumulators to shared memory
     f.barriers += 1
