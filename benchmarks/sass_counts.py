@@ -51,8 +51,13 @@ _LINE = re.compile(r'File "([^"]+)", line (\d+)')
 
 
 def disassemble(cubin: str) -> dict:
-    """{mangled function: [(address, opcode, operands, source line or None)]} from nvdisasm -g."""
-    out = subprocess.run([_tool("nvdisasm"), "-g", "-c", cubin], capture_output=True, text=True, check=True).stdout
+    """{mangled function: [[address, opcode, operands, source line or None, labels]]} from nvdisasm -g."""
+    return parse(subprocess.run([_tool("nvdisasm"), "-g", "-c", cubin], capture_output=True, text=True,
+                                check=True).stdout)
+
+
+def parse(out: str) -> dict:
+    """disassemble()'s result from nvdisasm -g -c text (line info: the *_kernels.cuh lines only)."""
     funcs, cur, line, labels = {}, None, None, {}
     pending = []
     for raw in out.splitlines():
