@@ -94,6 +94,9 @@ BARRIER_CLK = 120
 MMA_META_REGS = 128
 #: output rows and columns per thread of its depthwise stage (kDwRows, kDwCols)
 DW_ROWS, DW_COLS = 8, 2
+#: cycles a barrier right after a block's global loads waits for them (first touch from HBM: Hopper's
+#: load-to-use latency from DRAM is ~500-700 cycles; hmsa_fuse_tile_kernel's phase A, once per class)
+LOAD_LATENCY_CLK = 600
 
 
 def _bank_conflict(stride_words: int) -> int:
@@ -109,7 +112,8 @@ class _KernelCost:
       t_sm   = ceil(blocks / SMs / blocks per SM) * cycles_per_block * max(1, WARPS_TO_HIDE / resident warps)
                / clock ... with the blocks resident on one SM sharing its pipes (see time_us);
     cycles_per_block = max(LSU wavefronts / LSU_PER_CLK, instructions / ISSUE_PER_CLK, tensor-core cycles
-    ``tc``) + ``barriers`` * BARRIER_CLK; ``loop`` sums the first two, the tensor-core kernels add ``tc``.
+    ``tc``) + ``barriers`` * BARRIER_CLK + ``stall`` (barriers that wait for global loads); ``loop`` sums
+    the first two, the tensor-core kernels add ``tc``.
     """
 
     def __init__(self, name: str, blocks: int, threads: int, smem: int = 0, regs: Optional[int] = None):
@@ -119,6 +123,7 @@ class _KernelCost:
         self.lsu = self.issue = 0.0  # per block, in warp-level units
         self.tc = 0.0  # per block: tensor-core cycles of the SM (all four sub-partitions)
         self.barriers = 0  # per block: __syncthreads() executed (each drains the block's pipelines)
+        self.stall = 0.0  # per block: further cycles its barriers wait (global loads in flight), like barriers
 
     def loop(self, items: float, inner: float = 1, lsu: float = 0, issue: float = 1, overhead: float = 0,
              conflict: float = 1):
@@ -142,7 +147,7 @@ class _KernelCost:
         cycles = max(self.lsu / LSU_PER_CLK, self.issue / ISSUE_PER_CLK, self.tc)
         t_sm = per_sm * cycles * max(1.0, WARPS_TO_HIDE / resident) / gpu["clock"]
         # a barrier stalls its own block; co-resident blocks fill the gap, one block per SM cannot
-        t_sm += math.ceil(per_sm / min(bps, per_sm)) * self.barriers * BARRIER_CLK / gpu["clock"]
+        t_sm += math.ceil(per_sm / min(bps, per_sm)) * (self.barriers * BARRIER_CLK + self.stall) / gpu["clock"]
         return LAUNCH_US + 1e6 * max(t_dram, t_l2, t_sm)
 
 
@@ -952,30 +957,167 @@ def _cuda_patchwise(x, w, has_bias, stride, padding, dilation, groups, esize, ba
 
 
 def _hmsa_terms(n: int, one: int) -> int:
-    """hmsa_max_terms (csrc/common/hmsa_fuse.h:52): stencil length per output pixel."""
+    """hmsa_max_terms (csrc/common/hmsa_fuse.h): stencil length per output pixel."""
     high = 1
     for _ in range(one):
         high = 1 + 4 * high
     return 4 * (high + 4 * (n - 1 - one))
 
 
-def _cuda_hmsa(logits, atts, scales, out_size, labels, scale_sizes, esize):
-    """hmsa_fuse.cu: one thread per output pixel builds its stencil (terms in local memory), then per class
-    gathers every term (3 local loads for the term + 1 global load + FFMA); with resampled scales the
-    stencil is lowered to storage taps (4 per term)."""
+def _tap(dst: int, src_size: int, dst_size: int):
+    """linear_tap (csrc/common/bilinear.h): (i0, i1) of output coordinate dst."""
+    src = max(src_size / dst_size * (dst + 0.5) - 0.5, 0.0)
+    i0 = min(int(src), src_size - 1)
+    return i0, i0 + (1 if i0 < src_size - 1 else 0)
+
+
+def _hmsa_ranges(grid, one, out, o0, o1):
+    """hmsa_axis_ranges (csrc/common/hmsa_fuse.h): extent of each scale grid's range that outputs o0..o1 read."""
+    n = len(grid)
+    lo, hi = [0] * n, [0] * n
+    lo[one], hi[one] = _tap(o0, grid[one], out)[0], _tap(o1, grid[one], out)[1]
+    for k in range(one - 1, -1, -1):
+        lo[k], hi[k] = _tap(lo[k + 1], grid[k], grid[k + 1])[0], _tap(hi[k + 1], grid[k], grid[k + 1])[1]
+    for k in range(one + 1, n):
+        lo[k], hi[k] = _tap(lo[one], grid[k], grid[one])[0], _tap(hi[one], grid[k], grid[one])[1]
+    return [h - l + 1 for l, h in zip(lo, hi)]
+
+
+#: hmsa_fuse.cu: the tile kernel's dynamic shared memory (kHmsaTileSmem) and its tile shapes
+HMSA_TILE_SMEM = 48 * 1024
+#: registers/thread of hmsa_fuse_tile_kernel<float|half|bf16, float, TH, TW> (ptxas -Xptxas -v, sm_90, torch's
+#: nvcc flags; no spills): 32 x 64 under __launch_bounds__(256, 2), 8 x 32 under (256, 4)
+HMSA_TILE_REGS = {(32, 64): 96, (8, 32): 64}
+#: issue slots per element, read off hmsa_fuse_tile_kernel (loop + int64 addressing + the op's arithmetic):
+#: phase A load (bilinear_sample's size test, plane offset, convert, store; x a_l for the low scales),
+#: a chain element (own value, attention, the D lerp: 4 FMA + 4 addresses, the gate), each low scale's
+#: U lerp + gate on the 1.0 range, an output pixel (F lerp, convert, int64 output offset, store)
+HMSA_ISSUE_LOAD, HMSA_ISSUE_CHAIN, HMSA_ISSUE_LOW, HMSA_ISSUE_OUT = 16, 16, 14, 24
+
+
+def _hmsa_axis_tiles(grid, one, out, T):
+    """Per axis: the largest range of each scale and the sum over tiles of each range."""
+    mx, tot = [0] * len(grid), [0] * len(grid)
+    for o0 in range(0, out, T):
+        r = _hmsa_ranges(grid, one, out, o0, min(o0 + T, out) - 1)
+        mx = [max(a, b) for a, b in zip(mx, r)]
+        tot = [a + b for a, b in zip(tot, r)]
+    return mx, tot
+
+
+def _cuda_hmsa_pixel(logits, scales, out_size, labels, grids, resampled, fb, esize, one):
+    """hmsa_fuse_kernel (the fallback): one thread per output pixel builds its stencil (HMSA_CUDA_MAX_TERMS
+    terms in local memory), then per class gathers every term (3 local loads for the term + 1 global load +
+    FFMA; a resampled scale's storage sampled per term: 4 loads)."""
     B, C = logits[0][:2]
-    nt = _hmsa_terms(len(scales), sum(float(s) > 1.0 for s in scales))  # 1.0's index in descending order
-    resampled = scale_sizes is not None and any(tuple(scale_sizes[i]) != tuple(logits[i][-2:])
-                                                for i in range(len(scales)))
-    if resampled and 4 * nt <= 160:
-        nt *= 4
+    nt = _hmsa_terms(len(scales), one) * (4 if resampled else 1)
     pix = B * _numel(out_size)
     k = _KernelCost("hmsa_fuse_kernel", min(math.ceil(pix / 256), 65535 * 64), 256)
     per = math.ceil(pix / (k.blocks * 256))
     k.loop(256 * per, C * nt, lsu=4, issue=7, overhead=nt * 30)
-    fb, _ = hmsa_counts(logits, atts, scales, out_size, labels, scale_sizes, esize)
     k.dram = fb
     k.l2 = pix * C * nt * esize + fb  # neighbouring lanes share sectors: ~1 element of traffic per tap
+    return [k]
+
+
+def _cuda_hmsa(logits, atts, scales, out_size, labels, scale_sizes, esize):
+    """hmsa_fuse.cu: hmsa_fuse_tile_kernel, one 256-thread block (8 warps) per (sample, 32 x 64 output tile;
+    8 x 32 below one such tile), counted per block off hmsa_fuse_kernels.cuh with each scale's range of this
+    tile (``_hmsa_ranges``; warp-row loops: a warp per range row, lanes along it, so a row of w elements is
+    ceil(w / 32) warp-iterations):
+
+    * setup: 2 threads compute the ranges (barrier); the tap tables (a linear_tap + a 16-byte store per
+      entry: TH + TW + the D/U tables' rows and columns) and every attention on its range; barrier; the
+      low scales' gates on the 1.0 range (2 tap loads, 4 lerp loads, 1 store).
+    * per class (C times): phase A, every global read: a load + a store per element of every range (x a_l:
+      one more load for the low scales), then a barrier that waits for the loads (LOAD_LATENCY_CLK);
+      per chain scale k = 1..one (k = 0 alone when 1.0 is the top): per element of its range its own value,
+      the attention, a broadcast row tap, a 16-byte column tap (4 wavefronts), 4 lerp loads (a ratio-r
+      downsample makes the lanes' words r apart: ceil(r)-way conflicts), and on the 1.0 range per low
+      scale the same lerp + its gate; a store; a barrier; then 8 output pixels per thread (a broadcast
+      row tap, 4 lerp loads, a coalesced store: 1 L1/LSU instruction; labels: a compare).
+    * barriers: 2 + C * (1 + max(one, 1)).
+
+    DRAM: the op's minimum bytes (each logit/attention element is first read by one tile; the neighbours'
+    halo re-reads hit L2). L2: every tile's ranges x C (logits) and attention ranges, plus the output.
+    Shared memory (the launcher's plan): acc_t buffers for p_k / level values, attentions, gates and the
+    fused 1.0 range, the tap tables and the ranges; over HMSA_TILE_SMEM even for 8 x 32 tiles the per-pixel
+    kernel runs (``_cuda_hmsa_pixel``)."""
+    B, C = logits[0][:2]
+    n = len(scales)
+    one = sum(float(s) > 1.0 for s in scales)  # 1.0's index in descending order
+    grids = [tuple(scale_sizes[i]) if scale_sizes is not None else tuple(logits[i][-2:]) for i in range(n)]
+    resampled = any(grids[i] != tuple(logits[i][-2:]) for i in range(n))
+    fb, _ = hmsa_counts(logits, atts, scales, out_size, labels, scale_sizes, esize)
+    OH, OW = out_size
+    acc = 8 if esize == 8 else 4
+    plan = None
+    for TH, TW in ((32, 64), (8, 32)):
+        if (TH, TW) == (32, 64) and (OH < 32 or OW < 64):
+            continue
+        mh, th = _hmsa_axis_tiles([g[0] for g in grids], one, OH, TH)
+        mw, tw = _hmsa_axis_tiles([g[1] for g in grids], one, OW, TW)
+        vals = sum(mh[k] * mw[k] * (1 + (k >= 1)) + (mh[one] * mw[one] if k > one else 0) for k in range(n))
+        vals += mh[one] * mw[one]  # fin
+        ntaps = TH + TW + sum(mh[k if k <= one else one] + mw[k if k <= one else one] for k in range(1, n))
+        smem = (vals * acc + 15) // 16 * 16 + ntaps * (8 + 2 * acc) + 4 * 8 * 4
+        if smem <= HMSA_TILE_SMEM:
+            plan = (TH, TW, smem, th, tw)
+            break
+    if plan is None:
+        return _cuda_hmsa_pixel(logits, scales, out_size, labels, grids, resampled, fb, esize, one)
+    TH, TW, smem, th, tw = plan
+    tiles_y, tiles_x = math.ceil(OH / TH), math.ceil(OW / TW)
+    nblk = B * tiles_y * tiles_x
+    k = _KernelCost(f"hmsa_fuse_tile_kernel({TH}x{TW})", nblk, 256, smem, regs=HMSA_TILE_REGS[(TH, TW)])
+    # per block, at the average tile's ranges (sums over tiles / tiles)
+    rh = [t / tiles_y for t in th]
+    rw = [t / tiles_x for t in tw]
+
+    def rows(kk):  # warp-iterations of a warp-row loop over scale kk's range
+        return rh[kk] * math.ceil(rw[kk] / 32)
+
+    def conflict(src, dst):  # lanes of a resize from a src-long axis to a dst-long one read words ratio apart
+        return max(1, math.ceil(src / dst)) * acc // 4
+
+    lsu = issue = 0.0
+    # setup: ranges (2 threads: one warp, ~2 linear_taps per scale and axis), tap tables, attentions, gates
+    issue += 2 * n * 30
+    ntap_rows = TH + TW + sum(rh[d] + rw[d] for d in [kk if kk <= one else one for kk in range(1, n)])
+    lsu += math.ceil(ntap_rows / 32) * 4
+    issue += math.ceil(ntap_rows / 32) * 30
+    for kk in range(1, n):
+        ra = max(1, math.ceil(atts[kk][-2] / grids[kk][0])) if tuple(atts[kk][-2:]) != grids[kk] else 0
+        lsu += rows(kk) * ((4 if ra else 1) + 1)
+        issue += rows(kk) * (HMSA_ISSUE_LOAD + (20 if ra else 0))
+    for kk in range(one + 1, n):
+        lsu += rows(one) * (1 + 4 + 4 + 1)
+        issue += rows(one) * HMSA_ISSUE_LOW
+    # per class
+    lsu_c = issue_c = 0.0
+    for kk in range(n):
+        rs = grids[kk] != tuple(logits[kk][-2:])
+        lsu_c += rows(kk) * ((4 if rs else 1) + 1 + (kk > one))
+        issue_c += rows(kk) * (HMSA_ISSUE_LOAD + (20 if rs else 0))
+    for kk in range(1 if one > 0 else 0, one + 1):
+        w = 2 + 1 + 1  # own value, attention (k > 0), store; broadcast row tap
+        if kk > 0:
+            w += 4 + 4 * conflict(grids[kk - 1][1], grids[kk][1])
+        if kk == one:
+            w += sum(1 + 4 + 4 * conflict(grids[l][1], grids[one][1]) + 1 for l in range(one + 1, n))
+        lsu_c += rows(kk) * w
+        issue_c += rows(kk) * (HMSA_ISSUE_CHAIN + (HMSA_ISSUE_LOW * (n - 1 - one) if kk == one else 0))
+    out_items = TH * TW // 32  # warp-items of the F phase (8 or 1 per thread)
+    lsu_c += out_items * (1 + 4 * conflict(grids[one][1], OW) + (0 if labels else 1))
+    issue_c += out_items * (HMSA_ISSUE_OUT - (8 if labels else 0))
+    k.lsu = lsu + C * lsu_c
+    k.issue = issue + C * issue_c
+    k.barriers = 2 + C * (1 + max(one, 1))
+    k.stall = C * LOAD_LATENCY_CLK
+    k.dram = fb
+    reads = sum(th[kk] * tw[kk] for kk in range(n)) * B * C * esize  # logits on every tile's ranges
+    reads += sum(th[kk] * tw[kk] for kk in range(1, n)) * B * esize  # attentions
+    k.l2 = reads + (B * OH * OW * 8 if labels else B * C * OH * OW * esize)
     return [k]
 
 

@@ -201,18 +201,16 @@ PYSEG_HD int64_t hmsa_lower_stencil(const HmsaArgs<scalar_t>& A, const HmsaTerm<
   return m;
 }
 
-// Value of class c for a stencil of sample b. A grid stencil (kLowered = false: terms on the scale
-// grids) reads the storage of a resampled scale through hmsa_storage_taps per class: no extra room
-// needed, but the taps are recomputed for every class. A lowered stencil (kLowered = true,
-// hmsa_lower_stencil: offsets into the stored planes) has them computed once.
-template <bool kLowered = false, typename acc_t, typename scalar_t>
+// Value of class c for a grid stencil of sample b (terms on the scale grids): the storage of a
+// resampled scale is read through hmsa_storage_taps, per class.
+template <typename acc_t, typename scalar_t>
 PYSEG_HD acc_t hmsa_eval(const HmsaArgs<scalar_t>& A, int64_t b, int64_t c, const HmsaTerm<acc_t>* t,
                          int64_t n_terms) {
   acc_t acc = 0;
   for (int64_t j = 0; j < n_terms; ++j) {
     const int k = t[j].k;
     const scalar_t* plane = A.p[k] + (b * A.C + c) * (A.ph[k] * A.pw[k]);
-    if (kLowered || !hmsa_resampled(A, k)) {
+    if (!hmsa_resampled(A, k)) {
       acc += t[j].coef * static_cast<acc_t>(plane[t[j].off]);
       continue;
     }
@@ -222,6 +220,54 @@ PYSEG_HD acc_t hmsa_eval(const HmsaArgs<scalar_t>& A, int64_t b, int64_t c, cons
     for (int i = 0; i < nt; ++i) acc += (t[j].coef * wt[i]) * static_cast<acc_t>(plane[soff[i]]);
   }
   return acc;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tiled forward (the CUDA tile kernel): the recurrence itself, level by level, on the part of each
+// scale grid that one output tile reads. Resampling is monotone along each axis, so output rows
+// o0..o1 read rows lo..hi of each grid, found from the first and last output row alone:
+//   1.0 grid:       the final resize's taps of o0 and o1;
+//   scale k > 1.0:  the taps (D: grid k -> grid k + 1) of level k + 1's first and last row;
+//   scale l < 1.0:  the taps (U: grid l -> 1.0 grid) of the 1.0 grid's first and last row.
+// Columns alike. Ranges include the second tap even where its weight is 0 (always a valid index),
+// so every sample of a level reads inside the level below's range.
+// ---------------------------------------------------------------------------------------------
+template <typename acc_t>
+PYSEG_HD void hmsa_axis_ranges(const int64_t* grid, int n, int one, int64_t out, int64_t o0, int64_t o1,
+                               int64_t* lo, int64_t* hi) {
+  lo[one] = linear_tap<acc_t>(o0, grid[one], out).i0;
+  hi[one] = linear_tap<acc_t>(o1, grid[one], out).i1;
+  for (int k = one - 1; k >= 0; --k) {
+    lo[k] = linear_tap<acc_t>(lo[k + 1], grid[k], grid[k + 1]).i0;
+    hi[k] = linear_tap<acc_t>(hi[k + 1], grid[k], grid[k + 1]).i1;
+  }
+  for (int l = one + 1; l < n; ++l) {
+    lo[l] = linear_tap<acc_t>(lo[one], grid[l], grid[one]).i0;
+    hi[l] = linear_tap<acc_t>(hi[one], grid[l], grid[one]).i1;
+  }
+}
+
+// One axis tap with indices relative to the source range's first coordinate (a per-row or
+// per-column table entry of the tile kernel).
+template <typename acc_t>
+struct HmsaTap {
+  int i0, i1;
+  acc_t l0, l1;
+};
+
+template <typename acc_t>
+PYSEG_HD HmsaTap<acc_t> hmsa_local_tap(int64_t dst, int64_t src_size, int64_t dst_size, int64_t src_lo) {
+  const LinearTap<acc_t> t = linear_tap<acc_t>(dst, src_size, dst_size);
+  return HmsaTap<acc_t>{static_cast<int>(t.i0 - src_lo), static_cast<int>(t.i1 - src_lo), t.l0, t.l1};
+}
+
+// Bilinear sample of a row-major tile (row stride `ld`) through a row tap and a column tap: the
+// arithmetic of bilinear_sample.
+template <typename acc_t>
+PYSEG_HD acc_t hmsa_tile_lerp(const acc_t* tile, int ld, const HmsaTap<acc_t>& ty, const HmsaTap<acc_t>& tx) {
+  const acc_t* r0 = tile + ty.i0 * ld;
+  const acc_t* r1 = tile + ty.i1 * ld;
+  return ty.l0 * (tx.l0 * r0[tx.i0] + tx.l1 * r0[tx.i1]) + ty.l1 * (tx.l0 * r1[tx.i0] + tx.l1 * r1[tx.i1]);
 }
 
 // ---------------------------------------------------------------------------------------------
