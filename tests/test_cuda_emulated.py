@@ -425,7 +425,7 @@ HMSA_CASES = {
 }
 
 
-# the tile kernel's 32 x 64 tiles (outputs of at least one tile) with partial tiles on both axes, and the
+# the tile kernel's 32 x 64 and 16 x 64 tiles (outputs of at least one tile) with partial tiles on both axes, and the
 # per-pixel fallback (an 8 x 32 tile would read most of a 1.0 grid far larger than the output: > 48 KB);
 # the cases above run 8 x 32 tiles. Last entry: the kernel the launcher must pick.
 HMSA_TILE_CASES = {
@@ -433,6 +433,10 @@ HMSA_TILE_CASES = {
     "tiles-down": ((1.0, 0.5), [(44, 110), (22, 55)], (40, 100), None, "tile_kernel<{}, {}, 32, 64>"),
     "tiles-resampled": ((1.5, 1.0, 0.5), [(12, 20), (8, 14), (5, 7)], (33, 70), [(30, 51), (20, 34), (10, 17)],
                         "tile_kernel<{}, {}, 32, 64>"),
+    # the registry's structure: stored logits at half the scale grids, the 1.0 grid at the output's size
+    "tiles-registry": ((2.0, 1.0, 0.5), [(40, 70), (20, 35), (10, 18)], (40, 70), [(80, 140), (40, 70), (20, 35)],
+                       "tile_kernel<{}, {}, 32, 64>"),
+    "tiles-mid": ((1.0, 0.5), [(10, 35), (5, 18)], (20, 70), None, "tile_kernel<{}, {}, 16, 64>"),
     "fallback": ((1.0, 0.5), [(30, 300), (15, 150)], (3, 4), None, "hmsa_fuse_kernel<{}, {}>"),
 }
 
@@ -473,7 +477,7 @@ def test_hmsa_fuse(target, case, dtype):
 
 @pytest.mark.parametrize("case, dtype", [(c, torch.float32) for c in HMSA_TILE_CASES] + [("tiles-three", torch.float64)])
 def test_hmsa_fuse_tiles(target, case, dtype, poisoned_empty):
-    """The tile kernel on several 32 x 64 tiles (partial on both axes, B = 2, non-integer ratios, a
+    """The tile kernel on several 32 x 64 or 16 x 64 tiles (partial on both axes, B = 2, non-integer ratios, a
     downsampling final resize, resampled scale grids) and the per-pixel fallback: logits and labels
     against the float64 reference, every output element written (outputs start poisoned)."""
     run = Target(target)
@@ -607,7 +611,7 @@ def test_every_kernel_launched(request):
                  "pw_forward_direct_kernel<double, 1>", "pw_forward_mma_kernel<c10::Half, 1>",
                  "pw_forward_mma_kernel<c10::Half, 2>", "pw_forward_mma_kernel<c10::BFloat16, 1>",
                  "pw_forward_mma_kernel<c10::BFloat16, 2>",
-                 "hmsa_fuse_kernel<float, float>", "hmsa_fuse_tile_kernel<float, float, 32, 64>",
+                 "hmsa_fuse_kernel<float, float>", "hmsa_fuse_tile_kernel<float, float, 32, 64>", "hmsa_fuse_tile_kernel<float, float, 16, 64>",
                  "hmsa_fuse_tile_kernel<float, float, 8, 32>", "hmsa_fuse_tile_kernel<c10::BFloat16, float, 8, 32>",
                  "meta_forward_kernel<double>", "meta_backward_kernel<c10::BFloat16>",
                  "meta_forward_mma_kernel<float, 3>", "meta_forward_mma_kernel<float, 1>",

@@ -1,7 +1,9 @@
 // Hierarchical multi-scale attention fusion, CUDA launchers (device code in hmsa_fuse_kernels.cuh).
 // Forward: hmsa_fuse_tile_kernel, one block per (sample, output tile) running the recurrence on the
-// ranges of each scale grid the tile reads, in shared memory, class by class (32 x 64 tiles, or 8 x 32
-// for outputs under one such tile); where even an 8 x 32 tile's ranges exceed 48 KB (an output far
+// ranges of each scale grid the tile reads, in shared memory, class by class (32 x 64 tiles, else
+// 16 x 64, else 8 x 32: the largest the output holds whose plan fits 48 KB); the chain scales' stored
+// logits are staged as they are (coalesced) and resampled from shared memory, the top one straight to
+// the next grid (composite taps). Where even an 8 x 32 tile's ranges exceed 48 KB (an output far
 // smaller than the 1.0 grid: a tile then reads most of it) the per-pixel stencil kernel
 // (hmsa_fuse_kernel) runs instead. Labels keep a running argmax per pixel, so no per-scale or
 // (B, C, out_h, out_w) intermediate exists. Backward (two-scale training form): three gather passes
@@ -37,28 +39,40 @@ bool hmsa_tile_plan(const HmsaArgs<scalar_t>& A, int TH, int TW, HmsaTilePlan* P
   const int n = A.n, one = A.one;
   P->tiles_y = (A.out_h + TH - 1) / TH;
   P->tiles_x = (A.out_w + TW - 1) / TW;
-  int64_t rh[HMSA_MAX_SCALES] = {0}, rw[HMSA_MAX_SCALES] = {0}, lo[HMSA_MAX_SCALES], hi[HMSA_MAX_SCALES];
-  for (int64_t t = 0; t < P->tiles_y; ++t) {
-    hmsa_axis_ranges<acc_t>(A.h, n, one, A.out_h, t * TH, std::min<int64_t>(t * TH + TH, A.out_h) - 1, lo, hi);
-    for (int k = 0; k < n; ++k) rh[k] = std::max(rh[k], hi[k] - lo[k] + 1);
-  }
-  for (int64_t t = 0; t < P->tiles_x; ++t) {
-    hmsa_axis_ranges<acc_t>(A.w, n, one, A.out_w, t * TW, std::min<int64_t>(t * TW + TW, A.out_w) - 1, lo, hi);
-    for (int k = 0; k < n; ++k) rw[k] = std::max(rw[k], hi[k] - lo[k] + 1);
-  }
-  int64_t vals = 0, ntaps = 0;
+  int64_t rh[HMSA_MAX_SCALES] = {0}, rw[HMSA_MAX_SCALES] = {0}, sh[HMSA_MAX_SCALES] = {0}, sw[HMSA_MAX_SCALES] = {0};
+  // per axis: the largest grid range (r) and stored range (s, chain scales) of each scale over the tiles
+  auto axis = [&](const int64_t* grid, const int64_t* stored, int64_t out, int T, int64_t tiles, int64_t* r,
+                  int64_t* s) {
+    int64_t lo[HMSA_MAX_SCALES], hi[HMSA_MAX_SCALES], slo, shi;
+    for (int64_t t = 0; t < tiles; ++t) {
+      hmsa_axis_ranges<acc_t>(grid, n, one, out, t * T, std::min<int64_t>(t * T + T, out) - 1, lo, hi);
+      for (int k = 0; k < n; ++k) {
+        r[k] = std::max(r[k], hi[k] - lo[k] + 1);
+        if (k > one) continue;
+        hmsa_storage_range<acc_t>(lo[k], hi[k], stored[k], grid[k], &slo, &shi);
+        s[k] = std::max(s[k], shi - slo + 1);
+      }
+    }
+  };
+  axis(A.h, A.ph, A.out_h, TH, P->tiles_y, rh, sh);
+  axis(A.w, A.pw, A.out_w, TW, P->tiles_x, rw, sw);
+  int64_t vals = 0, ntaps = 0, ntaps4 = 0;
   auto take = [](int64_t* used, int64_t count) {
     const int64_t o = *used;
     *used += count;
     return static_cast<int>(std::min<int64_t>(o, 1 << 30));
   };
+  auto clamp = [](int64_t v) { return static_cast<int>(std::min<int64_t>(v, 1 << 30)); };
   for (int k = 0; k < HMSA_MAX_SCALES; ++k) {
-    P->rh[k] = k < n ? static_cast<int>(std::min<int64_t>(rh[k], 1 << 30)) : 0;
-    P->rw[k] = k < n ? static_cast<int>(std::min<int64_t>(rw[k], 1 << 30)) : 0;
-    P->buf[k] = P->att[k] = P->gate[k] = P->ty[k] = P->tx[k] = -1;
+    P->rh[k] = k < n ? clamp(rh[k]) : 0;
+    P->rw[k] = k < n ? clamp(rw[k]) : 0;
+    P->sh[k] = k <= one ? clamp(sh[k]) : 0;
+    P->sw[k] = k <= one ? clamp(sw[k]) : 0;
+    P->stor[k] = P->buf[k] = P->att[k] = P->gate[k] = P->ry[k] = P->rx[k] = P->ty[k] = P->tx[k] = -1;
   }
   for (int k = 0; k < n; ++k) {
-    P->buf[k] = take(&vals, rh[k] * rw[k]);  // p_k, then chain level values; or a_l * p_l
+    if (k <= one) P->stor[k] = take(&vals, sh[k] * sw[k]);
+    if ((k >= 1 && k < one) || k > one) P->buf[k] = take(&vals, rh[k] * rw[k]);  // levels; a_l * p_l
     if (k >= 1) P->att[k] = take(&vals, rh[k] * rw[k]);
     if (k > one) P->gate[k] = take(&vals, rh[one] * rw[one]);
   }
@@ -66,13 +80,24 @@ bool hmsa_tile_plan(const HmsaArgs<scalar_t>& A, int TH, int TW, HmsaTilePlan* P
   P->tap_bytes = (vals * static_cast<int64_t>(sizeof(acc_t)) + 15) / 16 * 16;
   P->fy = take(&ntaps, TH);
   P->fx = take(&ntaps, TW);
+  for (int k = (one > 0 ? 1 : 0); k <= one; ++k) {
+    P->ry[k] = take(&ntaps, rh[k]);
+    P->rx[k] = take(&ntaps, rw[k]);
+  }
   for (int k = 1; k < n; ++k) {
+    if (k < 2 && k <= one) continue;   // k = 1 under the top: the composite table
     const int d = k <= one ? k : one;  // the table's rows: the destination grid of D (k <= one) or U
     P->ty[k] = take(&ntaps, rh[d]);
     P->tx[k] = take(&ntaps, rw[d]);
   }
-  P->range_bytes = P->tap_bytes + ntaps * static_cast<int64_t>(sizeof(HmsaTap<acc_t>));
-  P->bytes = P->range_bytes + 4 * HMSA_MAX_SCALES * static_cast<int64_t>(sizeof(int));
+  P->tap4_bytes = (P->tap_bytes + ntaps * static_cast<int64_t>(sizeof(HmsaTap<acc_t>)) + 15) / 16 * 16;
+  P->cy = P->cx = -1;
+  if (one > 0) {
+    P->cy = take(&ntaps4, rh[1]);
+    P->cx = take(&ntaps4, rw[1]);
+  }
+  P->range_bytes = (P->tap4_bytes + ntaps4 * static_cast<int64_t>(sizeof(HmsaTap4<acc_t>)) + 15) / 16 * 16;
+  P->bytes = P->range_bytes + 8 * HMSA_MAX_SCALES * static_cast<int64_t>(sizeof(int));
   return P->bytes <= kHmsaTileSmem && A.B * P->tiles_y * P->tiles_x <= INT32_MAX;
 }
 
@@ -92,10 +117,14 @@ at::Tensor hmsa_fuse_cuda(at::TensorList logits, at::TensorList attentions, at::
     scalar_t* ov = labels ? nullptr : out.data_ptr<scalar_t>();
     int64_t* ol = labels ? out.data_ptr<int64_t>() : nullptr;
     HmsaTilePlan P;
-    // 32 x 64 tiles (8 pixels per thread) unless the output is smaller than one, then 8 x 32
+    // the largest of 32 x 64 (8 pixels per thread), 16 x 64 and 8 x 32 tiles that the output holds
+    // and whose plan fits
     if (OH >= 32 && OW >= 64 && hmsa_tile_plan<acc_t>(A, 32, 64, &P)) {
       PYSEG_LAUNCH(static_cast<int>(B * P.tiles_y * P.tiles_x), kHmsaTileThreads, P.bytes, stream,
                    hmsa_fuse_tile_kernel<scalar_t, acc_t, 32, 64>)(A, P, ov, ol, labels);
+    } else if (OH >= 16 && OW >= 64 && hmsa_tile_plan<acc_t>(A, 16, 64, &P)) {
+      PYSEG_LAUNCH(static_cast<int>(B * P.tiles_y * P.tiles_x), kHmsaTileThreads, P.bytes, stream,
+                   hmsa_fuse_tile_kernel<scalar_t, acc_t, 16, 64>)(A, P, ov, ol, labels);
     } else if (hmsa_tile_plan<acc_t>(A, 8, 32, &P)) {
       PYSEG_LAUNCH(static_cast<int>(B * P.tiles_y * P.tiles_x), kHmsaTileThreads, P.bytes, stream,
                    hmsa_fuse_tile_kernel<scalar_t, acc_t, 8, 32>)(A, P, ov, ol, labels);

@@ -72,15 +72,20 @@ constexpr int kHmsaTileThreads = 256;
 struct HmsaTilePlan {
   int64_t tiles_y, tiles_x;
   int rh[HMSA_MAX_SCALES], rw[HMSA_MAX_SCALES];  // largest range of each scale grid over the tiles
-  // acc_t offsets: buf = p_k, then level values (chain k <= one) or a_l * p_l (low l); att = attention
-  // on the range (k >= 1); gate = 1 - U(a_l) on the 1.0 range (low l); fin = the fused 1.0 range.
-  // -1: unused.
-  int buf[HMSA_MAX_SCALES], att[HMSA_MAX_SCALES], gate[HMSA_MAX_SCALES], fin;
-  // tap-table offsets (in taps): ty/tx of scale k >= 1 is D (k <= one) or U (k > one); fy/fx: F
-  int ty[HMSA_MAX_SCALES], tx[HMSA_MAX_SCALES];
+  int sh[HMSA_MAX_SCALES], sw[HMSA_MAX_SCALES];  // largest stored range of each chain scale (k <= one)
+  // acc_t offsets (-1: unused): stor = the stored logits of chain scale k on its stored range; buf = the
+  // level values of chain scales 1..one-1 on their grid range, or a_l * p_l of a low scale l; att =
+  // attention on the range (k >= 1); gate = 1 - U(a_l) on the 1.0 range (low l); fin = the fused 1.0
+  // range.
+  int stor[HMSA_MAX_SCALES], buf[HMSA_MAX_SCALES], att[HMSA_MAX_SCALES], gate[HMSA_MAX_SCALES], fin;
+  // HmsaTap offsets (-1: unused): ry/rx of chain scale k = stored -> grid k (k >= 1, or 0 when 1.0 is
+  // the top); ty/tx of scale k = D (2 <= k <= one) or U (k > one); fy/fx = F
+  int ry[HMSA_MAX_SCALES], rx[HMSA_MAX_SCALES], ty[HMSA_MAX_SCALES], tx[HMSA_MAX_SCALES];
   int fy, fx;
-  int64_t tap_bytes;    // byte offset of the tap tables
-  int64_t range_bytes;  // byte offset of the tile's ranges (4 x HMSA_MAX_SCALES ints)
+  int cy, cx;           // HmsaTap4 offsets: top stored -> grid 0 -> grid 1 (when 1.0 is not the top)
+  int64_t tap_bytes;    // byte offset of the HmsaTap tables
+  int64_t tap4_bytes;   // byte offset of the HmsaTap4 tables
+  int64_t range_bytes;  // byte offset of the tile's ranges (8 x HMSA_MAX_SCALES ints)
   int64_t bytes;        // dynamic shared memory
 };
 
@@ -91,8 +96,19 @@ __device__ __forceinline__ void hmsa_fill_taps(HmsaTap<acc_t>* t, int64_t count,
     t[i] = hmsa_local_tap<acc_t>(d0 + i, src_size, dst_size, src_lo);
 }
 
+template <typename acc_t>
+__device__ __forceinline__ void hmsa_fill_taps4(HmsaTap4<acc_t>* t, int64_t count, int64_t d0, int64_t stored,
+                                                int64_t grid0, int64_t grid1, int64_t s_lo) {
+  for (int64_t i = threadIdx.x; i < count; i += kHmsaTileThreads)
+    t[i] = hmsa_composite_tap<acc_t>(d0 + i, stored, grid0, grid1, s_lo);
+}
+
+// resident blocks per SM the tile kernel is compiled for (its register budget): 8, 4 or 1 pixels per thread
+template <int TH, int TW>
+constexpr int kHmsaTileMinBlocks = TH * TW >= 8 * kHmsaTileThreads ? 2 : (TH * TW >= 4 * kHmsaTileThreads ? 3 : 4);
+
 template <typename scalar_t, typename acc_t, int TH, int TW>
-__global__ void __launch_bounds__(kHmsaTileThreads, TH * TW > kHmsaTileThreads ? 2 : 4)
+__global__ void __launch_bounds__(kHmsaTileThreads, kHmsaTileMinBlocks<TH, TW>)
     hmsa_fuse_tile_kernel(const HmsaArgs<scalar_t> A, const HmsaTilePlan P, scalar_t* __restrict__ out_v,
                           int64_t* __restrict__ out_l, bool labels) {
   static_assert((TH * TW) % kHmsaTileThreads == 0 && kHmsaTileThreads % TW == 0, "tile shape");
@@ -110,13 +126,21 @@ __global__ void __launch_bounds__(kHmsaTileThreads, TH * TW > kHmsaTileThreads ?
   const int64_t oy0 = trow * TH, ox0 = tcol * TW;
   const int oh = static_cast<int>((oy0 + TH <= A.out_h ? oy0 + TH : A.out_h) - oy0);  // rows of this tile
   const int ow = static_cast<int>((ox0 + TW <= A.out_w ? ox0 + TW : A.out_w) - ox0);
-  // this tile's ranges (first coordinate and extent per scale grid), shared: thread 0 rows, 1 columns
+  // this tile's ranges (first coordinate and extent per scale grid; the stored range of each chain
+  // scale), shared: thread 0 rows, 1 columns
+  HmsaTap4<acc_t>* const taps4 = reinterpret_cast<HmsaTap4<acc_t>*>(smem_raw + P.tap4_bytes);
   int* const ylo = reinterpret_cast<int*>(smem_raw + P.range_bytes);
   int* const xlo = ylo + HMSA_MAX_SCALES;
   int* const rh = xlo + HMSA_MAX_SCALES;
   int* const rw = rh + HMSA_MAX_SCALES;
+  int* const sylo = rw + HMSA_MAX_SCALES;
+  int* const sxlo = sylo + HMSA_MAX_SCALES;
+  int* const srh = sxlo + HMSA_MAX_SCALES;
+  int* const srw = srh + HMSA_MAX_SCALES;
   if (tid < 2) {
     int64_t lo[HMSA_MAX_SCALES], hi[HMSA_MAX_SCALES];
+    const int64_t* grid = tid == 0 ? A.h : A.w;
+    const int64_t* stored = tid == 0 ? A.ph : A.pw;
     if (tid == 0)
       hmsa_axis_ranges<acc_t>(A.h, n, one, A.out_h, oy0, oy0 + oh - 1, lo, hi);
     else
@@ -124,17 +148,32 @@ __global__ void __launch_bounds__(kHmsaTileThreads, TH * TW > kHmsaTileThreads ?
     for (int k = 0; k < n; ++k) {
       (tid == 0 ? ylo : xlo)[k] = static_cast<int>(lo[k]);
       (tid == 0 ? rh : rw)[k] = static_cast<int>(hi[k] - lo[k] + 1);
+      if (k > one) continue;
+      int64_t slo, shi;
+      hmsa_storage_range<acc_t>(lo[k], hi[k], stored[k], grid[k], &slo, &shi);
+      (tid == 0 ? sylo : sxlo)[k] = static_cast<int>(slo);
+      (tid == 0 ? srh : srw)[k] = static_cast<int>(shi - slo + 1);
     }
   }
   __syncthreads();
   // ---- setup: tap tables and attentions ----
   hmsa_fill_taps<acc_t>(taps + P.fy, oh, oy0, A.h[one], A.out_h, ylo[one]);
   hmsa_fill_taps<acc_t>(taps + P.fx, ow, ox0, A.w[one], A.out_w, xlo[one]);
+  for (int k = (one > 0 ? 1 : 0); k <= one; ++k) {  // stored -> grid k
+    hmsa_fill_taps<acc_t>(taps + P.ry[k], rh[k], ylo[k], A.ph[k], A.h[k], sylo[k]);
+    hmsa_fill_taps<acc_t>(taps + P.rx[k], rw[k], xlo[k], A.pw[k], A.w[k], sxlo[k]);
+  }
+  if (one > 0) {  // the top's stored logits straight to grid 1
+    hmsa_fill_taps4<acc_t>(taps4 + P.cy, rh[1], ylo[1], A.ph[0], A.h[0], A.h[1], sylo[0]);
+    hmsa_fill_taps4<acc_t>(taps4 + P.cx, rw[1], xlo[1], A.pw[0], A.w[0], A.w[1], sxlo[0]);
+  }
   for (int k = 1; k < n; ++k) {
-    const int s = k <= one ? k - 1 : k;      // source grid of the resize into the table's rows
-    const int d = k <= one ? k : one;        // its destination grid
-    hmsa_fill_taps<acc_t>(taps + P.ty[k], rh[d], ylo[d], A.h[s], A.h[d], ylo[s]);
-    hmsa_fill_taps<acc_t>(taps + P.tx[k], rw[d], xlo[d], A.w[s], A.w[d], xlo[s]);
+    if (k >= 2 || k > one) {
+      const int s = k <= one ? k - 1 : k;  // source grid of the resize into the table's rows
+      const int d = k <= one ? k : one;    // its destination grid
+      hmsa_fill_taps<acc_t>(taps + P.ty[k], rh[d], ylo[d], A.h[s], A.h[d], ylo[s]);
+      hmsa_fill_taps<acc_t>(taps + P.tx[k], rw[d], xlo[d], A.w[s], A.w[d], xlo[s]);
+    }
     acc_t* att = sm + P.att[k];
     for (int ly = warp; ly < rh[k]; ly += kWarps)
       for (int lx = lane; lx < rw[k]; lx += 32)
@@ -152,6 +191,8 @@ __global__ void __launch_bounds__(kHmsaTileThreads, TH * TW > kHmsaTileThreads ?
   }
   // (the gates are first read after phase A's barrier)
   const HmsaTap<acc_t> fx = taps[P.fx + tid % TW];  // every output pixel of this thread is in column tid % TW
+  // the output at the 1.0 grid's size: F is the identity (its range is the tile), a copy of fin
+  const bool same = A.h[one] == A.out_h && A.w[one] == A.out_w;
   const int64_t oplane = A.out_h * A.out_w;
   acc_t best[kPix];
   int arg[kPix];
@@ -164,32 +205,45 @@ __global__ void __launch_bounds__(kHmsaTileThreads, TH * TW > kHmsaTileThreads ?
     return bilinear_sample<acc_t>(pl, A.ph[k], A.pw[k], A.h[k], A.w[k], y, x);
   };
   for (int64_t c = 0; c < A.C; ++c) {
-    // ---- phase A, every global read of the class: the logits of the chain scales (top .. 1.0) and
-    // a_l * p_l of the low scales, on their ranges ----
-    for (int k = 0; k < n; ++k) {
+    // ---- phase A, every global read of the class: the stored logits of the chain scales (top .. 1.0)
+    // on their stored ranges, and a_l * p_l of the low scales on their grid ranges ----
+    for (int k = 0; k <= one; ++k) {
+      const scalar_t* pl = plane(k, c);
+      acc_t* dst = sm + P.stor[k];
+      for (int ly = warp; ly < srh[k]; ly += kWarps) {
+        const scalar_t* row = pl + (sylo[k] + ly) * A.pw[k] + sxlo[k];
+        for (int lx = lane; lx < srw[k]; lx += 32) dst[ly * srw[k] + lx] = static_cast<acc_t>(row[lx]);
+      }
+    }
+    for (int k = one + 1; k < n; ++k) {
       const scalar_t* pl = plane(k, c);
       acc_t* dst = sm + P.buf[k];
-      const acc_t* att = k > one ? sm + P.att[k] : nullptr;
+      const acc_t* att = sm + P.att[k];
       for (int ly = warp; ly < rh[k]; ly += kWarps)
         for (int lx = lane; lx < rw[k]; lx += 32) {
           const int e = ly * rw[k] + lx;
-          const acc_t v = logit(pl, k, ylo[k] + ly, xlo[k] + lx);
-          dst[e] = att ? att[e] * v : v;
+          dst[e] = att[e] * logit(pl, k, ylo[k] + ly, xlo[k] + lx);
         }
     }
     __syncthreads();
-    // ---- the chain down to 1.0 (in place: buf_k holds p_k, then the level's values), then the low
-    // scales on the 1.0 range into fin ----
+    // ---- the chain down to 1.0: p_k at grid k from its stored range, blended with D of the level above
+    // (the top: its stored range through the composite taps), then the low scales on the 1.0 range into
+    // fin ----
     for (int k = (one > 0 ? 1 : 0); k <= one; ++k) {
-      acc_t* lev = sm + P.buf[k];
-      acc_t* dst = k == one ? sm + P.fin : lev;
-      for (int ly = warp; ly < rh[k]; ly += kWarps)
-        for (int lx = lane; lx < rw[k]; lx += 32) {
+      const acc_t* st = sm + P.stor[k];
+      acc_t* dst = sm + (k == one ? P.fin : P.buf[k]);
+      // columns outside, rows inside: a lane's column taps are loaded once per column, not per element
+      for (int lx = lane; lx < rw[k]; lx += 32) {
+        const HmsaTap<acc_t> rx = taps[P.rx[k] + lx];
+        const HmsaTap4<acc_t> cx = k == 1 ? taps4[P.cx + lx] : HmsaTap4<acc_t>{};
+        for (int ly = warp; ly < rh[k]; ly += kWarps) {
           const int e = ly * rw[k] + lx;
-          acc_t v = lev[e];
+          acc_t v = hmsa_tile_lerp<acc_t>(st, srw[k], taps[P.ry[k] + ly], rx);
           if (k > 0) {
             const acc_t a = sm[P.att[k] + e];
-            const acc_t dn = hmsa_tile_lerp<acc_t>(sm + P.buf[k - 1], rw[k - 1], taps[P.ty[k] + ly], taps[P.tx[k] + lx]);
+            const acc_t dn = k == 1 ? hmsa_tile_composite<acc_t>(sm + P.stor[0], srw[0], taps4[P.cy + ly], cx)
+                                    : hmsa_tile_lerp<acc_t>(sm + P.buf[k - 1], rw[k - 1], taps[P.ty[k] + ly],
+                                                            taps[P.tx[k] + lx]);
             v = a * v + (static_cast<acc_t>(1) - a) * dn;
           }
           if (k == one)
@@ -199,16 +253,17 @@ __global__ void __launch_bounds__(kHmsaTileThreads, TH * TW > kHmsaTileThreads ?
             }
           dst[e] = v;
         }
+      }
       __syncthreads();
     }
-    // (the next class's phase A writes only buf: fin is read below until every thread has passed the
-    // next phase A's barrier)
+    // (the next class's phase A writes only stor and the low scales' buf: fin is read below until every
+    // thread has passed the next phase A's barrier)
     // ---- F: the tile's outputs ----
     const acc_t* top = sm + P.fin;
     for (int j = 0; j < kPix; ++j) {
       const int i = tid + j * kHmsaTileThreads, oy = i / TW, ox = i % TW;
       if (oy >= oh || ox >= ow) continue;
-      const acc_t v = hmsa_tile_lerp<acc_t>(top, rw[one], taps[P.fy + oy], fx);
+      const acc_t v = same ? top[oy * rw[one] + ox] : hmsa_tile_lerp<acc_t>(top, rw[one], taps[P.fy + oy], fx);
       if (labels) {
         const acc_t r = static_cast<acc_t>(static_cast<scalar_t>(v));
         if (c == 0 || better(r, best[j])) {
