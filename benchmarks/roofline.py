@@ -115,6 +115,9 @@ META_MMA_STEP_ISSUE = {
 }
 #: output rows and columns per thread of its depthwise stage (kDwRows, kDwCols)
 DW_ROWS, DW_COLS = 8, 2
+#: cycles a barrier right after a block's global loads waits for them (first touch from HBM: Hopper's
+#: load-to-use latency from DRAM is ~500-700 cycles; hmsa_fuse_tile_kernel's phase A, once per class)
+LOAD_LATENCY_CLK = 600
 
 
 def _bank_conflict(stride_words: int) -> int:
@@ -130,7 +133,8 @@ class _KernelCost:
       t_sm   = ceil(blocks / SMs / blocks per SM) * cycles_per_block * max(1, WARPS_TO_HIDE / resident warps)
                / clock ... with the blocks resident on one SM sharing its pipes (see time_us);
     cycles_per_block = max(LSU wavefronts / LSU_PER_CLK, instructions / ISSUE_PER_CLK, tensor-core cycles
-    ``tc``) + ``barriers`` * BARRIER_CLK; ``loop`` sums the first two, the tensor-core kernels add ``tc``.
+    ``tc``) + ``barriers`` * BARRIER_CLK + ``stall`` (barriers that wait for global loads); ``loop`` sums
+    the first two, the tensor-core kernels add ``tc``.
     """
 
     def __init__(self, name: str, blocks: int, threads: int, smem: int = 0, regs: Optional[int] = None):
@@ -140,6 +144,7 @@ class _KernelCost:
         self.lsu = self.issue = 0.0  # per block, in warp-level units
         self.tc = 0.0  # per block: tensor-core cycles of the SM (all four sub-partitions)
         self.barriers = 0  # per block: __syncthreads() executed (each drains the block's pipelines)
+        self.stall = 0.0  # per block: further cycles its barriers wait (global loads in flight), like barriers
 
     def loop(self, items: float, inner: float = 1, lsu: float = 0, issue: float = 1, overhead: float = 0,
              conflict: float = 1):
@@ -163,7 +168,7 @@ class _KernelCost:
         cycles = max(self.lsu / LSU_PER_CLK, self.issue / ISSUE_PER_CLK, self.tc)
         t_sm = per_sm * cycles * max(1.0, WARPS_TO_HIDE / resident) / gpu["clock"]
         # a barrier stalls its own block; co-resident blocks fill the gap, one block per SM cannot
-        t_sm += math.ceil(per_sm / min(bps, per_sm)) * self.barriers * BARRIER_CLK / gpu["clock"]
+        t_sm += math.ceil(per_sm / min(bps, per_sm)) * (self.barriers * BARRIER_CLK + self.stall) / gpu["clock"]
         return LAUNCH_US + 1e6 * max(t_dram, t_l2, t_sm)
 
 
@@ -995,30 +1000,231 @@ def _cuda_patchwise(x, w, has_bias, stride, padding, dilation, groups, esize, ba
 
 
 def _hmsa_terms(n: int, one: int) -> int:
-    """hmsa_max_terms (csrc/common/hmsa_fuse.h:52): stencil length per output pixel."""
+    """hmsa_max_terms (csrc/common/hmsa_fuse.h): stencil length per output pixel."""
     high = 1
     for _ in range(one):
         high = 1 + 4 * high
     return 4 * (high + 4 * (n - 1 - one))
 
 
-def _cuda_hmsa(logits, atts, scales, out_size, labels, scale_sizes, esize):
-    """hmsa_fuse.cu: one thread per output pixel builds its stencil (terms in local memory), then per class
-    gathers every term (3 local loads for the term + 1 global load + FFMA); with resampled scales the
-    stencil is lowered to storage taps (4 per term)."""
+def _tap(dst: int, src_size: int, dst_size: int):
+    """linear_tap (csrc/common/bilinear.h): (i0, the last index of nonzero weight: hmsa_tap_last) of output
+    coordinate dst."""
+    src = max(src_size / dst_size * (dst + 0.5) - 0.5, 0.0)
+    i0 = min(int(src), src_size - 1)
+    l1 = min(max(src - i0, 0.0), 1.0)
+    return i0, i0 + (1 if i0 < src_size - 1 and l1 != 0 else 0)
+
+
+def _hmsa_ranges(grid, one, out, o0, o1):
+    """hmsa_axis_ranges (csrc/common/hmsa_fuse.h): extent of each scale grid's range that outputs o0..o1 read
+    (from the first tap of o0 to the last tap of nonzero weight of o1)."""
+    n = len(grid)
+    lo, hi = [0] * n, [0] * n
+    lo[one], hi[one] = _tap(o0, grid[one], out)[0], _tap(o1, grid[one], out)[1]
+    for k in range(one - 1, -1, -1):
+        lo[k], hi[k] = _tap(lo[k + 1], grid[k], grid[k + 1])[0], _tap(hi[k + 1], grid[k], grid[k + 1])[1]
+    for k in range(one + 1, n):
+        lo[k], hi[k] = _tap(lo[one], grid[k], grid[one])[0], _tap(hi[one], grid[k], grid[one])[1]
+    return [h - l + 1 for l, h in zip(lo, hi)]
+
+
+#: hmsa_fuse.cu: the tile kernel's dynamic shared memory (kHmsaTileSmem) and its tile shapes, largest first
+HMSA_TILE_SMEM = 48 * 1024
+HMSA_TILES = ((32, 64), (16, 64), (8, 32))
+#: registers/thread of hmsa_fuse_tile_kernel<float|half|bf16, float, TH, TW> (ptxas -Xptxas -v, sm_90, torch's
+#: nvcc flags; no spills): 32 x 64 under __launch_bounds__(256, 2), 16 x 64 under (256, 3), 8 x 32 under (256, 4)
+HMSA_TILE_REGS = {(32, 64): 104, (16, 64): 80, (8, 32): 64}
+#: issue slots per warp-iteration, read off hmsa_fuse_tile_kernel (loop + addressing + the op's arithmetic):
+#: staging a stored logit (load, convert, store), a low scale's a_l * p_l (bilinear_sample's size test,
+#: int64 plane offset, convert, multiply, store; RESAMPLE more when it samples 4 taps), a chain element
+#: (attention, blend, store; each lerp of 4 FMA + 4 addresses: LERP; a composite tap pair: 2 per product),
+#: a low scale on the 1.0 range (U lerp + gate), an output pixel (F lerp, convert, int64 offset, store)
+HMSA_ISSUE_STAGE, HMSA_ISSUE_LOAD, HMSA_ISSUE_RESAMPLE = 8, 16, 20
+HMSA_ISSUE_CHAIN, HMSA_ISSUE_LERP, HMSA_ISSUE_LOW, HMSA_ISSUE_OUT = 8, 8, 14, 24
+
+
+def _hmsa_store_range(lo, hi, stored, grid):
+    """hmsa_storage_range: extent of the stored rows that grid rows lo..hi read."""
+    return _tap(hi, stored, grid)[1] - _tap(lo, stored, grid)[0] + 1
+
+
+def _hmsa_composite_n(dst, stored, g0, g1):
+    """hmsa_composite_tap: number of distinct stored indices (nonzero weight) of grid1 coordinate dst."""
+    idx = set()
+    for r in sorted(set(_tap(dst, g0, g1))):  # the nonzero-weight taps of the downsample
+        idx |= set(_tap(r, stored, g0))  # and of the stored -> grid0 resize under each
+    return len(idx)
+
+
+def _hmsa_axis_tiles(grid, stored, one, out, T):
+    """Per axis over the tiles of T outputs: the largest grid range and stored range (chain scales) of each
+    scale, their sums over tiles, and the sum of the top's composite tap counts over the tiles' grid-1 ranges."""
+    n = len(grid)
+    mx, tot, smx, stot, comp = [0] * n, [0] * n, [0] * n, [0] * n, 0
+    for o0 in range(0, out, T):
+        o1 = min(o0 + T, out) - 1
+        lo = [0] * n
+        r = _hmsa_ranges(grid, one, out, o0, o1)
+        lo[one] = _tap(o0, grid[one], out)[0]
+        for k in range(one - 1, -1, -1):
+            lo[k] = _tap(lo[k + 1], grid[k], grid[k + 1])[0]
+        for k in range(n):
+            mx[k], tot[k] = max(mx[k], r[k]), tot[k] + r[k]
+            if k <= one:
+                sr = _hmsa_store_range(lo[k], lo[k] + r[k] - 1, stored[k], grid[k])
+                smx[k], stot[k] = max(smx[k], sr), stot[k] + sr
+        if one > 0:
+            comp += sum(_hmsa_composite_n(lo[1] + i, stored[0], grid[0], grid[1]) for i in range(r[1]))
+    return mx, tot, smx, stot, comp
+
+
+def _cuda_hmsa_pixel(logits, scales, out_size, labels, grids, resampled, fb, esize, one):
+    """hmsa_fuse_kernel (the fallback): one thread per output pixel builds its stencil (HMSA_CUDA_MAX_TERMS
+    terms in local memory), then per class gathers every term (3 local loads for the term + 1 global load +
+    FFMA; a resampled scale's storage sampled per term: 4 loads)."""
     B, C = logits[0][:2]
-    nt = _hmsa_terms(len(scales), sum(float(s) > 1.0 for s in scales))  # 1.0's index in descending order
-    resampled = scale_sizes is not None and any(tuple(scale_sizes[i]) != tuple(logits[i][-2:])
-                                                for i in range(len(scales)))
-    if resampled and 4 * nt <= 160:
-        nt *= 4
+    nt = _hmsa_terms(len(scales), one) * (4 if resampled else 1)
     pix = B * _numel(out_size)
     k = _KernelCost("hmsa_fuse_kernel", min(math.ceil(pix / 256), 65535 * 64), 256)
     per = math.ceil(pix / (k.blocks * 256))
     k.loop(256 * per, C * nt, lsu=4, issue=7, overhead=nt * 30)
-    fb, _ = hmsa_counts(logits, atts, scales, out_size, labels, scale_sizes, esize)
     k.dram = fb
     k.l2 = pix * C * nt * esize + fb  # neighbouring lanes share sectors: ~1 element of traffic per tap
+    return [k]
+
+
+def _cuda_hmsa(logits, atts, scales, out_size, labels, scale_sizes, esize):
+    """hmsa_fuse.cu: hmsa_fuse_tile_kernel, one 256-thread block (8 warps) per (sample, output tile: the first of
+    HMSA_TILES the output holds whose plan fits HMSA_TILE_SMEM), counted per block off hmsa_fuse_kernels.cuh
+    at the average tile's ranges (``_hmsa_ranges``; warp-row loops: a warp per range row, lanes along it, so
+    a row of w elements is ceil(w / 32) warp-iterations):
+
+    * setup: 2 threads compute the ranges (barrier); the tap tables (a linear_tap + an 8-byte store per
+      entry; the top's composite taps: two linear_taps per grid-1 row/column) and every attention on its
+      range; barrier; the low scales' gates on the 1.0 range (2 tap loads, 4 lerp loads, 1 store).
+    * per class (C times): phase A, every global read: the chain scales' stored logits on their stored
+      ranges (a coalesced load + a store per element), a_l * p_l of the low scales on their grid ranges
+      (1 or 4 loads, the attention, a store), then a barrier that waits for the loads (LOAD_LATENCY_CLK);
+      per chain scale k = 1..one (k = 0 alone when 1.0 is the top), columns outside and rows inside (each
+      warp loads its lanes' column taps once per 32 columns: an 8-byte tap 2 wavefronts, the top's 36-byte
+      composite tap 9), per element of its grid range: p_k from its stored range (a broadcast row tap, 4
+      lerp loads), the attention, the level above: k = 1 the top's stored range through the composite taps
+      (a broadcast row tap, ny x nx loads, counted per row/column), k >= 2 a D lerp (a ratio-r downsample
+      makes the lanes' words r apart: ceil(r)-way conflicts); on the 1.0 range per low scale a U lerp + its
+      gate; a store; a barrier; then TH x TW / 256 output pixels per thread (a broadcast row tap, 4 lerp
+      loads, or 1 load when the 1.0 grid is the output's size; a coalesced store: 1 L1/LSU instruction;
+      labels: a compare).
+    * barriers: 2 + C * (1 + max(one, 1)).
+
+    DRAM: the op's minimum bytes (each logit/attention element is first read by one tile; the neighbours'
+    halo re-reads hit L2). L2: every tile's stored ranges (chain scales) and grid ranges (low scales) x C,
+    the attention ranges, plus the output. Over HMSA_TILE_SMEM even for 8 x 32 tiles the per-pixel kernel
+    runs (``_cuda_hmsa_pixel``)."""
+    B, C = logits[0][:2]
+    n = len(scales)
+    one = sum(float(s) > 1.0 for s in scales)  # 1.0's index in descending order
+    grids = [tuple(scale_sizes[i]) if scale_sizes is not None else tuple(logits[i][-2:]) for i in range(n)]
+    stored = [tuple(logits[i][-2:]) for i in range(n)]
+    resampled = any(grids[i] != stored[i] for i in range(n))
+    fb, _ = hmsa_counts(logits, atts, scales, out_size, labels, scale_sizes, esize)
+    OH, OW = out_size
+    acc = 8 if esize == 8 else 4
+    plan = None
+    for TH, TW in HMSA_TILES:
+        if OH < TH or OW < TW and TW > 32:
+            if (TH, TW) != HMSA_TILES[-1]:
+                continue
+        ay = _hmsa_axis_tiles([g[0] for g in grids], [p[0] for p in stored], one, OH, TH)
+        ax = _hmsa_axis_tiles([g[1] for g in grids], [p[1] for p in stored], one, OW, TW)
+        mh, mw, sh, sw = ay[0], ax[0], ay[2], ax[2]
+        vals = mh[one] * mw[one]  # fin
+        for k in range(n):
+            vals += sh[k] * sw[k] if k <= one else 0
+            vals += mh[k] * mw[k] * ((1 <= k < one or k > one) + (k >= 1))  # level / a_l p_l buffer, attention
+            vals += mh[one] * mw[one] if k > one else 0  # gate
+        ntaps = TH + TW + sum(mh[k] + mw[k] for k in range(1 if one > 0 else 0, one + 1))
+        ntaps += sum(mh[k if k <= one else one] + mw[k if k <= one else one] for k in range(1, n) if k >= 2 or k > one)
+        tap4 = 20 + 4 * acc
+        smem = -(-vals * acc // 16) * 16 + -(-ntaps * 2 * acc // 16) * 16  # HmsaTap: {int, acc_t}
+        smem += -(-(mh[1] + mw[1]) * tap4 // 16) * 16 if one > 0 else 0
+        smem += 8 * 8 * 4
+        if smem <= HMSA_TILE_SMEM:
+            plan = (TH, TW, smem, ay, ax)
+            break
+    if plan is None:
+        return _cuda_hmsa_pixel(logits, scales, out_size, labels, grids, resampled, fb, esize, one)
+    TH, TW, smem, ay, ax = plan
+    tiles_y, tiles_x = math.ceil(OH / TH), math.ceil(OW / TW)
+    nblk = B * tiles_y * tiles_x
+    k = _KernelCost(f"hmsa_fuse_tile_kernel({TH}x{TW})", nblk, 256, smem, regs=HMSA_TILE_REGS[(TH, TW)])
+    # the average tile's ranges (sums over tiles / tiles)
+    rh, rw = [t / tiles_y for t in ay[1]], [t / tiles_x for t in ax[1]]
+    srh, srw = [t / tiles_y for t in ay[3]], [t / tiles_x for t in ax[3]]
+    ny, nx = (ay[4] / ay[1][1], ax[4] / ax[1][1]) if one > 0 else (0, 0)  # composite taps per row / column
+
+    def rows(h, w):  # warp-iterations of a warp-row loop over an h x w range
+        return h * math.ceil(w / 32)
+
+    def conflict(src, dst):  # lanes of a resize from a src-long axis to a dst-long one read words ratio apart
+        return max(1, math.ceil(src / dst)) * acc // 4
+
+    tapw = 2 * acc // 4  # wavefronts of 32 lanes' distinct HmsaTap ({int, acc_t}: 8 bytes for float)
+    lsu = issue = 0.0
+    # setup: ranges (2 threads: one warp, ~2 linear_taps per scale and axis), tap tables, attentions, gates
+    issue += 2 * (n + one + 1) * 30
+    ntap = TH + TW + sum(rh[kk] + rw[kk] for kk in range(1 if one > 0 else 0, one + 1))
+    ntap += sum(rh[kk if kk <= one else one] + rw[kk if kk <= one else one] for kk in range(1, n) if kk >= 2 or kk > one)
+    lsu += math.ceil(ntap / 32) * tapw
+    issue += math.ceil(ntap / 32) * 30
+    if one > 0:
+        lsu += math.ceil((rh[1] + rw[1]) / 32) * 9
+        issue += math.ceil((rh[1] + rw[1]) / 32) * 80
+    for kk in range(1, n):
+        ra = tuple(atts[kk][-2:]) != grids[kk]
+        lsu += rows(rh[kk], rw[kk]) * ((4 if ra else 1) + 1)
+        issue += rows(rh[kk], rw[kk]) * (HMSA_ISSUE_LOAD + (HMSA_ISSUE_RESAMPLE if ra else 0))
+    for kk in range(one + 1, n):
+        lsu += rows(rh[one], rw[one]) * (1 + tapw + 4 + 1)
+        issue += rows(rh[one], rw[one]) * HMSA_ISSUE_LOW
+    # per class
+    lsu_c = issue_c = 0.0
+    for kk in range(one + 1):  # stage the chain scales' stored ranges
+        lsu_c += rows(srh[kk], srw[kk]) * 2
+        issue_c += rows(srh[kk], srw[kk]) * HMSA_ISSUE_STAGE
+    for kk in range(one + 1, n):  # a_l * p_l
+        rs = grids[kk] != stored[kk]
+        lsu_c += rows(rh[kk], rw[kk]) * ((4 if rs else 1) + 2)
+        issue_c += rows(rh[kk], rw[kk]) * (HMSA_ISSUE_LOAD + (HMSA_ISSUE_RESAMPLE if rs else 0))
+    for kk in range(1 if one > 0 else 0, one + 1):
+        # columns outside, rows inside: each warp loads its lanes' column taps once per column chunk
+        lsu_c += 8 * math.ceil(rw[kk] / 32) * (tapw + (9 if kk == 1 else 0))
+        w = 1 + 4 * conflict(stored[kk][1], grids[kk][1]) + 1  # p_k lerp (broadcast row tap), store
+        iss = HMSA_ISSUE_CHAIN + HMSA_ISSUE_LERP
+        if kk == 1:
+            w += 1 + 1 + ny * nx * conflict(stored[0][1], grids[1][1])  # attention, composite
+            iss += 2 * ny * nx + 4
+        elif kk >= 2:
+            w += 1 + 1 + tapw + 4 * conflict(grids[kk - 1][1], grids[kk][1])  # attention, D lerp
+            iss += HMSA_ISSUE_LERP
+        if kk == one:
+            w += sum(1 + tapw + 4 * conflict(grids[l][1], grids[one][1]) + 1 for l in range(one + 1, n))
+            iss += HMSA_ISSUE_LOW * (n - 1 - one)
+        lsu_c += rows(rh[kk], rw[kk]) * w
+        issue_c += rows(rh[kk], rw[kk]) * iss
+    out_items = TH * TW // 32  # warp-items of the F phase; the identity (1.0 grid = output size): one load
+    same = grids[one] == (OH, OW)
+    lsu_c += out_items * ((1 if same else 1 + 4 * conflict(grids[one][1], OW)) + (0 if labels else 1))
+    issue_c += out_items * (HMSA_ISSUE_OUT - (8 if labels else 0) - (HMSA_ISSUE_LERP if same else 0))
+    k.lsu = lsu + C * lsu_c
+    k.issue = issue + C * issue_c
+    k.barriers = 2 + C * (1 + max(one, 1))
+    k.stall = C * LOAD_LATENCY_CLK
+    k.dram = fb
+    reads = sum(ay[3][kk] * ax[3][kk] for kk in range(one + 1))  # stored ranges of the chain scales
+    reads += sum(ay[1][kk] * ax[1][kk] for kk in range(one + 1, n))  # low scales (grid ranges)
+    reads = reads * B * C + sum(ay[1][kk] * ax[1][kk] for kk in range(1, n)) * B  # + attentions
+    k.l2 = reads * esize + (B * OH * OW * 8 if labels else B * C * OH * OW * esize)
     return [k]
 
 

@@ -430,8 +430,24 @@ HMSA_CASES = {
 }
 
 
+# the tile kernel's 32 x 64 and 16 x 64 tiles (outputs of at least one tile) with partial tiles on both axes, and the
+# per-pixel fallback (an 8 x 32 tile would read most of a 1.0 grid far larger than the output: > 48 KB);
+# the cases above run 8 x 32 tiles. Last entry: the kernel the launcher must pick.
+HMSA_TILE_CASES = {
+    "tiles-three": ((2.0, 1.0, 0.5), [(40, 70), (20, 35), (10, 18)], (70, 131), None, "tile_kernel<{}, {}, 32, 64>"),
+    "tiles-down": ((1.0, 0.5), [(44, 110), (22, 55)], (40, 100), None, "tile_kernel<{}, {}, 32, 64>"),
+    "tiles-resampled": ((1.5, 1.0, 0.5), [(12, 20), (8, 14), (5, 7)], (33, 70), [(30, 51), (20, 34), (10, 17)],
+                        "tile_kernel<{}, {}, 32, 64>"),
+    # the registry's structure: stored logits at half the scale grids, the 1.0 grid at the output's size
+    "tiles-registry": ((2.0, 1.0, 0.5), [(40, 70), (20, 35), (10, 18)], (40, 70), [(80, 140), (40, 70), (20, 35)],
+                       "tile_kernel<{}, {}, 32, 64>"),
+    "tiles-mid": ((1.0, 0.5), [(10, 35), (5, 18)], (20, 70), None, "tile_kernel<{}, {}, 16, 64>"),
+    "fallback": ((1.0, 0.5), [(30, 300), (15, 150)], (3, 4), None, "hmsa_fuse_kernel<{}, {}>"),
+}
+
+
 def _hmsa_inputs(case, dtype, seed=0):
-    scales, sizes, out, ssz = HMSA_CASES[case]
+    scales, sizes, out, ssz = (HMSA_CASES[case] if case in HMSA_CASES else HMSA_TILE_CASES[case])[:4]
     g = torch.Generator().manual_seed(seed)
     C, B = 5, 2
     logits = [torch.randn(B, C, h, w, generator=g, dtype=torch.float64).to(dtype) for h, w in sizes]
@@ -462,6 +478,33 @@ def test_hmsa_fuse(target, case, dtype):
     clear = (top2[:, 0] - top2[:, 1]) > 2 * (y.double() - ref).abs().max() + 1e-9
     assert clear.float().mean() > 0.3
     assert torch.equal(labels[clear], ref.argmax(1)[clear])
+
+
+@pytest.mark.parametrize("case, dtype", [(c, torch.float32) for c in HMSA_TILE_CASES] + [("tiles-three", torch.float64)])
+def test_hmsa_fuse_tiles(target, case, dtype, poisoned_empty):
+    """The tile kernel on several 32 x 64 or 16 x 64 tiles (partial on both axes, B = 2, non-integer ratios, a
+    downsampling final resize, resampled scale grids) and the per-pixel fallback: logits and labels
+    against the float64 reference, every output element written (outputs start poisoned)."""
+    run = Target(target)
+    scales, logits, atts, out, ssz = _hmsa_inputs(case, dtype, seed=3)
+    ref = hmsa_fuse([p.double() for p in logits], [a if a is None else a.double() for a in atts], scales, out,
+                    backend="reference", scale_sizes=ssz)
+    before = len(ce.launched()) if target == "emulated" else 0
+    y = run("hmsa_fuse", *_hmsa_args(scales, logits, atts, out, ssz, False))
+    assert torch.isnan(torch.empty(3, dtype=dtype)).all()  # the poisoning is on
+    assert not y.isnan().any()
+    close(y, ref, dtype, "fused logits")
+    labels = run("hmsa_fuse", *_hmsa_args(scales, logits, atts, out, ssz, True))
+    assert ((labels >= 0) & (labels < ref.shape[1])).all()
+    top2 = ref.topk(2, dim=1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 2 * (y.double() - ref).abs().max() + 1e-9
+    assert clear.float().mean() > 0.3
+    assert torch.equal(labels[clear], ref.argmax(1)[clear])
+    if target == "emulated":
+        name = {torch.float32: "float", torch.float64: "double"}[dtype]
+        want = HMSA_TILE_CASES[case][4].format(name, name)
+        mine = ce.launched()[before:]
+        assert len(mine) == 2 and all(want in v for _, v in mine), mine
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -573,8 +616,8 @@ def test_every_kernel_launched(request):
                  "pw_forward_direct_kernel<double, 1>", "pw_forward_mma_kernel<c10::Half, 1>",
                  "pw_forward_mma_kernel<c10::Half, 2>", "pw_forward_mma_kernel<c10::BFloat16, 1>",
                  "pw_forward_mma_kernel<c10::BFloat16, 2>",
-                 "hmsa_fuse_kernel<float, float, 20, true>", "hmsa_fuse_kernel<float, float, 20, false>",
-                 "hmsa_fuse_kernel<float, float, 40, false>", "hmsa_fuse_kernel<float, float, 160, false>",
+                 "hmsa_fuse_kernel<float, float>", "hmsa_fuse_tile_kernel<float, float, 32, 64>", "hmsa_fuse_tile_kernel<float, float, 16, 64>",
+                 "hmsa_fuse_tile_kernel<float, float, 8, 32>", "hmsa_fuse_tile_kernel<c10::BFloat16, float, 8, 32>",
                  "meta_forward_kernel<double>", "meta_backward_kernel<c10::BFloat16>",
                  "meta_forward_mma_kernel<float, 3>", "meta_forward_mma_kernel<float, 1>",
                  "meta_forward_mma_kernel<c10::Half, 1>", "meta_forward_mma_kernel<c10::BFloat16, 1>"):

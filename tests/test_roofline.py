@@ -229,3 +229,29 @@ def test_patchwise_mma_plan_and_prediction(hyperseg_m):
     assert len(rows) == 1 and rows[0]["pred_over_launch_floor"] <= 2.0, rows  # issue 20's acceptance
     ffma = rl._cuda_patchwise(x, w, True, (1, 1), (1, 1, 1, 1), (1, 1), 1, 4, False)[0]
     assert ffma.name.startswith("pw_forward_tiled_kernel") and mma[0].time_us(g) < ffma.time_us(g) / 2
+
+
+def test_hmsa_tile_plan_and_prediction():
+    """The tile kernel's ranges by hand, its tile choice (32 x 64; smaller tiles when the output or the plan
+    needs them; the per-pixel kernel when even 8 x 32 does not fit) and a prediction far below the
+    per-pixel kernel's."""
+    # 2x upsample 4 -> 8: outputs 0..3 read rows 0..2 (dst 3: src 1.25); a 2x downsample 8 -> 4 above it
+    assert rl._hmsa_ranges([8, 4], 1, 8, 0, 3) == [6, 3]
+    lg = [(1, 19, 512, 1024), (1, 19, 256, 512), (1, 19, 128, 256)]
+    at = [(0,), (1, 1, 128, 256), (1, 1, 64, 128)]
+    sc = [2.0, 1.0, 0.5]
+    plain = rl._cuda_hmsa(lg, at, sc, (1024, 2048), False, None, 4)
+    assert [k.name for k in plain] == ["hmsa_fuse_tile_kernel(32x64)"] and plain[0].blocks == 32 * 32
+    assert plain[0].barriers == 2 + 19 * 2 and plain[0].smem <= rl.HMSA_TILE_SMEM
+    # the registry rows: scale grids at the scale's image size (scale_sizes), the top grid twice the output;
+    # the stored logits are staged, so 32 x 64 tiles fit
+    ss = [(1024, 2048), (512, 1024), (256, 512)]
+    reg = rl._cuda_hmsa(lg, at, sc, (512, 1024), False, ss, 4)
+    assert [k.name for k in reg] == ["hmsa_fuse_tile_kernel(32x64)"] and reg[0].time_us(rl.GPUS["h100"]) < 60
+    tiny = rl._cuda_hmsa([(1, 5, 30, 300), (1, 5, 15, 150)], [(0,), (1, 1, 15, 150)], [1.0, 0.5], (3, 4), False,
+                         None, 4)
+    assert [k.name for k in tiny] == ["hmsa_fuse_kernel"]
+    gpu = rl.GPUS["h100"]
+    fb, _ = rl.hmsa_counts(lg, at, sc, (512, 1024), False, ss, 4)
+    pixel = rl._cuda_hmsa_pixel(lg, sc, (512, 1024), False, ss, True, fb, 4, 1)
+    assert reg[0].time_us(gpu) < pixel[0].time_us(gpu) / 3

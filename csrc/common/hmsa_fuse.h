@@ -201,18 +201,16 @@ PYSEG_HD int64_t hmsa_lower_stencil(const HmsaArgs<scalar_t>& A, const HmsaTerm<
   return m;
 }
 
-// Value of class c for a stencil of sample b. A grid stencil (kLowered = false: terms on the scale
-// grids) reads the storage of a resampled scale through hmsa_storage_taps per class: no extra room
-// needed, but the taps are recomputed for every class. A lowered stencil (kLowered = true,
-// hmsa_lower_stencil: offsets into the stored planes) has them computed once.
-template <bool kLowered = false, typename acc_t, typename scalar_t>
+// Value of class c for a grid stencil of sample b (terms on the scale grids): the storage of a
+// resampled scale is read through hmsa_storage_taps, per class.
+template <typename acc_t, typename scalar_t>
 PYSEG_HD acc_t hmsa_eval(const HmsaArgs<scalar_t>& A, int64_t b, int64_t c, const HmsaTerm<acc_t>* t,
                          int64_t n_terms) {
   acc_t acc = 0;
   for (int64_t j = 0; j < n_terms; ++j) {
     const int k = t[j].k;
     const scalar_t* plane = A.p[k] + (b * A.C + c) * (A.ph[k] * A.pw[k]);
-    if (kLowered || !hmsa_resampled(A, k)) {
+    if (!hmsa_resampled(A, k)) {
       acc += t[j].coef * static_cast<acc_t>(plane[t[j].off]);
       continue;
     }
@@ -222,6 +220,129 @@ PYSEG_HD acc_t hmsa_eval(const HmsaArgs<scalar_t>& A, int64_t b, int64_t c, cons
     for (int i = 0; i < nt; ++i) acc += (t[j].coef * wt[i]) * static_cast<acc_t>(plane[soff[i]]);
   }
   return acc;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tiled forward (the CUDA tile kernel): the recurrence itself, level by level, on the part of each
+// scale grid that one output tile reads. Resampling is monotone along each axis, so output rows
+// o0..o1 read rows lo..hi of each grid, found from the first and last output row alone:
+//   1.0 grid:       the final resize's taps of o0 and o1;
+//   scale k > 1.0:  the taps (D: grid k -> grid k + 1) of level k + 1's first and last row;
+//   scale l < 1.0:  the taps (U: grid l -> 1.0 grid) of the 1.0 grid's first and last row.
+// Columns alike. A range ends at the last tap of nonzero weight (hmsa_tap_last): a tap of weight 0
+// is never read (HmsaTap repeats the first index there), so an identity resize (the output at the 1.0
+// grid's size) reads exactly the tile.
+// ---------------------------------------------------------------------------------------------
+template <typename acc_t>
+PYSEG_HD int64_t hmsa_tap_last(int64_t dst, int64_t in_size, int64_t out_size) {
+  const LinearTap<acc_t> t = linear_tap<acc_t>(dst, in_size, out_size);
+  return t.l1 != static_cast<acc_t>(0) ? t.i1 : t.i0;
+}
+
+template <typename acc_t>
+PYSEG_HD void hmsa_axis_ranges(const int64_t* grid, int n, int one, int64_t out, int64_t o0, int64_t o1,
+                               int64_t* lo, int64_t* hi) {
+  lo[one] = linear_tap<acc_t>(o0, grid[one], out).i0;
+  hi[one] = hmsa_tap_last<acc_t>(o1, grid[one], out);
+  for (int k = one - 1; k >= 0; --k) {
+    lo[k] = linear_tap<acc_t>(lo[k + 1], grid[k], grid[k + 1]).i0;
+    hi[k] = hmsa_tap_last<acc_t>(hi[k + 1], grid[k], grid[k + 1]);
+  }
+  for (int l = one + 1; l < n; ++l) {
+    lo[l] = linear_tap<acc_t>(lo[one], grid[l], grid[one]).i0;
+    hi[l] = hmsa_tap_last<acc_t>(hi[one], grid[l], grid[one]);
+  }
+}
+
+// One axis tap, 8 bytes for float (a warp's 32 column taps: 2 shared-memory wavefronts): i = 2 * i0 +
+// (i1 - i0), indices relative to the source range's first coordinate, i1 = i0 where l1 = 0; l0 = 1 - l1
+// as linear_tap computes it.
+template <typename acc_t>
+struct HmsaTap {
+  int i;
+  acc_t l1;
+};
+
+template <typename acc_t>
+PYSEG_HD HmsaTap<acc_t> hmsa_local_tap(int64_t dst, int64_t src_size, int64_t dst_size, int64_t src_lo) {
+  const LinearTap<acc_t> t = linear_tap<acc_t>(dst, src_size, dst_size);
+  const int step = t.l1 != static_cast<acc_t>(0) ? static_cast<int>(t.i1 - t.i0) : 0;
+  return HmsaTap<acc_t>{2 * static_cast<int>(t.i0 - src_lo) + step, t.l1};
+}
+
+// Stored rows (or columns) that grid rows lo..hi of a scale read when its logits are stored at another
+// size (a resize stored -> grid; the identity's range is lo..hi).
+template <typename acc_t>
+PYSEG_HD void hmsa_storage_range(int64_t lo, int64_t hi, int64_t stored, int64_t grid, int64_t* slo, int64_t* shi) {
+  *slo = linear_tap<acc_t>(lo, stored, grid).i0;
+  *shi = hmsa_tap_last<acc_t>(hi, stored, grid);
+}
+
+// A resize stored -> grid0 followed by grid0 -> grid1, along one axis at grid1 coordinate dst: up to 4
+// stored indices (relative to s_lo) with their weights, equal indices merged, zero weights dropped.
+template <typename acc_t>
+struct HmsaTap4 {
+  int n;
+  int i[4];
+  acc_t w[4];
+};
+
+template <typename acc_t>
+PYSEG_HD HmsaTap4<acc_t> hmsa_composite_tap(int64_t dst, int64_t stored, int64_t grid0, int64_t grid1,
+                                            int64_t s_lo) {
+  HmsaTap4<acc_t> t;
+  t.n = 0;
+  const LinearTap<acc_t> d = linear_tap<acc_t>(dst, grid0, grid1);
+  const int64_t rows[2] = {d.i0, d.i1};
+  const acc_t rw[2] = {d.l0, d.l1};
+  for (int a = 0; a < 2; ++a) {
+    const LinearTap<acc_t> u = linear_tap<acc_t>(rows[a], stored, grid0);
+    const int64_t src[2] = {u.i0, u.i1};
+    const acc_t uw[2] = {u.l0, u.l1};
+    for (int q = 0; q < 2; ++q) {
+      const acc_t w = rw[a] * uw[q];
+      if (w == static_cast<acc_t>(0)) continue;
+      const int i = static_cast<int>(src[q] - s_lo);
+      int j = 0;
+      while (j < t.n && t.i[j] != i) ++j;
+      if (j < t.n) {
+        t.w[j] += w;
+      } else {
+        t.i[t.n] = i;
+        t.w[t.n] = w;
+        ++t.n;
+      }
+    }
+  }
+  return t;
+}
+
+// sum_a sum_b ty.w[a] tx.w[b] tile[ty.i[a] * ld + tx.i[b]]: a grid1 value straight from the stored tile.
+template <typename acc_t>
+PYSEG_HD acc_t hmsa_tile_composite(const acc_t* tile, int ld, const HmsaTap4<acc_t>& ty, const HmsaTap4<acc_t>& tx) {
+  acc_t acc = 0;
+#pragma unroll
+  for (int a = 0; a < 4; ++a) {  // fixed trip counts: the taps stay in registers
+    if (a >= ty.n) continue;
+    const acc_t* row = tile + ty.i[a] * ld;
+    acc_t r = 0;
+#pragma unroll
+    for (int q = 0; q < 4; ++q)
+      if (q < tx.n) r += tx.w[q] * row[tx.i[q]];
+    acc += ty.w[a] * r;
+  }
+  return acc;
+}
+
+// Bilinear sample of a row-major tile (row stride `ld`) through a row tap and a column tap: the
+// arithmetic of bilinear_sample.
+template <typename acc_t>
+PYSEG_HD acc_t hmsa_tile_lerp(const acc_t* tile, int ld, const HmsaTap<acc_t>& ty, const HmsaTap<acc_t>& tx) {
+  const int y0 = ty.i >> 1, x0 = tx.i >> 1, x1 = x0 + (tx.i & 1);
+  const acc_t* r0 = tile + y0 * ld;
+  const acc_t* r1 = tile + (y0 + (ty.i & 1)) * ld;
+  const acc_t ly0 = static_cast<acc_t>(1) - ty.l1, lx0 = static_cast<acc_t>(1) - tx.l1;
+  return ly0 * (lx0 * r0[x0] + tx.l1 * r0[x1]) + ty.l1 * (lx0 * r1[x0] + tx.l1 * r1[x1]);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,16 +1,18 @@
 // Hierarchical multi-scale attention fusion, CUDA launchers (device code in hmsa_fuse_kernels.cuh).
-// Forward: one thread per output pixel builds the exact per-pixel stencil (common/hmsa_fuse.h) in
-// local memory sized to the scale set, then loops over the classes (gather-dot; scales whose stored
-// logits differ from their grid (scale_sizes) are read through a bilinear sample: the stencil is
-// lowered to storage taps once per pixel when it fits, else sampled per class); labels keep a
-// running argmax, so no per-scale or (B, C, out_h, out_w) intermediate exists. Backward (two-scale
-// training form): three gather passes over CSR adjoint tables, one thread per pixel, no atomics
-// (deterministic).
+// Forward: hmsa_fuse_tile_kernel, one block per (sample, output tile) running the recurrence on the
+// ranges of each scale grid the tile reads, in shared memory, class by class (32 x 64 tiles, else
+// 16 x 64, else 8 x 32: the largest the output holds whose plan fits 48 KB); the chain scales' stored
+// logits are staged as they are (coalesced) and resampled from shared memory, the top one straight to
+// the next grid (composite taps). Where even an 8 x 32 tile's ranges exceed 48 KB (an output far
+// smaller than the 1.0 grid: a tile then reads most of it) the per-pixel stencil kernel
+// (hmsa_fuse_kernel) runs instead. Labels keep a running argmax per pixel, so no per-scale or
+// (B, C, out_h, out_w) intermediate exists. Backward (two-scale training form): three gather passes
+// over CSR adjoint tables, one thread per pixel, no atomics (deterministic).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
-#include <type_traits>
+#include <algorithm>
 #include <vector>
 
 #include "common/hmsa_fuse_host.h"
@@ -21,52 +23,118 @@ namespace pyseg {
 namespace {
 
 constexpr int THREADS = 256;
+// dynamic shared memory of the tile kernel (no opt-in needed)
+constexpr int64_t kHmsaTileSmem = 48 * 1024;
 
 inline int blocks_for(int64_t n) {
   const int64_t b = (n + THREADS - 1) / THREADS;
   return static_cast<int>(b < 65535 * 64 ? (b > 0 ? b : 1) : 65535 * 64);
 }
 
+// The tile kernel's shared-memory plan for TH x TW output tiles: the largest range of each scale
+// grid over all tiles (hmsa_axis_ranges per axis, the kernel's own computation), then the buffers
+// (acc_t) and the tap tables. Returns false when it exceeds kHmsaTileSmem.
+template <typename acc_t, typename scalar_t>
+bool hmsa_tile_plan(const HmsaArgs<scalar_t>& A, int TH, int TW, HmsaTilePlan* P) {
+  const int n = A.n, one = A.one;
+  P->tiles_y = (A.out_h + TH - 1) / TH;
+  P->tiles_x = (A.out_w + TW - 1) / TW;
+  int64_t rh[HMSA_MAX_SCALES] = {0}, rw[HMSA_MAX_SCALES] = {0}, sh[HMSA_MAX_SCALES] = {0}, sw[HMSA_MAX_SCALES] = {0};
+  // per axis: the largest grid range (r) and stored range (s, chain scales) of each scale over the tiles
+  auto axis = [&](const int64_t* grid, const int64_t* stored, int64_t out, int T, int64_t tiles, int64_t* r,
+                  int64_t* s) {
+    int64_t lo[HMSA_MAX_SCALES], hi[HMSA_MAX_SCALES], slo, shi;
+    for (int64_t t = 0; t < tiles; ++t) {
+      hmsa_axis_ranges<acc_t>(grid, n, one, out, t * T, std::min<int64_t>(t * T + T, out) - 1, lo, hi);
+      for (int k = 0; k < n; ++k) {
+        r[k] = std::max(r[k], hi[k] - lo[k] + 1);
+        if (k > one) continue;
+        hmsa_storage_range<acc_t>(lo[k], hi[k], stored[k], grid[k], &slo, &shi);
+        s[k] = std::max(s[k], shi - slo + 1);
+      }
+    }
+  };
+  axis(A.h, A.ph, A.out_h, TH, P->tiles_y, rh, sh);
+  axis(A.w, A.pw, A.out_w, TW, P->tiles_x, rw, sw);
+  int64_t vals = 0, ntaps = 0, ntaps4 = 0;
+  auto take = [](int64_t* used, int64_t count) {
+    const int64_t o = *used;
+    *used += count;
+    return static_cast<int>(std::min<int64_t>(o, 1 << 30));
+  };
+  auto clamp = [](int64_t v) { return static_cast<int>(std::min<int64_t>(v, 1 << 30)); };
+  for (int k = 0; k < HMSA_MAX_SCALES; ++k) {
+    P->rh[k] = k < n ? clamp(rh[k]) : 0;
+    P->rw[k] = k < n ? clamp(rw[k]) : 0;
+    P->sh[k] = k <= one ? clamp(sh[k]) : 0;
+    P->sw[k] = k <= one ? clamp(sw[k]) : 0;
+    P->stor[k] = P->buf[k] = P->att[k] = P->gate[k] = P->ry[k] = P->rx[k] = P->ty[k] = P->tx[k] = -1;
+  }
+  for (int k = 0; k < n; ++k) {
+    if (k <= one) P->stor[k] = take(&vals, sh[k] * sw[k]);
+    if ((k >= 1 && k < one) || k > one) P->buf[k] = take(&vals, rh[k] * rw[k]);  // levels; a_l * p_l
+    if (k >= 1) P->att[k] = take(&vals, rh[k] * rw[k]);
+    if (k > one) P->gate[k] = take(&vals, rh[one] * rw[one]);
+  }
+  P->fin = take(&vals, rh[one] * rw[one]);
+  P->tap_bytes = (vals * static_cast<int64_t>(sizeof(acc_t)) + 15) / 16 * 16;
+  P->fy = take(&ntaps, TH);
+  P->fx = take(&ntaps, TW);
+  for (int k = (one > 0 ? 1 : 0); k <= one; ++k) {
+    P->ry[k] = take(&ntaps, rh[k]);
+    P->rx[k] = take(&ntaps, rw[k]);
+  }
+  for (int k = 1; k < n; ++k) {
+    if (k < 2 && k <= one) continue;   // k = 1 under the top: the composite table
+    const int d = k <= one ? k : one;  // the table's rows: the destination grid of D (k <= one) or U
+    P->ty[k] = take(&ntaps, rh[d]);
+    P->tx[k] = take(&ntaps, rw[d]);
+  }
+  P->tap4_bytes = (P->tap_bytes + ntaps * static_cast<int64_t>(sizeof(HmsaTap<acc_t>)) + 15) / 16 * 16;
+  P->cy = P->cx = -1;
+  if (one > 0) {
+    P->cy = take(&ntaps4, rh[1]);
+    P->cx = take(&ntaps4, rw[1]);
+  }
+  P->range_bytes = (P->tap4_bytes + ntaps4 * static_cast<int64_t>(sizeof(HmsaTap4<acc_t>)) + 15) / 16 * 16;
+  P->bytes = P->range_bytes + 8 * HMSA_MAX_SCALES * static_cast<int64_t>(sizeof(int));
+  return P->bytes <= kHmsaTileSmem && A.B * P->tiles_y * P->tiles_x <= INT32_MAX;
+}
+
 at::Tensor hmsa_fuse_cuda(at::TensorList logits, at::TensorList attentions, at::ArrayRef<double> scales,
                           at::IntArrayRef out_size, bool labels, at::OptionalIntArrayRef scale_sizes_opt) {
   const auto& [p, a, one, scale_sizes] = hmsa_operands(logits, attentions, scales, out_size, scale_sizes_opt);
   TORCH_CHECK(gpu::on_device(p[0]), "hmsa_fuse (CUDA): tensors must be on a CUDA device");
-  const int64_t need = hmsa_max_terms(static_cast<int>(p.size()), one);
-  TORCH_CHECK(need <= HMSA_CUDA_MAX_TERMS, "hmsa_fuse (CUDA): this scale set needs a stencil of ", need,
-              " terms per pixel, the kernel holds ", HMSA_CUDA_MAX_TERMS,
-              " (at most 2 scales above 1.0 and 4 below); use the reference or CPU backend");
   gpu::DeviceGuard guard(p[0].device());
   const int64_t B = p[0].size(0), C = p[0].size(1), OH = out_size[0], OW = out_size[1];
   at::Tensor out = labels ? at::empty({B, OH, OW}, p[0].options().dtype(at::kLong))
                           : at::empty({B, C, OH, OW}, p[0].options());
-  const int64_t total = B * OH * OW;
+  const int64_t need = hmsa_max_terms(static_cast<int>(p.size()), one);
   auto stream = gpu::stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p[0].scalar_type(), "hmsa_fuse_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const HmsaArgs<scalar_t> A = hmsa_pack<scalar_t>(p, a, one, OH, OW, scale_sizes);
-    bool any_resampled = false;
-    for (int k = 0; k < A.n; ++k) any_resampled |= hmsa_resampled(A, k);
     scalar_t* ov = labels ? nullptr : out.data_ptr<scalar_t>();
     int64_t* ol = labels ? out.data_ptr<int64_t>() : nullptr;
-    const bool lower = any_resampled && 4 * need <= HMSA_CUDA_MAX_TERMS;
-    auto run = [&](auto capacity) {
-      constexpr int kTerms = decltype(capacity)::value;
-      if constexpr (4 * kTerms <= HMSA_CUDA_MAX_TERMS) {
-        if (lower) {
-          PYSEG_LAUNCH(blocks_for(total), THREADS, 0, stream, hmsa_fuse_kernel<scalar_t, acc_t, kTerms, true>)(
-              A, ov, ol, labels);
-          return;
-        }
-      }
-      PYSEG_LAUNCH(blocks_for(total), THREADS, 0, stream, hmsa_fuse_kernel<scalar_t, acc_t, kTerms, false>)(
-          A, ov, ol, labels);
-    };
-    if (need <= kHmsaCapacities[0])
-      run(std::integral_constant<int, kHmsaCapacities[0]>());
-    else if (need <= kHmsaCapacities[1])
-      run(std::integral_constant<int, kHmsaCapacities[1]>());
-    else
-      run(std::integral_constant<int, kHmsaCapacities[2]>());
+    HmsaTilePlan P;
+    // the largest of 32 x 64 (8 pixels per thread), 16 x 64 and 8 x 32 tiles that the output holds
+    // and whose plan fits
+    if (OH >= 32 && OW >= 64 && hmsa_tile_plan<acc_t>(A, 32, 64, &P)) {
+      PYSEG_LAUNCH(static_cast<int>(B * P.tiles_y * P.tiles_x), kHmsaTileThreads, P.bytes, stream,
+                   hmsa_fuse_tile_kernel<scalar_t, acc_t, 32, 64>)(A, P, ov, ol, labels);
+    } else if (OH >= 16 && OW >= 64 && hmsa_tile_plan<acc_t>(A, 16, 64, &P)) {
+      PYSEG_LAUNCH(static_cast<int>(B * P.tiles_y * P.tiles_x), kHmsaTileThreads, P.bytes, stream,
+                   hmsa_fuse_tile_kernel<scalar_t, acc_t, 16, 64>)(A, P, ov, ol, labels);
+    } else if (hmsa_tile_plan<acc_t>(A, 8, 32, &P)) {
+      PYSEG_LAUNCH(static_cast<int>(B * P.tiles_y * P.tiles_x), kHmsaTileThreads, P.bytes, stream,
+                   hmsa_fuse_tile_kernel<scalar_t, acc_t, 8, 32>)(A, P, ov, ol, labels);
+    } else {
+      TORCH_CHECK(need <= HMSA_CUDA_MAX_TERMS, "hmsa_fuse (CUDA): this output is too small for the tile kernel's ",
+                  "shared memory and the scale set needs a stencil of ", need, " terms per pixel, the per-pixel ",
+                  "kernel holds ", HMSA_CUDA_MAX_TERMS, " (at most 2 scales above 1.0 and 4 below); use the ",
+                  "reference or CPU backend");
+      PYSEG_LAUNCH(blocks_for(B * OH * OW), THREADS, 0, stream, hmsa_fuse_kernel<scalar_t, acc_t>)(A, ov, ol, labels);
+    }
     PYSEG_LAUNCH_CHECK();
   });
   return out;
