@@ -735,9 +735,24 @@ def _pw_conflict(TR, TC, IC, sh, sw):
     return worst
 
 
+def _pw_strip_conflict(nr, nc, IC):
+    """The 3x3 strips of pw_forward_tiled_kernel (ceil(nr / PW_RP) strips of nc columns in a group's 64
+    threads; thread tp reads word (tp // nc) * PW_RP * IC + tp % nc of a staged row): most distinct words a
+    bank serves in one warp's load (1 when nc == 32: a warp is one strip row)."""
+    n = math.ceil(nr / PW_RP) * nc
+    worst = 1
+    for base in range(0, n, 32):
+        per_bank: Dict[int, int] = {}
+        for tp in range(base, min(base + 32, n)):
+            wd = (tp // nc) * PW_RP * IC + tp % nc
+            per_bank[wd % 32] = per_bank.get(wd % 32, 0) + 1
+        worst = max(worst, max(per_bank.values()))
+    return worst
+
+
 def _pw_plan(Cin, Cout, groups, kh, kw, stride, dilation, Hout, Wout, gh, gw, acc):
     """pw_channels_per_thread + pw_plan_tiles (patchwise_conv2d.cu): None when one channel's tile does not
-    fit (the fallback kernel)."""
+    fit (the fallback kernel). ``conflict``: of the thread mapping the full tile runs (strips or row-major)."""
     Og, Cg = Cout // groups, Cin // groups
     RO = 4 if (Cout >= 4 if groups == 1 else Og % 4 == 0) else 1
     ot_max = RO * PW_MAX_GROUPS
@@ -751,11 +766,18 @@ def _pw_plan(Cin, Cout, groups, kh, kw, stride, dilation, Hout, Wout, gh, gw, ac
     budget, KK = PW_SMEM // acc, kh * kw
     if IR * ICn + KK * OT > budget:
         return None
-    IC, best = ICn, _pw_conflict(TR, TC, ICn, stride[0], stride[1])
+    # the 3x3 strips (RO = 1, the full tile in strips) read the tile column-major per thread
+    strips = (RO == 1 and kh == kw == 3 and tuple(stride) == (1, 1) and tuple(dilation) == (1, 1)
+              and math.ceil(TR / PW_RP) * TC <= PW_GROUP_THREADS)
+
+    def conflict(ic):
+        return _pw_strip_conflict(TR, TC, ic) if strips else _pw_conflict(TR, TC, ic, stride[0], stride[1])
+
+    IC, best = ICn, conflict(ICn)
     for ic in range(ICn + 1, ICn + 32):
         if best == 1 or IR * ic + KK * OT > budget:
             break
-        c = _pw_conflict(TR, TC, ic, stride[0], stride[1])
+        c = conflict(ic)
         if c < best:
             best, IC = c, ic
     span = Cin if groups == 1 else min(Cin, ((OT - 1) // Og + 2) * Cg)
@@ -898,7 +920,9 @@ def _cuda_patchwise(x, w, has_bias, stride, padding, dilation, groups, esize, ba
     patch), NG*64 threads; per block the input tile + halo and the tile's weights are staged in shared memory
     channel chunk by chunk (2 barriers per chunk), then each thread accumulates 4 pixels x RO output channels
     in registers: per tap RO weights as one broadcast vector load (LDS.128) and 4 conflict-free input loads
-    for 4*RO FFMA. The 3x3/stride-1 path unrolls the taps (3 immediate-offset loads per pixel and kernel row).
+    for 4*RO FFMA. The 3x3/stride-1 path unrolls the taps (3 immediate-offset loads per pixel and kernel row);
+    with RO = 1 it runs in strips where they fit (4 pixels down one column per thread: 9 weight + 18 input
+    loads per channel for 36 FFMA, the launcher's row stride conflict-free for that mapping).
     Weights in the default layout are read a sector per element (gh*gw apart) through L2; the DRAM traffic
     stays one pass (neighbouring patches' blocks run at the same time and share the sectors). Backward: the
     gather kernels (dX one thread per input element, dW/dBias per patch)."""
@@ -953,7 +977,13 @@ def _cuda_patchwise(x, w, has_bias, stride, padding, dilation, groups, esize, ba
         f.loop(OT * 32, math.ceil(span * kh * kw / 32), lsu=2, issue=8)
         # compute: every active thread walks its group's Cg channels; conflict-free input loads (plan)
         xl = PW_RP * plan["conflict"]
-        if unit:  # per channel: 3 kernel rows x (4 address adds + 3 weight vectors + 12 input loads + 12*RO FFMA)
+        if unit and RO == 1 and math.ceil(nr / PW_RP) * nc <= PW_GROUP_THREADS:
+            # strips (a thread's PW_RP pixels down one column; RO = 1 only): per channel 9 weights + (PW_RP + 2)
+            # input rows x 3 loads (row-guarded: predicates set once per thread) + 9*PW_RP*RO FFMA, an
+            # address and the loop (~4)
+            sx = 3 * (PW_RP + 2) * _pw_strip_conflict(nr, nc, plan["IC"])
+            f.loop(NG * PW_GROUP_THREADS, Cg, lsu=9 + sx, issue=9 + 3 * (PW_RP + 2) + 9 * PW_RP * RO + 4)
+        elif unit:  # per channel: 3 kernel rows x (4 address adds + 3 weight vectors + 12 input loads + 12*RO FFMA)
             f.loop(NG * PW_GROUP_THREADS, Cg, lsu=3 * (3 + 3 * xl), issue=3 * (PW_RP + 3 + 3 * PW_RP + 3 * PW_RP * RO) + 3)
         else:  # per tap: 1 weight vector + 4 input loads + 4 address adds + 4*RO FFMA + loop
             f.loop(NG * PW_GROUP_THREADS, Cg * kh * kw, lsu=1 + xl, issue=1 + 2 * PW_RP + PW_RP * RO + 2)

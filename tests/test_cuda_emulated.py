@@ -87,6 +87,9 @@ PW_CASES = {
     "global-weights": (1, 700, 2, 8, 8, 3, 1, 1, 1, 1, (1, 1), False),  # 700 channels staged in 15 chunks
     "groups-vec": (1, 4, 8, 17, 18, 3, 1, 1, 1, 2, (2, 2), True),     # Og = 4: 4 channels per thread, 2 groups
     "depthwise": (1, 6, 6, 19, 21, 3, 1, 1, 1, 6, (2, 2), True),     # one channel per thread
+    # 3x3 strips (4 rows of a column per thread): 8x32 tiles, partial tiles of 3 rows / 3 columns
+    "depthwise-strips": (1, 5, 5, 19, 70, 3, 1, 1, 1, 5, (1, 2), True),
+    "rowmajor-3x3": (1, 3, 5, 21, 24, 3, 1, 1, 1, 1, (1, 1), True),  # 10x24 tiles: no strips; 1x24: strips
     "odd-tiled": (2, 3, 5, 33, 35, 3, 2, 2, 2, 1, (2, 1), True),     # general path, 4 channels, uneven patches
     "stride-groups-tiled": (1, 4, 6, 26, 20, 3, 2, 2, 2, 2, (1, 1), True),  # general path, 1 channel (Og = 3)
     "tiles": (1, 3, 37, 40, 70, 3, 1, 1, 1, 1, (1, 2), True),       # 2 channel tiles, 5x2 pixel tiles per patch
@@ -338,6 +341,19 @@ def test_meta_block_forward_mma_poisoned(target, dtype, poisoned_empty):
         x, w, scale, shift, hid, Cout = _meta_inputs(case, dtype, seed=1)
         ref = _meta_reference(x.double(), w.double(), scale.double(), shift.double(), hid, Cout)
         y = run("meta_block", x, w, scale, shift, hid, Cout)
+        assert torch.isnan(torch.empty(3, dtype=dtype)).all()  # the poisoning is on
+        close(y, ref, dtype, f"y ({case})")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_patchwise_conv2d_strips_poisoned(target, dtype, poisoned_empty):
+    """The tiled forward's 3x3 strips (and the row-major tiles beside them) write every output element
+    (y starts as NaN): partial strips of 3 rows, 3-column tiles, RO = 1 (depthwise) and RO = 4."""
+    run = Target(target)
+    for case in ("depthwise-strips", "rowmajor-3x3"):
+        x, w, b, s, p, d, groups = _pw_inputs(case, dtype, seed=1)
+        ref = _pw_reference(x.double(), w.double(), b.double(), s, p, d, groups)
+        y = run("patchwise_conv2d", x, w, b, *_pw_args(s, p, d, groups))
         assert torch.isnan(torch.empty(3, dtype=dtype)).all()  # the poisoning is on
         close(y, ref, dtype, f"y ({case})")
 

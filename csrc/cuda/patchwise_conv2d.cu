@@ -14,7 +14,8 @@
 //    the patch (at most 256 pixels, 32 columns). Per chunk of input channels the block stages the
 //    input tile + halo (zero-padded; row stride IC picked by pw_plan_tiles for conflict-free warp
 //    loads) and the tile's weights (ws[tap][channel], zero outside a channel's group) in shared memory
-//    (<= 48 KB), then every thread accumulates 4 pixels x RO channels in registers. Weights are read
+//    (<= 48 KB), then every thread accumulates 4 pixels x RO channels in registers (RO = 1, 3x3 stride 1:
+//    4 pixels down one column, the windows' shared rows loaded once). Weights are read
 //    in the default layout (gh*gw apart) or patch-major (contiguous per patch) through two strides.
 //  * forward, smaller patches: pw_forward_direct_kernel, a thread per (sample, RO channels, pixel),
 //    pixel fastest (coalesced default-layout weights).
@@ -76,6 +77,21 @@ inline int pw_tile_conflict(int TR, int TC, int IC, int64_t sh, int64_t sw) {
   return worst;
 }
 
+// The same for the tiled forward's 3x3 strips (RO == 1; ceil(TR / kPwRP) strips of TC columns in a group's
+// 64 threads): thread tp reads word (tp / TC)*kPwRP*IC + tp % TC of a staged row.
+inline int pw_strip_conflict(int TR, int TC, int IC) {
+  const int n = (TR + kPwRP - 1) / kPwRP * TC;
+  int worst = 1;
+  for (int base = 0; base < n; base += 32) {
+    int count[32] = {};
+    for (int tp = base; tp < n && tp < base + 32; ++tp) {
+      const int bank = ((tp / TC) * kPwRP * IC + tp % TC) % 32;
+      worst = std::max(worst, ++count[bank]);
+    }
+  }
+  return worst;
+}
+
 inline int64_t pw_tile_smem_elems(const PwConvShape& s, const PwTilePlan& t) {
   return static_cast<int64_t>(t.CC) * (static_cast<int64_t>(t.IR) * t.IC + s.kh * s.kw * t.OT);
 }
@@ -102,10 +118,16 @@ inline bool pw_plan_tiles(const PwConvShape& s, int RO, int64_t esize, int64_t s
   if (ir * icn + KK * t.OT > budget || ir * (icn + 31) > std::numeric_limits<int32_t>::max()) return false;
   t.IR = static_cast<int>(ir);
   t.IC = static_cast<int>(icn);
-  int best = pw_tile_conflict(t.TR, t.TC, t.IC, s.sh, s.sw);
+  // the 3x3 strips (RO == 1, the full tile in strips) read the tile column-major per thread
+  const bool strips = RO == 1 && s.kh == 3 && s.kw == 3 && s.sh == 1 && s.sw == 1 && s.dh == 1 && s.dw == 1 &&
+                      (t.TR + kPwRP - 1) / kPwRP * t.TC <= kPwGroupThreads;
+  const auto conflict = [&](int ic) {
+    return strips ? pw_strip_conflict(t.TR, t.TC, ic) : pw_tile_conflict(t.TR, t.TC, ic, s.sh, s.sw);
+  };
+  int best = conflict(t.IC);
   for (int64_t ic = icn + 1; ic < icn + 32 && best > 1; ++ic) {
     if (ir * ic + KK * t.OT > budget) break;
-    const int c = pw_tile_conflict(t.TR, t.TC, static_cast<int>(ic), s.sh, s.sw);
+    const int c = conflict(static_cast<int>(ic));
     if (c < best) {
       best = c;
       t.IC = static_cast<int>(ic);

@@ -67,7 +67,8 @@ struct alignas(sizeof(T) * N > 16 ? 16 : sizeof(T) * N) PwVec {
 // output channels o0 + og*RO + [0, RO) and pixels tp + q*64, q < RP (row-major in the tile), so
 // a warp's lanes read consecutive input words (IC is chosen by the launcher to avoid bank
 // conflicts) and one broadcast vector of weights per tap. kUnit: 3x3, stride 1, dilation 1 (taps
-// unrolled: the three taps of a kernel row are immediate offsets from one address per pixel).
+// unrolled: the three taps of a kernel row are immediate offsets from one address per pixel); with RO == 1
+// such a tile runs in strips instead (a thread's pixels down one column: see kStrips below).
 // Registers: the 3x3 path of 4-byte accumulators fits 85 (two 384-thread blocks per SM; ptxas -v:
 // no spills); the general path and double get up to 168.
 template <typename scalar_t, bool kUnit>
@@ -112,6 +113,17 @@ __global__ void __launch_bounds__(kPwGroupThreads * kPwMaxGroups, kPwMinBlocks<s
   const int my_g = static_cast<int>((o0 + min(og * RO, nO - 1)) / Og);
   const int my_lo = active ? my_g * Cg : 0, my_hi = active ? (my_g + 1) * Cg : 0;
 
+  // 3x3 strips (kUnit, RO == 1: depthwise and other one-channel-per-thread shapes): when ceil(nr / kPwRP)
+  // strips of nc columns fit the group, thread tp owns the kPwRP vertically consecutive pixels
+  // (srow + q, scol) instead of pixels 64 apart, so its 3x3 windows share rows: per channel it loads
+  // kPwRP + 2 input rows of 3 words (18 loads, not 36) and its 9 weights once. Lanes are consecutive
+  // columns of a strip row (conflict-free when nc == 32). Not for RO == 4: 9 weight vectors + 16
+  // accumulators spill under the 3x3 path's 80 registers (ptxas -v).
+  constexpr bool kStrips = kUnit && RO == 1;
+  const bool strip = kStrips && ((nr + kPwRP - 1) / kPwRP) * nc <= kPwGroupThreads;
+  const bool sown = strip && tp < ((nr + kPwRP - 1) / kPwRP) * nc;  // the thread owns pixels of the tile
+  const int srow = sown ? tp / nc * kPwRP : 0, scol = sown ? tp % nc : 0;
+  const int sbase = srow * IC + scol;
   int off[kPwRP];
 #pragma unroll
   for (int q = 0; q < kPwRP; ++q) {
@@ -176,7 +188,28 @@ __global__ void __launch_bounds__(kPwGroupThreads * kPwMaxGroups, kPwMinBlocks<s
     for (int cl = cl_lo; cl < cl_hi; ++cl) {
       const acc_t* xc = xs + cl * plane;
       const acc_t* wc = ws + cl * KK * OT + og * RO;
-      if constexpr (kUnit) {
+      if (kStrips && strip) {
+        // input rows srow + i, i < kPwRP + 2, of which the first irn - srow are staged (the rest: 0)
+        vec_t wv[9];
+#pragma unroll
+        for (int k = 0; k < 9; ++k) wv[k] = *reinterpret_cast<const vec_t*>(wc + k * OT);
+        const acc_t* xp = xc + sbase;
+#pragma unroll
+        for (int i = 0; i < kPwRP + 2; ++i) {
+          acc_t xv[3];
+#pragma unroll
+          for (int kx = 0; kx < 3; ++kx) xv[kx] = srow + i < irn ? xp[i * IC + kx] : acc_t(0);
+#pragma unroll
+          for (int q = 0; q < kPwRP; ++q) {
+            const int ky = i - q;
+            if (ky < 0 || ky > 2) continue;
+#pragma unroll
+            for (int kx = 0; kx < 3; ++kx)
+#pragma unroll
+              for (int r = 0; r < RO; ++r) acc[q][r] += wv[ky * 3 + kx].v[r] * xv[kx];
+          }
+        }
+      } else if constexpr (kUnit) {
 #pragma unroll
         for (int ky = 0; ky < 3; ++ky) {
           const acc_t* xr = xc + ky * IC;
@@ -222,8 +255,12 @@ __global__ void __launch_bounds__(kPwGroupThreads * kPwMaxGroups, kPwMinBlocks<s
       scalar_t* yo = y + ((b * s.Cout + o) * s.Hout + tr0) * s.Wout + tc0;
 #pragma unroll
       for (int q = 0; q < kPwRP; ++q) {
-        const int p = tp + q * kPwGroupThreads;
-        if (p < npix) yo[(p / nc) * s.Wout + p % nc] = static_cast<scalar_t>(acc[q][r] + bv);
+        if (strip) {
+          if (sown && srow + q < nr) yo[(srow + q) * s.Wout + scol] = static_cast<scalar_t>(acc[q][r] + bv);
+        } else {
+          const int p = tp + q * kPwGroupThreads;
+          if (p < npix) yo[(p / nc) * s.Wout + p % nc] = static_cast<scalar_t>(acc[q][r] + bv);
+        }
       }
     }
   }
