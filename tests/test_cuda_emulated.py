@@ -89,7 +89,7 @@ PW_CASES = {
     "depthwise": (1, 6, 6, 19, 21, 3, 1, 1, 1, 6, (2, 2), True),     # one channel per thread
     # 3x3 strips (4 rows of a column per thread): 8x32 tiles, partial tiles of 3 rows / 3 columns
     "depthwise-strips": (1, 5, 5, 19, 70, 3, 1, 1, 1, 5, (1, 2), True),
-    "rowmajor-3x3": (1, 3, 5, 21, 24, 3, 1, 1, 1, 1, (1, 1), True),  # 10x24 tiles: no strips; 1x24: strips
+    "rowmajor-3x3": (1, 3, 3, 21, 24, 3, 1, 1, 1, 1, (1, 1), True),  # RO = 1: 10x24 tiles row-major, 1x24 strips
     "odd-tiled": (2, 3, 5, 33, 35, 3, 2, 2, 2, 1, (2, 1), True),     # general path, 4 channels, uneven patches
     "stride-groups-tiled": (1, 4, 6, 26, 20, 3, 2, 2, 2, 2, (1, 1), True),  # general path, 1 channel (Og = 3)
     "tiles": (1, 3, 37, 40, 70, 3, 1, 1, 1, 1, (1, 2), True),       # 2 channel tiles, 5x2 pixel tiles per patch
@@ -348,7 +348,7 @@ def test_meta_block_forward_mma_poisoned(target, dtype, poisoned_empty):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_patchwise_conv2d_strips_poisoned(target, dtype, poisoned_empty):
     """The tiled forward's 3x3 strips (and the row-major tiles beside them) write every output element
-    (y starts as NaN): partial strips of 3 rows, 3-column tiles, RO = 1 (depthwise) and RO = 4."""
+    (y starts as NaN): partial strips of 3 rows, 3-column tiles, depthwise and groups == 1 (3 channels)."""
     run = Target(target)
     for case in ("depthwise-strips", "rowmajor-3x3"):
         x, w, b, s, p, d, groups = _pw_inputs(case, dtype, seed=1)
