@@ -967,6 +967,7 @@ def _cuda_patchwise(x, w, has_bias, stride, padding, dilation, groups, esize, ba
         rows, cols = _patch_sizes(Hout, gh), _patch_sizes(Wout, gw)
         ptiles = sum(math.ceil(a / TR) for a in rows) * sum(math.ceil(b / TC) for b in cols)
         f = _KernelCost(name, B * ptiles * plan["tiles"], NG * PW_GROUP_THREADS, plan["smem"])
+        f.barriers = 2 * plan["chunks"]  # per chunk: staged, then read (the next chunk overwrites it)
         nr, nc = min(TR, max(rows)), min(TC, max(cols))
         irn = (nr - 1) * stride[0] + (kh - 1) * dilation[0] + 1
         icn = (nc - 1) * stride[1] + (kw - 1) * dilation[1] + 1
