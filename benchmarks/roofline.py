@@ -722,32 +722,30 @@ PW_TILED_REGS = {(4, True): 80, (1, True): 80, (4, False): 95, (1, False): 168}
 PW_DIRECT_REGS = {4: 80, 1: 72}
 
 
+def _warp_conflict(n, word) -> int:
+    """Most distinct 4-byte words one bank serves in a warp's load, over the warps of threads 0..n-1,
+    thread t reading word(t)."""
+    worst = 1
+    for base in range(0, n, 32):
+        per_bank: Dict[int, set] = {}
+        for t in range(base, min(base + 32, n)):
+            wd = word(t)
+            per_bank.setdefault(wd % 32, set()).add(wd)
+        worst = max(worst, max(len(v) for v in per_bank.values()))
+    return worst
+
+
 def _pw_conflict(TR, TC, IC, sh, sw):
     """pw_tile_conflict (patchwise_conv2d.cu): most distinct words a bank serves in one warp's load of the
     staged input (thread pixel p = lane + 32*warp + 64*q, row-major in the TR x TC tile)."""
-    worst = 1
-    for base in range(0, min(PW_GROUP_THREADS * PW_RP, TR * TC), 32):
-        words = {(p // TC) * sh * IC + (p % TC) * sw for p in range(base, min(base + 32, TR * TC))}
-        per_bank: Dict[int, int] = {}
-        for wd in words:
-            per_bank[wd % 32] = per_bank.get(wd % 32, 0) + 1
-        worst = max(worst, max(per_bank.values()))
-    return worst
+    return _warp_conflict(min(PW_GROUP_THREADS * PW_RP, TR * TC), lambda p: (p // TC) * sh * IC + (p % TC) * sw)
 
 
 def _pw_strip_conflict(nr, nc, IC):
     """The 3x3 strips of pw_forward_tiled_kernel (ceil(nr / PW_RP) strips of nc columns in a group's 64
     threads; thread tp reads word (tp // nc) * PW_RP * IC + tp % nc of a staged row): most distinct words a
     bank serves in one warp's load (1 when nc == 32: a warp is one strip row)."""
-    n = math.ceil(nr / PW_RP) * nc
-    worst = 1
-    for base in range(0, n, 32):
-        per_bank: Dict[int, int] = {}
-        for tp in range(base, min(base + 32, n)):
-            wd = (tp // nc) * PW_RP * IC + tp % nc
-            per_bank[wd % 32] = per_bank.get(wd % 32, 0) + 1
-        worst = max(worst, max(per_bank.values()))
-    return worst
+    return _warp_conflict(math.ceil(nr / PW_RP) * nc, lambda tp: (tp // nc) * PW_RP * IC + tp % nc)
 
 
 def _pw_plan(Cin, Cout, groups, kh, kw, stride, dilation, Hout, Wout, gh, gw, acc):
