@@ -87,10 +87,15 @@ MmaPlan plan_mma(int64_t Cin, int64_t hid, int64_t Cout, int64_t PH, int64_t PW,
       const int th = static_cast<int>(std::min(s[0], PH)), tw = static_cast<int>(std::min(s[1], PW));
       for (int hc = kMaxStage; hc >= kChunk; hc -= kChunk) {
         if (hc > kChunk && hc > m1) continue;
-        const MmaGeom g = mma_geometry(Cin, hid, Cout, th, tw, esize, k, hc);
+        MmaGeom g = mma_geometry(Cin, hid, Cout, th, tw, esize, k, hc);
         if (hc > kChunk && g.k1 <= a1_depth && g.nq / 16 > kWarps) continue;
         const int tiles = (g.m3 / 16) * (g.np / 16);
-        if (tiles <= kWarps * kMaxAccTiles && static_cast<size_t>(g.bytes) <= budget) return {g, true};
+        if (tiles <= kWarps * kMaxAccTiles && static_cast<size_t>(g.bytes) <= budget) {
+          // pw1 without kept W1' fragments: a warp per pair of adjacent column tiles wherever the full tile has
+          // two or more (half the W1' fragment loads and splits; the SASS per k-step in roofline.py's model)
+          g.pair1 = !(hc == kChunk && g.k1 <= a1_depth) && g.nq / 16 >= 2;
+          return {g, true};
+        }
       }
     }
   }

@@ -193,6 +193,12 @@ constexpr int kDwCols = 2;       // output columns per thread of the depthwise s
 // all blocks of a wider stage instead, up to 3 accumulators, reusing each split X fragment)
 template <int K, int kSplit>
 constexpr int kA1Depth = K == 16 ? 48 : kSplit == 1 ? 40 : 0;
+// pw1 over pairs of column tiles (MmaGeom::pair1): 2 x kBlocks accumulator fragments (8 registers each), in
+// passes of at most this many 16-channel blocks of a stage (ptxas -Xptxas -v: more spill; 0: no pairs). kSingle:
+// plans of one stage, where the pw2 accumulators are zeroed after pw1 (no registers during it); else the stage
+// loop, where they are live (kMaxAccTiles x 8 registers)
+template <int K, bool kSingle>
+constexpr int kPairMax = K == 16 ? (kSingle ? 3 : 1) : (kSingle ? 2 : 0);
 
 // Two adjacent elements moved by one 2-element (4- or 8-byte) shared-memory access.
 template <class E>
@@ -207,6 +213,7 @@ struct MmaGeom {
   int nq, ldx, ldh1;               // haloed tile pixels padded to 16; X and H1 strides
   int np, ldh2, ldy;               // tile pixels padded to 16; H2 and Y strides
   int hc;                          // hidden channels per stage (a multiple of kChunk, <= kMaxStage)
+  bool pair1;                      // pw1 without kept W1' fragments: a warp computes 2 adjacent column tiles
   int64_t ow1, ow3, ow2, oaff, ox, oh1, oh2, oyoff, bytes;  // shared-memory byte offsets, total
 };
 
@@ -342,11 +349,14 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
     // W1' fragments kept across a warp's column tiles: one-block stages only (the plan widens a stage only
     // where no warp would keep them across several tiles); block-uniform
     const bool keep_a1 = g.hc == kChunk && g.k1 <= kA1Depth<K, kSplit>;
-    FragC acc[kMaxAccTiles];
+    FragC acc[kMaxAccTiles];  // zeroed here for the stage loop, in the stage for a single stage
 #pragma unroll
     for (int i = 0; i < kMaxAccTiles; ++i)
-      if (i < mine) wmma::fill_fragment(acc[i], 0.0f);
-    for (int k0 = 0; k0 < g.m1; k0 += g.hc) {
+      if (i < mine && g.m1 > g.hc) wmma::fill_fragment(acc[i], 0.0f);
+    // the stages, kSingle: the copy for plans of one stage (m1 <= hc), where the pw2 accumulators are still
+    // zero during pw1 (no registers: room for pw1's paired column tiles over 3 blocks), else the stage loop
+    auto stage = [&](const int k0, auto single) {
+      constexpr bool kSingle = decltype(single)::value;
       const int nc = min(g.hc, g.m1 - k0), nb = nc / kChunk;  // the stage's channels, 16-channel blocks
       // pw1 of the stage: H1 = relu6(W1' [X; 1]) (t1 rides on the ones row). keep_a1 (one-block stages): a
       // warp per 16-px column tile with the stage's W1' fragments loaded (and split) once per stage. Else a
@@ -380,43 +390,77 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
           wmma::store_matrix_sync(h1 + n * 16, c1, g.ldh1, wmma::mem_row_major);
         }
       } else {
-        // the stage's block count as a compile-time constant (one copy of the loop per count): every fragment
-        // load of the k-loop unconditional, so ptxas computes the lanes' fragment offsets once, before the
-        // loop, instead of per guarded load (benchmarks/sass_counts.py)
+        // the pass's block count and the warp's column tiles (kTiles: 1, or 2 adjacent tiles n, n + 1 where the
+        // plan pairs them, g.pair1) as compile-time constants (one copy of the loop each): every fragment load
+        // of the k-loop unconditional, so ptxas computes the lanes' fragment offsets once, before the loop,
+        // instead of per guarded load (benchmarks/sass_counts.py). A pass computes blocks mb0 .. mb0 + kBlocks
+        // - 1 of the stage; paired, a k-step loads and splits its 2 X fragments once and each W1' fragment
+        // (one block at a time) once for both tiles: half the W1' loads and splits per product
         static_assert(kMaxStage / kChunk == 3, "pw1 is instantiated for 1..3 blocks per stage");
-        auto pw1 = [&](auto blocks) {
-          constexpr int kBlocks = decltype(blocks)::value;
-          for (int n = warp; n < nt1; n += kWarps) {
-            FragC c1[kBlocks];
+        auto pw1 = [&](auto blocks, auto tiles, int n, int nend, int mb0) {
+          constexpr int kBlocks = decltype(blocks)::value, kTiles = decltype(tiles)::value;
+          const T* w1b = w1s + (k0 + mb0 * kChunk) * g.ldw1;
+          float* h1b = h1 + mb0 * kChunk * g.ldh1;
+          for (; n < nend; n += kTiles * kWarps) {
+            FragC c1[kTiles][kBlocks];
 #pragma unroll
-            for (int mb = 0; mb < kBlocks; ++mb) wmma::fill_fragment(c1[mb], 0.0f);
+            for (int t = 0; t < kTiles; ++t)
+#pragma unroll
+              for (int mb = 0; mb < kBlocks; ++mb) wmma::fill_fragment(c1[t][mb], 0.0f);
 #pragma unroll 1
             for (int kk = 0; kk < g.k1; kk += K) {
-              FragB b, blo;
-              mma::load_shared(b, xs + kk * g.ldx + n * 16, g.ldx);
-              mma::split_operand<scalar_t, kSplit>(b, blo);
+              FragB b[kTiles], blo[kTiles];
+#pragma unroll
+              for (int t = 0; t < kTiles; ++t) {
+                mma::load_shared(b[t], xs + kk * g.ldx + (n + t) * 16, g.ldx);
+                mma::split_operand<scalar_t, kSplit>(b[t], blo[t]);
+              }
 #pragma unroll
               for (int mb = 0; mb < kBlocks; ++mb) {
                 FragA a, alo;
-                mma::load_shared(a, w1s + (k0 + mb * kChunk) * g.ldw1 + kk, g.ldw1);
+                mma::load_shared(a, w1b + mb * kChunk * g.ldw1 + kk, g.ldw1);
                 mma::split_operand<scalar_t, kSplit>(a, alo);
-                mma::multiply_accumulate_split<scalar_t, kSplit>(c1[mb], a, alo, b, blo);
+#pragma unroll
+                for (int t = 0; t < kTiles; ++t)
+                  mma::multiply_accumulate_split<scalar_t, kSplit>(c1[t][mb], a, alo, b[t], blo[t]);
               }
             }
 #pragma unroll
-            for (int mb = 0; mb < kBlocks; ++mb) {
+            for (int t = 0; t < kTiles; ++t) {
 #pragma unroll
-              for (int e = 0; e < c1[mb].num_elements; ++e) c1[mb].x[e] = meta::relu6(c1[mb].x[e]);
-              wmma::store_matrix_sync(h1 + mb * kChunk * g.ldh1 + n * 16, c1[mb], g.ldh1, wmma::mem_row_major);
+              for (int mb = 0; mb < kBlocks; ++mb) {
+#pragma unroll
+                for (int e = 0; e < c1[t][mb].num_elements; ++e) c1[t][mb].x[e] = meta::relu6(c1[t][mb].x[e]);
+                wmma::store_matrix_sync(h1b + mb * kChunk * g.ldh1 + (n + t) * 16, c1[t][mb], g.ldh1,
+                                        wmma::mem_row_major);
+              }
+            }
+          }
+        };
+        // g.pair1: pair p = warp + kWarps i (p < nt1 / 2) takes tiles 2p, 2p + 1, in passes of up to kPair
+        // blocks (kPairMax: what fits the 128 registers without spills), and an odd last tile goes to the warp
+        // after the last pair's (warp npair % kWarps), all blocks at once; else a warp per tile (n = warp +
+        // kWarps i), all blocks at once
+        auto run = [&](auto blocks) {
+          constexpr int kBlocks = decltype(blocks)::value, kPair = kPairMax<K, kSingle>;
+          const int npair = kPair > 0 && g.pair1 ? nt1 / 2 : 0;
+          pw1(blocks, std::integral_constant<int, 1>{}, 2 * npair + (warp - npair % kWarps + kWarps) % kWarps, nt1, 0);
+          if constexpr (kPair > 0) {
+            if (npair > 0) {
+              constexpr int kFirst = kBlocks < kPair ? kBlocks : kPair;
+              pw1(std::integral_constant<int, kFirst>{}, std::integral_constant<int, 2>{}, 2 * warp, 2 * npair, 0);
+              if constexpr (kBlocks > kFirst)
+                pw1(std::integral_constant<int, kBlocks - kFirst>{}, std::integral_constant<int, 2>{}, 2 * warp,
+                    2 * npair, kFirst);
             }
           }
         };
         if (nb == 3) {
-          pw1(std::integral_constant<int, 3>{});
+          run(std::integral_constant<int, 3>{});
         } else if (nb == 2) {
-          pw1(std::integral_constant<int, 2>{});
+          run(std::integral_constant<int, 2>{});
         } else {
-          pw1(std::integral_constant<int, 1>{});
+          run(std::integral_constant<int, 1>{});
         }
       }
       __syncthreads();
@@ -490,6 +534,11 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
       // where mt3 divides kWarps (a warp's tiles all in one row block) one per tile count kTiles = mine, which
       // loads W3' once and every H2 fragment unconditionally; else (kTiles = 0) one that guards the tiles
       // and reloads W3' when the row block changes
+      if constexpr (kSingle) {  // one stage: the accumulators zeroed only now (no registers during pw1)
+#pragma unroll
+        for (int i = 0; i < kMaxAccTiles; ++i)
+          if (i < mine) wmma::fill_fragment(acc[i], 0.0f);
+      }
       const int m0 = warp % mt3, n0 = warp / mt3, dm = kWarps % mt3, dn = kWarps / mt3;
       auto pw2 = [&](auto tiles) {
         constexpr int kTiles = decltype(tiles)::value;
@@ -542,6 +591,11 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
         pw2(std::integral_constant<int, 1>{});
       }
       // the next stage's pw1 writes H1 (not read here) and its dw writes H2 only after a barrier
+    };
+    if (g.m1 <= g.hc) {
+      stage(0, std::true_type{});
+    } else {
+      for (int k0 = 0; k0 < g.m1; k0 += g.hc) stage(k0, std::false_type{});
     }
     // Y through shared memory (H1's space: its last reader, the dw, finished before the last stage's second
     // barrier), no barrier: each warp stores its own accumulator tiles (disjoint 16x16 blocks of Y) and
