@@ -334,7 +334,8 @@ def _mma_geometry(Cin, hid, Cout, th, tw, esize, k, hc=16):
     regions = [m1 * (k1 + pad) * esize, m3 * (m1 + pad) * esize, 9 * hid * 4, (hid + Cout) * 4,
                k1 * (nq + bpad) * esize, max(hc * _dw_ldh1(nq, tw), m3 * (np_ + 8)) * 4,
                hc * (np_ + bpad) * esize, np_ * 4]
-    return dict(k1=k1, m1=m1, m3=m3, nq=nq, np=np_, hc=hc, ldh2=np_ + bpad, bytes=sum(up(r, 128) for r in regions))
+    return dict(k1=k1, m1=m1, m3=m3, nq=nq, np=np_, hc=hc, ldh2=np_ + bpad, bytes=sum(up(r, 128) for r in regions),
+                pair1=False)
 
 
 def _a1_depth(k, split):
@@ -342,12 +343,19 @@ def _a1_depth(k, split):
     return 48 if k == 16 else 40 if split == 1 else 0
 
 
+def _pair_max(k, single):
+    """kPairMax<K, kSingle> (meta_block_kernels.cuh): the most 16-channel blocks of a paired pw1 pass (2 column
+    tiles per warp) that fit the registers; single: plans of one stage (pw2 accumulators not yet live)."""
+    return (3 if single else 1) if k == 16 else (2 if single else 0)
+
+
 def _mma_plan(PH, PW, Cin, hid, Cout, esize, k, split=1):
     """plan_mma (csrc/cuda/meta_block.cu): the largest tile of T x T or T/2 x T (T = 32..1, clipped to the
     patch) whose pw2 accumulators fit (m3/16 * np/16 <= 8 warps * 4 tiles) and whose smem fits 113 KB
     (two blocks per SM), then 227 KB; per tile the widest stage of hc = 48, 32, 16 hidden channels that
     fits (hc > 16 only where no warp keeps W1' fragments across several column tiles: k1 > kA1Depth or
-    nq/16 <= 8 warps); None: the CUDA-core kernel runs."""
+    nq/16 <= 8 warps); pair1: pw1 over pairs of column tiles wherever W1' is not kept and the tile has 2 or
+    more; None: the CUDA-core kernel runs."""
     shapes = ((32, 32), (16, 32), (16, 16), (8, 16), (8, 8), (4, 8), (4, 4), (2, 4), (2, 2), (1, 2), (1, 1))
     m1 = -(-hid // 16) * 16
     for budget in (113 * 1024, 227 * 1024):
@@ -360,6 +368,8 @@ def _mma_plan(PH, PW, Cin, hid, Cout, esize, k, split=1):
                 if hc > 16 and g["k1"] <= _a1_depth(k, split) and g["nq"] // 16 > 8:
                     continue
                 if (g["m3"] // 16) * (g["np"] // 16) <= 8 * 4 and g["bytes"] <= budget:
+                    # pw1 without kept W1' fragments: a warp per pair of adjacent column tiles (MmaGeom::pair1)
+                    g["pair1"] = not (hc == 16 and g["k1"] <= _a1_depth(k, split)) and g["nq"] // 16 >= 2
                     return th, tw, g
     return None
 
@@ -484,16 +494,30 @@ def _cuda_meta_mma(x, wflat, hid, Cout, esize, plan, split):
         for nb in stages:
             kept = keep_a1 and hc == 16                # kernel: keep_a1 (one-block stages only)
             steps1 = nb * nt1 * kfrag                   # pw1: wmma k-steps (nb blocks x column tiles x k)
-            b1 = nt1 * kfrag                            # pw1: X fragment loads (one per column tile and k-step)
             steps3 = nb * mt3 * nt3 * (16 // K)         # pw2 (per 16-channel block of the stage)
-            a1 = busy1 * kfrag if kept else steps1      # W1' fragment loads
             a3 = nb * a3_loads * (16 // K)              # W3' fragment loads
-            k.lsu += (a1 + b1 + a3 + steps3) * 4 + nb * nt1 * 8  # A, B fragment loads (4 each); H1 stores
+            per = META_MMA_STEP_ISSUE[(esize, split)]
             # instructions per step as the SASS shows them (META_MMA_STEP_ISSUE: loads, lane addressing,
             # 3xTF32 splits, HMMA, guards, loop); the stage loop's ReLU6 and store of each pw1 accumulator
             # fragment (8 elements, 2 instructions each) outside it; the kept loop's count includes them
-            per = META_MMA_STEP_ISSUE[(esize, split)]
-            k.issue += steps1 * per["pw1_kept"] if kept else steps1 * per["pw1"][nb] + nt1 * nb * 16
+            if kept:
+                a1, b1 = busy1 * kfrag, nt1 * kfrag     # W1' loads once per busy warp; X per tile and k-step
+                k.issue += steps1 * per["pw1_kept"]
+            else:
+                # pairs (g.pair1): npair pairs of column tiles, in passes of <= kPairMax blocks (pw1_pair: per
+                # step of the 2-tile loop), each k-step 2 X and per block 1 W1' fragment; the other tiles one
+                # per warp over all nb blocks (pw1: 1 X and nb W1' fragments per k-step)
+                kp = _pair_max(K, len(stages) == 1)
+                passes = [p for p in (min(kp, nb), nb - min(kp, nb)) if p]  # kFirst blocks, then the rest
+                pays = kp > 0 and 2 * len(passes) < 2 + nb  # kernel: kPays (fewer fragment loads than singles)
+                npair = nt1 // 2 if g["pair1"] and pays else 0
+                single = nt1 - 2 * npair
+                passes = passes if npair else []
+                b1 = (single + 2 * npair * len(passes)) * kfrag
+                a1 = (nb * single + nb * npair) * kfrag
+                k.issue += nb * single * kfrag * per["pw1"][nb] + nt1 * nb * 16
+                k.issue += sum(p * 2 * npair * kfrag * per["pw1_pair"][p] for p in passes)
+            k.lsu += (a1 + b1 + a3 + steps3) * 4 + nb * nt1 * 8  # A, B fragment loads (4 each); H1 stores
             for t in warp_tiles:
                 if t:
                     k.issue += nb * t * (16 // K) * (per["pw2_uniform"][t] if 8 % mt3 == 0 else per["pw2"])

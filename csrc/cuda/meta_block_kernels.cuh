@@ -437,17 +437,21 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
             }
           }
         };
-        // g.pair1: pair p = warp + kWarps i (p < nt1 / 2) takes tiles 2p, 2p + 1, in passes of up to kPair
-        // blocks (kPairMax: what fits the 128 registers without spills), and an odd last tile goes to the warp
+        // g.pair1: pair p = warp + kWarps i (p < nt1 / 2) takes tiles 2p, 2p + 1, in a pass of up to kPair
+        // blocks (kPairMax: what fits the 128 registers without spills) and one of the rest, if any, and an
+        // odd last tile goes to the warp
         // after the last pair's (warp npair % kWarps), all blocks at once; else a warp per tile (n = warp +
         // kWarps i), all blocks at once
         auto run = [&](auto blocks) {
           constexpr int kBlocks = decltype(blocks)::value, kPair = kPairMax<K, kSingle>;
-          const int npair = kPair > 0 && g.pair1 ? nt1 / 2 : 0;
+          // passes: kFirst blocks, then the rest; pairs only where they need fewer fragment loads per pair and
+          // k-step than two single tiles (2 X per pass + kBlocks W1' against 2 + 2 kBlocks)
+          constexpr int kFirst = kBlocks < kPair ? kBlocks : kPair, kPasses = kBlocks > kFirst ? 2 : 1;
+          constexpr bool kPays = kPair > 0 && 2 * kPasses < 2 + kBlocks;
+          const int npair = kPays && g.pair1 ? nt1 / 2 : 0;
           pw1(blocks, std::integral_constant<int, 1>{}, 2 * npair + (warp - npair % kWarps + kWarps) % kWarps, nt1, 0);
-          if constexpr (kPair > 0) {
+          if constexpr (kPays) {
             if (npair > 0) {
-              constexpr int kFirst = kBlocks < kPair ? kBlocks : kPair;
               pw1(std::integral_constant<int, kFirst>{}, std::integral_constant<int, 2>{}, 2 * warp, 2 * npair, 0);
               if constexpr (kBlocks > kFirst)
                 pw1(std::integral_constant<int, kBlocks - kFirst>{}, std::integral_constant<int, 2>{}, 2 * warp,
