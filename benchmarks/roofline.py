@@ -105,13 +105,17 @@ MMA_META_REGS = 128
 #:   pw2: the pw2 loop (per 16-channel block: a warp's <= 4 accumulator tiles, W3' reloaded when m changes);
 #:   pw2_uniform: its copies for a warp whose tiles all lie in one row block (mt3 divides 8), one per tile
 #:        count 1..4: W3' loaded once, every H2 fragment load unconditional
+#:   pw1_pair: the paired pw1 loop (MmaGeom::pair1: 2 adjacent column tiles per warp; a k-step loads and splits
+#:        2 X fragments and per block 1 W1' fragment used for both), one copy per pass of 1..kPairMax blocks;
+#:        results/2026-12-01-cpu/sass_counts_PW1PAIR.txt, the larger of the kernel's single-stage copy and its
+#:        stage-loop copy (pw1: the stage-loop copy's, at most 0.5 above the single-stage copy's)
 META_MMA_STEP_ISSUE = {
     (4, 3): dict(pw1={1: 52.0, 2: 40.5, 3: 36.7}, pw1_kept=83.0, pw2=61.5,
-                 pw2_uniform={1: 49.5, 2: 40.5, 3: 37.0, 4: 35.2}),
+                 pw2_uniform={1: 49.5, 2: 40.5, 3: 37.0, 4: 35.2}, pw1_pair={1: 40.5, 2: 31.8}),
     (4, 1): dict(pw1={1: 45.0, 2: 33.0, 3: 29.0}, pw1_kept=44.4, pw2=58.4,
-                 pw2_uniform={1: 42.0, 2: 32.8, 3: 29.2, 4: 27.4}),
+                 pw2_uniform={1: 42.0, 2: 32.8, 3: 29.2, 4: 27.4}, pw1_pair={1: 33.0, 2: 22.5}),
     (2, 1): dict(pw1={1: 15.0, 2: 10.0, 3: 8.3}, pw1_kept=31.0, pw2=35.8,  # the larger of fp16 / bf16
-                 pw2_uniform={1: 16.0, 2: 11.5, 3: 9.7, 4: 8.8}),
+                 pw2_uniform={1: 16.0, 2: 11.5, 3: 9.7, 4: 8.8}, pw1_pair={1: 9.5, 2: 6.5, 3: 5.3}),
 }
 #: output rows and columns per thread of its depthwise stage (kDwRows, kDwCols)
 DW_ROWS, DW_COLS = 8, 2
@@ -435,8 +439,9 @@ def _cuda_meta_mma(x, wflat, hid, Cout, esize, plan, split):
     per stage of hc = 16, 32 or 48 hidden channels (the plan's widest that fits; 2 barriers each): pw1 on
     the tensor cores (a warp per 16-px column tile; in 16-channel stages the W1' fragments kept in
     registers across a warp's tiles when k1 <= kA1Depth, else the warp computes all of the stage's
-    16-channel blocks, loading and splitting each X fragment once per k-step; ReLU6 on the accumulator
-    fragments), the depthwise 3x3 with a thread per (channel, 2 columns, 8 rows) sliding a 3x4 window
+    16-channel blocks, loading and splitting each X fragment once per k-step, over pairs of adjacent column
+    tiles where the plan pairs them (pair1: each W1' fragment loaded and split once for both tiles, in passes
+    of up to kPairMax blocks; an odd last tile alone); ReLU6 on the accumulator fragments), the depthwise 3x3 with a thread per (channel, 2 columns, 8 rows) sliding a 3x4 window
     (unrolled: no register moves), pw2 on the tensor cores into per-warp register accumulators (W3'
     fragments reloaded only when a warp's row block changes); each warp stores its own Y tiles to shared
     memory and writes them out (+ t3, at precomputed pixel offsets) without a barrier: 1 + 2 per stage
@@ -509,7 +514,8 @@ def _cuda_meta_mma(x, wflat, hid, Cout, esize, plan, split):
                 # per warp over all nb blocks (pw1: 1 X and nb W1' fragments per k-step)
                 kp = _pair_max(K, len(stages) == 1)
                 passes = [p for p in (min(kp, nb), nb - min(kp, nb)) if p]  # kFirst blocks, then the rest
-                pays = kp > 0 and 2 * len(passes) < 2 + nb  # kernel: kPays (fewer fragment loads than singles)
+                # kernel: kPays (each pass <= kPairMax blocks, fewer fragment loads than single tiles)
+                pays = kp > 0 and passes[-1] <= kp and 2 * len(passes) < 2 + nb
                 npair = nt1 // 2 if g["pair1"] and pays else 0
                 single = nt1 - 2 * npair
                 passes = passes if npair else []

@@ -233,8 +233,12 @@ META_CASES = {
     # rounds past Cout skipped); hid 24: one stage of 2 blocks in every dtype (a warp per column tile
     # computes both); 10x6 and 10x7 patches in 10x7 tiles (even and odd widths, two depthwise row blocks)
     "two-row-blocks": (1, 6, 24, 19, 10, 13, 1, 2),
+    # tensor cores: HyperSeg-M level 3's pw1 in little: 8x8 patches (7 column tiles of 100 haloed px), one stage
+    # of 3 blocks (hid 40: rows 40..47 zero), Cin 8 (k1 16), every dtype over pairs of column tiles (3 pairs on
+    # warps 0-2 in passes of 2 + 1 blocks for float, 3 at once for fp16/bf16) and the odd 7th tile on warp 3
+    "paired-tiles": (2, 8, 40, 3, 16, 8, 2, 1),
 }
-MMA_ONLY = {"half-tile", "wide-stage", "two-row-blocks"}  # cases of the tensor-core forward tests only
+MMA_ONLY = {"half-tile", "wide-stage", "two-row-blocks", "paired-tiles"}  # cases of the tensor-core forward tests only
 
 
 def _meta_inputs(case, dtype, seed=0):
@@ -300,7 +304,7 @@ def tf32_matmul(request):
 
 
 @pytest.mark.parametrize("case", ["odd", "multi-tile", "smem-weights-large", "deep-tile", "half-tile", "wide-stage",
-                                  "two-row-blocks"])
+                                  "two-row-blocks", "paired-tiles"])
 @pytest.mark.parametrize("dtype, tf32_matmul", [(torch.float32, False), (torch.float32, True),
                                                 (torch.float16, False), (torch.bfloat16, False)],
                          indirect=["tf32_matmul"], ids=["fp32-3xtf32", "fp32-tf32", "fp16", "bf16"])
@@ -337,7 +341,7 @@ def test_meta_block_forward_mma_poisoned(target, dtype, poisoned_empty):
     """The tensor-core forward writes every output element (y starts as NaN): multi-tile, odd patches,
     wide stages and a partial second row block of output channels."""
     run = Target(target)
-    for case in ("odd", "half-tile", "wide-stage", "two-row-blocks"):
+    for case in ("odd", "half-tile", "wide-stage", "two-row-blocks", "paired-tiles"):
         x, w, scale, shift, hid, Cout = _meta_inputs(case, dtype, seed=1)
         ref = _meta_reference(x.double(), w.double(), scale.double(), shift.double(), hid, Cout)
         y = run("meta_block", x, w, scale, shift, hid, Cout)

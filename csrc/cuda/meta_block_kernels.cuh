@@ -444,10 +444,10 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
         // kWarps i), all blocks at once
         auto run = [&](auto blocks) {
           constexpr int kBlocks = decltype(blocks)::value, kPair = kPairMax<K, kSingle>;
-          // passes: kFirst blocks, then the rest; pairs only where they need fewer fragment loads per pair and
-          // k-step than two single tiles (2 X per pass + kBlocks W1' against 2 + 2 kBlocks)
+          // passes: kFirst blocks, then the rest (at most kPair too); pairs only where they need fewer fragment
+          // loads per pair and k-step than two single tiles (2 X per pass + kBlocks W1' against 2 + 2 kBlocks)
           constexpr int kFirst = kBlocks < kPair ? kBlocks : kPair, kPasses = kBlocks > kFirst ? 2 : 1;
-          constexpr bool kPays = kPair > 0 && 2 * kPasses < 2 + kBlocks;
+          constexpr bool kPays = kPair > 0 && kBlocks - kFirst <= kPair && 2 * kPasses < 2 + kBlocks;
           const int npair = kPays && g.pair1 ? nt1 / 2 : 0;
           pw1(blocks, std::integral_constant<int, 1>{}, 2 * npair + (warp - npair % kWarps + kWarps) % kWarps, nt1, 0);
           if constexpr (kPays) {
