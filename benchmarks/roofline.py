@@ -107,15 +107,17 @@ MMA_META_REGS = 128
 #:        count 1..4: W3' loaded once, every H2 fragment load unconditional
 #:   pw1_pair: the paired pw1 loop (MmaGeom::pair1: 2 adjacent column tiles per warp; a k-step loads and splits
 #:        2 X fragments and per block 1 W1' fragment used for both), one copy per pass of 1..kPairMax blocks;
-#:        results/2026-12-01-cpu/sass_counts_PW1PAIR.txt, the larger of the kernel's single-stage copy and its
-#:        stage-loop copy (pw1: the stage-loop copy's, at most 0.5 above the single-stage copy's)
+#:        (results/2026-12-01-cpu/sass_counts_35e6929.txt: the kernel's single-stage copy, lines 411-421, the loops
+#:        of 4 (2-block pass) and 2 (1-block pass) steps, and for fp16/bf16 the 6-step 3-block one; where two
+#:        copies or loops of one step count could be either, the larger; pw1 above stays the stage-loop copy's,
+#:        which is at most 1 instruction per step above the single-stage copy's at 35e6929)
 META_MMA_STEP_ISSUE = {
     (4, 3): dict(pw1={1: 52.0, 2: 40.5, 3: 36.7}, pw1_kept=83.0, pw2=61.5,
                  pw2_uniform={1: 49.5, 2: 40.5, 3: 37.0, 4: 35.2}, pw1_pair={1: 40.5, 2: 31.8}),
     (4, 1): dict(pw1={1: 45.0, 2: 33.0, 3: 29.0}, pw1_kept=44.4, pw2=58.4,
                  pw2_uniform={1: 42.0, 2: 32.8, 3: 29.2, 4: 27.4}, pw1_pair={1: 33.0, 2: 22.5}),
     (2, 1): dict(pw1={1: 15.0, 2: 10.0, 3: 8.3}, pw1_kept=31.0, pw2=35.8,  # the larger of fp16 / bf16
-                 pw2_uniform={1: 16.0, 2: 11.5, 3: 9.7, 4: 8.8}, pw1_pair={1: 9.5, 2: 6.5, 3: 5.3}),
+                 pw2_uniform={1: 16.0, 2: 11.5, 3: 9.7, 4: 8.8}, pw1_pair={1: 9.5, 2: 6.2, 3: 5.3}),
 }
 #: output rows and columns per thread of its depthwise stage (kDwRows, kDwCols)
 DW_ROWS, DW_COLS = 8, 2
