@@ -172,7 +172,8 @@ __global__ void __launch_bounds__(kThreads) meta_forward_kernel(
 //   pw1   H1[hc, haloed px] = relu6(W1'[stage] [X; 1])             wmma (ReLU6 on the fragments), a warp per
 //                                                                  16-px column tile: W1' fragments in registers
 //                                                                  (hc 16) or all hc/16 blocks, each X fragment
-//                                                                  loaded and split once per k-step
+//                                                                  loaded and split once per k-step (pairs of
+//                                                                  column tiles per warp where g.pair1)
 //   dw    H2[hc, px] = relu6(dw3x3'(H1) + t2)                      CUDA cores, 2 columns x kDwRows rows/thread
 //   pw2   Y[Cout, px] += W3'[:, stage] H2[stage, px]               wmma, accumulators stay in registers
 // and finally each warp stores its Y tiles (through shared memory, no barrier) as y = Y + t3. Padded
@@ -361,7 +362,8 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
       // pw1 of the stage: H1 = relu6(W1' [X; 1]) (t1 rides on the ones row). keep_a1 (one-block stages): a
       // warp per 16-px column tile with the stage's W1' fragments loaded (and split) once per stage. Else a
       // warp per 16-px column tile computes all nb <= 3 16-channel blocks of the stage: per k-step its X
-      // fragment is loaded (and split) once and used for the nb W1' fragments (loaded per block and k-step)
+      // fragment is loaded (and split) once and used for the nb W1' fragments (loaded per block and k-step),
+      // or (g.pair1) a warp per pair of column tiles, each W1' fragment used for both (see run below)
       if (keep_a1) {
         FragA a1[kA1], a1lo[kA1];
         if (warp < nt1) {
