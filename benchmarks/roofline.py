@@ -113,8 +113,9 @@ META_MMA_STEP_ISSUE = {
     (2, 1): dict(pw1={1: 15.0, 2: 10.0, 3: 8.3}, pw1_kept=31.0, pw2=35.8,  # the larger of fp16 / bf16
                  pw2_uniform={1: 16.0, 2: 11.5, 3: 9.7, 4: 8.8}),
 }
-#: output rows and columns per thread of its depthwise stage (kDwRows, kDwCols)
-DW_ROWS, DW_COLS = 8, 2
+#: output rows, columns and channels per thread of its depthwise stage (kDwRows, kDwCols; channels r and
+#: r + nc/2 of a stage of nc)
+DW_ROWS, DW_COLS, DW_CHANS = 8, 2, 2
 #: cycles a barrier right after a block's global loads waits for them (first touch from HBM: Hopper's
 #: load-to-use latency from DRAM is ~500-700 cycles; hmsa_fuse_tile_kernel's phase A, once per class)
 LOAD_LATENCY_CLK = 600
@@ -382,13 +383,14 @@ def _wavefronts(addrs, width: int = 4) -> int:
 
 def _dw_lanes(eh, ew, nc=16):
     """Items of the first warp of meta_forward_mma_kernel's depthwise stage over nc hidden channels: lane ->
-    (channel row r, row block rb, first column j): idx = lane, jp = idx % ewp, r = idx / ewp % nc,
-    rb = idx / ewp / nc, j = DW_COLS * jp (kernel's ``for (int idx = tid; idx < nc * nrb * ewp; ...)``)."""
-    nrb, ewp = -(-eh // DW_ROWS), -(-ew // DW_COLS)
+    (channel row r, row block rb, first column j) of the item's first channel (its second, r + nc/2, reads
+    and writes the same banks): idx = lane, jp = idx % ewp, r = idx / ewp % (nc/2), rb = idx / ewp / (nc/2),
+    j = DW_COLS * jp (kernel's ``for (int idx = tid; idx < nh2 * nrb * ewp; ...)``)."""
+    nrb, ewp, nh2 = -(-eh // DW_ROWS), -(-ew // DW_COLS), nc // DW_CHANS
     out = []
-    for lane in range(min(32, nc * nrb * ewp)):
+    for lane in range(min(32, nh2 * nrb * ewp)):
         jp, rest = lane % ewp, lane // ewp
-        out.append((rest % nc, rest // nc, DW_COLS * jp))
+        out.append((rest % nh2, rest // nh2, DW_COLS * jp))
     return out
 
 
@@ -415,6 +417,16 @@ def _dw_store_conflict(eh, ew, ldh2, esize, nc=16):
     if ew % 2 == 0:
         return _wavefronts(base, 2 * esize)
     return sum(_wavefronts([a + esize * c for a in base], esize) for c in range(2))
+
+
+def _pw2_warps(mt3, nt3):
+    """meta_forward_mma_kernel's pw2 tiles (n * mt3 + m) over its 8 warps: (per, [row blocks m of each warp's
+    tiles]). per: the smallest of 2..4 with mt3 * ceil(nt3 / per) <= 8, warp w taking the column tiles
+    n = (w // mt3) per + i < nt3 of row block w % mt3; none (per 0): tiles w + 8 i."""
+    per = next((p for p in range(max(2, -(-mt3 * nt3 // 8)), 5) if mt3 * -(-nt3 // p) <= 8), 0)
+    if per:
+        return per, [[w % mt3] * max(0, min(per, nt3 - w // mt3 * per)) for w in range(8)]
+    return 0, [[(w + 8 * i) % mt3 for i in range(4) if w + 8 * i < mt3 * nt3] for w in range(8)]
 
 
 def _cuda_meta_mma(x, wflat, hid, Cout, esize, plan, split):
@@ -474,13 +486,11 @@ def _cuda_meta_mma(x, wflat, hid, Cout, esize, plan, split):
         nt1, nt3 = math.ceil(hq / 16), math.ceil(tp / 16)
         mt3 = g["m3"] // 16
         busy1 = min(8, nt1)  # warps with a pw1 column tile
-        # pw2 W3' loads: per warp, the row-block changes along its tiles warp + 8 i (kernel: m != mprev)
-        a3_loads = 0
-        warp_tiles = []  # pw2 tiles per warp (the loop copy a warp runs: uniform where mt3 divides 8)
-        for w in range(8):
-            ms = [(w + 8 * i) % mt3 for i in range(4) if w + 8 * i < mt3 * nt3]
-            a3_loads += sum(1 for i, m in enumerate(ms) if i == 0 or m != ms[i - 1])
-            warp_tiles.append(len(ms))
+        # pw2 W3' loads: per warp, the row-block changes along its tiles (kernel: m != mprev; once per warp
+        # with per > 0)
+        per_w, warp_ms = _pw2_warps(mt3, nt3)
+        a3_loads = sum(sum(1 for i, m in enumerate(ms) if i == 0 or m != ms[i - 1]) for ms in warp_ms)
+        warp_tiles = [len(ms) for ms in warp_ms]  # pw2 tiles per warp (uniform loop copies where per > 0)
         for nb in stages:
             kept = keep_a1 and hc == 16                # kernel: keep_a1 (one-block stages only)
             steps1 = nb * nt1 * kfrag                   # pw1: wmma k-steps (nb blocks x column tiles x k)
@@ -496,22 +506,26 @@ def _cuda_meta_mma(x, wflat, hid, Cout, esize, plan, split):
             k.issue += steps1 * per["pw1_kept"] if kept else steps1 * per["pw1"][nb] + nt1 * nb * 16
             for t in warp_tiles:
                 if t:
-                    k.issue += nb * t * (16 // K) * (per["pw2_uniform"][t] if 8 % mt3 == 0 else per["pw2"])
+                    k.issue += nb * t * (16 // K) * (per["pw2_uniform"][t] if per_w else per["pw2"])
             k.tc += (steps1 + steps3) * split * MMA_CLK
-            # dw: per (2 columns, channel, DW_ROWS-row block) item: int32 divisions by ewp and by the stage's
-            # channel count (~20 each), 10 broadcast LDS (taps, t2), the first two
-            # window rows, loop (~5); per output row (unrolled): the window row (even ew: 2 8-byte LDS, else
-            # 4), 18 FFMA (t2 starts each chain), per column 2 FMNMX (ReLU6) + the conversion to a 16-bit
-            # H2 (none for float), the store(s) (even ew: 1 pair, else 2); wavefronts of the window loads
-            # and H2 stores from the first warp's addresses (_dw_conflict, _dw_store_conflict)
+            # dw: per (2 columns, 2 channels, DW_ROWS-row block) item: int32 divisions by ewp and by half the
+            # stage's channel count (~20 each), 20 broadcast LDS (taps, t2), per channel the first two window
+            # rows, the second channel's padding test, pointers and loop (~8; its zero rows past hid, stored
+            # again after the rows, left out: last stage only); per output row (unrolled) and channel: the
+            # window row (even ew: 2 8-byte LDS, else 4), 18 FFMA (t2 starts each chain), per column 2 FMNMX
+            # (ReLU6) + the conversion to a 16-bit H2 (none for float), the store(s) (even ew: 1 pair, else
+            # 2); wavefronts of the window loads and H2 stores from the first warp's addresses (_dw_conflict,
+            # _dw_store_conflict: the second channel's, nc/2 rows further, the same)
             rows = min(DW_ROWS, eh)
             nld, nst = (2, 1) if ew % 2 == 0 else (4, 2)
             cl = _dw_conflict(eh, ew, _dw_ldh1(g["nq"], tw), 16 * nb)
             cs = _dw_store_conflict(eh, ew, g["ldh2"], esize, 16 * nb)
-            items = 16 * nb * math.ceil(eh / DW_ROWS) * math.ceil(ew / DW_COLS)
+            items = 16 * nb // DW_CHANS * math.ceil(eh / DW_ROWS) * math.ceil(ew / DW_COLS)
             cvt = 1 if esize == 2 else 0
-            k.loop(items, rows, lsu=cl + cs, issue=nld + 18 + 2 * (2 + cvt) + nst, overhead=40 + 10 + 2 * nld + 5)
-            k.loop(items, lsu=10 + 2 * cl)
+            k.loop(items, rows, lsu=DW_CHANS * (cl + cs),
+                   issue=DW_CHANS * (nld + 18 + 2 * (2 + cvt) + nst),
+                   overhead=40 + DW_CHANS * (10 + 2 * nld) + 8)
+            k.loop(items, lsu=DW_CHANS * (10 + 2 * cl))
         # Y: per 16x16 accumulator tile its warp's fragment store (8 wavefronts: 1 KB, conflict-free at
         # ldy = np + 8), LDS yoff, then per round of two rows (rows 0 1 4 5 8 9 12 13 and + 2; the rounds
         # past Cout skipped) LDS Y, LDS t3, FADD, convert, bound checks, address, STG (~8); ~10 per tile

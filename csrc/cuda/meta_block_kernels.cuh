@@ -173,7 +173,8 @@ __global__ void __launch_bounds__(kThreads) meta_forward_kernel(
 //                                                                  16-px column tile: W1' fragments in registers
 //                                                                  (hc 16) or all hc/16 blocks, each X fragment
 //                                                                  loaded and split once per k-step
-//   dw    H2[hc, px] = relu6(dw3x3'(H1) + t2)                      CUDA cores, 2 columns x kDwRows rows/thread
+//   dw    H2[hc, px] = relu6(dw3x3'(H1) + t2)                      CUDA cores, 2 columns x 2 channels x
+//                                                                  kDwRows rows per thread
 //   pw2   Y[Cout, px] += W3'[:, stage] H2[stage, px]               wmma, accumulators stay in registers
 // and finally each warp stores its Y tiles (through shared memory, no barrier) as y = Y + t3. Padded
 // rows/columns of the MMA operands are zero (a NaN there would reach real outputs through 0 * NaN); row
@@ -338,7 +339,16 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
     // the y offset of every tile pixel (read by the epilogue, after the stages' barriers)
     for (int p = tid; p < tpi; p += kThreads) yoff[p] = static_cast<int>((tr0 + p / ewi) * W + tc0 + p % ewi);
     const int nt1 = (hqi + 15) / 16, nt3 = (tpi + 15) / 16;
-    const int mine = (mt3 * nt3 - warp + kWarps - 1) / kWarps;  // pw2 tiles of this warp: warp + kWarps * i
+    // the pw2 tiles n * mt3 + m (16 output channels x 16 pixels each) over the warps: where it fits, a warp
+    // takes `per` consecutive column tiles of one row block (warp w: m = w % mt3, n = (w / mt3) per + i),
+    // per the smallest of 2..kMaxAccTiles that covers the tiles with kWarps warps, so that 2 or more tiles
+    // share each W3' fragment a warp loads and splits (with fewer warps busy); else (per = 0) the tiles
+    // warp + kWarps * i. Block-uniform
+    int per = 0;
+    for (int p = max(2, (mt3 * nt3 + kWarps - 1) / kWarps); p <= kMaxAccTiles && per == 0; ++p)
+      if (mt3 * ((nt3 + p - 1) / p) <= kWarps) per = p;
+    const int mine = per ? max(0, min(per, nt3 - warp / mt3 * per))  // pw2 tiles of this warp
+                         : (mt3 * nt3 - warp + kWarps - 1) / kWarps;
     // W1' fragments kept across a warp's column tiles: one-block stages only (the plan widens a stage only
     // where no warp would keep them across several tiles); block-uniform
     const bool keep_a1 = g.hc == kChunk && g.k1 <= kA1Depth<K, kSplit>;
@@ -421,34 +431,45 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
       }
       __syncthreads();
       // dw3x3 of the stage; rows past hid are zero (pw2 reads them against W3's zero columns). A thread
-      // per (pair of columns, channel, block of kDwRows output rows), pairs fastest: the 9 taps in registers,
-      // a 3-row x 4-column window sliding down (unrolled), for even tile widths read as two 8-byte loads per
-      // row (ldh1 spaces the channels of a half-warp over the banks) and the pair stored at once
+      // per (pair of columns, 2 channels r and r + nc/2, block of kDwRows output rows), pairs fastest: the
+      // 2 x 9 taps in registers, per channel a 3-row x 4-column window sliding down (unrolled), for even tile
+      // widths read as two 8-byte loads per row (ldh1 spaces the channels of a half-warp over the banks; the
+      // second channel's loads are the first's moved by nc/2 rows, the same banks) and the pair stored at
+      // once. Two channels per item halve the items' setup (index divisions, loop) against 4 columns of
+      // one channel, whose 3 8-byte window loads per row would all start at words 0 mod 4 (ldh1 and the
+      // column a multiple of 4): 2-way conflicts in every load (benchmarks/roofline.py, _cuda_meta_mma)
+      const int nh2 = nc / 2;  // nc: a multiple of kChunk
       const int nrb = (ehi + kDwRows - 1) / kDwRows, ewp = (ewi + kDwCols - 1) / kDwCols;
       const bool even = ewi % 2 == 0;  // block-uniform: pairs aligned to 8 bytes (H1) / 2 elements (H2)
-      for (int idx = tid; idx < nc * nrb * ewp; idx += kThreads) {
-        const int jp = idx % ewp, rest = idx / ewp, rb = rest / nc, r = rest - rb * nc;
+      for (int idx = tid; idx < nh2 * nrb * ewp; idx += kThreads) {
+        const int jp = idx % ewp, rest = idx / ewp, rb = rest / nh2, r = rest - rb * nh2;
         const int k = k0 + r, j = kDwCols * jp;
         const bool two = j + 1 < ewi;  // the pair's second column is in the tile
         const int i0 = rb * kDwRows, i1 = min(i0 + kDwRows, ehi);
         T* out = h2 + r * g.ldh2 + j;
-        auto put = [&](int i, float v, float u) {
+        T* out2 = out + nh2 * g.ldh2;
+        auto put = [&](T* o, int i, float v, float u) {
           if (even) {
-            *reinterpret_cast<Pair<T>*>(out + i * ewi) = Pair<T>{mma::from_float<T>(v), mma::from_float<T>(u)};
+            *reinterpret_cast<Pair<T>*>(o + i * ewi) = Pair<T>{mma::from_float<T>(v), mma::from_float<T>(u)};
           } else {
-            out[i * ewi] = mma::from_float<T>(v);
-            if (two) out[i * ewi + 1] = mma::from_float<T>(u);
+            o[i * ewi] = mma::from_float<T>(v);
+            if (two) o[i * ewi + 1] = mma::from_float<T>(u);
           }
         };
-        if (k >= nh) {
-          for (int i = i0; i < i1; ++i) put(i, 0.0f, 0.0f);
+        if (k >= nh) {  // both channels past hid
+          for (int i = i0; i < i1; ++i) put(out, i, 0.0f, 0.0f), put(out2, i, 0.0f, 0.0f);
           continue;
         }
-        float wk[9];
+        // the second channel k + nh2 may be past hid (last stage): computed with channel k's taps and t2,
+        // then overwritten with zeros (H1's rows there are pw1's of zero W1' rows: NaN where x is not finite)
+        const bool real2 = k + nh2 < nh;
+        const int kl = real2 ? k + nh2 : k;
+        float wk[9], wl[9];
 #pragma unroll
-        for (int d = 0; d < 9; ++d) wk[d] = w2s[9 * k + d];
-        const float t2 = aff[k];
+        for (int d = 0; d < 9; ++d) wk[d] = w2s[9 * k + d], wl[d] = w2s[9 * kl + d];
+        const float t2 = aff[k], t2b = aff[kl];
         const float* hk = h1 + r * g.ldh1 + j;
+        const float* hl = hk + nh2 * g.ldh1;
         // window columns j .. j + 3 (column j + 3 exists only for a full pair)
         auto ld = [&](const float* row, float& v0, float& v1, float& v2, float& v3) {
           if (even) {
@@ -460,37 +481,51 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
             v3 = two ? row[3] : 0.0f;
           }
         };
-        float a0, a1, a2, a3, b0, b1, b2, b3;
+        float a0, a1, a2, a3, b0, b1, b2, b3;  // channel k's window rows i, i + 1
+        float e0, e1, e2, e3, f0, f1, f2, f3;  // channel k + nh2's
         ld(hk + i0 * hwi, a0, a1, a2, a3);
         ld(hk + (i0 + 1) * hwi, b0, b1, b2, b3);
+        ld(hl + i0 * hwi, e0, e1, e2, e3);
+        ld(hl + (i0 + 1) * hwi, f0, f1, f2, f3);
 #pragma unroll
         for (int ii = 0; ii < kDwRows; ++ii) {  // unrolled: the window moves are register renames
           const int i = i0 + ii;
           if (i >= i1) break;
-          float c0, c1, c2, c3;
+          float c0, c1, c2, c3, g0, g1, g2, g3;
           ld(hk + (i + 2) * hwi, c0, c1, c2, c3);
+          ld(hl + (i + 2) * hwi, g0, g1, g2, g3);
           // t2 first: 9 FFMA per output, no separate add
           const float v = t2 + wk[0] * a0 + wk[1] * a1 + wk[2] * a2 + wk[3] * b0 + wk[4] * b1 + wk[5] * b2 +
                           wk[6] * c0 + wk[7] * c1 + wk[8] * c2;
           const float u = t2 + wk[0] * a1 + wk[1] * a2 + wk[2] * a3 + wk[3] * b1 + wk[4] * b2 + wk[5] * b3 +
                           wk[6] * c1 + wk[7] * c2 + wk[8] * c3;
-          put(i, meta::relu6(v), meta::relu6(u));
+          const float v2 = t2b + wl[0] * e0 + wl[1] * e1 + wl[2] * e2 + wl[3] * f0 + wl[4] * f1 + wl[5] * f2 +
+                           wl[6] * g0 + wl[7] * g1 + wl[8] * g2;
+          const float u2 = t2b + wl[0] * e1 + wl[1] * e2 + wl[2] * e3 + wl[3] * f1 + wl[4] * f2 + wl[5] * f3 +
+                           wl[6] * g1 + wl[7] * g2 + wl[8] * g3;
+          put(out, i, meta::relu6(v), meta::relu6(u));
+          put(out2, i, meta::relu6(v2), meta::relu6(u2));
           a0 = b0, a1 = b1, a2 = b2, a3 = b3;
           b0 = c0, b1 = c1, b2 = c2, b3 = c3;
+          e0 = f0, e1 = f1, e2 = f2, e3 = f3;
+          f0 = g0, f1 = g1, f2 = g2, f3 = g3;
         }
+        if (!real2)
+          for (int i = i0; i < i1; ++i) put(out2, i, 0.0f, 0.0f);
       }
       __syncthreads();  // H2 complete (and H1 free for the next stage's pw1)
       // pw2, per 16-channel block s of the stage: this warp's accumulator tiles += W3'[:, block] H2[block];
       // the W3' fragments are loaded (and split) again only when the tile's row block m changes (never
-      // when mt3 divides kWarps)
-      // this warp's tiles warp + kWarps * i = n * mt3 + m: the first one's (m0, n0) and the step (dm, dn),
-      // divisions once per stage, not per tile (here rather than before the tile loop: no registers held
-      // across the stages, which spilled). Warps without tiles skip it (warp-uniform), so the first tile's
-      // loads are unconditional (ptxas then computes the lanes' fragment offsets once). Copies of the loop:
-      // where mt3 divides kWarps (a warp's tiles all in one row block) one per tile count kTiles = mine, which
-      // loads W3' once and every H2 fragment unconditionally; else (kTiles = 0) one that guards the tiles
-      // and reloads W3' when the row block changes
-      const int m0 = warp % mt3, n0 = warp / mt3, dm = kWarps % mt3, dn = kWarps / mt3;
+      // with per > 0)
+      // this warp's tiles (per > 0: m0 = warp % mt3, n = n0 + i; else warp + kWarps * i = n * mt3 + m): the
+      // first one's (m0, n0) and the step (dm, dn), divisions once per stage, not per tile (here rather than
+      // before the tile loop: no registers held across the stages, which spilled). Warps without tiles skip
+      // it (warp-uniform), so the first tile's loads are unconditional (ptxas then computes the lanes'
+      // fragment offsets once). Copies of the loop: with per > 0 (a warp's tiles all in one row block) one
+      // per tile count kTiles = mine, which loads W3' once and every H2 fragment unconditionally; else
+      // (kTiles = 0) one that guards the tiles and reloads W3' when the row block changes
+      const int m0 = warp % mt3, n0 = per ? warp / mt3 * per : warp / mt3;
+      const int dm = per ? 0 : kWarps % mt3, dn = per ? 1 : kWarps / mt3;
       auto pw2 = [&](auto tiles) {
         constexpr int kTiles = decltype(tiles)::value;
         constexpr bool kUniform = kTiles > 0;
@@ -500,7 +535,7 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
           const T* h2s = h2 + s * kChunk * g.ldh2;
           FragA a3[kChunk / K], a3lo[kChunk / K];
           int mprev = -1;
-          int m = m0, n = n0;  // tile warp + kWarps * i = n * mt3 + m, stepped without a division
+          int m = m0, n = n0;  // the warp's tile i, stepped without a division
 #pragma unroll
           for (int i = 0; i < kMaxAccTiles; ++i) {
             if (i > 0) {
@@ -530,7 +565,7 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
         }
       };
       static_assert(kMaxAccTiles == 4, "pw2 is instantiated for 1..4 tiles per warp");
-      if (dm != 0) {
+      if (per == 0) {
         if (mine > 0) pw2(std::integral_constant<int, 0>{});
       } else if (mine == 4) {
         pw2(std::integral_constant<int, 4>{});
@@ -551,7 +586,8 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
 #pragma unroll
     for (int i = 0; i < kMaxAccTiles; ++i) {
       if (i >= mine) continue;
-      const int tile = warp + kWarps * i, m = tile % mt3, n = tile / mt3;
+      const int tile = warp + kWarps * i;  // (per = 0)
+      const int m = per ? warp % mt3 : tile % mt3, n = per ? warp / mt3 * per + i : tile / mt3;
       const float* yt = ys + m * 16 * g.ldy + n * 16;
       wmma::store_matrix_sync(ys + m * 16 * g.ldy + n * 16, acc[i], g.ldy, wmma::mem_row_major);
       __syncwarp();
