@@ -201,6 +201,25 @@ struct alignas(2 * sizeof(E)) Pair {
   E a, b;
 };
 
+// v, u stored as an adjacent pair of E (one 8-byte store for float, 4-byte for 16-bit types) at p, aligned
+// to the pair (a Pair<E> assignment compiles to two stores)
+template <class E>
+__device__ __forceinline__ void store_pair(E* p, float v, float u) {
+  const Pair<E> q{mma::from_float<E>(v), mma::from_float<E>(u)};
+  using Word = std::conditional_t<sizeof(E) == 4, unsigned long long, unsigned int>;
+  static_assert(sizeof(Word) == sizeof(q), "a pair is one word");
+  Word w;
+  memcpy(&w, &q, sizeof(w));
+  *reinterpret_cast<Word*>(p) = w;
+}
+
+// n / d for 0 <= n < 2^22 and d >= 1, given inv = 1.0f / d (correctly rounded): (n + 0.5) inv is within
+// (n + 0.5) / d * 2^-23 < 0.5 / d of (n + 0.5) / d, whose distance to an integer is at least 0.5 / d, so the
+// truncation is exact. 4 instructions (I2F, FADD, FMUL, F2I) instead of the ~30 of an int32 division.
+__host__ __device__ __forceinline__ int div_small(int n, float inv) {
+  return static_cast<int>((static_cast<float>(n) + 0.5f) * inv);
+}
+
 struct MmaGeom {
   int th, tw;                      // tile, output pixels
   int k1, m1, ldw1;                // pw1: depth (Cin + 1 padded to the MMA k), rows (hid padded to 16), W1 stride
@@ -440,78 +459,92 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
       // column a multiple of 4): 2-way conflicts in every load (benchmarks/roofline.py, _cuda_meta_mma)
       const int nh2 = nc / 2;  // nc: a multiple of kChunk
       const int nrb = (ehi + kDwRows - 1) / kDwRows, ewp = (ewi + kDwCols - 1) / kDwCols;
-      const bool even = ewi % 2 == 0;  // block-uniform: pairs aligned to 8 bytes (H1) / 2 elements (H2)
-      for (int idx = tid; idx < nh2 * nrb * ewp; idx += kThreads) {
-        const int jp = idx % ewp, rest = idx / ewp, rb = rest / nh2, r = rest - rb * nh2;
-        const int k = k0 + r, j = kDwCols * jp;
-        const bool two = j + 1 < ewi;  // the pair's second column is in the tile
-        const int i0 = rb * kDwRows, i1 = min(i0 + kDwRows, ehi);
-        T* out = h2 + r * g.ldh2 + j;
-        T* out2 = out + nh2 * g.ldh2;
-        auto put = [&](T* o, int i, float v, float u) {
-          if (even) {
-            *reinterpret_cast<Pair<T>*>(o + i * ewi) = Pair<T>{mma::from_float<T>(v), mma::from_float<T>(u)};
-          } else {
-            o[i * ewi] = mma::from_float<T>(v);
-            if (two) o[i * ewi + 1] = mma::from_float<T>(u);
+      // one copy of the item loop per parity of the tile width (block-uniform): no branch per window load
+      // or store. Even: pairs aligned to 8 bytes (H1) / 2 elements (H2)
+      // item index -> (jp, r, rb) by div_small (item counts < 2^22: nh2 <= 24, nrb <= 4, ewp <= 16); 1 / ewp
+      // once per tile (ptxas hoists it), 1 / nh2 (nh2 = 8 nb) a constant
+      static_assert(kMaxStage / 2 == 24, "1 / nh2 for nb = 1, 2, 3");
+      const float inv_ewp = 1.0f / static_cast<float>(ewp), inv_nh2 = nb == 1 ? 0.125f : nb == 2 ? 0.0625f : 0.125f / 3;
+      auto dw = [&](auto even_width) {
+        constexpr bool even = decltype(even_width)::value;
+        for (int idx = tid; idx < nh2 * nrb * ewp; idx += kThreads) {
+          const int rest = div_small(idx, inv_ewp), jp = idx - rest * ewp, rb = div_small(rest, inv_nh2);
+          const int r = rest - rb * nh2;
+          const int k = k0 + r, j = kDwCols * jp;
+          const bool two = j + 1 < ewi;  // the pair's second column is in the tile
+          const int i0 = rb * kDwRows, i1 = min(i0 + kDwRows, ehi);
+          T* out = h2 + r * g.ldh2 + j;
+          T* out2 = out + nh2 * g.ldh2;
+          auto put = [&](T* o, int i, float v, float u) {
+            if constexpr (even) {
+              store_pair(o + i * ewi, v, u);
+            } else {
+              o[i * ewi] = mma::from_float<T>(v);
+              if (two) o[i * ewi + 1] = mma::from_float<T>(u);
+            }
+          };
+          if (k >= nh) {  // both channels past hid
+            for (int i = i0; i < i1; ++i) put(out, i, 0.0f, 0.0f), put(out2, i, 0.0f, 0.0f);
+            continue;
           }
-        };
-        if (k >= nh) {  // both channels past hid
-          for (int i = i0; i < i1; ++i) put(out, i, 0.0f, 0.0f), put(out2, i, 0.0f, 0.0f);
-          continue;
-        }
-        // the second channel k + nh2 may be past hid (last stage): computed with channel k's taps and t2,
-        // then overwritten with zeros (H1's rows there are pw1's of zero W1' rows: NaN where x is not finite)
-        const bool real2 = k + nh2 < nh;
-        const int kl = real2 ? k + nh2 : k;
-        float wk[9], wl[9];
+          // the second channel k + nh2 may be past hid (last stage): computed with channel k's taps and t2,
+          // then overwritten with zeros (H1's rows there are pw1's of zero W1' rows: NaN where x is not finite)
+          const bool real2 = k + nh2 < nh;
+          const int kl = real2 ? k + nh2 : k;
+          float wk[9], wl[9];
 #pragma unroll
-        for (int d = 0; d < 9; ++d) wk[d] = w2s[9 * k + d], wl[d] = w2s[9 * kl + d];
-        const float t2 = aff[k], t2b = aff[kl];
-        const float* hk = h1 + r * g.ldh1 + j;
-        const float* hl = hk + nh2 * g.ldh1;
-        // window columns j .. j + 3 (column j + 3 exists only for a full pair)
-        auto ld = [&](const float* row, float& v0, float& v1, float& v2, float& v3) {
-          if (even) {
-            const Pair<float> p = *reinterpret_cast<const Pair<float>*>(row);
-            const Pair<float> q = *reinterpret_cast<const Pair<float>*>(row + 2);
-            v0 = p.a, v1 = p.b, v2 = q.a, v3 = q.b;
-          } else {
-            v0 = row[0], v1 = row[1], v2 = row[2];
-            v3 = two ? row[3] : 0.0f;
+          for (int d = 0; d < 9; ++d) wk[d] = w2s[9 * k + d], wl[d] = w2s[9 * kl + d];
+          const float t2 = aff[k], t2b = aff[kl];
+          const float* hk = h1 + r * g.ldh1 + j;
+          const float* hl = hk + nh2 * g.ldh1;
+          // window columns j .. j + 3 (column j + 3 exists only for a full pair)
+          auto ld = [&](const float* row, float& v0, float& v1, float& v2, float& v3) {
+            if constexpr (even) {
+              const Pair<float> p = *reinterpret_cast<const Pair<float>*>(row);
+              const Pair<float> q = *reinterpret_cast<const Pair<float>*>(row + 2);
+              v0 = p.a, v1 = p.b, v2 = q.a, v3 = q.b;
+            } else {
+              v0 = row[0], v1 = row[1], v2 = row[2];
+              v3 = two ? row[3] : 0.0f;
+            }
+          };
+          float a0, a1, a2, a3, b0, b1, b2, b3;  // channel k's window rows i, i + 1
+          float e0, e1, e2, e3, f0, f1, f2, f3;  // channel k + nh2's
+          ld(hk + i0 * hwi, a0, a1, a2, a3);
+          ld(hk + (i0 + 1) * hwi, b0, b1, b2, b3);
+          ld(hl + i0 * hwi, e0, e1, e2, e3);
+          ld(hl + (i0 + 1) * hwi, f0, f1, f2, f3);
+#pragma unroll
+          for (int ii = 0; ii < kDwRows; ++ii) {  // unrolled: the window moves are register renames
+            const int i = i0 + ii;
+            if (i >= i1) break;
+            float c0, c1, c2, c3, g0, g1, g2, g3;
+            ld(hk + (i + 2) * hwi, c0, c1, c2, c3);
+            ld(hl + (i + 2) * hwi, g0, g1, g2, g3);
+            // t2 first: 9 FFMA per output, no separate add
+            const float v = t2 + wk[0] * a0 + wk[1] * a1 + wk[2] * a2 + wk[3] * b0 + wk[4] * b1 + wk[5] * b2 +
+                            wk[6] * c0 + wk[7] * c1 + wk[8] * c2;
+            const float u = t2 + wk[0] * a1 + wk[1] * a2 + wk[2] * a3 + wk[3] * b1 + wk[4] * b2 + wk[5] * b3 +
+                            wk[6] * c1 + wk[7] * c2 + wk[8] * c3;
+            const float v2 = t2b + wl[0] * e0 + wl[1] * e1 + wl[2] * e2 + wl[3] * f0 + wl[4] * f1 + wl[5] * f2 +
+                             wl[6] * g0 + wl[7] * g1 + wl[8] * g2;
+            const float u2 = t2b + wl[0] * e1 + wl[1] * e2 + wl[2] * e3 + wl[3] * f1 + wl[4] * f2 + wl[5] * f3 +
+                             wl[6] * g1 + wl[7] * g2 + wl[8] * g3;
+            put(out, i, meta::relu6(v), meta::relu6(u));
+            put(out2, i, meta::relu6(v2), meta::relu6(u2));
+            a0 = b0, a1 = b1, a2 = b2, a3 = b3;
+            b0 = c0, b1 = c1, b2 = c2, b3 = c3;
+            e0 = f0, e1 = f1, e2 = f2, e3 = f3;
+            f0 = g0, f1 = g1, f2 = g2, f3 = g3;
           }
-        };
-        float a0, a1, a2, a3, b0, b1, b2, b3;  // channel k's window rows i, i + 1
-        float e0, e1, e2, e3, f0, f1, f2, f3;  // channel k + nh2's
-        ld(hk + i0 * hwi, a0, a1, a2, a3);
-        ld(hk + (i0 + 1) * hwi, b0, b1, b2, b3);
-        ld(hl + i0 * hwi, e0, e1, e2, e3);
-        ld(hl + (i0 + 1) * hwi, f0, f1, f2, f3);
-#pragma unroll
-        for (int ii = 0; ii < kDwRows; ++ii) {  // unrolled: the window moves are register renames
-          const int i = i0 + ii;
-          if (i >= i1) break;
-          float c0, c1, c2, c3, g0, g1, g2, g3;
-          ld(hk + (i + 2) * hwi, c0, c1, c2, c3);
-          ld(hl + (i + 2) * hwi, g0, g1, g2, g3);
-          // t2 first: 9 FFMA per output, no separate add
-          const float v = t2 + wk[0] * a0 + wk[1] * a1 + wk[2] * a2 + wk[3] * b0 + wk[4] * b1 + wk[5] * b2 +
-                          wk[6] * c0 + wk[7] * c1 + wk[8] * c2;
-          const float u = t2 + wk[0] * a1 + wk[1] * a2 + wk[2] * a3 + wk[3] * b1 + wk[4] * b2 + wk[5] * b3 +
-                          wk[6] * c1 + wk[7] * c2 + wk[8] * c3;
-          const float v2 = t2b + wl[0] * e0 + wl[1] * e1 + wl[2] * e2 + wl[3] * f0 + wl[4] * f1 + wl[5] * f2 +
-                           wl[6] * g0 + wl[7] * g1 + wl[8] * g2;
-          const float u2 = t2b + wl[0] * e1 + wl[1] * e2 + wl[2] * e3 + wl[3] * f1 + wl[4] * f2 + wl[5] * f3 +
-                           wl[6] * g1 + wl[7] * g2 + wl[8] * g3;
-          put(out, i, meta::relu6(v), meta::relu6(u));
-          put(out2, i, meta::relu6(v2), meta::relu6(u2));
-          a0 = b0, a1 = b1, a2 = b2, a3 = b3;
-          b0 = c0, b1 = c1, b2 = c2, b3 = c3;
-          e0 = f0, e1 = f1, e2 = f2, e3 = f3;
-          f0 = g0, f1 = g1, f2 = g2, f3 = g3;
+          if (!real2)
+            for (int i = i0; i < i1; ++i) put(out2, i, 0.0f, 0.0f);
         }
-        if (!real2)
-          for (int i = i0; i < i1; ++i) put(out2, i, 0.0f, 0.0f);
+      };
+      if (ewi % 2 == 0) {
+        dw(std::true_type{});
+      } else {
+        dw(std::false_type{});
       }
       __syncthreads();  // H2 complete (and H1 free for the next stage's pw1)
       // pw2, per 16-channel block s of the stage: this warp's accumulator tiles += W3'[:, block] H2[block];
