@@ -94,7 +94,7 @@ BARRIER_CLK = 120
 MMA_META_REGS = 128
 #: SASS instructions of its tensor-core loops per step (one k-step of one 16x16 accumulator tile), by (operand
 #: bytes, kSplit): the loop bodies of ptxas 13.0's sm_90 code (benchmarks/sass_counts.py; raw file
-#: results/2026-12-01-cpu/sass_counts_aac30d7.txt: loop instructions / steps, HMMA.1684 x4 per tf32 product,
+#: results/2026-12-01-cpu/sass_counts_7af2712.txt: loop instructions / steps, HMMA.1684 x4 per tf32 product,
 #: HMMA.16816 x2 per fp16/bf16 one). Fragment loads are PTX wmma.load.shared (mma::load_shared: LDSM for the 16-bit
 #: operands, 4 LDS per tf32 fragment); each load still rebuilds its lane address (S2R laneid + IMAD/LEA), and the
 #: loops carry their guards (nb, mine, k1), tile-index divisions and pointer arithmetic, so a step is 20-80
@@ -103,16 +103,25 @@ MMA_META_REGS = 128
 #:        W1' fragments loaded and split, all unconditional: the lane offsets are computed before the loop)
 #:   pw1_kept: the kept-W1' loop (per column tile: its k-steps, ReLU6 and fragment store included)
 #:   pw2: the pw2 loop (per 16-channel block: a warp's <= 4 accumulator tiles, W3' reloaded when m changes);
-#:   pw2_uniform: its copies for a warp whose tiles all lie in one row block (mt3 divides 8), one per tile
-#:        count 1..4: W3' loaded once, every H2 fragment load unconditional
+#:   pw2_uniform: its copies for a warp whose tiles all lie in one row block (_pw2_warps: per > 0), one per
+#:        tile count 1..4: W3' loaded once, every H2 fragment load unconditional
 META_MMA_STEP_ISSUE = {
-    (4, 3): dict(pw1={1: 52.0, 2: 40.5, 3: 36.7}, pw1_kept=83.0, pw2=61.5,
-                 pw2_uniform={1: 49.5, 2: 40.5, 3: 37.0, 4: 35.2}),
-    (4, 1): dict(pw1={1: 45.0, 2: 33.0, 3: 29.0}, pw1_kept=44.4, pw2=58.4,
-                 pw2_uniform={1: 42.0, 2: 32.8, 3: 29.2, 4: 27.4}),
-    (2, 1): dict(pw1={1: 15.0, 2: 10.0, 3: 8.3}, pw1_kept=31.0, pw2=35.8,  # the larger of fp16 / bf16
-                 pw2_uniform={1: 16.0, 2: 11.5, 3: 9.7, 4: 8.8}),
+    (4, 3): dict(pw1={1: 52.0, 2: 40.5, 3: 36.7}, pw1_kept=83.0, pw2=62.2,
+                 pw2_uniform={1: 49.5, 2: 40.0, 3: 36.3, 4: 34.5}),
+    (4, 1): dict(pw1={1: 45.0, 2: 33.0, 3: 29.0}, pw1_kept=44.4, pw2=57.5,
+                 pw2_uniform={1: 42.0, 2: 32.2, 3: 28.5, 4: 26.6}),
+    (2, 1): dict(pw1={1: 15.0, 2: 10.0, 3: 8.3}, pw1_kept=31.0, pw2=34.5,  # the larger of fp16 / bf16
+                 pw2_uniform={1: 16.0, 2: 10.0, 3: 8.0, 4: 7.0}),
 }
+#: SASS instructions of its depthwise stage (no HMMA: read off the disassembly of the same build as
+#: META_MMA_STEP_ISSUE, `sass_counts.py --keep DIR` then nvdisasm; the larger of fp16 / bf16 and of tf32 / 3xTF32),
+#: by operand bytes: ``row`` per output row of an item (both channels; by even tile width: 4 LDS.64 window loads,
+#: 36 FFMA, 12 ReLU6 (FSETP, FMNMX, FSEL per output), 2 pair stores, addresses, the row guard; odd: 8 scalar
+#: window loads, 4 stores and their guards; 16-bit H2: + the conversions), ``setup`` per item (loop test, the
+#: div_small index split, the padding test, 20 tap/t2 loads, the first two window rows of both channels,
+#: pointers, the loop-back; odd widths + 8 scalar loads), ``rcp`` per warp and tile (1 / ewp)
+META_DW_ISSUE = {4: dict(row={True: 67.0, False: 74.8}, setup={True: 96, False: 104}, rcp=11),
+                 2: dict(row={True: 69.0, False: 80.3}, setup={True: 97, False: 105}, rcp=11)}
 #: output rows, columns and channels per thread of its depthwise stage (kDwRows, kDwCols; channels r and
 #: r + nc/2 of a stage of nc)
 DW_ROWS, DW_COLS, DW_CHANS = 8, 2, 2
@@ -508,24 +517,21 @@ def _cuda_meta_mma(x, wflat, hid, Cout, esize, plan, split):
                 if t:
                     k.issue += nb * t * (16 // K) * (per["pw2_uniform"][t] if per_w else per["pw2"])
             k.tc += (steps1 + steps3) * split * MMA_CLK
-            # dw: per (2 columns, 2 channels, DW_ROWS-row block) item: int32 divisions by ewp and by half the
-            # stage's channel count (~20 each), 20 broadcast LDS (taps, t2), per channel the first two window
-            # rows, the second channel's padding test, pointers and loop (~8; its zero rows past hid, stored
-            # again after the rows, left out: last stage only); per output row (unrolled) and channel: the
-            # window row (even ew: 2 8-byte LDS, else 4), 18 FFMA (t2 starts each chain), per column 2 FMNMX
-            # (ReLU6) + the conversion to a 16-bit H2 (none for float), the store(s) (even ew: 1 pair, else
-            # 2); wavefronts of the window loads and H2 stores from the first warp's addresses (_dw_conflict,
-            # _dw_store_conflict: the second channel's, nc/2 rows further, the same)
+            # dw: per (2 columns, 2 channels, DW_ROWS-row block) item its setup and per output row both
+            # channels' window rows, FFMA, ReLU6 and stores (META_DW_ISSUE, from the SASS; the zero rows of
+            # padded channels, last stage only, left out); wavefronts of the window loads (even ew: 2 8-byte
+            # LDS per channel, else 4 scalar) and H2 stores (even: 1 pair, else 2) from the first warp's
+            # addresses (_dw_conflict, _dw_store_conflict: the second channel's, nc/2 rows further, the same),
+            # per item 2 x 10 broadcast tap/t2 loads and the first two window rows
             rows = min(DW_ROWS, eh)
-            nld, nst = (2, 1) if ew % 2 == 0 else (4, 2)
+            even = ew % 2 == 0
+            dwi = META_DW_ISSUE[esize]
             cl = _dw_conflict(eh, ew, _dw_ldh1(g["nq"], tw), 16 * nb)
             cs = _dw_store_conflict(eh, ew, g["ldh2"], esize, 16 * nb)
             items = 16 * nb // DW_CHANS * math.ceil(eh / DW_ROWS) * math.ceil(ew / DW_COLS)
-            cvt = 1 if esize == 2 else 0
-            k.loop(items, rows, lsu=DW_CHANS * (cl + cs),
-                   issue=DW_CHANS * (nld + 18 + 2 * (2 + cvt) + nst),
-                   overhead=40 + DW_CHANS * (10 + 2 * nld) + 8)
+            k.loop(items, rows, lsu=DW_CHANS * (cl + cs), issue=dwi["row"][even], overhead=dwi["setup"][even])
             k.loop(items, lsu=DW_CHANS * (10 + 2 * cl))
+        k.issue += 8 * META_DW_ISSUE[esize]["rcp"]  # every warp: 1 / ewp once per tile
         # Y: per 16x16 accumulator tile its warp's fragment store (8 wavefronts: 1 KB, conflict-free at
         # ldy = np + 8), LDS yoff, then per round of two rows (rows 0 1 4 5 8 9 12 13 and + 2; the rounds
         # past Cout skipped) LDS Y, LDS t3, FADD, convert, bound checks, address, STG (~8); ~10 per tile
