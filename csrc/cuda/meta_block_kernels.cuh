@@ -514,13 +514,15 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
           ld(hk + (i0 + 1) * hwi, b0, b1, b2, b3);
           ld(hl + i0 * hwi, e0, e1, e2, e3);
           ld(hl + (i0 + 1) * hwi, f0, f1, f2, f3);
+          // window row i + 2 and output row i of both channels, stepped per row (one add each)
+          const float *rk = hk + (i0 + 2) * hwi, *rl = hl + (i0 + 2) * hwi;
+          T *ok = out + i0 * ewi, *ol = out2 + i0 * ewi;
 #pragma unroll
           for (int ii = 0; ii < kDwRows; ++ii) {  // unrolled: the window moves are register renames
-            const int i = i0 + ii;
-            if (i >= i1) break;
+            if (i0 + ii >= i1) break;
             float c0, c1, c2, c3, g0, g1, g2, g3;
-            ld(hk + (i + 2) * hwi, c0, c1, c2, c3);
-            ld(hl + (i + 2) * hwi, g0, g1, g2, g3);
+            ld(rk, c0, c1, c2, c3);
+            ld(rl, g0, g1, g2, g3);
             // t2 first: 9 FFMA per output, no separate add
             const float v = t2 + wk[0] * a0 + wk[1] * a1 + wk[2] * a2 + wk[3] * b0 + wk[4] * b1 + wk[5] * b2 +
                             wk[6] * c0 + wk[7] * c1 + wk[8] * c2;
@@ -530,8 +532,9 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
                              wl[6] * g0 + wl[7] * g1 + wl[8] * g2;
             const float u2 = t2b + wl[0] * e1 + wl[1] * e2 + wl[2] * e3 + wl[3] * f1 + wl[4] * f2 + wl[5] * f3 +
                              wl[6] * g1 + wl[7] * g2 + wl[8] * g3;
-            put(out, i, meta::relu6(v), meta::relu6(u));
-            put(out2, i, meta::relu6(v2), meta::relu6(u2));
+            put(ok, 0, meta::relu6(v), meta::relu6(u));
+            put(ol, 0, meta::relu6(v2), meta::relu6(u2));
+            rk += hwi, rl += hwi, ok += ewi, ol += ewi;
             a0 = b0, a1 = b1, a2 = b2, a3 = b3;
             b0 = c0, b1 = c1, b2 = c2, b3 = c3;
             e0 = f0, e1 = f1, e2 = f2, e3 = f3;
