@@ -113,6 +113,31 @@ META_MMA_STEP_ISSUE = {
     (2, 1): dict(pw1={1: 15.0, 2: 10.0, 3: 8.3}, pw1_kept=31.0, pw2=35.8,  # the larger of fp16 / bf16
                  pw2_uniform={1: 16.0, 2: 11.5, 3: 9.7, 4: 8.8}),
 }
+#: Warp-instructions of meta_forward_mma_kernel's staging loops, by operand size (4: float, 2: bf16/fp16, the
+#: larger of the two), read off the SASS of the patch-major copies (benchmarks/sass_counts.py --all-loops; raw file
+#: results/2026-12-01-cpu/sass_counts_STAGE10.txt, the `all-loops` lines of <float, kSplit=3> and
+#: <BFloat16, kSplit=1>; the loops are not unrolled, so a body's count is what one round executes):
+#:   w1, w3: one 256-element round of W1' / W3' (row and column by a float reciprocal, clamped indices, LDG
+#:        scale, LDG w, FMUL, selects, convert, STS, loop; W1' also t1's predicated LDG)
+#:   w2: one 256-element round of W2' (idx / 9 by a constant, 2 LDG, FMUL, STS); aff: one round of t2, t3
+#:   t1: one round of the T1 tile (t1acc: LDG t1, one 16-byte STS of 4 copies)
+#:   xrow_px, xrow4: the ones/zero rows of X (once per block): per pixel round, per 4 rows (unrolled x4)
+#:   x_px, x_ch4: the x tile: per pixel round (its row and column by a float reciprocal, two 32-bit reflects, the
+#:        base pointer; the outer body less the channel loop and its remainder copies), per 4 channels (the
+#:        channel loop, unrolled x4: 4 LDG, 4 STS, pointer increments), x_ch1 per remainder channel
+#:   yoff: one round of the tile's y offsets (no division in the loop)
+META_MMA_STAGE_ISSUE = {
+    4: dict(w1=35, w3=31, w2=21, aff=11, t1=20, xrow_px=30, xrow4=22,
+            x_px=66, x_ch4=28, x_ch1=12, yoff=15),
+    2: dict(w1=39, w3=34, w2=23, aff=12, t1=21, xrow_px=29, xrow4=26,
+            x_px=66, x_ch4=36, x_ch1=14, yoff=15),
+}
+#: the y-offset loop's set-up per warp holding tile pixels: two int32 divisions (tid / ew, 256 / ew) and the
+#: steps (estimated: PWB_INT32_DIV each, + 10)
+META_MMA_YOFF_SETUP = 2 * 20 + 10
+#: warp-instructions of one pw1 accumulator's start from the T1 tile (t1acc; mma::load_shared_acc): the LDS of
+#: a 16x16 float fragment and its lane address (SASS, raw file as META_MMA_STAGE_ISSUE)
+META_MMA_T1_INIT = 11
 #: output rows and columns per thread of its depthwise stage (kDwRows, kDwCols)
 DW_ROWS, DW_COLS = 8, 2
 #: cycles a barrier right after a block's global loads waits for them (first touch from HBM: Hopper's
@@ -324,17 +349,26 @@ def _meta_plan(PH, PW, Cin, hid, Cout, N, backward):
     raise ValueError("meta_block: channels too large for shared memory")
 
 
+#: kLdT1 (meta_block_kernels.cuh): the row stride, floats, of the pw1 accumulators' T1 tile (t1acc)
+T1_LD = 24
+
+
 def _mma_geometry(Cin, hid, Cout, th, tw, esize, k, hc=16):
     """mma_geometry (csrc/cuda/meta_block_kernels.cuh): padded MMA extents and shared-memory bytes; hc hidden
     channels per stage (H1 and H2 hold one stage)."""
     up = lambda v, m: -(-v // m) * m  # noqa: E731
     pad, bpad = 16 // esize, 8  # row padding of the A operands (16 bytes) and of the B operands (8 elements)
-    k1, m1, m3 = up(Cin + 1, k), up(hid, 16), up(Cout, 16)  # k1: + the ones row carrying t1
+    # k1: Cin padded to the MMA depth; t1 rides on a ones row of X in that padding, or where there is none
+    # (t1acc: Cin a multiple of k) starts the pw1 accumulators from a T1 tile (m1 rows, stride T1_LD floats)
+    k1, m1, m3 = up(Cin, k), up(hid, 16), up(Cout, 16)
+    t1acc = k1 == Cin
     nq, np_ = up((th + 2) * (tw + 2), 16), up(th * tw, 16)
     regions = [m1 * (k1 + pad) * esize, m3 * (m1 + pad) * esize, 9 * hid * 4, (hid + Cout) * 4,
+               m1 * T1_LD * 4 if t1acc else 0,
                k1 * (nq + bpad) * esize, max(hc * _dw_ldh1(nq, tw), m3 * (np_ + 8)) * 4,
                hc * (np_ + bpad) * esize, np_ * 4]
-    return dict(k1=k1, m1=m1, m3=m3, nq=nq, np=np_, hc=hc, ldh2=np_ + bpad, bytes=sum(up(r, 128) for r in regions))
+    return dict(k1=k1, t1acc=t1acc, m1=m1, m3=m3, nq=nq, np=np_, hc=hc, ldh2=np_ + bpad,
+                bytes=sum(up(r, 128) for r in regions))
 
 
 def _a1_depth(k, split):
@@ -443,19 +477,21 @@ def _cuda_meta_mma(x, wflat, hid, Cout, esize, plan, split):
     kfrag = g["k1"] // K                     # pw1 k-steps
     keep_a1 = g["k1"] <= _a1_depth(K, split)  # kA1Depth<K, kSplit>
     k = _KernelCost("meta_forward_mma_kernel", B * G, 256, g["bytes"], regs=MMA_META_REGS)
-    # weights: a warp per row of W1' (m1 x k1) and W3' (m3 x m1), lanes along it: per 32 columns LDG + STS,
-    # ~8 instructions (address, bound selects, FMUL by the scale, convert, loop); per row two scalar loads
-    # (scale, shift) and the row pointer (~8); W2' and the shifts: a thread per element (idx / 9 by a
-    # constant: multiply-shift), ~10 instructions with LDG scale, LDG w, STS
-    rows = g["m1"] * math.ceil(g["k1"] / 32) + g["m3"] * math.ceil(g["m1"] / 32)
-    k.lsu += rows * 2
-    k.issue += rows * 8 + (g["m1"] + g["m3"]) * 8
-    k.loop(9 * hid, lsu=3, issue=10)
-    k.loop(hid + Cout, lsu=2, issue=6)
-    # X's rows Cin..k1 - 1 (ones, zeros), once per block: per haloed pixel and row STS, address, loop (~3)
-    xw = math.ceil(g["nq"] / 32)
-    k.lsu += xw * (g["k1"] - Cin)
-    k.issue += xw * (g["k1"] - Cin) * 3
+    # staging (META_MMA_STAGE_ISSUE, from the SASS): W1' (m1 x k1) and W3' (m3 x m1) a thread per element, flat
+    # (LDG scale, LDG w, STS; W1' the t1 column's LDG predicated off elsewhere); W2' and the shifts a thread
+    # per element; the T1 tile (t1acc: per 4 copies an LDG and one 16-byte STS, 4 wavefronts); X's rows
+    # Cin..k1 - 1 (ones, zeros; !t1acc), once per block: per haloed pixel and row an STS
+    st = META_MMA_STAGE_ISSUE[esize]
+    k.loop(g["m1"] * g["k1"], lsu=3, issue=st["w1"])
+    k.loop(g["m3"] * g["m1"], lsu=3, issue=st["w3"])
+    k.loop(9 * hid, lsu=3, issue=st["w2"])
+    k.loop(hid + Cout, lsu=2, issue=st["aff"])
+    if g["t1acc"]:
+        k.loop(g["m1"] * 4, lsu=1 + 4, issue=st["t1"])
+    xw = math.ceil(g["nq"] / 32)  # warp rounds over the haloed tile's (padded) pixels
+    if g["k1"] > Cin:
+        k.lsu += xw * (g["k1"] - Cin)
+        k.issue += xw * (st["xrow_px"] + math.ceil((g["k1"] - Cin) / 4) * st["xrow4"])
     tiles = [(min(th, PH - i), min(tw, PW - j)) for i in range(0, PH, th) for j in range(0, PW, tw)]
     hc = g["hc"]
     stages = [min(hc, g["m1"] - k0) // 16 for k0 in range(0, g["m1"], hc)]  # 16-channel blocks per stage
@@ -464,13 +500,13 @@ def _cuda_meta_mma(x, wflat, hid, Cout, esize, plan, split):
         hq, tp = (eh + 2) * (ew + 2), eh * ew
         halo_px += hq
         k.barriers += 1 + 2 * len(stages)
-        # x tile: a thread per haloed pixel (nq, 32 consecutive per warp-iteration): its reflected offset
-        # once (two int32 divisions, two reflects, ~60 instr), then per image channel LDG, convert, STS,
-        # address and loop (~6 instr); the tp output-pixel offsets (two int32 divisions, STS)
-        xw = math.ceil(g["nq"] / 32)
+        # x tile: a thread per haloed pixel (nq, 32 consecutive per warp round): its reflected offset once,
+        # then per image channel LDG, STS (the channel loop unrolled x4, remainder channels one by one); the tp
+        # output-pixel offsets: per warp holding some the set-up, per round an STS (META_MMA_STAGE_ISSUE)
         k.lsu += xw * 2 * Cin
-        k.issue += xw * (60 + 6 * Cin)
-        k.loop(tp, lsu=1, issue=50)
+        k.issue += xw * (st["x_px"] + Cin // 4 * st["x_ch4"] + Cin % 4 * st["x_ch1"])
+        k.loop(tp, lsu=1, issue=st["yoff"])
+        k.issue += math.ceil(min(tp, 256) / 32) * META_MMA_YOFF_SETUP
         nt1, nt3 = math.ceil(hq / 16), math.ceil(tp / 16)
         mt3 = g["m3"] // 16
         busy1 = min(8, nt1)  # warps with a pw1 column tile
@@ -489,6 +525,9 @@ def _cuda_meta_mma(x, wflat, hid, Cout, esize, plan, split):
             a1 = busy1 * kfrag if kept else steps1      # W1' fragment loads
             a3 = nb * a3_loads * (16 // K)              # W3' fragment loads
             k.lsu += (a1 + b1 + a3 + steps3) * 4 + nb * nt1 * 8  # A, B fragment loads (4 each); H1 stores
+            if g["t1acc"]:  # each pw1 accumulator starts as its T1 block (wmma.load.c.shared: 1 KB, 8 wavefronts)
+                k.lsu += nb * nt1 * 8
+                k.issue += nb * nt1 * META_MMA_T1_INIT
             # instructions per step as the SASS shows them (META_MMA_STEP_ISSUE: loads, lane addressing,
             # 3xTF32 splits, HMMA, guards, loop); the stage loop's ReLU6 and store of each pw1 accumulator
             # fragment (8 elements, 2 instructions each) outside it; the kept loop's count includes them

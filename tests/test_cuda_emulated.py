@@ -233,8 +233,12 @@ META_CASES = {
     # rounds past Cout skipped); hid 24: one stage of 2 blocks in every dtype (a warp per column tile
     # computes both); 10x6 and 10x7 patches in 10x7 tiles (even and odd widths, two depthwise row blocks)
     "two-row-blocks": (1, 6, 24, 19, 10, 13, 1, 2),
+    # tensor cores: Cin 8, a multiple of tf32's depth (float: no ones row, pw1's accumulators start from the T1
+    # tile, k1 = 8), not of fp16/bf16's (ones row at row 8); hid 40: T1's rows 40..47 zero, 16-channel blocks
+    # 0..2 of one stage (each accumulator from its own T1 block); 12x5 patches, one tile
+    "t1-tile": (1, 8, 40, 5, 12, 10, 1, 2),
 }
-MMA_ONLY = {"half-tile", "wide-stage", "two-row-blocks"}  # cases of the tensor-core forward tests only
+MMA_ONLY = {"half-tile", "wide-stage", "two-row-blocks", "t1-tile"}  # cases of the tensor-core forward tests only
 
 
 def _meta_inputs(case, dtype, seed=0):
@@ -300,7 +304,7 @@ def tf32_matmul(request):
 
 
 @pytest.mark.parametrize("case", ["odd", "multi-tile", "smem-weights-large", "deep-tile", "half-tile", "wide-stage",
-                                  "two-row-blocks"])
+                                  "two-row-blocks", "t1-tile"])
 @pytest.mark.parametrize("dtype, tf32_matmul", [(torch.float32, False), (torch.float32, True),
                                                 (torch.float16, False), (torch.bfloat16, False)],
                          indirect=["tf32_matmul"], ids=["fp32-3xtf32", "fp32-tf32", "fp16", "bf16"])
