@@ -89,8 +89,8 @@ MMA_CLK = 8192 / 3787
 #: cycles a block loses at a __syncthreads() (the slowest warp's last loads drain; ~ one L1/smem round trip
 #: plus the tail of the loop before it) when no other block on the SM has work.
 BARRIER_CLK = 120
-#: registers/thread of meta_forward_mma_kernel (ptxas -Xptxas -v, sm_90: 116 (fp16, bf16) - 128 (tf32) under its
-#: __launch_bounds__(256, 2), no spills; gpu_resources_full.txt lists it too)
+#: registers/thread of meta_forward_mma_kernel (ptxas -Xptxas -v, sm_90: 121 (fp16, bf16, 3xTF32) - 127 (tf32) under
+#: its __launch_bounds__(256, 2), no spills (sass_counts_acb5123.txt; gpu_resources_full.txt lists an older build))
 MMA_META_REGS = 128
 #: SASS instructions of its tensor-core loops per step (one k-step of one 16x16 accumulator tile), by (operand
 #: bytes, kSplit): the loop bodies of ptxas 13.0's sm_90 code (benchmarks/sass_counts.py; raw file
@@ -101,21 +101,23 @@ MMA_META_REGS = 128
 #: instructions, not the ~12 of the HMMA and the loads alone.
 #:   pw1: the stage loop, one copy per block count nb = 1, 2, 3 (a column tile's k-step: 1 X fragment and nb
 #:        W1' fragments loaded and split, all unconditional: the lane offsets are computed before the loop)
-#:   pw1_kept: the kept-W1' loop (per column tile: its k-steps, ReLU6 and fragment store included)
+#:   pw1_kept: the kept-W1' loop (per column tile: its k-steps, ReLU6 and fragment store included, and the
+#:        accumulator's start, zero or the T1 block: sass_counts_acb5123.txt, the other figures unchanged there
+#:        within 0.5 per step)
 #:   pw2: the pw2 loop (per 16-channel block: a warp's <= 4 accumulator tiles, W3' reloaded when m changes);
 #:   pw2_uniform: its copies for a warp whose tiles all lie in one row block (mt3 divides 8), one per tile
 #:        count 1..4: W3' loaded once, every H2 fragment load unconditional
 META_MMA_STEP_ISSUE = {
-    (4, 3): dict(pw1={1: 52.0, 2: 40.5, 3: 36.7}, pw1_kept=83.0, pw2=61.5,
+    (4, 3): dict(pw1={1: 52.0, 2: 40.5, 3: 36.7}, pw1_kept=94.0, pw2=61.5,
                  pw2_uniform={1: 49.5, 2: 40.5, 3: 37.0, 4: 35.2}),
-    (4, 1): dict(pw1={1: 45.0, 2: 33.0, 3: 29.0}, pw1_kept=44.4, pw2=58.4,
+    (4, 1): dict(pw1={1: 45.0, 2: 33.0, 3: 29.0}, pw1_kept=46.8, pw2=58.4,
                  pw2_uniform={1: 42.0, 2: 32.8, 3: 29.2, 4: 27.4}),
-    (2, 1): dict(pw1={1: 15.0, 2: 10.0, 3: 8.3}, pw1_kept=31.0, pw2=35.8,  # the larger of fp16 / bf16
+    (2, 1): dict(pw1={1: 15.0, 2: 10.0, 3: 8.3}, pw1_kept=34.7, pw2=35.8,  # the larger of fp16 / bf16
                  pw2_uniform={1: 16.0, 2: 11.5, 3: 9.7, 4: 8.8}),
 }
 #: Warp-instructions of meta_forward_mma_kernel's staging loops, by operand size (4: float, 2: bf16/fp16, the
 #: larger of the two), read off the SASS of the patch-major copies (benchmarks/sass_counts.py --all-loops; raw file
-#: results/2026-12-01-cpu/sass_counts_STAGE10.txt, the `all-loops` lines of <float, kSplit=3> and
+#: results/2026-12-01-cpu/sass_counts_acb5123.txt, the `all-loops` lines of <float, kSplit=3> and
 #: <BFloat16, kSplit=1>; the loops are not unrolled, so a body's count is what one round executes):
 #:   w1, w3: one 256-element round of W1' / W3' (row and column by a float reciprocal, clamped indices, LDG
 #:        scale, LDG w, FMUL, selects, convert, STS, loop; W1' also t1's predicated LDG)
@@ -455,7 +457,8 @@ def _cuda_meta_mma(x, wflat, hid, Cout, esize, plan, split):
     """meta_forward_mma_kernel (csrc/cuda/meta_block_kernels.cuh), patch-major weights (what the models
     emit on CUDA): one 256-thread block per (sample, patch), ``__launch_bounds__(256, 2)``. The weights are
     staged once with the first two affines' scales folded in (W1' = s1 W1 with t1 as an extra column
-    against a row of ones in X, W2' = s2 W2, W3' = s3 W3); per tile the haloed x tile is staged once, then
+    against a row of ones in X where Cin is not a multiple of the MMA depth, else t1 starting the pw1
+    accumulators from a T1 tile; W2' = s2 W2, W3' = s3 W3); per tile the haloed x tile is staged once, then
     per stage of hc = 16, 32 or 48 hidden channels (the plan's widest that fits; 2 barriers each): pw1 on
     the tensor cores (a warp per 16-px column tile; in 16-channel stages the W1' fragments kept in
     registers across a warp's tiles when k1 <= kA1Depth, else the warp computes all of the stage's
@@ -525,9 +528,9 @@ def _cuda_meta_mma(x, wflat, hid, Cout, esize, plan, split):
             a1 = busy1 * kfrag if kept else steps1      # W1' fragment loads
             a3 = nb * a3_loads * (16 // K)              # W3' fragment loads
             k.lsu += (a1 + b1 + a3 + steps3) * 4 + nb * nt1 * 8  # A, B fragment loads (4 each); H1 stores
-            if g["t1acc"]:  # each pw1 accumulator starts as its T1 block (wmma.load.c.shared: 1 KB, 8 wavefronts)
-                k.lsu += nb * nt1 * 8
-                k.issue += nb * nt1 * META_MMA_T1_INIT
+            if g["t1acc"]:  # each pw1 accumulator starts as its T1 block (wmma.load.c.shared: 1 KB, 8 wavefronts;
+                k.lsu += nb * nt1 * 8  # the kept loop's count includes its instructions)
+                k.issue += 0 if kept else nb * nt1 * META_MMA_T1_INIT
             # instructions per step as the SASS shows them (META_MMA_STEP_ISSUE: loads, lane addressing,
             # 3xTF32 splits, HMMA, guards, loop); the stage loop's ReLU6 and store of each pw1 accumulator
             # fragment (8 elements, 2 instructions each) outside it; the kept loop's count includes them

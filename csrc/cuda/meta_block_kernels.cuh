@@ -167,8 +167,9 @@ __global__ void __launch_bounds__(kThreads) meta_forward_kernel(
 // the patch's weights with the first two affines' scales folded in (W1' = s1 W1, W2' = s2 W2, W3' = s3 W3;
 // t1 as an extra column of W1' against a row of ones in X where Cin is not a multiple of the MMA depth k, else
 // as the pw1 accumulators' start, a T1 tile), then per tile loads x's haloed tile once (operand type, rows =
-// channels; the row of ones and the zero rows up to the MMA depth are written once per block) and walks the hidden channels in stages of hc = 16, 32 or 48 (the plan's widest
-// that fits; two barriers each, plus one per tile):
+// channels; the row of ones and the zero rows up to the MMA depth are written once per block) and walks the
+// hidden channels in stages of hc = 16, 32 or 48 (the plan's widest that fits; two barriers each, plus one per
+// tile):
 //   pw1   H1[hc, haloed px] = relu6(W1'[stage] [X; 1])             wmma (ReLU6 on the fragments), a warp per
 //                                                                  16-px column tile: W1' fragments in registers
 //                                                                  (hc 16) or all hc/16 blocks, each X fragment
@@ -416,7 +417,8 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
       if (i < mine) wmma::fill_fragment(acc[i], 0.0f);
     for (int k0 = 0; k0 < g.m1; k0 += g.hc) {
       const int nc = min(g.hc, g.m1 - k0), nb = nc / kChunk;  // the stage's channels, 16-channel blocks
-      // pw1 of the stage: H1 = relu6(W1' [X; 1]) (t1 rides on the ones row). keep_a1 (one-block stages): a
+      // pw1 of the stage: H1 = relu6(W1' [X; 1]) (t1 rides on the ones row, or starts the accumulators:
+      // init_c1). keep_a1 (one-block stages): a
       // warp per 16-px column tile with the stage's W1' fragments loaded (and split) once per stage. Else a
       // warp per 16-px column tile computes all nb <= 3 16-channel blocks of the stage: per k-step its X
       // fragment is loaded (and split) once and used for the nb W1' fragments (loaded per block and k-step)
