@@ -89,7 +89,7 @@ MMA_CLK = 8192 / 3787
 #: cycles a block loses at a __syncthreads() (the slowest warp's last loads drain; ~ one L1/smem round trip
 #: plus the tail of the loop before it) when no other block on the SM has work.
 BARRIER_CLK = 120
-#: registers/thread of meta_forward_mma_kernel (ptxas -Xptxas -v, sm_90: 121 (fp16, bf16, 3xTF32) - 127 (tf32) under
+#: registers/thread of meta_forward_mma_kernel (ptxas -Xptxas -v, sm_90: 121 (fp16, bf16, 3xTF32) - 128 (tf32) under
 #: its __launch_bounds__(256, 2), no spills (sass_counts_acb5123.txt; gpu_resources_full.txt lists an older build))
 MMA_META_REGS = 128
 #: SASS instructions of its tensor-core loops per step (one k-step of one 16x16 accumulator tile), by (operand
@@ -119,8 +119,8 @@ META_MMA_STEP_ISSUE = {
 #: larger of the two), read off the SASS of the patch-major copies (benchmarks/sass_counts.py --all-loops; raw file
 #: results/2026-12-01-cpu/sass_counts_acb5123.txt, the `all-loops` lines of <float, kSplit=3> and
 #: <BFloat16, kSplit=1>; the loops are not unrolled, so a body's count is what one round executes):
-#:   w1, w3: one 256-element round of W1' / W3' (row and column by a float reciprocal, clamped indices, LDG
-#:        scale, LDG w, FMUL, selects, convert, STS, loop; W1' also t1's predicated LDG)
+#:   w1, w3: one 256-element round of W1' / W3''s real elements (row and column by a float reciprocal, LDG scale,
+#:        LDG w, FMUL, convert, STS, loop); pad: one round of a padding loop (the largest of the four)
 #:   w2: one 256-element round of W2' (idx / 9 by a constant, 2 LDG, FMUL, STS); aff: one round of t2, t3
 #:   t1: one round of the T1 tile (t1acc: LDG t1, one 16-byte STS of 4 copies)
 #:   xrow_px, xrow4: the ones/zero rows of X (once per block): per pixel round, per 4 rows (unrolled x4)
@@ -129,9 +129,9 @@ META_MMA_STEP_ISSUE = {
 #:        channel loop, unrolled x4: 4 LDG, 4 STS, pointer increments), x_ch1 per remainder channel
 #:   yoff: one round of the tile's y offsets (no division in the loop)
 META_MMA_STAGE_ISSUE = {
-    4: dict(w1=35, w3=31, w2=21, aff=11, t1=20, xrow_px=30, xrow4=22,
+    4: dict(w1=18, w3=23, pad=21, w2=21, aff=11, t1=20, xrow_px=30, xrow4=22,
             x_px=66, x_ch4=28, x_ch1=12, yoff=15),
-    2: dict(w1=39, w3=34, w2=23, aff=12, t1=21, xrow_px=29, xrow4=26,
+    2: dict(w1=21, w3=26, pad=23, w2=23, aff=12, t1=21, xrow_px=29, xrow4=26,
             x_px=66, x_ch4=36, x_ch1=14, yoff=15),
 }
 #: the y-offset loop's set-up per warp holding tile pixels: two int32 divisions (tid / ew, 256 / ew) and the
@@ -480,13 +480,17 @@ def _cuda_meta_mma(x, wflat, hid, Cout, esize, plan, split):
     kfrag = g["k1"] // K                     # pw1 k-steps
     keep_a1 = g["k1"] <= _a1_depth(K, split)  # kA1Depth<K, kSplit>
     k = _KernelCost("meta_forward_mma_kernel", B * G, 256, g["bytes"], regs=MMA_META_REGS)
-    # staging (META_MMA_STAGE_ISSUE, from the SASS): W1' (m1 x k1) and W3' (m3 x m1) a thread per element, flat
-    # (LDG scale, LDG w, STS; W1' the t1 column's LDG predicated off elsewhere); W2' and the shifts a thread
-    # per element; the T1 tile (t1acc: per 4 copies an LDG and one 16-byte STS, 4 wavefronts); X's rows
+    # staging (META_MMA_STAGE_ISSUE, from the SASS): the real elements of W1' (hid x Cin) and W3' (Cout x hid) a
+    # thread per element in source order (LDG scale, LDG w, STS), then their padding: columns up to k1 / m1 of
+    # every row (W1''s t1 column: a predicated LDG), rows up to m1 / m3 (zero); W2' and the shifts a thread per
+    # element; the T1 tile (t1acc: per 4 copies an LDG and one 16-byte STS, 4 wavefronts); X's rows
     # Cin..k1 - 1 (ones, zeros; !t1acc), once per block: per haloed pixel and row an STS
     st = META_MMA_STAGE_ISSUE[esize]
-    k.loop(g["m1"] * g["k1"], lsu=3, issue=st["w1"])
-    k.loop(g["m3"] * g["m1"], lsu=3, issue=st["w3"])
+    k.loop(hid * Cin, lsu=3, issue=st["w1"])
+    k.loop(Cout * hid, lsu=3, issue=st["w3"])
+    for items in (g["m1"] * (g["k1"] - Cin), (g["m1"] - hid) * Cin, g["m3"] * (g["m1"] - hid), (g["m3"] - Cout) * hid):
+        if items:
+            k.loop(items, lsu=2, issue=st["pad"])
     k.loop(9 * hid, lsu=3, issue=st["w2"])
     k.loop(hid + Cout, lsu=2, issue=st["aff"])
     if g["t1acc"]:

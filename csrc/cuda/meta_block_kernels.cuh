@@ -307,29 +307,26 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
   const DevPatch P(blockIdx.x, gh, gw, H, W);
   const int tid = static_cast<int>(threadIdx.x), warp = tid / 32, lane = tid % 32;
   const int cin = static_cast<int>(Cin), nh = static_cast<int>(hid), co = static_cast<int>(Cout);
-  // weights of this patch, W1'/W3' zero-padded, read through the read-only path: contiguous (patch-major, what
-  // the models emit on CUDA: 32-bit element offsets) or strided by G (64-bit offsets); one copy of the staging
-  // per layout (ws: the element stride, a compile-time 1 when contiguous). W1' (m1 x k1) and W3' (m3 x m1) a
-  // thread per element, flat (36 warp rounds for HyperSeg-M's 48 x 24 W1', not 48 half-empty rows), the row
-  // r = e / width by a float reciprocal (exact: see div_exact); branch-free: padding elements load a real one
-  // (row and column clamped) and store a selected zero or t1 (never a product with it); loops not unrolled
+  // weights of this patch, read through the read-only path: contiguous (patch-major, what the models emit on
+  // CUDA: 32-bit element offsets) or strided by G (64-bit offsets); one copy of the staging per layout (ws: the
+  // element stride, a compile-time 1 when contiguous). W1' and W3' a thread per real element, flat in source
+  // order (36 warp rounds for HyperSeg-M's 48 x 24 W1', not 48 half-empty rows), the row r = e / width by a float
+  // reciprocal (div_exact; every index here is far below its 2^22: W1', W3' fit in shared memory), times the
+  // row's scale; their padding after (pad); loops not unrolled
   const int ow1 = static_cast<int>(L.w1()), ow2 = static_cast<int>(L.w2()), ow3 = static_cast<int>(L.w3());
   const int oa1 = static_cast<int>(L.a1()), oa2 = static_cast<int>(L.a2()), oa3 = static_cast<int>(L.a3());
   auto stage = [&](const scalar_t* __restrict__ src, auto ws) {
-    const float inv_k1 = 1.0f / static_cast<float>(g.k1), inv_m1 = 1.0f / static_cast<float>(g.m1);
+    // the rows x cols real elements of W1' or W3' (row-major from woff in the source), row r scaled by scale[soff + r]
+    auto real = [&](T* dst, int ld, int rows, int cols, int woff, int soff) {
+      const float inv = 1.0f / static_cast<float>(cols);
 #pragma unroll 1
-    for (int e = tid; e < g.m1 * g.k1; e += kThreads) {
-      const int r = div_exact(e, inv_k1), c = e - r * g.k1, rc = min(r, nh - 1);
-      const float v = mma::ldg_float(scale + oa1 + rc) * mma::ldg_float(src + (ow1 + rc * cin + min(c, cin - 1)) * ws);
-      const float t1 = c == cin ? mma::ldg_float(shift + oa1 + rc) : 0.0f;  // column Cin: only if !t1acc
-      w1s[r * g.ldw1 + c] = mma::from_float<T>(r < nh ? (c < cin ? v : t1) : 0.0f);
-    }
-#pragma unroll 1
-    for (int e = tid; e < g.m3 * g.m1; e += kThreads) {
-      const int r = div_exact(e, inv_m1), c = e - r * g.m1, rc = min(r, co - 1);
-      const float v = mma::ldg_float(scale + oa3 + rc) * mma::ldg_float(src + (ow3 + rc * nh + min(c, nh - 1)) * ws);
-      w3s[r * g.ldw3 + c] = mma::from_float<T>(r < co && c < nh ? v : 0.0f);
-    }
+      for (int e = tid; e < rows * cols; e += kThreads) {
+        const int r = div_exact(e, inv), c = e - r * cols;
+        dst[r * ld + c] = mma::from_float<T>(mma::ldg_float(scale + soff + r) * mma::ldg_float(src + (woff + e) * ws));
+      }
+    };
+    real(w1s, g.ldw1, nh, cin, ow1, oa1);
+    real(w3s, g.ldw3, co, nh, ow3, oa3);
 #pragma unroll 1
     for (int idx = tid; idx < 9 * nh; idx += kThreads)
       w2s[idx] = mma::ldg_float(scale + oa2 + idx / 9) * mma::ldg_float(src + (ow2 + idx) * ws);
@@ -339,6 +336,28 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
   } else {
     stage(weight + P.b * N * G + P.patch, G);
   }
+  // the padding of W1' (m1 x k1) and W3' (m3 x m1): columns cols..k - 1 of all m rows (W1': t1 at column Cin,
+  // which exists only where !t1acc), then rows rows..m - 1 of the real columns, zero (a NaN left there would
+  // reach real outputs through 0 * NaN)
+  auto pad = [&](T* dst, int ld, int rows, int cols, int m, int k, bool t1col) {
+    const int kp = k - cols;
+    if (kp > 0) {
+      const float inv = 1.0f / static_cast<float>(kp);
+#pragma unroll 1
+      for (int e = tid; e < m * kp; e += kThreads) {
+        const int r = div_exact(e, inv), c = e - r * kp;
+        dst[r * ld + cols + c] = mma::from_float<T>(t1col && c == 0 && r < rows ? mma::ldg_float(shift + oa1 + r) : 0.0f);
+      }
+    }
+    const float inv = 1.0f / static_cast<float>(cols);
+#pragma unroll 1
+    for (int e = tid; e < (m - rows) * cols; e += kThreads) {
+      const int r = div_exact(e, inv), c = e - r * cols;
+      dst[(rows + r) * ld + c] = mma::from_float<T>(0.0f);
+    }
+  };
+  pad(w1s, g.ldw1, nh, cin, g.m1, g.k1, true);
+  pad(w3s, g.ldw3, co, nh, g.m3, g.m1, false);
 #pragma unroll 1
   for (int idx = tid; idx < nh + co; idx += kThreads) aff[idx] = mma::ldg_float(shift + oa2 + idx);
   // t1acc: T1 = hid rows of t1[r] (zero rows up to m1), 16 columns (stride kLdT1), 4 per thread (one 16-byte
