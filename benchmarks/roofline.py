@@ -90,7 +90,7 @@ MMA_CLK = 8192 / 3787
 #: plus the tail of the loop before it) when no other block on the SM has work.
 BARRIER_CLK = 120
 #: registers/thread of meta_forward_mma_kernel (ptxas -Xptxas -v, sm_90: 121 (fp16, bf16, 3xTF32) - 128 (tf32) under
-#: its __launch_bounds__(256, 2), no spills (sass_counts_acb5123.txt; gpu_resources_full.txt lists an older build))
+#: its __launch_bounds__(256, 2), no spills (sass_counts_e5561a5.txt; gpu_resources_full.txt lists an older build))
 MMA_META_REGS = 128
 #: SASS instructions of its tensor-core loops per step (one k-step of one 16x16 accumulator tile), by (operand
 #: bytes, kSplit): the loop bodies of ptxas 13.0's sm_90 code (benchmarks/sass_counts.py; raw file
@@ -102,7 +102,7 @@ MMA_META_REGS = 128
 #:   pw1: the stage loop, one copy per block count nb = 1, 2, 3 (a column tile's k-step: 1 X fragment and nb
 #:        W1' fragments loaded and split, all unconditional: the lane offsets are computed before the loop)
 #:   pw1_kept: the kept-W1' loop (per column tile: its k-steps, ReLU6 and fragment store included, and the
-#:        accumulator's start, zero or the T1 block: sass_counts_acb5123.txt, the other figures unchanged there
+#:        accumulator's start, zero or the T1 block: sass_counts_e5561a5.txt, the other figures unchanged there
 #:        within 0.5 per step)
 #:   pw2: the pw2 loop (per 16-channel block: a warp's <= 4 accumulator tiles, W3' reloaded when m changes);
 #:   pw2_uniform: its copies for a warp whose tiles all lie in one row block (mt3 divides 8), one per tile
@@ -117,7 +117,7 @@ META_MMA_STEP_ISSUE = {
 }
 #: Warp-instructions of meta_forward_mma_kernel's staging loops, by operand size (4: float, 2: bf16/fp16, the
 #: larger of the two), read off the SASS of the patch-major copies (benchmarks/sass_counts.py --all-loops; raw file
-#: results/2026-12-01-cpu/sass_counts_acb5123.txt, the `all-loops` lines of <float, kSplit=3> and
+#: results/2026-12-01-cpu/sass_counts_e5561a5.txt, the `all-loops` lines of <float, kSplit=3> and
 #: <BFloat16, kSplit=1>; the loops are not unrolled, so a body's count is what one round executes):
 #:   w1, w3: one 256-element round of W1' / W3''s real elements (row and column by a float reciprocal, LDG scale,
 #:        LDG w, FMUL, convert, STS, loop); pad: one round of a padding loop (the largest of the four)
