@@ -236,8 +236,12 @@ META_CASES = {
     # tensor cores: Cout 40 = three pw2 row blocks over 9 column tiles of one 12x12 tile (27 tiles: no split
     # of a row block's column tiles over <= 8 warps, the pw2 loop that reloads W3' per row block)
     "three-row-blocks": (1, 3, 8, 40, 12, 12, 1, 1),
+    # tensor cores: Cin 8, a multiple of tf32's depth (float: no ones row, pw1's accumulators start from the T1
+    # tile, k1 = 8), not of fp16/bf16's (ones row at row 8); hid 40: T1's rows 40..47 zero, 16-channel blocks
+    # 0..2 of one stage (each accumulator from its own T1 block); 12x5 patches, one tile
+    "t1-tile": (1, 8, 40, 5, 12, 10, 1, 2),
 }
-MMA_ONLY = {"half-tile", "wide-stage", "two-row-blocks", "three-row-blocks"}  # tensor-core forward tests only
+MMA_ONLY = {"half-tile", "wide-stage", "two-row-blocks", "three-row-blocks", "t1-tile"}  # tensor-core forward tests only
 
 
 def _meta_inputs(case, dtype, seed=0):
@@ -303,7 +307,7 @@ def tf32_matmul(request):
 
 
 @pytest.mark.parametrize("case", ["odd", "multi-tile", "smem-weights-large", "deep-tile", "half-tile", "wide-stage",
-                                  "two-row-blocks", "three-row-blocks"])
+                                  "two-row-blocks", "three-row-blocks", "t1-tile"])
 @pytest.mark.parametrize("dtype, tf32_matmul", [(torch.float32, False), (torch.float32, True),
                                                 (torch.float16, False), (torch.bfloat16, False)],
                          indirect=["tf32_matmul"], ids=["fp32-3xtf32", "fp32-tf32", "fp16", "bf16"])

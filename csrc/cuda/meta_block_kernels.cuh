@@ -164,11 +164,12 @@ __global__ void __launch_bounds__(kThreads) meta_forward_kernel(
 // forward on the tensor cores (float as tf32 or 3xTF32, fp16, bf16)
 // ------------------------------------------------------------------------------------------------
 // One block of 8 warps per (sample, patch), tiles of th x tw output pixels as above. The block stages
-// the patch's weights with the first two affines' scales folded in (W1' = s1 W1 with t1 as an extra
-// column, W2' = s2 W2, W3' = s3 W3), then per tile loads x's haloed tile once (operand type, rows =
-// channels; the row of ones at row Cin against W1's t1 column and the zero rows up to the MMA depth are
-// written once per block) and walks the hidden channels in stages of hc = 16, 32 or 48 (the plan's widest
-// that fits; two barriers each, plus one per tile):
+// the patch's weights with the first two affines' scales folded in (W1' = s1 W1, W2' = s2 W2, W3' = s3 W3;
+// t1 as an extra column of W1' against a row of ones in X where Cin is not a multiple of the MMA depth k, else
+// as the pw1 accumulators' start, a T1 tile), then per tile loads x's haloed tile once (operand type, rows =
+// channels; the row of ones and the zero rows up to the MMA depth are written once per block) and walks the
+// hidden channels in stages of hc = 16, 32 or 48 (the plan's widest that fits; two barriers each, plus one per
+// tile):
 //   pw1   H1[hc, haloed px] = relu6(W1'[stage] [X; 1])             wmma (ReLU6 on the fragments), a warp per
 //                                                                  16-px column tile: W1' fragments in registers
 //                                                                  (hc 16) or all hc/16 blocks, each X fragment
@@ -190,10 +191,26 @@ constexpr int kDwCols = 2;       // output columns per thread of the depthwise s
 // pw1: the W1' fragments of a 16-channel stage (k1 <= this depth) stay in registers across a warp's column
 // tiles: 3 bf16/fp16 fragments (24 registers) or 5 tf32 ones (20), within the 128 of __launch_bounds__(256, 2)
 // next to the pw2 accumulators; none for 3xTF32 (ptxas: kept split fragments, hi + lo, spill next to the
-// stage loop; HyperSeg-M's float levels have k1 = 32 and 40, past 2 of them anyway: there a warp computes
+// stage loop; HyperSeg-M's float levels have k1 = 24 and 40, past 2 of them anyway: there a warp computes
 // all blocks of a wider stage instead, up to 3 accumulators, reusing each split X fragment)
 template <int K, int kSplit>
 constexpr int kA1Depth = K == 16 ? 48 : kSplit == 1 ? 40 : 0;
+
+// e / d for 0 <= e < 2^22, d >= 1, from inv = 1.0f / d (float-rounded) without an integer division: (e + 0.5) / d
+// lies at least 0.5 / d from an integer and the float product below is within (e + 0.5) / d * 2^-23 of it (two
+// roundings), so truncating it gives e / d exactly
+__device__ __forceinline__ int div_exact(int e, float inv) {
+  return static_cast<int>((static_cast<float>(e) + 0.5f) * inv);
+}
+
+// pw1's T1 tile (t1acc): row stride, floats. 24 = 8 mod 32 words (rows 0..3 of a half-warp's 8-byte accumulator
+// loads in different banks); 96 bytes, a multiple of 16 as wmma needs
+constexpr int kLdT1 = 24;
+
+// Four floats moved by one 16-byte shared-memory store.
+struct alignas(16) Quad {
+  float a, b, c, d;
+};
 
 // Two adjacent elements moved by one 2-element (4- or 8-byte) shared-memory access.
 template <class E>
@@ -222,12 +239,13 @@ __host__ __device__ __forceinline__ int div_small(int n, float inv) {
 
 struct MmaGeom {
   int th, tw;                      // tile, output pixels
-  int k1, m1, ldw1;                // pw1: depth (Cin + 1 padded to the MMA k), rows (hid padded to 16), W1 stride
+  int k1, m1, ldw1;                // pw1: depth (Cin padded to the MMA k), rows (hid padded to 16), W1 stride
+  bool t1acc;                      // k1 == Cin: t1 starts the pw1 accumulators (tile at ot1), else a ones row of X
   int m3, ldw3;                    // pw2: rows (Cout padded to 16), W3 stride (depth: m1)
   int nq, ldx, ldh1;               // haloed tile pixels padded to 16; X and H1 strides
   int np, ldh2, ldy;               // tile pixels padded to 16; H2 and Y strides
   int hc;                          // hidden channels per stage (a multiple of kChunk, <= kMaxStage)
-  int64_t ow1, ow3, ow2, oaff, ox, oh1, oh2, oyoff, bytes;  // shared-memory byte offsets, total
+  int64_t ow1, ow3, ow2, oaff, ot1, ox, oh1, oh2, oyoff, bytes;  // shared-memory byte offsets, total
 };
 
 __host__ __device__ constexpr int round_up(int v, int m) { return (v + m - 1) / m * m; }
@@ -244,7 +262,10 @@ inline MmaGeom mma_geometry(int64_t Cin, int64_t hid, int64_t Cout, int th, int 
   const int pad = 16 / esize, bpad = 8;
   g.th = th;
   g.tw = tw;
-  g.k1 = round_up(static_cast<int>(Cin) + 1, k);  // + the ones row (t1)
+  // t1 (pw1's shift): where Cin is not a multiple of k, a row of ones in X (row Cin, inside the padding: free)
+  // against a t1 column of W1'; else (no padding row) the accumulators start from a tile of t1 (ot1)
+  g.k1 = round_up(static_cast<int>(Cin), k);
+  g.t1acc = g.k1 == Cin;
   g.m1 = round_up(static_cast<int>(hid), kChunk);
   g.ldw1 = g.k1 + pad;
   g.m3 = round_up(static_cast<int>(Cout), 16);
@@ -268,6 +289,7 @@ inline MmaGeom mma_geometry(int64_t Cin, int64_t hid, int64_t Cout, int th, int 
   g.ow3 = take(int64_t{g.m3} * g.ldw3 * esize);
   g.ow2 = take(9 * hid * 4);
   g.oaff = take((hid + Cout) * 4);  // t2, t3
+  g.ot1 = take(g.t1acc ? int64_t{g.m1} * kLdT1 * 4 : 0);  // t1acc: per hidden channel r, 16 copies of t1[r]
   g.ox = take(int64_t{g.k1} * g.ldx * esize);
   g.oh1 = take(std::max<int64_t>(int64_t{hc} * g.ldh1, int64_t{g.m3} * g.ldy) * 4);  // H1, then Y
   g.oh2 = take(int64_t{hc} * g.ldh2 * esize);
@@ -294,6 +316,7 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
   T* w3s = reinterpret_cast<T*>(smem_raw + g.ow3);
   float* w2s = reinterpret_cast<float*>(smem_raw + g.ow2);
   float* aff = reinterpret_cast<float*>(smem_raw + g.oaff);  // [t2 (hid) | t3 (Cout)]
+  float* t1s = reinterpret_cast<float*>(smem_raw + g.ot1);   // T1 (t1acc): m1 x 16, stride kLdT1
   T* xs = reinterpret_cast<T*>(smem_raw + g.ox);
   float* h1 = reinterpret_cast<float*>(smem_raw + g.oh1);
   float* ys = h1;  // Y reuses H1's space after the last stage
@@ -304,38 +327,89 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
   const DevPatch P(blockIdx.x, gh, gw, H, W);
   const int tid = static_cast<int>(threadIdx.x), warp = tid / 32, lane = tid % 32;
   const int cin = static_cast<int>(Cin), nh = static_cast<int>(hid), co = static_cast<int>(Cout);
-  // weights of this patch: contiguous (patch-major) or strided by G; W1'/W3' zero-padded. A warp per
-  // row, lanes along it (no index division)
-  const scalar_t* src = patch_major ? weight + (P.b * G + P.patch) * N : weight + P.b * N * G + P.patch;
-  const int64_t ws = patch_major ? 1 : G;
-  for (int r = warp; r < g.m1; r += kWarps) {
-    const bool real = r < nh;
-    const float s1 = real ? static_cast<float>(scale[L.a1() + r]) : 0.0f;
-    const float t1 = real ? static_cast<float>(shift[L.a1() + r]) : 0.0f;
-    const scalar_t* wr = src + (L.w1() + int64_t{r} * Cin) * ws;
-    for (int c = lane; c < g.k1; c += 32) {
-      const float v = !real ? 0.0f : c < cin ? s1 * static_cast<float>(wr[c * ws]) : c == cin ? t1 : 0.0f;
-      w1s[r * g.ldw1 + c] = mma::from_float<T>(v);
+  // weights of this patch, read through the read-only path: contiguous (patch-major, what the models emit on
+  // CUDA: 32-bit element offsets) or strided by G (64-bit offsets); one copy of the staging per layout (ws: the
+  // element stride, a compile-time 1 when contiguous). W1' and W3' a thread per real element, flat in source
+  // order (36 warp rounds for HyperSeg-M's 48 x 24 W1', not 48 half-empty rows), the row r = e / width by a float
+  // reciprocal (div_exact; every index here is far below its 2^22: W1', W3' fit in shared memory), times the
+  // row's scale; their padding after (pad); loops not unrolled
+  const int ow1 = static_cast<int>(L.w1()), ow2 = static_cast<int>(L.w2()), ow3 = static_cast<int>(L.w3());
+  const int oa1 = static_cast<int>(L.a1()), oa2 = static_cast<int>(L.a2()), oa3 = static_cast<int>(L.a3());
+  auto stage = [&](const scalar_t* __restrict__ src, auto ws) {
+    // the rows x cols real elements of W1' or W3' (row-major from woff in the source), row r scaled by scale[soff + r]
+    auto real = [&](T* dst, int ld, int rows, int cols, int woff, int soff) {
+      const float inv = 1.0f / static_cast<float>(cols);
+#pragma unroll 1
+      for (int e = tid; e < rows * cols; e += kThreads) {
+        const int r = div_exact(e, inv), c = e - r * cols;
+        dst[r * ld + c] = mma::from_float<T>(mma::ldg_float(scale + soff + r) * mma::ldg_float(src + (woff + e) * ws));
+      }
+    };
+    real(w1s, g.ldw1, nh, cin, ow1, oa1);
+    real(w3s, g.ldw3, co, nh, ow3, oa3);
+#pragma unroll 1
+    for (int idx = tid; idx < 9 * nh; idx += kThreads)
+      w2s[idx] = mma::ldg_float(scale + oa2 + idx / 9) * mma::ldg_float(src + (ow2 + idx) * ws);
+  };
+  if (patch_major) {
+    stage(weight + (P.b * G + P.patch) * N, std::integral_constant<int, 1>{});
+  } else {
+    stage(weight + P.b * N * G + P.patch, G);
+  }
+  // the padding of W1' (m1 x k1) and W3' (m3 x m1): columns cols..k - 1 of all m rows (W1': t1 at column Cin,
+  // which exists only where !t1acc), then rows rows..m - 1 of the real columns, zero (a NaN left there would
+  // reach real outputs through 0 * NaN)
+  auto pad = [&](T* dst, int ld, int rows, int cols, int m, int k, bool t1col) {
+    const int kp = k - cols;
+    if (kp > 0) {
+      const float inv = 1.0f / static_cast<float>(kp);
+#pragma unroll 1
+      for (int e = tid; e < m * kp; e += kThreads) {
+        const int r = div_exact(e, inv), c = e - r * kp;
+        dst[r * ld + cols + c] = mma::from_float<T>(t1col && c == 0 && r < rows ? mma::ldg_float(shift + oa1 + r) : 0.0f);
+      }
+    }
+    const float inv = 1.0f / static_cast<float>(cols);
+#pragma unroll 1
+    for (int e = tid; e < (m - rows) * cols; e += kThreads) {
+      const int r = div_exact(e, inv), c = e - r * cols;
+      dst[(rows + r) * ld + c] = mma::from_float<T>(0.0f);
+    }
+  };
+  pad(w1s, g.ldw1, nh, cin, g.m1, g.k1, true);
+  pad(w3s, g.ldw3, co, nh, g.m3, g.m1, false);
+#pragma unroll 1
+  for (int idx = tid; idx < nh + co; idx += kThreads) aff[idx] = mma::ldg_float(shift + oa2 + idx);
+  // t1acc: T1 = hid rows of t1[r] (zero rows up to m1), 16 columns (stride kLdT1), 4 per thread (one 16-byte
+  // store); pw1's accumulators of channels r0.. start as the 16x16 block at row r0 (exact: t1 + sum, no
+  // assumption on the fragment layout)
+  if (g.t1acc) {
+#pragma unroll 1
+    for (int idx = tid; idx < g.m1 * 4; idx += kThreads) {
+      const int r = idx / 4;
+      const float v = r < nh ? mma::ldg_float(shift + oa1 + r) : 0.0f;
+      *reinterpret_cast<Quad*>(t1s + r * kLdT1 + 4 * (idx % 4)) = Quad{v, v, v, v};
     }
   }
-  for (int r = warp; r < g.m3; r += kWarps) {
-    const bool real = r < co;
-    const float s3 = real ? static_cast<float>(scale[L.a3() + r]) : 0.0f;
-    const scalar_t* wr = src + (L.w3() + int64_t{r} * hid) * ws;
-    for (int c = lane; c < g.m1; c += 32)
-      w3s[r * g.ldw3 + c] = mma::from_float<T>(real && c < nh ? s3 * static_cast<float>(wr[c * ws]) : 0.0f);
-  }
-  for (int idx = tid; idx < 9 * nh; idx += kThreads)
-    w2s[idx] = static_cast<float>(scale[L.a2() + idx / 9]) * static_cast<float>(src[(L.w2() + idx) * ws]);
-  for (int idx = tid; idx < nh + co; idx += kThreads) aff[idx] = static_cast<float>(shift[L.a2() + idx]);
   const int mt3 = g.m3 / 16;
-  // X's rows past the image channels, the same in every tile: row Cin ones (against W1's t1 column), then
-  // zeros up to k1 (visible to the first tile's pw1 after its first barrier; never overwritten)
-  for (int q = tid; q < g.nq; q += kThreads)
-    for (int c = cin; c < g.k1; ++c) xs[c * g.ldx + q] = mma::from_float<T>(c == cin ? 1.0f : 0.0f);
+  // X's rows past the image channels (!t1acc), the same in every tile: row Cin ones (against W1's t1 column),
+  // then zeros up to k1 (visible to the first tile's pw1 after its first barrier; never overwritten)
+  if (cin < g.k1) {
+    for (int q = tid; q < g.nq; q += kThreads)
+      for (int c = cin; c < g.k1; ++c) xs[c * g.ldx + q] = mma::from_float<T>(c == cin ? 1.0f : 0.0f);
+  }
+  // pw1's accumulator of hidden channels r0..r0 + 15: from T1 (t1acc) or zero (t1 rides on X's ones row)
+  auto init_c1 = [&](FragC& c, int r0) {
+    if (g.t1acc) {
+      mma::load_shared_acc(c, t1s + r0 * kLdT1, kLdT1);
+    } else {
+      wmma::fill_fragment(c, 0.0f);
+    }
+  };
   // the tile loop keeps its geometry in 32 bits (fewer long-lived registers next to the pw2 accumulators:
   // ptxas fits the kernel in the 128 registers of __launch_bounds__(256, 2) without spills)
   const int pc0 = static_cast<int>(P.c0), rend = static_cast<int>(P.r0 + P.ph), cend = static_cast<int>(P.c0 + P.pw);
+  const int hi = static_cast<int>(H), wi = static_cast<int>(W), plane = static_cast<int>(H * W);
   const scalar_t* xb = x + P.b * Cin * H * W;
   scalar_t* yb = y + P.b * Cout * H * W;
   // tiles in row-major order: (tr0, tc0) their first pixel
@@ -345,18 +419,32 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
     const int hwi = ewi + 2, hqi = (ehi + 2) * hwi, tpi = ehi * ewi;
     // x's haloed tile, rows = channels (zero columns from hq to nq; rows Cin.. staged once, above): a
     // thread per haloed pixel computes its reflected image offset once (the same in every channel) and
-    // copies the pixel's Cin channels, consecutive threads on consecutive pixels (coalesced). No barrier
-    // before it: xs was last read by the previous tile's pw1, before that tile's later barriers
+    // copies the pixel's Cin channels down the column by pointer increments, consecutive threads on
+    // consecutive pixels (coalesced). No barrier before it: xs was last read by the previous tile's pw1,
+    // before that tile's later barriers
+    const float inv_hw = 1.0f / static_cast<float>(hwi);
     for (int q = tid; q < g.nq; q += kThreads) {
       const bool in = q < hqi;
-      const int off =
-          in ? static_cast<int>(reflect_index(tr0 - 1 + q / hwi, H) * W + reflect_index(tc0 - 1 + q % hwi, W)) : 0;
+      const int qi = div_exact(q, inv_hw), qj = q - qi * hwi;
+      const int off = in ? reflect_index_as<int>(tr0 - 1 + qi, hi) * wi + reflect_index_as<int>(tc0 - 1 + qj, wi) : 0;
+      const scalar_t* xp = xb + off;
+      T* dst = xs + q;
 #pragma unroll 4
-      for (int c = 0; c < cin; ++c) xs[c * g.ldx + q] = mma::from_float<T>(in ? static_cast<float>(xb[c * H * W + off]) : 0.0f);
+      for (int c = 0; c < cin; ++c, xp += plane, dst += g.ldx) *dst = mma::from_float<T>(in ? mma::ldg_float(xp) : 0.0f);
     }
     __syncthreads();  // weights and x staged (and the previous tile's epilogue done with Y and yoff)
-    // the y offset of every tile pixel (read by the epilogue, after the stages' barriers)
-    for (int p = tid; p < tpi; p += kThreads) yoff[p] = static_cast<int>((tr0 + p / ewi) * W + tc0 + p % ewi);
+    // the y offset of every tile pixel (read by the epilogue, after the stages' barriers): pixel tid's row and
+    // column by one division, then stepped by kThreads pixels (di rows and dj columns) without one
+    if (tid < tpi) {
+      const int di = kThreads / ewi, dj = kThreads - di * ewi;
+      int i = tid / ewi, j = tid - i * ewi;
+#pragma unroll 1
+      for (int p = tid; p < tpi; p += kThreads) {
+        yoff[p] = (tr0 + i) * wi + tc0 + j;
+        i += di, j += dj;
+        if (j >= ewi) j -= ewi, ++i;
+      }
+    }
     const int nt1 = (hqi + 15) / 16, nt3 = (tpi + 15) / 16;
     // the pw2 tiles n * mt3 + m (16 output channels x 16 pixels each) over the warps: where it fits, a warp
     // takes `per` consecutive column tiles of one row block (warp w: m = w % mt3, n = (w / mt3) per + i),
@@ -377,7 +465,8 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
       if (i < mine) wmma::fill_fragment(acc[i], 0.0f);
     for (int k0 = 0; k0 < g.m1; k0 += g.hc) {
       const int nc = min(g.hc, g.m1 - k0), nb = nc / kChunk;  // the stage's channels, 16-channel blocks
-      // pw1 of the stage: H1 = relu6(W1' [X; 1]) (t1 rides on the ones row). keep_a1 (one-block stages): a
+      // pw1 of the stage: H1 = relu6(W1' [X; 1]) (t1 rides on the ones row, or starts the accumulators:
+      // init_c1). keep_a1 (one-block stages): a
       // warp per 16-px column tile with the stage's W1' fragments loaded (and split) once per stage. Else a
       // warp per 16-px column tile computes all nb <= 3 16-channel blocks of the stage: per k-step its X
       // fragment is loaded (and split) once and used for the nb W1' fragments (loaded per block and k-step)
@@ -394,7 +483,7 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
         }
         for (int n = warp; n < nt1; n += kWarps) {
           FragC c1;
-          wmma::fill_fragment(c1, 0.0f);
+          init_c1(c1, k0);
 #pragma unroll
           for (int f = 0; f < kA1; ++f) {
             if (f * K < g.k1) {
@@ -418,7 +507,7 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
           for (int n = warp; n < nt1; n += kWarps) {
             FragC c1[kBlocks];
 #pragma unroll
-            for (int mb = 0; mb < kBlocks; ++mb) wmma::fill_fragment(c1[mb], 0.0f);
+            for (int mb = 0; mb < kBlocks; ++mb) init_c1(c1[mb], k0 + mb * kChunk);
 #pragma unroll 1
             for (int kk = 0; kk < g.k1; kk += K) {
               FragB b, blo;
