@@ -89,38 +89,76 @@ MMA_CLK = 8192 / 3787
 #: cycles a block loses at a __syncthreads() (the slowest warp's last loads drain; ~ one L1/smem round trip
 #: plus the tail of the loop before it) when no other block on the SM has work.
 BARRIER_CLK = 120
-#: registers/thread of meta_forward_mma_kernel (ptxas -Xptxas -v, sm_90: 116 (fp16, bf16) - 128 (tf32) under its
-#: __launch_bounds__(256, 2), no spills; gpu_resources_full.txt lists it too)
+#: registers/thread of meta_forward_mma_kernel (ptxas -Xptxas -v, sm_90: 121 (fp16, bf16, 3xTF32) - 128 (tf32) under
+#: its __launch_bounds__(256, 2), no spills (sass_counts_e5561a5.txt; gpu_resources_full.txt lists an older build))
 MMA_META_REGS = 128
 #: SASS instructions of its tensor-core loops per step (one k-step of one 16x16 accumulator tile), by (operand
 #: bytes, kSplit): the loop bodies of ptxas 13.0's sm_90 code (benchmarks/sass_counts.py; raw file
-#: results/2026-12-01-cpu/sass_counts_aac30d7.txt: loop instructions / steps, HMMA.1684 x4 per tf32 product,
+#: results/2026-12-01-cpu/sass_counts_a7baa06.txt: loop instructions / steps, HMMA.1684 x4 per tf32 product,
 #: HMMA.16816 x2 per fp16/bf16 one). Fragment loads are PTX wmma.load.shared (mma::load_shared: LDSM for the 16-bit
 #: operands, 4 LDS per tf32 fragment); each load still rebuilds its lane address (S2R laneid + IMAD/LEA), and the
 #: loops carry their guards (nb, mine, k1), tile-index divisions and pointer arithmetic, so a step is 20-80
 #: instructions, not the ~12 of the HMMA and the loads alone.
 #:   pw1: the stage loop, one copy per block count nb = 1, 2, 3 (a column tile's k-step: 1 X fragment and nb
 #:        W1' fragments loaded and split, all unconditional: the lane offsets are computed before the loop)
-#:   pw1_kept: the kept-W1' loop (per column tile: its k-steps, ReLU6 and fragment store included)
+#:   pw1_kept: the kept-W1' loop (per column tile: its k-steps, ReLU6 and fragment store included, and the
+#:        accumulator's start, zero or the T1 block: sass_counts_e5561a5.txt, the other figures unchanged there
+#:        within 0.5 per step)
 #:   pw2: the pw2 loop (per 16-channel block: a warp's <= 4 accumulator tiles, W3' reloaded when m changes);
-#:   pw2_uniform: its copies for a warp whose tiles all lie in one row block (mt3 divides 8), one per tile
-#:        count 1..4: W3' loaded once, every H2 fragment load unconditional
+#:   pw2_uniform: its copies for a warp whose tiles all lie in one row block (_pw2_warps: per > 0), one per
+#:        tile count 1..4: W3' loaded once, every H2 fragment load unconditional
 #:   pw1_pair: the paired pw1 loop (MmaGeom::pair1: 2 adjacent column tiles per warp; a k-step loads and splits
 #:        2 X fragments and per block 1 W1' fragment used for both), one copy per pass of 1..kPairMax blocks;
-#:        (results/2026-12-01-cpu/sass_counts_35e6929.txt: the kernel's single-stage copy, lines 411-421, the loops
-#:        of 4 (2-block pass) and 2 (1-block pass) steps, and for fp16/bf16 the 6-step 3-block one; where two
-#:        copies or loops of one step count could be either, the larger; pw1 above stays the stage-loop copy's,
-#:        which is at most 1 instruction per step above the single-stage copy's at 35e6929)
+#:        (results/2026-12-01-cpu/sass_counts_MERGE.txt: the kernel's single-stage copy, lines 532-542, the loops
+#:        of 4 (2-block pass) and 2 (1-block pass) steps; where two loops of one step count could be either, the
+#:        larger; pw1 above stays the stage-loop copy's, at most 1 instruction per step above the single-stage
+#:        copy's)
 META_MMA_STEP_ISSUE = {
-    (4, 3): dict(pw1={1: 52.0, 2: 40.5, 3: 36.7}, pw1_kept=83.0, pw2=61.5,
-                 pw2_uniform={1: 49.5, 2: 40.5, 3: 37.0, 4: 35.2}, pw1_pair={1: 40.5, 2: 31.8}),
-    (4, 1): dict(pw1={1: 45.0, 2: 33.0, 3: 29.0}, pw1_kept=44.4, pw2=58.4,
-                 pw2_uniform={1: 42.0, 2: 32.8, 3: 29.2, 4: 27.4}, pw1_pair={1: 33.0, 2: 22.5}),
-    (2, 1): dict(pw1={1: 15.0, 2: 10.0, 3: 8.3}, pw1_kept=31.0, pw2=35.8,  # the larger of fp16 / bf16
-                 pw2_uniform={1: 16.0, 2: 11.5, 3: 9.7, 4: 8.8}, pw1_pair={1: 9.5, 2: 6.2, 3: 5.3}),
+    (4, 3): dict(pw1={1: 52.0, 2: 40.5, 3: 36.7}, pw1_kept=94.0, pw2=61.8,
+                 pw2_uniform={1: 49.5, 2: 40.0, 3: 36.3, 4: 34.5}, pw1_pair={1: 40.5, 2: 30.2}),
+    (4, 1): dict(pw1={1: 45.0, 2: 33.0, 3: 29.0}, pw1_kept=46.8, pw2=57.5,
+                 pw2_uniform={1: 42.0, 2: 32.2, 3: 28.5, 4: 26.6}, pw1_pair={1: 32.5}),
+    (2, 1): dict(pw1={1: 15.0, 2: 10.0, 3: 8.3}, pw1_kept=34.7, pw2=34.5,  # the larger of fp16 / bf16
+                 pw2_uniform={1: 16.0, 2: 10.0, 3: 8.0, 4: 7.0}, pw1_pair={1: 9.5, 2: 6.2}),
 }
-#: output rows and columns per thread of its depthwise stage (kDwRows, kDwCols)
-DW_ROWS, DW_COLS = 8, 2
+#: Warp-instructions of meta_forward_mma_kernel's staging loops, by operand size (4: float, 2: bf16/fp16, the
+#: larger of the two), read off the SASS of the patch-major copies (benchmarks/sass_counts.py --all-loops; raw file
+#: results/2026-12-01-cpu/sass_counts_e5561a5.txt, the `all-loops` lines of <float, kSplit=3> and
+#: <BFloat16, kSplit=1>; the loops are not unrolled, so a body's count is what one round executes):
+#:   w1, w3: one 256-element round of W1' / W3''s real elements (row and column by a float reciprocal, LDG scale,
+#:        LDG w, FMUL, convert, STS, loop); pad: one round of a padding loop (the largest of the four)
+#:   w2: one 256-element round of W2' (idx / 9 by a constant, 2 LDG, FMUL, STS); aff: one round of t2, t3
+#:   t1: one round of the T1 tile (t1acc: LDG t1, one 16-byte STS of 4 copies)
+#:   xrow_px, xrow4: the ones/zero rows of X (once per block): per pixel round, per 4 rows (unrolled x4)
+#:   x_px, x_ch4: the x tile: per pixel round (its row and column by a float reciprocal, two 32-bit reflects, the
+#:        base pointer; the outer body less the channel loop and its remainder copies), per 4 channels (the
+#:        channel loop, unrolled x4: 4 LDG, 4 STS, pointer increments), x_ch1 per remainder channel
+#:   yoff: one round of the tile's y offsets (no division in the loop)
+META_MMA_STAGE_ISSUE = {
+    4: dict(w1=18, w3=23, pad=21, w2=21, aff=11, t1=20, xrow_px=30, xrow4=22,
+            x_px=66, x_ch4=28, x_ch1=12, yoff=15),
+    2: dict(w1=21, w3=26, pad=23, w2=23, aff=12, t1=21, xrow_px=29, xrow4=26,
+            x_px=66, x_ch4=36, x_ch1=14, yoff=15),
+}
+#: the y-offset loop's set-up per warp holding tile pixels: two int32 divisions (tid / ew, 256 / ew) and the
+#: steps (estimated: PWB_INT32_DIV each, + 10)
+META_MMA_YOFF_SETUP = 2 * 20 + 10
+#: warp-instructions of one pw1 accumulator's start from the T1 tile (t1acc; mma::load_shared_acc): the LDS of
+#: a 16x16 float fragment and its lane address (SASS, raw file as META_MMA_STAGE_ISSUE)
+META_MMA_T1_INIT = 11
+#: SASS instructions of its depthwise stage (no HMMA: read off the disassembly of the same build as
+#: META_MMA_STEP_ISSUE, `sass_counts.py --keep DIR` then nvdisasm; the larger of fp16 / bf16 and of tf32 / 3xTF32),
+#: by operand bytes: ``row`` per output row of an item (both channels; by even tile width: 4 LDS.64 window loads,
+#: 36 FFMA, 12 ReLU6 (FSETP, FMNMX, FSEL per output), 2 pair stores, addresses, the row guard; odd: 8 scalar
+#: window loads, 4 stores and their guards; 16-bit H2: + the conversions), ``setup`` per item (loop test, the
+#: div_small index split, the padding test, 20 tap/t2 loads, the first two window rows of both channels,
+#: pointers, the loop-back; odd widths + 8 scalar loads), ``rcp`` per warp and tile (1 / ewp, hoisted out of the
+#: stage loop)
+META_DW_ISSUE = {4: dict(row={True: 61.0, False: 69.0}, setup={True: 103, False: 111}, rcp=11),
+                 2: dict(row={True: 63.2, False: 73.8}, setup={True: 102, False: 110}, rcp=11)}
+#: output rows, columns and channels per thread of its depthwise stage (kDwRows, kDwCols; channels r and
+#: r + nc/2 of a stage of nc)
+DW_ROWS, DW_COLS, DW_CHANS = 8, 2, 2
 #: cycles a barrier right after a block's global loads waits for them (first touch from HBM: Hopper's
 #: load-to-use latency from DRAM is ~500-700 cycles; hmsa_fuse_tile_kernel's phase A, once per class)
 LOAD_LATENCY_CLK = 600
@@ -330,18 +368,26 @@ def _meta_plan(PH, PW, Cin, hid, Cout, N, backward):
     raise ValueError("meta_block: channels too large for shared memory")
 
 
+#: kLdT1 (meta_block_kernels.cuh): the row stride, floats, of the pw1 accumulators' T1 tile (t1acc)
+T1_LD = 24
+
+
 def _mma_geometry(Cin, hid, Cout, th, tw, esize, k, hc=16):
     """mma_geometry (csrc/cuda/meta_block_kernels.cuh): padded MMA extents and shared-memory bytes; hc hidden
     channels per stage (H1 and H2 hold one stage)."""
     up = lambda v, m: -(-v // m) * m  # noqa: E731
     pad, bpad = 16 // esize, 8  # row padding of the A operands (16 bytes) and of the B operands (8 elements)
-    k1, m1, m3 = up(Cin + 1, k), up(hid, 16), up(Cout, 16)  # k1: + the ones row carrying t1
+    # k1: Cin padded to the MMA depth; t1 rides on a ones row of X in that padding, or where there is none
+    # (t1acc: Cin a multiple of k) starts the pw1 accumulators from a T1 tile (m1 rows, stride T1_LD floats)
+    k1, m1, m3 = up(Cin, k), up(hid, 16), up(Cout, 16)
+    t1acc = k1 == Cin
     nq, np_ = up((th + 2) * (tw + 2), 16), up(th * tw, 16)
     regions = [m1 * (k1 + pad) * esize, m3 * (m1 + pad) * esize, 9 * hid * 4, (hid + Cout) * 4,
+               m1 * T1_LD * 4 if t1acc else 0,
                k1 * (nq + bpad) * esize, max(hc * _dw_ldh1(nq, tw), m3 * (np_ + 8)) * 4,
                hc * (np_ + bpad) * esize, np_ * 4]
-    return dict(k1=k1, m1=m1, m3=m3, nq=nq, np=np_, hc=hc, ldh2=np_ + bpad, bytes=sum(up(r, 128) for r in regions),
-                pair1=False)
+    return dict(k1=k1, t1acc=t1acc, m1=m1, m3=m3, nq=nq, np=np_, hc=hc, ldh2=np_ + bpad,
+                bytes=sum(up(r, 128) for r in regions), pair1=False)
 
 
 def _a1_depth(k, split):
@@ -349,10 +395,10 @@ def _a1_depth(k, split):
     return 48 if k == 16 else 40 if split == 1 else 0
 
 
-def _pair_max(k, single):
-    """kPairMax<K, kSingle> (meta_block_kernels.cuh): the most 16-channel blocks of a paired pw1 pass (2 column
-    tiles per warp) that fit the registers; single: plans of one stage (pw2 accumulators not yet live)."""
-    return (3 if single else 1) if k == 16 else (2 if single else 0)
+def _pair_max(k, split, single):
+    """kPairMax<K, kSplit, kSingle> (meta_block_kernels.cuh): the most 16-channel blocks of a paired pw1 pass (2
+    column tiles per warp) that fit the registers; single: plans of one stage (pw2 accumulators not yet live)."""
+    return 0 if not single else 2 if k == 16 or split == 3 else 1
 
 
 def _mma_plan(PH, PW, Cin, hid, Cout, esize, k, split=1):
@@ -398,13 +444,14 @@ def _wavefronts(addrs, width: int = 4) -> int:
 
 def _dw_lanes(eh, ew, nc=16):
     """Items of the first warp of meta_forward_mma_kernel's depthwise stage over nc hidden channels: lane ->
-    (channel row r, row block rb, first column j): idx = lane, jp = idx % ewp, r = idx / ewp % nc,
-    rb = idx / ewp / nc, j = DW_COLS * jp (kernel's ``for (int idx = tid; idx < nc * nrb * ewp; ...)``)."""
-    nrb, ewp = -(-eh // DW_ROWS), -(-ew // DW_COLS)
+    (channel row r, row block rb, first column j) of the item's first channel (its second, r + nc/2, reads
+    and writes the same banks): idx = lane, jp = idx % ewp, r = idx / ewp % (nc/2), rb = idx / ewp / (nc/2),
+    j = DW_COLS * jp (kernel's ``for (int idx = tid; idx < nh2 * nrb * ewp; ...)``)."""
+    nrb, ewp, nh2 = -(-eh // DW_ROWS), -(-ew // DW_COLS), nc // DW_CHANS
     out = []
-    for lane in range(min(32, nc * nrb * ewp)):
+    for lane in range(min(32, nh2 * nrb * ewp)):
         jp, rest = lane % ewp, lane // ewp
-        out.append((rest % nc, rest // nc, DW_COLS * jp))
+        out.append((rest % nh2, rest // nh2, DW_COLS * jp))
     return out
 
 
@@ -433,11 +480,22 @@ def _dw_store_conflict(eh, ew, ldh2, esize, nc=16):
     return sum(_wavefronts([a + esize * c for a in base], esize) for c in range(2))
 
 
+def _pw2_warps(mt3, nt3):
+    """meta_forward_mma_kernel's pw2 tiles (n * mt3 + m) over its 8 warps: (per, [row blocks m of each warp's
+    tiles]). per: the smallest of 2..4 with mt3 * ceil(nt3 / per) <= 8, warp w taking the column tiles
+    n = (w // mt3) per + i < nt3 of row block w % mt3; none (per 0): tiles w + 8 i."""
+    per = next((p for p in range(max(2, -(-mt3 * nt3 // 8)), 5) if mt3 * -(-nt3 // p) <= 8), 0)
+    if per:
+        return per, [[w % mt3] * max(0, min(per, nt3 - w // mt3 * per)) for w in range(8)]
+    return 0, [[(w + 8 * i) % mt3 for i in range(4) if w + 8 * i < mt3 * nt3] for w in range(8)]
+
+
 def _cuda_meta_mma(x, wflat, hid, Cout, esize, plan, split):
     """meta_forward_mma_kernel (csrc/cuda/meta_block_kernels.cuh), patch-major weights (what the models
     emit on CUDA): one 256-thread block per (sample, patch), ``__launch_bounds__(256, 2)``. The weights are
     staged once with the first two affines' scales folded in (W1' = s1 W1 with t1 as an extra column
-    against a row of ones in X, W2' = s2 W2, W3' = s3 W3); per tile the haloed x tile is staged once, then
+    against a row of ones in X where Cin is not a multiple of the MMA depth, else t1 starting the pw1
+    accumulators from a T1 tile; W2' = s2 W2, W3' = s3 W3); per tile the haloed x tile is staged once, then
     per stage of hc = 16, 32 or 48 hidden channels (the plan's widest that fits; 2 barriers each): pw1 on
     the tensor cores (a warp per 16-px column tile; in 16-channel stages the W1' fragments kept in
     registers across a warp's tiles when k1 <= kA1Depth, else the warp computes all of the stage's
@@ -460,19 +518,25 @@ def _cuda_meta_mma(x, wflat, hid, Cout, esize, plan, split):
     kfrag = g["k1"] // K                     # pw1 k-steps
     keep_a1 = g["k1"] <= _a1_depth(K, split)  # kA1Depth<K, kSplit>
     k = _KernelCost("meta_forward_mma_kernel", B * G, 256, g["bytes"], regs=MMA_META_REGS)
-    # weights: a warp per row of W1' (m1 x k1) and W3' (m3 x m1), lanes along it: per 32 columns LDG + STS,
-    # ~8 instructions (address, bound selects, FMUL by the scale, convert, loop); per row two scalar loads
-    # (scale, shift) and the row pointer (~8); W2' and the shifts: a thread per element (idx / 9 by a
-    # constant: multiply-shift), ~10 instructions with LDG scale, LDG w, STS
-    rows = g["m1"] * math.ceil(g["k1"] / 32) + g["m3"] * math.ceil(g["m1"] / 32)
-    k.lsu += rows * 2
-    k.issue += rows * 8 + (g["m1"] + g["m3"]) * 8
-    k.loop(9 * hid, lsu=3, issue=10)
-    k.loop(hid + Cout, lsu=2, issue=6)
-    # X's rows Cin..k1 - 1 (ones, zeros), once per block: per haloed pixel and row STS, address, loop (~3)
-    xw = math.ceil(g["nq"] / 32)
-    k.lsu += xw * (g["k1"] - Cin)
-    k.issue += xw * (g["k1"] - Cin) * 3
+    # staging (META_MMA_STAGE_ISSUE, from the SASS): the real elements of W1' (hid x Cin) and W3' (Cout x hid) a
+    # thread per element in source order (LDG scale, LDG w, STS), then their padding: columns up to k1 / m1 of
+    # every row (W1''s t1 column: a predicated LDG), rows up to m1 / m3 (zero); W2' and the shifts a thread per
+    # element; the T1 tile (t1acc: per 4 copies an LDG and one 16-byte STS, 4 wavefronts); X's rows
+    # Cin..k1 - 1 (ones, zeros; !t1acc), once per block: per haloed pixel and row an STS
+    st = META_MMA_STAGE_ISSUE[esize]
+    k.loop(hid * Cin, lsu=3, issue=st["w1"])
+    k.loop(Cout * hid, lsu=3, issue=st["w3"])
+    for items in (g["m1"] * (g["k1"] - Cin), (g["m1"] - hid) * Cin, g["m3"] * (g["m1"] - hid), (g["m3"] - Cout) * hid):
+        if items:
+            k.loop(items, lsu=2, issue=st["pad"])
+    k.loop(9 * hid, lsu=3, issue=st["w2"])
+    k.loop(hid + Cout, lsu=2, issue=st["aff"])
+    if g["t1acc"]:
+        k.loop(g["m1"] * 4, lsu=1 + 4, issue=st["t1"])
+    xw = math.ceil(g["nq"] / 32)  # warp rounds over the haloed tile's (padded) pixels
+    if g["k1"] > Cin:
+        k.lsu += xw * (g["k1"] - Cin)
+        k.issue += xw * (st["xrow_px"] + math.ceil((g["k1"] - Cin) / 4) * st["xrow4"])
     tiles = [(min(th, PH - i), min(tw, PW - j)) for i in range(0, PH, th) for j in range(0, PW, tw)]
     hc = g["hc"]
     stages = [min(hc, g["m1"] - k0) // 16 for k0 in range(0, g["m1"], hc)]  # 16-channel blocks per stage
@@ -481,23 +545,21 @@ def _cuda_meta_mma(x, wflat, hid, Cout, esize, plan, split):
         hq, tp = (eh + 2) * (ew + 2), eh * ew
         halo_px += hq
         k.barriers += 1 + 2 * len(stages)
-        # x tile: a thread per haloed pixel (nq, 32 consecutive per warp-iteration): its reflected offset
-        # once (two int32 divisions, two reflects, ~60 instr), then per image channel LDG, convert, STS,
-        # address and loop (~6 instr); the tp output-pixel offsets (two int32 divisions, STS)
-        xw = math.ceil(g["nq"] / 32)
+        # x tile: a thread per haloed pixel (nq, 32 consecutive per warp round): its reflected offset once,
+        # then per image channel LDG, STS (the channel loop unrolled x4, remainder channels one by one); the tp
+        # output-pixel offsets: per warp holding some the set-up, per round an STS (META_MMA_STAGE_ISSUE)
         k.lsu += xw * 2 * Cin
-        k.issue += xw * (60 + 6 * Cin)
-        k.loop(tp, lsu=1, issue=50)
+        k.issue += xw * (st["x_px"] + Cin // 4 * st["x_ch4"] + Cin % 4 * st["x_ch1"])
+        k.loop(tp, lsu=1, issue=st["yoff"])
+        k.issue += math.ceil(min(tp, 256) / 32) * META_MMA_YOFF_SETUP
         nt1, nt3 = math.ceil(hq / 16), math.ceil(tp / 16)
         mt3 = g["m3"] // 16
         busy1 = min(8, nt1)  # warps with a pw1 column tile
-        # pw2 W3' loads: per warp, the row-block changes along its tiles warp + 8 i (kernel: m != mprev)
-        a3_loads = 0
-        warp_tiles = []  # pw2 tiles per warp (the loop copy a warp runs: uniform where mt3 divides 8)
-        for w in range(8):
-            ms = [(w + 8 * i) % mt3 for i in range(4) if w + 8 * i < mt3 * nt3]
-            a3_loads += sum(1 for i, m in enumerate(ms) if i == 0 or m != ms[i - 1])
-            warp_tiles.append(len(ms))
+        # pw2 W3' loads: per warp, the row-block changes along its tiles (kernel: m != mprev; once per warp
+        # with per > 0)
+        per_w, warp_ms = _pw2_warps(mt3, nt3)
+        a3_loads = sum(sum(1 for i, m in enumerate(ms) if i == 0 or m != ms[i - 1]) for ms in warp_ms)
+        warp_tiles = [len(ms) for ms in warp_ms]  # pw2 tiles per warp (uniform loop copies where per > 0)
         for nb in stages:
             kept = keep_a1 and hc == 16                # kernel: keep_a1 (one-block stages only)
             steps1 = nb * nt1 * kfrag                   # pw1: wmma k-steps (nb blocks x column tiles x k)
@@ -514,7 +576,7 @@ def _cuda_meta_mma(x, wflat, hid, Cout, esize, plan, split):
                 # pairs (g.pair1): npair pairs of column tiles, in passes of <= kPairMax blocks (pw1_pair: per
                 # step of the 2-tile loop), each k-step 2 X and per block 1 W1' fragment; the other tiles one
                 # per warp over all nb blocks (pw1: 1 X and nb W1' fragments per k-step)
-                kp = _pair_max(K, len(stages) == 1)
+                kp = _pair_max(K, split, len(stages) == 1)
                 passes = [p for p in (min(kp, nb), nb - min(kp, nb)) if p]  # kFirst blocks, then the rest
                 # kernel: kPays (each pass <= kPairMax blocks, fewer fragment loads than single tiles)
                 pays = kp > 0 and passes[-1] <= kp and 2 * len(passes) < 2 + nb
@@ -526,24 +588,28 @@ def _cuda_meta_mma(x, wflat, hid, Cout, esize, plan, split):
                 k.issue += nb * single * kfrag * per["pw1"][nb] + nt1 * nb * 16
                 k.issue += sum(p * 2 * npair * kfrag * per["pw1_pair"][p] for p in passes)
             k.lsu += (a1 + b1 + a3 + steps3) * 4 + nb * nt1 * 8  # A, B fragment loads (4 each); H1 stores
+            if g["t1acc"]:  # each pw1 accumulator starts as its T1 block (wmma.load.c.shared: 1 KB, 8 wavefronts;
+                k.lsu += nb * nt1 * 8  # the kept loop's count includes its instructions)
+                k.issue += 0 if kept else nb * nt1 * META_MMA_T1_INIT
             for t in warp_tiles:
                 if t:
-                    k.issue += nb * t * (16 // K) * (per["pw2_uniform"][t] if 8 % mt3 == 0 else per["pw2"])
+                    k.issue += nb * t * (16 // K) * (per["pw2_uniform"][t] if per_w else per["pw2"])
             k.tc += (steps1 + steps3) * split * MMA_CLK
-            # dw: per (2 columns, channel, DW_ROWS-row block) item: int32 divisions by ewp and by the stage's
-            # channel count (~20 each), 10 broadcast LDS (taps, t2), the first two
-            # window rows, loop (~5); per output row (unrolled): the window row (even ew: 2 8-byte LDS, else
-            # 4), 18 FFMA (t2 starts each chain), per column 2 FMNMX (ReLU6) + the conversion to a 16-bit
-            # H2 (none for float), the store(s) (even ew: 1 pair, else 2); wavefronts of the window loads
-            # and H2 stores from the first warp's addresses (_dw_conflict, _dw_store_conflict)
+            # dw: per (2 columns, 2 channels, DW_ROWS-row block) item its setup and per output row both
+            # channels' window rows, FFMA, ReLU6 and stores (META_DW_ISSUE, from the SASS; the zero rows of
+            # padded channels, last stage only, left out); wavefronts of the window loads (even ew: 2 8-byte
+            # LDS per channel, else 4 scalar) and H2 stores (even: 1 pair, else 2) from the first warp's
+            # addresses (_dw_conflict, _dw_store_conflict: the second channel's, nc/2 rows further, the same),
+            # per item 2 x 10 broadcast tap/t2 loads and the first two window rows
             rows = min(DW_ROWS, eh)
-            nld, nst = (2, 1) if ew % 2 == 0 else (4, 2)
+            even = ew % 2 == 0
+            dwi = META_DW_ISSUE[esize]
             cl = _dw_conflict(eh, ew, _dw_ldh1(g["nq"], tw), 16 * nb)
             cs = _dw_store_conflict(eh, ew, g["ldh2"], esize, 16 * nb)
-            items = 16 * nb * math.ceil(eh / DW_ROWS) * math.ceil(ew / DW_COLS)
-            cvt = 1 if esize == 2 else 0
-            k.loop(items, rows, lsu=cl + cs, issue=nld + 18 + 2 * (2 + cvt) + nst, overhead=40 + 10 + 2 * nld + 5)
-            k.loop(items, lsu=10 + 2 * cl)
+            items = 16 * nb // DW_CHANS * math.ceil(eh / DW_ROWS) * math.ceil(ew / DW_COLS)
+            k.loop(items, rows, lsu=DW_CHANS * (cl + cs), issue=dwi["row"][even], overhead=dwi["setup"][even])
+            k.loop(items, lsu=DW_CHANS * (10 + 2 * cl))
+        k.issue += 8 * META_DW_ISSUE[esize]["rcp"]  # every warp: 1 / ewp once per tile
         # Y: per 16x16 accumulator tile its warp's fragment store (8 wavefronts: 1 KB, conflict-free at
         # ldy = np + 8), LDS yoff, then per round of two rows (rows 0 1 4 5 8 9 12 13 and + 2; the rounds
         # past Cout skipped) LDS Y, LDS t3, FADD, convert, bound checks, address, STG (~8); ~10 per tile

@@ -95,8 +95,9 @@ def _target(ins):
     return int(m.group(1), 16) if m else None
 
 
-def loops(code: list) -> list:
-    """Innermost loops holding HMMA: (first index, last index) of the body (branch target .. backward BRA)."""
+def all_loops(code: list) -> list:
+    """Every loop: (first index, last index) of the body (branch target .. backward BRA), one per backward
+    branch, in address order of the branch."""
     idx = {ins[0]: i for i, ins in enumerate(code)}
     found = []
     for i, ins in enumerate(code):
@@ -104,6 +105,12 @@ def loops(code: list) -> list:
             t = _target(ins)
             if t is not None and t <= ins[0] and t in idx:
                 found.append((idx[t], i))
+    return found
+
+
+def loops(code: list) -> list:
+    """Innermost loops holding HMMA: (first index, last index) of the body (branch target .. backward BRA)."""
+    found = all_loops(code)
     with_mma = [(a, b) for a, b in found if any(code[k][1].startswith("HMMA") for k in range(a, b + 1))]
     return [(a, b) for a, b in with_mma if not any((c, d) != (a, b) and a <= c and d <= b for c, d in with_mma)]
 
@@ -116,7 +123,7 @@ def classify(body: list) -> dict:
             c["hmma"] += 1
         elif op.startswith(("LDS", "LDSM")):
             c["lds"] += 1
-        elif op.startswith(("LD.", "LDG")) or op == "LD":
+        elif op.startswith(("LD.", "LDG")) or op in ("LD", "LDG"):
             c["ld_generic"] += 1
         elif op.startswith("S2R") or op.startswith("S2UR"):
             c["s2r"] += 1
@@ -147,6 +154,9 @@ def main(argv=None) -> int:
     p.add_argument("--arch", type=int, default=90)
     p.add_argument("--keep", default=None, help="keep the cubins in this folder")
     p.add_argument("--reuse", action="store_true", help="disassemble the cubins already in --keep (no nvcc)")
+    p.add_argument("--all-loops", default=None, metavar="LINES",
+                   help="also list every loop (HMMA or not) of meta_forward_mma_kernel whose source lines start "
+                        "in LINES (A-B, lines of meta_block_kernels.cuh), nested ones too, with LDG and LD counts")
     a = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         d = a.keep or tmp
@@ -185,7 +195,33 @@ def main(argv=None) -> int:
                           f"({steps:g} steps) -> {c['instr'] / steps:.1f} per step; LDS {c['lds']}, "
                           f"LD {c['ld_generic']}, S2R {c['s2r']}, int/move {c['int_addr']}, FADD {c['fadd']}, "
                           f"LOP3 {c['lop3']}, other {c['other']}")
+                if a.all_loops and kernel == "meta_forward_mma_kernel":
+                    lo_l, hi_l = (int(v) for v in a.all_loops.split("-"))
+                    for line in loop_listing(funcs[mangled], lo_l, hi_l):
+                        print(line)
     return 0
+
+
+def loop_listing(code: list, first: int, last: int) -> list:
+    """One line per loop of ``code`` (all_loops) whose first source line is in [first, last]: address, source
+    lines, instructions, LDG (global, incl. the read-only path), generic LD, LDS, STS, and the loops nested in
+    it (their instructions are counted in the enclosing loop's too)."""
+    out = []
+    spans = all_loops(code)
+    for a, b in spans:
+        body = code[a:b + 1]
+        lines = sorted({ins[3] for ins in body if ins[3] is not None})
+        if not lines or not first <= lines[0] <= last:
+            continue
+        ops = [ins[1] for ins in body]
+        ldg = sum(op.startswith("LDG") for op in ops)
+        ld = sum(op == "LD" or op.startswith("LD.") for op in ops)
+        lds = sum(op.startswith("LDS") for op in ops)
+        sts = sum(op.startswith("STS") for op in ops)
+        inner = [f"@0x{code[c][0]:x}" for c, d in spans if (c, d) != (a, b) and a <= c and d <= b]
+        out.append(f"  all-loops @0x{body[0][0]:x} lines {lines[0]}-{lines[-1]}: {len(body)} instr; LDG {ldg}, "
+                   f"LD {ld}, LDS {lds}, STS {sts}" + (f"; contains {' '.join(inner)}" if inner else ""))
+    return out
 
 
 def _nvcc_version() -> str:

@@ -233,12 +233,19 @@ META_CASES = {
     # rounds past Cout skipped); hid 24: one stage of 2 blocks in every dtype (a warp per column tile
     # computes both); 10x6 and 10x7 patches in 10x7 tiles (even and odd widths, two depthwise row blocks)
     "two-row-blocks": (1, 6, 24, 19, 10, 13, 1, 2),
+    # tensor cores: Cout 40 = three pw2 row blocks over 9 column tiles of one 12x12 tile (27 tiles: no split
+    # of a row block's column tiles over <= 8 warps, the pw2 loop that reloads W3' per row block)
+    "three-row-blocks": (1, 3, 8, 40, 12, 12, 1, 1),
+    # tensor cores: Cin 8, a multiple of tf32's depth (float: no ones row, pw1's accumulators start from the T1
+    # tile, k1 = 8), not of fp16/bf16's (ones row at row 8); hid 40: T1's rows 40..47 zero, 16-channel blocks
+    # 0..2 of one stage (each accumulator from its own T1 block); 12x5 patches, one tile
+    "t1-tile": (1, 8, 40, 5, 12, 10, 1, 2),
     # tensor cores: HyperSeg-M level 3's pw1 in little: 8x8 patches (7 column tiles of 100 haloed px), one stage
-    # of 3 blocks (hid 40: rows 40..47 zero), Cin 8 (k1 16), every dtype over pairs of column tiles (3 pairs on
-    # warps 0-2 in passes of 2 + 1 blocks for float, 3 at once for fp16/bf16) and the odd 7th tile on warp 3
+    # of 3 blocks (hid 40: rows 40..47 zero), Cin 8; 3xTF32, fp16 and bf16 over pairs of column tiles (3 pairs
+    # on warps 0-2 in passes of 2 + 1 blocks) and the odd 7th tile on warp 3 (tf32: a warp per tile)
     "paired-tiles": (2, 8, 40, 3, 16, 8, 2, 1),
 }
-MMA_ONLY = {"half-tile", "wide-stage", "two-row-blocks", "paired-tiles"}  # cases of the tensor-core forward tests only
+MMA_ONLY = {"half-tile", "wide-stage", "two-row-blocks", "three-row-blocks", "t1-tile", "paired-tiles"}
 
 
 def _meta_inputs(case, dtype, seed=0):
@@ -304,7 +311,7 @@ def tf32_matmul(request):
 
 
 @pytest.mark.parametrize("case", ["odd", "multi-tile", "smem-weights-large", "deep-tile", "half-tile", "wide-stage",
-                                  "two-row-blocks", "paired-tiles"])
+                                  "two-row-blocks", "three-row-blocks", "t1-tile", "paired-tiles"])
 @pytest.mark.parametrize("dtype, tf32_matmul", [(torch.float32, False), (torch.float32, True),
                                                 (torch.float16, False), (torch.bfloat16, False)],
                          indirect=["tf32_matmul"], ids=["fp32-3xtf32", "fp32-tf32", "fp16", "bf16"])
@@ -347,6 +354,21 @@ def test_meta_block_forward_mma_poisoned(target, dtype, poisoned_empty):
         y = run("meta_block", x, w, scale, shift, hid, Cout)
         assert torch.isnan(torch.empty(3, dtype=dtype)).all()  # the poisoning is on
         close(y, ref, dtype, f"y ({case})")
+
+
+def test_meta_block_forward_mma_infinite_input(target):
+    """An infinite input pixel: the reference's ReLU6 clamps the hidden activations it reaches to 0 or 6, so
+    y stays finite; the tensor-core forward's padded hidden rows (zero W1' rows: 0 * inf = NaN) must reach pw2
+    as zeros (its H2 rows past hid are stored as zeros, also where a depthwise item pairs a real channel with
+    a padded one). bfloat16 (3xTF32 would split inf into inf + NaN)."""
+    run = Target(target)
+    for case in ("odd", "two-row-blocks"):  # hid 6: items of padded channels only; hid 24: mixed items
+        x, w, scale, shift, hid, Cout = _meta_inputs(case, torch.bfloat16, seed=2)
+        x[0, 0, 4, 5] = float("inf")
+        ref = _meta_reference(x.double(), w.double(), scale.double(), shift.double(), hid, Cout)
+        assert torch.isfinite(ref).all()
+        y = run("meta_block", x, w, scale, shift, hid, Cout)
+        close(y, ref, torch.bfloat16, f"y ({case})")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -97,6 +97,25 @@ def test_meta_counts_by_hand():
     assert rl._patch_sizes(5, 2) == [3, 2]
 
 
+def test_meta_pw2_warps():
+    """_pw2_warps (meta_forward_mma_kernel's pw2 tiles over 8 warps): every tile (m, n) of an mt3 x nt3 grid
+    once, <= 4 per warp; with per > 0 a warp's tiles in one row block, per the smallest >= 2 that fits
+    (HyperSeg-M level 3: 4 column tiles on warps 0 and 1); else tiles w + 8 i."""
+    for mt3 in range(1, 33):
+        for nt3 in range(1, 32 // mt3 + 1):
+            per, warps = rl._pw2_warps(mt3, nt3)
+            if per:
+                got = [(m, w // mt3 * per + i) for w, ms in enumerate(warps) for i, m in enumerate(ms)]
+                assert all(len(set(ms)) <= 1 for ms in warps)
+                assert mt3 * -(-nt3 // per) <= 8 and (per == 2 or mt3 * -(-nt3 // (per - 1)) > 8)
+            else:
+                got = [((w + 8 * i) % mt3, (w + 8 * i) // mt3) for w, ms in enumerate(warps) for i in range(len(ms))]
+                assert mt3 * -(-nt3 // 4) > 8
+            assert sorted(got) == [(m, n) for m in range(mt3) for n in range(nt3)]
+            assert max(len(ms) for ms in warps) <= 4
+    assert rl._pw2_warps(1, 4) == (2, [[0, 0], [0, 0], [], [], [], [], [], []])
+
+
 def test_hmsa_counts_by_hand():
     # two scales: p1 (1,2,4,4), p_low (1,2,2,2), a_low (1,1,2,2), out 4x4:
     # a*p at 2x2 (8), U(a*p) (7*32), U(a) (7*16), 1-U(a) (16), (1-U(a))*pred and + (2*32)

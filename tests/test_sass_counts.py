@@ -48,3 +48,17 @@ def test_variants():
     assert sc.variant("void pyseg::meta_forward_mma_kernel<float, 1>(const float*)") == ("float", "kSplit=1", 4)
     assert sc.variant("void pyseg::meta_forward_mma_kernel<c10::BFloat16, 1>(x)") == ("BFloat16", "kSplit=1", 2)
     assert sc.variant("void pyseg::pw_forward_mma_kernel<c10::Half, 2>(x)") == ("Half", "MT=2", 2)
+
+
+def test_all_loops_listing():
+    """--all-loops: every loop (HMMA or not) whose first kernel line is in the range, with its nested loops."""
+    code = sc.parse(LISTING)["_Z1kv"]
+    assert sc.all_loops(code) == [(1, 7), (8, 9)]
+    out = sc.loop_listing(code, 1, 20)
+    assert out == ["  all-loops @0x10 lines 10-12: 7 instr; LDG 0, LD 0, LDS 1, STS 0",
+                   "  all-loops @0x80 lines 12-12: 2 instr; LDG 0, LD 0, LDS 1, STS 0"]  # line 12 carries on
+    assert sc.loop_listing(code, 11, 20) == [out[1]]
+    # the second loop branching back to the first one's start: it encloses the first
+    outer = sc.parse(LISTING.replace("@!P1 BRA `(.L_x_1)", "@!P1 BRA `(.L_x_0)"))["_Z1kv"]
+    assert sc.loop_listing(outer, 10, 10)[-1] == ("  all-loops @0x10 lines 10-12: 9 instr; LDG 0, LD 0, LDS 2, STS 0; "
+                                                  "contains @0x10")

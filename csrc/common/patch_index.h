@@ -34,13 +34,16 @@ PYSEG_HD int64_t conv_out_size(int64_t in, int64_t pad_before, int64_t pad_after
 }
 
 // Reflect an index into [0, n) without repeating the edge (PyTorch's "reflect" mode).
-// Valid for -n < i < 2n - 1 (pads smaller than the size), n >= 2; n == 1 maps to 0.
-PYSEG_HD int64_t reflect_index(int64_t i, int64_t n) {
+// Valid for -n < i < 2n - 1 (pads smaller than the size), n >= 2; n == 1 maps to 0. I: the integer type
+// (reflect_index: int64_t; the GPU kernels' 32-bit tile loops use reflect_index_as<int>).
+template <class I>
+PYSEG_HD I reflect_index_as(I i, I n) {
   if (n == 1) return 0;
   if (i < 0) i = -i;
   if (i >= n) i = 2 * (n - 1) - i;
   return i;
 }
+PYSEG_HD int64_t reflect_index(int64_t i, int64_t n) { return reflect_index_as<int64_t>(i, n); }
 
 // Ceil division for non-negative numerators, floor division that rounds towards -inf.
 PYSEG_HD int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }

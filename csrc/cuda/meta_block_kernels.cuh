@@ -164,17 +164,19 @@ __global__ void __launch_bounds__(kThreads) meta_forward_kernel(
 // forward on the tensor cores (float as tf32 or 3xTF32, fp16, bf16)
 // ------------------------------------------------------------------------------------------------
 // One block of 8 warps per (sample, patch), tiles of th x tw output pixels as above. The block stages
-// the patch's weights with the first two affines' scales folded in (W1' = s1 W1 with t1 as an extra
-// column, W2' = s2 W2, W3' = s3 W3), then per tile loads x's haloed tile once (operand type, rows =
-// channels; the row of ones at row Cin against W1's t1 column and the zero rows up to the MMA depth are
-// written once per block) and walks the hidden channels in stages of hc = 16, 32 or 48 (the plan's widest
-// that fits; two barriers each, plus one per tile):
+// the patch's weights with the first two affines' scales folded in (W1' = s1 W1, W2' = s2 W2, W3' = s3 W3;
+// t1 as an extra column of W1' against a row of ones in X where Cin is not a multiple of the MMA depth k, else
+// as the pw1 accumulators' start, a T1 tile), then per tile loads x's haloed tile once (operand type, rows =
+// channels; the row of ones and the zero rows up to the MMA depth are written once per block) and walks the
+// hidden channels in stages of hc = 16, 32 or 48 (the plan's widest that fits; two barriers each, plus one per
+// tile):
 //   pw1   H1[hc, haloed px] = relu6(W1'[stage] [X; 1])             wmma (ReLU6 on the fragments), a warp per
 //                                                                  16-px column tile: W1' fragments in registers
 //                                                                  (hc 16) or all hc/16 blocks, each X fragment
 //                                                                  loaded and split once per k-step (pairs of
 //                                                                  column tiles per warp where g.pair1)
-//   dw    H2[hc, px] = relu6(dw3x3'(H1) + t2)                      CUDA cores, 2 columns x kDwRows rows/thread
+//   dw    H2[hc, px] = relu6(dw3x3'(H1) + t2)                      CUDA cores, 2 columns x 2 channels x
+//                                                                  kDwRows rows per thread
 //   pw2   Y[Cout, px] += W3'[:, stage] H2[stage, px]               wmma, accumulators stay in registers
 // and finally each warp stores its Y tiles (through shared memory, no barrier) as y = Y + t3. Padded
 // rows/columns of the MMA operands are zero (a NaN there would reach real outputs through 0 * NaN); row
@@ -190,16 +192,33 @@ constexpr int kDwCols = 2;       // output columns per thread of the depthwise s
 // pw1: the W1' fragments of a 16-channel stage (k1 <= this depth) stay in registers across a warp's column
 // tiles: 3 bf16/fp16 fragments (24 registers) or 5 tf32 ones (20), within the 128 of __launch_bounds__(256, 2)
 // next to the pw2 accumulators; none for 3xTF32 (ptxas: kept split fragments, hi + lo, spill next to the
-// stage loop; HyperSeg-M's float levels have k1 = 32 and 40, past 2 of them anyway: there a warp computes
+// stage loop; HyperSeg-M's float levels have k1 = 24 and 40, past 2 of them anyway: there a warp computes
 // all blocks of a wider stage instead, up to 3 accumulators, reusing each split X fragment)
 template <int K, int kSplit>
 constexpr int kA1Depth = K == 16 ? 48 : kSplit == 1 ? 40 : 0;
 // pw1 over pairs of column tiles (MmaGeom::pair1): 2 x kBlocks accumulator fragments (8 registers each), in
 // passes of at most this many 16-channel blocks of a stage (ptxas -Xptxas -v: more spill; 0: no pairs). kSingle:
 // plans of one stage, where the pw2 accumulators are zeroed after pw1 (no registers during it); else the stage
-// loop, where they are live (kMaxAccTiles x 8 registers)
-template <int K, bool kSingle>
-constexpr int kPairMax = K == 16 ? (kSingle ? 3 : 1) : (kSingle ? 2 : 0);
+// loop, where they are live (kMaxAccTiles x 8 registers): no pairs there. tf32: 1 (its kernel spilled 12 bytes
+// at main b889632 before any pairs; 4 with these, 12 again with 2-block passes)
+template <int K, int kSplit, bool kSingle>
+constexpr int kPairMax = !kSingle ? 0 : K == 16 || kSplit == 3 ? 2 : 1;
+
+// e / d for 0 <= e < 2^22, d >= 1, from inv = 1.0f / d (float-rounded) without an integer division: (e + 0.5) / d
+// lies at least 0.5 / d from an integer and the float product below is within (e + 0.5) / d * 2^-23 of it (two
+// roundings), so truncating it gives e / d exactly
+__device__ __forceinline__ int div_exact(int e, float inv) {
+  return static_cast<int>((static_cast<float>(e) + 0.5f) * inv);
+}
+
+// pw1's T1 tile (t1acc): row stride, floats. 24 = 8 mod 32 words (rows 0..3 of a half-warp's 8-byte accumulator
+// loads in different banks); 96 bytes, a multiple of 16 as wmma needs
+constexpr int kLdT1 = 24;
+
+// Four floats moved by one 16-byte shared-memory store.
+struct alignas(16) Quad {
+  float a, b, c, d;
+};
 
 // Two adjacent elements moved by one 2-element (4- or 8-byte) shared-memory access.
 template <class E>
@@ -207,15 +226,35 @@ struct alignas(2 * sizeof(E)) Pair {
   E a, b;
 };
 
+// v, u stored as an adjacent pair of E (one 8-byte store for float, 4-byte for 16-bit types) at p, aligned
+// to the pair (a Pair<E> assignment compiles to two stores)
+template <class E>
+__device__ __forceinline__ void store_pair(E* p, float v, float u) {
+  const Pair<E> q{mma::from_float<E>(v), mma::from_float<E>(u)};
+  using Word = std::conditional_t<sizeof(E) == 4, unsigned long long, unsigned int>;
+  static_assert(sizeof(Word) == sizeof(q), "a pair is one word");
+  Word w;
+  memcpy(&w, &q, sizeof(w));
+  *reinterpret_cast<Word*>(p) = w;
+}
+
+// n / d for 0 <= n < 2^22 and d >= 1, given inv = 1.0f / d (correctly rounded): (n + 0.5) inv is within
+// (n + 0.5) / d * 2^-23 < 0.5 / d of (n + 0.5) / d, whose distance to an integer is at least 0.5 / d, so the
+// truncation is exact. 4 instructions (I2F, FADD, FMUL, F2I) instead of the ~30 of an int32 division.
+__host__ __device__ __forceinline__ int div_small(int n, float inv) {
+  return static_cast<int>((static_cast<float>(n) + 0.5f) * inv);
+}
+
 struct MmaGeom {
   int th, tw;                      // tile, output pixels
-  int k1, m1, ldw1;                // pw1: depth (Cin + 1 padded to the MMA k), rows (hid padded to 16), W1 stride
+  int k1, m1, ldw1;                // pw1: depth (Cin padded to the MMA k), rows (hid padded to 16), W1 stride
+  bool t1acc;                      // k1 == Cin: t1 starts the pw1 accumulators (tile at ot1), else a ones row of X
   int m3, ldw3;                    // pw2: rows (Cout padded to 16), W3 stride (depth: m1)
   int nq, ldx, ldh1;               // haloed tile pixels padded to 16; X and H1 strides
   int np, ldh2, ldy;               // tile pixels padded to 16; H2 and Y strides
   int hc;                          // hidden channels per stage (a multiple of kChunk, <= kMaxStage)
   bool pair1;                      // pw1 without kept W1' fragments: a warp computes 2 adjacent column tiles
-  int64_t ow1, ow3, ow2, oaff, ox, oh1, oh2, oyoff, bytes;  // shared-memory byte offsets, total
+  int64_t ow1, ow3, ow2, oaff, ot1, ox, oh1, oh2, oyoff, bytes;  // shared-memory byte offsets, total
 };
 
 __host__ __device__ constexpr int round_up(int v, int m) { return (v + m - 1) / m * m; }
@@ -232,7 +271,10 @@ inline MmaGeom mma_geometry(int64_t Cin, int64_t hid, int64_t Cout, int th, int 
   const int pad = 16 / esize, bpad = 8;
   g.th = th;
   g.tw = tw;
-  g.k1 = round_up(static_cast<int>(Cin) + 1, k);  // + the ones row (t1)
+  // t1 (pw1's shift): where Cin is not a multiple of k, a row of ones in X (row Cin, inside the padding: free)
+  // against a t1 column of W1'; else (no padding row) the accumulators start from a tile of t1 (ot1)
+  g.k1 = round_up(static_cast<int>(Cin), k);
+  g.t1acc = g.k1 == Cin;
   g.m1 = round_up(static_cast<int>(hid), kChunk);
   g.ldw1 = g.k1 + pad;
   g.m3 = round_up(static_cast<int>(Cout), 16);
@@ -256,6 +298,7 @@ inline MmaGeom mma_geometry(int64_t Cin, int64_t hid, int64_t Cout, int th, int 
   g.ow3 = take(int64_t{g.m3} * g.ldw3 * esize);
   g.ow2 = take(9 * hid * 4);
   g.oaff = take((hid + Cout) * 4);  // t2, t3
+  g.ot1 = take(g.t1acc ? int64_t{g.m1} * kLdT1 * 4 : 0);  // t1acc: per hidden channel r, 16 copies of t1[r]
   g.ox = take(int64_t{g.k1} * g.ldx * esize);
   g.oh1 = take(std::max<int64_t>(int64_t{hc} * g.ldh1, int64_t{g.m3} * g.ldy) * 4);  // H1, then Y
   g.oh2 = take(int64_t{hc} * g.ldh2 * esize);
@@ -282,6 +325,7 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
   T* w3s = reinterpret_cast<T*>(smem_raw + g.ow3);
   float* w2s = reinterpret_cast<float*>(smem_raw + g.ow2);
   float* aff = reinterpret_cast<float*>(smem_raw + g.oaff);  // [t2 (hid) | t3 (Cout)]
+  float* t1s = reinterpret_cast<float*>(smem_raw + g.ot1);   // T1 (t1acc): m1 x 16, stride kLdT1
   T* xs = reinterpret_cast<T*>(smem_raw + g.ox);
   float* h1 = reinterpret_cast<float*>(smem_raw + g.oh1);
   float* ys = h1;  // Y reuses H1's space after the last stage
@@ -292,38 +336,89 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
   const DevPatch P(blockIdx.x, gh, gw, H, W);
   const int tid = static_cast<int>(threadIdx.x), warp = tid / 32, lane = tid % 32;
   const int cin = static_cast<int>(Cin), nh = static_cast<int>(hid), co = static_cast<int>(Cout);
-  // weights of this patch: contiguous (patch-major) or strided by G; W1'/W3' zero-padded. A warp per
-  // row, lanes along it (no index division)
-  const scalar_t* src = patch_major ? weight + (P.b * G + P.patch) * N : weight + P.b * N * G + P.patch;
-  const int64_t ws = patch_major ? 1 : G;
-  for (int r = warp; r < g.m1; r += kWarps) {
-    const bool real = r < nh;
-    const float s1 = real ? static_cast<float>(scale[L.a1() + r]) : 0.0f;
-    const float t1 = real ? static_cast<float>(shift[L.a1() + r]) : 0.0f;
-    const scalar_t* wr = src + (L.w1() + int64_t{r} * Cin) * ws;
-    for (int c = lane; c < g.k1; c += 32) {
-      const float v = !real ? 0.0f : c < cin ? s1 * static_cast<float>(wr[c * ws]) : c == cin ? t1 : 0.0f;
-      w1s[r * g.ldw1 + c] = mma::from_float<T>(v);
+  // weights of this patch, read through the read-only path: contiguous (patch-major, what the models emit on
+  // CUDA: 32-bit element offsets) or strided by G (64-bit offsets); one copy of the staging per layout (ws: the
+  // element stride, a compile-time 1 when contiguous). W1' and W3' a thread per real element, flat in source
+  // order (36 warp rounds for HyperSeg-M's 48 x 24 W1', not 48 half-empty rows), the row r = e / width by a float
+  // reciprocal (div_exact; every index here is far below its 2^22: W1', W3' fit in shared memory), times the
+  // row's scale; their padding after (pad); loops not unrolled
+  const int ow1 = static_cast<int>(L.w1()), ow2 = static_cast<int>(L.w2()), ow3 = static_cast<int>(L.w3());
+  const int oa1 = static_cast<int>(L.a1()), oa2 = static_cast<int>(L.a2()), oa3 = static_cast<int>(L.a3());
+  auto stage = [&](const scalar_t* __restrict__ src, auto ws) {
+    // the rows x cols real elements of W1' or W3' (row-major from woff in the source), row r scaled by scale[soff + r]
+    auto real = [&](T* dst, int ld, int rows, int cols, int woff, int soff) {
+      const float inv = 1.0f / static_cast<float>(cols);
+#pragma unroll 1
+      for (int e = tid; e < rows * cols; e += kThreads) {
+        const int r = div_exact(e, inv), c = e - r * cols;
+        dst[r * ld + c] = mma::from_float<T>(mma::ldg_float(scale + soff + r) * mma::ldg_float(src + (woff + e) * ws));
+      }
+    };
+    real(w1s, g.ldw1, nh, cin, ow1, oa1);
+    real(w3s, g.ldw3, co, nh, ow3, oa3);
+#pragma unroll 1
+    for (int idx = tid; idx < 9 * nh; idx += kThreads)
+      w2s[idx] = mma::ldg_float(scale + oa2 + idx / 9) * mma::ldg_float(src + (ow2 + idx) * ws);
+  };
+  if (patch_major) {
+    stage(weight + (P.b * G + P.patch) * N, std::integral_constant<int, 1>{});
+  } else {
+    stage(weight + P.b * N * G + P.patch, G);
+  }
+  // the padding of W1' (m1 x k1) and W3' (m3 x m1): columns cols..k - 1 of all m rows (W1': t1 at column Cin,
+  // which exists only where !t1acc), then rows rows..m - 1 of the real columns, zero (a NaN left there would
+  // reach real outputs through 0 * NaN)
+  auto pad = [&](T* dst, int ld, int rows, int cols, int m, int k, bool t1col) {
+    const int kp = k - cols;
+    if (kp > 0) {
+      const float inv = 1.0f / static_cast<float>(kp);
+#pragma unroll 1
+      for (int e = tid; e < m * kp; e += kThreads) {
+        const int r = div_exact(e, inv), c = e - r * kp;
+        dst[r * ld + cols + c] = mma::from_float<T>(t1col && c == 0 && r < rows ? mma::ldg_float(shift + oa1 + r) : 0.0f);
+      }
+    }
+    const float inv = 1.0f / static_cast<float>(cols);
+#pragma unroll 1
+    for (int e = tid; e < (m - rows) * cols; e += kThreads) {
+      const int r = div_exact(e, inv), c = e - r * cols;
+      dst[(rows + r) * ld + c] = mma::from_float<T>(0.0f);
+    }
+  };
+  pad(w1s, g.ldw1, nh, cin, g.m1, g.k1, true);
+  pad(w3s, g.ldw3, co, nh, g.m3, g.m1, false);
+#pragma unroll 1
+  for (int idx = tid; idx < nh + co; idx += kThreads) aff[idx] = mma::ldg_float(shift + oa2 + idx);
+  // t1acc: T1 = hid rows of t1[r] (zero rows up to m1), 16 columns (stride kLdT1), 4 per thread (one 16-byte
+  // store); pw1's accumulators of channels r0.. start as the 16x16 block at row r0 (exact: t1 + sum, no
+  // assumption on the fragment layout)
+  if (g.t1acc) {
+#pragma unroll 1
+    for (int idx = tid; idx < g.m1 * 4; idx += kThreads) {
+      const int r = idx / 4;
+      const float v = r < nh ? mma::ldg_float(shift + oa1 + r) : 0.0f;
+      *reinterpret_cast<Quad*>(t1s + r * kLdT1 + 4 * (idx % 4)) = Quad{v, v, v, v};
     }
   }
-  for (int r = warp; r < g.m3; r += kWarps) {
-    const bool real = r < co;
-    const float s3 = real ? static_cast<float>(scale[L.a3() + r]) : 0.0f;
-    const scalar_t* wr = src + (L.w3() + int64_t{r} * hid) * ws;
-    for (int c = lane; c < g.m1; c += 32)
-      w3s[r * g.ldw3 + c] = mma::from_float<T>(real && c < nh ? s3 * static_cast<float>(wr[c * ws]) : 0.0f);
-  }
-  for (int idx = tid; idx < 9 * nh; idx += kThreads)
-    w2s[idx] = static_cast<float>(scale[L.a2() + idx / 9]) * static_cast<float>(src[(L.w2() + idx) * ws]);
-  for (int idx = tid; idx < nh + co; idx += kThreads) aff[idx] = static_cast<float>(shift[L.a2() + idx]);
   const int mt3 = g.m3 / 16;
-  // X's rows past the image channels, the same in every tile: row Cin ones (against W1's t1 column), then
-  // zeros up to k1 (visible to the first tile's pw1 after its first barrier; never overwritten)
-  for (int q = tid; q < g.nq; q += kThreads)
-    for (int c = cin; c < g.k1; ++c) xs[c * g.ldx + q] = mma::from_float<T>(c == cin ? 1.0f : 0.0f);
+  // X's rows past the image channels (!t1acc), the same in every tile: row Cin ones (against W1's t1 column),
+  // then zeros up to k1 (visible to the first tile's pw1 after its first barrier; never overwritten)
+  if (cin < g.k1) {
+    for (int q = tid; q < g.nq; q += kThreads)
+      for (int c = cin; c < g.k1; ++c) xs[c * g.ldx + q] = mma::from_float<T>(c == cin ? 1.0f : 0.0f);
+  }
+  // pw1's accumulator of hidden channels r0..r0 + 15: from T1 (t1acc) or zero (t1 rides on X's ones row)
+  auto init_c1 = [&](FragC& c, int r0) {
+    if (g.t1acc) {
+      mma::load_shared_acc(c, t1s + r0 * kLdT1, kLdT1);
+    } else {
+      wmma::fill_fragment(c, 0.0f);
+    }
+  };
   // the tile loop keeps its geometry in 32 bits (fewer long-lived registers next to the pw2 accumulators:
   // ptxas fits the kernel in the 128 registers of __launch_bounds__(256, 2) without spills)
   const int pc0 = static_cast<int>(P.c0), rend = static_cast<int>(P.r0 + P.ph), cend = static_cast<int>(P.c0 + P.pw);
+  const int hi = static_cast<int>(H), wi = static_cast<int>(W), plane = static_cast<int>(H * W);
   const scalar_t* xb = x + P.b * Cin * H * W;
   scalar_t* yb = y + P.b * Cout * H * W;
   // tiles in row-major order: (tr0, tc0) their first pixel
@@ -333,20 +428,43 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
     const int hwi = ewi + 2, hqi = (ehi + 2) * hwi, tpi = ehi * ewi;
     // x's haloed tile, rows = channels (zero columns from hq to nq; rows Cin.. staged once, above): a
     // thread per haloed pixel computes its reflected image offset once (the same in every channel) and
-    // copies the pixel's Cin channels, consecutive threads on consecutive pixels (coalesced). No barrier
-    // before it: xs was last read by the previous tile's pw1, before that tile's later barriers
+    // copies the pixel's Cin channels down the column by pointer increments, consecutive threads on
+    // consecutive pixels (coalesced). No barrier before it: xs was last read by the previous tile's pw1,
+    // before that tile's later barriers
+    const float inv_hw = 1.0f / static_cast<float>(hwi);
     for (int q = tid; q < g.nq; q += kThreads) {
       const bool in = q < hqi;
-      const int off =
-          in ? static_cast<int>(reflect_index(tr0 - 1 + q / hwi, H) * W + reflect_index(tc0 - 1 + q % hwi, W)) : 0;
+      const int qi = div_exact(q, inv_hw), qj = q - qi * hwi;
+      const int off = in ? reflect_index_as<int>(tr0 - 1 + qi, hi) * wi + reflect_index_as<int>(tc0 - 1 + qj, wi) : 0;
+      const scalar_t* xp = xb + off;
+      T* dst = xs + q;
 #pragma unroll 4
-      for (int c = 0; c < cin; ++c) xs[c * g.ldx + q] = mma::from_float<T>(in ? static_cast<float>(xb[c * H * W + off]) : 0.0f);
+      for (int c = 0; c < cin; ++c, xp += plane, dst += g.ldx) *dst = mma::from_float<T>(in ? mma::ldg_float(xp) : 0.0f);
     }
     __syncthreads();  // weights and x staged (and the previous tile's epilogue done with Y and yoff)
-    // the y offset of every tile pixel (read by the epilogue, after the stages' barriers)
-    for (int p = tid; p < tpi; p += kThreads) yoff[p] = static_cast<int>((tr0 + p / ewi) * W + tc0 + p % ewi);
+    // the y offset of every tile pixel (read by the epilogue, after the stages' barriers): pixel tid's row and
+    // column by one division, then stepped by kThreads pixels (di rows and dj columns) without one
+    if (tid < tpi) {
+      const int di = kThreads / ewi, dj = kThreads - di * ewi;
+      int i = tid / ewi, j = tid - i * ewi;
+#pragma unroll 1
+      for (int p = tid; p < tpi; p += kThreads) {
+        yoff[p] = (tr0 + i) * wi + tc0 + j;
+        i += di, j += dj;
+        if (j >= ewi) j -= ewi, ++i;
+      }
+    }
     const int nt1 = (hqi + 15) / 16, nt3 = (tpi + 15) / 16;
-    const int mine = (mt3 * nt3 - warp + kWarps - 1) / kWarps;  // pw2 tiles of this warp: warp + kWarps * i
+    // the pw2 tiles n * mt3 + m (16 output channels x 16 pixels each) over the warps: where it fits, a warp
+    // takes `per` consecutive column tiles of one row block (warp w: m = w % mt3, n = (w / mt3) per + i),
+    // per the smallest of 2..kMaxAccTiles that covers the tiles with kWarps warps, so that 2 or more tiles
+    // share each W3' fragment a warp loads and splits (with fewer warps busy); else (per = 0) the tiles
+    // warp + kWarps * i. Block-uniform
+    int per = 0;
+    for (int p = max(2, (mt3 * nt3 + kWarps - 1) / kWarps); p <= kMaxAccTiles && per == 0; ++p)
+      if (mt3 * ((nt3 + p - 1) / p) <= kWarps) per = p;
+    const int mine = per ? max(0, min(per, nt3 - warp / mt3 * per))  // pw2 tiles of this warp
+                         : (mt3 * nt3 - warp + kWarps - 1) / kWarps;
     // W1' fragments kept across a warp's column tiles: one-block stages only (the plan widens a stage only
     // where no warp would keep them across several tiles); block-uniform
     const bool keep_a1 = g.hc == kChunk && g.k1 <= kA1Depth<K, kSplit>;
@@ -359,7 +477,8 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
     auto stage = [&](const int k0, auto single) {
       constexpr bool kSingle = decltype(single)::value;
       const int nc = min(g.hc, g.m1 - k0), nb = nc / kChunk;  // the stage's channels, 16-channel blocks
-      // pw1 of the stage: H1 = relu6(W1' [X; 1]) (t1 rides on the ones row). keep_a1 (one-block stages): a
+      // pw1 of the stage: H1 = relu6(W1' [X; 1]) (t1 rides on the ones row, or starts the accumulators:
+      // init_c1). keep_a1 (one-block stages): a
       // warp per 16-px column tile with the stage's W1' fragments loaded (and split) once per stage. Else a
       // warp per 16-px column tile computes all nb <= 3 16-channel blocks of the stage: per k-step its X
       // fragment is loaded (and split) once and used for the nb W1' fragments (loaded per block and k-step),
@@ -377,7 +496,7 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
         }
         for (int n = warp; n < nt1; n += kWarps) {
           FragC c1;
-          wmma::fill_fragment(c1, 0.0f);
+          init_c1(c1, k0);
 #pragma unroll
           for (int f = 0; f < kA1; ++f) {
             if (f * K < g.k1) {
@@ -408,7 +527,7 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
 #pragma unroll
             for (int t = 0; t < kTiles; ++t)
 #pragma unroll
-              for (int mb = 0; mb < kBlocks; ++mb) wmma::fill_fragment(c1[t][mb], 0.0f);
+              for (int mb = 0; mb < kBlocks; ++mb) init_c1(c1[t][mb], k0 + (mb0 + mb) * kChunk);
 #pragma unroll 1
             for (int kk = 0; kk < g.k1; kk += K) {
               FragB b[kTiles], blo[kTiles];
@@ -445,7 +564,7 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
         // after the last pair's (warp npair % kWarps), all blocks at once; else a warp per tile (n = warp +
         // kWarps i), all blocks at once
         auto run = [&](auto blocks) {
-          constexpr int kBlocks = decltype(blocks)::value, kPair = kPairMax<K, kSingle>;
+          constexpr int kBlocks = decltype(blocks)::value, kPair = kPairMax<K, kSplit, kSingle>;
           // passes: kFirst blocks, then the rest (at most kPair too); pairs only where they need fewer fragment
           // loads per pair and k-step than two single tiles (2 X per pass + kBlocks W1' against 2 + 2 kBlocks)
           constexpr int kFirst = kBlocks < kPair ? kBlocks : kPair, kPasses = kBlocks > kFirst ? 2 : 1;
@@ -471,81 +590,123 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
       }
       __syncthreads();
       // dw3x3 of the stage; rows past hid are zero (pw2 reads them against W3's zero columns). A thread
-      // per (pair of columns, channel, block of kDwRows output rows), pairs fastest: the 9 taps in registers,
-      // a 3-row x 4-column window sliding down (unrolled), for even tile widths read as two 8-byte loads per
-      // row (ldh1 spaces the channels of a half-warp over the banks) and the pair stored at once
+      // per (pair of columns, 2 channels r and r + nc/2, block of kDwRows output rows), pairs fastest: the
+      // 2 x 9 taps in registers, per channel a 3-row x 4-column window sliding down (unrolled), for even tile
+      // widths read as two 8-byte loads per row (ldh1 spaces the channels of a half-warp over the banks; the
+      // second channel's loads are the first's moved by nc/2 rows, the same banks) and the pair stored at
+      // once. Two channels per item halve the items' setup (index divisions, loop) against 4 columns of
+      // one channel, whose 3 8-byte window loads per row would all start at words 0 mod 4 (ldh1 and the
+      // column a multiple of 4): 2-way conflicts in every load (benchmarks/roofline.py, _cuda_meta_mma)
+      const int nh2 = nc / 2;  // nc: a multiple of kChunk
       const int nrb = (ehi + kDwRows - 1) / kDwRows, ewp = (ewi + kDwCols - 1) / kDwCols;
-      const bool even = ewi % 2 == 0;  // block-uniform: pairs aligned to 8 bytes (H1) / 2 elements (H2)
-      for (int idx = tid; idx < nc * nrb * ewp; idx += kThreads) {
-        const int jp = idx % ewp, rest = idx / ewp, rb = rest / nc, r = rest - rb * nc;
-        const int k = k0 + r, j = kDwCols * jp;
-        const bool two = j + 1 < ewi;  // the pair's second column is in the tile
-        const int i0 = rb * kDwRows, i1 = min(i0 + kDwRows, ehi);
-        T* out = h2 + r * g.ldh2 + j;
-        auto put = [&](int i, float v, float u) {
-          if (even) {
-            *reinterpret_cast<Pair<T>*>(out + i * ewi) = Pair<T>{mma::from_float<T>(v), mma::from_float<T>(u)};
-          } else {
-            out[i * ewi] = mma::from_float<T>(v);
-            if (two) out[i * ewi + 1] = mma::from_float<T>(u);
+      // one copy of the item loop per parity of the tile width (block-uniform): no branch per window load
+      // or store. Even: pairs aligned to 8 bytes (H1) / 2 elements (H2)
+      // item index -> (jp, r, rb) by div_small (item counts < 2^22: nh2 <= 24, nrb <= 4, ewp <= 16); 1 / ewp
+      // once per tile (ptxas hoists it), 1 / nh2 (nh2 = 8 nb) a constant
+      static_assert(kMaxStage / 2 == 24, "1 / nh2 for nb = 1, 2, 3");
+      const float inv_ewp = 1.0f / static_cast<float>(ewp), inv_nh2 = nb == 1 ? 0.125f : nb == 2 ? 0.0625f : 0.125f / 3;
+      auto dw = [&](auto even_width) {
+        constexpr bool even = decltype(even_width)::value;
+        for (int idx = tid; idx < nh2 * nrb * ewp; idx += kThreads) {
+          const int rest = div_small(idx, inv_ewp), jp = idx - rest * ewp, rb = div_small(rest, inv_nh2);
+          const int r = rest - rb * nh2;
+          const int k = k0 + r, j = kDwCols * jp;
+          const bool two = j + 1 < ewi;  // the pair's second column is in the tile
+          const int i0 = rb * kDwRows, i1 = min(i0 + kDwRows, ehi);
+          T* out = h2 + r * g.ldh2 + j;
+          T* out2 = out + nh2 * g.ldh2;
+          auto put = [&](T* o, int i, float v, float u) {
+            if constexpr (even) {
+              store_pair(o + i * ewi, v, u);
+            } else {
+              o[i * ewi] = mma::from_float<T>(v);
+              if (two) o[i * ewi + 1] = mma::from_float<T>(u);
+            }
+          };
+          if (k >= nh) {  // both channels past hid
+            for (int i = i0; i < i1; ++i) put(out, i, 0.0f, 0.0f), put(out2, i, 0.0f, 0.0f);
+            continue;
           }
-        };
-        if (k >= nh) {
-          for (int i = i0; i < i1; ++i) put(i, 0.0f, 0.0f);
-          continue;
-        }
-        float wk[9];
+          // the second channel k + nh2 may be past hid (last stage): computed with channel k's taps and t2,
+          // then overwritten with zeros (H1's rows there are pw1's of zero W1' rows: NaN where x is not finite)
+          const bool real2 = k + nh2 < nh;
+          const int kl = real2 ? k + nh2 : k;
+          float wk[9], wl[9];
 #pragma unroll
-        for (int d = 0; d < 9; ++d) wk[d] = w2s[9 * k + d];
-        const float t2 = aff[k];
-        const float* hk = h1 + r * g.ldh1 + j;
-        // window columns j .. j + 3 (column j + 3 exists only for a full pair)
-        auto ld = [&](const float* row, float& v0, float& v1, float& v2, float& v3) {
-          if (even) {
-            const Pair<float> p = *reinterpret_cast<const Pair<float>*>(row);
-            const Pair<float> q = *reinterpret_cast<const Pair<float>*>(row + 2);
-            v0 = p.a, v1 = p.b, v2 = q.a, v3 = q.b;
-          } else {
-            v0 = row[0], v1 = row[1], v2 = row[2];
-            v3 = two ? row[3] : 0.0f;
+          for (int d = 0; d < 9; ++d) wk[d] = w2s[9 * k + d], wl[d] = w2s[9 * kl + d];
+          const float t2 = aff[k], t2b = aff[kl];
+          const float* hk = h1 + r * g.ldh1 + j;
+          const float* hl = hk + nh2 * g.ldh1;
+          // window columns j .. j + 3 (column j + 3 exists only for a full pair)
+          auto ld = [&](const float* row, float& v0, float& v1, float& v2, float& v3) {
+            if constexpr (even) {
+              const Pair<float> p = *reinterpret_cast<const Pair<float>*>(row);
+              const Pair<float> q = *reinterpret_cast<const Pair<float>*>(row + 2);
+              v0 = p.a, v1 = p.b, v2 = q.a, v3 = q.b;
+            } else {
+              v0 = row[0], v1 = row[1], v2 = row[2];
+              v3 = two ? row[3] : 0.0f;
+            }
+          };
+          float a0, a1, a2, a3, b0, b1, b2, b3;  // channel k's window rows i, i + 1
+          float e0, e1, e2, e3, f0, f1, f2, f3;  // channel k + nh2's
+          ld(hk + i0 * hwi, a0, a1, a2, a3);
+          ld(hk + (i0 + 1) * hwi, b0, b1, b2, b3);
+          ld(hl + i0 * hwi, e0, e1, e2, e3);
+          ld(hl + (i0 + 1) * hwi, f0, f1, f2, f3);
+          // window row i + 2 and output row i of both channels, stepped per row (one add each)
+          const float *rk = hk + (i0 + 2) * hwi, *rl = hl + (i0 + 2) * hwi;
+          T *ok = out + i0 * ewi, *ol = out2 + i0 * ewi;
+#pragma unroll
+          for (int ii = 0; ii < kDwRows; ++ii) {  // unrolled: the window moves are register renames
+            if (i0 + ii >= i1) break;
+            float c0, c1, c2, c3, g0, g1, g2, g3;
+            ld(rk, c0, c1, c2, c3);
+            ld(rl, g0, g1, g2, g3);
+            // t2 first: 9 FFMA per output, no separate add
+            const float v = t2 + wk[0] * a0 + wk[1] * a1 + wk[2] * a2 + wk[3] * b0 + wk[4] * b1 + wk[5] * b2 +
+                            wk[6] * c0 + wk[7] * c1 + wk[8] * c2;
+            const float u = t2 + wk[0] * a1 + wk[1] * a2 + wk[2] * a3 + wk[3] * b1 + wk[4] * b2 + wk[5] * b3 +
+                            wk[6] * c1 + wk[7] * c2 + wk[8] * c3;
+            const float v2 = t2b + wl[0] * e0 + wl[1] * e1 + wl[2] * e2 + wl[3] * f0 + wl[4] * f1 + wl[5] * f2 +
+                             wl[6] * g0 + wl[7] * g1 + wl[8] * g2;
+            const float u2 = t2b + wl[0] * e1 + wl[1] * e2 + wl[2] * e3 + wl[3] * f1 + wl[4] * f2 + wl[5] * f3 +
+                             wl[6] * g1 + wl[7] * g2 + wl[8] * g3;
+            put(ok, 0, meta::relu6(v), meta::relu6(u));
+            put(ol, 0, meta::relu6(v2), meta::relu6(u2));
+            rk += hwi, rl += hwi, ok += ewi, ol += ewi;
+            a0 = b0, a1 = b1, a2 = b2, a3 = b3;
+            b0 = c0, b1 = c1, b2 = c2, b3 = c3;
+            e0 = f0, e1 = f1, e2 = f2, e3 = f3;
+            f0 = g0, f1 = g1, f2 = g2, f3 = g3;
           }
-        };
-        float a0, a1, a2, a3, b0, b1, b2, b3;
-        ld(hk + i0 * hwi, a0, a1, a2, a3);
-        ld(hk + (i0 + 1) * hwi, b0, b1, b2, b3);
-#pragma unroll
-        for (int ii = 0; ii < kDwRows; ++ii) {  // unrolled: the window moves are register renames
-          const int i = i0 + ii;
-          if (i >= i1) break;
-          float c0, c1, c2, c3;
-          ld(hk + (i + 2) * hwi, c0, c1, c2, c3);
-          // t2 first: 9 FFMA per output, no separate add
-          const float v = t2 + wk[0] * a0 + wk[1] * a1 + wk[2] * a2 + wk[3] * b0 + wk[4] * b1 + wk[5] * b2 +
-                          wk[6] * c0 + wk[7] * c1 + wk[8] * c2;
-          const float u = t2 + wk[0] * a1 + wk[1] * a2 + wk[2] * a3 + wk[3] * b1 + wk[4] * b2 + wk[5] * b3 +
-                          wk[6] * c1 + wk[7] * c2 + wk[8] * c3;
-          put(i, meta::relu6(v), meta::relu6(u));
-          a0 = b0, a1 = b1, a2 = b2, a3 = b3;
-          b0 = c0, b1 = c1, b2 = c2, b3 = c3;
+          if (!real2)
+            for (int i = i0; i < i1; ++i) put(out2, i, 0.0f, 0.0f);
         }
+      };
+      if (ewi % 2 == 0) {
+        dw(std::true_type{});
+      } else {
+        dw(std::false_type{});
       }
       __syncthreads();  // H2 complete (and H1 free for the next stage's pw1)
       // pw2, per 16-channel block s of the stage: this warp's accumulator tiles += W3'[:, block] H2[block];
       // the W3' fragments are loaded (and split) again only when the tile's row block m changes (never
-      // when mt3 divides kWarps)
-      // this warp's tiles warp + kWarps * i = n * mt3 + m: the first one's (m0, n0) and the step (dm, dn),
-      // divisions once per stage, not per tile (here rather than before the tile loop: no registers held
-      // across the stages, which spilled). Warps without tiles skip it (warp-uniform), so the first tile's
-      // loads are unconditional (ptxas then computes the lanes' fragment offsets once). Copies of the loop:
-      // where mt3 divides kWarps (a warp's tiles all in one row block) one per tile count kTiles = mine, which
-      // loads W3' once and every H2 fragment unconditionally; else (kTiles = 0) one that guards the tiles
-      // and reloads W3' when the row block changes
+      // with per > 0)
+      // this warp's tiles (per > 0: m0 = warp % mt3, n = n0 + i; else warp + kWarps * i = n * mt3 + m): the
+      // first one's (m0, n0) and the step (dm, dn), divisions once per stage, not per tile (here rather than
+      // before the tile loop: no registers held across the stages, which spilled). Warps without tiles skip
+      // it (warp-uniform), so the first tile's loads are unconditional (ptxas then computes the lanes'
+      // fragment offsets once). Copies of the loop: with per > 0 (a warp's tiles all in one row block) one
+      // per tile count kTiles = mine, which loads W3' once and every H2 fragment unconditionally; else
+      // (kTiles = 0) one that guards the tiles and reloads W3' when the row block changes
       if constexpr (kSingle) {  // one stage: the accumulators zeroed only now (no registers during pw1)
 #pragma unroll
         for (int i = 0; i < kMaxAccTiles; ++i)
           if (i < mine) wmma::fill_fragment(acc[i], 0.0f);
       }
-      const int m0 = warp % mt3, n0 = warp / mt3, dm = kWarps % mt3, dn = kWarps / mt3;
+      const int m0 = warp % mt3, n0 = per ? warp / mt3 * per : warp / mt3;
+      const int dm = per ? 0 : kWarps % mt3, dn = per ? 1 : kWarps / mt3;
       auto pw2 = [&](auto tiles) {
         constexpr int kTiles = decltype(tiles)::value;
         constexpr bool kUniform = kTiles > 0;
@@ -555,7 +716,7 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
           const T* h2s = h2 + s * kChunk * g.ldh2;
           FragA a3[kChunk / K], a3lo[kChunk / K];
           int mprev = -1;
-          int m = m0, n = n0;  // tile warp + kWarps * i = n * mt3 + m, stepped without a division
+          int m = m0, n = n0;  // the warp's tile i, stepped without a division
 #pragma unroll
           for (int i = 0; i < kMaxAccTiles; ++i) {
             if (i > 0) {
@@ -585,7 +746,7 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
         }
       };
       static_assert(kMaxAccTiles == 4, "pw2 is instantiated for 1..4 tiles per warp");
-      if (dm != 0) {
+      if (per == 0) {
         if (mine > 0) pw2(std::integral_constant<int, 0>{});
       } else if (mine == 4) {
         pw2(std::integral_constant<int, 4>{});
@@ -611,7 +772,8 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
 #pragma unroll
     for (int i = 0; i < kMaxAccTiles; ++i) {
       if (i >= mine) continue;
-      const int tile = warp + kWarps * i, m = tile % mt3, n = tile / mt3;
+      const int tile = warp + kWarps * i;  // (per = 0)
+      const int m = per ? warp % mt3 : tile % mt3, n = per ? warp / mt3 * per + i : tile / mt3;
       const float* yt = ys + m * 16 * g.ldy + n * 16;
       wmma::store_matrix_sync(ys + m * 16 * g.ldy + n * 16, acc[i], g.ldy, wmma::mem_row_major);
       __syncwarp();

@@ -8,6 +8,8 @@
 //   mma::round_operand<S>(f) rounds a loaded tf32 operand fragment to nearest (cvt.rna); no-op for 16-bit S
 //   mma::multiply_accumulate<S, kSplit>(acc, a, b)   acc += a b: one product, or 3xTF32 (kSplit 3, float)
 //   mma::load_shared(f, p, ldm)  wmma::load_matrix_sync of an operand in shared memory (PTX .shared loads)
+//   mma::load_shared_acc(c, p, ldm)  the same for a row-major float accumulator
+//   mma::ldg_float(p)        a read-only global element as float through the read-only path (__ldg)
 //   mma::split_operand<S, kSplit>(f, lo), mma::multiply_accumulate_split<S, kSplit>(acc, a, alo, b, blo):
 //                            the same with the split done once per fragment (reused fragments)
 //
@@ -166,10 +168,16 @@ __device__ __forceinline__ void multiply_accumulate(FC& acc, FA& a, FB& b) {
 // benchmarks/sass_counts.py); this is LDS with the lane offset computed once. The fragment stays an opaque
 // wmma fragment (its registers in load order, as wmma::load_matrix_sync leaves them). The emulator calls
 // load_matrix_sync itself. p: 256-bit aligned, ldm (elements) a multiple of 16 bytes, as for load_matrix_sync.
+// load_shared_acc(c, p, ldm): wmma::load_matrix_sync(c, p, ldm, wmma::mem_row_major) of a float accumulator
+// fragment from shared memory, the same way (PTX wmma.load.c with .shared: LDS, no generic loads).
 #ifdef PYSEG_CUDA_EMULATOR
 template <class Frag, class M>
 __device__ __forceinline__ void load_shared(Frag& f, const M* p, unsigned ldm) {
   wmma::load_matrix_sync(f, p, ldm);
+}
+template <class Frag>
+__device__ __forceinline__ void load_shared_acc(Frag& f, const float* p, unsigned ldm) {
+  wmma::load_matrix_sync(f, p, ldm, wmma::mem_row_major);
 }
 #else
 namespace detail {
@@ -196,6 +204,19 @@ PYSEG_MMA_LOAD_PTX(matrix_a, "a", 16, __nv_bfloat16, "bf16", 4)
 PYSEG_MMA_LOAD_PTX(matrix_b, "b", 16, __nv_bfloat16, "bf16", 4)
 PYSEG_MMA_LOAD_PTX(matrix_a, "a", 16, __half, "f16", 8)
 PYSEG_MMA_LOAD_PTX(matrix_b, "b", 16, __half, "f16", 8)
+#define PYSEG_MMA_LOAD_C_PTX(KD)                                                                               \
+  template <>                                                                                                 \
+  struct LoadPtx<wmma::fragment<wmma::accumulator, 16, 16, KD, float>> {                                      \
+    static constexpr int regs = 8;                                                                            \
+    static __device__ __forceinline__ void load(uint32_t* r, unsigned a, unsigned ldm) {                      \
+      asm volatile("wmma.load.c.sync.aligned.row.m16n16k" #KD ".shared.f32 " PYSEG_MMA_REGS8                  \
+                   : PYSEG_MMA_OUT8(r)                                                                        \
+                   : "r"(a), "r"(ldm));                                                                       \
+    }                                                                                                         \
+  };
+PYSEG_MMA_LOAD_C_PTX(8)
+PYSEG_MMA_LOAD_C_PTX(16)
+#undef PYSEG_MMA_LOAD_C_PTX
 #undef PYSEG_MMA_LOAD_PTX
 #undef PYSEG_MMA_OUT8
 #undef PYSEG_MMA_OUT4
@@ -210,7 +231,28 @@ __device__ __forceinline__ void load_shared(Frag& f, const M* p, unsigned ldm) {
   static_assert(sizeof(f.x) == 4 * L::regs, "fragment storage is not the PTX fragment's registers");
   L::load(reinterpret_cast<uint32_t*>(&f.x[0]), static_cast<unsigned>(__cvta_generic_to_shared(p)), ldm);
 }
+template <class Frag>
+__device__ __forceinline__ void load_shared_acc(Frag& f, const float* p, unsigned ldm) {
+  load_shared(f, p, ldm);
+}
 #endif
+
+// *p, an element of a global tensor the kernel only reads, as float, through the read-only data path
+// (__ldg: LDG.E.CONSTANT); the emulator reads it directly.
+template <class S>
+__device__ __forceinline__ float ldg_float(const S* p) {
+#ifdef PYSEG_CUDA_EMULATOR
+  return static_cast<float>(*p);
+#else
+  if constexpr (std::is_same_v<S, c10::Half>) {
+    return __half2float(__ldg(reinterpret_cast<const __half*>(p)));
+  } else if constexpr (std::is_same_v<S, c10::BFloat16>) {
+    return __bfloat162float(__ldg(reinterpret_cast<const __nv_bfloat16*>(p)));
+  } else {
+    return static_cast<float>(__ldg(p));
+  }
+#endif
+}
 
 // The 16x16 tiles of scalar type S with row-major operands: Tiles<S>::A / B / C (matrix_a, matrix_b, float
 // accumulator), Tiles<S>::T the operands' memory type, Tiles<S>::K the depth of one product.
