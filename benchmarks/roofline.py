@@ -109,7 +109,7 @@ MMA_META_REGS = 128
 #:        tile count 1..4: W3' loaded once, every H2 fragment load unconditional
 #:   pw1_pair: the paired pw1 loop (MmaGeom::pair1: 2 adjacent column tiles per warp; a k-step loads and splits
 #:        2 X fragments and per block 1 W1' fragment used for both), one copy per pass of 1..kPairMax blocks;
-#:        (results/2026-12-01-cpu/sass_counts_MERGE.txt: the kernel's single-stage copy, lines 532-542, the loops
+#:        (results/2026-12-01-cpu/sass_counts_98650ea.txt: the kernel's single-stage copy, lines 532-542, the loops
 #:        of 4 (2-block pass) and 2 (1-block pass) steps; where two loops of one step count could be either, the
 #:        larger; pw1 above stays the stage-loop copy's, at most 1 instruction per step above the single-stage
 #:        copy's)
