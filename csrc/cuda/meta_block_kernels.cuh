@@ -350,8 +350,8 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
     // patch-major (ws = 1) with a 16-byte aligned sub-array and rows of a multiple of kV elements (block-uniform
     // test): a thread per vector of kV elements of one row (one 16-byte LDG, one scale, one 16-byte STS: the
     // rows' strides ld are multiples of 16 bytes); else the scalar loop
-    auto vec_ok = [&](int woff, int cols) {
-      return std::is_same_v<decltype(ws), std::integral_constant<int, 1>> && cols % kV == 0 && reinterpret_cast<uintptr_t>(src + woff) % 16 == 0;
+    auto vec_ok = [&](int woff, int cols) {  // decltype(ws){} == 1: the contiguous copy only (the strided one's 0)
+      return decltype(ws){} == 1 && cols % kV == 0 && reinterpret_cast<uintptr_t>(src + woff) % 16 == 0;
     };
     auto real_vec = [&](T* dst, int ld, int rows, int cols, int woff, int soff) {
       const int vr = cols / kV;  // vectors per row
