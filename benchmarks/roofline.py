@@ -123,22 +123,27 @@ META_MMA_STEP_ISSUE = {
 }
 #: Warp-instructions of meta_forward_mma_kernel's staging loops, by operand size (4: float, 2: bf16/fp16, the
 #: larger of the two), read off the SASS of the patch-major copies (benchmarks/sass_counts.py --all-loops; raw file
-#: results/2026-12-01-cpu/sass_counts_e5561a5.txt, the `all-loops` lines of <float, kSplit=3> and
+#: results/2026-12-01-cpu/sass_counts_2892df9.txt, the `all-loops` lines of <float, kSplit=3> and
 #: <BFloat16, kSplit=1>; the loops are not unrolled, so a body's count is what one round executes):
-#:   w1, w3: one 256-element round of W1' / W3''s real elements (row and column by a float reciprocal, LDG scale,
-#:        LDG w, FMUL, convert, STS, loop); pad: one round of a padding loop (the largest of the four)
-#:   w2: one 256-element round of W2' (idx / 9 by a constant, 2 LDG, FMUL, STS); aff: one round of t2, t3
+#:   w1v, w3v: one round of W1' / W3''s real elements by 16-byte vectors (a row's 4 floats / 8 bf16: the row and
+#:        column by a float reciprocal, one LDG scale, one 16-byte LDG, the multiplies, conversions, one 16-byte
+#:        STS, loop); where the row length (Cin, hid) is not a multiple of the vector or the sub-array is not
+#:        16-byte aligned, w1, w3: the scalar loop, one element per thread (LDG scale, LDG w, FMUL, convert, STS)
+#:   w2v: one round of W2' by vectors (per element idx / 9 by a constant and its scale LDG; one 16-byte LDG, one
+#:        or two 16-byte STS); w2 the scalar loop (2 LDG, FMUL, STS); aff: one round of t2, t3
+#:   pad: one round of a padding loop (the largest of the four)
 #:   t1: one round of the T1 tile (t1acc: LDG t1, one 16-byte STS of 4 copies)
 #:   xrow_px, xrow4: the ones/zero rows of X (once per block): per pixel round, per 4 rows (unrolled x4)
-#:   x_px, x_ch4: the x tile: per pixel round (its row and column by a float reciprocal, two 32-bit reflects, the
-#:        base pointer; the outer body less the channel loop and its remainder copies), per 4 channels (the
-#:        channel loop, unrolled x4: 4 LDG, 4 STS, pointer increments), x_ch1 per remainder channel
+#:   x_px, x_ch4: the x tile: per pixel round inside the image (its row and column by a float reciprocal, two
+#:        32-bit reflects, the base pointer, the 4-channel loop's offsets; the outer body less the channel loops,
+#:        the zero-column branch and the remainder set-up), per 4 channels (4 LDG, then 4 STS: 64-bit address
+#:        adds, the stores' row offsets, loop); x_ch1 per remainder channel, x_rem its set-up (Cin % 4 != 0)
 #:   yoff: one round of the tile's y offsets (no division in the loop)
 META_MMA_STAGE_ISSUE = {
-    4: dict(w1=18, w3=23, pad=21, w2=21, aff=11, t1=20, xrow_px=30, xrow4=22,
-            x_px=66, x_ch4=28, x_ch1=12, yoff=15),
-    2: dict(w1=21, w3=26, pad=23, w2=23, aff=12, t1=21, xrow_px=29, xrow4=26,
-            x_px=66, x_ch4=36, x_ch1=14, yoff=15),
+    4: dict(w1=17, w3=22, w1v=22, w3v=29, pad=21, w2=20, w2v=47, aff=11, t1=20, xrow_px=30, xrow4=22,
+            x_px=67, x_ch4=26, x_ch1=11, x_rem=3, yoff=15),
+    2: dict(w1=20, w3=25, w1v=43, w3v=50, pad=23, w2=22, w2v=108, aff=12, t1=21, xrow_px=29, xrow4=26,
+            x_px=64, x_ch4=33, x_ch1=13, x_rem=3, yoff=15),
 }
 #: the y-offset loop's set-up per warp holding tile pixels: two int32 divisions (tid / ew, 256 / ew) and the
 #: steps (estimated: PWB_INT32_DIV each, + 10)
@@ -524,12 +529,28 @@ def _cuda_meta_mma(x, wflat, hid, Cout, esize, plan, split):
     # element; the T1 tile (t1acc: per 4 copies an LDG and one 16-byte STS, 4 wavefronts); X's rows
     # Cin..k1 - 1 (ones, zeros; !t1acc), once per block: per haloed pixel and row an STS
     st = META_MMA_STAGE_ISSUE[esize]
-    k.loop(hid * Cin, lsu=3, issue=st["w1"])
-    k.loop(Cout * hid, lsu=3, issue=st["w3"])
+    # by 16-byte vectors of V elements (kVec) where the kernel's block-uniform test passes: patch-major (what the
+    # models emit on CUDA; one patch per sample: always) with the sub-array 16-byte aligned in every block (N * esize
+    # and its offset multiples of 16; where only some blocks are aligned all are counted scalar, the worst block)
+    # and a row length that is a multiple of V; per vector round an LDG scale, a 16-byte LDG and a 16-byte STS
+    # (4 wavefronts each), W2''s a scale LDG per element
+    V = 16 // esize
+
+    def vec(off, cols):
+        return cols % V == 0 and N * esize % 16 == 0 and off * esize % 16 == 0
+
+    for rows, cols, off, name in ((hid, Cin, 0, "w1"), (Cout, hid, hid * (Cin + 9), "w3")):
+        if vec(off, cols):
+            k.loop(rows * cols // V, lsu=1 + 4 + 4, issue=st[name + "v"])
+        else:
+            k.loop(rows * cols, lsu=3, issue=st[name])
     for items in (g["m1"] * (g["k1"] - Cin), (g["m1"] - hid) * Cin, g["m3"] * (g["m1"] - hid), (g["m3"] - Cout) * hid):
         if items:
             k.loop(items, lsu=2, issue=st["pad"])
-    k.loop(9 * hid, lsu=3, issue=st["w2"])
+    if vec(hid * Cin, 9 * hid):
+        k.loop(9 * hid // V, lsu=2 * V + 4, issue=st["w2v"])  # V scale LDG, a 16-byte LDG, V / 4 16-byte STS
+    else:
+        k.loop(9 * hid, lsu=3, issue=st["w2"])
     k.loop(hid + Cout, lsu=2, issue=st["aff"])
     if g["t1acc"]:
         k.loop(g["m1"] * 4, lsu=1 + 4, issue=st["t1"])
@@ -546,10 +567,10 @@ def _cuda_meta_mma(x, wflat, hid, Cout, esize, plan, split):
         halo_px += hq
         k.barriers += 1 + 2 * len(stages)
         # x tile: a thread per haloed pixel (nq, 32 consecutive per warp round): its reflected offset once,
-        # then per image channel LDG, STS (the channel loop unrolled x4, remainder channels one by one); the tp
+        # then per image channel LDG, STS (4 channels a round, remainder channels one by one); the tp
         # output-pixel offsets: per warp holding some the set-up, per round an STS (META_MMA_STAGE_ISSUE)
         k.lsu += xw * 2 * Cin
-        k.issue += xw * (st["x_px"] + Cin // 4 * st["x_ch4"] + Cin % 4 * st["x_ch1"])
+        k.issue += xw * (st["x_px"] + Cin // 4 * st["x_ch4"] + (st["x_rem"] + Cin % 4 * st["x_ch1"] if Cin % 4 else 0))
         k.loop(tp, lsu=1, issue=st["yoff"])
         k.issue += math.ceil(min(tp, 256) / 32) * META_MMA_YOFF_SETUP
         nt1, nt3 = math.ceil(hq / 16), math.ceil(tp / 16)

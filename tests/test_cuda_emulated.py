@@ -244,8 +244,16 @@ META_CASES = {
     # of 3 blocks (hid 40: rows 40..47 zero), Cin 8; 3xTF32, fp16 and bf16 over pairs of column tiles (3 pairs
     # on warps 0-2 in passes of 2 + 1 blocks) and the odd 7th tile on warp 3 (tf32: a warp per tile)
     "paired-tiles": (2, 8, 40, 3, 16, 8, 2, 1),
+    # tensor cores, patch-major staging: Cin 8 (16-byte vectors of W1' rows in every dtype) but N = 6 * 19 = 114
+    # elements per patch: patch 0's weights 16-byte aligned (W1' by vectors), patch 1's not (the scalar loop);
+    # hid 6: W3' and W2' scalar
+    "vec-stage": (1, 8, 6, 2, 9, 14, 1, 2),
+    # tensor cores, patch-major staging: N = 16 * 20 = 320 elements per patch, every patch's W1', W2', W3'
+    # 16-byte aligned with rows of a multiple of 8 elements: all by vectors in every dtype
+    "vec-all": (1, 8, 16, 3, 9, 14, 1, 2),
 }
-MMA_ONLY = {"half-tile", "wide-stage", "two-row-blocks", "three-row-blocks", "t1-tile", "paired-tiles"}
+MMA_ONLY = {"half-tile", "wide-stage", "two-row-blocks", "three-row-blocks", "t1-tile", "paired-tiles",
+            "vec-stage", "vec-all"}  # tensor-core forward tests only
 
 
 def _meta_inputs(case, dtype, seed=0):
@@ -311,7 +319,7 @@ def tf32_matmul(request):
 
 
 @pytest.mark.parametrize("case", ["odd", "multi-tile", "smem-weights-large", "deep-tile", "half-tile", "wide-stage",
-                                  "two-row-blocks", "three-row-blocks", "t1-tile", "paired-tiles"])
+                                  "two-row-blocks", "three-row-blocks", "t1-tile", "paired-tiles", "vec-stage"])
 @pytest.mark.parametrize("dtype, tf32_matmul", [(torch.float32, False), (torch.float32, True),
                                                 (torch.float16, False), (torch.bfloat16, False)],
                          indirect=["tf32_matmul"], ids=["fp32-3xtf32", "fp32-tf32", "fp16", "bf16"])
@@ -331,6 +339,23 @@ def test_meta_block_forward_mma(target, case, dtype, tf32_matmul):
         name = {torch.float32: "float", torch.float16: "c10::Half", torch.bfloat16: "c10::BFloat16"}[dtype]
         mine = ce.launched()[before:]
         assert len(mine) == 2 and all(f"meta_forward_mma_kernel<{name}, {split}>" in v for _, v in mine), mine
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_meta_block_forward_mma_misaligned_patch_major(target, dtype):
+    """Patch-major weights 16-byte aligned (W1', W3', W2' staged by 16-byte vectors) and the same weights one
+    element off (every sub-array misaligned: the scalar staging) give the same bits."""
+    run = Target(target)
+    x, w, scale, shift, hid, Cout = _meta_inputs("vec-all", dtype)
+    pm = w.contiguous(memory_format=torch.channels_last)
+    buf = torch.empty(pm.numel() + 1, dtype=dtype)
+    off = buf[1:].as_strided(pm.shape, pm.stride())
+    off.copy_(pm)
+    assert pm.data_ptr() % 16 == 0 and off.data_ptr() % 16 != 0 and off.is_contiguous(memory_format=torch.channels_last)
+    y = run("meta_block", x, pm, scale, shift, hid, Cout)
+    assert torch.equal(run("meta_block", x, off, scale, shift, hid, Cout), y)
+    ref = _meta_reference(x.double(), w.double(), scale.double(), shift.double(), hid, Cout)
+    close(y, ref, dtype, "y")
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@
 
 #include "common/meta_block.h"
 #include <algorithm>
+#include <cstdint>
 #include <type_traits>
 
 #include "cuda/block_kernels.cuh"
@@ -344,6 +345,7 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
   // row's scale; their padding after (pad); loops not unrolled
   const int ow1 = static_cast<int>(L.w1()), ow2 = static_cast<int>(L.w2()), ow3 = static_cast<int>(L.w3());
   const int oa1 = static_cast<int>(L.a1()), oa2 = static_cast<int>(L.a2()), oa3 = static_cast<int>(L.a3());
+  constexpr int kV = mma::kVec<scalar_t>;  // elements per 16-byte vector
   auto stage = [&](const scalar_t* __restrict__ src, auto ws) {
     // the rows x cols real elements of W1' or W3' (row-major from woff in the source), row r scaled by scale[soff + r]
     auto real = [&](T* dst, int ld, int rows, int cols, int woff, int soff) {
@@ -354,13 +356,55 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
         dst[r * ld + c] = mma::from_float<T>(mma::ldg_float(scale + soff + r) * mma::ldg_float(src + (woff + e) * ws));
       }
     };
-    real(w1s, g.ldw1, nh, cin, ow1, oa1);
-    real(w3s, g.ldw3, co, nh, ow3, oa3);
+    // patch-major (ws = 1) with a 16-byte aligned sub-array and rows of a multiple of kV elements (block-uniform
+    // test): a thread per vector of kV elements of one row (one 16-byte LDG, one scale, one 16-byte STS: the
+    // rows' strides ld are multiples of 16 bytes); else the scalar loop
+    auto vec_ok = [&](int woff, int cols) {  // decltype(ws){} == 1: the contiguous copy only (the strided one's 0)
+      return decltype(ws){} == 1 && cols % kV == 0 && reinterpret_cast<uintptr_t>(src + woff) % 16 == 0;
+    };
+    auto real_vec = [&](T* dst, int ld, int rows, int cols, int woff, int soff) {
+      const int vr = cols / kV;  // vectors per row
+      const float inv = 1.0f / static_cast<float>(vr);
 #pragma unroll 1
-    for (int idx = tid; idx < 9 * nh; idx += kThreads)
-      w2s[idx] = mma::ldg_float(scale + oa2 + idx / 9) * mma::ldg_float(src + (ow2 + idx) * ws);
+      for (int v = tid; v < rows * vr; v += kThreads) {
+        const int r = div_exact(v, inv), c = (v - r * vr) * kV;
+        float f[kV];
+        mma::ldg_vec(src + woff + v * kV, f);
+        const float sc = mma::ldg_float(scale + soff + r);
+#pragma unroll
+        for (int i = 0; i < kV; ++i) f[i] *= sc;
+        mma::store_vec(dst + r * ld + c, f);
+      }
+    };
+    if (vec_ok(ow1, cin)) {
+      real_vec(w1s, g.ldw1, nh, cin, ow1, oa1);
+    } else {
+      real(w1s, g.ldw1, nh, cin, ow1, oa1);
+    }
+    if (vec_ok(ow3, nh)) {
+      real_vec(w3s, g.ldw3, co, nh, ow3, oa3);
+    } else {
+      real(w3s, g.ldw3, co, nh, ow3, oa3);
+    }
+    // W2' (float in shared memory): by vectors of kV elements alike (their rows idx / 9 one by one)
+    if (vec_ok(ow2, 9 * nh)) {
+#pragma unroll 1
+      for (int v = tid; v < 9 * nh / kV; v += kThreads) {
+        float f[kV];
+        mma::ldg_vec(src + ow2 + v * kV, f);
+#pragma unroll
+        for (int i = 0; i < kV; ++i) f[i] *= mma::ldg_float(scale + oa2 + (v * kV + i) / 9);
+#pragma unroll
+        for (int i = 0; i < kV; i += 4)
+          *reinterpret_cast<Quad*>(w2s + v * kV + i) = Quad{f[i], f[i + 1], f[i + 2], f[i + 3]};
+      }
+    } else {
+#pragma unroll 1
+      for (int idx = tid; idx < 9 * nh; idx += kThreads)
+        w2s[idx] = mma::ldg_float(scale + oa2 + idx / 9) * mma::ldg_float(src + (ow2 + idx) * ws);
+    }
   };
-  if (patch_major) {
+  if (patch_major || G == 1) {  // one patch: the (B, N, 1, 1) layout is patch-major too
     stage(weight + (P.b * G + P.patch) * N, std::integral_constant<int, 1>{});
   } else {
     stage(weight + P.b * N * G + P.patch, G);
@@ -436,10 +480,29 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
       const bool in = q < hqi;
       const int qi = div_exact(q, inv_hw), qj = q - qi * hwi;
       const int off = in ? reflect_index_as<int>(tr0 - 1 + qi, hi) * wi + reflect_index_as<int>(tc0 - 1 + qj, wi) : 0;
-      const scalar_t* xp = xb + off;
       T* dst = xs + q;
-#pragma unroll 4
-      for (int c = 0; c < cin; ++c, xp += plane, dst += g.ldx) *dst = mma::from_float<T>(in ? mma::ldg_float(xp) : 0.0f);
+      if (in) {
+        // 4 channels a round: their loads at xp + k * plane (an unsigned 32-bit plane: one wide multiply-add
+        // per address), then their stores; the remainder channels one by one
+        const scalar_t* xp = xb + off;
+        const unsigned pl = static_cast<unsigned>(plane), ld = static_cast<unsigned>(g.ldx);
+        int c = 0;
+#pragma unroll 1
+        for (; c + 4 <= cin; c += 4, xp += 4 * pl, dst += 4 * ld) {
+          const float v0 = mma::ldg_float(xp), v1 = mma::ldg_float(xp + pl), v2 = mma::ldg_float(xp + 2 * pl),
+                      v3 = mma::ldg_float(xp + 3 * pl);
+          dst[0] = mma::from_float<T>(v0);
+          dst[ld] = mma::from_float<T>(v1);
+          dst[2 * ld] = mma::from_float<T>(v2);
+          dst[3 * ld] = mma::from_float<T>(v3);
+        }
+#pragma unroll 1
+        for (; c < cin; ++c, xp += pl, dst += ld) *dst = mma::from_float<T>(mma::ldg_float(xp));
+      } else {
+        // the zero columns hqi..nq - 1
+#pragma unroll 1
+        for (int c = 0; c < cin; ++c, dst += g.ldx) *dst = mma::from_float<T>(0.0f);
+      }
     }
     __syncthreads();  // weights and x staged (and the previous tile's epilogue done with Y and yoff)
     // the y offset of every tile pixel (read by the epilogue, after the stages' barriers): pixel tid's row and

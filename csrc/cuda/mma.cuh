@@ -254,6 +254,53 @@ __device__ __forceinline__ float ldg_float(const S* p) {
 #endif
 }
 
+// Elements of S in 16 bytes (one vector load / store).
+template <class S>
+constexpr int kVec = static_cast<int>(16 / sizeof(S));
+
+// The kVec<S> elements at p (16-byte aligned, a global tensor the kernel only reads) as floats, by one 16-byte
+// load through the read-only data path (LDG.E.128.CONSTANT); the emulator reads them directly.
+template <class S>
+__device__ __forceinline__ void ldg_vec(const S* p, float (&out)[kVec<S>]) {
+#ifdef PYSEG_CUDA_EMULATOR
+  for (int i = 0; i < kVec<S>; ++i) out[i] = static_cast<float>(p[i]);
+#else
+  if constexpr (std::is_same_v<S, float>) {
+    const float4 v = __ldg(reinterpret_cast<const float4*>(p));
+    out[0] = v.x, out[1] = v.y, out[2] = v.z, out[3] = v.w;
+  } else {
+    const uint4 u = __ldg(reinterpret_cast<const uint4*>(p));
+    const unsigned w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      float2 f;
+      if constexpr (std::is_same_v<S, c10::Half>) {
+        __half2 h;
+        memcpy(&h, &w[i], 4);
+        f = __half22float2(h);
+      } else {
+        __nv_bfloat162 h;
+        memcpy(&h, &w[i], 4);
+        f = __bfloat1622float2(h);
+      }
+      out[2 * i] = f.x, out[2 * i + 1] = f.y;
+    }
+  }
+#endif
+}
+
+// v converted to M and stored at dst (16-byte aligned) by one 16-byte store.
+template <class M, int N>
+__device__ __forceinline__ void store_vec(M* dst, const float (&v)[N]) {
+  static_assert(N * sizeof(M) == 16, "store_vec moves 16 bytes");
+  struct alignas(16) Vec {
+    M e[N];
+  } t;
+#pragma unroll
+  for (int i = 0; i < N; ++i) t.e[i] = from_float<M>(v[i]);
+  *reinterpret_cast<Vec*>(dst) = t;
+}
+
 // The 16x16 tiles of scalar type S with row-major operands: Tiles<S>::A / B / C (matrix_a, matrix_b, float
 // accumulator), Tiles<S>::T the operands' memory type, Tiles<S>::K the depth of one product.
 template <class S>
