@@ -205,13 +205,6 @@ constexpr int kA1Depth = K == 16 ? 48 : kSplit == 1 ? 40 : 0;
 template <int K, int kSplit, bool kSingle>
 constexpr int kPairMax = !kSingle ? 0 : K == 16 || kSplit == 3 ? 2 : 1;
 
-// e / d for 0 <= e < 2^22, d >= 1, from inv = 1.0f / d (float-rounded) without an integer division: (e + 0.5) / d
-// lies at least 0.5 / d from an integer and the float product below is within (e + 0.5) / d * 2^-23 of it (two
-// roundings), so truncating it gives e / d exactly
-__device__ __forceinline__ int div_exact(int e, float inv) {
-  return static_cast<int>((static_cast<float>(e) + 0.5f) * inv);
-}
-
 // pw1's T1 tile (t1acc): row stride, floats. 24 = 8 mod 32 words (rows 0..3 of a half-warp's 8-byte accumulator
 // loads in different banks); 96 bytes, a multiple of 16 as wmma needs
 constexpr int kLdT1 = 24;
@@ -341,7 +334,7 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
   // CUDA: 32-bit element offsets) or strided by G (64-bit offsets); one copy of the staging per layout (ws: the
   // element stride, a compile-time 1 when contiguous). W1' and W3' a thread per real element, flat in source
   // order (36 warp rounds for HyperSeg-M's 48 x 24 W1', not 48 half-empty rows), the row r = e / width by a float
-  // reciprocal (div_exact; every index here is far below its 2^22: W1', W3' fit in shared memory), times the
+  // reciprocal (div_small; every index here is far below its 2^22: W1', W3' fit in shared memory), times the
   // row's scale; their padding after (pad); loops not unrolled
   const int ow1 = static_cast<int>(L.w1()), ow2 = static_cast<int>(L.w2()), ow3 = static_cast<int>(L.w3());
   const int oa1 = static_cast<int>(L.a1()), oa2 = static_cast<int>(L.a2()), oa3 = static_cast<int>(L.a3());
@@ -352,7 +345,7 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
       const float inv = 1.0f / static_cast<float>(cols);
 #pragma unroll 1
       for (int e = tid; e < rows * cols; e += kThreads) {
-        const int r = div_exact(e, inv), c = e - r * cols;
+        const int r = div_small(e, inv), c = e - r * cols;
         dst[r * ld + c] = mma::from_float<T>(mma::ldg_float(scale + soff + r) * mma::ldg_float(src + (woff + e) * ws));
       }
     };
@@ -367,7 +360,7 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
       const float inv = 1.0f / static_cast<float>(vr);
 #pragma unroll 1
       for (int v = tid; v < rows * vr; v += kThreads) {
-        const int r = div_exact(v, inv), c = (v - r * vr) * kV;
+        const int r = div_small(v, inv), c = (v - r * vr) * kV;
         float f[kV];
         mma::ldg_vec(src + woff + v * kV, f);
         const float sc = mma::ldg_float(scale + soff + r);
@@ -418,14 +411,14 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
       const float inv = 1.0f / static_cast<float>(kp);
 #pragma unroll 1
       for (int e = tid; e < m * kp; e += kThreads) {
-        const int r = div_exact(e, inv), c = e - r * kp;
+        const int r = div_small(e, inv), c = e - r * kp;
         dst[r * ld + cols + c] = mma::from_float<T>(t1col && c == 0 && r < rows ? mma::ldg_float(shift + oa1 + r) : 0.0f);
       }
     }
     const float inv = 1.0f / static_cast<float>(cols);
 #pragma unroll 1
     for (int e = tid; e < (m - rows) * cols; e += kThreads) {
-      const int r = div_exact(e, inv), c = e - r * cols;
+      const int r = div_small(e, inv), c = e - r * cols;
       dst[(rows + r) * ld + c] = mma::from_float<T>(0.0f);
     }
   };
@@ -478,7 +471,7 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
     const float inv_hw = 1.0f / static_cast<float>(hwi);
     for (int q = tid; q < g.nq; q += kThreads) {
       const bool in = q < hqi;
-      const int qi = div_exact(q, inv_hw), qj = q - qi * hwi;
+      const int qi = div_small(q, inv_hw), qj = q - qi * hwi;
       const int off = in ? reflect_index_as<int>(tr0 - 1 + qi, hi) * wi + reflect_index_as<int>(tc0 - 1 + qj, wi) : 0;
       T* dst = xs + q;
       if (in) {
