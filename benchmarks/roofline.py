@@ -506,9 +506,11 @@ def _cuda_meta_mma(x, wflat, hid, Cout, esize, plan, split):
     registers across a warp's tiles when k1 <= kA1Depth, else the warp computes all of the stage's
     16-channel blocks, loading and splitting each X fragment once per k-step, over pairs of adjacent column
     tiles where the plan pairs them (pair1: each W1' fragment loaded and split once for both tiles, in passes
-    of up to kPairMax blocks; an odd last tile alone); ReLU6 on the accumulator fragments), the depthwise 3x3 with a thread per (channel, 2 columns, 8 rows) sliding a 3x4 window
-    (unrolled: no register moves), pw2 on the tensor cores into per-warp register accumulators (W3'
-    fragments reloaded only when a warp's row block changes); each warp stores its own Y tiles to shared
+    of up to kPairMax blocks; an odd last tile alone); ReLU6 on the accumulator fragments), the depthwise
+    3x3 with a thread per (2 channels r and r + nc/2, 2 columns, 8 rows) sliding a 3x4 window per channel
+    (unrolled: no register moves), pw2 on the tensor cores into per-warp register accumulators (2-4 column
+    tiles of one row block per warp where they fit 8 warps, else W3' fragments reloaded only when a warp's
+    row block changes); each warp stores its own Y tiles to shared
     memory and writes them out (+ t3, at precomputed pixel offsets) without a barrier: 1 + 2 per stage
     per tile. Each wmma operand load is 4 shared-memory wavefronts (512 B) against
     ~2.2 tensor cycles per step, so the LSU and issue slots, not the tensor cores, bound it; the HBM

@@ -123,7 +123,7 @@ def classify(body: list) -> dict:
             c["hmma"] += 1
         elif op.startswith(("LDS", "LDSM")):
             c["lds"] += 1
-        elif op.startswith(("LD.", "LDG")) or op in ("LD", "LDG"):
+        elif op.startswith(("LD.", "LDG")) or op == "LD":
             c["ld_generic"] += 1
         elif op.startswith("S2R") or op.startswith("S2UR"):
             c["s2r"] += 1
