@@ -6,8 +6,9 @@ For every instantiation of ``meta_forward_mma_kernel`` and ``pw_forward_mma_kern
 the SASS (a backward branch) that holds HMMA instructions: its instruction count, HMMA, shared-memory (LDS/LDSM)
 and generic/global (LD/LDG) loads, S2R, integer address arithmetic (IMAD/IADD3/LEA/SHF/LOP3 on integers is not
 told apart from the hi/lo split's LOP3, so the split's FADD/LOP3 are shown separately as `fadd`), and the source
-lines of the loop (-lineinfo); `steps` = HMMA / (HMMA per wmma product x products per step): one k-step of one
-16x16 accumulator tile (3xTF32: 3 products of 4 HMMA.1684; tf32: 1 of 4; bf16/fp16: 1 of 2 HMMA.16816), and
+lines of the loop (-lineinfo); `steps` = 16x16 tile products / products per step: one k-step of one 16x16
+accumulator tile (3xTF32: 3 products; tf32, bf16/fp16: 1), a product being 2 HMMA.16816 (fp16/bf16 m16n16k16),
+2 HMMA.1688 (tf32 by mma.sync.m16n8k8: mma::Tf32A/B/C) or 4 HMMA.1684 (tf32 by wmma's m16n16k8), and
 `per step` = instructions / steps, the figure benchmarks/roofline.py's models use.
 
     python benchmarks/sass_counts.py [--arch 90] [--keep DIR] > benchmarks/results/2026-12-01-cpu/sass_counts.txt
@@ -116,11 +117,12 @@ def loops(code: list) -> list:
 
 
 def classify(body: list) -> dict:
-    c = dict(instr=len(body), hmma=0, lds=0, ld_generic=0, s2r=0, int_addr=0, fadd=0, lop3=0, other=0)
+    c = dict(instr=len(body), hmma=0, products=0.0, lds=0, ld_generic=0, s2r=0, int_addr=0, fadd=0, lop3=0, other=0)
     for ins in body:
         op = ins[1]
         if op.startswith("HMMA"):
             c["hmma"] += 1
+            c["products"] += 1 / HMMA_PER_PRODUCT.get(op.split(".")[1] if "." in op else "", 2)
         elif op.startswith(("LDS", "LDSM")):
             c["lds"] += 1
         elif op.startswith(("LD.", "LDG")) or op == "LD":
@@ -138,15 +140,20 @@ def classify(body: list) -> dict:
     return c
 
 
+#: HMMA instructions per 16x16 tile product, by the HMMA's shape: m16n8k4 (wmma's tf32 m16n16k8: 4), m16n8k8 (tf32
+#: mma.sync: 2), m16n8k16 (fp16/bf16: 2)
+HMMA_PER_PRODUCT = {"1684": 4, "1688": 2, "16816": 2}
+
+
 def variant(demangled: str) -> tuple:
-    """(dtype, split / MT, HMMA per step) of an instantiation."""
+    """(dtype, split / MT, 16x16 tile products per step) of an instantiation."""
     args = re.search(r"<(.*?)>\(", demangled).group(1).split(",")
     t, n = args[0].strip(), int(args[1].strip())
     if "pw_forward" in demangled:
-        return (t.split("::")[-1], f"MT={n}", 2)
+        return (t.split("::")[-1], f"MT={n}", 1)
     if t == "float":
-        return ("float", f"kSplit={n}", 4 * n)
-    return (t.split("::")[-1], f"kSplit={n}", 2)
+        return ("float", f"kSplit={n}", n)
+    return (t.split("::")[-1], f"kSplit={n}", 1)
 
 
 def main(argv=None) -> int:
@@ -189,7 +196,7 @@ def main(argv=None) -> int:
                     body = funcs[mangled][lo:hi + 1]
                     c = classify(body)
                     lines = sorted({ins[3] for ins in body if ins[3] is not None})
-                    steps = c["hmma"] / per
+                    steps = c["products"] / per
                     span = f"{lines[0]}-{lines[-1]}" if lines else "?"
                     print(f"loop @0x{body[0][0]:x} lines {span}: {c['instr']} instr, {c['hmma']} HMMA "
                           f"({steps:g} steps) -> {c['instr'] / steps:.1f} per step; LDS {c['lds']}, "

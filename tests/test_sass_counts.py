@@ -39,15 +39,19 @@ def test_loops_and_classes():
     body = code[1:8]
     c = sc.classify(body)
     assert (c["instr"], c["hmma"], c["lds"], c["int_addr"], c["lop3"], c["fadd"], c["other"]) == (7, 2, 1, 1, 1, 1, 1)
+    assert c["products"] == 1  # 2 HMMA.16816: one 16x16x16 product
+    tf32 = sc.classify(sc.parse(LISTING.replace("HMMA.16816.F32.BF16", "HMMA.1688.F32.TF32"))["_Z1kv"][1:8])
+    wmma_tf32 = sc.classify(sc.parse(LISTING.replace("HMMA.16816.F32.BF16", "HMMA.1684.F32.TF32"))["_Z1kv"][1:8])
+    assert (tf32["products"], wmma_tf32["products"]) == (1, 0.5)  # a 16x16x8 product: 2 HMMA.1688, 4 HMMA.1684
     assert sorted({i[3] for i in body if i[3] is not None}) == [10, 12]  # mma.hpp's line is not a kernel line
     assert sc.loops(funcs["_Z1jv"]) == []
 
 
 def test_variants():
-    assert sc.variant("void pyseg::meta_forward_mma_kernel<float, 3>(const float*)") == ("float", "kSplit=3", 12)
-    assert sc.variant("void pyseg::meta_forward_mma_kernel<float, 1>(const float*)") == ("float", "kSplit=1", 4)
-    assert sc.variant("void pyseg::meta_forward_mma_kernel<c10::BFloat16, 1>(x)") == ("BFloat16", "kSplit=1", 2)
-    assert sc.variant("void pyseg::pw_forward_mma_kernel<c10::Half, 2>(x)") == ("Half", "MT=2", 2)
+    assert sc.variant("void pyseg::meta_forward_mma_kernel<float, 3>(const float*)") == ("float", "kSplit=3", 3)
+    assert sc.variant("void pyseg::meta_forward_mma_kernel<float, 1>(const float*)") == ("float", "kSplit=1", 1)
+    assert sc.variant("void pyseg::meta_forward_mma_kernel<c10::BFloat16, 1>(x)") == ("BFloat16", "kSplit=1", 1)
+    assert sc.variant("void pyseg::pw_forward_mma_kernel<c10::Half, 2>(x)") == ("Half", "MT=2", 1)
 
 
 def test_all_loops_listing():

@@ -292,7 +292,9 @@ inline MmaGeom mma_geometry(int64_t Cin, int64_t hid, int64_t Cout, int th, int 
   g.ow3 = take(int64_t{g.m3} * g.ldw3 * esize);
   g.ow2 = take(9 * hid * 4);
   g.oaff = take((hid + Cout) * 4);  // t2, t3
-  g.ot1 = take(g.t1acc ? int64_t{g.m1} * kLdT1 * 4 : 0);  // t1acc: per hidden channel r, 16 copies of t1[r]
+  // t1acc: float (explicit tf32 tiles, mma::fill_rows) t1 itself, m1 floats (zero past hid); 16-bit types (wmma's
+  // opaque accumulator mapping) the T1 tile: per hidden channel r 16 copies of t1[r]
+  g.ot1 = take(!g.t1acc ? 0 : esize == 4 ? int64_t{g.m1} * 4 : int64_t{g.m1} * kLdT1 * 4);
   g.ox = take(int64_t{g.k1} * g.ldx * esize);
   g.oh1 = take(std::max<int64_t>(int64_t{hc} * g.ldh1, int64_t{g.m3} * g.ldy) * 4);  // H1, then Y
   g.oh2 = take(int64_t{hc} * g.ldh2 * esize);
@@ -306,20 +308,21 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
     const scalar_t* __restrict__ x, const scalar_t* __restrict__ weight, const scalar_t* __restrict__ scale,
     const scalar_t* __restrict__ shift, scalar_t* __restrict__ y, int64_t Cin, int64_t hid, int64_t Cout, int64_t H,
     int64_t W, int64_t gh, int64_t gw, bool patch_major, MmaGeom g) {
-  namespace wmma = mma::wmma;
   using Op = mma::Operand<scalar_t>;
   using T = typename Op::mem;
   constexpr int K = Op::k;
   constexpr int kA1 = kA1Depth<K, kSplit> / K > 0 ? kA1Depth<K, kSplit> / K : 1;  // W1' fragments a warp keeps
-  using FragA = wmma::fragment<wmma::matrix_a, 16, 16, K, typename Op::type, wmma::row_major>;
-  using FragB = wmma::fragment<wmma::matrix_b, 16, 16, K, typename Op::type, wmma::row_major>;
-  using FragC = wmma::fragment<wmma::accumulator, 16, 16, K, float>;
+  // float: the explicit tf32 tiles (2 HMMA.1688 per product, documented lane layout); 16-bit: wmma fragments
+  using FragA = typename mma::Tiles<scalar_t>::A;
+  using FragB = typename mma::Tiles<scalar_t>::B;
+  using FragC = typename mma::Tiles<scalar_t>::C;
+  constexpr bool kRowsInit = std::is_same_v<FragC, mma::Tf32C>;  // accumulators start from t1 by rows
   PYSEG_DYNAMIC_SMEM(smem_raw);
   T* w1s = reinterpret_cast<T*>(smem_raw + g.ow1);
   T* w3s = reinterpret_cast<T*>(smem_raw + g.ow3);
   float* w2s = reinterpret_cast<float*>(smem_raw + g.ow2);
   float* aff = reinterpret_cast<float*>(smem_raw + g.oaff);  // [t2 (hid) | t3 (Cout)]
-  float* t1s = reinterpret_cast<float*>(smem_raw + g.ot1);   // T1 (t1acc): m1 x 16, stride kLdT1
+  float* t1s = reinterpret_cast<float*>(smem_raw + g.ot1);   // t1acc: t1 (float) or T1 (m1 x 16, stride kLdT1)
   T* xs = reinterpret_cast<T*>(smem_raw + g.ox);
   float* h1 = reinterpret_cast<float*>(smem_raw + g.oh1);
   float* ys = h1;  // Y reuses H1's space after the last stage
@@ -426,10 +429,16 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
   pad(w3s, g.ldw3, co, nh, g.m3, g.m1, false);
 #pragma unroll 1
   for (int idx = tid; idx < nh + co; idx += kThreads) aff[idx] = mma::ldg_float(shift + oa2 + idx);
-  // t1acc: T1 = hid rows of t1[r] (zero rows up to m1), 16 columns (stride kLdT1), 4 per thread (one 16-byte
-  // store); pw1's accumulators of channels r0.. start as the 16x16 block at row r0 (exact: t1 + sum, no
-  // assumption on the fragment layout)
-  if (g.t1acc) {
+  // t1acc: pw1's accumulators of channels r0.. start as t1[r0..r0 + 15] by rows (float: mma::fill_rows from t1,
+  // zero past hid: 2 LDS per tile), or (16-bit, wmma's opaque mapping) as the 16x16 block at row r0 of T1 = hid
+  // rows of t1[r] (zero rows up to m1), 16 columns (stride kLdT1), 4 per thread (one 16-byte store): exact,
+  // t1 + sum, no assumption on the fragment layout
+  if constexpr (kRowsInit) {
+    if (g.t1acc) {
+#pragma unroll 1
+      for (int r = tid; r < g.m1; r += kThreads) t1s[r] = r < nh ? mma::ldg_float(shift + oa1 + r) : 0.0f;
+    }
+  } else if (g.t1acc) {
 #pragma unroll 1
     for (int idx = tid; idx < g.m1 * 4; idx += kThreads) {
       const int r = idx / 4;
@@ -444,12 +453,16 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
     for (int q = tid; q < g.nq; q += kThreads)
       for (int c = cin; c < g.k1; ++c) xs[c * g.ldx + q] = mma::from_float<T>(c == cin ? 1.0f : 0.0f);
   }
-  // pw1's accumulator of hidden channels r0..r0 + 15: from T1 (t1acc) or zero (t1 rides on X's ones row)
+  // pw1's accumulator of hidden channels r0..r0 + 15: from t1 / T1 (t1acc) or zero (t1 rides on X's ones row)
   auto init_c1 = [&](FragC& c, int r0) {
     if (g.t1acc) {
-      mma::load_shared_acc(c, t1s + r0 * kLdT1, kLdT1);
+      if constexpr (kRowsInit) {
+        mma::fill_rows(c, t1s + r0);
+      } else {
+        mma::load_shared_acc(c, t1s + r0 * kLdT1, kLdT1);
+      }
     } else {
-      wmma::fill_fragment(c, 0.0f);
+      mma::fill(c, 0.0f);
     }
   };
   // the tile loop keeps its geometry in 32 bits (fewer long-lived registers next to the pw2 accumulators:
@@ -527,7 +540,7 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
     FragC acc[kMaxAccTiles];  // zeroed here for the stage loop, in the stage for a single stage
 #pragma unroll
     for (int i = 0; i < kMaxAccTiles; ++i)
-      if (i < mine && g.m1 > g.hc) wmma::fill_fragment(acc[i], 0.0f);
+      if (i < mine && g.m1 > g.hc) mma::fill(acc[i], 0.0f);
     // the stages, kSingle: the copy for plans of one stage (m1 <= hc), where the pw2 accumulators are still
     // zero during pw1 (no registers: room for pw1's paired column tiles over 3 blocks), else the stage loop
     auto stage = [&](const int k0, auto single) {
@@ -563,8 +576,8 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
             }
           }
 #pragma unroll
-          for (int e = 0; e < c1.num_elements; ++e) c1.x[e] = meta::relu6(c1.x[e]);
-          wmma::store_matrix_sync(h1 + n * 16, c1, g.ldh1, wmma::mem_row_major);
+          for (int e = 0; e < c1.num_elements; ++e) c1.x[e] = mma::relu6(c1.x[e]);
+          mma::store_shared(h1 + n * 16, c1, g.ldh1);
         }
       } else {
         // the pass's block count and the warp's column tiles (kTiles: 1, or 2 adjacent tiles n, n + 1 where the
@@ -607,9 +620,8 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
 #pragma unroll
               for (int mb = 0; mb < kBlocks; ++mb) {
 #pragma unroll
-                for (int e = 0; e < c1[t][mb].num_elements; ++e) c1[t][mb].x[e] = meta::relu6(c1[t][mb].x[e]);
-                wmma::store_matrix_sync(h1b + mb * kChunk * g.ldh1 + (n + t) * 16, c1[t][mb], g.ldh1,
-                                        wmma::mem_row_major);
+                for (int e = 0; e < c1[t][mb].num_elements; ++e) c1[t][mb].x[e] = mma::relu6(c1[t][mb].x[e]);
+                mma::store_shared(h1b + mb * kChunk * g.ldh1 + (n + t) * 16, c1[t][mb], g.ldh1);
               }
             }
           }
@@ -728,8 +740,8 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
                              wl[6] * g0 + wl[7] * g1 + wl[8] * g2;
             const float u2 = t2b + wl[0] * e1 + wl[1] * e2 + wl[2] * e3 + wl[3] * f1 + wl[4] * f2 + wl[5] * f3 +
                              wl[6] * g1 + wl[7] * g2 + wl[8] * g3;
-            put(ok, 0, meta::relu6(v), meta::relu6(u));
-            put(ol, 0, meta::relu6(v2), meta::relu6(u2));
+            put(ok, 0, mma::relu6(v), mma::relu6(u));
+            put(ol, 0, mma::relu6(v2), mma::relu6(u2));
             rk += hwi, rl += hwi, ok += ewi, ol += ewi;
             a0 = b0, a1 = b1, a2 = b2, a3 = b3;
             b0 = c0, b1 = c1, b2 = c2, b3 = c3;
@@ -759,7 +771,7 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
       if constexpr (kSingle) {  // one stage: the accumulators zeroed only now (no registers during pw1)
 #pragma unroll
         for (int i = 0; i < kMaxAccTiles; ++i)
-          if (i < mine) wmma::fill_fragment(acc[i], 0.0f);
+          if (i < mine) mma::fill(acc[i], 0.0f);
       }
       const int m0 = warp % mt3, n0 = per ? warp / mt3 * per : warp / mt3;
       const int dm = per ? 0 : kWarps % mt3, dn = per ? 1 : kWarps / mt3;
@@ -831,7 +843,7 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
       const int tile = warp + kWarps * i;  // (per = 0)
       const int m = per ? warp % mt3 : tile % mt3, n = per ? warp / mt3 * per + i : tile / mt3;
       const float* yt = ys + m * 16 * g.ldy + n * 16;
-      wmma::store_matrix_sync(ys + m * 16 * g.ldy + n * 16, acc[i], g.ldy, wmma::mem_row_major);
+      mma::store_shared(ys + m * 16 * g.ldy + n * 16, acc[i], g.ldy);
       __syncwarp();
       const int px = lane % 16, p = n * 16 + px, hr = lane / 16;
       scalar_t* dst = yb + int64_t{m * 16} * H * W + (p < tpi ? yoff[p] : 0);

@@ -12,6 +12,12 @@
 //   mma::ldg_float(p)        a read-only global element as float through the read-only path (__ldg)
 //   mma::split_operand<S, kSplit>(f, lo), mma::multiply_accumulate_split<S, kSplit>(acc, a, alo, b, blo):
 //                            the same with the split done once per fragment (reused fragments)
+//   mma::fill(c, v), mma::store_shared(p, c, ldm), mma::mma_sync(d, a, b, c): wmma's fill_fragment,
+//                            store_matrix_sync (row-major, shared memory) and mma_sync for either kind of tile
+//   mma::Tf32A / Tf32B / Tf32C  float's 16x16x8 tiles with PTX's documented lane layout (below): a product is two
+//                            mma.sync.m16n8k8 (2 HMMA.1688, where wmma's tf32 m16n16k8 compiles to 4 HMMA.1684)
+//   mma::fill_rows(c, v)     an explicit accumulator tile whose row r holds v[r] (Tf32C only: wmma's mapping is opaque)
+//   mma::relu6(v)            min(max(v, 0), 6), NaN kept, in 2 instructions
 //
 // Every call must be reached by all 32 lanes of a warp; pointers 256-bit aligned, ldm a multiple of 16 bytes.
 // bf16 and tf32 tensor-core operations need sm_80 or newer (setup.py's default TORCH_CUDA_ARCH_LIST).
@@ -88,6 +94,130 @@ __device__ __forceinline__ M from_float(float v) {
 #endif
 }
 
+// ---- float's tensor-core tiles: 16x16x8 products with PTX's documented lane layout ----
+// wmma's tf32 m16n16k8 product compiles (ptxas 13.0, sm_80+) to 4 HMMA.1684 (m16n8k4) and its fragments' lane
+// mapping is unspecified; two mma.sync.m16n8k8 (HMMA.1688) do the same product in half the instructions, and
+// their documented layout (PTX ISA, "Matrix fragments for mma.m16n8k8", .tf32) lets a kernel load operands with
+// ldmatrix, start accumulators from per-row values and store accumulator pairs as 8-byte words. With
+// g = lane / 4 and t = lane % 4 (the emulator, emu/wmma.h, implements the same layout):
+//   Tf32A, 16 x 8 (rows m, depth k): x = {A[g][t], A[g + 8][t], A[g][t + 4], A[g + 8][t + 4]}
+//   Tf32B, 8 x 16 (depth k, columns n), two 8-column halves h: x[2h + i] = B[t + 4i][8h + g]
+//   Tf32C, 16 x 16 float accumulator: x[4h + 2i + j] = C[g + 8i][8h + 2t + j]
+// Operands hold float bits; the tensor core reads them as tf32 (their low 13 mantissa bits ignored), so
+// split_operand / round_operand prepare them as for wmma's fragments.
+struct Tf32A {
+  static constexpr int num_elements = 4;
+  float x[4];
+};
+struct Tf32B {
+  static constexpr int num_elements = 4;
+  float x[4];
+};
+struct Tf32C {
+  static constexpr int num_elements = 8;
+  float x[8];
+};
+
+namespace detail {
+struct alignas(8) F2 {
+  float a, b;
+};
+__device__ __forceinline__ unsigned lane_id() { return static_cast<unsigned>(threadIdx.x) % 32u; }
+}  // namespace detail
+
+// acc += a b (one 16x16 tile product): wmma::mma_sync for wmma fragments, two mma.sync.m16n8k8 for Tf32 tiles
+template <class FC, class FA, class FB>
+__device__ __forceinline__ void mma_tile(FC& acc, const FA& a, const FB& b) {
+  wmma::mma_sync(acc, a, b, acc);
+}
+__device__ __forceinline__ void mma_tile(Tf32C& acc, const Tf32A& a, const Tf32B& b) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+#ifdef PYSEG_CUDA_EMULATOR
+    emu::ptx::mma_m16n8k8_tf32(acc.x + 4 * h, a.x, b.x + 2 * h, acc.x + 4 * h);
+#else
+    asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(acc.x[4 * h]), "+f"(acc.x[4 * h + 1]), "+f"(acc.x[4 * h + 2]), "+f"(acc.x[4 * h + 3])
+        : "r"(__float_as_uint(a.x[0])), "r"(__float_as_uint(a.x[1])), "r"(__float_as_uint(a.x[2])),
+          "r"(__float_as_uint(a.x[3])), "r"(__float_as_uint(b.x[2 * h])), "r"(__float_as_uint(b.x[2 * h + 1])));
+#endif
+  }
+}
+
+// every element of an accumulator tile = v
+template <class FC>
+__device__ __forceinline__ void fill(FC& c, float v) {
+  wmma::fill_fragment(c, v);
+}
+__device__ __forceinline__ void fill(Tf32C& c, float v) {
+#pragma unroll
+  for (int e = 0; e < Tf32C::num_elements; ++e) c.x[e] = v;
+}
+
+// row r of the tile = v[r] (v: 16 floats; two loads per lane)
+__device__ __forceinline__ void fill_rows(Tf32C& c, const float* v) {
+  const unsigned g = detail::lane_id() / 4;
+  const float v0 = v[g], v1 = v[g + 8];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) c.x[4 * h] = c.x[4 * h + 1] = v0, c.x[4 * h + 2] = c.x[4 * h + 3] = v1;
+}
+
+// the accumulator tile stored row-major at p (shared memory; ldm in floats): wmma::store_matrix_sync, or for
+// Tf32C four 8-byte stores per lane (p 8-byte aligned, ldm even)
+template <class FC>
+__device__ __forceinline__ void store_shared(float* p, const FC& c, unsigned ldm) {
+  wmma::store_matrix_sync(p, c, ldm, wmma::mem_row_major);
+}
+__device__ __forceinline__ void store_shared(float* p, const Tf32C& c, unsigned ldm) {
+  const unsigned lane = detail::lane_id();
+  float* q = p + (lane / 4) * ldm + 2 * (lane % 4);
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+      *reinterpret_cast<detail::F2*>(q + 8 * i * ldm + 8 * h) = detail::F2{c.x[4 * h + 2 * i], c.x[4 * h + 2 * i + 1]};
+}
+
+// A (16 x 8, row-major at p in shared memory, ldm floats: rows 16-byte aligned) by one ldmatrix.x4: lane l
+// names row l % 16 at column 4 (l / 16), i.e. the 8x4-float blocks (rows 0-7 | 8-15) x (columns 0-3 | 4-7)
+// as its four 8x8 b16 matrices, whose word t of row g are exactly A's x[0..3]
+__device__ __forceinline__ void load_shared(Tf32A& f, const float* p, unsigned ldm) {
+  const unsigned lane = detail::lane_id();
+  const float* row = p + (lane % 16) * ldm + 4 * (lane / 16);
+  uint32_t* r = reinterpret_cast<uint32_t*>(f.x);
+#ifdef PYSEG_CUDA_EMULATOR
+  emu::ptx::ldmatrix_x4(r, row);
+#else
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(static_cast<unsigned>(__cvta_generic_to_shared(row))));
+#endif
+}
+
+// B (8 x 16, row-major at p in shared memory, ldm floats) by four 4-byte loads per lane
+__device__ __forceinline__ void load_shared(Tf32B& f, const float* p, unsigned ldm) {
+  const unsigned lane = detail::lane_id();
+  const float* q = p + (lane % 4) * ldm + lane / 4;
+  f.x[0] = q[0];
+  f.x[1] = q[4 * ldm];
+  f.x[2] = q[8];
+  f.x[3] = q[4 * ldm + 8];
+}
+
+// min(max(v, 0), 6) with NaN kept (as meta::relu6; the sign of a zero result may differ: max(-0, 0) = +0) in
+// two instructions (PTX max.NaN / min.NaN, sm_80+: FMNMX.NAN) where the comparison form compiles to three
+// (FSETP, FMNMX.NAN, FSEL)
+__device__ __forceinline__ float relu6(float v) {
+#ifdef PYSEG_CUDA_EMULATOR
+  return v != v ? v : v < 0.0f ? 0.0f : v > 6.0f ? 6.0f : v;
+#else
+  float r;
+  asm("max.NaN.f32 %0, %1, 0f00000000;\n\tmin.NaN.f32 %0, %0, 0f40C00000;" : "=f"(r) : "f"(v));
+  return r;
+#endif
+}
+
 // A loaded matrix_a/matrix_b fragment of scalar type S: for float (tf32) its values rounded to nearest
 // (the tensor core would drop the low 13 bits); 16-bit types unchanged.
 template <class S, class Frag>
@@ -144,10 +274,10 @@ template <class S, int kSplit, class FC, class FA, class FB>
 __device__ __forceinline__ void multiply_accumulate_split(FC& acc, const FA& a, const FA& alo, const FB& b,
                                                           const FB& blo) {
   if constexpr (kSplit == 3) {
-    wmma::mma_sync(acc, alo, b, acc);
-    wmma::mma_sync(acc, a, blo, acc);
+    mma_tile(acc, alo, b);
+    mma_tile(acc, a, blo);
   }
-  wmma::mma_sync(acc, a, b, acc);
+  mma_tile(acc, a, b);
 }
 
 // acc += a b for loaded (unrounded) operand fragments of scalar type S (split, then multiplied; a and b
@@ -303,6 +433,7 @@ __device__ __forceinline__ void store_vec(M* dst, const float (&v)[N]) {
 
 // The 16x16 tiles of scalar type S with row-major operands: Tiles<S>::A / B / C (matrix_a, matrix_b, float
 // accumulator), Tiles<S>::T the operands' memory type, Tiles<S>::K the depth of one product.
+// float: the explicit tf32 tiles (Tf32A, Tf32B, Tf32C).
 template <class S>
 struct Tiles {
   using T = typename Operand<S>::mem;
@@ -310,6 +441,14 @@ struct Tiles {
   using A = wmma::fragment<wmma::matrix_a, 16, 16, K, typename Operand<S>::type, wmma::row_major>;
   using B = wmma::fragment<wmma::matrix_b, 16, 16, K, typename Operand<S>::type, wmma::row_major>;
   using C = wmma::fragment<wmma::accumulator, 16, 16, K, float>;
+};
+template <>
+struct Tiles<float> {
+  using T = float;
+  static constexpr int K = 8;
+  using A = Tf32A;
+  using B = Tf32B;
+  using C = Tf32C;
 };
 
 }  // namespace mma

@@ -453,7 +453,6 @@ __global__ void __launch_bounds__(32 * kPwMmaWarps * kPwMmaMaxPP, 2)
     pw_forward_mma_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ w,
                           const scalar_t* __restrict__ bias, scalar_t* __restrict__ y, const PwConvShape s,
                           const PwMmaPlan t) {
-  namespace wmma = mma::wmma;
   using Tiles = mma::Tiles<scalar_t>;
   using T = typename Tiles::T;
   constexpr int K = Tiles::K;
@@ -507,7 +506,7 @@ __global__ void __launch_bounds__(32 * kPwMmaWarps * kPwMmaMaxPP, 2)
 #pragma unroll
   for (int m = 0; m < MT; ++m)
 #pragma unroll
-    for (int i = 0; i < kPwMmaNT; ++i) wmma::fill_fragment(acc[m][i], 0.0f);
+    for (int i = 0; i < kPwMmaNT; ++i) mma::fill(acc[m][i], 0.0f);
 
   // this warp's n-tiles swarp * kPwMmaNT + i (i < ntw; warp-uniform): the first one's row r0 and column tile
   // ct0, its B operand offset in a staged copy, and the step from a tile row's last n-tile to the next row's first
@@ -624,7 +623,7 @@ __global__ void __launch_bounds__(32 * kPwMmaWarps * kPwMmaMaxPP, 2)
     const int r = tile / CT, ct = tile - r * CT;
 #pragma unroll
     for (int m = 0; m < MT; ++m)
-      wmma::store_matrix_sync(ys + m * 16 * t.ldy + r * TCP + ct * 16, acc[m][i], t.ldy, wmma::mem_row_major);
+      mma::store_shared(ys + m * 16 * t.ldy + r * TCP + ct * 16, acc[m][i], t.ldy);
   }
   __syncthreads();
   // a thread per (channel, row, column pair) of the tile, pairs fastest (coalesced stores): one 4-byte

@@ -286,3 +286,84 @@ void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a,
 
 }  // namespace wmma
 }  // namespace nvcuda
+
+// ---------------------------------------------------------------------------------------------
+// PTX tensor-core instructions with a documented lane layout (csrc/cuda/mma.cuh's explicit tf32 tiles), for
+// the host compiler. Both are warp-collective here as on the GPU (all 32 lanes at one call site).
+//   ldmatrix_x4(r, row): ldmatrix.sync.aligned.m8n8.x4.shared.b16: four 8x8 matrices of 16-byte rows; lane
+//     8 m + i names row i of matrix m (its address `row`, 16-byte aligned); lane l receives in r[m] the 32-bit
+//     word l % 4 of row l / 4 of matrix m.
+//   mma_m16n8k8_tf32(d, a, b, c): mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32, d = A B + C with
+//     g = lane / 4, t = lane % 4: a = {A[g][t], A[g + 8][t], A[g][t + 4], A[g + 8][t + 4]}, b = {B[t][g],
+//     B[t + 4][g]}, c and d = {C[g][2t], C[g][2t + 1], C[g + 8][2t], C[g + 8][2t + 1]}; operands read as tf32
+//     (the low 13 bits dropped), products exact, accumulated in float in k order.
+// ---------------------------------------------------------------------------------------------
+namespace pyseg {
+namespace emu {
+namespace ptx {
+
+struct LdmatrixCall {
+  uint32_t* r;
+  const void* row;
+  const char* file;
+  int line;
+  static void hook(void* const* lanes) {
+    for (int l = 0; l < 32; ++l) {
+      const auto* c = static_cast<const LdmatrixCall*>(lanes[l]);
+      if (reinterpret_cast<uintptr_t>(c->row) % 16 != 0)
+        nvcuda::wmma::detail::fail("ldmatrix", c->file, c->line,
+                                   "lane " + std::to_string(l) + "'s row address is not 16-byte aligned");
+    }
+    for (int l = 0; l < 32; ++l) {
+      auto* c = static_cast<LdmatrixCall*>(lanes[l]);
+      for (int m = 0; m < 4; ++m) {
+        const auto* src = static_cast<const LdmatrixCall*>(lanes[8 * m + l / 4]);
+        std::memcpy(&c->r[m], static_cast<const unsigned char*>(src->row) + 4 * (l % 4), 4);
+      }
+    }
+  }
+};
+
+inline void ldmatrix_x4(uint32_t* r, const void* row, const char* file = __builtin_FILE(),
+                        int line = __builtin_LINE()) {
+  LdmatrixCall call{r, row, file, line};
+  warp_collective(&LdmatrixCall::hook, &call, file, line);
+}
+
+struct MmaTf32Call {
+  float* d;
+  const float* a;
+  const float* b;
+  const float* c;
+  static void hook(void* const* lanes) {
+    float A[16][8], B[8][8], C[16][8];
+    for (int l = 0; l < 32; ++l) {
+      const auto* k = static_cast<const MmaTf32Call*>(lanes[l]);
+      const int g = l / 4, t = l % 4;
+      for (int i = 0; i < 4; ++i) A[g + 8 * (i % 2)][t + 4 * (i / 2)] = nvcuda::wmma::detail::operand(k->a[i], true);
+      for (int i = 0; i < 2; ++i) B[t + 4 * i][g] = nvcuda::wmma::detail::operand(k->b[i], true);
+      for (int i = 0; i < 4; ++i) C[g + 8 * (i / 2)][2 * t + i % 2] = k->c[i];
+    }
+    for (int l = 0; l < 32; ++l) {
+      auto* k = static_cast<MmaTf32Call*>(lanes[l]);
+      const int g = l / 4, t = l % 4;
+      for (int i = 0; i < 4; ++i) {
+        const int row = g + 8 * (i / 2), col = 2 * t + i % 2;
+        float acc = C[row][col];
+        for (int q = 0; q < 8; ++q) acc = std::fma(A[row][q], B[q][col], acc);
+        k->d[i] = acc;
+      }
+    }
+  }
+};
+
+// d may alias c (the call reads every lane's c before it writes any d)
+inline void mma_m16n8k8_tf32(float* d, const float* a, const float* b, const float* c,
+                             const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  MmaTf32Call call{d, a, b, c};
+  warp_collective(&MmaTf32Call::hook, &call, file, line);
+}
+
+}  // namespace ptx
+}  // namespace emu
+}  // namespace pyseg
