@@ -94,32 +94,44 @@ BARRIER_CLK = 120
 MMA_META_REGS = 128
 #: SASS instructions of its tensor-core loops per step (one k-step of one 16x16 accumulator tile), by (operand
 #: bytes, kSplit): the loop bodies of ptxas 13.0's sm_90 code (benchmarks/sass_counts.py; raw file
-#: results/2026-12-01-cpu/sass_counts_a7baa06.txt: loop instructions / steps, HMMA.1684 x4 per tf32 product,
-#: HMMA.16816 x2 per fp16/bf16 one). Fragment loads are PTX wmma.load.shared (mma::load_shared: LDSM for the 16-bit
-#: operands, 4 LDS per tf32 fragment); each load still rebuilds its lane address (S2R laneid + IMAD/LEA), and the
-#: loops carry their guards (nb, mine, k1), tile-index divisions and pointer arithmetic, so a step is 20-80
-#: instructions, not the ~12 of the HMMA and the loads alone.
+#: results/2026-12-01-cpu/sass_counts_4b9b052.txt: loop instructions / steps). float runs on mma::Tf32A/B/C (two
+#: mma.sync.m16n8k8 per 16x16x8 product: 2 HMMA.1688; A fragments by one LDSM, B by 4 LDS); fp16/bf16 on wmma
+#: fragments (2 HMMA.16816 per product, PTX wmma.load.shared: LDSM). The loops carry their guards (nb, mine, k1),
+#: pointer arithmetic and (3xTF32) the hi/lo splits (LOP3 + FADD per element), so a step is 7-40 instructions.
 #:   pw1: the stage loop, one copy per block count nb = 1, 2, 3 (a column tile's k-step: 1 X fragment and nb
-#:        W1' fragments loaded and split, all unconditional: the lane offsets are computed before the loop)
+#:        W1' fragments loaded and split, all unconditional: the lane offsets are computed before the loop); the
+#:        larger of the stage-loop and single-stage copies
 #:   pw1_kept: the kept-W1' loop (per column tile: its k-steps, ReLU6 and fragment store included, and the
-#:        accumulator's start, zero or the T1 block: sass_counts_e5561a5.txt, the other figures unchanged there
-#:        within 0.5 per step)
+#:        accumulator's start, zero or t1 / the T1 block), the larger of the two copies
 #:   pw2: the pw2 loop (per 16-channel block: a warp's <= 4 accumulator tiles, W3' reloaded when m changes);
 #:   pw2_uniform: its copies for a warp whose tiles all lie in one row block (_pw2_warps: per > 0), one per
-#:        tile count 1..4: W3' loaded once, every H2 fragment load unconditional
+#:        tile count 1..4: W3' loaded once, every H2 fragment load unconditional (the larger of the two copies)
 #:   pw1_pair: the paired pw1 loop (MmaGeom::pair1: 2 adjacent column tiles per warp; a k-step loads and splits
-#:        2 X fragments and per block 1 W1' fragment used for both), one copy per pass of 1..kPairMax blocks;
-#:        (results/2026-12-01-cpu/sass_counts_98650ea.txt: the kernel's single-stage copy, lines 532-542, the loops
-#:        of 4 (2-block pass) and 2 (1-block pass) steps; where two loops of one step count could be either, the
-#:        larger; pw1 above stays the stage-loop copy's, at most 1 instruction per step above the single-stage
-#:        copy's)
+#:        2 X fragments and per block 1 W1' fragment used for both), one copy per pass of 1..kPairMax blocks
+#:        (the single-stage copy's loops of 4 (2-block pass) and 2 (1-block pass) steps; where two loops of one
+#:        step count could be either, the larger)
+#: (4, 1) is the tf32 variant (torch.backends.cuda.matmul.allow_tf32), not the default; (2, 1) the larger of
+#: fp16 / bf16, whose loops this change left as they were (results/2026-12-01-cpu/sass_counts_a7baa06.txt)
 META_MMA_STEP_ISSUE = {
-    (4, 3): dict(pw1={1: 52.0, 2: 40.5, 3: 36.7}, pw1_kept=94.0, pw2=61.8,
-                 pw2_uniform={1: 49.5, 2: 40.0, 3: 36.3, 4: 34.5}, pw1_pair={1: 40.5, 2: 30.2}),
-    (4, 1): dict(pw1={1: 45.0, 2: 33.0, 3: 29.0}, pw1_kept=46.8, pw2=57.5,
-                 pw2_uniform={1: 42.0, 2: 32.2, 3: 28.5, 4: 26.6}, pw1_pair={1: 32.5}),
+    (4, 3): dict(pw1={1: 42.0, 2: 29.0, 3: 25.7}, pw1_kept=68.0, pw2=41.0,
+                 pw2_uniform={1: 38.5, 2: 28.0, 3: 24.5, 4: 22.9}, pw1_pair={1: 30.0, 2: 20.5}),
+    (4, 1): dict(pw1={1: 38.0, 2: 25.5, 3: 20.7}, pw1_kept=37.2, pw2=40.9,
+                 pw2_uniform={1: 34.0, 2: 24.0, 3: 20.5, 4: 18.9}, pw1_pair={1: 25.5}),
     (2, 1): dict(pw1={1: 15.0, 2: 10.0, 3: 8.3}, pw1_kept=34.7, pw2=34.5,  # the larger of fp16 / bf16
                  pw2_uniform={1: 16.0, 2: 10.0, 3: 8.0, 4: 7.0}, pw1_pair={1: 9.5, 2: 6.2}),
+}
+#: SASS instructions of the pw1 tile loops outside their k-loops, per 16x16 accumulator tile (column tile x
+#: 16-channel block), by (operand bytes, kSplit): the accumulator's start (zero, or t1: 2 LDS by rows for float,
+#: the T1 block's wmma.load.c for 16-bit; both paths are in the listing, so this is an upper bound), ReLU6 (2
+#: FMNMX.NAN per element), the fragment's store to H1 (float: 4 8-byte STS; 16-bit: wmma's store) and the tile
+#: loop's step and test: the `all-loops` body of the tile loop less its k-loop, over the tiles x blocks of a pass
+#: (same raw file; single: a warp per tile, by block count; pair: per pass of 1..kPairMax blocks; (4, 1)'s paired
+#: loops are not closed loops in its listing: its single-tile maximum). The model before sass_counts_4b9b052 counted
+#: 16 + 11 (t1acc) here, against ~57-60 in that era's listing (sass_counts_fb3125a.txt: 180 / 3, 227 / 4)
+META_MMA_PW1_TILE = {
+    (4, 3): dict(single={1: 50.0, 2: 45.5, 3: 42.3}, pair={1: 43.0, 2: 40.3}),
+    (4, 1): dict(single={1: 50.0, 2: 46.0, 3: 44.0}, pair={1: 50.0}),
+    (2, 1): dict(single={1: 65.0, 2: 52.5, 3: 48.7}, pair={1: 55.0, 2: 46.5}),
 }
 #: Warp-instructions of meta_forward_mma_kernel's staging loops, by operand size (4: float, 2: bf16/fp16, the
 #: larger of the two), read off the SASS of the patch-major copies (benchmarks/sass_counts.py --all-loops; raw file
@@ -132,7 +144,8 @@ META_MMA_STEP_ISSUE = {
 #:   w2v: one round of W2' by vectors (per element idx / 9 by a constant and its scale LDG; one 16-byte LDG, one
 #:        or two 16-byte STS); w2 the scalar loop (2 LDG, FMUL, STS); aff: one round of t2, t3
 #:   pad: one round of a padding loop (the largest of the four)
-#:   t1: one round of the T1 tile (t1acc: LDG t1, one 16-byte STS of 4 copies)
+#:   t1: one round of the T1 tile (t1acc, 16-bit: LDG t1, one 16-byte STS of 4 copies); t1v: one round of t1
+#:        itself (t1acc, float: LDG, STS; sass_counts_4b9b052.txt, lines 439-439)
 #:   xrow_px, xrow4: the ones/zero rows of X (once per block): per pixel round, per 4 rows (unrolled x4)
 #:   x_px, x_ch4: the x tile: per pixel round inside the image (its row and column by a float reciprocal, two
 #:        32-bit reflects, the base pointer, the 4-channel loop's offsets; the outer body less the channel loops,
@@ -140,7 +153,7 @@ META_MMA_STEP_ISSUE = {
 #:        adds, the stores' row offsets, loop); x_ch1 per remainder channel, x_rem its set-up (Cin % 4 != 0)
 #:   yoff: one round of the tile's y offsets (no division in the loop)
 META_MMA_STAGE_ISSUE = {
-    4: dict(w1=17, w3=22, w1v=22, w3v=29, pad=21, w2=20, w2v=47, aff=11, t1=20, xrow_px=30, xrow4=22,
+    4: dict(w1=17, w3=22, w1v=22, w3v=29, pad=21, w2=20, w2v=47, aff=11, t1v=10, xrow_px=30, xrow4=22,
             x_px=67, x_ch4=26, x_ch1=11, x_rem=3, yoff=15),
     2: dict(w1=20, w3=25, w1v=43, w3v=50, pad=23, w2=22, w2v=108, aff=12, t1=21, xrow_px=29, xrow4=26,
             x_px=64, x_ch4=33, x_ch1=13, x_rem=3, yoff=15),
@@ -148,19 +161,18 @@ META_MMA_STAGE_ISSUE = {
 #: the y-offset loop's set-up per warp holding tile pixels: two int32 divisions (tid / ew, 256 / ew) and the
 #: steps (estimated: PWB_INT32_DIV each, + 10)
 META_MMA_YOFF_SETUP = 2 * 20 + 10
-#: warp-instructions of one pw1 accumulator's start from the T1 tile (t1acc; mma::load_shared_acc): the LDS of
-#: a 16x16 float fragment and its lane address (SASS, raw file as META_MMA_STAGE_ISSUE)
-META_MMA_T1_INIT = 11
 #: SASS instructions of its depthwise stage (no HMMA: read off the disassembly of the same build as
 #: META_MMA_STEP_ISSUE, `sass_counts.py --keep DIR` then nvdisasm; the larger of fp16 / bf16 and of tf32 / 3xTF32),
 #: by operand bytes: ``row`` per output row of an item (both channels; by even tile width: 4 LDS.64 window loads,
-#: 36 FFMA, 12 ReLU6 (FSETP, FMNMX, FSEL per output), 2 pair stores, addresses, the row guard; odd: 8 scalar
+#: 36 FFMA, 8 ReLU6 (mma::relu6: 2 FMNMX.NAN per output), 2 pair stores, addresses, the row guard; odd: 8 scalar
 #: window loads, 4 stores and their guards; 16-bit H2: + the conversions), ``setup`` per item (loop test, the
 #: div_small index split, the padding test, 20 tap/t2 loads, the first two window rows of both channels,
 #: pointers, the loop-back; odd widths + 8 scalar loads), ``rcp`` per warp and tile (1 / ewp, hoisted out of the
-#: stage loop)
-META_DW_ISSUE = {4: dict(row={True: 61.0, False: 69.0}, setup={True: 103, False: 111}, rcp=11),
-                 2: dict(row={True: 63.2, False: 73.8}, setup={True: 102, False: 110}, rcp=11)}
+#: stage loop). ``row``: sass_counts_fb3125a.txt's figures less the item loop's change in
+#: sass_counts_4b9b052.txt (ReLU6 from 3 instructions to 2: even 808 -> 776, odd 765 -> 739 float; bf16 848 -> 814,
+#: 787 -> 755; per 8 rows)
+META_DW_ISSUE = {4: dict(row={True: 57.0, False: 66.0}, setup={True: 103, False: 111}, rcp=11),
+                 2: dict(row={True: 59.3, False: 69.8}, setup={True: 102, False: 110}, rcp=11)}
 #: output rows, columns and channels per thread of its depthwise stage (kDwRows, kDwCols; channels r and
 #: r + nc/2 of a stage of nc)
 DW_ROWS, DW_COLS, DW_CHANS = 8, 2, 2
@@ -199,8 +211,10 @@ class _KernelCost:
              conflict: float = 1):
         """A block-stride loop over ``items`` work items (one per thread at a time), each running ``inner``
         iterations of ``lsu`` shared/L1 ops (times ``conflict`` wavefronts) and ``issue`` instructions,
-        plus ``overhead`` instructions per item. Lanes of a partly filled warp still cost a full warp."""
-        warps = math.ceil(items / self.threads) * math.ceil(min(items, self.threads) / 32)
+        plus ``overhead`` instructions per item. Lanes of a partly filled warp still cost a full warp; in the
+        last round only the warps holding items run the body (the others leave at the loop test)."""
+        items = math.ceil(items)
+        warps = items // self.threads * (self.threads // 32) + math.ceil(items % self.threads / 32)
         self.lsu += warps * inner * lsu * conflict
         self.issue += warps * (inner * issue + overhead)
         return self
@@ -383,12 +397,13 @@ def _mma_geometry(Cin, hid, Cout, th, tw, esize, k, hc=16):
     up = lambda v, m: -(-v // m) * m  # noqa: E731
     pad, bpad = 16 // esize, 8  # row padding of the A operands (16 bytes) and of the B operands (8 elements)
     # k1: Cin padded to the MMA depth; t1 rides on a ones row of X in that padding, or where there is none
-    # (t1acc: Cin a multiple of k) starts the pw1 accumulators from a T1 tile (m1 rows, stride T1_LD floats)
+    # (t1acc: Cin a multiple of k) starts the pw1 accumulators from t1 (float: m1 floats, read by rows) or a T1
+    # tile (16-bit: m1 rows, stride T1_LD floats)
     k1, m1, m3 = up(Cin, k), up(hid, 16), up(Cout, 16)
     t1acc = k1 == Cin
     nq, np_ = up((th + 2) * (tw + 2), 16), up(th * tw, 16)
     regions = [m1 * (k1 + pad) * esize, m3 * (m1 + pad) * esize, 9 * hid * 4, (hid + Cout) * 4,
-               m1 * T1_LD * 4 if t1acc else 0,
+               (m1 * 4 if esize == 4 else m1 * T1_LD * 4) if t1acc else 0,
                k1 * (nq + bpad) * esize, max(hc * _dw_ldh1(nq, tw), m3 * (np_ + 8)) * 4,
                hc * (np_ + bpad) * esize, np_ * 4]
     return dict(k1=k1, t1acc=t1acc, m1=m1, m3=m3, nq=nq, np=np_, hc=hc, ldh2=np_ + bpad,
@@ -528,7 +543,8 @@ def _cuda_meta_mma(x, wflat, hid, Cout, esize, plan, split):
     # staging (META_MMA_STAGE_ISSUE, from the SASS): the real elements of W1' (hid x Cin) and W3' (Cout x hid) a
     # thread per element in source order (LDG scale, LDG w, STS), then their padding: columns up to k1 / m1 of
     # every row (W1''s t1 column: a predicated LDG), rows up to m1 / m3 (zero); W2' and the shifts a thread per
-    # element; the T1 tile (t1acc: per 4 copies an LDG and one 16-byte STS, 4 wavefronts); X's rows
+    # element; t1 (t1acc, float: per channel an LDG and STS) or the T1 tile (16-bit: per 4 copies an LDG and one
+    # 16-byte STS, 4 wavefronts); X's rows
     # Cin..k1 - 1 (ones, zeros; !t1acc), once per block: per haloed pixel and row an STS
     st = META_MMA_STAGE_ISSUE[esize]
     # by 16-byte vectors of V elements (kVec) where the kernel's block-uniform test passes: patch-major (what the
@@ -554,8 +570,11 @@ def _cuda_meta_mma(x, wflat, hid, Cout, esize, plan, split):
     else:
         k.loop(9 * hid, lsu=3, issue=st["w2"])
     k.loop(hid + Cout, lsu=2, issue=st["aff"])
-    if g["t1acc"]:
-        k.loop(g["m1"] * 4, lsu=1 + 4, issue=st["t1"])
+    if g["t1acc"]:  # float: t1 itself (an LDG and STS per channel); 16-bit: the T1 tile
+        if esize == 4:
+            k.loop(g["m1"], lsu=2, issue=st["t1v"])
+        else:
+            k.loop(g["m1"] * 4, lsu=1 + 4, issue=st["t1"])
     xw = math.ceil(g["nq"] / 32)  # warp rounds over the haloed tile's (padded) pixels
     if g["k1"] > Cin:
         k.lsu += xw * (g["k1"] - Cin)
@@ -608,12 +627,14 @@ def _cuda_meta_mma(x, wflat, hid, Cout, esize, plan, split):
                 passes = passes if npair else []
                 b1 = (single + 2 * npair * len(passes)) * kfrag
                 a1 = (nb * single + nb * npair) * kfrag
-                k.issue += nb * single * kfrag * per["pw1"][nb] + nt1 * nb * 16
-                k.issue += sum(p * 2 * npair * kfrag * per["pw1_pair"][p] for p in passes)
+                # per accumulator tile outside the k-loop: its start, ReLU6, H1 store, the tile loop
+                # (META_MMA_PW1_TILE, from the SASS)
+                ep = META_MMA_PW1_TILE[(esize, split)]
+                k.issue += nb * single * (kfrag * per["pw1"][nb] + ep["single"][nb])
+                k.issue += sum(p * 2 * npair * (kfrag * per["pw1_pair"][p] + ep["pair"][p]) for p in passes)
             k.lsu += (a1 + b1 + a3 + steps3) * 4 + nb * nt1 * 8  # A, B fragment loads (4 each); H1 stores
-            if g["t1acc"]:  # each pw1 accumulator starts as its T1 block (wmma.load.c.shared: 1 KB, 8 wavefronts;
-                k.lsu += nb * nt1 * 8  # the kept loop's count includes its instructions)
-                k.issue += 0 if kept else nb * nt1 * META_MMA_T1_INIT
+            if g["t1acc"]:  # each pw1 accumulator starts from t1: float by rows (2 LDS, 8 distinct words: 2
+                k.lsu += nb * nt1 * (2 if esize == 4 else 8)  # wavefronts), 16-bit its T1 block (1 KB, 8)
             for t in warp_tiles:
                 if t:
                     k.issue += nb * t * (16 // K) * (per["pw2_uniform"][t] if per_w else per["pw2"])
