@@ -734,6 +734,23 @@ def test_emulator_wmma_gemm(dtype, shape, layouts):
 
 
 @pytest.mark.cuda_emulated
+@pytest.mark.parametrize("rows, cols, depth, lda", [(16, 16, 8, 12), (32, 48, 24, 28), (48, 16, 40, 40)])
+def test_emulator_tf32_tiles(rows, cols, depth, lda):
+    """csrc/cuda/mma.cuh's explicit tf32 tiles (ldmatrix.x4 A, 4-load B, two mma.sync.m16n8k8 per product with
+    PTX's lane layout, accumulators started by rows, 8-byte pair stores): 2 (A B) + r against float64 of the
+    tf32-rounded operands, several warps; an A row stride that breaks ldmatrix's 16-byte rows is refused."""
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(rows, depth, generator=g), torch.randn(depth, cols, generator=g)
+    r = torch.randn(rows, generator=g)
+    d = ce.ops().tf32_tile_gemm(a, b, r, lda)
+    assert not d.isnan().any()
+    want = 2 * (_tf32(a, "nearest").double() @ _tf32(b, "nearest").double()) + r.double()[:, None]
+    assert (d.double() - want).abs().max() < 1e-4
+    with pytest.raises(RuntimeError, match="16-byte aligned"):
+        ce.ops().tf32_tile_gemm(a, b, r, lda + 1)
+
+
+@pytest.mark.cuda_emulated
 def test_emulator_tf32_rounding():
     """tf32 operands as the GPU converts them (cvt.rna: nearest, ties away from zero): A times the identity."""
     vals = [1.0 + 2 ** -11, 1.0 + 2 ** -12, -(1.0 + 3 * 2 ** -11), 1.0 + 2 ** -10 + 2 ** -13, 0.1]

@@ -124,6 +124,42 @@ __global__ void wmma_gemm_kernel(const S* a, const S* b, const float* c, float* 
   wmma::store_matrix_sync(d + off, acc, ld, lay);
 }
 
+// float's explicit tf32 tiles (mma::Tf32A/B/C: ldmatrix.x4, mma.sync.m16n8k8 with PTX's lane layout): per warp
+// one 16x16 tile of D = 2 (A B) + R, A (16 x depth) and B (depth x 16 cols) row-major copied to shared memory
+// (A's rows with stride lda floats), the accumulator started from r by rows (R[i][j] = r[row0 + i]), stored to
+// shared memory with mma::store_shared and copied out.
+__global__ void tf32_tile_gemm_kernel(const float* a, const float* b, const float* r, float* d, int rows, int cols,
+                                      int depth, int lda) {
+  PYSEG_DYNAMIC_SMEM(smem_raw);
+  float* as = reinterpret_cast<float*>(smem_raw);
+  float* bs = as + rows * lda;
+  float* ds = bs + depth * cols;
+  const int tid = static_cast<int>(threadIdx.x), nt = static_cast<int>(blockDim.x);
+  for (int i = tid; i < rows * depth; i += nt) as[(i / depth) * lda + i % depth] = a[i];
+  for (int i = tid; i < depth * cols; i += nt) bs[i] = b[i];
+  __syncthreads();
+  const int warp = tid / 32, tiles_n = cols / 16;
+  if (warp < (rows / 16) * tiles_n) {  // whole warps only
+    const int r0 = (warp / tiles_n) * 16, c0 = (warp % tiles_n) * 16;
+    mma::Tf32C acc;
+    mma::fill_rows(acc, r + r0);
+    for (int e = 0; e < acc.num_elements; ++e) acc.x[e] *= 0.5f;
+    for (int k0 = 0; k0 < depth; k0 += 8) {
+      mma::Tf32A fa;
+      mma::Tf32B fb;
+      mma::load_shared(fa, as + r0 * lda + k0, static_cast<unsigned>(lda));
+      mma::load_shared(fb, bs + k0 * cols + c0, static_cast<unsigned>(cols));
+      mma::round_operand<float>(fa);
+      mma::round_operand<float>(fb);
+      mma::mma_tile(acc, fa, fb);
+    }
+    for (int e = 0; e < acc.num_elements; ++e) acc.x[e] *= 2.0f;
+    mma::store_shared(ds + r0 * cols + c0, acc, static_cast<unsigned>(cols));
+  }
+  __syncthreads();
+  for (int i = tid; i < rows * cols; i += nt) d[i] = ds[i];
+}
+
 // Faulty uses of the tensor cores (each must be reported): kind 0 a lane exits before mma_sync, 1 lanes
 // at different loads, 2 a lane passes another pointer, 3 a misaligned pointer, 4 ldm of 12 bytes.
 __global__ void wmma_fault_kernel(const float* a, float* d, int kind) {
@@ -191,6 +227,25 @@ at::Tensor wmma_gemm(at::Tensor a, at::Tensor b, at::Tensor c, bool a_col, bool 
   return c_col ? d.t() : d;
 }
 
+// d = 2 (a @ b) + r[:, None] on the emulated tensor cores through mma::Tf32A/B/C; a (M x K), b (K x N) float,
+// row-major; lda: A's row stride in shared memory (floats; ldmatrix needs rows 16-byte aligned: a multiple of 4)
+at::Tensor tf32_tile_gemm(at::Tensor a, at::Tensor b, at::Tensor r, int64_t lda) {
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && r.dim() == 1 && a.size(1) == b.size(0) && r.size(0) == a.size(0) &&
+                  a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && r.scalar_type() == at::kFloat,
+              "tf32_tile_gemm: bad shapes or types");
+  const int rows = static_cast<int>(a.size(0)), cols = static_cast<int>(b.size(1)), depth = static_cast<int>(a.size(1));
+  TORCH_CHECK(rows % 16 == 0 && cols % 16 == 0 && depth % 8 == 0 && lda >= depth, "tf32_tile_gemm: sizes");
+  const int warps = (rows / 16) * (cols / 16);
+  TORCH_CHECK(warps <= 32, "tf32_tile_gemm: at most 32 tiles");
+  at::Tensor ac = a.contiguous(), bc = b.contiguous(), rc = r.contiguous();
+  at::Tensor d = at::full({rows, cols}, std::nanf(""), a.options());
+  const size_t smem = (static_cast<size_t>(rows) * lda + depth * cols + rows * cols) * sizeof(float);
+  PYSEG_LAUNCH(1, 32 * warps, smem, gpu::stream(), tf32_tile_gemm_kernel)(
+      ac.const_data_ptr<float>(), bc.const_data_ptr<float>(), rc.const_data_ptr<float>(), d.mutable_data_ptr<float>(),
+      rows, cols, depth, static_cast<int>(lda));
+  return d;
+}
+
 at::Tensor selftest(std::string kind) {
   at::Tensor out = at::zeros({1024}, at::kInt);
   int* o = out.mutable_data_ptr<int>();
@@ -248,4 +303,5 @@ TORCH_LIBRARY_FRAGMENT(pyseg_emu, m) {
   m.def("selftest(str kind) -> Tensor", &pyseg::selftest);
   m.def("wmma_gemm(Tensor a, Tensor b, Tensor c, bool a_col, bool b_col, bool c_col, str shape) -> Tensor",
         &pyseg::wmma_gemm);
+  m.def("tf32_tile_gemm(Tensor a, Tensor b, Tensor r, int lda) -> Tensor", &pyseg::tf32_tile_gemm);
 }
