@@ -292,9 +292,10 @@ inline MmaGeom mma_geometry(int64_t Cin, int64_t hid, int64_t Cout, int th, int 
   g.ow3 = take(int64_t{g.m3} * g.ldw3 * esize);
   g.ow2 = take(9 * hid * 4);
   g.oaff = take((hid + Cout) * 4);  // t2, t3
-  // t1acc: float (explicit tf32 tiles, mma::fill_rows) t1 itself, m1 floats (zero past hid); 16-bit types (wmma's
-  // opaque accumulator mapping) the T1 tile: per hidden channel r 16 copies of t1[r]
-  g.ot1 = take(!g.t1acc ? 0 : esize == 4 ? int64_t{g.m1} * 4 : int64_t{g.m1} * kLdT1 * 4);
+  // float (explicit tf32 tiles, mma::fill_rows): the pw1 accumulators' start by rows, m1 floats (t1 where t1acc,
+  // else zeros; zero past hid); 16-bit types (wmma's opaque accumulator mapping), t1acc: the T1 tile, per hidden
+  // channel r 16 copies of t1[r]
+  g.ot1 = take(esize == 4 ? int64_t{g.m1} * 4 : g.t1acc ? int64_t{g.m1} * kLdT1 * 4 : 0);
   g.ox = take(int64_t{g.k1} * g.ldx * esize);
   g.oh1 = take(std::max<int64_t>(int64_t{hc} * g.ldh1, int64_t{g.m3} * g.ldy) * 4);  // H1, then Y
   g.oh2 = take(int64_t{hc} * g.ldh2 * esize);
@@ -429,15 +430,14 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
   pad(w3s, g.ldw3, co, nh, g.m3, g.m1, false);
 #pragma unroll 1
   for (int idx = tid; idx < nh + co; idx += kThreads) aff[idx] = mma::ldg_float(shift + oa2 + idx);
-  // t1acc: pw1's accumulators of channels r0.. start as t1[r0..r0 + 15] by rows (float: mma::fill_rows from t1,
-  // zero past hid: 2 LDS per tile), or (16-bit, wmma's opaque mapping) as the 16x16 block at row r0 of T1 = hid
-  // rows of t1[r] (zero rows up to m1), 16 columns (stride kLdT1), 4 per thread (one 16-byte store): exact,
-  // t1 + sum, no assumption on the fragment layout
+  // pw1's accumulators of channels r0.. start, float: as rows r0..r0 + 15 of a vector (mma::fill_rows: 2 LDS per
+  // tile, one path whether t1acc or not), t1 where t1acc (zero past hid), else zeros (t1 rides on X's ones row);
+  // 16-bit, t1acc (wmma's opaque mapping): as the 16x16 block at row r0 of T1 = hid rows of t1[r] (zero rows up
+  // to m1), 16 columns (stride kLdT1), 4 per thread (one 16-byte store): exact, t1 + sum, no assumption on the
+  // fragment layout
   if constexpr (kRowsInit) {
-    if (g.t1acc) {
 #pragma unroll 1
-      for (int r = tid; r < g.m1; r += kThreads) t1s[r] = r < nh ? mma::ldg_float(shift + oa1 + r) : 0.0f;
-    }
+    for (int r = tid; r < g.m1; r += kThreads) t1s[r] = g.t1acc && r < nh ? mma::ldg_float(shift + oa1 + r) : 0.0f;
   } else if (g.t1acc) {
 #pragma unroll 1
     for (int idx = tid; idx < g.m1 * 4; idx += kThreads) {
@@ -455,12 +455,10 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
   }
   // pw1's accumulator of hidden channels r0..r0 + 15: from t1 / T1 (t1acc) or zero (t1 rides on X's ones row)
   auto init_c1 = [&](FragC& c, int r0) {
-    if (g.t1acc) {
-      if constexpr (kRowsInit) {
-        mma::fill_rows(c, t1s + r0);
-      } else {
-        mma::load_shared_acc(c, t1s + r0 * kLdT1, kLdT1);
-      }
+    if constexpr (kRowsInit) {
+      mma::fill_rows(c, t1s + r0);
+    } else if (g.t1acc) {
+      mma::load_shared_acc(c, t1s + r0 * kLdT1, kLdT1);
     } else {
       mma::fill(c, 0.0f);
     }
@@ -597,8 +595,11 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
             for (int t = 0; t < kTiles; ++t)
 #pragma unroll
               for (int mb = 0; mb < kBlocks; ++mb) init_c1(c1[t][mb], k0 + (mb0 + mb) * kChunk);
+            // k-steps as a do-while (k1 >= K): no zero-trip path, whose copy of the accumulators' start
+            // (register moves) ptxas otherwise emits next to the loop's
+            int kk = 0;
 #pragma unroll 1
-            for (int kk = 0; kk < g.k1; kk += K) {
+            do {
               FragB b[kTiles], blo[kTiles];
 #pragma unroll
               for (int t = 0; t < kTiles; ++t) {
@@ -614,7 +615,8 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
                 for (int t = 0; t < kTiles; ++t)
                   mma::multiply_accumulate_split<scalar_t, kSplit>(c1[t][mb], a, alo, b[t], blo[t]);
               }
-            }
+              kk += K;
+            } while (kk < g.k1);
 #pragma unroll
             for (int t = 0; t < kTiles; ++t) {
 #pragma unroll
@@ -836,22 +838,45 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
     // barrier), no barrier: each warp stores its own accumulator tiles (disjoint 16x16 blocks of Y) and
     // writes them out itself, y = Y + t3: lanes along the tile's 16 pixels (offsets from yoff), the two
     // half-warps on rows r and r + 2 of the tile, rounds past Cout skipped (warp-uniform). ldy = 8 mod 32
-    // words makes both the fragment stores and these reads conflict-free
+    // words makes both the fragment stores and these reads conflict-free. The tile's row block and column
+    // tile by one float-reciprocal division (div_small); per round (rows 4j and 4j + 1 of the half-warp's
+    // base row 2 hr) the output address stepped by a 64-bit pointer add per row pair, Y's and t3's offsets
+    // from a compile-time row: an LDS pair, FADD, STG and the row test (benchmarks/sass_counts.py)
+    // (here, not hoisted out of the tile loop: a register held across the stages spilled)
+    const float inv_mt3 = 1.0f / mma::opaque(static_cast<float>(mt3));
+    // the warp's tile i: its row block m and column tile n
+    auto tile_mn = [&](int i, int& m, int& n) {
+      const int tile = per ? warp : warp + kWarps * i, tq = div_small(tile, inv_mt3);  // (per = 0: tile / mt3)
+      m = tile - tq * mt3, n = per ? tq * per + i : tq;
+    };
+    // every accumulator tile to Y first (their registers free for the write-out, which then needs no spills)
 #pragma unroll
     for (int i = 0; i < kMaxAccTiles; ++i) {
       if (i >= mine) continue;
-      const int tile = warp + kWarps * i;  // (per = 0)
-      const int m = per ? warp % mt3 : tile % mt3, n = per ? warp / mt3 * per + i : tile / mt3;
-      const float* yt = ys + m * 16 * g.ldy + n * 16;
+      int m, n;
+      tile_mn(i, m, n);
       mma::store_shared(ys + m * 16 * g.ldy + n * 16, acc[i], g.ldy);
-      __syncwarp();
+    }
+    __syncwarp();
+    const int64_t hw = plane;  // H * W (the tile loop's 32-bit copy)
+#pragma unroll 1
+    for (int i = 0; i < mine; ++i) {
+      int m, n;
+      tile_mn(i, m, n);
       const int px = lane % 16, p = n * 16 + px, hr = lane / 16;
-      scalar_t* dst = yb + int64_t{m * 16} * H * W + (p < tpi ? yoff[p] : 0);
+      const bool pin = p < tpi;
+      const int rows = co - m * 16 - 2 * hr;  // this half-warp's rows r0 < rows exist
+      const float* yr = ys + (m * 16 + 2 * hr) * g.ldy + n * 16 + px;
+      const float* t3 = aff + nh + m * 16 + 2 * hr;
+      // rows 4j and 4j + 1 of this half-warp at q0 and q1, both stepped by 4 rows; Y and t3 read for rows up to
+      // m3 (inside Y's and the shared layout's space; values past Cout are never stored)
+      scalar_t* q0 = yb + int64_t{m * 16 + 2 * hr} * hw + (pin ? yoff[p] : 0);
+      scalar_t* q1 = q0 + hw;
 #pragma unroll
-      for (int it = 0; it < 8; ++it) {
-        const int r0 = (it / 2) * 4 + it % 2, r = r0 + 2 * hr, o = m * 16 + r;  // rows 0 1 4 5 .. (+ 2)
-        if (m * 16 + r0 >= co) break;
-        if (p < tpi && o < co) dst[int64_t{r} * H * W] = static_cast<scalar_t>(yt[r * g.ldy + px] + aff[nh + o]);
+      for (int j = 0; j < 4; ++j, q0 += 4 * hw, q1 += 4 * hw) {
+        if (m * 16 + 4 * j >= co) break;  // warp-uniform: no row of this pair or the next in either half
+        mma::store_if(pin && 4 * j < rows, q0, yr[4 * j * g.ldy] + t3[4 * j]);
+        mma::store_if(pin && 4 * j + 1 < rows, q1, yr[(4 * j + 1) * g.ldy] + t3[4 * j + 1]);
       }
     }
     // the next tile's first barrier keeps its pw1 (which overwrites Y) behind every warp's reads of Y

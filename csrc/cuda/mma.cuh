@@ -18,6 +18,8 @@
 //                            mma.sync.m16n8k8 (2 HMMA.1688, where wmma's tf32 m16n16k8 compiles to 4 HMMA.1684)
 //   mma::fill_rows(c, v)     an explicit accumulator tile whose row r holds v[r] (Tf32C only: wmma's mapping is opaque)
 //   mma::relu6(v)            min(max(v, 0), 6), NaN kept, in 2 instructions
+//   mma::opaque(v)           v, with what is computed from it kept where it is written (not hoisted)
+//   mma::store_if(p, q, v)   if (p) *q = v for a global tensor element, one predicated store
 //
 // Every call must be reached by all 32 lanes of a warp; pointers 256-bit aligned, ldm a multiple of 16 bytes.
 // bf16 and tf32 tensor-core operations need sm_80 or newer (setup.py's default TORCH_CUDA_ARCH_LIST).
@@ -215,6 +217,40 @@ __device__ __forceinline__ float relu6(float v) {
   float r;
   asm("max.NaN.f32 %0, %1, 0f00000000;\n\tmin.NaN.f32 %0, %0, 0f40C00000;" : "=f"(r) : "f"(v));
   return r;
+#endif
+}
+
+// v, opaque to the optimiser: what is computed from it stays where it is written (ptxas would hoist a
+// loop-invariant division out of a tile loop, holding its result in a register across the loop)
+__device__ __forceinline__ float opaque(float v) {
+#ifndef PYSEG_CUDA_EMULATOR
+  asm volatile("" : "+f"(v));
+#endif
+  return v;
+}
+
+// if (p) *q = v (q: global memory, a tensor of scalar type S), as one predicated store (st.global under a
+// predicate: no branch around it, which ptxas otherwise builds per guarded store: BSSY / BRA / BSYNC)
+template <class S>
+__device__ __forceinline__ void store_if(bool p, S* q, float v) {
+#ifdef PYSEG_CUDA_EMULATOR
+  if (p) *q = static_cast<S>(v);
+#else
+  if constexpr (std::is_same_v<S, float>) {
+    asm volatile("{\n\t.reg .pred p;\n\tsetp.ne.b32 p, %0, 0;\n\t@p st.global.f32 [%1], %2;\n\t}"
+                 :
+                 : "r"(static_cast<int>(p)), "l"(q), "f"(v)
+                 : "memory");
+  } else {
+    using M = std::conditional_t<std::is_same_v<S, c10::Half>, __half, __nv_bfloat16>;
+    const M h = from_float<M>(v);
+    unsigned short b;
+    memcpy(&b, &h, 2);
+    asm volatile("{\n\t.reg .pred p;\n\tsetp.ne.b32 p, %0, 0;\n\t@p st.global.b16 [%1], %2;\n\t}"
+                 :
+                 : "r"(static_cast<int>(p)), "l"(q), "h"(b)
+                 : "memory");
+  }
 #endif
 }
 
