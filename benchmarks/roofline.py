@@ -94,7 +94,7 @@ BARRIER_CLK = 120
 MMA_META_REGS = 128
 #: SASS instructions of its tensor-core loops per step (one k-step of one 16x16 accumulator tile), by (operand
 #: bytes, kSplit): the loop bodies of ptxas 13.0's sm_90 code (benchmarks/sass_counts.py; raw file
-#: results/2026-12-01-cpu/sass_counts_4b9b052.txt: loop instructions / steps). float runs on mma::Tf32A/B/C (two
+#: results/2026-12-01-cpu/sass_counts_e03b9cc.txt: loop instructions / steps). float runs on mma::Tf32A/B/C (two
 #: mma.sync.m16n8k8 per 16x16x8 product: 2 HMMA.1688; A fragments by one LDSM, B by 4 LDS); fp16/bf16 on wmma
 #: fragments (2 HMMA.16816 per product, PTX wmma.load.shared: LDSM). The loops carry their guards (nb, mine, k1),
 #: pointer arithmetic and (3xTF32) the hi/lo splits (LOP3 + FADD per element), so a step is 7-40 instructions.
@@ -109,28 +109,30 @@ MMA_META_REGS = 128
 #:   pw1_pair: the paired pw1 loop (MmaGeom::pair1: 2 adjacent column tiles per warp; a k-step loads and splits
 #:        2 X fragments and per block 1 W1' fragment used for both), one copy per pass of 1..kPairMax blocks
 #:        (the single-stage copy's loops of 4 (2-block pass) and 2 (1-block pass) steps; where two loops of one
-#:        step count could be either, the larger)
+#:        step count could be either, the larger; the k-loop a do-while (no zero-trip copy)
 #: (4, 1) is the tf32 variant (torch.backends.cuda.matmul.allow_tf32), not the default; (2, 1) the larger of
-#: fp16 / bf16, whose loops this change left as they were (results/2026-12-01-cpu/sass_counts_a7baa06.txt)
+#: fp16 / bf16
 META_MMA_STEP_ISSUE = {
-    (4, 3): dict(pw1={1: 42.0, 2: 29.0, 3: 25.7}, pw1_kept=68.0, pw2=41.0,
-                 pw2_uniform={1: 38.5, 2: 28.0, 3: 24.5, 4: 22.9}, pw1_pair={1: 30.0, 2: 20.5}),
-    (4, 1): dict(pw1={1: 38.0, 2: 25.5, 3: 20.7}, pw1_kept=37.2, pw2=40.9,
-                 pw2_uniform={1: 34.0, 2: 24.0, 3: 20.5, 4: 18.9}, pw1_pair={1: 25.5}),
-    (2, 1): dict(pw1={1: 15.0, 2: 10.0, 3: 8.3}, pw1_kept=34.7, pw2=34.5,  # the larger of fp16 / bf16
-                 pw2_uniform={1: 16.0, 2: 10.0, 3: 8.0, 4: 7.0}, pw1_pair={1: 9.5, 2: 6.2}),
+    (4, 3): dict(pw1={1: 42.0, 2: 28.0, 3: 24.0}, pw1_kept=60.5, pw2=41.0,
+                 pw2_uniform={1: 37.5, 2: 27.2, 3: 24.2, 4: 22.6}, pw1_pair={1: 30.5, 2: 20.2}),
+    (4, 1): dict(pw1={1: 38.0, 2: 25.5, 3: 21.0}, pw1_kept=34.8, pw2=41.0,
+                 pw2_uniform={1: 33.0, 2: 23.5, 3: 20.3, 4: 18.8}, pw1_pair={1: 25.5}),
+    (2, 1): dict(pw1={1: 16.0, 2: 10.5, 3: 8.7}, pw1_kept=32.0, pw2=35.0,  # the larger of fp16 / bf16
+                 pw2_uniform={1: 17.0, 2: 10.5, 3: 8.3, 4: 7.2}, pw1_pair={1: 11.0, 2: 6.5}),
 }
 #: SASS instructions of the pw1 tile loops outside their k-loops, per 16x16 accumulator tile (column tile x
-#: 16-channel block), by (operand bytes, kSplit): the accumulator's start (zero, or t1: 2 LDS by rows for float,
-#: the T1 block's wmma.load.c for 16-bit; both paths are in the listing, so this is an upper bound), ReLU6 (2
-#: FMNMX.NAN per element), the fragment's store to H1 (float: 4 8-byte STS; 16-bit: wmma's store) and the tile
-#: loop's step and test: the `all-loops` body of the tile loop less its k-loop, over the tiles x blocks of a pass
-#: (same raw file; single: a warp per tile, by block count; pair: per pass of 1..kPairMax blocks; (4, 1)'s paired
-#: loops are not closed loops in its listing: its single-tile maximum). The model before sass_counts_4b9b052 counted
-#: 16 + 11 (t1acc) here, against ~57-60 in that era's listing (sass_counts_fb3125a.txt: 180 / 3, 227 / 4)
+#: 16-channel block), by (operand bytes, kSplit): the accumulator's start (float: 2 LDS by rows from t1 or zeros,
+#: one path, and the register copies into the 8 accumulator registers; 16-bit: zero or the T1 block's wmma.load.c,
+#: both paths in the listing: an upper bound), ReLU6 (2 FMNMX.NAN per element), the fragment's store to H1 (float:
+#: 4 8-byte STS; 16-bit: wmma's store) and the tile loop's step and test: the `all-loops` body of the tile loop less
+#: its k-loop, over the tiles x blocks of a pass (same raw file; single: a warp per tile, by block count, the larger
+#: of the two copies; pair: per pass of 1..kPairMax blocks; (4, 1)'s paired loops: its single-tile figure; (2, 1):
+#: sass_counts_4b9b052.txt's, its tile loops not closed loops in the later listing). The model before
+#: sass_counts_4b9b052 counted 16 + 11 (t1acc) here, against ~57-60 in that era's listing (sass_counts_fb3125a.txt:
+#: 180 / 3, 227 / 4)
 META_MMA_PW1_TILE = {
-    (4, 3): dict(single={1: 50.0, 2: 45.5, 3: 42.3}, pair={1: 43.0, 2: 40.3}),
-    (4, 1): dict(single={1: 50.0, 2: 46.0, 3: 44.0}, pair={1: 50.0}),
+    (4, 3): dict(single={1: 39.0, 2: 39.0, 3: 35.0}, pair={1: 33.5, 2: 32.5}),
+    (4, 1): dict(single={1: 39.0, 2: 35.5, 3: 34.3}, pair={1: 35.5}),
     (2, 1): dict(single={1: 65.0, 2: 52.5, 3: 48.7}, pair={1: 55.0, 2: 46.5}),
 }
 #: Warp-instructions of meta_forward_mma_kernel's staging loops, by operand size (4: float, 2: bf16/fp16, the
@@ -145,7 +147,7 @@ META_MMA_PW1_TILE = {
 #:        or two 16-byte STS); w2 the scalar loop (2 LDG, FMUL, STS); aff: one round of t2, t3
 #:   pad: one round of a padding loop (the largest of the four)
 #:   t1: one round of the T1 tile (t1acc, 16-bit: LDG t1, one 16-byte STS of 4 copies); t1v: one round of t1
-#:        itself (t1acc, float: LDG, STS; sass_counts_4b9b052.txt, lines 439-439)
+#:        itself (float: t1 where t1acc, else zeros: LDG, STS; sass_counts_4b9b052.txt, lines 439-439)
 #:   xrow_px, xrow4: the ones/zero rows of X (once per block): per pixel round, per 4 rows (unrolled x4)
 #:   x_px, x_ch4: the x tile: per pixel round inside the image (its row and column by a float reciprocal, two
 #:        32-bit reflects, the base pointer, the 4-channel loop's offsets; the outer body less the channel loops,
@@ -168,11 +170,19 @@ META_MMA_YOFF_SETUP = 2 * 20 + 10
 #: window loads, 4 stores and their guards; 16-bit H2: + the conversions), ``setup`` per item (loop test, the
 #: div_small index split, the padding test, 20 tap/t2 loads, the first two window rows of both channels,
 #: pointers, the loop-back; odd widths + 8 scalar loads), ``rcp`` per warp and tile (1 / ewp, hoisted out of the
-#: stage loop). ``row``: sass_counts_fb3125a.txt's figures less the item loop's change in
-#: sass_counts_4b9b052.txt (ReLU6 from 3 instructions to 2: even 808 -> 776, odd 765 -> 739 float; bf16 848 -> 814,
-#: 787 -> 755; per 8 rows)
-META_DW_ISSUE = {4: dict(row={True: 57.0, False: 66.0}, setup={True: 103, False: 111}, rcp=11),
-                 2: dict(row={True: 59.3, False: 69.8}, setup={True: 102, False: 110}, rcp=11)}
+#: stage loop). ``row``: sass_counts_fb3125a.txt's figures plus the item loop's change since (per 8 rows; ReLU6
+#: from 3 instructions to 2 in sass_counts_4b9b052.txt, then ptxas's register allocation after the Y write-out
+#: change, sass_counts_e03b9cc.txt; the largest loop of each kind: float even 808 -> 806, odd 765 -> 790; fp16/bf16
+#: even 848 -> 847, odd 787 -> 805)
+META_DW_ISSUE = {4: dict(row={True: 60.8, False: 72.1}, setup={True: 103, False: 111}, rcp=11),
+                 2: dict(row={True: 63.1, False: 76.1}, setup={True: 102, False: 110}, rcp=11)}
+#: SASS instructions of its Y write-out, by operand bytes (raw file sass_counts_e03b9cc.txt): ``tile`` per
+#: accumulator tile (its fragment store to Y, ~14 per tile of the unrolled store loop; the write-out loop's set-up:
+#: row block and column tile by div_small, yoff, the lane's Y / t3 / y addresses, ~50), ``round`` per warp-wide
+#: row (LDS Y, LDS t3, FADD, 16-bit: the conversion, the predicated STG (mma::store_if), the row test, per row
+#: pair the two 64-bit pointer steps and the loop's break test): the write-out loop of a 16-row tile is 128
+#: instructions for float, 143 for fp16 (bf16 138)
+META_MMA_Y = {4: dict(tile=65, round=10.0), 2: dict(tile=65, round=12.0)}
 #: output rows, columns and channels per thread of its depthwise stage (kDwRows, kDwCols; channels r and
 #: r + nc/2 of a stage of nc)
 DW_ROWS, DW_COLS, DW_CHANS = 8, 2, 2
@@ -403,7 +413,7 @@ def _mma_geometry(Cin, hid, Cout, th, tw, esize, k, hc=16):
     t1acc = k1 == Cin
     nq, np_ = up((th + 2) * (tw + 2), 16), up(th * tw, 16)
     regions = [m1 * (k1 + pad) * esize, m3 * (m1 + pad) * esize, 9 * hid * 4, (hid + Cout) * 4,
-               (m1 * 4 if esize == 4 else m1 * T1_LD * 4) if t1acc else 0,
+               m1 * 4 if esize == 4 else m1 * T1_LD * 4 if t1acc else 0,
                k1 * (nq + bpad) * esize, max(hc * _dw_ldh1(nq, tw), m3 * (np_ + 8)) * 4,
                hc * (np_ + bpad) * esize, np_ * 4]
     return dict(k1=k1, t1acc=t1acc, m1=m1, m3=m3, nq=nq, np=np_, hc=hc, ldh2=np_ + bpad,
@@ -570,11 +580,10 @@ def _cuda_meta_mma(x, wflat, hid, Cout, esize, plan, split):
     else:
         k.loop(9 * hid, lsu=3, issue=st["w2"])
     k.loop(hid + Cout, lsu=2, issue=st["aff"])
-    if g["t1acc"]:  # float: t1 itself (an LDG and STS per channel); 16-bit: the T1 tile
-        if esize == 4:
-            k.loop(g["m1"], lsu=2, issue=st["t1v"])
-        else:
-            k.loop(g["m1"] * 4, lsu=1 + 4, issue=st["t1"])
+    if esize == 4:  # float: the accumulators' start vector (t1 or zeros: an LDG where t1acc, an STS)
+        k.loop(g["m1"], lsu=2, issue=st["t1v"])
+    elif g["t1acc"]:  # 16-bit: the T1 tile
+        k.loop(g["m1"] * 4, lsu=1 + 4, issue=st["t1"])
     xw = math.ceil(g["nq"] / 32)  # warp rounds over the haloed tile's (padded) pixels
     if g["k1"] > Cin:
         k.lsu += xw * (g["k1"] - Cin)
@@ -633,8 +642,10 @@ def _cuda_meta_mma(x, wflat, hid, Cout, esize, plan, split):
                 k.issue += nb * single * (kfrag * per["pw1"][nb] + ep["single"][nb])
                 k.issue += sum(p * 2 * npair * (kfrag * per["pw1_pair"][p] + ep["pair"][p]) for p in passes)
             k.lsu += (a1 + b1 + a3 + steps3) * 4 + nb * nt1 * 8  # A, B fragment loads (4 each); H1 stores
-            if g["t1acc"]:  # each pw1 accumulator starts from t1: float by rows (2 LDS, 8 distinct words: 2
-                k.lsu += nb * nt1 * (2 if esize == 4 else 8)  # wavefronts), 16-bit its T1 block (1 KB, 8)
+            if esize == 4:  # each pw1 accumulator starts by rows (2 LDS, 8 distinct words: 2 wavefronts)
+                k.lsu += nb * nt1 * 2
+            elif g["t1acc"]:  # 16-bit: from its T1 block (1 KB, 8 wavefronts)
+                k.lsu += nb * nt1 * 8
             for t in warp_tiles:
                 if t:
                     k.issue += nb * t * (16 // K) * (per["pw2_uniform"][t] if per_w else per["pw2"])
@@ -655,12 +666,13 @@ def _cuda_meta_mma(x, wflat, hid, Cout, esize, plan, split):
             k.loop(items, lsu=DW_CHANS * (10 + 2 * cl))
         k.issue += 8 * META_DW_ISSUE[esize]["rcp"]  # every warp: 1 / ewp once per tile
         # Y: per 16x16 accumulator tile its warp's fragment store (8 wavefronts: 1 KB, conflict-free at
-        # ldy = np + 8), LDS yoff, then per round of two rows (rows 0 1 4 5 8 9 12 13 and + 2; the rounds
-        # past Cout skipped) LDS Y, LDS t3, FADD, convert, bound checks, address, STG (~8); ~10 per tile
+        # ldy = np + 8), LDS yoff, then per pair of rounds (rows 4j, 4j + 1 of either half-warp; the pairs
+        # past Cout skipped) per round LDS Y, LDS t3, FADD, convert, a predicated STG, the row test and the
+        # stepped address (META_MMA_Y, from the SASS)
         for m in range(mt3):
-            rounds = sum(1 for it in range(8) if 16 * m + (it // 2) * 4 + it % 2 < Cout)
+            rounds = 2 * sum(1 for j in range(4) if 16 * m + 4 * j < Cout)
             k.lsu += nt3 * (8 + 1 + 2 * rounds)
-            k.issue += nt3 * (10 + 8 * rounds)
+            k.issue += nt3 * (META_MMA_Y[esize]["tile"] + META_MMA_Y[esize]["round"] * rounds)
     xb, yb, wb = _numel(x) * esize, B * Cout * H * W * esize, _numel(wflat) * esize
     k.dram = xb + wb + yb
     k.l2 = xb * halo_px / (PH * PW) + wb + yb
