@@ -10,6 +10,7 @@
 //   mma::load_shared(f, p, ldm)  wmma::load_matrix_sync of an operand in shared memory (PTX .shared loads)
 //   mma::load_shared_acc(c, p, ldm)  the same for a row-major float accumulator
 //   mma::ldg_float(p)        a read-only global element as float through the read-only path (__ldg)
+//   mma::ldg_bits(p)         its raw bits (mma::Bits<S>: 16 or 32 bits) through the same path
 //   mma::split_operand<S, kSplit>(f, lo), mma::multiply_accumulate_split<S, kSplit>(acc, a, alo, b, blo):
 //                            the same with the split done once per fragment (reused fragments)
 //
@@ -251,6 +252,34 @@ __device__ __forceinline__ float ldg_float(const S* p) {
   } else {
     return static_cast<float>(__ldg(p));
   }
+#endif
+}
+
+// The raw bits of an element of S (16 or 32 bits): copies of a tensor's elements that keep their type (the x
+// tile: scalar_t in global memory, Operand<scalar_t>::mem, the same bits, in shared memory) need no conversion.
+template <class S>
+using Bits = std::conditional_t<sizeof(S) == 2, unsigned short, unsigned int>;
+
+// The bits of *p (a global tensor the kernel only reads), through the read-only data path (LDG.E(.U16).CONSTANT)
+template <class S>
+__device__ __forceinline__ Bits<S> ldg_bits(const S* p) {
+#ifdef PYSEG_CUDA_EMULATOR
+  Bits<S> v;
+  memcpy(&v, p, sizeof(v));
+  return v;
+#else
+  return __ldg(reinterpret_cast<const Bits<S>*>(p));
+#endif
+}
+
+// The calling thread's lane (%laneid: S2R, read where called; the emulator: threadIdx.x % 32)
+__device__ __forceinline__ int lane_id() {
+#ifdef PYSEG_CUDA_EMULATOR
+  return static_cast<int>(threadIdx.x % 32);
+#else
+  int l;
+  asm volatile("mov.u32 %0, %%laneid;" : "=r"(l));
+  return l;
 #endif
 }
 
