@@ -283,6 +283,34 @@ __device__ __forceinline__ int lane_id() {
 #endif
 }
 
+// p itself, through a PTX move the compiler cannot see through: a pointer computed once where it is called (a
+// register pair), not re-derived from its parts at every use
+template <class S>
+__device__ __forceinline__ const S* opaque(const S* p) {
+#ifndef PYSEG_CUDA_EMULATOR
+  asm volatile("mov.b64 %0, %0;" : "+l"(p));
+#endif
+  return p;
+}
+
+// 4 bytes from global memory (a tensor the kernel only reads) to shared memory without a register, where `on`:
+// one cp.async (LDGSTS) instead of an LDG and an STS; complete (for the calling thread) after cp_async_wait_all,
+// for the block after a barrier behind that. The emulator copies at once.
+__device__ __forceinline__ void cp_async4_if(void* smem, const void* gmem, bool on) {
+#ifdef PYSEG_CUDA_EMULATOR
+  if (on) memcpy(smem, gmem, 4);
+#else
+  const unsigned sa = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("{\n\t.reg .pred p;\n\tsetp.ne.b32 p, %2, 0;\n\t@p cp.async.ca.shared.global [%0], [%1], 4;\n\t}"
+               :: "r"(sa), "l"(gmem), "r"(static_cast<int>(on)));
+#endif
+}
+__device__ __forceinline__ void cp_async_wait_all() {
+#ifndef PYSEG_CUDA_EMULATOR
+  asm volatile("cp.async.wait_all;" ::: "memory");
+#endif
+}
+
 // Elements of S in 16 bytes (one vector load / store).
 template <class S>
 constexpr int kVec = static_cast<int>(16 / sizeof(S));
