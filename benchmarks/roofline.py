@@ -149,16 +149,20 @@ META_MMA_PW1_TILE = {
 #:   t1: one round of the T1 tile (t1acc, 16-bit: LDG t1, one 16-byte STS of 4 copies); t1v: one round of t1
 #:        itself (float: t1 where t1acc, else zeros: LDG, STS; sass_counts_4b9b052.txt, lines 439-439)
 #:   xrow_px, xrow4: the ones/zero rows of X (once per block): per pixel round, per 4 rows (unrolled x4)
-#:   x_px, x_ch4: the x tile: per pixel round inside the image (its row and column by a float reciprocal, two
-#:        32-bit reflects, the base pointer, the 4-channel loop's offsets; the outer body less the channel loops,
-#:        the zero-column branch and the remainder set-up), per 4 channels (4 LDG, then 4 STS: 64-bit address
-#:        adds, the stores' row offsets, loop); x_ch1 per remainder channel, x_rem its set-up (Cin % 4 != 0)
+#:   x_px, x_ch8: the x tile (raw file results/2026-12-01-cpu/sass_counts_31ccd23.txt, all-loops lines
+#:        479-542): a warp round of 128 pixels (4 per lane, 32 apart) outside its channel loops (the 4 pixels'
+#:        rows and columns by a float reciprocal, min/max reflects, one IMAD.WIDE address and selects each, the
+#:        remainder loop's set-up, the loop tests: the outer body less the two channel loops), per 8 channels
+#:        (32 loads, then 32 stores at one shared address per channel: float 32 cp.async (LDGSTS, in the
+#:        <float, kSplit=3> copy the model's float32 uses; the tf32 copy's is 125), bf16/fp16 32 LDG + 32 STS,
+#:        the loads' 64-bit address steps); x_ch1 per remainder channel (Cin % 8: 4 copies), x_rem 0 (its
+#:        set-up is in x_px)
 #:   yoff: one round of the tile's y offsets (no division in the loop)
 META_MMA_STAGE_ISSUE = {
     4: dict(w1=17, w3=22, w1v=22, w3v=29, pad=21, w2=20, w2v=47, aff=11, t1v=10, xrow_px=30, xrow4=22,
-            x_px=67, x_ch4=26, x_ch1=11, x_rem=3, yoff=15),
+            x_px=126, x_ch8=90, x_ch1=28, x_rem=0, yoff=15),
     2: dict(w1=20, w3=25, w1v=43, w3v=50, pad=23, w2=22, w2v=108, aff=12, t1=21, xrow_px=29, xrow4=26,
-            x_px=64, x_ch4=33, x_ch1=13, x_rem=3, yoff=15),
+            x_px=138, x_ch8=128, x_ch1=36, x_rem=0, yoff=15),
 }
 #: the y-offset loop's set-up per warp holding tile pixels: two int32 divisions (tid / ew, 256 / ew) and the
 #: steps (estimated: PWB_INT32_DIV each, + 10)
@@ -596,11 +600,15 @@ def _cuda_meta_mma(x, wflat, hid, Cout, esize, plan, split):
         hq, tp = (eh + 2) * (ew + 2), eh * ew
         halo_px += hq
         k.barriers += 1 + 2 * len(stages)
-        # x tile: a thread per haloed pixel (nq, 32 consecutive per warp round): its reflected offset once,
-        # then per image channel LDG, STS (4 channels a round, remainder channels one by one); the tp
+        # x tile: a warp round per 128 haloed pixels (nq; lane l the pixels l + 32 j, j < 4): the 4 pixels'
+        # reflected addresses once, then per image channel 4 copies (8 channels a round, the remainder one by
+        # one). LSU per channel and 32-pixel slot: float one cp.async (LDG + STS in one: both its read and its
+        # shared write, counted 2) in the slots with a pixel below nq (the others predicated off); bf16/fp16
+        # an LDG in every slot (those past nq load the zero word) and an STS in the slots below nq. The tp
         # output-pixel offsets: per warp holding some the set-up, per round an STS (META_MMA_STAGE_ISSUE)
-        k.lsu += xw * 2 * Cin
-        k.issue += xw * (st["x_px"] + Cin // 4 * st["x_ch4"] + (st["x_rem"] + Cin % 4 * st["x_ch1"] if Cin % 4 else 0))
+        xr, xs32 = math.ceil(g["nq"] / 128), math.ceil(g["nq"] / 32)
+        k.lsu += Cin * (2 * xs32 if esize == 4 else 4 * xr + xs32)
+        k.issue += xr * (st["x_px"] + Cin // 8 * st["x_ch8"] + (st["x_rem"] + Cin % 8 * st["x_ch1"] if Cin % 8 else 0))
         k.loop(tp, lsu=1, issue=st["yoff"])
         k.issue += math.ceil(min(tp, 256) / 32) * META_MMA_YOFF_SETUP
         nt1, nt3 = math.ceil(hq / 16), math.ceil(tp / 16)

@@ -23,6 +23,7 @@
 
 #include <algorithm>
 #include <array>
+#include <limits>
 #include <type_traits>
 
 #include "common/meta_block.h"
@@ -128,6 +129,8 @@ bool meta_forward_mma(const at::Tensor& x, const at::Tensor& weight, const at::T
     using Op = mma::Operand<scalar_t>;
     const int64_t Cin = x.size(1), H = x.size(2), W = x.size(3);
     const int64_t gh = weight.size(2), gw = weight.size(3);
+    // the kernel keeps in-plane offsets and the x tile's channel steps (kXCh planes) in 32 bits
+    if (kXCh * H * W > std::numeric_limits<int32_t>::max()) return false;
     const bool split3 = std::is_same_v<scalar_t, float> && !at::globalContext().allowTF32CuBLAS();
     const MmaPlan plan = plan_mma(Cin, hidden, out_channels, meta::max_patch_size(H, gh),
                                   meta::max_patch_size(W, gw), sizeof(typename Op::mem), Op::k,

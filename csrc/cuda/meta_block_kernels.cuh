@@ -188,6 +188,10 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kChunk = 16;      // hidden channels per block of a stage (one MMA depth of fp16/bf16, two of tf32)
 constexpr int kMaxStage = 48;   // hidden channels per stage at most (3 blocks of kChunk)
 constexpr int kMaxAccTiles = 4;  // 16x16 pw2 accumulator tiles per warp (8 floats per lane each)
+constexpr int kXPix = 4;        // x tile staging: pixels per lane (32 apart)
+constexpr int kXCh = 8;         // x tile staging: channels per round
+// the x tile's zero columns: their lanes load this word in every channel (a device global: zero-initialized)
+__device__ unsigned kXZero;
 constexpr int kDwRows = 8;       // output rows per thread of the depthwise stage
 constexpr int kDwCols = 2;       // output columns per thread of the depthwise stage
 // pw1: the W1' fragments of a 16-channel stage (k1 <= this depth) stay in registers across a warp's column
@@ -237,6 +241,14 @@ __device__ __forceinline__ void store_pair(E* p, float v, float u) {
 // truncation is exact. 4 instructions (I2F, FADD, FMUL, F2I) instead of the ~30 of an int32 division.
 __host__ __device__ __forceinline__ int div_small(int n, float inv) {
   return static_cast<int>((static_cast<float>(n) + 0.5f) * inv);
+}
+
+// i reflected into [0, n) as reflect_index_as<int> does for -n < i < 2n - 1, given r = 2n - 2: |i|, or r - |i|
+// past the last index, by min/max, no branch (IABS and 2 IMNMX, the n == 1 test included: r = 0 gives 0); the
+// result is in [0, n) for every i (so any q's pointer is valid)
+__device__ __forceinline__ int reflect1(int i, int r) {
+  const int a = abs(i);
+  return max(min(a, r - a), 0);
 }
 
 struct MmaGeom {
@@ -474,40 +486,98 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
        tc0 = tc0 + g.tw < cend ? tc0 + g.tw : pc0, tr0 = tc0 == pc0 ? tr0 + g.th : tr0) {
     const int ehi = min(g.th, rend - tr0), ewi = min(g.tw, cend - tc0);
     const int hwi = ewi + 2, hqi = (ehi + 2) * hwi, tpi = ehi * ewi;
-    // x's haloed tile, rows = channels (zero columns from hq to nq; rows Cin.. staged once, above): a
-    // thread per haloed pixel computes its reflected image offset once (the same in every channel) and
-    // copies the pixel's Cin channels down the column by pointer increments, consecutive threads on
-    // consecutive pixels (coalesced). No barrier before it: xs was last read by the previous tile's pw1,
-    // before that tile's later barriers
-    const float inv_hw = 1.0f / static_cast<float>(hwi);
-    for (int q = tid; q < g.nq; q += kThreads) {
-      const bool in = q < hqi;
-      const int qi = div_small(q, inv_hw), qj = q - qi * hwi;
-      const int off = in ? reflect_index_as<int>(tr0 - 1 + qi, hi) * wi + reflect_index_as<int>(tc0 - 1 + qj, wi) : 0;
-      T* dst = xs + q;
-      if (in) {
-        // 4 channels a round: their loads at xp + k * plane (an unsigned 32-bit plane: one wide multiply-add
-        // per address), then their stores; the remainder channels one by one
-        const scalar_t* xp = xb + off;
-        const unsigned pl = static_cast<unsigned>(plane), ld = static_cast<unsigned>(g.ldx);
-        int c = 0;
-#pragma unroll 1
-        for (; c + 4 <= cin; c += 4, xp += 4 * pl, dst += 4 * ld) {
-          const float v0 = mma::ldg_float(xp), v1 = mma::ldg_float(xp + pl), v2 = mma::ldg_float(xp + 2 * pl),
-                      v3 = mma::ldg_float(xp + 3 * pl);
-          dst[0] = mma::from_float<T>(v0);
-          dst[ld] = mma::from_float<T>(v1);
-          dst[2 * ld] = mma::from_float<T>(v2);
-          dst[3 * ld] = mma::from_float<T>(v3);
+    // x's haloed tile, rows = channels (zero columns from hq to nq; rows Cin.. staged once, above). A warp
+    // copies kXPix x 32 pixels, lane l the pixels q0 + l + 32 j (j < kXPix): the kXPix stores of a channel share
+    // one shared address (STS [R + 32 j elements]: ldx, the channel stride, is no constant, so one add per
+    // channel rather than per element), kXCh channels a round with their kXPix x kXCh loads issued before their
+    // stores; 4-byte elements go global -> shared by cp.async (LDGSTS: one instruction, no register, instead of
+    // LDG + STS), 16-bit ones as raw bits (scalar_t and its operand type are the same: no conversions). The
+    // zero columns (hqi <= q < nq) take the same instructions, no divergent branch: their lanes load the zero
+    // word kXZero in every channel (step 0); pixels past nq store nothing (predicated). A pixel's row and
+    // column by a float reciprocal, its reflects by min/max (reflect1), its address from the sample's base
+    // pointer by one IMAD.WIDE, selects rather than branches. sm_90 SASS (results/2026-12-01-cpu/
+    // sass_counts_<this commit>.txt, all-loops): per round of 8 channels x 128 pixels 90 instructions
+    // (<float, kSplit=3>: 32 LDGSTS; 125 in the tf32 copy, whose load addresses ptxas steps by IADD3 + IADD3.X)
+    // and 124-128 (bf16, fp16: 32 LDG, 32 STS); ~126-138 per 128-pixel round outside the channel loops;
+    // the thread-per-pixel copy before took 26-33 per 4 channels x 32 pixels and 64-79 per 32-pixel round
+    // (HyperSeg-M level 3, Cin 24, nq 112: 892 -> 396 warp-instructions a tile in float, 1048 -> 522 in
+    // bf16/fp16). No barrier before it: xs was last read by the previous tile's pw1, before that tile's
+    // later barriers; the cp.async copies are waited for (per thread) right before the next barrier
+    {
+      using Raw = mma::Bits<scalar_t>;
+      const float inv_hw = 1.0f / static_cast<float>(hwi);
+      const int rh = 2 * hi - 2, rw = 2 * wi - 2, cinr = cin / kXCh * kXCh, ld = g.ldx, nhw = -hwi;
+      const scalar_t* const xz = reinterpret_cast<const scalar_t*>(&kXZero);
+      for (int q0 = warp * 32 * kXPix; q0 < g.nq; q0 += kThreads * kXPix) {  // warp-uniform
+        // the lane index read here (S2R), not the kernel's: nothing derived from it is hoisted out of the tile
+        // loop to stay live through the pw2 epilogue (registers)
+        const int ln = mma::lane_id();
+        // the sample's base as one pointer (a register pair per round: each pixel's address is then one
+        // IMAD.WIDE, not four instructions from the base and the sample offset apart)
+        const scalar_t* const xr = mma::opaque(xb);
+        const scalar_t* xp[kXPix];
+        int st[kXPix];
+        bool ok[kXPix];
+#pragma unroll
+        for (int j = 0; j < kXPix; ++j) {
+          const int q = q0 + ln + 32 * j, qi = div_small(q, inv_hw), qj = q + qi * nhw;
+          const bool in = q < hqi;
+          ok[j] = q < g.nq;
+          const scalar_t* p = xr + (reflect1(tr0 - 1 + qi, rh) * wi + reflect1(tc0 - 1 + qj, rw));
+          xp[j] = in ? p : xz;  // computed for every q (reflect1 stays in range): selects, not a branch
+          st[j] = in ? plane : 0;
         }
+        Raw v[kXPix][kXCh];
+        Raw* dst = reinterpret_cast<Raw*>(xs) + q0 + ln;
+        int c = 0;
+        if constexpr (sizeof(scalar_t) == 4) {
+          // 4-byte elements: global to shared by cp.async, one instruction each (no LDG + STS, no registers)
 #pragma unroll 1
-        for (; c < cin; ++c, xp += pl, dst += ld) *dst = mma::from_float<T>(mma::ldg_float(xp));
-      } else {
-        // the zero columns hqi..nq - 1
+          for (; c < cinr; c += kXCh) {
+#pragma unroll
+            for (int k = 0; k < kXCh; ++k) {
+#pragma unroll
+              for (int j = 0; j < kXPix; ++j) mma::cp_async4_if(dst + k * ld + 32 * j, xp[j] + k * st[j], ok[j]);
+            }
+#pragma unroll
+            for (int j = 0; j < kXPix; ++j) xp[j] += kXCh * st[j];
+            dst += kXCh * ld;
+          }
 #pragma unroll 1
-        for (int c = 0; c < cin; ++c, dst += g.ldx) *dst = mma::from_float<T>(0.0f);
+          for (; c < cin; ++c, dst += ld) {
+#pragma unroll
+            for (int j = 0; j < kXPix; ++j) mma::cp_async4_if(dst + 32 * j, xp[j], ok[j]), xp[j] += st[j];
+          }
+        } else {
+#pragma unroll 1
+          for (; c < cinr; c += kXCh) {
+#pragma unroll
+            for (int k = 0; k < kXCh; ++k) {
+#pragma unroll
+              for (int j = 0; j < kXPix; ++j) v[j][k] = mma::ldg_bits(xp[j] + k * st[j]);
+            }
+#pragma unroll
+            for (int j = 0; j < kXPix; ++j) xp[j] += kXCh * st[j];
+#pragma unroll
+            for (int k = 0; k < kXCh; ++k, dst += ld) {
+#pragma unroll
+              for (int j = 0; j < kXPix; ++j)
+                if (ok[j]) dst[32 * j] = v[j][k];
+            }
+          }
+          // the remainder channels (Cin % kXCh) one by one
+#pragma unroll 1
+          for (; c < cin; ++c, dst += ld) {
+#pragma unroll
+            for (int j = 0; j < kXPix; ++j) v[j][0] = mma::ldg_bits(xp[j]), xp[j] += st[j];
+#pragma unroll
+            for (int j = 0; j < kXPix; ++j)
+              if (ok[j]) dst[32 * j] = v[j][0];
+          }
+        }
       }
     }
+    if constexpr (sizeof(scalar_t) == 4) mma::cp_async_wait_all();  // this thread's x copies landed
     __syncthreads();  // weights and x staged (and the previous tile's epilogue done with Y and yoff)
     // the y offset of every tile pixel (read by the epilogue, after the stages' barriers): pixel tid's row and
     // column by one division, then stepped by kThreads pixels (di rows and dj columns) without one

@@ -1,6 +1,7 @@
-// Tensor-core matrix multiply-accumulate for the kernels of csrc/cuda, through nvcuda::wmma: <mma.h> with
+// Tensor-core matrix multiply-accumulate for the kernels of csrc/cuda, through nvcuda::wmma (fp16/bf16) and, for
+// float's tf32 tiles, PTX ldmatrix / mma.sync with their documented lane layout: <mma.h> and inline PTX with
 // nvcc, the CUDA emulator's csrc/emu/wmma.h with the host compiler (which checks that every call is
-// warp-collective and runs it with a lane mapping the code cannot rely on).
+// warp-collective and runs wmma with a lane mapping the code cannot rely on, the PTX instructions with theirs).
 //
 //   mma::Operand<scalar_t>   the tensor-core operand of a tensor's scalar type: c10::Half -> __half and
 //                            c10::BFloat16 -> __nv_bfloat16 (k = 16), float -> precision::tf32 (k = 8)
@@ -10,15 +11,20 @@
 //   mma::load_shared(f, p, ldm)  wmma::load_matrix_sync of an operand in shared memory (PTX .shared loads)
 //   mma::load_shared_acc(c, p, ldm)  the same for a row-major float accumulator
 //   mma::ldg_float(p)        a read-only global element as float through the read-only path (__ldg)
+//   mma::ldg_bits(p)         its raw bits (mma::Bits<S>: 16 or 32 bits) through the same path
 //   mma::split_operand<S, kSplit>(f, lo), mma::multiply_accumulate_split<S, kSplit>(acc, a, alo, b, blo):
 //                            the same with the split done once per fragment (reused fragments)
-//   mma::fill(c, v), mma::store_shared(p, c, ldm), mma::mma_sync(d, a, b, c): wmma's fill_fragment,
-//                            store_matrix_sync (row-major, shared memory) and mma_sync for either kind of tile
+//   mma::fill(c, v), mma::store_shared(p, c, ldm), mma::mma_tile(acc, a, b): wmma's fill_fragment,
+//                            store_matrix_sync (row-major, shared memory) and mma_sync (acc += a b) for either
+//                            kind of tile
 //   mma::Tf32A / Tf32B / Tf32C  float's 16x16x8 tiles with PTX's documented lane layout (below): a product is two
 //                            mma.sync.m16n8k8 (2 HMMA.1688, where wmma's tf32 m16n16k8 compiles to 4 HMMA.1684)
 //   mma::fill_rows(c, v)     an explicit accumulator tile whose row r holds v[r] (Tf32C only: wmma's mapping is opaque)
 //   mma::relu6(v)            min(max(v, 0), 6), NaN kept, in 2 instructions
-//   mma::opaque(v)           v, with what is computed from it kept where it is written (not hoisted)
+//   mma::opaque(v)           v (a float or a pointer) through an asm the optimiser cannot see through: what is
+//                            computed from it stays where it is written (not hoisted, not re-derived)
+//   mma::lane_id()           the lane, read (%laneid) where it is called
+//   mma::cp_async4_if(s, g, on), mma::cp_async_wait_all(): 4 bytes global -> shared by cp.async, and the wait
 //   mma::store_if(p, q, v)   if (p) *q = v for a global tensor element, one predicated store
 //
 // Every call must be reached by all 32 lanes of a warp; pointers 256-bit aligned, ldm a multiple of 16 bytes.
@@ -124,7 +130,9 @@ namespace detail {
 struct alignas(8) F2 {
   float a, b;
 };
-__device__ __forceinline__ unsigned lane_id() { return static_cast<unsigned>(threadIdx.x) % 32u; }
+// the lane from threadIdx (ptxas computes it once and reuses it: the tiles' lane offsets are hoisted out of
+// their loops); mma::lane_id() below reads %laneid where it is called instead
+__device__ __forceinline__ unsigned lane() { return static_cast<unsigned>(threadIdx.x) % 32u; }
 }  // namespace detail
 
 // acc += a b (one 16x16 tile product): wmma::mma_sync for wmma fragments, two mma.sync.m16n8k8 for Tf32 tiles
@@ -159,7 +167,7 @@ __device__ __forceinline__ void fill(Tf32C& c, float v) {
 
 // row r of the tile = v[r] (v: 16 floats; two loads per lane)
 __device__ __forceinline__ void fill_rows(Tf32C& c, const float* v) {
-  const unsigned g = detail::lane_id() / 4;
+  const unsigned g = detail::lane() / 4;
   const float v0 = v[g], v1 = v[g + 8];
 #pragma unroll
   for (int h = 0; h < 2; ++h) c.x[4 * h] = c.x[4 * h + 1] = v0, c.x[4 * h + 2] = c.x[4 * h + 3] = v1;
@@ -172,7 +180,7 @@ __device__ __forceinline__ void store_shared(float* p, const FC& c, unsigned ldm
   wmma::store_matrix_sync(p, c, ldm, wmma::mem_row_major);
 }
 __device__ __forceinline__ void store_shared(float* p, const Tf32C& c, unsigned ldm) {
-  const unsigned lane = detail::lane_id();
+  const unsigned lane = detail::lane();
   float* q = p + (lane / 4) * ldm + 2 * (lane % 4);
 #pragma unroll
   for (int h = 0; h < 2; ++h)
@@ -185,7 +193,7 @@ __device__ __forceinline__ void store_shared(float* p, const Tf32C& c, unsigned 
 // names row l % 16 at column 4 (l / 16), i.e. the 8x4-float blocks (rows 0-7 | 8-15) x (columns 0-3 | 4-7)
 // as its four 8x8 b16 matrices, whose word t of row g are exactly A's x[0..3]
 __device__ __forceinline__ void load_shared(Tf32A& f, const float* p, unsigned ldm) {
-  const unsigned lane = detail::lane_id();
+  const unsigned lane = detail::lane();
   const float* row = p + (lane % 16) * ldm + 4 * (lane / 16);
   uint32_t* r = reinterpret_cast<uint32_t*>(f.x);
 #ifdef PYSEG_CUDA_EMULATOR
@@ -199,7 +207,7 @@ __device__ __forceinline__ void load_shared(Tf32A& f, const float* p, unsigned l
 
 // B (8 x 16, row-major at p in shared memory, ldm floats) by four 4-byte loads per lane
 __device__ __forceinline__ void load_shared(Tf32B& f, const float* p, unsigned ldm) {
-  const unsigned lane = detail::lane_id();
+  const unsigned lane = detail::lane();
   const float* q = p + (lane % 4) * ldm + lane / 4;
   f.x[0] = q[0];
   f.x[1] = q[4 * ldm];
@@ -417,6 +425,62 @@ __device__ __forceinline__ float ldg_float(const S* p) {
   } else {
     return static_cast<float>(__ldg(p));
   }
+#endif
+}
+
+// The raw bits of an element of S (16 or 32 bits): copies of a tensor's elements that keep their type (the x
+// tile: scalar_t in global memory, Operand<scalar_t>::mem, the same bits, in shared memory) need no conversion.
+template <class S>
+using Bits = std::conditional_t<sizeof(S) == 2, unsigned short, unsigned int>;
+
+// The bits of *p (a global tensor the kernel only reads), through the read-only data path (LDG.E(.U16).CONSTANT)
+template <class S>
+__device__ __forceinline__ Bits<S> ldg_bits(const S* p) {
+#ifdef PYSEG_CUDA_EMULATOR
+  Bits<S> v;
+  memcpy(&v, p, sizeof(v));
+  return v;
+#else
+  return __ldg(reinterpret_cast<const Bits<S>*>(p));
+#endif
+}
+
+// The calling thread's lane (%laneid: S2R, read where called; the emulator: threadIdx.x % 32)
+__device__ __forceinline__ int lane_id() {
+#ifdef PYSEG_CUDA_EMULATOR
+  return static_cast<int>(threadIdx.x % 32);
+#else
+  int l;
+  asm volatile("mov.u32 %0, %%laneid;" : "=r"(l));
+  return l;
+#endif
+}
+
+// p itself, through a PTX move the compiler cannot see through: a pointer computed once where it is called (a
+// register pair), not re-derived from its parts at every use
+template <class S>
+__device__ __forceinline__ const S* opaque(const S* p) {
+#ifndef PYSEG_CUDA_EMULATOR
+  asm volatile("mov.b64 %0, %0;" : "+l"(p));
+#endif
+  return p;
+}
+
+// 4 bytes from global memory (a tensor the kernel only reads) to shared memory without a register, where `on`:
+// one cp.async (LDGSTS) instead of an LDG and an STS; complete (for the calling thread) after cp_async_wait_all,
+// for the block after a barrier behind that. The emulator copies at once.
+__device__ __forceinline__ void cp_async4_if(void* smem, const void* gmem, bool on) {
+#ifdef PYSEG_CUDA_EMULATOR
+  if (on) memcpy(smem, gmem, 4);
+#else
+  const unsigned sa = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("{\n\t.reg .pred p;\n\tsetp.ne.b32 p, %2, 0;\n\t@p cp.async.ca.shared.global [%0], [%1], 4;\n\t}"
+               :: "r"(sa), "l"(gmem), "r"(static_cast<int>(on)));
+#endif
+}
+__device__ __forceinline__ void cp_async_wait_all() {
+#ifndef PYSEG_CUDA_EMULATOR
+  asm volatile("cp.async.wait_all;" ::: "memory");
 #endif
 }
 
