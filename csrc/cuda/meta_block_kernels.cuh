@@ -260,7 +260,7 @@ struct MmaGeom {
   int np, ldh2, ldy;               // tile pixels padded to 16; H2 and Y strides
   int hc;                          // hidden channels per stage (a multiple of kChunk, <= kMaxStage)
   bool pair1;                      // pw1 without kept W1' fragments: a warp computes 2 adjacent column tiles
-  int64_t ow1, ow3, ow2, oaff, ot1, ox, oh1, oh2, oyoff, bytes;  // shared-memory byte offsets, total
+  int64_t ow1, ow3, ow2, oaff, ot1, ox, oh1, oh2, bytes;  // shared-memory byte offsets, total
 };
 
 __host__ __device__ constexpr int round_up(int v, int m) { return (v + m - 1) / m * m; }
@@ -311,7 +311,6 @@ inline MmaGeom mma_geometry(int64_t Cin, int64_t hid, int64_t Cout, int th, int 
   g.ox = take(int64_t{g.k1} * g.ldx * esize);
   g.oh1 = take(std::max<int64_t>(int64_t{hc} * g.ldh1, int64_t{g.m3} * g.ldy) * 4);  // H1, then Y
   g.oh2 = take(int64_t{hc} * g.ldh2 * esize);
-  g.oyoff = take(int64_t{g.np} * 4);  // y offset of every tile pixel
   g.bytes = off;
   return g;
 }
@@ -340,7 +339,6 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
   float* h1 = reinterpret_cast<float*>(smem_raw + g.oh1);
   float* ys = h1;  // Y reuses H1's space after the last stage
   T* h2 = reinterpret_cast<T*>(smem_raw + g.oh2);
-  int* yoff = reinterpret_cast<int*>(smem_raw + g.oyoff);  // y offset of every tile pixel
   const WeightLayout L{Cin, hid, Cout};
   const int64_t N = L.numel(), G = gh * gw;
   const DevPatch P(blockIdx.x, gh, gw, H, W);
@@ -578,19 +576,7 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
       }
     }
     if constexpr (sizeof(scalar_t) == 4) mma::cp_async_wait_all();  // this thread's x copies landed
-    __syncthreads();  // weights and x staged (and the previous tile's epilogue done with Y and yoff)
-    // the y offset of every tile pixel (read by the epilogue, after the stages' barriers): pixel tid's row and
-    // column by one division, then stepped by kThreads pixels (di rows and dj columns) without one
-    if (tid < tpi) {
-      const int di = kThreads / ewi, dj = kThreads - di * ewi;
-      int i = tid / ewi, j = tid - i * ewi;
-#pragma unroll 1
-      for (int p = tid; p < tpi; p += kThreads) {
-        yoff[p] = (tr0 + i) * wi + tc0 + j;
-        i += di, j += dj;
-        if (j >= ewi) j -= ewi, ++i;
-      }
-    }
+    __syncthreads();  // weights and x staged (and the previous tile's epilogue done with Y)
     const int nt1 = (hqi + 15) / 16, nt3 = (tpi + 15) / 16;
     // the pw2 tiles n * mt3 + m (16 output channels x 16 pixels each) over the warps: where it fits, a warp
     // takes `per` consecutive column tiles of one row block (warp w: m = w % mt3, n = (w / mt3) per + i),
@@ -906,14 +892,16 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
     }
     // Y through shared memory (H1's space: its last reader, the dw, finished before the last stage's second
     // barrier), no barrier: each warp stores its own accumulator tiles (disjoint 16x16 blocks of Y) and
-    // writes them out itself, y = Y + t3: lanes along the tile's 16 pixels (offsets from yoff), the two
+    // writes them out itself, y = Y + t3: lanes along the tile's 16 pixels, the two
     // half-warps on rows r and r + 2 of the tile, rounds past Cout skipped (warp-uniform). ldy = 8 mod 32
     // words makes both the fragment stores and these reads conflict-free. The tile's row block and column
     // tile by one float-reciprocal division (div_small); per round (rows 4j and 4j + 1 of the half-warp's
     // base row 2 hr) the output address stepped by a 64-bit pointer add per row pair, Y's and t3's offsets
     // from a compile-time row: an LDS pair, FADD, STG and the row test (benchmarks/sass_counts.py)
-    // (here, not hoisted out of the tile loop: a register held across the stages spilled)
+    // (here, not hoisted out of the tile loop: a register held across the stages spilled); a lane's pixel p
+    // of the tile (row p / ewi, column p % ewi by div_small) at image offset (tr0 + i) W + tc0 + j
     const float inv_mt3 = 1.0f / mma::opaque(static_cast<float>(mt3));
+    const float inv_ew = 1.0f / mma::opaque(static_cast<float>(ewi));
     // the warp's tile i: its row block m and column tile n
     auto tile_mn = [&](int i, int& m, int& n) {
       const int tile = per ? warp : warp + kWarps * i, tq = div_small(tile, inv_mt3);  // (per = 0: tile / mt3)
@@ -940,7 +928,8 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
       const float* t3 = aff + nh + m * 16 + 2 * hr;
       // rows 4j and 4j + 1 of this half-warp at q0 and q1, both stepped by 4 rows; Y and t3 read for rows up to
       // m3 (inside Y's and the shared layout's space; values past Cout are never stored)
-      scalar_t* q0 = yb + int64_t{m * 16 + 2 * hr} * hw + (pin ? yoff[p] : 0);
+      const int pi = div_small(p, inv_ew), yo = pin ? (tr0 + pi) * wi + tc0 + (p - pi * ewi) : 0;
+      scalar_t* q0 = yb + int64_t{m * 16 + 2 * hr} * hw + yo;
       scalar_t* q1 = q0 + hw;
 #pragma unroll
       for (int j = 0; j < 4; ++j, q0 += 4 * hw, q1 += 4 * hw) {
