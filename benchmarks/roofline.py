@@ -89,12 +89,12 @@ MMA_CLK = 8192 / 3787
 #: cycles a block loses at a __syncthreads() (the slowest warp's last loads drain; ~ one L1/smem round trip
 #: plus the tail of the loop before it) when no other block on the SM has work.
 BARRIER_CLK = 120
-#: registers/thread of meta_forward_mma_kernel (ptxas -Xptxas -v, sm_90: 121 (fp16, bf16, 3xTF32) - 128 (tf32) under
-#: its __launch_bounds__(256, 2), no spills (sass_counts_e5561a5.txt; gpu_resources_full.txt lists an older build))
+#: registers/thread of meta_forward_mma_kernel (ptxas -Xptxas -v, sm_90: 122 (bf16), 124 (fp16), 128 (3xTF32, tf32)
+#: under its __launch_bounds__(256, 2), no spills in any (sass_counts_46285b6.txt, gpu_resources_full.txt))
 MMA_META_REGS = 128
 #: SASS instructions of its tensor-core loops per step (one k-step of one 16x16 accumulator tile), by (operand
 #: bytes, kSplit): the loop bodies of ptxas 13.0's sm_90 code (benchmarks/sass_counts.py; raw file
-#: results/2026-12-01-cpu/sass_counts_e03b9cc.txt: loop instructions / steps). float runs on mma::Tf32A/B/C (two
+#: results/2026-12-01-cpu/sass_counts_46285b6.txt: loop instructions / steps). float runs on mma::Tf32A/B/C (two
 #: mma.sync.m16n8k8 per 16x16x8 product: 2 HMMA.1688; A fragments by one LDSM, B by 4 LDS); fp16/bf16 on wmma
 #: fragments (2 HMMA.16816 per product, PTX wmma.load.shared: LDSM). The loops carry their guards (nb, mine, k1),
 #: pointer arithmetic and (3xTF32) the hi/lo splits (LOP3 + FADD per element), so a step is 7-40 instructions.
@@ -109,13 +109,13 @@ MMA_META_REGS = 128
 #:   pw1_pair: the paired pw1 loop (MmaGeom::pair1: 2 adjacent column tiles per warp; a k-step loads and splits
 #:        2 X fragments and per block 1 W1' fragment used for both), one copy per pass of 1..kPairMax blocks
 #:        (the single-stage copy's loops of 4 (2-block pass) and 2 (1-block pass) steps; where two loops of one
-#:        step count could be either, the larger; the k-loop a do-while (no zero-trip copy)
+#:        step count could be either, the larger); the k-loop a do-while (no zero-trip copy)
 #: (4, 1) is the tf32 variant (torch.backends.cuda.matmul.allow_tf32), not the default; (2, 1) the larger of
 #: fp16 / bf16
 META_MMA_STEP_ISSUE = {
-    (4, 3): dict(pw1={1: 42.0, 2: 28.0, 3: 24.0}, pw1_kept=60.5, pw2=41.0,
-                 pw2_uniform={1: 37.5, 2: 27.2, 3: 24.2, 4: 22.6}, pw1_pair={1: 30.5, 2: 20.2}),
-    (4, 1): dict(pw1={1: 38.0, 2: 25.5, 3: 21.0}, pw1_kept=34.8, pw2=41.0,
+    (4, 3): dict(pw1={1: 43.0, 2: 28.0, 3: 24.3}, pw1_kept=60.5, pw2=40.9,
+                 pw2_uniform={1: 37.0, 2: 27.2, 3: 24.2, 4: 22.6}, pw1_pair={1: 30.5, 2: 20.2}),
+    (4, 1): dict(pw1={1: 38.0, 2: 25.5, 3: 21.0}, pw1_kept=34.6, pw2=40.9,
                  pw2_uniform={1: 33.0, 2: 23.5, 3: 20.3, 4: 18.8}, pw1_pair={1: 25.5}),
     (2, 1): dict(pw1={1: 16.0, 2: 10.5, 3: 8.7}, pw1_kept=32.0, pw2=35.0,  # the larger of fp16 / bf16
                  pw2_uniform={1: 17.0, 2: 10.5, 3: 8.3, 4: 7.2}, pw1_pair={1: 11.0, 2: 6.5}),
@@ -126,14 +126,14 @@ META_MMA_STEP_ISSUE = {
 #: both paths in the listing: an upper bound), ReLU6 (2 FMNMX.NAN per element), the fragment's store to H1 (float:
 #: 4 8-byte STS; 16-bit: wmma's store) and the tile loop's step and test: the `all-loops` body of the tile loop less
 #: its k-loop, over the tiles x blocks of a pass (same raw file; single: a warp per tile, by block count, the larger
-#: of the two copies; pair: per pass of 1..kPairMax blocks; (4, 1)'s paired loops: its single-tile figure; (2, 1):
-#: sass_counts_4b9b052.txt's, its tile loops not closed loops in the later listing). The model before
+#: of the two copies; pair: per pass of 1..kPairMax blocks; where a loop of 2 steps could be either, by the source
+#: lines of its tile loop). The model before
 #: sass_counts_4b9b052 counted 16 + 11 (t1acc) here, against ~57-60 in that era's listing (sass_counts_fb3125a.txt:
 #: 180 / 3, 227 / 4)
 META_MMA_PW1_TILE = {
     (4, 3): dict(single={1: 39.0, 2: 39.0, 3: 35.0}, pair={1: 33.5, 2: 32.5}),
-    (4, 1): dict(single={1: 39.0, 2: 35.5, 3: 34.3}, pair={1: 35.5}),
-    (2, 1): dict(single={1: 65.0, 2: 52.5, 3: 48.7}, pair={1: 55.0, 2: 46.5}),
+    (4, 1): dict(single={1: 39.0, 2: 35.5, 3: 34.3}, pair={1: 33.0}),
+    (2, 1): dict(single={1: 60.0, 2: 51.0, 3: 49.3}, pair={1: 54.0, 2: 46.2}),
 }
 #: Warp-instructions of meta_forward_mma_kernel's staging loops, by operand size (4: float, 2: bf16/fp16, the
 #: larger of the two), read off the SASS of the patch-major copies (benchmarks/sass_counts.py --all-loops; raw file
@@ -149,24 +149,21 @@ META_MMA_PW1_TILE = {
 #:   t1: one round of the T1 tile (t1acc, 16-bit: LDG t1, one 16-byte STS of 4 copies); t1v: one round of t1
 #:        itself (float: t1 where t1acc, else zeros: LDG, STS; sass_counts_4b9b052.txt, lines 439-439)
 #:   xrow_px, xrow4: the ones/zero rows of X (once per block): per pixel round, per 4 rows (unrolled x4)
-#:   x_px, x_ch8: the x tile (raw file results/2026-12-01-cpu/sass_counts_31ccd23.txt, all-loops lines
-#:        479-542): a warp round of 128 pixels (4 per lane, 32 apart) outside its channel loops (the 4 pixels'
+#:   x_px, x_ch8: the x tile (raw file results/2026-12-01-cpu/sass_counts_46285b6.txt, the x tile's all-loops; first
+#:        measured on branch xst11, sass_counts_31ccd23.txt: 126 / 90 / 28 and 138 / 128 / 36): a warp round of 128 pixels (4 per lane, 32 apart) outside its channel loops (the 4 pixels'
 #:        rows and columns by a float reciprocal, min/max reflects, one IMAD.WIDE address and selects each, the
 #:        remainder loop's set-up, the loop tests: the outer body less the two channel loops), per 8 channels
 #:        (32 loads, then 32 stores at one shared address per channel: float 32 cp.async (LDGSTS, in the
-#:        <float, kSplit=3> copy the model's float32 uses; the tf32 copy's is 125), bf16/fp16 32 LDG + 32 STS,
+#:        <float, kSplit=3> copy the model's float32 uses; the tf32 copy's is 125), bf16/fp16 32 LDG + 32 STS (the
+#:        larger of the two),
 #:        the loads' 64-bit address steps); x_ch1 per remainder channel (Cin % 8: 4 copies), x_rem 0 (its
 #:        set-up is in x_px)
-#:   yoff: one round of the tile's y offsets (no division in the loop)
 META_MMA_STAGE_ISSUE = {
     4: dict(w1=17, w3=22, w1v=22, w3v=29, pad=21, w2=20, w2v=47, aff=11, t1v=10, xrow_px=30, xrow4=22,
-            x_px=126, x_ch8=90, x_ch1=28, x_rem=0, yoff=15),
+            x_px=121, x_ch8=86, x_ch1=28, x_rem=0),
     2: dict(w1=20, w3=25, w1v=43, w3v=50, pad=23, w2=22, w2v=108, aff=12, t1=21, xrow_px=29, xrow4=26,
-            x_px=138, x_ch8=128, x_ch1=36, x_rem=0, yoff=15),
+            x_px=147, x_ch8=116, x_ch1=34, x_rem=0),
 }
-#: the y-offset loop's set-up per warp holding tile pixels: two int32 divisions (tid / ew, 256 / ew) and the
-#: steps (estimated: PWB_INT32_DIV each, + 10)
-META_MMA_YOFF_SETUP = 2 * 20 + 10
 #: SASS instructions of its depthwise stage (no HMMA: read off the disassembly of the same build as
 #: META_MMA_STEP_ISSUE, `sass_counts.py --keep DIR` then nvdisasm; the larger of fp16 / bf16 and of tf32 / 3xTF32),
 #: by operand bytes: ``row`` per output row of an item (both channels; by even tile width: 4 LDS.64 window loads,
@@ -174,19 +171,22 @@ META_MMA_YOFF_SETUP = 2 * 20 + 10
 #: window loads, 4 stores and their guards; 16-bit H2: + the conversions), ``setup`` per item (loop test, the
 #: div_small index split, the padding test, 20 tap/t2 loads, the first two window rows of both channels,
 #: pointers, the loop-back; odd widths + 8 scalar loads), ``rcp`` per warp and tile (1 / ewp, hoisted out of the
-#: stage loop). ``row``: sass_counts_fb3125a.txt's figures plus the item loop's change since (per 8 rows; ReLU6
-#: from 3 instructions to 2 in sass_counts_4b9b052.txt, then ptxas's register allocation after the Y write-out
-#: change, sass_counts_e03b9cc.txt; the largest loop of each kind: float even 808 -> 806, odd 765 -> 790; fp16/bf16
-#: even 848 -> 847, odd 787 -> 805)
-META_DW_ISSUE = {4: dict(row={True: 60.8, False: 72.1}, setup={True: 103, False: 111}, rcp=11),
-                 2: dict(row={True: 63.1, False: 76.1}, setup={True: 102, False: 110}, rcp=11)}
-#: SASS instructions of its Y write-out, by operand bytes (raw file sass_counts_e03b9cc.txt): ``tile`` per
-#: accumulator tile (its fragment store to Y, ~14 per tile of the unrolled store loop; the write-out loop's set-up:
-#: row block and column tile by div_small, yoff, the lane's Y / t3 / y addresses, ~50), ``round`` per warp-wide
-#: row (LDS Y, LDS t3, FADD, 16-bit: the conversion, the predicated STG (mma::store_if), the row test, per row
-#: pair the two 64-bit pointer steps and the loop's break test): the write-out loop of a 16-row tile is 128
-#: instructions for float, 143 for fp16 (bf16 138)
-META_MMA_Y = {4: dict(tile=65, round=10.0), 2: dict(tile=65, round=12.0)}
+#: stage loop); by (operand bytes, kSplit) as META_MMA_STEP_ISSUE. ``row``: sass_counts_fb3125a.txt's figures
+#: (3xTF32, bf16) plus the item loop's change since, per 8 rows (ReLU6 from 3 instructions to 2, ptxas's register
+#: allocation; the larger of the two copies, sass_counts_46285b6.txt: 3xTF32 even 808 -> 775, odd 765 -> 739; tf32
+#: 807, 789; fp16/bf16 848 -> 847, 787 -> 805)
+META_DW_ISSUE = {(4, 3): dict(row={True: 56.9, False: 65.8}, setup={True: 103, False: 111}, rcp=11),
+                 (4, 1): dict(row={True: 60.9, False: 72.0}, setup={True: 103, False: 111}, rcp=11),
+                 (2, 1): dict(row={True: 63.1, False: 76.1}, setup={True: 102, False: 110}, rcp=11)}
+#: SASS instructions of its Y write-out, by operand bytes (raw file sass_counts_46285b6.txt): ``warp`` per warp
+#: holding tiles (1 / mt3 and 1 / ew, IEEE divisions kept out of the tile loop by mma::opaque), ``tile`` per
+#: accumulator tile (its fragment store to Y and the tile index, ~14, estimated: its instructions carry mma.cuh's
+#: lines; the write-out loop's set-up: row block and column tile, the lane's pixel offset by div_small, its Y / t3
+#: / y addresses), ``round`` per warp-wide row (LDS Y, LDS t3, FADD, 16-bit: the conversion, the predicated STG
+#: (mma::store_if), the row test, per row pair the two 64-bit pointer steps and the loop's break test, ~10 / ~12
+#: read off one row pair); tile + 8 round = 14 + the write-out loop of a 16-row tile: 139 instructions for float,
+#: 151 for fp16 (bf16 149)
+META_MMA_Y = {4: dict(warp=20, tile=73, round=10.0), 2: dict(warp=20, tile=69, round=12.0)}
 #: output rows, columns and channels per thread of its depthwise stage (kDwRows, kDwCols; channels r and
 #: r + nc/2 of a stage of nc)
 DW_ROWS, DW_COLS, DW_CHANS = 8, 2, 2
@@ -419,7 +419,7 @@ def _mma_geometry(Cin, hid, Cout, th, tw, esize, k, hc=16):
     regions = [m1 * (k1 + pad) * esize, m3 * (m1 + pad) * esize, 9 * hid * 4, (hid + Cout) * 4,
                m1 * 4 if esize == 4 else m1 * T1_LD * 4 if t1acc else 0,
                k1 * (nq + bpad) * esize, max(hc * _dw_ldh1(nq, tw), m3 * (np_ + 8)) * 4,
-               hc * (np_ + bpad) * esize, np_ * 4]
+               hc * (np_ + bpad) * esize]
     return dict(k1=k1, t1acc=t1acc, m1=m1, m3=m3, nq=nq, np=np_, hc=hc, ldh2=np_ + bpad,
                 bytes=sum(up(r, 128) for r in regions), pair1=False)
 
@@ -604,13 +604,10 @@ def _cuda_meta_mma(x, wflat, hid, Cout, esize, plan, split):
         # reflected addresses once, then per image channel 4 copies (8 channels a round, the remainder one by
         # one). LSU per channel and 32-pixel slot: float one cp.async (LDG + STS in one: both its read and its
         # shared write, counted 2) in the slots with a pixel below nq (the others predicated off); bf16/fp16
-        # an LDG in every slot (those past nq load the zero word) and an STS in the slots below nq. The tp
-        # output-pixel offsets: per warp holding some the set-up, per round an STS (META_MMA_STAGE_ISSUE)
+        # an LDG in every slot (those past nq load the zero word) and an STS in the slots below nq
         xr, xs32 = math.ceil(g["nq"] / 128), math.ceil(g["nq"] / 32)
         k.lsu += Cin * (2 * xs32 if esize == 4 else 4 * xr + xs32)
         k.issue += xr * (st["x_px"] + Cin // 8 * st["x_ch8"] + (st["x_rem"] + Cin % 8 * st["x_ch1"] if Cin % 8 else 0))
-        k.loop(tp, lsu=1, issue=st["yoff"])
-        k.issue += math.ceil(min(tp, 256) / 32) * META_MMA_YOFF_SETUP
         nt1, nt3 = math.ceil(hq / 16), math.ceil(tp / 16)
         mt3 = g["m3"] // 16
         busy1 = min(8, nt1)  # warps with a pw1 column tile
@@ -666,21 +663,22 @@ def _cuda_meta_mma(x, wflat, hid, Cout, esize, plan, split):
             # per item 2 x 10 broadcast tap/t2 loads and the first two window rows
             rows = min(DW_ROWS, eh)
             even = ew % 2 == 0
-            dwi = META_DW_ISSUE[esize]
+            dwi = META_DW_ISSUE[(esize, split)]
             cl = _dw_conflict(eh, ew, _dw_ldh1(g["nq"], tw), 16 * nb)
             cs = _dw_store_conflict(eh, ew, g["ldh2"], esize, 16 * nb)
             items = 16 * nb // DW_CHANS * math.ceil(eh / DW_ROWS) * math.ceil(ew / DW_COLS)
             k.loop(items, rows, lsu=DW_CHANS * (cl + cs), issue=dwi["row"][even], overhead=dwi["setup"][even])
             k.loop(items, lsu=DW_CHANS * (10 + 2 * cl))
-        k.issue += 8 * META_DW_ISSUE[esize]["rcp"]  # every warp: 1 / ewp once per tile
+        k.issue += 8 * META_DW_ISSUE[(esize, split)]["rcp"]  # every warp: 1 / ewp once per tile
         # Y: per 16x16 accumulator tile its warp's fragment store (8 wavefronts: 1 KB, conflict-free at
-        # ldy = np + 8), LDS yoff, then per pair of rounds (rows 4j, 4j + 1 of either half-warp; the pairs
-        # past Cout skipped) per round LDS Y, LDS t3, FADD, convert, a predicated STG, the row test and the
-        # stepped address (META_MMA_Y, from the SASS)
+        # ldy = np + 8), the lane's pixel offset (div_small), then per pair of rounds (rows 4j, 4j + 1 of either
+        # half-warp; the pairs past Cout skipped) per round LDS Y, LDS t3, FADD, convert, a predicated STG, the
+        # row test and the stepped address; per warp with tiles two reciprocals (META_MMA_Y, from the SASS)
         for m in range(mt3):
             rounds = 2 * sum(1 for j in range(4) if 16 * m + 4 * j < Cout)
-            k.lsu += nt3 * (8 + 1 + 2 * rounds)
+            k.lsu += nt3 * (8 + 2 * rounds)
             k.issue += nt3 * (META_MMA_Y[esize]["tile"] + META_MMA_Y[esize]["round"] * rounds)
+        k.issue += sum(1 for w in warp_tiles if w) * META_MMA_Y[esize]["warp"]
     xb, yb, wb = _numel(x) * esize, B * Cout * H * W * esize, _numel(wflat) * esize
     k.dram = xb + wb + yb
     k.l2 = xb * halo_px / (PH * PW) + wb + yb
