@@ -494,11 +494,11 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
     // word kXZero in every channel (step 0); pixels past nq store nothing (predicated). A pixel's row and
     // column by a float reciprocal, its reflects by min/max (reflect1), its address from the sample's base
     // pointer by one IMAD.WIDE, selects rather than branches. sm_90 SASS (results/2026-12-01-cpu/
-    // sass_counts_<this commit>.txt, all-loops): per round of 8 channels x 128 pixels 90 instructions
+    // sass_counts_46285b6.txt, all-loops): per round of 8 channels x 128 pixels 86 instructions
     // (<float, kSplit=3>: 32 LDGSTS; 125 in the tf32 copy, whose load addresses ptxas steps by IADD3 + IADD3.X)
-    // and 124-128 (bf16, fp16: 32 LDG, 32 STS); ~126-138 per 128-pixel round outside the channel loops;
+    // and 114-116 (bf16, fp16: 32 LDG, 32 STS); ~121-147 per 128-pixel round outside the channel loops;
     // the thread-per-pixel copy before took 26-33 per 4 channels x 32 pixels and 64-79 per 32-pixel round
-    // (HyperSeg-M level 3, Cin 24, nq 112: 892 -> 396 warp-instructions a tile in float, 1048 -> 522 in
+    // (HyperSeg-M level 3, Cin 24, nq 112: 892 -> 379 warp-instructions a tile in float, 1048 -> 495 in
     // bf16/fp16). No barrier before it: xs was last read by the previous tile's pw1, before that tile's
     // later barriers; the cp.async copies are waited for (per thread) right before the next barrier
     {
@@ -895,11 +895,12 @@ __global__ void __launch_bounds__(kThreads, 2) meta_forward_mma_kernel(
     // writes them out itself, y = Y + t3: lanes along the tile's 16 pixels, the two
     // half-warps on rows r and r + 2 of the tile, rounds past Cout skipped (warp-uniform). ldy = 8 mod 32
     // words makes both the fragment stores and these reads conflict-free. The tile's row block and column
-    // tile by one float-reciprocal division (div_small); per round (rows 4j and 4j + 1 of the half-warp's
-    // base row 2 hr) the output address stepped by a 64-bit pointer add per row pair, Y's and t3's offsets
-    // from a compile-time row: an LDS pair, FADD, STG and the row test (benchmarks/sass_counts.py)
-    // (here, not hoisted out of the tile loop: a register held across the stages spilled); a lane's pixel p
-    // of the tile (row p / ewi, column p % ewi by div_small) at image offset (tr0 + i) W + tc0 + j
+    // tile, and a lane's pixel p of the tile (row p / ewi, column p % ewi: image offset (tr0 + i) W + tc0 + j),
+    // by float-reciprocal divisions (div_small; the reciprocals computed here through mma::opaque, not hoisted
+    // out of the tile loop: a register held across the stages spilled); per round (rows 4j and 4j + 1 of the
+    // half-warp's base row 2 hr) the output address stepped by a 64-bit pointer add per row pair, Y's and t3's
+    // offsets from a compile-time row: an LDS pair, FADD, a predicated STG and the row test, ~10 instructions
+    // (results/2026-12-01-cpu/sass_counts_46285b6.txt; 23 with a branch around each store before)
     const float inv_mt3 = 1.0f / mma::opaque(static_cast<float>(mt3));
     const float inv_ew = 1.0f / mma::opaque(static_cast<float>(ewi));
     // the warp's tile i: its row block m and column tile n
